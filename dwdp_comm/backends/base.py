@@ -1,0 +1,148 @@
+"""The interface every heap backend implements.
+
+A backend owns four kinds of objects, all made by factories on :class:`Backend`:
+
+* :class:`Buffer`: a region of this rank's memory (host shared memory on ``sim``, device memory on
+  the GPU backends) with zero-copy ``uint8`` tensor views.
+* :class:`SymmetricHeap`: one buffer per rank, same size and layout on every rank, whose peers'
+  copies this rank can read with its copy engine (collective to create and to free).
+* :class:`CopyEngine`: runs a :class:`~dwdp_comm.planner.CopyPlan` from the heap into a buffer,
+  asynchronously, after a list of events, and returns the event of its completion.
+* :class:`Event`: a completion signal. ``wait(stream)`` makes a consumer wait for it (a device
+  stream on GPU backends; the calling host thread on ``sim``, where compute is host-synchronous).
+
+The store and the prefetcher are written against these classes only, so a new backend slots in
+without touching them.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, Sequence
+
+import torch
+
+from ..planner import CopyPlan
+
+__all__ = ["Buffer", "SymmetricHeap", "Event", "CopyEngine", "Composite", "Backend"]
+
+
+class Event(abc.ABC):
+    """A completion signal recorded by a backend."""
+
+    @abc.abstractmethod
+    def wait(self, stream: Any = None) -> None:
+        """Make ``stream`` wait for this event (non-blocking for the host on GPU backends)."""
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Block the calling host thread until the event completed; re-raise a copy failure."""
+
+    @property
+    @abc.abstractmethod
+    def is_done(self) -> bool:
+        """True once the event completed (never blocks)."""
+
+
+class Buffer(abc.ABC):
+    """A region of this rank's memory."""
+
+    nbytes: int
+
+    @abc.abstractmethod
+    def tensor(self, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
+        """Zero-copy ``uint8`` view ``[nbytes]`` of bytes ``[offset, offset + nbytes)``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Free the memory. Views must not be used afterwards."""
+
+
+class SymmetricHeap(abc.ABC):
+    """One equally sized buffer per rank; peers read each other's through the copy engine."""
+
+    nbytes: int
+    local: Buffer
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Collective: free this rank's part once no peer reads it any more."""
+
+
+class Composite(abc.ABC):
+    """One virtual range made of pieces of several buffers (no bytes are copied)."""
+
+    @abc.abstractmethod
+    def tensor(self) -> torch.Tensor:
+        """``uint8`` view of the whole range."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Unmap the range."""
+
+
+class CopyEngine(abc.ABC):
+    """Runs copy plans from a symmetric heap into local buffers, off the compute path."""
+
+    @abc.abstractmethod
+    def submit(self, plan: CopyPlan, *, src_base: int, dst: Buffer, dst_base: int,
+               after: Sequence[Event] = ()) -> Event:
+        """Enqueue ``plan``; return at once with the event of its completion.
+
+        Copy ``i`` reads ``plan.nbytes[i]`` bytes at ``src_base + plan.src_offset[i]`` of rank
+        ``plan.src_rank[i]``'s heap and writes them at ``dst_base + plan.dst_offset[i]`` of ``dst``.
+        No copy starts before every event of ``after`` completed. Copies run in plan order.
+        """
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Wait for submitted work, then release the engine's resources."""
+
+
+class Backend(abc.ABC):
+    """A heap backend bound to one rank of a group.
+
+    Attributes
+    ----------
+    name : str
+        ``"sim"``, ``"cuda_ipc"`` or ``"nvshmem"``.
+    device : torch.device
+        Where heap tensors live.
+    alloc_alignment : int
+        Offsets the store gives to heap and slot entries are multiples of this.
+    map_granularity : int or None
+        When not None, :meth:`compose` can join pieces whose offsets and sizes are multiples of it.
+    """
+
+    name: str
+    device: torch.device
+    alloc_alignment: int = 256
+    map_granularity: int | None = None
+
+    @abc.abstractmethod
+    def alloc_symmetric(self, nbytes: int) -> SymmetricHeap:
+        """Collective: allocate ``nbytes`` on every rank and exchange what peers need to read it."""
+
+    @abc.abstractmethod
+    def alloc_buffer(self, nbytes: int) -> Buffer:
+        """Allocate a local buffer (a prefetch slot)."""
+
+    @abc.abstractmethod
+    def copy_engine(self, heap: SymmetricHeap) -> CopyEngine:
+        """A copy engine that reads from ``heap`` on any rank."""
+
+    @abc.abstractmethod
+    def record_event(self, stream: Any = None) -> Event:
+        """An event that completes when the work enqueued so far on ``stream`` did."""
+
+    def compose(self, pieces: Sequence[tuple[Buffer, int, int]]) -> Composite:
+        """Join ``(buffer, offset, nbytes)`` pieces into one virtual range, zero copy."""
+        raise NotImplementedError(f"backend {self.name!r} cannot compose views")
+
+    @abc.abstractmethod
+    def synchronize(self) -> None:
+        """Block until every copy and kernel this rank issued has finished."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release the backend (collective where the backend's library requires it)."""

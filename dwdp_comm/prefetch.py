@@ -1,0 +1,400 @@
+"""Prefetcher: a ring of ``depth`` slots that the copy engine fills with the next layers' experts.
+
+How one prefetch flows::
+
+    prefetch(l) ──> handle queued on slot i = n % depth
+                     │  the slot's previous handle released? ──no──> deferred (host keeps it queued;
+                     │                                              nothing blocks)
+                     ▼ yes                                           │ previous handle's release()
+    plan = PlanCache[(layer shape, experts)]  <──────────────────────┘
+    copy engine: wait(previous copy done, previous release, caller's stream) ─> chunk copies ─> ready
+    handle.wait(stream)      consumer stream waits on `ready` (the host, on sim)
+    handle.weights(name)     [num_experts, ...] view: local experts + slot pages
+    handle.release(stream)   records the consume event the next copy into the slot waits on
+
+A slot is never overwritten before the handle that owns it was released: the next handle for the
+slot is not even submitted until then. Waiting on such a deferred handle raises
+:class:`~dwdp_comm.errors.SlotStillHeldError` instead of deadlocking.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+
+from .errors import ClosedError, DwdpError, SlotStillHeldError, bad_arg, bad_type
+from .planner import PlanCache, make_plan, policies
+from .store import WeightStore, _typed
+
+__all__ = ["Prefetcher", "PrefetchHandle"]
+
+
+class _Slot:
+    def __init__(self, index: int, buffer):
+        self.index = index
+        self.buffer = buffer
+        self.queue: deque[PrefetchHandle] = deque()  # front = the handle whose data is (being) in the slot
+        self.fence: list = []  # events the next writer waits for: last copy done, last release
+        self.views: dict[tuple[int, str], tuple[torch.Tensor, list]] = {}
+        self.composites: list = []
+
+
+class PrefetchHandle:
+    """One prefetch of one layer into one slot. Made by :meth:`Prefetcher.prefetch`.
+
+    Attributes
+    ----------
+    layer : int
+    slot : int
+        Index of the ring slot it occupies.
+    """
+
+    def __init__(self, pf: "Prefetcher", layer: int, slot: _Slot, fetched: tuple[int, ...], after: list):
+        self._pf, self.layer, self._slot, self.slot = pf, layer, slot, slot.index
+        self._fetched = fetched
+        self._after = after
+        self._ready = None  # completion event, set when the copy job is submitted
+        self._release_event = None
+        self._waited = False
+        self._released = False
+
+    # ---- state ---------------------------------------------------------------------------------
+    @property
+    def is_submitted(self) -> bool:
+        """True once its copies were handed to the copy engine (False while the slot is held)."""
+        return self._ready is not None
+
+    @property
+    def is_done(self) -> bool:
+        """True once every copy of this prefetch completed. Never blocks."""
+        return self._ready is not None and self._ready.is_done
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    @property
+    def present_experts(self) -> tuple[int, ...]:
+        """Global experts whose weights this handle holds: the local ones and the fetched ones."""
+        lay = self._pf.store.layout
+        return tuple(sorted(set(lay.local_experts) | set(self._fetched)))
+
+    def is_present(self, expert: int) -> bool:
+        """True when ``expert``'s weights are local or were fetched by this handle."""
+        lay = self._pf.store.layout
+        return lay.is_local(expert) or expert in self._fetched_set
+
+    @property
+    def _fetched_set(self) -> frozenset:
+        s = getattr(self, "_fs", None)
+        if s is None:
+            s = self._fs = frozenset(self._fetched)
+        return s
+
+    # ---- synchronisation -----------------------------------------------------------------------
+    def wait(self, stream: Any = None) -> None:
+        """Make ``stream`` wait until the prefetched bytes are in the slot.
+
+        On GPU backends the stream waits (the host does not); on ``sim`` the host blocks.
+
+        Raises
+        ------
+        SlotStillHeldError
+            The slot's previous handle (named in the message) was not released, so this prefetch
+            has not started and never would.
+        """
+        self._check_usable("wait")
+        if self._ready is None:
+            holder = self._slot.queue[0]
+            raise SlotStillHeldError(
+                f"prefetch of layer {self.layer} cannot start: slot {self.slot} is still held by the handle of "
+                f"layer {holder.layer}; release() that handle first (or use a larger depth)")
+        self._ready.wait(stream)
+        self._waited = True
+
+    def synchronize(self) -> None:
+        """Block the host until the copies completed (for tests and benchmarks)."""
+        self._check_usable("synchronize")
+        if self._ready is None:
+            self.wait()  # raises SlotStillHeldError
+        self._ready.synchronize()
+
+    def release(self, stream: Any = None) -> None:
+        """Declare the slot free once the work enqueued so far on ``stream`` completes.
+
+        Call it after the kernels that read :meth:`weights` were enqueued on ``stream``. The next
+        prefetch into this slot is submitted now and its copies wait for that point.
+        """
+        self._pf._check_open()
+        if self._released:
+            raise DwdpError(f"handle of layer {self.layer} released twice")
+        self._release_event = self._pf._backend.record_event(stream)
+        self._released = True
+        self._pf._pump(self._slot)
+
+    # ---- data ----------------------------------------------------------------------------------
+    def weights(self, name: str, experts: Iterable[int] | None = None) -> torch.Tensor:
+        """``[num_experts, *expert_shape]`` tensor of ``name`` in global expert order, zero copy.
+
+        Parameters
+        ----------
+        name : str
+            A name registered for this layer.
+        experts : iterable of int, optional
+            The experts the caller will read. Default: all of them. Each must be present
+            (local or fetched); asking for an absent one is an error. Rows of absent experts
+            hold unspecified bytes.
+
+        Returns
+        -------
+        torch.Tensor
+            On the group's device, dtype as registered. Valid until :meth:`release`.
+        """
+        self._check_readable()
+        self._check_present(experts)
+        return self._pf._view(self._slot, self.layer, name)[0]
+
+    def weight_segments(self, name: str) -> list[tuple[int, torch.Tensor]]:
+        """The same weights as contiguous per-owner pieces: ``[(first_expert, tensor), ...]``.
+
+        The pieces cover experts ``0 .. num_experts-1`` in order; each is ``[count, *expert_shape]``
+        (local shard and slot pieces, zero copy). This is the split-weight form a grouped GEMM can
+        consume without a merged tensor.
+        """
+        self._check_readable()
+        self._check_present(None)
+        return list(self._pf._view(self._slot, self.layer, name)[1])
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _check_usable(self, what: str) -> None:
+        self._pf._check_open()
+        if self._released:
+            raise DwdpError(f"{what}() on the handle of layer {self.layer} after release()")
+
+    def _check_readable(self) -> None:
+        self._check_usable("weights")
+        if not self._waited:
+            raise DwdpError(f"weights() of layer {self.layer} before wait(): call handle.wait(stream) first")
+
+    def _check_present(self, experts: Iterable[int] | None) -> None:
+        lay = self._pf.store.layout
+        if experts is None:
+            absent = [e for e in lay.remote_experts if e not in self._fetched_set]
+        else:
+            wanted = _expert_list(experts, lay.num_experts)
+            absent = sorted({e for e in wanted if not lay.is_local(e) and e not in self._fetched_set})
+        if absent:
+            shown = absent[:16] + (["..."] if len(absent) > 16 else [])
+            raise bad_arg("experts", f"absent experts {shown}" if experts is not None else "all experts (default)",
+                          "experts this handle fetched",
+                          f"layer {self.layer} was prefetched with experts=...; pass experts= with the ones you read")
+
+    def __enter__(self) -> "PrefetchHandle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._released and not self._pf.closed:
+            self.release()
+
+    def __repr__(self) -> str:
+        state = ("released" if self._released else "done" if self.is_done else
+                 "in flight" if self.is_submitted else "waiting for its slot")
+        return f"PrefetchHandle(layer={self.layer}, slot={self.slot}, {state})"
+
+
+def _expert_list(experts: Any, num_experts: int) -> list[int]:
+    if isinstance(experts, (torch.Tensor, np.ndarray)):
+        if experts.ndim != 1 or experts.dtype in (torch.bool, np.bool_) or \
+                (isinstance(experts, torch.Tensor) and experts.is_floating_point()) or \
+                (isinstance(experts, np.ndarray) and experts.dtype.kind not in "iu"):
+            raise bad_arg("experts", f"a {experts.ndim}-D array of {experts.dtype}", "a 1-D array of ints")
+        experts = experts.tolist()
+    try:
+        items = list(experts)
+    except TypeError:
+        raise bad_type("experts", experts, "an iterable of ints") from None
+    out = []
+    for e in items:
+        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= e < num_experts:
+            raise bad_arg("experts", e, f"ints in [0, {num_experts})")
+        out.append(int(e))
+    return out
+
+
+class Prefetcher:
+    """Prefetches layers' remote experts into a ring of ``depth`` slots with the copy engine.
+
+    Parameters
+    ----------
+    store : WeightStore
+        A committed store.
+    depth : int
+        Number of slots (>= 1). With depth 2, layer l+1 is fetched while layer l computes.
+    schedule : str
+        Copy-plan policy (see :mod:`dwdp_comm.planner`): ``"round_robin"``, ``"rotated"``, ``"naive"``.
+    chunk_nbytes : int
+        Chunk size of the plan (> 0).
+
+    Notes
+    -----
+    Local (not collective). ``prefetch`` never blocks the host.
+    """
+
+    def __init__(self, store: WeightStore, depth: int = 2, schedule: str = "round_robin",
+                 chunk_nbytes: int = 8 << 20):
+        if not isinstance(store, WeightStore):
+            raise bad_type("store", store, "a dwdp_comm.WeightStore")
+        store._check_committed()
+        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)):
+            raise bad_type("depth", depth, "an int")
+        if depth < 1:
+            raise bad_arg("depth", depth, "an int >= 1")
+        if schedule not in policies():
+            raise bad_arg("schedule", schedule, f"one of {policies()}")
+        if isinstance(chunk_nbytes, bool) or not isinstance(chunk_nbytes, (int, np.integer)):
+            raise bad_type("chunk_nbytes", chunk_nbytes, "an int")
+        if chunk_nbytes <= 0:
+            raise bad_arg("chunk_nbytes", chunk_nbytes, "an int > 0 (bytes per chunk)")
+        self.store, self.depth, self.schedule, self.chunk_nbytes = store, int(depth), schedule, int(chunk_nbytes)
+        self._backend = store.group.impl
+        self._engine = self._backend.copy_engine(store.heap)
+        self._slots = [_Slot(i, self._backend.alloc_buffer(store.slot_nbytes)) for i in range(self.depth)]
+        self._plans = PlanCache()
+        self._count = 0
+        self.nbytes_prefetched = 0
+        self._closed = False
+        store._prefetchers.append(self)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def plan_cache(self) -> PlanCache:
+        return self._plans
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes of one slot (the store's largest layer)."""
+        return self.store.slot_nbytes
+
+    def prefetch(self, layer: int, *, stream: Any = None, experts: Iterable[int] | None = None) -> PrefetchHandle:
+        """Start fetching ``layer``'s remote experts into the next slot; return at once.
+
+        Parameters
+        ----------
+        layer : int
+            A committed layer.
+        stream : optional
+            If given, the copies start only after the work enqueued so far on this stream
+            (GPU backends; must be None on ``sim``).
+        experts : iterable of int, optional
+            Remote experts to fetch (default: all). Local experts are always present; others are
+            marked absent.
+
+        Returns
+        -------
+        PrefetchHandle
+        """
+        self._check_open()
+        self.store._layer(layer)  # raises for an unregistered layer
+        lay = self.store.layout
+        if experts is None:
+            fetched = tuple(lay.remote_experts)
+        else:
+            fetched = tuple(sorted({e for e in _expert_list(experts, lay.num_experts) if not lay.is_local(e)}))
+        after = [self._backend.record_event(stream)] if stream is not None else []
+        slot = self._slots[self._count % self.depth]
+        self._count += 1
+        handle = PrefetchHandle(self, int(layer), slot, fetched, after)
+        slot.queue.append(handle)
+        self._pump(slot)
+        return handle
+
+    def _pump(self, slot: _Slot) -> None:
+        """Drop released handles from the slot's front; submit the new front if it is waiting."""
+        while slot.queue and slot.queue[0]._released:
+            h = slot.queue.popleft()
+            if h._ready is not None:
+                slot.fence = [h._ready, h._release_event]
+            # A handle released before it was submitted is cancelled: it never writes.
+        if slot.queue and slot.queue[0]._ready is None:
+            h = slot.queue[0]
+            key = (self.store.layer_signature(h.layer), h._fetched, self.schedule, self.chunk_nbytes)
+            plan = self._plans.get(key, lambda: make_plan(
+                self.store.copy_ranges(h.layer, h._fetched), rank=self.store.layout.rank,
+                group_size=self.store.layout.group_size, policy=self.schedule, chunk_nbytes=self.chunk_nbytes))
+            h._ready = self._engine.submit(plan, src_base=self.store.layer_base(h.layer), dst=slot.buffer,
+                                           dst_base=0, after=slot.fence + h._after)
+            self.nbytes_prefetched += plan.total_nbytes
+
+    def _view(self, slot: _Slot, layer: int, name: str) -> tuple[torch.Tensor, list]:
+        """(full tensor, segments) of ``name`` in ``slot`` for ``layer``; built once, then cached."""
+        key = (layer, name)
+        hit = slot.views.get(key)
+        if hit is not None:
+            return hit
+        st, lay = self.store, self.store.layout
+        e = st._entry(layer, name)
+        nb, E = e.spec.expert_nbytes, lay.num_experts
+        first, nl = lay.first_expert(lay.rank), lay.num_local_experts
+        if e.mode == "gather":
+            full = _typed(slot.buffer.tensor(e.slot_offset, E * nb), e.spec, E)
+            segments = [(0, full)]
+        else:
+            parts = [(0, slot.buffer, e.slot_offset, first),
+                     (first, st.heap.local, e.heap_offset, nl),
+                     (first + nl, slot.buffer, e.slot_offset + first * nb, E - first - nl)]
+            parts = [p for p in parts if p[3]]
+            comp = self._backend.compose([(buf, off, n * nb) for _, buf, off, n in parts])
+            slot.composites.append(comp)
+            full = _typed(comp.tensor(), e.spec, E)
+            segments = [(start, _typed(buf.tensor(off, n * nb), e.spec, n)) for start, buf, off, n in parts]
+        slot.views[key] = (full, segments)
+        return full, segments
+
+    def synchronize(self) -> None:
+        """Block until every submitted copy completed."""
+        self._check_open()
+        for slot in self._slots:
+            for h in slot.queue:
+                if h._ready is not None:
+                    h._ready.synchronize()
+            for ev in slot.fence:
+                ev.synchronize()
+
+    def close(self) -> None:
+        """Wait for copies in flight, then free the slots. Handles become unusable."""
+        if self._closed:
+            raise ClosedError("Prefetcher closed twice")
+        try:
+            self.synchronize()
+        finally:
+            self._closed = True
+            self._engine.close()
+            for slot in self._slots:
+                for comp in slot.composites:
+                    comp.close()
+                slot.views.clear()
+                slot.queue.clear()
+                slot.buffer.close()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("Prefetcher used after close()")
+        if self.store.closed:
+            raise ClosedError("Prefetcher used after its WeightStore was closed")
+
+    def __enter__(self) -> "Prefetcher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._closed:
+            self.close()
+
+    def __repr__(self) -> str:
+        return (f"Prefetcher(depth={self.depth}, schedule={self.schedule!r}, chunk_nbytes={self.chunk_nbytes}, "
+                f"slot_nbytes={self.store.slot_nbytes})")

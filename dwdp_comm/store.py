@@ -1,0 +1,396 @@
+"""WeightStore: named per-layer expert shards placed in the symmetric heap.
+
+Placement (computed identically on every rank from the registrations gathered at ``commit()``):
+
+* Heap: layers in ascending order, each a region starting at an aligned offset; inside it one
+  entry per name (ascending), each aligned and sized for ``layout.max_local_experts`` experts, so
+  the layout is the same on every rank (symmetric) even with uneven shards. Layers with the same
+  tensors therefore have the same relative offsets and share one copy plan.
+* Prefetch slot (per rank): for each name, where that name's experts land. Two modes:
+
+  ``composite`` (the backend can map views and an expert's bytes are a multiple of its mapping
+  granularity): the slot holds only the remote experts, packed in global order with this rank's
+  block left out; ``weights()`` is one ``[num_experts, ...]`` range that maps the slot pages and
+  the local heap pages back to back, zero copy.
+
+  ``gather`` (otherwise): the slot holds all ``num_experts`` experts and the plan also copies the
+  local ones in (a local copy, never on the fabric).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import ClosedError, CollectiveMismatchError, DwdpError, bad_arg, bad_type
+from .group import Group
+from .layout import ExpertLayout
+from .planner import CopyRange
+
+__all__ = ["TensorSpec", "WeightStore"]
+
+
+def _align(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a registered name is: element dtype and the shape of one expert's tensor."""
+
+    name: str
+    dtype: torch.dtype
+    expert_shape: tuple[int, ...]
+
+    @property
+    def expert_nbytes(self) -> int:
+        return math.prod(self.expert_shape) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """Where one (layer, name) lives: absolute heap offset, slot offset, and slot mode."""
+
+    spec: TensorSpec
+    heap_offset: int
+    slot_offset: int
+    mode: str  # "composite" or "gather"
+
+
+def _as_tensor(shard: Any) -> torch.Tensor:
+    if isinstance(shard, torch.Tensor):
+        return shard
+    if isinstance(shard, np.ndarray):
+        return torch.from_numpy(shard)
+    if hasattr(shard, "__dlpack__"):
+        return torch.from_dlpack(shard)
+    raise bad_type("shard", shard, "a torch.Tensor, a numpy.ndarray or an object with __dlpack__")
+
+
+class WeightStore:
+    """Per-layer expert tensors of one DWDP group, placed in the symmetric heap.
+
+    Parameters
+    ----------
+    group : Group
+        From :func:`dwdp_comm.init`.
+    layout : ExpertLayout
+        Which rank owns which expert; its ``group_size`` and ``rank`` must match the group's.
+
+    Notes
+    -----
+    ``register`` is local; ``commit`` and ``close`` are collective over the group.
+    """
+
+    def __init__(self, group: Group, layout: ExpertLayout):
+        if not isinstance(group, Group):
+            raise bad_type("group", group, "a dwdp_comm.Group (from dwdp_comm.init)")
+        group.check_open()
+        if not isinstance(layout, ExpertLayout):
+            raise bad_type("layout", layout, "a dwdp_comm.ExpertLayout")
+        if (layout.group_size, layout.rank) != (group.size, group.rank):
+            raise bad_arg("layout", f"group_size={layout.group_size}, rank={layout.rank}",
+                          f"group_size={group.size}, rank={group.rank} (the group's)")
+        self.group, self.layout = group, layout
+        self._backend = group.impl
+        self._shards: dict[int, dict[str, torch.Tensor]] = {}
+        self._entries: dict[int, dict[str, _Entry]] = {}
+        self._layer_base: dict[int, int] = {}
+        self._slot_nbytes: dict[int, int] = {}
+        self._signature: dict[int, tuple] = {}
+        self.heap = None
+        self._prefetchers: list = []
+        self._committed = False
+        self._closed = False
+        group._stores.append(self)
+
+    # ---- registration ------------------------------------------------------------------------
+    def register(self, layer: int, name: str, shard: Any) -> None:
+        """Register this rank's shard of one named expert tensor of ``layer``. Local.
+
+        Parameters
+        ----------
+        layer : int
+            MoE layer index (>= 0). Layers need not be consecutive.
+        name : str
+            Tensor name, e.g. ``"w13"``, ``"w2"``, ``"w13_scale"``.
+        shard : torch.Tensor, numpy.ndarray or DLPack object
+            ``[layout.num_local_experts, *expert_shape]``, any dtype (float8 included; it is stored
+            as bytes). Copied into the heap at :meth:`commit`; it may be freed after that.
+        """
+        self._check_open()
+        if self._committed:
+            raise DwdpError(f"register(layer={layer!r}, name={name!r}) after commit(): register every tensor "
+                            "before the collective commit()")
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
+            raise bad_type("layer", layer, "an int")
+        if layer < 0:
+            raise bad_arg("layer", layer, "an int >= 0")
+        if not isinstance(name, str) or not name:
+            raise bad_arg("name", name, "a non-empty str")
+        t = _as_tensor(shard)
+        if t.dim() < 1:
+            raise bad_arg("shard", f"a tensor of shape {tuple(t.shape)}",
+                          "a tensor with a leading expert dimension [num_local_experts, ...]")
+        layer = int(layer)
+        if name in self._shards.get(layer, {}):
+            raise bad_arg("name", name, f"a name not yet registered for layer {layer}")
+        self._shards.setdefault(layer, {})[name] = t
+
+    # ---- commit --------------------------------------------------------------------------------
+    def commit(self) -> None:
+        """Collective: check registrations agree, place shards in the heap, exchange handles.
+
+        Every rank checks every rank's registrations (same layers, names, dtypes and per-expert
+        shapes; shards sized as the layout says) and raises the same
+        :class:`~dwdp_comm.errors.CollectiveMismatchError` naming the layer, name and rank.
+        """
+        self._check_open()
+        if self._committed:
+            raise DwdpError("commit() called twice")
+        mine = {"num_experts": self.layout.num_experts,
+                "layers": {l: {n: (str(t.dtype).removeprefix("torch."), tuple(t.shape[1:]), int(t.shape[0]))
+                               for n, t in names.items()} for l, names in self._shards.items()}}
+        everyone = self.group.comm.all_gather_object(mine)
+        problems = _check_registrations(everyone, self.layout)
+        if problems:
+            raise CollectiveMismatchError("WeightStore.commit(): registrations disagree:\n  " + "\n  ".join(problems))
+        self._place()
+        self.heap = self._backend.alloc_symmetric(self._heap_nbytes)
+        for layer, names in self._shards.items():
+            for name, t in names.items():
+                e = self._entries[layer][name]
+                nb = self.layout.num_local_experts * e.spec.expert_nbytes
+                if nb:
+                    src = t.detach().contiguous().reshape(-1).view(torch.uint8)
+                    self.heap.local.tensor(e.heap_offset, nb).copy_(src)
+        self._shards.clear()
+        self._backend.synchronize()
+        self.group.comm.barrier()  # peers may read our heap from now on
+        self._committed = True
+
+    def _place(self) -> None:
+        b, lay = self._backend, self.layout
+        align, gran = b.alloc_alignment, b.map_granularity
+        nl = lay.num_local_experts
+        off = 0
+        for layer in sorted(self._shards):
+            off = _align(off, align)
+            self._layer_base[layer] = off
+            entries, slot_off = {}, 0
+            for name in sorted(self._shards[layer]):
+                t = self._shards[layer][name]
+                spec = TensorSpec(name, t.dtype, tuple(int(s) for s in t.shape[1:]))
+                nb = spec.expert_nbytes
+                mode = "composite" if gran and nb and nb % gran == 0 else "gather"
+                off = _align(off, align)
+                slot_off = _align(slot_off, align)
+                entries[name] = _Entry(spec, off, slot_off, mode)
+                off += lay.max_local_experts * nb
+                slot_off += (lay.num_experts - (nl if mode == "composite" else 0)) * nb
+            self._entries[layer] = entries
+            self._slot_nbytes[layer] = _align(slot_off, align)
+            base = self._layer_base[layer]
+            self._signature[layer] = tuple((n, e.spec.expert_nbytes, e.heap_offset - base, e.slot_offset, e.mode)
+                                           for n, e in entries.items())
+        self._heap_nbytes = max(_align(off, align), align)
+
+    # ---- queries -------------------------------------------------------------------------------
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Committed layers, ascending."""
+        self._check_committed()
+        return tuple(sorted(self._entries))
+
+    def names(self, layer: int) -> tuple[str, ...]:
+        """Names registered for ``layer``, ascending."""
+        return tuple(self._layer(layer))
+
+    def spec(self, layer: int, name: str) -> TensorSpec:
+        """dtype and per-expert shape of ``name`` in ``layer``."""
+        return self._entry(layer, name).spec
+
+    def slot_mode(self, layer: int, name: str) -> str:
+        """``"composite"`` or ``"gather"`` (see the module docstring)."""
+        return self._entry(layer, name).mode
+
+    @property
+    def slot_nbytes(self) -> int:
+        """Bytes one prefetch slot needs (the largest layer)."""
+        self._check_committed()
+        return max(self._slot_nbytes.values())
+
+    @property
+    def heap_nbytes(self) -> int:
+        """Bytes of this rank's part of the symmetric heap."""
+        self._check_committed()
+        return self._heap_nbytes
+
+    def remote_nbytes(self, layer: int) -> int:
+        """Bytes of ``layer`` that this rank does not own (what a full prefetch pulls)."""
+        ents = self._layer(layer)
+        n_remote = self.layout.num_experts - self.layout.num_local_experts
+        return sum(n_remote * e.spec.expert_nbytes for e in ents.values())
+
+    def local(self, layer: int, name: str) -> torch.Tensor:
+        """This rank's shard in the heap: ``[num_local_experts, *expert_shape]``, zero copy."""
+        e = self._entry(layer, name)
+        nb = self.layout.num_local_experts * e.spec.expert_nbytes
+        return _typed(self.heap.local.tensor(e.heap_offset, nb), e.spec, self.layout.num_local_experts)
+
+    # ---- what the prefetcher needs ---------------------------------------------------------------
+    def copy_ranges(self, layer: int, experts: tuple[int, ...]) -> list[CopyRange]:
+        """Byte ranges (relative to the layer's heap region and to the slot) for ``experts``.
+
+        ``experts`` are remote experts, ascending. Gather-mode names also get this rank's own
+        experts (``src_rank == rank``).
+        """
+        lay, base = self.layout, self._layer_base[layer]
+        runs = _runs(experts, lay)
+        out = []
+        for e in self._layer(layer).values():
+            nb = e.spec.expert_nbytes
+            todo = runs
+            if e.mode == "gather":
+                todo = sorted(runs + [(lay.rank, lay.first_expert(lay.rank), lay.num_local_experts)],
+                              key=lambda r: r[1])
+            for owner, start, count in todo:
+                src = e.heap_offset - base + (start - lay.first_expert(owner)) * nb
+                out.append(CopyRange(owner, src, e.slot_offset + self.slot_index(e, start) * nb, count * nb))
+        return out
+
+    def slot_index(self, entry: _Entry, expert: int) -> int:
+        """Row of global ``expert`` in the slot of ``entry``'s name."""
+        if entry.mode == "gather":
+            return expert
+        lay = self.layout
+        first = lay.first_expert(lay.rank)
+        if first <= expert < first + lay.num_local_experts:
+            raise bad_arg("expert", expert, "a remote expert (local experts are not in the slot)")
+        return expert if expert < first else expert - lay.num_local_experts
+
+    def layer_signature(self, layer: int) -> tuple:
+        """Hashable description of ``layer``'s placement relative to its base (plan cache key)."""
+        self._layer(layer)
+        return self._signature[layer]
+
+    def layer_base(self, layer: int) -> int:
+        self._layer(layer)
+        return self._layer_base[layer]
+
+    def entries(self, layer: int) -> dict[str, _Entry]:
+        return dict(self._layer(layer))
+
+    # ---- close ---------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Collective: close this store's prefetchers, wait until no rank reads the heap, free it."""
+        if self._closed:
+            raise ClosedError("WeightStore closed twice")
+        for pf in self._prefetchers:
+            if not pf.closed:
+                pf.close()
+        self._closed = True
+        if self.heap is not None:
+            self._backend.synchronize()
+            self.heap.close()  # collective: barrier first
+        self._shards.clear()
+
+    def __enter__(self) -> "WeightStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if not self._closed:
+            self.close()
+
+    # ---- helpers -------------------------------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ClosedError("WeightStore used after close()")
+        self.group.check_open()
+
+    def _check_committed(self) -> None:
+        self._check_open()
+        if not self._committed:
+            raise DwdpError("WeightStore is not committed: call the collective commit() first")
+
+    def _layer(self, layer: int) -> dict[str, _Entry]:
+        self._check_committed()
+        ents = self._entries.get(layer) if isinstance(layer, (int, np.integer)) else None
+        if ents is None:
+            raise bad_arg("layer", layer, f"a registered layer, one of {sorted(self._entries)}")
+        return ents
+
+    def _entry(self, layer: int, name: str) -> _Entry:
+        ents = self._layer(layer)
+        if name not in ents:
+            raise bad_arg("name", name, f"a name registered for layer {layer}, one of {sorted(ents)}")
+        return ents[name]
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else ("committed" if self._committed else "open")
+        return f"WeightStore({state}, layers={sorted(self._entries or self._shards)}, layout={self.layout})"
+
+
+def _typed(raw: torch.Tensor, spec: TensorSpec, count: int) -> torch.Tensor:
+    """View ``raw`` bytes as ``[count, *expert_shape]`` of the spec's dtype."""
+    return raw.view(spec.dtype).view(count, *spec.expert_shape)
+
+
+def _runs(experts: tuple[int, ...], lay: ExpertLayout) -> list[tuple[int, int, int]]:
+    """Group ascending experts into (owner, first expert, count) runs of consecutive experts."""
+    runs: list[tuple[int, int, int]] = []
+    for e in experts:
+        o = lay.owner(e)
+        if runs and runs[-1][0] == o and runs[-1][1] + runs[-1][2] == e:
+            runs[-1] = (o, runs[-1][1], runs[-1][2] + 1)
+        else:
+            runs.append((o, e, 1))
+    return runs
+
+
+def _check_registrations(everyone: list[dict], layout: ExpertLayout) -> list[str]:
+    """Every disagreement between ranks' registrations, as messages naming layer, name and rank."""
+    problems = []
+    counts = {r: m["num_experts"] for r, m in enumerate(everyone)}
+    if len(set(counts.values())) > 1:
+        problems.append(f"ExpertLayout.num_experts differs between ranks: {counts}")
+    all_layers = sorted(set().union(*(m["layers"] for m in everyone)))
+    if not all_layers:
+        problems.append("no tensors registered on any rank: register(layer, name, shard) before commit()")
+    for layer in all_layers:
+        missing = [r for r, m in enumerate(everyone) if layer not in m["layers"]]
+        if missing:
+            problems.append(f"layer {layer}: not registered on rank(s) {missing}")
+            continue
+        names = sorted(set().union(*(m["layers"][layer] for m in everyone)))
+        for name in names:
+            lacking = [r for r, m in enumerate(everyone) if name not in m["layers"][layer]]
+            if lacking:
+                problems.append(f"layer {layer}, name {name!r}: not registered on rank(s) {lacking}")
+                continue
+            desc = {r: m["layers"][layer][name] for r, m in enumerate(everyone)}
+            dtypes = {r: d[0] for r, d in desc.items()}
+            if len(set(dtypes.values())) > 1:
+                problems.append(f"layer {layer}, name {name!r}: dtypes differ: {_by_rank(dtypes)}")
+            shapes = {r: d[1] for r, d in desc.items()}
+            if len(set(shapes.values())) > 1:
+                problems.append(f"layer {layer}, name {name!r}: per-expert shapes differ: {_by_rank(shapes)}")
+            for r, d in desc.items():
+                want = layout.num_experts_of(r)
+                if d[2] != want:
+                    ex = layout.experts_of(r)
+                    problems.append(f"layer {layer}, name {name!r}, rank {r}: shard has {d[2]} experts, expected "
+                                    f"{want} (rank {r} owns experts {ex.start}..{ex.stop - 1})")
+    return problems
+
+
+def _by_rank(d: dict[int, Any]) -> str:
+    return ", ".join(f"rank {r}: {v}" for r, v in sorted(d.items()))
