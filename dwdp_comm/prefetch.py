@@ -237,6 +237,8 @@ class Prefetcher:
         Copy-plan policy (see :mod:`dwdp_comm.planner`): ``"round_robin"``, ``"rotated"``, ``"naive"``.
     chunk_nbytes : int
         Chunk size of the plan (> 0).
+    engine_options : dict, optional
+        Settings for the backend's copy engine (e.g. ``{"streams": 2}`` on GPU backends).
 
     Notes
     -----
@@ -244,7 +246,7 @@ class Prefetcher:
     """
 
     def __init__(self, store: WeightStore, depth: int = 2, schedule: str = "round_robin",
-                 chunk_nbytes: int = 8 << 20):
+                 chunk_nbytes: int = 8 << 20, engine_options: dict | None = None):
         if not isinstance(store, WeightStore):
             raise bad_type("store", store, "a dwdp_comm.WeightStore")
         store._check_committed()
@@ -260,7 +262,7 @@ class Prefetcher:
             raise bad_arg("chunk_nbytes", chunk_nbytes, "an int > 0 (bytes per chunk)")
         self.store, self.depth, self.schedule, self.chunk_nbytes = store, int(depth), schedule, int(chunk_nbytes)
         self._backend = store.group.impl
-        self._engine = self._backend.copy_engine(store.heap)
+        self._engine = self._backend.copy_engine(store.heap, **(engine_options or {}))
         self._slots = [_Slot(i, self._backend.alloc_buffer(store.slot_nbytes)) for i in range(self.depth)]
         self._plans = PlanCache()
         self._count = 0

@@ -128,8 +128,12 @@ class Backend(abc.ABC):
         """Allocate a local buffer (a prefetch slot)."""
 
     @abc.abstractmethod
-    def copy_engine(self, heap: SymmetricHeap) -> CopyEngine:
-        """A copy engine that reads from ``heap`` on any rank."""
+    def copy_engine(self, heap: SymmetricHeap, **options: Any) -> CopyEngine:
+        """A copy engine that reads from ``heap`` on any rank.
+
+        ``options`` are engine settings that a backend may support (GPU backends: ``streams``,
+        ``api``, ...); an unknown or unsupported one raises ``InvalidArgumentError`` naming it.
+        """
 
     @abc.abstractmethod
     def record_event(self, stream: Any = None) -> Event:

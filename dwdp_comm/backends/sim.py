@@ -152,8 +152,9 @@ class SimHeap(SymmetricHeap):
 class SimCopyEngine(CopyEngine):
     """One host thread per rank that executes plans in submission order."""
 
-    def __init__(self, heap: SimHeap, rank: int, copy_bandwidth: float | None):
+    def __init__(self, heap: SimHeap, rank: int, copy_bandwidth: float | None, corrupt_copy: int | None = None):
         self._heap, self._rank, self._bw = heap, rank, copy_bandwidth
+        self._corrupt = corrupt_copy
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name=f"dwdp-sim-copy-r{rank}", daemon=True)
@@ -188,10 +189,12 @@ class SimCopyEngine(CopyEngine):
         with memoryview(dst._map.mm) as out:
             srcs = [memoryview(m.mm) for m in self._heap.peers]
             try:
-                for _slot, s, so, do, n in plan.copies():
+                for i, (_slot, s, so, do, n) in enumerate(plan.copies()):
                     t0 = time.perf_counter()
                     a, b = src_base + so, dst_base + do
                     out[b:b + n] = srcs[s][a:a + n]
+                    if i == self._corrupt and n:
+                        out[b] = out[b] ^ 0xFF  # fault injection, for testing byte checkers
                     if self._bw:
                         time.sleep(max(0.0, n / self._bw - (time.perf_counter() - t0)))
             finally:
@@ -297,8 +300,13 @@ class SimBackend(Backend):
         buf._map.unlink()  # anonymous from now on; the fd keeps it mappable
         return buf
 
-    def copy_engine(self, heap: SymmetricHeap) -> SimCopyEngine:
-        return SimCopyEngine(heap, self.comm.rank, self.copy_bandwidth)
+    def copy_engine(self, heap: SymmetricHeap, *, corrupt_copy: int | None = None,
+                    **options: Any) -> SimCopyEngine:
+        """The rank's copy thread. ``corrupt_copy=i`` flips one byte of copy ``i`` of every job
+        (fault injection, to test byte checkers); no other option exists on ``sim``."""
+        if options:
+            raise bad_arg("copy engine options", sorted(options), "none on the sim backend except corrupt_copy")
+        return SimCopyEngine(heap, self.comm.rank, self.copy_bandwidth, corrupt_copy)
 
     def record_event(self, stream: Any = None) -> SimEvent:
         _check_stream(stream)
