@@ -59,7 +59,7 @@ def _child(rank: int, world_size: int, init_file: str, backend: str | None, fn: 
     except BaseException as exc:  # report everything, SystemExit included
         tb = traceback.format_exc()
         try:
-            conn.send(("err", _picklable(exc), tb))
+            conn.send(("err", _picklable(exc), tb, time.time()))
         except Exception:
             pass
         raise SystemExit(1)
@@ -140,32 +140,59 @@ def launch(fn: Callable, world_size: int, *args: Any, backend: str | None = "sim
 def _collect(procs, conns: dict, world_size: int, timeout: float) -> list:
     results: list = [None] * world_size
     pending = dict(conns)
+    failures: dict[int, tuple] = {}  # rank -> ("died", exitcode) or ("raised", exc, traceback)
     deadline = time.monotonic() + timeout
-    while pending:
+    while pending and not failures:
         left = deadline - time.monotonic()
         if left <= 0:
             raise RankFailedError(f"timeout after {timeout:.0f} s: rank(s) {sorted(pending.values())} did not finish; "
                                   "all ranks were killed")
-        for conn in _wait_conns(list(pending), timeout=min(left, 1.0)):
-            rank = pending.pop(conn)
-            try:
-                msg = conn.recv()
-            except EOFError:
-                procs[rank].join(5)
-                raise RankFailedError(f"rank {rank} died without reporting (exit code {procs[rank].exitcode}); "
-                                      "all ranks were killed", rank=rank) from None
-            if msg[0] == "ok":
-                results[rank] = msg[1]
-            else:
-                exc, tb = msg[1], msg[2]
-                err = RankFailedError(f"rank {rank} raised {type(exc).__name__ if isinstance(exc, BaseException) else 'an error'}: "
-                                      f"{exc}\n--- traceback of rank {rank} ---\n{tb}", rank=rank, remote_traceback=tb)
-                if isinstance(exc, BaseException):
-                    raise err from exc
-                raise err
-        # A process can die (segfault, kill) without closing its pipe cleanly: check exit codes too.
-        for conn, rank in list(pending.items()):
-            p = procs[rank]
-            if p.exitcode is not None and p.exitcode != 0 and not conn.poll():
-                raise RankFailedError(f"rank {rank} died with exit code {p.exitcode}; all ranks were killed", rank=rank)
+        _poll(procs, pending, results, failures, min(left, 1.0))
+    if failures:
+        # A dead rank makes its peers fail too (closed connections): wait a moment so the root
+        # cause, not a consequence, is reported.
+        grace = time.monotonic() + 2.0
+        while pending and time.monotonic() < grace:
+            _poll(procs, pending, results, failures, 0.2)
+        _raise_failure(failures)
     return results
+
+
+def _poll(procs, pending: dict, results: list, failures: dict, wait_s: float) -> None:
+    for conn in _wait_conns(list(pending), timeout=wait_s):
+        rank = pending.pop(conn)
+        try:
+            msg = conn.recv()
+        except EOFError:
+            procs[rank].join(5)
+            failures[rank] = ("died", procs[rank].exitcode)
+            continue
+        if msg[0] == "ok":
+            results[rank] = msg[1]
+        else:
+            failures[rank] = ("raised", msg[1], msg[2], msg[3])
+    # A process can die (segfault, kill) without its pipe reporting EOF yet: check exit codes too.
+    for conn, rank in list(pending.items()):
+        code = procs[rank].exitcode
+        if code not in (None, 0) and not conn.poll():
+            pending.pop(conn)
+            failures[rank] = ("died", code)
+
+
+def _raise_failure(failures: dict) -> None:
+    died = sorted(r for r, f in failures.items() if f[0] == "died")
+    # The root cause: a rank that died silently, else the rank that raised first.
+    rank = died[0] if died else min(failures, key=lambda r: failures[r][3])
+    others = sorted(r for r in failures if r != rank)
+    also = f" (rank(s) {others} failed after it)" if others else ""
+    f = failures[rank]
+    if f[0] == "died":
+        raise RankFailedError(f"rank {rank} died with exit code {f[1]} without reporting{also}; "
+                              "all ranks were killed", rank=rank)
+    exc, tb = f[1], f[2]
+    kind = type(exc).__name__ if isinstance(exc, BaseException) else "an error"
+    err = RankFailedError(f"rank {rank} raised {kind}: {exc}{also}\n--- traceback of rank {rank} ---\n{tb}",
+                          rank=rank, remote_traceback=tb)
+    if isinstance(exc, BaseException):
+        raise err from exc
+    raise err

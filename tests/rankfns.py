@@ -1,0 +1,295 @@
+"""Per-rank functions for multi-process tests (module level, so spawned ranks can unpickle them).
+
+Ground truth: every expert tensor is drawn from a generator seeded by (run seed, layer, name,
+expert), so every rank can rebuild the whole [num_experts, ...] tensor of any layer and compare
+the bytes it prefetched. The run seed is fresh per test run.
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import torch
+
+import dwdp_comm as dc
+
+# name -> (per-expert shape, dtype). On sim, mapping granularity is the 4 KiB page: "w13" (16x64
+# float32 = 4 KiB per expert) is served as a composite view, the others through gather mode.
+SPECS = {
+    "w13": ((16, 64), torch.float32),
+    "w2": ((8, 12), torch.bfloat16),
+    "w13_scale": ((5,), torch.float8_e4m3fn),
+}
+
+
+def expert_tensor(seed: int, layer: int, name: str, expert: int, shape, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + zlib.crc32(name.encode()) * 31 + expert)
+                                      % (2**63))
+    if dtype == torch.float8_e4m3fn:  # arbitrary bytes, NaN patterns included: compared as bytes
+        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8).view(dtype)
+    return torch.randn(shape, generator=g).to(dtype)
+
+
+def full_truth(seed, layer, name, num_experts, specs=SPECS) -> torch.Tensor:
+    shape, dtype = specs[name]
+    return torch.stack([expert_tensor(seed, layer, name, e, shape, dtype) for e in range(num_experts)])
+
+
+def build_store(group, num_experts: int, layers, seed: int, specs=SPECS) -> dc.WeightStore:
+    lay = dc.ExpertLayout(num_experts, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    for l in layers:
+        for name, (shape, dtype) in specs.items():
+            st.register(l, name, torch.stack([expert_tensor(seed, l, name, e, shape, dtype) for e in lay.local_experts]))
+    st.commit()
+    return st
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+# ---- end-to-end pipeline -------------------------------------------------------------------------
+def pipeline(group, num_experts: int, num_layers: int, depth: int, schedule: str, chunk_nbytes: int, seed: int):
+    """Run a DWDP-style loop over more layers than slots; compare every byte of every layer."""
+    layers = list(range(0, 2 * num_layers, 2))  # non-consecutive layer ids
+    st = build_store(group, num_experts, layers, seed)
+    modes = {n: st.slot_mode(layers[0], n) for n in SPECS}
+    # The local shard in the heap is the registered data.
+    for n in SPECS:
+        lay = st.layout
+        assert same_bytes(st.local(layers[0], n), full_truth(seed, layers[0], n, num_experts)[lay.local_experts.start:
+                                                                                        lay.local_experts.stop])
+    pf = dc.Prefetcher(st, depth=depth, schedule=schedule, chunk_nbytes=chunk_nbytes)
+    handles = {layers[i]: pf.prefetch(layers[i]) for i in range(min(depth, len(layers)))}
+    checked = 0
+    for i, l in enumerate(layers):
+        h = handles.pop(l)
+        h.wait()
+        for n in SPECS:
+            w = h.weights(n)
+            truth = full_truth(seed, l, n, num_experts)
+            assert same_bytes(w, truth), f"rank {group.rank}: layer {l} {n} differs"
+            segs = h.weight_segments(n)
+            assert [s for s, _ in segs][0] == 0 and sum(t.shape[0] for _, t in segs) == num_experts
+            for start, t in segs:
+                assert same_bytes(t, truth[start:start + t.shape[0]])
+            checked += truth.numel() * truth.element_size()
+        # Issue the next prefetch *before* releasing this slot, as a MoE layer does: it is
+        # deferred until the release when it targets this same slot.
+        if i + depth < len(layers):
+            handles[layers[i + depth]] = pf.prefetch(layers[i + depth])
+        h.release()
+    remote = sum(st.remote_nbytes(l) for l in layers)
+    stats = (pf.plan_cache.hits, pf.plan_cache.misses, pf.nbytes_prefetched)
+    st.close()
+    return {"modes": modes, "checked": checked, "remote": remote, "plan_cache": stats}
+
+
+def partial(group, num_experts: int, seed: int):
+    """experts= fetches only some remote experts; absent ones are an error to ask for."""
+    st = build_store(group, num_experts, [0, 1], seed)
+    lay = st.layout
+    wanted = lay.remote_experts[::2]
+    out = {}
+    with dc.Prefetcher(st, depth=1, chunk_nbytes=512) as pf:
+        h = pf.prefetch(0, experts=wanted + list(lay.local_experts))
+        h.wait()
+        present = set(h.present_experts)
+        assert present == set(wanted) | set(lay.local_experts)
+        w = h.weights("w13", experts=wanted)
+        truth = full_truth(seed, 0, "w13", num_experts)
+        for e in present:
+            assert same_bytes(w[e], truth[e]), e
+        absent = [e for e in lay.remote_experts if e not in present]
+        try:
+            h.weights("w13")
+        except dc.InvalidArgumentError as exc:
+            out["default_error"] = str(exc)
+        try:
+            h.weights("w2", experts=[absent[0]])
+        except dc.InvalidArgumentError as exc:
+            out["absent_error"] = str(exc)
+        out["bytes"] = pf.nbytes_prefetched
+        h.release()
+        # A full prefetch after a partial one, into the same slot, sees everything.
+        h2 = pf.prefetch(1)
+        h2.wait()
+        assert same_bytes(h2.weights("w2"), full_truth(seed, 1, "w2", num_experts))
+        h2.release()
+    st.close()
+    return out
+
+
+def slot_held(group, num_experts: int, seed: int):
+    """A slot owned by an unreleased handle is not overwritten; the next prefetch waits for release."""
+    st = build_store(group, num_experts, [0, 1], seed)
+    # A slow copy engine makes an early overwrite observable.
+    with dc.Prefetcher(st, depth=1, chunk_nbytes=256) as pf:
+        h0 = pf.prefetch(0)
+        h0.wait()
+        w0 = {n: h0.weights(n).clone() for n in SPECS}
+        h1 = pf.prefetch(1)  # same slot: must be deferred
+        time.sleep(0.3)
+        deferred = (not h1.is_submitted, not h1.is_done)
+        for n in SPECS:
+            assert same_bytes(h0.weights(n), w0[n]), f"slot overwritten while held ({n})"
+            assert same_bytes(h0.weights(n), full_truth(seed, 0, n, num_experts))
+        try:
+            h1.wait()
+            wait_error = None
+        except dc.SlotStillHeldError as exc:
+            wait_error = str(exc)
+        h0.release()
+        h1.wait()
+        for n in SPECS:
+            assert same_bytes(h1.weights(n), full_truth(seed, 1, n, num_experts))
+        # A handle released before its copies were ever submitted is cancelled, not written.
+        h1.release()
+        h2 = pf.prefetch(0)
+        h3 = pf.prefetch(1)          # deferred behind h2
+        h3.release()                 # cancelled
+        h2.wait()
+        still = same_bytes(h2.weights("w13"), full_truth(seed, 0, "w13", num_experts))
+        h2.release()
+        h4 = pf.prefetch(1)
+        h4.wait()
+        assert same_bytes(h4.weights("w2"), full_truth(seed, 1, "w2", num_experts))
+        h4.release()
+        cancelled_ok = still and not h3.is_submitted
+    st.close()
+    return {"deferred": deferred, "wait_error": wait_error, "cancelled_ok": cancelled_ok}
+
+
+def slow_copies(group, num_experts: int, seed: int):
+    """With a throttled copy engine, prefetch returns before the copies finish (asynchrony)."""
+    st = build_store(group, num_experts, [0], seed)
+    with dc.Prefetcher(st, depth=1, chunk_nbytes=1024) as pf:
+        t0 = time.perf_counter()
+        h = pf.prefetch(0)
+        t_issue = time.perf_counter() - t0
+        done_at_issue = h.is_done
+        h.wait()
+        t_done = time.perf_counter() - t0
+        ok = all(same_bytes(h.weights(n), full_truth(seed, 0, n, num_experts)) for n in SPECS)
+        h.release()
+    st.close()
+    return {"t_issue": t_issue, "t_done": t_done, "done_at_issue": done_at_issue, "ok": ok}
+
+
+# ---- errors ---------------------------------------------------------------------------------------
+def _error(fn) -> tuple[str, str] | None:
+    try:
+        fn()
+    except dc.DwdpError as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def usage_errors(group, seed: int):
+    """Every documented misuse raises a clear DwdpError (collected per case)."""
+    out = {}
+    lay = dc.ExpertLayout(6, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    shard = torch.zeros(lay.num_local_experts, 4, 1024)
+    st.register(0, "w", shard)
+    out["duplicate"] = _error(lambda: st.register(0, "w", shard))
+    out["bad_layer"] = _error(lambda: st.register(-1, "w", shard))
+    out["bad_name"] = _error(lambda: st.register(0, "", shard))
+    out["bad_shard"] = _error(lambda: st.register(0, "x", 3.0))
+    out["scalar_shard"] = _error(lambda: st.register(0, "x", torch.tensor(1.0)))
+    out["prefetcher_before_commit"] = _error(lambda: dc.Prefetcher(st))
+    st.commit()
+    out["register_after_commit"] = _error(lambda: st.register(1, "w", shard))
+    out["commit_twice"] = _error(st.commit)
+    out["depth0"] = _error(lambda: dc.Prefetcher(st, depth=0))
+    out["chunk0"] = _error(lambda: dc.Prefetcher(st, chunk_nbytes=0))
+    out["chunk_neg"] = _error(lambda: dc.Prefetcher(st, chunk_nbytes=-5))
+    out["schedule"] = _error(lambda: dc.Prefetcher(st, schedule="fastest"))
+    pf = dc.Prefetcher(st, depth=1)
+    out["unregistered_layer"] = _error(lambda: pf.prefetch(7))
+    out["bad_experts"] = _error(lambda: pf.prefetch(0, experts=[99]))
+    h = pf.prefetch(0)
+    out["weights_before_wait"] = _error(lambda: h.weights("w"))
+    h.wait()
+    out["unregistered_name"] = _error(lambda: h.weights("nope"))
+    h.release()
+    out["weights_after_release"] = _error(lambda: h.weights("w"))
+    out["release_twice"] = _error(h.release)
+    pf.close()
+    out["prefetch_after_close"] = _error(lambda: pf.prefetch(0))
+    out["close_twice"] = _error(pf.close)
+    st.close()
+    out["store_after_close"] = _error(lambda: st.local(0, "w"))
+    out["store_close_twice"] = _error(st.close)
+    out["prefetcher_on_closed_store"] = _error(lambda: dc.Prefetcher(st))
+    group.close()
+    out["group_close_twice"] = _error(group.close)
+    out["store_on_closed_group"] = _error(lambda: dc.WeightStore(group, lay))
+    return out
+
+
+def mismatched_commit(group, case: str):
+    """Ranks register inconsistently; every rank must raise the same CollectiveMismatchError."""
+    lay = dc.ExpertLayout(7, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    n = lay.num_local_experts
+    last = group.rank == group.size - 1
+    if case == "dtype":
+        st.register(0, "w", torch.zeros(n, 3, dtype=torch.float16 if last else torch.float32))
+    elif case == "shape":
+        st.register(0, "w", torch.zeros(n, 4 if last else 3))
+    elif case == "missing_name":
+        st.register(0, "w", torch.zeros(n, 3))
+        if not last:
+            st.register(0, "scale", torch.zeros(n, 1))
+    elif case == "missing_layer":
+        st.register(0, "w", torch.zeros(n, 3))
+        if last:
+            st.register(5, "w", torch.zeros(n, 3))
+    elif case == "shard_size":
+        st.register(0, "w", torch.zeros(n + (1 if last else 0), 3))
+    elif case == "nothing":
+        pass
+    try:
+        st.commit()
+    except dc.CollectiveMismatchError as exc:
+        return str(exc)
+    return None
+
+
+# ---- init and launch -------------------------------------------------------------------------------
+def init_report(backend: str):
+    """Call dwdp_comm.init (torch.distributed is up) and report what happened."""
+    try:
+        g = dc.init(backend)
+    except dc.DwdpError as exc:
+        return ("error", type(exc).__name__, str(exc))
+    out = ("ok", g.backend, g.backend_reason, str(g.device), g.rank, g.size)
+    g.close()
+    return out
+
+
+def rank_and_size(group):
+    return group.rank, group.size
+
+
+def raise_on_rank(group, bad_rank: int):
+    if group.rank == bad_rank:
+        raise ValueError(f"boom on rank {group.rank}")
+    group.barrier()  # the others wait for the bad rank, which never comes
+    return "unreachable"
+
+
+def die_on_rank(group, bad_rank: int):
+    import os
+    if group.rank == bad_rank:
+        os._exit(3)
+    group.barrier()
+    return "unreachable"
+
+
+def sleep_forever(group):
+    time.sleep(3600)

@@ -1,0 +1,28 @@
+"""`import dwdp_comm` needs no GPU package: checked in a fresh interpreter that cannot import them."""
+import subprocess
+import sys
+import textwrap
+
+BLOCKED = ["cupy", "numba", "nvshmem", "cuda", "triton"]
+
+
+def test_import_without_gpu_packages():
+    code = textwrap.dedent(f"""
+        import sys, importlib.abc
+        BLOCKED = {BLOCKED!r}
+        class Block(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in BLOCKED:
+                    raise ImportError("blocked for this test: " + name)
+        sys.meta_path.insert(0, Block())
+        import dwdp_comm, dwdp_comm.planner, dwdp_comm.testing, dwdp_comm.backends
+        from dwdp_comm import backends
+        reason = backends.probe("cuda_ipc")
+        assert reason is not None, "cuda_ipc must report itself unavailable without cuda-python"
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not loaded, loaded
+        print("ok", dwdp_comm.__version__)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("ok")
