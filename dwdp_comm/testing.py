@@ -38,7 +38,7 @@ def _child(rank: int, world_size: int, init_file: str, backend: str | None, fn: 
         import torch
         import torch.distributed as dist
 
-        if backend not in (None, "sim") and torch.cuda.is_available():
+        if backend != "sim" and torch.cuda.is_available():
             torch.cuda.set_device(rank % torch.cuda.device_count())
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout))
