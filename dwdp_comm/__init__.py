@@ -17,7 +17,7 @@ Importing needs only torch and numpy; GPU backends import their packages when ch
 """
 
 from .errors import (BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError,
-                     InvalidArgumentError, InvalidTypeError, PeerAccessError, RankFailedError,
+                     InvalidArgumentError, InvalidTypeError, MissingDependencyError, PeerAccessError, RankFailedError,
                      SlotStillHeldError)
 from .group import Group, init
 from .layout import ExpertLayout
@@ -32,5 +32,5 @@ __all__ = [
     "init", "Group", "ExpertLayout", "WeightStore", "TensorSpec", "Prefetcher", "PrefetchHandle",
     "CopyPlan", "CopyRange", "make_plan", "policies", "register_policy", "testing",
     "DwdpError", "InvalidArgumentError", "InvalidTypeError", "ClosedError", "CollectiveMismatchError",
-    "BackendUnavailableError", "PeerAccessError", "SlotStillHeldError", "RankFailedError",
+    "BackendUnavailableError", "MissingDependencyError", "PeerAccessError", "SlotStillHeldError", "RankFailedError",
 ]

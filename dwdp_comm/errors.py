@@ -17,6 +17,7 @@ __all__ = [
     "SlotStillHeldError",
     "PeerAccessError",
     "RankFailedError",
+    "MissingDependencyError",
     "bad_arg",
 ]
 
@@ -54,6 +55,10 @@ class PeerAccessError(BackendUnavailableError):
 
 class SlotStillHeldError(DwdpError, RuntimeError):
     """Waiting on a prefetch that cannot start because its slot's previous handle is unreleased."""
+
+
+class MissingDependencyError(DwdpError, ImportError):
+    """An optional package (CuPy, cuda-python, nvshmem4py, Numba) is not installed or failed to import."""
 
 
 class RankFailedError(DwdpError, RuntimeError):

@@ -11,8 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import backends as _backends
-from .errors import (BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError,
-                     bad_arg)
+from .errors import BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError
 
 __all__ = ["Comm", "Group", "init", "ENV_BACKEND"]
 
@@ -134,7 +133,9 @@ def init(backend: str = "auto", group=None, **options) -> Group:
         group over the same ranks is created for object exchange; that step is collective over the
         default group.
     **options
-        Passed to the backend (e.g. ``copy_bandwidth=`` for ``sim``).
+        Passed to the backend: ``sim``: ``copy_bandwidth`` (bytes/s the copy thread may move);
+        ``cuda_ipc``: ``vmm`` (None: VMM when it works, else legacy IPC; True/False: force) and
+        ``fail_open=(importer, owner)`` (fault injection, tests only).
 
     Returns
     -------

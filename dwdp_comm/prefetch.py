@@ -238,11 +238,15 @@ class Prefetcher:
     chunk_nbytes : int
         Chunk size of the plan (> 0).
     engine_options : dict, optional
-        Settings for the backend's copy engine (e.g. ``{"streams": 2}`` on GPU backends).
+        Settings for the backend's copy engine. GPU backends: ``streams`` (copy streams, >= 1),
+        ``api`` (``"memcpy"`` or ``"batch"``: one ``cudaMemcpyBatchAsync`` per job and stream),
+        ``distribute`` (``"source"`` or ``"slot"``: how copies are spread over the streams),
+        ``overlap_hint``. ``sim``: ``corrupt_copy`` (fault injection) only.
 
     Notes
     -----
-    Local (not collective). ``prefetch`` never blocks the host.
+    Local (not collective), except on ``nvshmem`` across nodes, where slots are symmetric memory
+    and construction is collective. ``prefetch`` never blocks the host.
     """
 
     def __init__(self, store: WeightStore, depth: int = 2, schedule: str = "round_robin",

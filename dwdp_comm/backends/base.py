@@ -55,7 +55,8 @@ class Buffer(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Free the memory. Views must not be used afterwards."""
+        """Release the buffer. GPU backends free the memory once no tensor view references it;
+        ``sim`` unmaps it once no view is left."""
 
 
 class SymmetricHeap(abc.ABC):
@@ -91,7 +92,9 @@ class CopyEngine(abc.ABC):
 
         Copy ``i`` reads ``plan.nbytes[i]`` bytes at ``src_base + plan.src_offset[i]`` of rank
         ``plan.src_rank[i]``'s heap and writes them at ``dst_base + plan.dst_offset[i]`` of ``dst``.
-        No copy starts before every event of ``after`` completed. Copies run in plan order.
+        No copy starts before every event of ``after`` completed. Copies run in plan order on each
+        copy stream; GPU engines may spread a plan over several copy streams (``streams=``), and
+        the returned event joins them.
         """
 
     @abc.abstractmethod

@@ -1,0 +1,241 @@
+"""Per-rank functions of the multi-GPU tests (module level, so spawned ranks can unpickle them).
+
+Ground truth: every expert's bytes come from a CPU generator seeded by (run seed, layer, name,
+expert), so every rank can rebuild any layer's whole ``[num_experts, ...]`` tensor and compare it
+byte for byte with what it prefetched. Tensors are compared as raw bytes (NaN patterns included).
+"""
+
+from __future__ import annotations
+
+import time
+import zlib
+
+import numpy as np
+import torch
+
+import dwdp_comm as dc
+
+MiB = 1 << 20
+
+# name -> (per-expert shape, dtype). "w13" is 2 MiB per expert, a multiple of the VMM granularity:
+# cuda_ipc (VMM) serves it as a composite view; everything else goes through gather mode.
+SPECS = {
+    "w13": ((1024, 1024), torch.bfloat16),
+    "w2": ((8, 12), torch.bfloat16),
+    "w13_scale": ((5,), torch.float8_e4m3fn),
+    "bias": ((3, 7), torch.float32),
+}
+
+
+def _seed(seed: int, layer: int, name: str, expert: int) -> int:
+    return (seed * 1_000_003 + layer * 10_007 + zlib.crc32(name.encode()) * 31 + expert) % (2**63)
+
+
+def expert_tensor(seed: int, layer: int, name: str, expert: int, shape, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed(_seed(seed, layer, name, expert))
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    return torch.randint(0, 256, (nbytes,), generator=g, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def full_truth(seed, layer, name, num_experts, specs=SPECS) -> torch.Tensor:
+    shape, dtype = specs[name]
+    return torch.stack([expert_tensor(seed, layer, name, e, shape, dtype) for e in range(num_experts)])
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    a, b = a.detach().cpu(), b.detach().cpu()
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
+        a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def build_store(group, num_experts: int, layers, seed: int, specs=SPECS, on_gpu=("w13",)) -> dc.WeightStore:
+    """Register every (layer, name); names in ``on_gpu`` as CUDA tensors, the others from the CPU."""
+    lay = dc.ExpertLayout(num_experts, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    for l in layers:
+        for name, (shape, dtype) in specs.items():
+            shard = torch.stack([expert_tensor(seed, l, name, e, shape, dtype) for e in lay.local_experts]) \
+                if lay.num_local_experts else torch.empty(0, *shape, dtype=dtype)
+            st.register(l, name, shard.to(group.device) if name in on_gpu else shard)
+    st.commit()
+    return st
+
+
+def _backend_desc(group) -> dict:
+    impl = group.impl
+    return {"backend": group.backend, "mode": getattr(impl, "mode", None),
+            "map_granularity": impl.map_granularity, "alloc_alignment": impl.alloc_alignment}
+
+
+# ---- end-to-end pipeline -------------------------------------------------------------------------
+def pipeline(group, num_experts: int, num_layers: int, depth: int, schedule: str, chunk_nbytes: int, seed: int,
+             engine_options: dict):
+    """A DWDP loop over more layers than slots, consumed on a side compute stream; every byte checked."""
+    layers = list(range(0, 2 * num_layers, 2))  # non-consecutive layer ids
+    st = build_store(group, num_experts, layers, seed)
+    lay = st.layout
+    modes = {n: st.slot_mode(layers[0], n) for n in SPECS}
+    for n in SPECS:  # the heap holds exactly the registered shard
+        truth = full_truth(seed, layers[0], n, num_experts)
+        assert same_bytes(st.local(layers[0], n), truth[lay.local_experts.start:lay.local_experts.stop]), n
+    pf = dc.Prefetcher(st, depth=depth, schedule=schedule, chunk_nbytes=chunk_nbytes, engine_options=engine_options)
+    compute = torch.cuda.Stream()
+    handles = {layers[i]: pf.prefetch(layers[i]) for i in range(min(depth, len(layers)))}
+    checked, zero_copy = 0, None
+    for i, l in enumerate(layers):
+        h = handles.pop(l)
+        h.wait(compute)  # the compute stream waits; the host does not
+        with torch.cuda.stream(compute):
+            got = {n: h.weights(n).clone() for n in SPECS}
+            segs = {n: [(s, t.clone()) for s, t in h.weight_segments(n)] for n in SPECS}
+        # Issue the next prefetch before releasing, as a MoE layer does (deferred if same slot).
+        if i + depth < len(layers):
+            handles[layers[i + depth]] = pf.prefetch(layers[i + depth])
+        h.release(compute)
+        compute.synchronize()
+        for n in SPECS:
+            truth = full_truth(seed, l, n, num_experts)
+            assert same_bytes(got[n], truth), f"rank {group.rank}: layer {l} {n} differs"
+            assert sum(t.shape[0] for _, t in segs[n]) == num_experts
+            for start, t in segs[n]:
+                assert same_bytes(t, truth[start:start + t.shape[0]]), f"layer {l} {n} segment {start}"
+            checked += truth.numel() * truth.element_size()
+    if modes["w13"] == "composite":  # same on every rank: the barriers below are collective
+        h = pf.prefetch(layers[0])
+        h.synchronize()
+        group.barrier()  # no rank copies from any heap now: flipping a heap byte is safe
+        if lay.num_local_experts:
+            zero_copy = _composite_is_zero_copy(st, h, layers[0])
+        group.barrier()
+        h.release()
+    out = {"modes": modes, "checked": checked, "remote": sum(st.remote_nbytes(l) for l in layers),
+           "prefetched": pf.nbytes_prefetched, "api": pf._engine.api, "zero_copy": zero_copy,
+           "plan_cache": (pf.plan_cache.hits, pf.plan_cache.misses), **_backend_desc(group)}
+    st.close()
+    return out
+
+
+def _composite_is_zero_copy(st, h, layer: int) -> bool:
+    """Flip a byte of the local shard in the heap: the composite view must show it (same memory)."""
+    lay = st.layout
+    first = lay.first_expert(lay.rank)
+    h.wait()
+    local = st.local(layer, "w13").view(torch.uint8).view(-1)
+    view = h.weights("w13")[first].view(torch.uint8).view(-1)
+    before = int(view[0].item())
+    local[0] = (before + 1) % 256
+    torch.cuda.synchronize()
+    seen = int(view[0].item())
+    local[0] = before
+    torch.cuda.synchronize()
+    return seen == (before + 1) % 256
+
+
+# ---- the race: prefetch of l+2 into the slot a long kernel still reads ---------------------------
+RACE_SPECS = {"w": ((1024, 1024), torch.bfloat16), "g": ((64, 33), torch.float16)}
+
+
+def race(group, seed: int, sleep_cycles: int):
+    """While a long kernel on the compute stream still has to read layer 0's slot, prefetch(2) (same
+    slot) is issued and layer 0 released: its copies must wait for the kernel. The kernel's output
+    must be layer 0's bytes, and the host must never have blocked."""
+    num_experts = 3 * group.size + 1
+    st = build_store(group, num_experts, [0, 1, 2, 3], seed, specs=RACE_SPECS, on_gpu=("w",))
+    out = {"modes": {n: st.slot_mode(0, n) for n in RACE_SPECS}, **_backend_desc(group)}
+    try:
+        dc.Prefetcher(st, engine_options={"streamz": 2})
+        out["option_error"] = None
+    except dc.InvalidArgumentError as exc:
+        out["option_error"] = str(exc)
+    pf = dc.Prefetcher(st, depth=2, chunk_nbytes=1 * MiB)
+    compute = torch.cuda.Stream()
+    h0, h1 = pf.prefetch(0), pf.prefetch(1)
+    h0.wait(compute)
+    kernel_done = torch.cuda.Event()
+    with torch.cuda.stream(compute):
+        torch.cuda._sleep(sleep_cycles)  # a long kernel ahead of the reads of slot 0
+        got = {n: h0.weights(n).clone() for n in RACE_SPECS}
+        kernel_done.record(compute)
+    t0 = time.perf_counter()
+    h2 = pf.prefetch(2)  # slot 0 again: deferred until h0 is released
+    out["deferred"] = not h2.is_submitted
+    h0.release(compute)  # submits h2's copies now; they must wait for the release event
+    out["host_issue_s"] = time.perf_counter() - t0
+    out["submitted"] = h2.is_submitted
+    out["kernel_still_running"] = not kernel_done.query()
+    out["h2_done_early"] = h2.is_done
+    h2.wait(compute)
+    with torch.cuda.stream(compute):
+        got2 = {n: h2.weights(n).clone() for n in RACE_SPECS}
+    compute.synchronize()
+    out["read_layer0"] = all(same_bytes(got[n], full_truth(seed, 0, n, num_experts, RACE_SPECS)) for n in RACE_SPECS)
+    out["read_layer2"] = all(same_bytes(got2[n], full_truth(seed, 2, n, num_experts, RACE_SPECS)) for n in RACE_SPECS)
+    h1.wait(compute)
+    compute.synchronize()
+    out["read_layer1"] = all(same_bytes(h1.weights(n), full_truth(seed, 1, n, num_experts, RACE_SPECS))
+                             for n in RACE_SPECS)
+    h1.release(compute)
+    h2.release(compute)
+    st.close()
+    return out
+
+
+# ---- CuPy-only user --------------------------------------------------------------------------------
+CUPY_SPECS = {"w13": ((1024, 512), np.float32), "w2": ((6, 10), np.float16), "q": ((17,), np.uint8)}
+
+
+def _np_expert(seed: int, layer: int, name: str, expert: int) -> np.ndarray:
+    shape, dtype = CUPY_SPECS[name]
+    rng = np.random.default_rng(_seed(seed, layer, name, expert))
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    return rng.integers(0, 256, nbytes, dtype=np.uint8).view(dtype).reshape(shape)
+
+
+def cupy_only(group, num_experts: int, seed: int):
+    """Register CuPy shards, prefetch on a CuPy stream, read CuPy weights; no torch tensor in user code."""
+    import cupy as cp
+    from dwdp_comm.interop import cupy as dcp
+
+    lay = dc.ExpertLayout(num_experts, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    layers = [0, 1, 2]
+    for l in layers:
+        for name in CUPY_SPECS:
+            st.register(l, name, cp.asarray(np.stack([_np_expert(seed, l, name, e) for e in lay.local_experts])))
+    st.commit()
+    s = cp.cuda.Stream(non_blocking=True)
+    results = {}
+    with dc.Prefetcher(st, depth=2, chunk_nbytes=256 * 1024) as pf:
+        handles = [pf.prefetch(layers[0], stream=s), pf.prefetch(layers[1], stream=s)]
+        for i, l in enumerate(layers):
+            h = handles[i]
+            h.wait(s)
+            with s:
+                got = {n: dcp.weights(h, n).copy() for n in CUPY_SPECS}
+            if i + 2 < len(layers):
+                handles.append(pf.prefetch(layers[i + 2], stream=s))
+            h.release(s)
+            s.synchronize()
+            for n in CUPY_SPECS:
+                truth = np.stack([_np_expert(seed, l, n, e) for e in range(num_experts)])
+                arr = cp.asnumpy(got[n])
+                assert arr.dtype == truth.dtype and arr.shape == truth.shape, (n, arr.dtype, arr.shape)
+                assert arr.tobytes() == truth.tobytes(), f"rank {group.rank}: layer {l} {n} differs"
+            results[l] = True
+        local = dcp.local(st, 0, "w13")
+        assert isinstance(local, cp.ndarray) and local.shape[0] == lay.num_local_experts
+    st.close()
+    return {"layers": sorted(results), "type": "cupy.ndarray"}
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+def open_failure(group):
+    """A heap handle that cannot be opened on one rank raises the same clear error on every rank."""
+    lay = dc.ExpertLayout(4, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    st.register(0, "w", torch.zeros(lay.num_local_experts, 64))
+    try:
+        st.commit()
+    except dc.DwdpError as exc:
+        return type(exc).__name__, str(exc)
+    return None

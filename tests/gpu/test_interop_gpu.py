@@ -1,0 +1,136 @@
+"""Single-GPU checks of the shared CUDA layer: streams, events, zero-copy views, the executor, VMM
+composites. Runs in the pytest process (skipped without a GPU)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import dwdp_comm as dc
+from dwdp_comm.planner import CopyRange, make_plan
+
+pytestmark = pytest.mark.gpu
+
+MiB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def cu():
+    from dwdp_comm.backends import _cuda
+    _cuda.set_device(torch.cuda.current_device())
+    return _cuda
+
+
+def test_resolve_stream_torch_and_cuda_core(cu):
+    from dwdp_comm.interop.streams import resolve_stream
+    s = torch.cuda.Stream()
+    assert resolve_stream(s) == s.cuda_stream
+    with torch.cuda.stream(s):
+        assert resolve_stream(None) == s.cuda_stream
+    assert resolve_stream(None) == torch.cuda.current_stream().cuda_stream
+    try:
+        from cuda.core import Device
+    except ImportError:
+        from cuda.core.experimental import Device
+    d = Device(torch.cuda.current_device())
+    d.set_current()
+    cs = d.create_stream()
+    assert resolve_stream(cs) == int(cs.handle)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed")
+def test_cupy_views_and_streams(cu):
+    import cupy as cp
+    from dwdp_comm.interop import cupy as dcp
+    from dwdp_comm.interop.streams import resolve_stream
+    from dwdp_comm.interop.torch import as_torch
+    s = cp.cuda.Stream(non_blocking=True)
+    assert resolve_stream(s) == s.ptr
+    t = torch.arange(12, dtype=torch.float32, device="cuda").view(3, 4)
+    c = dcp.as_cupy(t)
+    assert c.data.ptr == t.data_ptr() and c.shape == (3, 4)
+    c[1, 2] = 100.0
+    assert t[1, 2].item() == 100.0  # same memory
+    back = as_torch(c)
+    assert back.data_ptr() == t.data_ptr()
+    b = torch.zeros(4, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(dc.InvalidArgumentError, match="bits=True"):
+        dcp.as_cupy(b)
+    assert dcp.as_cupy(b, bits=True).dtype == cp.uint16
+    ev = cu.CudaEvent().record(resolve_stream(s))
+    dcp.stream_wait(ev, cp.cuda.Stream(non_blocking=True))
+    ev.synchronize()
+    assert ev.is_done
+
+
+def test_tensor_from_ptr_is_zero_copy(cu):
+    from dwdp_comm.interop.torch import tensor_from_ptr
+    base = torch.arange(256, dtype=torch.uint8, device="cuda")
+    v = tensor_from_ptr(base.data_ptr() + 16, 32, torch.cuda.current_device(), owner=base)
+    assert v.data_ptr() == base.data_ptr() + 16 and v.shape == (32,)
+    v[0] = 7
+    assert base[16].item() == 7
+    assert tensor_from_ptr(0, 0, torch.cuda.current_device()).numel() == 0
+
+
+def test_events(cu):
+    s = torch.cuda.Stream()
+    ev = cu.CudaEvent()
+    with torch.cuda.stream(s):
+        torch.cuda._sleep(50_000_000)
+    ev.record(s.cuda_stream)
+    other = torch.cuda.Stream()
+    ev.wait(other)  # non-blocking for the host
+    ev.synchronize()
+    assert ev.is_done
+
+
+@pytest.mark.parametrize("opts", [{}, {"api": "batch"}, {"streams": 3, "distribute": "slot"},
+                                  {"streams": 2, "api": "batch", "distribute": "source", "overlap_hint": True}])
+def test_executor_local_plan(cu, opts):
+    """The executor on one rank (group of 1): local copies, scattered ranges, several chunk sizes."""
+    dev = torch.cuda.current_device()
+    n = 8 * MiB
+    src = cu.DeviceBuffer(cu.MallocAlloc(n, dev))
+    dst = cu.DeviceBuffer(cu.MallocAlloc(n, dev))
+    data = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
+    src.tensor().copy_(data)
+    dst.tensor().zero_()
+    torch.cuda.synchronize()
+    ranges = [CopyRange(0, 0, 4 * MiB, 3 * MiB), CopyRange(0, 3 * MiB + 17, 17, MiB), CopyRange(0, 6 * MiB, MiB, 2048)]
+    plan = make_plan(ranges, rank=0, group_size=1, chunk_nbytes=512 * 1024)
+    eng = cu.CopyExecutor(device=dev, rank=0, group_size=1, src_ptrs=[src.ptr], src_nbytes=n,
+                          **cu.parse_engine_options(opts, "test"))
+    gate = cu.CudaEvent().record(torch.cuda.current_stream().cuda_stream)
+    done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[gate])
+    done.wait(torch.cuda.current_stream())
+    out = dst.tensor()
+    for r in ranges:
+        assert torch.equal(out[r.dst_offset:r.dst_offset + r.nbytes], data[r.src_offset:r.src_offset + r.nbytes])
+    bad = make_plan([CopyRange(0, 0, n - 10, 100)], rank=0, group_size=1)
+    with pytest.raises(dc.InvalidArgumentError, match="inside the heap"):
+        eng.submit(bad, src_base=0, dst=dst, dst_base=0)
+    eng.close()
+    print(opts, "api used:", eng.api, eng.api_reason)
+
+
+def test_vmm_composite_maps_pages_at_offsets(cu):
+    """Pieces of two VMM allocations (at non-zero offsets) mapped back to back: one zero-copy view."""
+    dev = torch.cuda.current_device()
+    g = cu.vmm_granularity(dev)
+    a = cu.DeviceBuffer(cu.VmmAlloc.create(4 * g, dev, g, exportable=True))
+    b = cu.DeviceBuffer(cu.VmmAlloc.create(3 * g, dev, g, exportable=False))
+    a.tensor().copy_(torch.randint(0, 256, (4 * g,), dtype=torch.uint8, device="cuda"))
+    b.tensor().copy_(torch.randint(0, 256, (3 * g,), dtype=torch.uint8, device="cuda"))
+    comp = cu.CudaComposite([(b, g, 2 * g), (a, 0, g), (a, 3 * g, g)], dev, g)
+    t = comp.tensor()
+    want = torch.cat([b.tensor(g, 2 * g), a.tensor(0, g), a.tensor(3 * g, g)])
+    assert torch.equal(t, want)
+    t[g * 2] = (int(t[g * 2].item()) + 1) % 256  # writes land in a's page 0
+    assert a.tensor(0, 1).item() == t[g * 2].item()
+    with pytest.raises(dc.InvalidArgumentError):
+        cu.CudaComposite([(a, 1, g)], dev, g)
+    comp.close()
+    a.close()
+    b.close()
+    assert t.sum().item() >= 0  # the view keeps the mapping (and pages) alive after close()
