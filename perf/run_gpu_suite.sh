@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU suite of issue 3 in one device call (nvidia-h200-x4, ~9 minutes):
+# The whole GPU suite of issue 3 in one device call (nvidia-h200-x4 or -x2, ~9 minutes; WORLD= ranks for perf, default: every GPU):
 #   0. install the carried wheels (.whl/*.whl: nvshmem4py, and pytest if it was carried) into /tmp/site
 #   1. versions, GPUs, nvidia-smi topo -m
 #   2. pytest tests/gpu (every test; each multi-process launch bounded by DWDP_TEST_TIMEOUT)
@@ -73,7 +73,7 @@ else
 fi
 
 # 3. copy-plane performance (JSON for perf/results/)
-step perf "$T_PERF" "$PY" perf/gpu_copy_plane.py --out "$OUT/gpu_copy_plane.json" --world-size 4 \
+step perf "$T_PERF" "$PY" perf/gpu_copy_plane.py --out "$OUT/gpu_copy_plane.json" --world-size "${WORLD:-$(nvidia-smi -L 2>/dev/null | wc -l)}" \
     --timeout $((T_PERF - 20))
 
 # 4. one multi-process test under memcheck (every rank process is checked)
