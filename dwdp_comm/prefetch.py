@@ -267,7 +267,8 @@ class Prefetcher:
         self.store, self.depth, self.schedule, self.chunk_nbytes = store, int(depth), schedule, int(chunk_nbytes)
         self._backend = store.group.impl
         self._engine = self._backend.copy_engine(store.heap, **(engine_options or {}))
-        self._slots = [_Slot(i, self._backend.alloc_buffer(store.slot_nbytes)) for i in range(self.depth)]
+        cuts = store.slot_boundaries()
+        self._slots = [_Slot(i, self._backend.alloc_buffer(store.slot_nbytes, cuts)) for i in range(self.depth)]
         self._plans = PlanCache()
         self._count = 0
         self.nbytes_prefetched = 0

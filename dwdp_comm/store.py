@@ -160,7 +160,7 @@ class WeightStore:
         if problems:
             raise CollectiveMismatchError("WeightStore.commit(): registrations disagree:\n  " + "\n  ".join(problems))
         self._place()
-        self.heap = self._backend.alloc_symmetric(self._heap_nbytes)
+        self.heap = self._backend.alloc_symmetric(self._heap_nbytes, self._heap_boundaries())
         for layer, names in self._shards.items():
             for name, t in names.items():
                 e = self._entries[layer][name]
@@ -198,6 +198,22 @@ class WeightStore:
             self._signature[layer] = tuple((n, e.spec.expert_nbytes, e.heap_offset - base, e.slot_offset, e.mode)
                                            for n, e in entries.items())
         self._heap_nbytes = max(_align(off, align), align)
+
+    def _heap_boundaries(self) -> list[int]:
+        """Where composite views cut the heap: around each composite entry's local block."""
+        nl = self.layout.num_local_experts
+        return sorted({b for ents in self._entries.values() for e in ents.values() if e.mode == "composite"
+                       for b in (e.heap_offset, e.heap_offset + nl * e.spec.expert_nbytes)})
+
+    def slot_boundaries(self) -> list[int]:
+        """Where composite views cut a prefetch slot (the pieces before and after the local block
+        of each composite entry, over every layer)."""
+        self._check_committed()
+        lay = self.layout
+        first, nl = lay.first_expert(lay.rank), lay.num_local_experts
+        return sorted({b for ents in self._entries.values() for e in ents.values() if e.mode == "composite"
+                       for b in (e.slot_offset, e.slot_offset + first * e.spec.expert_nbytes,
+                                 e.slot_offset + (lay.num_experts - nl) * e.spec.expert_nbytes)})
 
     # ---- queries -------------------------------------------------------------------------------
     @property

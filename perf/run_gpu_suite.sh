@@ -79,7 +79,7 @@ step perf "$T_PERF" "$PY" perf/gpu_copy_plane.py --out "$OUT/gpu_copy_plane.json
 # 4. one multi-process test under memcheck (every rank process is checked)
 SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
 if [ -n "$SAN" ] && "$PY" -c "import pytest" 2>/dev/null; then
-    DWDP_TEST_TIMEOUT=$((T_SAN - 15)) step memcheck "$T_SAN" "$SAN" --tool memcheck --target-processes all \
+    DWDP_TEST_TIMEOUT=$((T_SAN - 15)) step memcheck "$T_SAN" "$SAN" --tool memcheck --report-api-errors no --target-processes all \
         --error-exitcode 99 "$PY" -m pytest -q -p no:cacheprovider tests/gpu/test_gpu_backends.py \
         -k "test_pipeline_every_byte and cuda_ipc and round_robin"
 else

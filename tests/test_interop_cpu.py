@@ -234,6 +234,35 @@ class _FakeRuntime:
         return (0,)
 
 
+class _FakeDriver:
+    """DriverCopyCalls on host memory: the same calls, logged like the fake runtime's."""
+
+    def __init__(self, fake: _FakeRuntime):
+        self.fake = fake
+
+    def memcpy(self, d, s, n, stream):
+        import ctypes
+        ctypes.memmove(d, s, n)
+        self.fake.log.append(("copy", int(stream), n))
+        return 0
+
+    def batch(self, dptr, sptr, nptr, count, attrs_ptr, idx_ptr, nattrs, stream):
+        import ctypes
+        import numpy as np
+        assert nattrs == 1 and attrs_ptr == 12345
+        arr = lambda p: np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_uint64)), (count,))
+        for d, s, n in zip(arr(dptr).tolist(), arr(sptr).tolist(), arr(nptr).tolist()):
+            ctypes.memmove(d, s, n)
+        self.fake.log.append(("batch", int(stream), count))
+        return 0
+
+    def batch_attributes(self, overlap_hint):
+        return object(), 12345
+
+    def error(self, code, api, context):
+        return _cuda.CudaError(api, code, context)
+
+
 class _HostAlloc(_cuda._Alloc):
     def __init__(self, data):
         self.data = data
@@ -252,6 +281,7 @@ def test_executor_logic_on_fake_runtime(monkeypatch, opts, remote_rank):
     fake = _FakeRuntime()
     monkeypatch.setattr(_cuda, "_rt", fake)
     monkeypatch.setattr(_cuda, "_dr", object())
+    monkeypatch.setattr(_cuda.DriverCopyCalls, "_instance", _FakeDriver(fake))
     G, rank, n = 3, 1, 1 << 16
     rng = np.random.default_rng(0)
     heaps = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(G)]

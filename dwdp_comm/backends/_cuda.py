@@ -272,72 +272,152 @@ def vmm_reserve(nbytes: int, alignment: int) -> int:
     return int(check(dr.cuMemAddressReserve(nbytes, alignment, 0, 0), "cuMemAddressReserve", f"{nbytes} bytes"))
 
 
+def segment_sizes(nbytes: int, boundaries: Sequence[int], granularity: int) -> list[int]:
+    """Sizes of the segments that ``boundaries`` (offsets, multiples of ``granularity``) cut
+    ``[0, nbytes)`` into; ``nbytes`` is rounded up to the granularity first."""
+    total = max(_round_up(int(nbytes), granularity), granularity)
+    cuts = sorted({int(b) for b in boundaries if 0 < int(b) < total})
+    for b in cuts:
+        if b % granularity:
+            raise bad_arg("boundaries", b, f"offsets that are multiples of the VMM granularity {granularity}")
+    edges = [0, *cuts, total]
+    return [b - a for a, b in zip(edges, edges[1:])]
+
+
+def _round_up(n: int, a: int) -> int:
+    return (n + a - 1) // a * a
+
+
 class VmmAlloc(_Alloc):
-    """A VMM physical allocation (made here with ``cuMemCreate`` or imported from a peer) mapped
-    read-write for this rank's GPU at a range of its own.
+    """VMM physical allocations (made here with ``cuMemCreate`` or imported from a peer) mapped back
+    to back, read-write for this rank's GPU, in one range of its own.
+
+    The range is cut into *segments*, one physical allocation each. Composites map whole segments
+    again elsewhere (``cuMemMap`` at offset 0: drivers may refuse non-zero offsets into an
+    allocation, as the 580 driver does), so every piece a composite needs must start and end on a
+    segment boundary; callers say where with ``boundaries``.
 
     Attributes
     ----------
-    handle : CUmemGenericAllocationHandle
-        The physical allocation; composites map it again at other addresses.
-    owner_device : int or None
-        The GPU holding the memory, when known.
+    segments : list of (offset, nbytes, handle)
+        The physical allocations, in address order.
     """
 
     kind = "VMM memory"
 
-    def __init__(self, handle, nbytes: int, device: int, granularity: int, *, imported: bool = False):
+    def __init__(self, handles: Sequence[Any], sizes: Sequence[int], device: int, granularity: int, *,
+                 imported: bool = False):
         _, dr = load()
-        self.handle, self.imported = handle, imported
+        self.imported = imported
+        nbytes = sum(sizes)
+        self.segments: list[tuple[int, int, Any]] = []
         try:
             va = vmm_reserve(nbytes, granularity)
         except BaseException:
-            dr.cuMemRelease(handle)
+            for h in handles:
+                dr.cuMemRelease(h)
             raise
+        mapped = []
         try:
-            check(dr.cuMemMap(va, nbytes, 0, handle, 0), "cuMemMap", f"{nbytes} bytes")
-            try:
-                vmm_set_access(va, nbytes, device)
-            except BaseException:
-                dr.cuMemUnmap(va, nbytes)
-                raise
+            off = 0
+            for h, n in zip(handles, sizes):
+                check(dr.cuMemMap(va + off, n, 0, h, 0), "cuMemMap", f"segment of {n} bytes at {off}")
+                mapped.append((va + off, n))
+                self.segments.append((off, n, h))
+                off += n
+            vmm_set_access(va, nbytes, device)
         except BaseException:
+            for a, n in mapped:
+                dr.cuMemUnmap(a, n)
             dr.cuMemAddressFree(va, nbytes)
-            dr.cuMemRelease(handle)
+            for h in handles:
+                dr.cuMemRelease(h)
             raise
         super().__init__(va, nbytes, device)
 
+    @property
+    def handle(self):
+        """The physical allocation of a single-segment range."""
+        if len(self.segments) != 1:
+            raise DwdpError(f"this VMM range has {len(self.segments)} segments; use .segments")
+        return self.segments[0][2]
+
     @classmethod
-    def create(cls, nbytes: int, device: int, granularity: int, *, exportable: bool) -> "VmmAlloc":
-        """``cuMemCreate`` ``nbytes`` (a multiple of ``granularity``) on ``device`` and map it."""
+    def create(cls, nbytes: int, device: int, granularity: int, *, exportable: bool,
+               boundaries: Sequence[int] = ()) -> "VmmAlloc":
+        """``cuMemCreate`` one allocation per segment of ``nbytes`` (cut at ``boundaries``) and map them."""
         _, dr = load()
-        handle = check(dr.cuMemCreate(nbytes, _vmm_prop(device, exportable), 0), "cuMemCreate",
-                       f"{nbytes} bytes on GPU {device}")
-        return cls(handle, nbytes, device, granularity)
+        sizes = segment_sizes(nbytes, boundaries, granularity)
+        handles = []
+        try:
+            for n in sizes:
+                handles.append(check(dr.cuMemCreate(n, _vmm_prop(device, exportable), 0), "cuMemCreate",
+                                     f"{n} bytes on GPU {device}"))
+        except BaseException:
+            for h in handles:
+                dr.cuMemRelease(h)
+            raise
+        return cls(handles, sizes, device, granularity)
+
+    @classmethod
+    def import_fds(cls, fds: Sequence[int], sizes: Sequence[int], device: int, granularity: int) -> "VmmAlloc":
+        """Import POSIX-fd shareable handles (the caller closes the fds) and map them back to back."""
+        _, dr = load()
+        handles = []
+        try:
+            for fd in fds:
+                handles.append(check(dr.cuMemImportFromShareableHandle(
+                    fd, dr.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+                    "cuMemImportFromShareableHandle"))
+        except BaseException:
+            for h in handles:
+                dr.cuMemRelease(h)
+            raise
+        return cls(handles, sizes, device, granularity, imported=True)
 
     @classmethod
     def import_fd(cls, fd: int, nbytes: int, device: int, granularity: int) -> "VmmAlloc":
-        """Import a POSIX-fd shareable handle (the caller closes ``fd``) and map it for ``device``."""
+        """Import one POSIX-fd handle of ``nbytes`` (the caller closes ``fd``)."""
+        return cls.import_fds([fd], [nbytes], device, granularity)
+
+    def export_fds(self) -> list[int]:
+        """One POSIX fd per segment (close them once every peer imported them)."""
         _, dr = load()
-        handle = check(dr.cuMemImportFromShareableHandle(
-            fd, dr.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-            "cuMemImportFromShareableHandle")
-        return cls(handle, nbytes, device, granularity, imported=True)
+        return [int(check(dr.cuMemExportToShareableHandle(
+            h, dr.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
+            "cuMemExportToShareableHandle")) for _, _, h in self.segments]
 
     def export_fd(self) -> int:
-        """A POSIX fd for this allocation (close it once every peer imported it)."""
-        _, dr = load()
-        return int(check(dr.cuMemExportToShareableHandle(
-            self.handle, dr.CUmemAllocationHandleType.CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0),
-            "cuMemExportToShareableHandle"))
+        """A POSIX fd for a single-segment range."""
+        self.handle  # raises for several segments
+        return self.export_fds()[0]
+
+    @property
+    def segment_sizes(self) -> list[int]:
+        return [n for _, n, _ in self.segments]
+
+    def pieces(self, offset: int, nbytes: int) -> list[tuple[Any, int]]:
+        """``(handle, size)`` of the whole segments that exactly cover ``[offset, offset + nbytes)``."""
+        out, end = [], offset + nbytes
+        for off, n, h in self.segments:
+            if off >= end or off + n <= offset:
+                continue
+            if off < offset or off + n > end:
+                cuts = [o for o, _, _ in self.segments] + [self.nbytes]
+                raise bad_arg("pieces", (offset, nbytes), f"a range that starts and ends on segment boundaries "
+                              f"{cuts} (pass them as boundaries= when allocating)")
+            out.append((h, n))
+        return out
 
     def _free(self) -> None:
         rt, dr = load()
         # Unmapping is not stream-ordered: let work that may still touch the range finish first.
         rt.cudaDeviceSynchronize()
-        check(dr.cuMemUnmap(self.ptr, self.nbytes), "cuMemUnmap")
+        for off, n, _ in self.segments:
+            check(dr.cuMemUnmap(self.ptr + off, n), "cuMemUnmap")
         check(dr.cuMemAddressFree(self.ptr, self.nbytes), "cuMemAddressFree")
-        check(dr.cuMemRelease(self.handle), "cuMemRelease")  # physical memory goes with its last mapping
+        for _, _, h in self.segments:  # physical memory goes with its last mapping
+            check(dr.cuMemRelease(h), "cuMemRelease")
 
 
 class DeviceBuffer(Buffer):
@@ -395,14 +475,13 @@ class _CompositeMapping:
         self.nbytes = sum(n for _, _, n in pieces)
         self.device = device
         self.ptr, self._maps = 0, []
+        segments = [seg for alloc, off, n in pieces for seg in alloc.pieces(off, n)]  # validates first
         self.ptr = vmm_reserve(self.nbytes, granularity)
         try:
             pos = 0
-            for alloc, off, n in pieces:
-                # cuMemMap's offset (into the physical allocation) may be any multiple of the
-                # granularity: the same pages are mapped a second time, no bytes move.
-                check(dr.cuMemMap(self.ptr + pos, n, off, alloc.handle, 0), "cuMemMap",
-                      f"composite piece of {n} bytes at offset {off} of a {alloc.nbytes}-byte allocation")
+            for handle, n in segments:
+                # Whole physical allocations mapped a second time (offset 0): no bytes move.
+                check(dr.cuMemMap(self.ptr + pos, n, 0, handle, 0), "cuMemMap", f"composite segment of {n} bytes")
                 self._maps.append((self.ptr + pos, n))
                 pos += n
             vmm_set_access(self.ptr, self.nbytes, device)
@@ -606,6 +685,62 @@ def parse_engine_options(options: dict, backend: str) -> dict:
     return {"streams": int(streams), "api": api, "distribute": distribute, "overlap_hint": overlap_hint}
 
 
+class DriverCopyCalls:
+    """The driver's copy entry points called through ctypes, from NumPy pointer arrays.
+
+    cuda.bindings converts every argument of every call (about 10-20 us per copy for
+    ``cudaMemcpyBatchAsync`` lists of thousands of copies, measured on H200): a layer's plan would
+    hold the host, and with it the compute stream's launches, for tens of ms. Here a batch is one
+    C call on three ``uint64`` arrays, and a single copy about a microsecond of Python.
+    Entry points come from ``cuGetProcAddress`` at the CUDA 13 ABI (``cuMemcpyBatchAsync`` without
+    ``failIdx``); ``batch`` is None where the driver predates it.
+    """
+
+    _instance: "DriverCopyCalls | None" = None
+
+    def __init__(self):
+        _, dr = load()
+        version = int(check(dr.cuDriverGetVersion(), "cuDriverGetVersion"))
+        c = ctypes
+
+        def proc(name: str, args: list, min_version: int):
+            if version < min_version:
+                return None
+            err, pfn, _status = dr.cuGetProcAddress(name.encode(), min_version,
+                                                     dr.CUdriverProcAddress_flags.CU_GET_PROC_ADDRESS_DEFAULT)
+            if int(err) != 0 or not int(pfn):
+                return None
+            return c.CFUNCTYPE(c.c_int, *args)(int(pfn))
+
+        self.memcpy = proc("cuMemcpyAsync", [c.c_uint64, c.c_uint64, c.c_size_t, c.c_void_p], 4000)
+        self.batch = proc("cuMemcpyBatchAsync", [c.c_void_p, c.c_void_p, c.c_void_p, c.c_size_t, c.c_void_p,
+                                                 c.c_void_p, c.c_size_t, c.c_void_p], 13000)
+        self._dr = dr
+
+    @classmethod
+    def get(cls) -> "DriverCopyCalls":
+        if cls._instance is None:
+            cls._instance = cls()
+        return cls._instance
+
+    def batch_attributes(self, overlap_hint: bool):
+        """One ``CUmemcpyAttributes`` for every copy of a batch: sources read in stream order (after
+        the job's waits), optionally preferring overlap with compute. Returns (object, address)."""
+        dr = self._dr
+        attrs = dr.CUmemcpyAttributes()
+        attrs.srcAccessOrder = dr.CUmemcpySrcAccessOrder.CU_MEMCPY_SRC_ACCESS_ORDER_STREAM
+        if overlap_hint:
+            attrs.flags = int(dr.CUmemcpyFlags.CU_MEMCPY_FLAG_PREFER_OVERLAP_WITH_COMPUTE)
+        return attrs, attrs.getPtr()
+
+    def error(self, code: int, api: str, context: str) -> "CudaError":
+        try:
+            err = self._dr.CUresult(code)
+        except ValueError:
+            err = code
+        return CudaError(api, err, context)
+
+
 class CopyExecutor(CopyEngine):
     """Runs copy plans on dedicated non-blocking copy streams with raw CUDA copies.
 
@@ -663,6 +798,7 @@ class CopyExecutor(CopyEngine):
         self._kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         self._ok = rt.cudaError_t.cudaSuccess
         self.api, self.api_reason = api, "requested"
+        self._drv = DriverCopyCalls.get()
         if api == "batch":
             reason = self._probe_batch(overlap_hint)
             if reason is not None:
@@ -672,25 +808,24 @@ class CopyExecutor(CopyEngine):
         self._closed = False
 
     # -- batch support ------------------------------------------------------------------------------
-    def _batch(self, stream, dsts: list, srcs: list, sizes: list) -> None:
-        rt, _ = load()
-        check(rt.cudaMemcpyBatchAsync(dsts, srcs, sizes, len(sizes), [self._attrs], [0], 1, stream),
-              "cudaMemcpyBatchAsync", f"{len(sizes)} copies")
+    def _batch(self, stream: "CudaStream", dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
+        d, s, n = (np.ascontiguousarray(a, dtype=np.uint64) for a in (dsts, srcs, sizes))
+        err = self._drv.batch(d.ctypes.data, s.ctypes.data, n.ctypes.data, n.size, self._attrs_ptr,
+                              self._attrs_idx.ctypes.data, 1, stream.handle)
+        if err:
+            raise self._drv.error(err, "cuMemcpyBatchAsync", f"{n.size} copies")
 
     def _probe_batch(self, overlap_hint: bool) -> str | None:
         """Set up the batch attributes and run a two-copy test batch; why not, or None."""
-        rt, _ = load()
-        if not hasattr(rt, "cudaMemcpyBatchAsync") or not hasattr(rt, "cudaMemcpyAttributes"):
-            return "this cuda.bindings has no cudaMemcpyBatchAsync"
-        # One attribute set for every copy: read sources in stream order (after the job's waits).
-        self._attrs = rt.cudaMemcpyAttributes()
-        self._attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
-        if overlap_hint:
-            self._attrs.flags = int(rt.cudaMemcpyFlags.cudaMemcpyFlagPreferOverlapWithCompute)
+        if self._drv.batch is None:
+            return "the driver has no cuMemcpyBatchAsync at the CUDA 13 ABI"
+        self._attrs, self._attrs_ptr = self._drv.batch_attributes(overlap_hint)
+        self._attrs_idx = np.zeros(1, dtype=np.uint64)
         scratch = MallocAlloc(4096, self.device)
         try:
             s = self._streams[0]
-            self._batch(s.raw, [scratch.ptr + 2048, scratch.ptr + 3072], [scratch.ptr, scratch.ptr + 1024], [256, 256])
+            p = scratch.ptr
+            self._batch(s, np.array([p + 2048, p + 3072]), np.array([p, p + 1024]), np.array([256, 256]))
             s.synchronize()
         except Exception as exc:  # TypeError for another signature, CudaError from the driver
             return f"a test batch failed: {type(exc).__name__}: {exc}"
@@ -771,13 +906,17 @@ class CopyExecutor(CopyEngine):
                     self._memcpy(stream, d, s, n, r)
             return
         if self.api == "batch":
-            self._batch(stream.raw, dst_addr.tolist(), src_addr.tolist(), nbytes.tolist())
+            self._batch(stream, dst_addr, src_addr, nbytes)
             return
-        memcpy, kind, ok, st = rt.cudaMemcpyAsync, self._kind, self._ok, stream.raw
+        memcpy, st = self._drv.memcpy, stream.handle
+        if memcpy is None:  # no ctypes entry point: the slower cuda.bindings call
+            for d, s, n, r in zip(dst_addr.tolist(), src_addr.tolist(), nbytes.tolist(), src_rank.tolist()):
+                self._memcpy(stream, d, s, n, r)
+            return
         for d, s, n, r in zip(dst_addr.tolist(), src_addr.tolist(), nbytes.tolist(), src_rank.tolist()):
-            err = memcpy(d, s, n, kind, st)[0]
-            if err != ok:
-                raise CudaError("cudaMemcpyAsync", err, f"{n} bytes from rank {r}'s heap (0x{s:x} -> 0x{d:x})")
+            err = memcpy(d, s, n, st)
+            if err:
+                raise self._drv.error(err, "cuMemcpyAsync", f"{n} bytes from rank {r}'s heap (0x{s:x} -> 0x{d:x})")
 
     def _memcpy(self, stream: CudaStream, d: int, s: int, n: int, r: int) -> None:
         rt, _ = load()
@@ -844,7 +983,7 @@ class CudaBackendBase(Backend):
         """A CUDA event recorded now on ``stream`` (None: the current torch stream). Non-blocking."""
         return CudaEvent().record(resolve_stream(stream))
 
-    def alloc_buffer(self, nbytes: int) -> DeviceBuffer:
+    def alloc_buffer(self, nbytes: int, boundaries: Sequence[int] = ()) -> DeviceBuffer:
         """A local ``cudaMalloc`` buffer of ``nbytes`` on this rank's GPU (not collective)."""
         self._check_open()
         return DeviceBuffer(MallocAlloc(nbytes, self.device_index), nbytes, tracker=self)

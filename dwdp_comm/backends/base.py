@@ -123,12 +123,16 @@ class Backend(abc.ABC):
     map_granularity: int | None = None
 
     @abc.abstractmethod
-    def alloc_symmetric(self, nbytes: int) -> SymmetricHeap:
-        """Collective: allocate ``nbytes`` on every rank and exchange what peers need to read it."""
+    def alloc_symmetric(self, nbytes: int, boundaries: Sequence[int] = ()) -> SymmetricHeap:
+        """Collective: allocate ``nbytes`` on every rank and exchange what peers need to read it.
+
+        ``boundaries`` are offsets where :meth:`compose` pieces may start or end; backends whose
+        composites can only map whole physical allocations cut the memory there (they may differ
+        between ranks; the layout of offsets stays symmetric)."""
 
     @abc.abstractmethod
-    def alloc_buffer(self, nbytes: int) -> Buffer:
-        """Allocate a local buffer (a prefetch slot)."""
+    def alloc_buffer(self, nbytes: int, boundaries: Sequence[int] = ()) -> Buffer:
+        """Allocate a local buffer (a prefetch slot); ``boundaries`` as in :meth:`alloc_symmetric`."""
 
     @abc.abstractmethod
     def copy_engine(self, heap: SymmetricHeap, **options: Any) -> CopyEngine:
@@ -143,7 +147,8 @@ class Backend(abc.ABC):
         """An event that completes when the work enqueued so far on ``stream`` did."""
 
     def compose(self, pieces: Sequence[tuple[Buffer, int, int]]) -> Composite:
-        """Join ``(buffer, offset, nbytes)`` pieces into one virtual range, zero copy."""
+        """Join ``(buffer, offset, nbytes)`` pieces into one virtual range, zero copy. Offsets and
+        sizes are multiples of ``map_granularity`` and lie on the buffers' ``boundaries``."""
         raise NotImplementedError(f"backend {self.name!r} cannot compose views")
 
     @abc.abstractmethod

@@ -14,7 +14,9 @@ Two ways to share memory, chosen collectively at creation (``backend.mode`` says
     tensor whose per-expert size is a multiple of G in ``composite`` mode: ``weights(name)`` is one
     ``[num_experts, ...]`` range where the local experts are the heap pages themselves (zero copy)
     and the remote ones the prefetch slot's pages, mapped back to back with ``cuMemMap`` at
-    non-zero offsets of the physical allocations (the layout TensorRT-LLM PR 14453 moved to).
+    again (the layout TensorRT-LLM PR 14453 moved to). The 580 driver refuses ``cuMemMap`` at a
+    non-zero offset into an allocation, so heaps and slots are cut into one physical allocation per
+    segment at the boundaries the store gives, and composites map whole segments.
     Other tensors use ``gather`` mode (see :mod:`dwdp_comm.store`).
 
 ``legacy``
@@ -25,10 +27,10 @@ Two ways to share memory, chosen collectively at creation (``backend.mode`` says
     fails on any rank (no VMM / POSIX-fd support, pidfd_getfd refused, import or offset mapping
     refused by the driver); the reason is logged.
 
-The VMM handshake at creation allocates 2 G on each rank, exports it, and makes every rank import
-every peer's allocation, map it, and read a marker byte through it; it also maps a rank's own
-allocation at offset G (what composites need). All ranks then agree on the mode, so the heap
-layout stays symmetric.
+The VMM handshake at creation allocates two one-granule segments on each rank, exports them, and
+makes every rank import every peer's, map them, and read a marker byte through them; it also maps
+a rank's own second segment a second time, alone (what composites do). All ranks then agree on the
+mode, so the heap layout stays symmetric.
 
 Errors are raised on every rank: ranks on several hosts (:class:`BackendUnavailableError`), two
 GPUs without peer access (:class:`PeerAccessError` naming the pair), a handle that cannot be opened
@@ -98,17 +100,18 @@ class CudaIpcHeap(SymmetricHeap):
         Address of each rank's heap in this process (this rank's own at its index).
     """
 
-    def __init__(self, backend: "CudaIpcBackend", nbytes: int):
+    def __init__(self, backend: "CudaIpcBackend", nbytes: int, boundaries: Sequence[int] = ()):
         comm, dev = backend.comm, backend.device_index
         self.nbytes, self._comm, self._backend = int(nbytes), comm, backend
         self._vmm = backend.mode == "vmm"
-        alloc, fd, payload, err = None, None, None, None
+        alloc, fds, payload, err = None, [], None, None
         try:
             if self._vmm:
-                size = _align(max(self.nbytes, 1), backend.granularity)
-                alloc = VmmAlloc.create(size, dev, backend.granularity, exportable=True)
-                fd = alloc.export_fd()
-                payload = ("vmm", os.getpid(), fd, size)
+                # One physical allocation per segment, so composites can map local blocks whole.
+                alloc = VmmAlloc.create(self.nbytes, dev, backend.granularity, exportable=True,
+                                        boundaries=boundaries if backend.map_granularity else ())
+                fds = alloc.export_fds()
+                payload = ("vmm", os.getpid(), fds, alloc.segment_sizes)
             else:
                 alloc = MallocAlloc(self.nbytes, dev)
                 payload = ("ipc", _ipc_handle_bytes(alloc.ptr), alloc.nbytes)
@@ -133,7 +136,7 @@ class CudaIpcHeap(SymmetricHeap):
             agree(comm, "; ".join(problems) or None, "cuda_ipc: opening peers' heaps", PeerAccessError,
                   f"try backend option vmm=False (legacy CUDA IPC) if the VMM import failed, or {_ALTERNATIVES}")
         finally:
-            if fd is not None:
+            for fd in fds:
                 os.close(fd)
         self.local = DeviceBuffer(alloc, self.nbytes, tracker=backend)
         for p in self._peers:
@@ -145,12 +148,15 @@ class CudaIpcHeap(SymmetricHeap):
     @staticmethod
     def _open(payload, dev: int, backend: "CudaIpcBackend") -> _Alloc:
         if payload[0] == "vmm":
-            _, pid, fd, size = payload
-            local_fd = _cuda.pidfd_getfd(pid, fd)
+            _, pid, fds, sizes = payload
+            local_fds = []
             try:
-                return VmmAlloc.import_fd(local_fd, size, dev, backend.granularity)
+                for fd in fds:
+                    local_fds.append(_cuda.pidfd_getfd(pid, fd))
+                return VmmAlloc.import_fds(local_fds, sizes, dev, backend.granularity)
             finally:
-                os.close(local_fd)  # the imported handle holds its own reference
+                for fd in local_fds:
+                    os.close(fd)  # the imported handles hold their own references
         _, handle, size = payload
         return _IpcImport(handle, size, dev)
 
@@ -229,7 +235,7 @@ class CudaIpcBackend(CudaBackendBase):
         imports: list[VmmAlloc] = []
         try:
             gran, test = self._vmm_local_test()
-            fd = test.export_fd()
+            fd = test.export_fds()
         except Exception as exc:
             err = _describe(exc)
         try:
@@ -245,8 +251,8 @@ class CudaIpcBackend(CudaBackendBase):
             # Gathering after the imports also tells exporters that their fds may be closed.
             res = comm.all_gather_object((import_err, offset_err))
         finally:
-            if fd is not None:
-                os.close(fd)
+            for f in fd or ():
+                os.close(f)
         for a in imports + ([test] if test is not None else []):
             try:
                 a.free()
@@ -266,7 +272,7 @@ class CudaIpcBackend(CudaBackendBase):
         if offset_failed:
             why = "; ".join(f"rank {r}: {e}" for r, e in sorted(offset_failed.items()))
             log.warning("dwdp_comm: cuda_ipc uses VMM without composite views (every tensor in gather mode): "
-                        "cuMemMap at a non-zero offset failed: %s", why)
+                        "mapping an allocation a second time failed: %s", why)
             return "vmm", f"VMM (POSIX fd + pidfd_getfd), no composites: {why}"
         self.map_granularity = gran
         return "vmm", "VMM (POSIX fd + pidfd_getfd), composite views"
@@ -282,7 +288,7 @@ class CudaIpcBackend(CudaBackendBase):
             if not check(dr.cuDeviceGetAttribute(getattr(attr, a), cu_dev), "cuDeviceGetAttribute", a):
                 raise DwdpError(f"GPU {dev} does not support {a.removeprefix('CU_DEVICE_ATTRIBUTE_')}")
         gran = _cuda.vmm_granularity(dev)
-        test = VmmAlloc.create(2 * gran, dev, gran, exportable=True)
+        test = VmmAlloc.create(2 * gran, dev, gran, exportable=True, boundaries=[gran])  # two segments
         for k in range(2):
             check(rt.cudaMemset(test.ptr + k * gran, _marker(self.comm.rank, k), gran), "cudaMemset")
         check(rt.cudaDeviceSynchronize(), "cudaDeviceSynchronize")
@@ -294,11 +300,14 @@ class CudaIpcBackend(CudaBackendBase):
             if r == self.comm.rank:
                 continue
             try:
-                local_fd = _cuda.pidfd_getfd(e["pid"], e["fd"])
+                local_fds = []
                 try:
-                    a = VmmAlloc.import_fd(local_fd, 2 * gran, self.device_index, gran)
+                    for f in e["fd"]:
+                        local_fds.append(_cuda.pidfd_getfd(e["pid"], f))
+                    a = VmmAlloc.import_fds(local_fds, [gran, gran], self.device_index, gran)
                 finally:
-                    os.close(local_fd)
+                    for f in local_fds:
+                        os.close(f)
                 imports.append(a)
                 got = _read_byte(a.ptr + gran)
                 if got != _marker(r, 1):
@@ -308,17 +317,17 @@ class CudaIpcBackend(CudaBackendBase):
         return "; ".join(problems) or None
 
     def _offset_test(self, test: VmmAlloc, gran: int) -> str | None:
-        """Map granule 1 of our own allocation alone (offset G), as composites do, and read it."""
+        """Map our second segment a second time, alone, as composites do, and read it."""
         _, dr = load()
         va = 0
         try:
             va = _cuda.vmm_reserve(gran, gran)
-            check(dr.cuMemMap(va, gran, gran, test.handle, 0), "cuMemMap", "at offset = granularity")
+            check(dr.cuMemMap(va, gran, 0, test.segments[1][2], 0), "cuMemMap", "a segment mapped a second time")
             try:
                 _cuda.vmm_set_access(va, gran, self.device_index)
                 got = _read_byte(va)
                 if got != _marker(self.comm.rank, 1):
-                    raise DwdpError(f"read {got} at offset {gran}, expected {_marker(self.comm.rank, 1)}")
+                    raise DwdpError(f"read {got} through the second mapping, expected {_marker(self.comm.rank, 1)}")
             finally:
                 dr.cuMemUnmap(va, gran)
         except Exception as exc:
@@ -329,19 +338,20 @@ class CudaIpcBackend(CudaBackendBase):
         return None
 
     # ---- Backend interface --------------------------------------------------------------------------
-    def alloc_symmetric(self, nbytes: int) -> CudaIpcHeap:
-        """Collective: ``nbytes`` of device memory on every rank, every peer's mapped here."""
+    def alloc_symmetric(self, nbytes: int, boundaries: Sequence[int] = ()) -> CudaIpcHeap:
+        """Collective: ``nbytes`` of device memory on every rank, every peer's mapped here. In VMM
+        mode the memory is one physical allocation per segment cut at ``boundaries``."""
         self._check_open()
-        return CudaIpcHeap(self, nbytes)
+        return CudaIpcHeap(self, nbytes, boundaries)
 
-    def alloc_buffer(self, nbytes: int) -> DeviceBuffer:
-        """A local buffer (prefetch slot): VMM memory in ``vmm`` mode (so composites can map its
-        pages), ``cudaMalloc`` otherwise. Not collective."""
+    def alloc_buffer(self, nbytes: int, boundaries: Sequence[int] = ()) -> DeviceBuffer:
+        """A local buffer (prefetch slot): VMM memory in ``vmm`` mode, one physical allocation per
+        segment cut at ``boundaries`` (so composites can map its pages), ``cudaMalloc`` otherwise."""
         self._check_open()
         if self.mode != "vmm":
             return super().alloc_buffer(nbytes)
-        size = _align(max(int(nbytes), 1), self.granularity)
-        return DeviceBuffer(VmmAlloc.create(size, self.device_index, self.granularity, exportable=False),
+        return DeviceBuffer(VmmAlloc.create(nbytes, self.device_index, self.granularity, exportable=False,
+                                            boundaries=boundaries if self.map_granularity else ()),
                             nbytes, tracker=self)
 
     def copy_engine(self, heap: SymmetricHeap, **options: Any) -> CopyExecutor:

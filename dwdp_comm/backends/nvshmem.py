@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -220,12 +220,12 @@ class NvshmemBackend(CudaBackendBase):
         _state["users"] += 1
 
     # ---- Backend interface --------------------------------------------------------------------------
-    def alloc_symmetric(self, nbytes: int) -> NvshmemHeap:
+    def alloc_symmetric(self, nbytes: int, boundaries: Sequence[int] = ()) -> NvshmemHeap:
         """Collective: ``nbytes`` of NVSHMEM symmetric memory on every PE."""
         self._check_open()
         return NvshmemHeap(self, nbytes)
 
-    def alloc_buffer(self, nbytes: int) -> DeviceBuffer:
+    def alloc_buffer(self, nbytes: int, boundaries: Sequence[int] = ()) -> DeviceBuffer:
         """A prefetch slot: local ``cudaMalloc`` when every peer is mapped; symmetric memory (and then
         collective) when some peer is only reachable through NVSHMEM gets."""
         self._check_open()

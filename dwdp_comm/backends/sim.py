@@ -102,8 +102,11 @@ class _Mapping:
 class SimBuffer(Buffer):
     """A local buffer in an unlinked shared-memory file (so it can be mapped into composites)."""
 
-    def __init__(self, path: str, nbytes: int, create: bool = True):
+    def __init__(self, path: str, nbytes: int, create: bool = True, boundaries: Sequence[int] = ()):
         self.nbytes = nbytes
+        # Where composite pieces may start or end: checked as a GPU backend with whole-allocation
+        # mappings would, so the CPU tests catch a caller that forgot to declare one.
+        self.boundaries = frozenset([0, nbytes, *boundaries])
         self._map = _Mapping(path, nbytes, create)
         self._closed = False
 
@@ -124,12 +127,12 @@ class SimBuffer(Buffer):
 
 
 class SimHeap(SymmetricHeap):
-    def __init__(self, backend: "SimBackend", nbytes: int):
+    def __init__(self, backend: "SimBackend", nbytes: int, boundaries: Sequence[int] = ()):
         comm = backend.comm
         self.nbytes = nbytes
         self._comm = comm
         path = os.path.join(_SHM_DIR, f"dwdp-{backend.session}-heap{backend._next_id()}-r{comm.rank}")
-        self.local = SimBuffer(path, nbytes, create=True)
+        self.local = SimBuffer(path, nbytes, create=True, boundaries=boundaries)
         paths = comm.all_gather_object(path)
         self.peers: list[_Mapping] = []
         for r, p in enumerate(paths):
@@ -291,12 +294,12 @@ class SimBackend(Backend):
         self._ids += 1
         return self._ids
 
-    def alloc_symmetric(self, nbytes: int) -> SimHeap:
-        return SimHeap(self, nbytes)
+    def alloc_symmetric(self, nbytes: int, boundaries: Sequence[int] = ()) -> SimHeap:
+        return SimHeap(self, nbytes, boundaries)
 
-    def alloc_buffer(self, nbytes: int) -> SimBuffer:
+    def alloc_buffer(self, nbytes: int, boundaries: Sequence[int] = ()) -> SimBuffer:
         path = os.path.join(_SHM_DIR, f"dwdp-{self.session}-buf{self._next_id()}-r{self.comm.rank}")
-        buf = SimBuffer(path, nbytes, create=True)
+        buf = SimBuffer(path, nbytes, create=True, boundaries=boundaries)
         buf._map.unlink()  # anonymous from now on; the fd keeps it mappable
         return buf
 
@@ -318,6 +321,8 @@ class SimBackend(Backend):
                 raise bad_arg("pieces", type(buf).__name__, "SimBuffer pieces")
             if off % PAGE or n % PAGE:
                 raise bad_arg("pieces", (off, n), f"offsets and sizes that are multiples of {PAGE}")
+            if n and (off not in buf.boundaries or off + n not in buf.boundaries):
+                raise bad_arg("pieces", (off, n), f"a range between the buffer's boundaries {sorted(buf.boundaries)}")
         return SimComposite(pieces)
 
     def synchronize(self) -> None:

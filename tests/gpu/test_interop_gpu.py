@@ -97,7 +97,7 @@ def test_executor_local_plan(cu, opts):
     src.tensor().copy_(data)
     dst.tensor().zero_()
     torch.cuda.synchronize()
-    ranges = [CopyRange(0, 0, 4 * MiB, 3 * MiB), CopyRange(0, 3 * MiB + 17, 17, MiB), CopyRange(0, 6 * MiB, MiB, 2048)]
+    ranges = [CopyRange(0, 0, 4 * MiB, 3 * MiB), CopyRange(0, 3 * MiB + 17, 2 * MiB + 17, MiB), CopyRange(0, 6 * MiB, MiB, 2048)]
     plan = make_plan(ranges, rank=0, group_size=1, chunk_nbytes=512 * 1024)
     eng = cu.CopyExecutor(device=dev, rank=0, group_size=1, src_ptrs=[src.ptr], src_nbytes=n,
                           **cu.parse_engine_options(opts, "test"))
@@ -115,11 +115,14 @@ def test_executor_local_plan(cu, opts):
 
 
 def test_vmm_composite_maps_pages_at_offsets(cu):
-    """Pieces of two VMM allocations (at non-zero offsets) mapped back to back: one zero-copy view."""
+    """Segments of two VMM ranges (at non-zero offsets of the ranges) mapped back to back: one
+    zero-copy view; a piece that does not end on a segment boundary is refused."""
     dev = torch.cuda.current_device()
     g = cu.vmm_granularity(dev)
-    a = cu.DeviceBuffer(cu.VmmAlloc.create(4 * g, dev, g, exportable=True))
-    b = cu.DeviceBuffer(cu.VmmAlloc.create(3 * g, dev, g, exportable=False))
+    a = cu.DeviceBuffer(cu.VmmAlloc.create(4 * g, dev, g, exportable=True, boundaries=[g, 3 * g]))
+    b = cu.DeviceBuffer(cu.VmmAlloc.create(3 * g, dev, g, exportable=False, boundaries=[g]))
+    with pytest.raises(dc.InvalidArgumentError, match="segment boundaries"):
+        cu.CudaComposite([(a, 0, 2 * g)], dev, g)
     a.tensor().copy_(torch.randint(0, 256, (4 * g,), dtype=torch.uint8, device="cuda"))
     b.tensor().copy_(torch.randint(0, 256, (3 * g,), dtype=torch.uint8, device="cuda"))
     comp = cu.CudaComposite([(b, g, 2 * g), (a, 0, g), (a, 3 * g, g)], dev, g)

@@ -1,0 +1,606 @@
+"""Grouped GEMM over split expert weights: correctness, then TFLOP/s of every variant, side by side.
+
+DeepSeek-V3 shapes, 256 routed experts, tokens x top-8 routed with an uneven (lognormal expert
+popularity, Gumbel top-k) spread:
+  gate_up  K=7168 N=4096   (w13: [256, 7168, 4096])
+  down     K=2048 N=7168   (w2:  [256, 2048, 7168])
+Split layout: what a DWDP rank of a group of 4 holds (rank 1): experts [0, 64) and [128, 256) in the
+prefetch slot, [64, 128) local: three pieces in three separate physical allocations (CUDA VMM).
+
+Variants (bf16 unless said):
+  raw_grouped_mm    torch._grouped_mm on one contiguous [E, K, N] tensor (the baseline)
+  contiguous        dwdp_comm.kernels.grouped_gemm on the same tensor (wrapper overhead)
+  composite         grouped_gemm on a composite view: the three pieces mapped back to back (VMM)
+  split_segments    grouped_gemm on the three pieces, method "segments" (no merge)
+  split_segments_async  the same, the result copies on a side stream overlapping the next GEMM
+  split_per_expert  grouped_gemm on the three pieces, method "per_expert" (torch.mm per expert)
+  fp8_contiguous    torch._scaled_grouped_mm, e4m3 weights + per-channel scales, x quantized
+                    per row beforehand (where available)
+  fp8_split         the same over three pieces
+  fp8_with_quant    fp8_contiguous from bf16 x: includes the per-row quantization of x
+Numba section (down shape, --numba-tokens): the Numba kernel (float32 and bf16) against torch
+float32 (TF32 off: torch._grouped_mm where it takes float32, and per-expert torch.mm).
+
+Every variant is checked against the float64 reference at the first token count,
+and against the raw baseline's output at every token count; a wrong result makes the exit status
+non-zero. Timing: CUDA events around single calls, the GPU kept busy by a sleep kernel while the host
+enqueues, variants interleaved round by round; the median is reported.
+
+Usage:
+  python perf/bench_grouped_gemm.py                   # full run on a GPU (~2 min on an H100)
+  python perf/bench_grouped_gemm.py --smoke           # tiny shapes; runs on CPU too
+  OUT=/some/dir python perf/bench_grouped_gemm.py     # writes $OUT/grouped_gemm.json
+  python perf/bench_grouped_gemm.py --json FILE
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big, varying outputs
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import dwdp_comm.kernels as K  # noqa: E402
+from dwdp_comm.kernels import reference, torch_grouped  # noqa: E402
+
+SHAPES = {"gate_up": (7168, 4096), "down": (2048, 7168)}
+SMOKE_SHAPES = {"gate_up": (64, 96), "down": (48, 64)}
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
+
+
+# ---- composite views with CUDA VMM ---------------------------------------------------------------
+class VmmUnavailable(RuntimeError):
+    """CUDA VMM cannot build the composite here (no cuda.bindings, no GPU, unaligned pieces, ...)."""
+
+
+class _Cai:
+    def __init__(self, ptr: int, nbytes: int):
+        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
+                                         "version": 3, "strides": None}
+
+
+class VmmSplit:
+    """Weights ``w`` ``[E, ...]`` copied into one physical allocation per piece, mapped twice.
+
+    Attributes
+    ----------
+    segments : list of (int, torch.Tensor)
+        Each piece through its own virtual range: split weights in separate allocations.
+    composite : torch.Tensor
+        All pieces mapped back to back in one virtual range: one ``[E, ...]`` tensor, no copy.
+    """
+
+    def __init__(self, w: torch.Tensor, cuts: list[int]):
+        try:
+            from cuda.bindings import driver as cu
+        except ImportError as exc:
+            raise VmmUnavailable(f"cuda.bindings is not installed ({exc})") from None
+        if w.device.type != "cuda":
+            raise VmmUnavailable("needs CUDA tensors")
+        self._cu, self._maps, self._handles, self.segments, self.composite = cu, [], [], [], None
+        dev = w.device.index if w.device.index is not None else torch.cuda.current_device()
+        self._check(cu.cuInit(0), "cuInit")
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = dev
+        gran = int(self._check(cu.cuMemGetAllocationGranularity(
+            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM), "granularity"))
+        acc = cu.CUmemAccessDesc()
+        acc.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        acc.location.id = dev
+        acc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+        self._acc = acc
+        enb = w[0].numel() * w.element_size()
+        sizes = [(b - a) * enb for a, b in zip(cuts[:-1], cuts[1:])]
+        if any(s % gran for s in sizes):
+            raise VmmUnavailable(f"piece sizes {sizes} are not multiples of the VMM granularity {gran}")
+        self._init(w, cuts, cu, prop, gran, sizes)
+
+    def _init(self, w, cuts, cu, prop, gran, sizes):
+        try:
+            for s in sizes:
+                self._handles.append(self._check(cu.cuMemCreate(s, prop, 0), "cuMemCreate"))
+            base = self._map_range(list(zip(self._handles, sizes)))
+            for (a, b), h, s in zip(zip(cuts[:-1], cuts[1:]), self._handles, sizes):
+                p = self._map_range([(h, s)])
+                t = self._tensor(p, s, w, (b - a, *w.shape[1:]))
+                t.copy_(w[a:b])
+                self.segments.append((a, t))
+            self.composite = self._tensor(base, sum(sizes), w, tuple(w.shape))
+            torch.cuda.synchronize(w.device)
+        except Exception as exc:
+            try:
+                self.close()
+            except Exception:
+                pass
+            if isinstance(exc, VmmUnavailable):
+                raise
+            raise VmmUnavailable(f"{type(exc).__name__}: {exc}") from exc
+
+    def _check(self, res, what):
+        err, *rest = res if isinstance(res, tuple) else (res,)
+        if int(err) != 0:
+            raise VmmUnavailable(f"{what} failed: {err}")
+        return rest[0] if len(rest) == 1 else rest
+
+    def _map_range(self, pieces) -> int:
+        cu = self._cu
+        total = sum(s for _, s in pieces)
+        base = int(self._check(cu.cuMemAddressReserve(total, 0, 0, 0), "cuMemAddressReserve"))
+        self._maps.append((base, total, []))
+        off = 0
+        for h, s in pieces:
+            self._check(cu.cuMemMap(cu.CUdeviceptr(base + off), s, 0, h, 0), "cuMemMap")
+            self._maps[-1][2].append((base + off, s))
+            off += s
+        self._check(cu.cuMemSetAccess(cu.CUdeviceptr(base), total, [self._acc], 1), "cuMemSetAccess")
+        return base
+
+    @staticmethod
+    def _tensor(ptr: int, nbytes: int, like: torch.Tensor, shape) -> torch.Tensor:
+        raw = torch.as_tensor(_Cai(ptr, nbytes), device=like.device)
+        return raw.view(like.dtype).view(shape)
+
+    def close(self) -> None:
+        cu = self._cu
+        torch.cuda.synchronize()
+        self.segments, self.composite = [], None
+        for base, total, mapped in self._maps:
+            for p, s in mapped:
+                cu.cuMemUnmap(cu.CUdeviceptr(p), s)
+            cu.cuMemAddressFree(cu.CUdeviceptr(base), total)
+        for h in self._handles:
+            cu.cuMemRelease(h)
+        self._maps, self._handles = [], []
+
+
+def plain_split(w: torch.Tensor, cuts: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """Fallback split: each piece cloned into its own torch allocation."""
+    return [(a, w[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+# ---- routing -------------------------------------------------------------------------------------
+def route(num_tokens: int, num_experts: int, top_k: int, seed: int, device) -> tuple[list[int], dict]:
+    """Per-expert row counts of ``num_tokens`` tokens routed top-k: lognormal popularity + Gumbel."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    pop = torch.exp(0.5 * torch.randn(num_experts, generator=g))  # expert popularity, sigma 0.5
+    counts = torch.zeros(num_experts, dtype=torch.int64)
+    chunk = 16384
+    for s in range(0, num_tokens, chunk):
+        n = min(chunk, num_tokens - s)
+        u = torch.rand(n, num_experts, generator=g).clamp_(1e-9, 1 - 1e-9)
+        ids = (pop.log()[None, :] - torch.log(-torch.log(u))).topk(top_k, dim=1).indices
+        counts += torch.bincount(ids.flatten(), minlength=num_experts)
+    c = counts.numpy()
+    stats = dict(rows=int(c.sum()), mean=float(c.mean()), max_over_mean=float(c.max() / c.mean()),
+                 min_over_mean=float(c.min() / c.mean()), cv=float(c.std() / c.mean()), empty=int((c == 0).sum()))
+    return c.tolist(), stats
+
+
+# ---- timing --------------------------------------------------------------------------------------
+class Timer:
+    def __init__(self, device: torch.device, sleep_cycles: int):
+        self.cuda = device.type == "cuda"
+        self.sleep = sleep_cycles
+
+    def sync(self):
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def once(self, fn) -> float:
+        """Milliseconds of one call (GPU time, host enqueue hidden behind a sleep kernel)."""
+        if not self.cuda:
+            t0 = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t0) * 1e3
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(self.sleep)
+        e0.record()
+        out = fn()
+        e1.record()
+        e1.synchronize()
+        del out
+        return e0.elapsed_time(e1)
+
+    def interleaved(self, fns: dict, reps: int, warmup: int) -> dict[str, float]:
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        self.sync()
+        times = {k: [] for k in fns}
+        for _ in range(reps):
+            for k, fn in fns.items():
+                times[k].append(self.once(fn))
+        return {k: statistics.median(v) for k, v in times.items()}
+
+
+# ---- helpers -------------------------------------------------------------------------------------
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if tuple(out.shape) != tuple(ref.shape):
+        return math.inf
+    o, r = out.float(), ref.float()
+    if not bool(torch.isfinite(o).all()):
+        return math.inf
+    den = r.norm().item()
+    return (o - r).norm().item() / den if den else (o - r).norm().item()
+
+
+def fp8_weights(w: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """e4m3 copy of ``w`` [E, K, N] stored [E, N, K] (K-contiguous), and float32 scales [E, N]."""
+    E, Kd, N = w.shape
+    q = torch.empty(E, N, Kd, dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty(E, N, dtype=torch.float32, device=w.device)
+    for a in range(0, E, chunk):
+        wt = w[a:a + chunk].transpose(1, 2).float()
+        sc = (wt.abs().amax(dim=2) / reference.FP8_MAX).clamp_(min=1e-12)
+        q[a:a + chunk] = (wt / sc[:, :, None]).to(torch.float8_e4m3fn)
+        s[a:a + chunk] = sc
+    return q.transpose(1, 2), s
+
+
+def git_commit() -> dict:
+    def run(*a):
+        try:
+            return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
+        except Exception:
+            return ""
+    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--", "dwdp_comm", "perf"))}
+
+
+def env_info(device: torch.device) -> dict:
+    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
+            "torch_cuda": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "git": git_commit(), "device": str(device)}
+    if device.type == "cuda":
+        p = torch.cuda.get_device_properties(device)
+        info.update(gpu=p.name, sm=f"{p.major}.{p.minor}", gpu_mem_gib=round(p.total_memory / 2**30, 1),
+                    num_sms=p.multi_processor_count)
+    else:
+        info["gpu"] = None
+    try:
+        import numba
+        info["numba"] = numba.__version__
+    except ImportError:
+        info["numba"] = None
+    return info
+
+
+# ---- the bf16 / fp8 section ----------------------------------------------------------------------
+def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavailable):
+    E = args.experts
+    log(f"\n# shape {name}: E={E} K={Kd} N={N}; building weights ...")
+    g = torch.Generator(device=device).manual_seed(seed)
+    w = torch.randn(E, Kd, N, generator=g, device=device, dtype=torch.bfloat16).div_(math.sqrt(Kd))
+    q = E // 4
+    cuts = [0, q, 2 * q, E] if E >= 4 else [0, E]
+    vm, composite = None, None
+    try:
+        vm = VmmSplit(w, cuts)
+        split, composite = vm.segments, vm.composite
+    except VmmUnavailable as exc:
+        unavailable.setdefault("composite", str(exc))
+        split = plain_split(w, cuts)
+    wq = sq = None
+    why8 = torch_grouped.fp8_unavailable_reason(device)
+    if why8:
+        unavailable.setdefault("fp8", why8)
+    else:
+        wq, sq = fp8_weights(w)
+    log(f"  pieces (first expert, count): {[(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])]}"
+        f"; composite: {'yes (VMM)' if composite is not None else 'no'}; fp8: {'yes' if wq is not None else 'no'}")
+    for ti, tokens in enumerate(args.tokens):
+        try:
+            bench_size(name, Kd, N, tokens, ti == 0, args, device, timer, seed, g, w, cuts, split, composite,
+                       wq, sq, rows_out, checks)
+        except Exception as exc:  # e.g. out of memory: record it, go on with the other sizes
+            log(f"  tokens={tokens}: FAILED {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            checks.append(dict(shape=name, tokens=tokens, variant="(all)", rel_err=math.inf, tol=0, ok=False,
+                               error=f"{type(exc).__name__}: {exc}"))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    split = composite = wq = sq = w = None
+    if vm is not None:
+        vm.close()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts, split, composite, wq, sq,
+               rows_out, checks):
+    """Check, then time, every variant at one token count."""
+    E = args.experts
+    sizes, stats = route(tokens, E, args.top_k, seed + tokens, device)
+    T = stats["rows"]
+    groups = K.TokenGroups(sizes)
+    offs = groups.device_offsets(device)
+    x = torch.randn(T, Kd, generator=g, device=device, dtype=torch.bfloat16)
+    variants = {
+        "raw_grouped_mm": lambda: torch._grouped_mm(x, w, offs=offs),
+        "contiguous": lambda: K.grouped_gemm(x, groups, w, backend="torch"),
+    }
+    if composite is not None:
+        variants["composite"] = lambda: K.grouped_gemm(x, groups, composite, backend="torch")
+    variants["split_segments"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:segments")
+    if device.type == "cuda":
+        variants["split_segments_async"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:segments_async")
+    if not args.skip_per_expert:
+        variants["split_per_expert"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:per_expert")
+    xq = xs = None
+    if wq is not None:
+        xq, xs = K.quantize_rowwise(x)
+        wq_split = [(a, wq[a:b]) for a, b in zip(cuts[:-1], cuts[1:])]
+        sq_split = [sq[a:b] for a, b in zip(cuts[:-1], cuts[1:])]
+        variants["fp8_contiguous"] = lambda: K.grouped_gemm(xq, groups, wq, weight_scales=sq, x_scales=xs,
+                                                            backend="torch")
+        variants["fp8_split"] = lambda: K.grouped_gemm(xq, groups, wq_split, weight_scales=sq_split, x_scales=xs,
+                                                       backend="torch")
+        variants["fp8_with_quant"] = lambda: K.grouped_gemm(x, groups, wq, weight_scales=sq, backend="torch")
+    log(f"  tokens={tokens} rows={T} (max/mean {stats['max_over_mean']:.2f}, min/mean "
+        f"{stats['min_over_mean']:.2f}, cv {stats['cv']:.2f}, empty {stats['empty']}): checking ...")
+    # Correctness: bf16 variants against the raw baseline, fp8 ones against fp8_contiguous; the
+    # baseline and fp8_contiguous against the float64 reference at the first token count. A variant
+    # that raises is reported (check failed) and left out of the timing.
+    errs, failed = {}, {}
+
+    def check(k, fn, ref):
+        try:
+            errs[k] = rel_err(fn(), ref)
+        except Exception as exc:
+            failed[k] = f"{type(exc).__name__}: {str(exc)[:300]}"
+
+    base = variants["raw_grouped_mm"]()
+    if first:
+        check("raw_grouped_mm", lambda: base, reference.run(K.make_problem(x, groups, w)))
+    for k, fn in variants.items():
+        if k != "raw_grouped_mm" and not k.startswith("fp8"):
+            check(k, fn, base)
+    if wq is not None:
+        try:
+            f8 = variants["fp8_contiguous"]()
+        except Exception as exc:
+            f8 = None
+            failed.update({k: f"{type(exc).__name__}: {str(exc)[:300]}" for k in variants if k.startswith("fp8")})
+        if f8 is not None:
+            if first:
+                check("fp8_contiguous", lambda: f8, reference.run(
+                    K.make_problem(xq, groups, wq, weight_scales=sq, x_scales=xs)))
+                errs["fp8_vs_bf16"] = rel_err(f8, base)  # quantization error: informative, no bound
+            base = None
+            for k in ("fp8_split", "fp8_with_quant"):
+                check(k, variants[k], f8)
+            f8 = None
+    base = None
+    for k, e in errs.items():
+        tol = math.inf if k == "fp8_vs_bf16" else 1e-2
+        checks.append(dict(shape=name, tokens=tokens, variant=k, rel_err=e, tol=tol, ok=bool(e < tol)))
+    for k, why in failed.items():
+        checks.append(dict(shape=name, tokens=tokens, variant=k, rel_err=math.inf, tol=1e-2, ok=False, error=why))
+        variants.pop(k, None)
+    bad = [k for k, e in errs.items() if not e < (math.inf if k == "fp8_vs_bf16" else 1e-2)] + list(failed)
+    log("    checks: " + ", ".join(f"{k}={e:.2e}" for k, e in errs.items()) + (f"  WRONG: {bad}" if bad else ""))
+    for k, why in failed.items():
+        log(f"    {k} raised {why}")
+    timer.sync()
+    med = timer.interleaved(variants, args.reps, args.warmup)
+    flops = 2.0 * T * Kd * N
+    for k, ms in med.items():
+        rows_out.append(dict(section="bf16", shape=name, K=Kd, N=N, experts=E, tokens=tokens, rows=T,
+                             variant=k, ms=ms, tflops=flops / ms / 1e9, vs_raw=med["raw_grouped_mm"] / ms))
+        log(f"    {k:>20}: {ms:9.3f} ms  {flops / ms / 1e9:8.1f} TFLOP/s  x{med['raw_grouped_mm'] / ms:.3f}")
+
+
+# ---- the Numba section ---------------------------------------------------------------------------
+def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
+    why = K.available_backends(device, reasons=True)["numba"]
+    if why or args.no_numba:
+        unavailable["numba"] = why or "--no-numba"
+        log(f"\n# numba section skipped: {unavailable['numba']}")
+        return
+    name = "down"
+    Kd, N = (SMOKE_SHAPES if args.smoke else SHAPES)[name]
+    E = args.experts
+    tokens = args.numba_tokens
+    sizes, stats = route(tokens, E, args.top_k, seed + 7, device)
+    T = stats["rows"]
+    groups = K.TokenGroups(sizes)
+    log(f"\n# numba: shape {name} E={E} K={Kd} N={N} tokens={tokens} rows={T}; building float32 weights ...")
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    old_tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        w32 = torch.randn(E, Kd, N, generator=g, device=device).div_(math.sqrt(Kd))
+        x32 = torch.randn(T, Kd, generator=g, device=device)
+        wbf, xbf = w32.bfloat16(), x32.bfloat16()
+        q = E // 4
+        split32 = [(0, w32[:q]), (q, w32[q:2 * q]), (2 * q, w32[2 * q:])] if E >= 4 else w32
+        flops = 2.0 * T * Kd * N
+        base32 = {"torch_fp32_per_expert": lambda: K.grouped_gemm(x32, groups, w32, backend="torch:per_expert")}
+        if torch_grouped.grouped_mm_supported(device, torch.float32):
+            base32["torch_fp32_grouped_mm"] = lambda: K.grouped_gemm(x32, groups, w32, backend="torch:grouped_mm")
+        else:
+            unavailable["torch_fp32_grouped_mm"] = torch_grouped._probe(device.type, device.index, torch.float32)
+        dense = (torch.randn(T, Kd, device=device), torch.randn(Kd, N, device=device))
+        base32["torch_fp32_dense_mm"] = lambda: torch.mm(*dense)  # same flops, one GEMM: an upper bound
+        configs = args.numba_configs if not args.smoke else ["8x8x4"]
+        nb = {f"numba_fp32_{c}": (lambda c=c: K.grouped_gemm(x32, groups, split32, backend=f"numba:{c}"))
+              for c in configs}
+        ref = reference.run(K.make_problem(x32, groups, w32))  # float64 math
+        for k, fn in list({**base32, **nb}.items()):
+            if k == "torch_fp32_dense_mm":
+                continue
+            t0 = time.perf_counter()
+            try:
+                e = rel_err(fn(), ref)
+            except Exception as exc:
+                log(f"    check {k}: FAILED {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                checks.append(dict(shape=name, tokens=tokens, variant=k, rel_err=math.inf, tol=1e-5, ok=False,
+                                   error=f"{type(exc).__name__}: {str(exc)[:300]}"))
+                base32.pop(k, None)
+                nb.pop(k, None)
+                continue
+            checks.append(dict(shape=name, tokens=tokens, variant=k, rel_err=e, tol=1e-5, ok=bool(e < 1e-5)))
+            log(f"    check {k}: rel err {e:.2e} ({time.perf_counter() - t0:.1f} s incl. compile)")
+        ref = None
+        if not nb:
+            unavailable["numba"] = "every Numba config failed (see checks)"
+            return
+        med = timer.interleaved({**base32, **nb}, args.numba_reps, 1)
+        best_torch = max(("torch_fp32_per_expert", "torch_fp32_grouped_mm"), key=lambda k: 1 / med.get(k, math.inf))
+        for k, ms in med.items():
+            rows_out.append(dict(section="numba_fp32", shape=name, K=Kd, N=N, experts=E, tokens=tokens, rows=T,
+                                 variant=k, ms=ms, tflops=flops / ms / 1e9, vs_torch_fp32=med[best_torch] / ms))
+            log(f"    {k:>26}: {ms:9.3f} ms  {flops / ms / 1e9:8.2f} TFLOP/s  x{med[best_torch] / ms:.3f} of {best_torch}")
+        dense = None
+        # bf16 weights and activations through the Numba kernel (upcast in the kernel), vs torch bf16
+        best_cfg = min((c for c in configs if f"numba_fp32_{c}" in med), key=lambda c: med[f"numba_fp32_{c}"])
+        splitbf = [(a, wbf[a:a + t.shape[0]]) for a, t in split32] if isinstance(split32, list) else wbf
+        bfv = {"torch_bf16_grouped_mm": lambda: K.grouped_gemm(xbf, groups, wbf, backend="torch"),
+               f"numba_bf16_{best_cfg}": lambda: K.grouped_gemm(xbf, groups, splitbf, backend=f"numba:{best_cfg}")}
+        e = rel_err(bfv[f"numba_bf16_{best_cfg}"](), bfv["torch_bf16_grouped_mm"]())
+        checks.append(dict(shape=name, tokens=tokens, variant=f"numba_bf16_{best_cfg}", rel_err=e, tol=1e-2,
+                           ok=bool(e < 1e-2)))
+        log(f"    check numba_bf16_{best_cfg}: rel err vs torch bf16 {e:.2e}")
+        medb = timer.interleaved(bfv, args.numba_reps, 1)
+        for k, ms in medb.items():
+            rows_out.append(dict(section="numba_bf16", shape=name, K=Kd, N=N, experts=E, tokens=tokens, rows=T,
+                                 variant=k, ms=ms, tflops=flops / ms / 1e9,
+                                 vs_torch_bf16=medb["torch_bf16_grouped_mm"] / ms))
+            log(f"    {k:>26}: {ms:9.3f} ms  {flops / ms / 1e9:8.2f} TFLOP/s")
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old_tf32
+
+
+# ---- summary -------------------------------------------------------------------------------------
+def summarize(rows, checks, unavailable) -> dict:
+    def get(section, shape, tokens, variant):
+        for r in rows:
+            if (r["section"], r["shape"], r["tokens"], r["variant"]) == (section, shape, tokens, variant):
+                return r
+        return None
+
+    ratios = {}
+    bf = [r for r in rows if r["section"] == "bf16"]
+    keys = sorted({(r["shape"], r["tokens"]) for r in bf}, key=lambda k: (k[0], k[1]))
+    targets = {"split_segments": 0.97, "split_segments_async": 0.97, "composite": 0.99, "contiguous": None,
+               "split_per_expert": None, "fp8_contiguous": None, "fp8_split": None, "fp8_with_quant": None}
+    for v, target in targets.items():
+        vals = {f"{s}@{t}": get("bf16", s, t, v)["vs_raw"] for s, t in keys if get("bf16", s, t, v)}
+        if vals:
+            ratios[f"{v} / raw_grouped_mm"] = dict(values=vals, min=min(vals.values()), target=target,
+                                                   meets=None if target is None else min(vals.values()) >= target)
+    nb = [r for r in rows if r["section"] == "numba_fp32" and r["variant"].startswith("numba")]
+    if nb:
+        best = max(nb, key=lambda r: r["tflops"])
+        ratios["numba_fp32 / torch_fp32"] = dict(values={r["variant"]: r["vs_torch_fp32"] for r in nb},
+                                                 max=best["vs_torch_fp32"], best=best["variant"], target=0.3,
+                                                 meets=best["vs_torch_fp32"] >= 0.3)
+    return ratios
+
+
+def print_table(rows, ratios, checks, unavailable):
+    log("\n# results (median of interleaved rounds; TFLOP/s = 2*rows*K*N / time)")
+    log(f"{'section':>10} {'shape':>8} {'tokens':>7} {'rows':>8} {'variant':>26} {'ms':>10} {'TFLOP/s':>9} {'ratio':>7}")
+    for r in rows:
+        ratio = r.get("vs_raw", r.get("vs_torch_fp32", r.get("vs_torch_bf16")))
+        log(f"{r['section']:>10} {r['shape']:>8} {r['tokens']:>7} {r['rows']:>8} {r['variant']:>26} "
+            f"{r['ms']:>10.3f} {r['tflops']:>9.2f} {ratio:>7.3f}")
+    wrong = [c for c in checks if not c["ok"]]
+    log(f"\n# checks: {len(checks) - len(wrong)} ok, {len(wrong)} wrong" +
+        "".join(f"\n#wrong {c['shape']} tokens={c['tokens']} {c['variant']}: rel err {c['rel_err']:.3g} >= {c['tol']}"
+                for c in wrong))
+    for k, v in unavailable.items():
+        log(f"# unavailable: {k}: {v}")
+    log("\n# ratios")
+    for k, v in ratios.items():
+        vals = "  ".join(f"{kk}={vv:.3f}" for kk, vv in v["values"].items())
+        agg = f"min {v['min']:.3f}" if "min" in v else f"best {v['max']:.3f} ({v['best']})"
+        tgt = "" if v["target"] is None else f"  target >= {v['target']}: {'MET' if v['meets'] else 'NOT MET'}"
+        log(f"{k}: {agg}{tgt}\n    {vals}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens", default="8192,16384,32768,65536", help="tokens (before top-k), comma separated")
+    ap.add_argument("--experts", type=int, default=256)
+    ap.add_argument("--top-k", type=int, default=8)
+    ap.add_argument("--shapes", default="gate_up,down")
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds per variant")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--numba-tokens", type=int, default=8192)
+    ap.add_argument("--numba-configs", default="128x128x8,64x128x8,64x64x16")
+    ap.add_argument("--numba-reps", type=int, default=3)
+    ap.add_argument("--no-numba", action="store_true")
+    ap.add_argument("--skip-per-expert", action="store_true", help="skip the per-expert torch.mm variant")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes (the default without a GPU)")
+    ap.add_argument("--seed", type=int, default=None, help="default: fresh")
+    ap.add_argument("--json", default=None, help="output file (default $OUT/grouped_gemm.json when OUT is set)")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        args.smoke = True
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    if args.smoke:
+        args.experts = min(args.experts, 16)
+        args.top_k = min(args.top_k, 4)
+        args.tokens = "32,64" if args.tokens == ap.get_default("tokens") else args.tokens
+        args.numba_tokens = min(args.numba_tokens, 24)
+    args.tokens = [int(t) for t in str(args.tokens).split(",")]
+    args.numba_configs = args.numba_configs.split(",")
+    seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
+    info = env_info(device)
+    log(f"# bench_grouped_gemm  {info['date']}  gpu={info.get('gpu')}  torch={info['torch']}  "
+        f"numba={info['numba']}  commit={info['git']['commit'][:12]}{'+dirty' if info['git']['dirty'] else ''}")
+    log(f"# experts={args.experts} top_k={args.top_k} tokens={args.tokens} shapes={args.shapes} "
+        f"reps={args.reps} seed={seed}{'  SMOKE' if args.smoke else ''}")
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 everywhere in this run
+    torch.set_float32_matmul_precision("highest")
+    timer = Timer(device, sleep_cycles=2_000_000)
+    rows, checks, unavailable = [], [], {}
+    t0 = time.perf_counter()
+    for name in args.shapes.split(","):
+        Kd, N = shapes[name]
+        bench_shape(name, Kd, N, args, device, timer, seed, rows, checks, unavailable)
+    try:
+        bench_numba(args, device, timer, seed, rows, checks, unavailable)
+    except Exception as exc:
+        log(f"# numba section FAILED {type(exc).__name__}: {exc}")
+        traceback.print_exc()
+        unavailable["numba"] = f"section failed: {type(exc).__name__}: {str(exc)[:300]}"
+        checks.append(dict(shape="down", tokens=args.numba_tokens, variant="numba (section)", rel_err=math.inf,
+                           tol=0, ok=False, error=unavailable["numba"]))
+    ratios = summarize(rows, checks, unavailable)
+    print_table(rows, ratios, checks, unavailable)
+    elapsed = time.perf_counter() - t0
+    log(f"# elapsed {elapsed:.1f} s")
+    result = dict(env=info, args={k: v for k, v in vars(args).items()}, seed=seed, results=rows, checks=checks,
+                  ratios=ratios, unavailable=unavailable, elapsed_s=round(elapsed, 1))
+    path = args.json or (os.path.join(os.environ["OUT"], "grouped_gemm.json") if os.environ.get("OUT") else None)
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        log(f"# wrote {path}")
+    return 1 if any(not c["ok"] for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,541 @@
+"""Grouped GEMM over split weights (CPU): reference, torch path, every weight form, validation.
+
+Every check compares against the float64 reference on fresh random data (seeded per test, the
+seed printed on failure). Helpers here (rel_err, make_case, split_forms) are reused by
+test_kernels_numba_sim.py and test_kernels_gpu.py.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+try:  # optional: the GPU machine may lack it; test_kernels_gpu.py imports helpers from here
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+except ImportError:
+    given = None
+
+import dwdp_comm.kernels as K
+from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
+from dwdp_comm.kernels import reference, torch_grouped
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# ---- helpers (shared with the other kernel test files) ------------------------------------------
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """``||out - ref|| / ||ref||`` in float64; inf when out has a NaN/inf or shapes differ."""
+    if tuple(out.shape) != tuple(ref.shape):
+        return math.inf
+    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(o).all():
+        return math.inf
+    num, den = (o - r).norm().item(), r.norm().item()
+    return num / den if den > 0 else num
+
+
+def random_sizes(rng: np.random.Generator, num_experts: int, num_tokens: int, empty_frac: float = 0.3) -> list[int]:
+    """Uneven token counts summing to num_tokens, with about empty_frac of experts empty."""
+    p = rng.gamma(0.7, size=num_experts) + 1e-3
+    p[rng.random(num_experts) < empty_frac] = 0
+    if p.sum() == 0:
+        p[rng.integers(num_experts)] = 1
+    return rng.multinomial(num_tokens, p / p.sum()).tolist()
+
+
+def make_case(seed: int, E: int, Kd: int, N: int, T: int, dtype: torch.dtype, device="cpu",
+              layout: str = "kn", empty_frac: float = 0.3):
+    """(x [T, K], sizes [E], w [E, K, N]) with fresh random data; layout "nk" stores [E, N, K]."""
+    rng = np.random.default_rng(seed)
+    g = torch.Generator().manual_seed(seed)
+    sizes = random_sizes(rng, E, T, empty_frac)
+    x = torch.randn(T, Kd, generator=g).to(dtype).to(device)
+    if layout == "kn":
+        w = (torch.randn(E, Kd, N, generator=g) / math.sqrt(max(Kd, 1))).to(dtype).to(device)
+    else:
+        w = (torch.randn(E, N, Kd, generator=g) / math.sqrt(max(Kd, 1))).to(dtype).to(device).transpose(1, 2)
+    return x, sizes, w
+
+
+def cuts(rng: np.random.Generator, E: int) -> list[int]:
+    """Random piece boundaries 0 = c0 < c1 < ... < E."""
+    inner = sorted(rng.choice(np.arange(1, E), size=rng.integers(0, E), replace=False).tolist()) if E > 1 else []
+    return [0] + inner + [E]
+
+
+def split_forms(w: torch.Tensor, seed: int) -> dict:
+    """Every accepted weights form of w, each reading w's data (views) or an equal copy."""
+    rng = np.random.default_rng(seed + 1)
+    E = w.shape[0]
+    c = cuts(rng, E)
+    forms = {
+        "tensor": w,
+        "segments": [(a, w[a:b]) for a, b in zip(c[:-1], c[1:])],
+        "per_owner": [w[a:b] for a, b in zip(c[:-1], c[1:])],
+        "per_expert": [w[e] for e in range(E)],
+        "mixed_2d_3d": [w[a] if b - a == 1 else w[a:b] for a, b in zip(c[:-1], c[1:])],
+        "separate_allocs": [w[a:b].clone() for a, b in zip(c[:-1], c[1:])],
+        "dwdp_3_pieces": [(0, w[:E // 3]), (E // 3, w[E // 3:2 * E // 3].clone()), (2 * E // 3, w[2 * E // 3:])],
+    }
+    forms["dwdp_3_pieces"] = [(f, t) for f, t in forms["dwdp_3_pieces"] if t.shape[0]]
+    return forms
+
+
+def ref64(x, sizes, w, **kw) -> torch.Tensor:
+    """The oracle: float64 result of the reference backend."""
+    return reference.run(K.make_problem(x, sizes, w, **kw), out_dtype=torch.float64)
+
+
+# ---- reference ---------------------------------------------------------------------------------
+def test_reference_matches_numpy_loop(seed):
+    x, sizes, w = make_case(seed, 5, 19, 11, 40, torch.float32)
+    got = ref64(x, sizes, w).numpy()
+    xs, ws = x.double().numpy(), w.double().numpy()
+    want = np.zeros((40, 11))
+    r = 0
+    for e, m in enumerate(sizes):
+        want[r:r + m] = xs[r:r + m] @ ws[e]
+        r += m
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_rel_err_never_passes_nan():
+    ref = torch.ones(4, 3)
+    bad = ref.clone()
+    bad[2, 1] = float("nan")
+    assert rel_err(bad, ref) == math.inf
+    bad[2, 1] = float("inf")
+    assert rel_err(bad, ref) == math.inf
+    assert rel_err(ref[:3], ref) == math.inf
+    assert rel_err(ref, ref) == 0.0
+
+
+# ---- torch path on every form --------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(6, 32, 48, 70), (5, 37, 23, 41), (1, 16, 16, 9), (7, 8, 24, 0)],
+                         ids=["aligned", "odd", "one_expert", "no_tokens"])
+def test_torch_path_every_form(seed, dtype, shape):
+    E, Kd, N, T = shape
+    x, sizes, w = make_case(seed, E, Kd, N, T, dtype)
+    ref = ref64(x, sizes, w)
+    for name, form in split_forms(w, seed).items():
+        info = {}
+        out = K.grouped_gemm(x, sizes, form, backend="torch", info=info)
+        assert out.shape == (T, N) and out.dtype == dtype, name
+        assert info["backend"] == "torch" and info["method"], name
+        if T:
+            err = rel_err(out, ref)
+            assert err < TOL[dtype], f"{name}: rel err {err:.3g} ({info})"
+
+
+@pytest.mark.parametrize("method", ["grouped_mm", "segments", "segments_async", "per_expert"])
+def test_forced_methods(seed, method):
+    x, sizes, w = make_case(seed, 6, 32, 16, 50, torch.float32)
+    ref = ref64(x, sizes, w)
+    form = w if method == "grouped_mm" else split_forms(w, seed)["dwdp_3_pieces"]
+    info = {}
+    out = K.grouped_gemm(x, sizes, form, backend=f"torch:{method}", info=info)
+    assert info["method"] == method
+    assert rel_err(out, ref) < 1e-5
+
+
+def test_grouped_mm_method_rejects_split(seed):
+    x, sizes, w = make_case(seed, 4, 16, 16, 20, torch.float32)
+    with pytest.raises(InvalidArgumentError, match="method"):
+        K.grouped_gemm(x, sizes, [w[:2], w[2:]], backend="torch:grouped_mm")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_transposed_and_strided_weights(seed, dtype):
+    """[E, N, K] storage passed as a transpose, padded strides, and an expert-strided slice."""
+    E, Kd, N, T = 5, 24, 40, 60
+    x, sizes, w_nk = make_case(seed, E, Kd, N, T, dtype, layout="nk")
+    padded = torch.randn(E, Kd, N + 8).to(dtype)[:, :, :N]
+    every_other = torch.randn(2 * E, Kd, N).to(dtype)[::2]
+    for w in (w_nk, padded, every_other):
+        ref = ref64(x, sizes, w)
+        for name, form in split_forms(w, seed).items():
+            assert rel_err(K.grouped_gemm(x, sizes, form), ref) < TOL[dtype], name
+
+
+def test_composite_view_from_sim_buffers(seed, tmp_path):
+    """A real composite (pieces of two shared-memory buffers mapped back to back) as one tensor."""
+    from dwdp_comm.backends.sim import PAGE, SimBuffer, SimComposite
+    Kd, N = 32, 32  # one float32 expert = 4 KiB
+    nb = Kd * N * 4
+    if nb % PAGE:
+        pytest.skip(f"page size {PAGE} is not {nb}")
+    E = 6
+    a, b = SimBuffer(str(tmp_path / "a"), 4 * nb), SimBuffer(str(tmp_path / "b"), 2 * nb)
+    a._map.unlink(), b._map.unlink()
+    x, sizes, w = make_case(seed, E, Kd, N, 50, torch.float32)
+    a.tensor().view(torch.float32).view(4, Kd, N)[:2].copy_(w[:2])
+    a.tensor().view(torch.float32).view(4, Kd, N)[2:].copy_(w[4:])
+    b.tensor().view(torch.float32).view(2, Kd, N).copy_(w[2:4])
+    comp = SimComposite([(a, 0, 2 * nb), (b, 0, 2 * nb), (a, 2 * nb, 2 * nb)])
+    try:
+        wc = comp.tensor().view(torch.float32).view(E, Kd, N)
+        info = {}
+        out = K.grouped_gemm(x, sizes, wc, info=info)
+        assert info["method"] == "grouped_mm"
+        assert rel_err(out, ref64(x, sizes, w)) < 1e-5
+        # the same experts as pieces of the two buffers (the weight_segments form)
+        segs = [(0, a.tensor(0, 2 * nb).view(torch.float32).view(2, Kd, N)),
+                (2, b.tensor().view(torch.float32).view(2, Kd, N)),
+                (4, a.tensor(2 * nb, 2 * nb).view(torch.float32).view(2, Kd, N))]
+        assert rel_err(K.grouped_gemm(x, sizes, segs), ref64(x, sizes, w)) < 1e-5
+        del wc, segs
+    finally:
+        comp.close()
+        a.close(), b.close()
+
+
+def test_offsets_and_token_groups_are_equivalent(seed):
+    x, sizes, w = make_case(seed, 6, 16, 24, 45, torch.float32)
+    ref = ref64(x, sizes, w)
+    offs = np.cumsum(sizes)
+    variants = [
+        (sizes, {}), (np.asarray(sizes), {}), (torch.tensor(sizes), {}),
+        (offs.tolist(), {"offsets": True}), (torch.tensor(offs, dtype=torch.int32), {"offsets": True}),
+        (K.TokenGroups(sizes), {}), (K.TokenGroups(torch.tensor(offs), offsets=True), {}),
+    ]
+    for arg, kw in variants:
+        assert rel_err(K.grouped_gemm(x, arg, w, **kw), ref) < 1e-5, (arg, kw)
+
+
+def test_token_groups_cache_and_rows():
+    g = K.TokenGroups([2, 0, 3])
+    assert g.num_experts == 3 and g.num_tokens == 5
+    assert g.rows(0, 1) == (0, 2) and g.rows(1, 2) == (2, 2) and g.rows(1, 3) == (2, 5)
+    d = g.device_offsets("cpu")
+    assert d.dtype == torch.int32 and d.tolist() == [2, 2, 5]
+    assert g.device_offsets("cpu") is d
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_out_argument(seed, dtype):
+    x, sizes, w = make_case(seed, 5, 32, 16, 30, dtype)
+    for backend in ("torch", "reference"):
+        for form in (w, [w[:2], w[2:]]):
+            out = torch.full((30, 16), float("nan"), dtype=dtype)
+            got = K.grouped_gemm(x, sizes, form, out=out, backend=backend)
+            assert got is out
+            assert rel_err(out, ref64(x, sizes, w)) < TOL[dtype]
+
+
+def test_rows_past_the_first_piece_are_overwritten(seed):
+    """The segments method lets the first piece's call allocate [T, N]: every row must be ours."""
+    for _ in range(5):
+        x, sizes, w = make_case(seed, 8, 16, 16, 64, torch.float32, empty_frac=0.5)
+        seed += 1
+        out = K.grouped_gemm(x, sizes, [(0, w[:3]), (3, w[3:5]), (5, w[5:])], backend="torch:segments")
+        assert rel_err(out, ref64(x, sizes, w)) < 1e-5
+
+
+def test_nan_in_one_expert_stays_in_its_rows(seed):
+    x, sizes, w = make_case(seed, 4, 16, 8, 40, torch.float32, empty_frac=0.0)
+    sizes = [10, 10, 10, 10]
+    w = w.clone()
+    w[2, 3, 5] = float("nan")
+    for backend in ("torch", "reference"):
+        out = K.grouped_gemm(x, sizes, [w[:2], w[2:]], backend=backend)
+        assert torch.isnan(out[20:30, 5]).all()
+        assert torch.isfinite(out[:20]).all() and torch.isfinite(out[30:]).all()
+        assert rel_err(out, ref64(x, sizes, w)) == math.inf  # NaN never passes a check
+
+
+def _property(E, Kd, N, T, bf16, seed, form):
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, sizes, w = make_case(seed, E, Kd, N, T, dtype)
+    out = K.grouped_gemm(x, sizes, split_forms(w, seed)[form])
+    assert out.shape == (T, N)
+    if T and Kd:
+        ref = ref64(x, sizes, w)
+        if ref.norm() > 0:
+            assert rel_err(out, ref) < TOL[dtype]
+
+
+if given is not None:
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(E=st.integers(1, 7), Kd=st.integers(1, 40), N=st.integers(1, 40), T=st.integers(0, 60),
+           bf16=st.booleans(), seed=st.integers(0, 2**31 - 1), form=st.sampled_from(
+               ["tensor", "segments", "per_owner", "per_expert", "mixed_2d_3d", "separate_allocs"]))
+    def test_property_torch_matches_reference(E, Kd, N, T, bf16, seed, form):
+        _property(E, Kd, N, T, bf16, seed, form)
+else:
+    def test_property_torch_matches_reference():
+        pytest.skip("hypothesis is not installed")
+
+
+# ---- MoE MLP -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("H, I", [(32, 24), (30, 13)], ids=["aligned", "odd"])
+def test_moe_mlp_matches_composition(seed, dtype, H, I):
+    E, T = 6, 50
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    w13 = (torch.randn(E, H, 2 * I, generator=g) / math.sqrt(H)).to(dtype)
+    w2 = (torch.randn(E, I, H, generator=g) / math.sqrt(I)).to(dtype)
+    sizes = random_sizes(np.random.default_rng(seed), E, T)
+    # float64 oracle of the whole MLP
+    h = ref64(x, sizes, w13)
+    a = torch.nn.functional.silu(h[:, :I]) * h[:, I:]
+    want = ref64(a.to(dtype), sizes, w2) if dtype == torch.bfloat16 else \
+        reference.run(K.make_problem(a.float(), sizes, w2.float()), out_dtype=torch.float64)
+    info = {}
+    got = K.moe_mlp(x, sizes, [(0, w13[:2]), (2, w13[2:])], [w2[:4], w2[4:]], info=info)
+    assert got.shape == (T, H) and got.dtype == dtype
+    assert info["gate_up"]["method"] == ("grouped_mm_rows" if H == 32 else "per_expert_rows")
+    assert info["down"]["backend"] == "torch"
+    assert rel_err(got, want) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+    ref_backend = K.moe_mlp(x, sizes, w13, w2, backend="reference")
+    assert rel_err(got, ref_backend) < (2e-2 if dtype == torch.bfloat16 else 1e-5)
+
+
+def test_moe_mlp_fp8_falls_back_to_reference_on_cpu(seed):
+    E, H, I, T = 4, 32, 16, 40
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    sizes = random_sizes(np.random.default_rng(seed), E, T)
+
+    def q(w):  # [E, K, N] real -> fp8 [E, K, N] K-contiguous, scales [E, N]
+        s = w.abs().amax(dim=1) / reference.FP8_MAX
+        return (w / s[:, None, :]).transpose(1, 2).contiguous().to(torch.float8_e4m3fn).transpose(1, 2), s
+
+    w13 = torch.randn(E, H, 2 * I, generator=g) / math.sqrt(H)
+    w2 = torch.randn(E, I, H, generator=g) / math.sqrt(I)
+    (q13, s13), (q2, s2) = q(w13), q(w2)
+    info = {}
+    got = K.moe_mlp(x, sizes, [q13[:1], q13[1:]], q2, w13_scales=[s13[:1], s13[1:]], w2_scales=s2, info=info)
+    assert info["gate_up"]["backend"] == "reference" and info["down"]["backend"] == "reference"
+    want = K.moe_mlp(x, sizes, w13.bfloat16(), w2.bfloat16(), backend="reference")
+    assert rel_err(got, want) < 0.1
+
+
+def test_swiglu():
+    h = torch.randn(5, 8)
+    want = torch.nn.functional.silu(h[:, :4]) * h[:, 4:]
+    assert torch.allclose(K.swiglu(h), want, atol=1e-6)
+    with pytest.raises(InvalidArgumentError, match="h"):
+        K.swiglu(torch.randn(5, 7))
+
+
+# ---- fp8 -----------------------------------------------------------------------------------------
+def fp8_case(seed, E=4, Kd=32, N=16, T=30):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, Kd, generator=g).to(torch.bfloat16)
+    w_real = torch.randn(E, N, Kd, generator=g) / math.sqrt(Kd)
+    scales = w_real.abs().amax(dim=2) / reference.FP8_MAX  # [E, N] per output channel
+    wq = (w_real / scales[:, :, None]).to(torch.float8_e4m3fn).transpose(1, 2)  # [E, K, N], K-contiguous
+    sizes = random_sizes(np.random.default_rng(seed), E, T)
+    return x, sizes, wq, scales.float(), w_real.transpose(1, 2)
+
+
+def test_fp8_reference_is_close_to_real_weights(seed):
+    x, sizes, wq, scales, w_real = fp8_case(seed)
+    info = {}
+    out = K.grouped_gemm(x, sizes, wq, weight_scales=scales, info=info)
+    if torch_grouped.fp8_unavailable_reason(x.device):
+        assert info["backend"] == "reference" and "fallback" in info
+    assert out.dtype == torch.bfloat16
+    real = ref64(x.float(), sizes, w_real.float().contiguous())
+    assert rel_err(out, real) < 0.08  # e4m3 has 3 mantissa bits on both operands
+    # split weights with scales split the same way, or differently
+    for scl in ([scales[:1], scales[1:]], [(0, scales[:3]), (3, scales[3:])], list(scales)):
+        got = K.grouped_gemm(x, sizes, [wq[:1], wq[1:]], weight_scales=scl, backend="reference")
+        assert rel_err(got, out) < 1e-2
+
+
+def test_fp8_prequantized_x(seed):
+    x, sizes, wq, scales, _ = fp8_case(seed)
+    xq, xs = K.quantize_rowwise(x)
+    want = K.grouped_gemm(x, sizes, wq, weight_scales=scales, backend="reference")
+    got = K.grouped_gemm(xq, sizes, [wq[:2], wq[2:]], weight_scales=scales, x_scales=xs, backend="reference")
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) == 0.0
+    with pytest.raises(InvalidArgumentError, match="x_scales"):
+        K.grouped_gemm(xq, sizes, wq, weight_scales=scales)
+    with pytest.raises(InvalidArgumentError, match="x_scales"):
+        K.grouped_gemm(xq, sizes, wq, weight_scales=scales, x_scales=xs[:-1])
+    with pytest.raises(InvalidArgumentError, match="x_scales"):
+        K.grouped_gemm(x, sizes, wq, weight_scales=scales, x_scales=xs)
+    with pytest.raises(InvalidArgumentError, match="fp8 x needs fp8 weights"):
+        K.grouped_gemm(xq, sizes, torch.randn(4, 32, 16), x_scales=xs)
+    with pytest.raises(InvalidArgumentError, match=r"out: .*bfloat16"):
+        K.grouped_gemm(x, sizes, wq, weight_scales=scales, out=torch.empty(x.shape[0], 16))
+
+
+def test_fp8_torch_backend_reports_unavailable_on_cpu(seed):
+    x, sizes, wq, scales, _ = fp8_case(seed)
+    why = torch_grouped.fp8_unavailable_reason("cpu")
+    assert why and "_scaled_grouped_mm" in why
+    with pytest.raises(BackendUnavailableError, match="fp8"):
+        K.grouped_gemm(x, sizes, wq, weight_scales=scales, backend="torch")
+    assert K.available_backends("cpu", reasons=True)["torch-fp8"] == why
+
+
+def test_fp8_argument_errors(seed):
+    x, sizes, wq, scales, _ = fp8_case(seed)
+    with pytest.raises(InvalidArgumentError, match="weight_scales"):
+        K.grouped_gemm(x, sizes, wq, backend="reference")
+    with pytest.raises(InvalidArgumentError, match="weight_scales"):
+        K.grouped_gemm(x, sizes, wq, weight_scales=scales[:, :5], backend="reference")
+    with pytest.raises(InvalidArgumentError, match="weight_scales"):
+        K.grouped_gemm(x, sizes, wq, weight_scales=scales.double(), backend="reference")
+    with pytest.raises(InvalidArgumentError, match="x"):
+        K.grouped_gemm(x.float(), sizes, wq, weight_scales=scales, backend="reference")
+    w = torch.randn(4, 32, 16)
+    with pytest.raises(InvalidArgumentError, match="weight_scales"):
+        K.grouped_gemm(x.float(), sizes, w, weight_scales=scales)
+
+
+def test_quantize_rowwise():
+    x = torch.randn(6, 20) * torch.arange(1, 7)[:, None]
+    x[3] = 0
+    q, s = K.quantize_rowwise(x)
+    qb, sb = K.quantize_rowwise(x.bfloat16())
+    assert sb.dtype == torch.float32 and rel_err(qb.float() * sb[:, None], x) < 0.06
+    assert q.dtype == torch.float8_e4m3fn and s.shape == (6,) and s[3] == 1
+    assert (q.float().abs().amax(dim=1)[[0, 1, 2, 4, 5]] == reference.FP8_MAX).all()
+    assert rel_err(q.float() * s[:, None], x) < 0.05
+
+
+# ---- validation ----------------------------------------------------------------------------------
+def _ok():
+    return torch.randn(10, 16), [4, 0, 6], torch.randn(3, 16, 8)
+
+
+@pytest.mark.parametrize("case, exc, match", [
+    (lambda x, m, w: (x[0], m, w), InvalidArgumentError, r"x: got 'shape \(16,\)'"),
+    (lambda x, m, w: (x[:, :15], m, w), InvalidArgumentError, r"x: .*K=16"),
+    (lambda x, m, w: (x.double(), m, w), InvalidArgumentError, r"x: got 'dtype torch.float64'"),
+    (lambda x, m, w: (x.bfloat16(), m, w), InvalidArgumentError, r"x: .*weights' dtype torch.float32"),
+    (lambda x, m, w: (x, [4, 6], w), InvalidArgumentError, r"m_sizes_or_offsets: got '2 entries'.*3"),
+    (lambda x, m, w: (x, [4, 0, 5], w), InvalidArgumentError, r"sum to 9.*10 rows"),
+    (lambda x, m, w: (x, [4, -1, 7], w), InvalidArgumentError, r"m_sizes\[1\]=-1"),
+    (lambda x, m, w: (x, [4, 4, 10], w), InvalidArgumentError, r"offsets=True"),
+    (lambda x, m, w: (x, [4.0, 0, 6], w), InvalidArgumentError, r"m_sizes_or_offsets: got 4.0, expected ints"),
+    (lambda x, m, w: (x, torch.tensor([4.0, 0, 6]), w), InvalidArgumentError, r"integer tensor"),
+    (lambda x, m, w: (x, "4,0,6", w), InvalidTypeError, r"m_sizes_or_offsets"),
+    (lambda x, m, w: (x, m, w[:, :, :1].squeeze(2)), InvalidArgumentError, r"weights: .*3-D"),
+    (lambda x, m, w: (x, m, w.to("meta")), InvalidArgumentError, r"on meta.*x's device cpu"),
+    (lambda x, m, w: (x, m, [w[:1], w[1:].to("meta")]), InvalidArgumentError, r"experts 1\.\.2.*meta"),
+    (lambda x, m, w: (x, m, [w[:1], w[1:].double()]), InvalidArgumentError, r"dtype torch.float64"),
+    (lambda x, m, w: (x, m, [w[:1], torch.randn(2, 16, 9)]), InvalidArgumentError, r"\[K, N\] = \[16, 9\]"),
+    (lambda x, m, w: (x, m, [(0, w[:1]), (2, w[1:])]), InvalidArgumentError, r"weights\[1\]\[0\]: got 2.*1"),
+    (lambda x, m, w: (x, m, [(0, w[:1]), w[1:]]), InvalidArgumentError, r"a mix"),
+    (lambda x, m, w: (x, m, []), InvalidArgumentError, r"empty list"),
+    (lambda x, m, w: (x, m, [w[:1], "w"]), InvalidTypeError, r"weights\[1\]"),
+    (lambda x, m, w: (x, m, [w[:1], w[1:]] + [w[:0]] + [w[:1]]), InvalidArgumentError, r"3 entries.*4"),
+    (lambda x, m, w: (x, m, w[:0]), InvalidArgumentError, r"0 experts"),
+])
+def test_bad_input_gives_clear_error(case, exc, match):
+    x, m, w = case(*_ok())
+    with pytest.raises(exc, match=match):
+        K.grouped_gemm(x, m, w)
+
+
+def test_bad_offsets_and_out():
+    x, m, w = _ok()
+    with pytest.raises(InvalidArgumentError, match=r"non-decreasing"):
+        K.grouped_gemm(x, [4, 3, 10], w, offsets=True)
+    with pytest.raises(InvalidArgumentError, match=r"offsets end at 9"):
+        K.grouped_gemm(x, [4, 4, 9], w, offsets=True)
+    with pytest.raises(InvalidArgumentError, match=r"without the leading 0"):
+        K.grouped_gemm(x, [0, 4, 4, 10], w, offsets=True)
+    with pytest.raises(InvalidTypeError, match="offsets"):
+        K.grouped_gemm(x, m, w, offsets=1)
+    with pytest.raises(InvalidArgumentError, match=r"out: .*\(10, 8\)"):
+        K.grouped_gemm(x, m, w, out=torch.empty(10, 9))
+    with pytest.raises(InvalidArgumentError, match=r"out: .*torch.float32"):
+        K.grouped_gemm(x, m, w, out=torch.empty(10, 8, dtype=torch.bfloat16))
+    with pytest.raises(InvalidArgumentError, match=r"out: .*contiguous"):
+        K.grouped_gemm(x, m, w, out=torch.empty(8, 10).t())
+    with pytest.raises(InvalidArgumentError, match="backend"):
+        K.grouped_gemm(x, m, w, backend="cutlass")
+    with pytest.raises(InvalidArgumentError, match="method"):
+        K.grouped_gemm(x, m, w, backend="torch:magic")
+    with pytest.raises(InvalidArgumentError, match="backend"):
+        K.grouped_gemm(x, m, w, backend="reference:fast")
+    with pytest.raises(InvalidTypeError, match="info"):
+        K.grouped_gemm(x, m, w, info=[])
+
+
+def test_numba_backend_errors_clearly_without_gpu_or_simulator():
+    """In this process the simulator is off: CPU tensors must be refused with a reason."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("simulator enabled in this process")
+    x, m, w = _ok()
+    with pytest.raises(BackendUnavailableError, match="numba"):
+        K.grouped_gemm(x, m, w, backend="numba")
+    with pytest.raises(InvalidArgumentError, match="config"):
+        from dwdp_comm.kernels import numba_grouped
+        numba_grouped.run(K.make_problem(x, m, w), config="3x3x3")
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("config", ["128x128x8", "64x128x8", "64x64x16", "8x8x4"])
+def test_numba_gpu_kernel_compiles_to_ptx(config, bf16):
+    """The GPU variant of the kernel (pointer intrinsics) types, lowers, and keeps its tiles in
+    registers. Needs no GPU, only NVVM (skips where numba-cuda has no compiler toolchain)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        pytest.skip("simulator enabled in this process")
+    pytest.importorskip("numba")
+    from numba import types
+    from numba.core.errors import LoweringError, TypingError
+    from dwdp_comm.kernels import numba_grouped as ng
+    cuda = ng._load()
+    kern = ng._build(ng.CONFIGS[config], bf16, bf16)
+    i64, arr = types.int64, types.Array
+    sig = (i64, i64, i64, arr(i64, 1, "C"), arr(i64, 1, "C"), arr(i64, 1, "C"), arr(types.int32, 1, "C"),
+           arr(i64, 1, "C"), arr(i64, 1, "C"), i64, arr(types.float32, 2, "C"), i64, i64)
+    try:
+        ptx, _ = cuda.compile_ptx(kern.py_func, sig, cc=(9, 0))
+    except (TypingError, LoweringError):
+        raise
+    except Exception as exc:  # no NVVM / NVRTC here
+        pytest.skip(f"numba-cuda cannot compile here: {type(exc).__name__}: {str(exc)[:200]}")
+    assert "fma.rn.f32" in ptx and "ld.global" in ptx and "bar.sync" in ptx
+    assert "ld.local" not in ptx and "st.local" not in ptx  # accumulators stayed in registers
+
+
+def test_available_backends():
+    names = K.available_backends("cpu")
+    assert names[:2] == ["reference", "torch"]
+    status = K.available_backends("cpu", reasons=True)
+    assert set(status) == {"reference", "torch", "torch-fp8", "numba"}
+    assert status["reference"] is None and status["torch"] is None
+
+
+def _run_py(code: str, **env) -> subprocess.CompletedProcess:
+    e = {**os.environ, **env, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e, timeout=120)
+
+
+def test_import_does_not_import_numba():
+    r = _run_py("import sys, dwdp_comm, dwdp_comm.kernels as K, dwdp_comm.kernels.torch_grouped, "
+                "dwdp_comm.kernels.reference\n"
+                "assert 'numba' not in sys.modules, sorted(m for m in sys.modules if 'numba' in m)\nprint('ok')")
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_works_without_numba_installed():
+    code = ("import sys; sys.modules['numba'] = None  # as if numba were not installed\n"
+            "import torch, dwdp_comm.kernels as K\n"
+            "from dwdp_comm.errors import BackendUnavailableError\n"
+            "x, w = torch.randn(5, 16), torch.randn(2, 16, 8)\n"
+            "assert K.grouped_gemm(x, [2, 3], w).shape == (5, 8)\n"
+            "why = K.available_backends(reasons=True)['numba']\n"
+            "assert 'not installed' in why, why\n"
+            "try:\n    K.grouped_gemm(x, [2, 3], w, backend='numba')\n"
+            "except BackendUnavailableError as exc:\n"
+            "    assert 'not installed' in str(exc), exc\n"
+            "print('ok')")
+    r = _run_py(code)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stderr

@@ -1,0 +1,266 @@
+"""Grouped GEMM on a CUDA GPU: torch path, Numba kernel, fp8, composite views, against the reference.
+
+Marked ``gpu``: skipped cleanly where torch sees no CUDA device. Fresh random data per test (the
+seed is printed on failure); the oracle is the float64 reference on the same device.
+
+Run: ``python -m pytest tests/test_kernels_gpu.py -q -rs``
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import dwdp_comm.kernels as K
+from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError
+from dwdp_comm.kernels import torch_grouped
+from test_kernels import TOL, make_case, random_sizes, ref64, rel_err, split_forms
+
+pytestmark = pytest.mark.gpu
+DEV = "cuda"
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+SHAPES = {  # (E, K, N, T)
+    "aligned": (16, 256, 384, 1500),
+    "odd": (7, 100, 77, 301),
+    "deepseek_down_slice": (8, 2048, 512, 700),
+}
+
+
+def _numba_or_skip():
+    why = K.available_backends(DEV, reasons=True)["numba"]
+    if why:
+        pytest.skip(f"numba backend unavailable: {why}")
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+# ---- torch path ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_torch_path_every_form(seed, dtype, shape):
+    E, Kd, N, T = SHAPES[shape]
+    x, sizes, w = make_case(seed, E, Kd, N, T, dtype, device=DEV)
+    ref = ref64(x, sizes, w)
+    for name, form in split_forms(w, seed).items():
+        info = {}
+        out = K.grouped_gemm(x, sizes, form, backend="torch", info=info)
+        torch.cuda.synchronize()
+        assert out.device.type == "cuda" and out.dtype == dtype and out.shape == (T, N)
+        err = rel_err(out, ref)
+        assert err < TOL[dtype], f"{shape}/{name}: rel err {err:.3g} ({info})"
+    if shape == "aligned" and dtype == torch.bfloat16:
+        info = {}
+        K.grouped_gemm(x, sizes, w, info=info)
+        assert info["method"] == "grouped_mm", info  # the fast path really ran
+
+
+@pytest.mark.parametrize("method", ["segments", "segments_async", "per_expert"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_torch_split_methods(seed, method, dtype):
+    x, sizes, w = make_case(seed, 12, 128, 256, 900, dtype, device=DEV, empty_frac=0.4)
+    ref = ref64(x, sizes, w)
+    for name in ("dwdp_3_pieces", "per_owner", "per_expert"):
+        out = K.grouped_gemm(x, sizes, split_forms(w, seed)[name], backend=f"torch:{method}")
+        assert rel_err(out, ref) < TOL[dtype], name
+    # back-to-back calls, results read on the current stream only: the async copies must be waited for
+    forms = split_forms(w, seed)["dwdp_3_pieces"]
+    outs = [K.grouped_gemm(x, sizes, forms, backend=f"torch:{method}") for _ in range(4)]
+    sums = [o.float().sum() for o in outs]
+    torch.cuda.synchronize()
+    assert all(rel_err(o, ref) < TOL[dtype] for o in outs) and all(torch.isfinite(s) for s in sums)
+
+
+@pytest.mark.parametrize("sizes", [[0, 0, 50, 0], [50, 0, 0, 0], [0, 0, 0, 50], [1, 1, 1, 47], [0, 0, 0, 0]])
+def test_empty_and_lopsided_groups(seed, sizes):
+    T = sum(sizes)
+    x, _, w = make_case(seed, 4, 64, 32, T, torch.bfloat16, device=DEV)
+    for form in (w, [w[:1], w[1:3], w[3:]], [w[:2], w[2:]]):
+        out = K.grouped_gemm(x, sizes, form)
+        assert out.shape == (T, 32)
+        if T:
+            assert rel_err(out, ref64(x, sizes, w)) < 1e-2
+
+
+def test_device_offsets_input(seed):
+    x, sizes, w = make_case(seed, 8, 64, 64, 400, torch.bfloat16, device=DEV)
+    offs = torch.tensor(np.cumsum(sizes), dtype=torch.int32, device=DEV)
+    for arg, kw in ((offs, {"offsets": True}), (torch.tensor(sizes, device=DEV), {})):
+        assert rel_err(K.grouped_gemm(x, arg, [w[:3], w[3:]], **kw), ref64(x, sizes, w)) < 1e-2
+
+
+def test_side_stream(seed):
+    x, sizes, w = make_case(seed, 8, 128, 128, 600, torch.bfloat16, device=DEV)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out = K.grouped_gemm(x, sizes, [w[:5], w[5:]])
+    s.synchronize()
+    assert rel_err(out, ref64(x, sizes, w)) < 1e-2
+
+
+def test_weights_on_another_device_are_refused(seed):
+    x, sizes, w = make_case(seed, 4, 32, 32, 40, torch.float32, device=DEV)
+    other = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"
+    with pytest.raises(InvalidArgumentError, match="device"):
+        K.grouped_gemm(x, sizes, [w[:2], w[2:].to(other)])
+    with pytest.raises(InvalidArgumentError, match="device"):
+        K.grouped_gemm(x.to(other), sizes, w)
+
+
+# ---- composite view (VMM) ------------------------------------------------------------------------
+def _bench_module():
+    path = os.path.join(REPO, "perf", "bench_grouped_gemm.py")
+    spec = importlib.util.spec_from_file_location("bench_grouped_gemm", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_vmm_composite_view(seed):
+    """Pieces in separate physical allocations, mapped back to back: one [E, K, N] tensor."""
+    bench = _bench_module()
+    E, Kd, N = 8, 1024, 1024  # one bf16 expert = 2 MiB, the VMM granularity
+    x, sizes, w = make_case(seed, E, Kd, N, 1000, torch.bfloat16, device=DEV)
+    try:
+        vm = bench.VmmSplit(w, [0, 2, 5, 8])
+    except bench.VmmUnavailable as exc:
+        pytest.skip(f"VMM composite unavailable: {exc}")
+    try:
+        ref = ref64(x, sizes, w)
+        info = {}
+        assert rel_err(K.grouped_gemm(x, sizes, vm.composite, info=info), ref) < 1e-2
+        assert info["method"] == "grouped_mm"
+        assert rel_err(K.grouped_gemm(x, sizes, vm.segments), ref) < 1e-2
+        _numba_or_skip()
+        assert rel_err(K.grouped_gemm(x, sizes, vm.segments, backend="numba"), ref) < 1e-2
+    finally:
+        torch.cuda.synchronize()
+        vm.close()
+
+
+# ---- Numba kernel on the GPU ---------------------------------------------------------------------
+@pytest.mark.parametrize("config", ["128x128x8", "64x128x8", "64x64x16", "16x16x4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_numba_kernel(seed, config, dtype):
+    _numba_or_skip()
+    for shape in ("odd", "aligned"):
+        E, Kd, N, T = SHAPES[shape]
+        for layout in ("kn", "nk"):
+            x, sizes, w = make_case(seed, E, Kd, N, T, dtype, device=DEV, layout=layout)
+            ref = ref64(x, sizes, w)
+            forms = split_forms(w, seed)
+            for name in ("tensor", "dwdp_3_pieces", "per_expert", "separate_allocs"):
+                info = {}
+                out = K.grouped_gemm(x, sizes, forms[name], backend=f"numba:{config}", info=info)
+                assert info["method"] == "numba"
+                err = rel_err(out, ref)
+                assert err < TOL[dtype], f"{shape}/{layout}/{name}: rel err {err:.3g}"
+
+
+def test_numba_kernel_edges(seed):
+    _numba_or_skip()
+    for sizes in ([0, 0, 300, 0], [1, 0, 0, 0], [0, 0, 0, 0]):
+        T = sum(sizes)
+        x, _, w = make_case(seed, 4, 33, 65, T, torch.float32, device=DEV)
+        out = K.grouped_gemm(x, sizes, [w[:1], w[1:]], backend="numba")
+        assert out.shape == (T, 65)
+        if T:
+            assert rel_err(out, ref64(x, sizes, w)) < 1e-5
+    x, sizes, w = make_case(seed, 5, 64, 48, 200, torch.bfloat16, device=DEV)
+    out = torch.full((200, 48), float("nan"), dtype=torch.bfloat16, device=DEV)
+    assert K.grouped_gemm(x, sizes, w, out=out, backend="numba") is out
+    assert rel_err(out, ref64(x, sizes, w)) < 1e-2
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        out2 = K.grouped_gemm(x, sizes, [w[:2], w[2:]], backend="numba")
+    s.synchronize()
+    assert rel_err(out2, ref64(x, sizes, w)) < 1e-2
+
+
+# ---- fp8 -----------------------------------------------------------------------------------------
+def _fp8_or_skip():
+    why = torch_grouped.fp8_unavailable_reason(torch.device(DEV))
+    if why:
+        pytest.skip(f"fp8 grouped GEMM unavailable here: {why}")
+
+
+def _fp8_weights(seed, E, Kd, N):
+    g = torch.Generator().manual_seed(seed)
+    w_real = (torch.randn(E, N, Kd, generator=g) / math.sqrt(Kd)).to(DEV)
+    scales = (w_real.abs().amax(dim=2) / 448.0).float()
+    wq = (w_real / scales[:, :, None]).to(torch.float8_e4m3fn).transpose(1, 2)  # [E, K, N] K-contiguous
+    return wq, scales
+
+
+@pytest.mark.parametrize("shape", [(16, 256, 512, 1200), (8, 2048, 256, 500)])
+def test_fp8_torch_path(seed, shape):
+    _fp8_or_skip()
+    E, Kd, N, T = shape
+    wq, scales = _fp8_weights(seed, E, Kd, N)
+    x = torch.randn(T, Kd, device=DEV).bfloat16()
+    sizes = random_sizes(np.random.default_rng(seed), E, T)
+    ref = K.grouped_gemm(x, sizes, wq, weight_scales=scales, backend="reference")
+    for form, scl in ((wq, scales), ([wq[:3], wq[3:]], [scales[:3], scales[3:]]),
+                      ([(0, wq[:5]), (5, wq[5:])], scales)):
+        info = {}
+        out = K.grouped_gemm(x, sizes, form, weight_scales=scl, info=info)
+        assert info["backend"] == "torch" and "scaled" in info["method"], info
+        assert rel_err(out, ref) < 1e-2, info
+
+
+def test_fp8_row_major_weights_refused(seed):
+    _fp8_or_skip()
+    wq, scales = _fp8_weights(seed, 4, 64, 64)
+    x = torch.randn(40, 64, device=DEV).bfloat16()
+    with pytest.raises((BackendUnavailableError, RuntimeError)):
+        K.grouped_gemm(x, [10] * 4, wq.contiguous(), weight_scales=scales, backend="torch")
+
+
+# ---- MoE MLP -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "numba"])
+def test_moe_mlp(seed, backend):
+    if backend == "numba":
+        _numba_or_skip()
+    E, H, I, T = 8, 256, 128, 800
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g).bfloat16().to(DEV)
+    w13 = (torch.randn(E, H, 2 * I, generator=g) / math.sqrt(H)).bfloat16().to(DEV)
+    w2 = (torch.randn(E, I, H, generator=g) / math.sqrt(I)).bfloat16().to(DEV)
+    sizes = random_sizes(np.random.default_rng(seed), E, T)
+    want = K.moe_mlp(x, sizes, w13, w2, backend="reference")
+    got = K.moe_mlp(x, sizes, [(0, w13[:2]), (2, w13[2:6]), (6, w13[6:])], [w2[:4], w2[4:]], backend=backend)
+    assert rel_err(got, want) < 2e-2
+
+
+def test_moe_mlp_fp8(seed):
+    _fp8_or_skip()
+    E, H, I, T = 8, 256, 128, 800
+    q13, s13 = _fp8_weights(seed, E, H, 2 * I)
+    q2, s2 = _fp8_weights(seed + 1, E, I, H)
+    x = torch.randn(T, H, device=DEV).bfloat16()
+    sizes = random_sizes(np.random.default_rng(seed), E, T)
+    want = K.moe_mlp(x, sizes, q13, q2, w13_scales=s13, w2_scales=s2, backend="reference")
+    info = {}
+    got = K.moe_mlp(x, sizes, [(0, q13[:3]), (3, q13[3:])], [q2[:5], q2[5:]], w13_scales=s13,
+                    w2_scales=[s2[:5], s2[5:]], info=info)
+    assert info["gate_up"]["method"] == "scaled_rows" and "scaled" in info["down"]["method"], info
+    assert rel_err(got, want) < 2e-2
+
+
+def test_available_backends_on_gpu():
+    status = K.available_backends(DEV, reasons=True)
+    assert status["torch"] is None and status["reference"] is None
+    print(status)
