@@ -261,6 +261,8 @@ def git_commit() -> dict:
             return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
         except Exception:
             return ""
+    if os.environ.get("DWDP_GIT_COMMIT"):  # the device machine gets the tree without .git
+        return {"commit": os.environ["DWDP_GIT_COMMIT"], "dirty": False}
     return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--", "dwdp_comm", "perf"))}
 
 
