@@ -83,6 +83,7 @@ class Group:
         self._closed = False
 
     def check_open(self) -> None:
+        """Raise :class:`ClosedError` if the group was closed."""
         if self._closed:
             raise ClosedError("group used after close()")
 
@@ -106,6 +107,7 @@ class Group:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self._closed
 
     def __enter__(self) -> "Group":

@@ -74,6 +74,7 @@ class PrefetchHandle:
 
     @property
     def released(self) -> bool:
+        """True after :meth:`release`."""
         return self._released
 
     @property
@@ -277,10 +278,12 @@ class Prefetcher:
 
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self._closed
 
     @property
     def plan_cache(self) -> PlanCache:
+        """The cache of copy plans (``hits``, ``misses``)."""
         return self._plans
 
     @property

@@ -48,6 +48,7 @@ class TensorSpec:
 
     @property
     def expert_nbytes(self) -> int:
+        """Bytes of one expert's tensor."""
         return math.prod(self.expert_shape) * self.dtype.itemsize
 
 
@@ -218,6 +219,7 @@ class WeightStore:
     # ---- queries -------------------------------------------------------------------------------
     @property
     def closed(self) -> bool:
+        """True after :meth:`close`."""
         return self._closed
 
     @property
@@ -299,10 +301,12 @@ class WeightStore:
         return self._signature[layer]
 
     def layer_base(self, layer: int) -> int:
+        """Heap offset where ``layer``'s region starts (plans are relative to it)."""
         self._layer(layer)
         return self._layer_base[layer]
 
     def entries(self, layer: int) -> dict[str, _Entry]:
+        """Placement of every name of ``layer``: spec, heap offset, slot offset, slot mode."""
         return dict(self._layer(layer))
 
     # ---- close ---------------------------------------------------------------------------------

@@ -41,9 +41,11 @@ class DeepseekConfig:
 
     @property
     def qk_head_dim(self) -> int:
+        """Query/key head size: nope + rope parts."""
         return self.qk_nope_dim + self.qk_rope_dim
 
     def scaled(self, **changes) -> "DeepseekConfig":
+        """A copy with some fields changed (e.g. fewer experts for a smaller run)."""
         return replace(self, **changes)
 
 

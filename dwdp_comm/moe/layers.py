@@ -238,6 +238,7 @@ class DepMoE(torch.nn.Module):
         self._bounds = [layout.first_expert(r) for r in range(layout.group_size)] + [cfg.num_experts]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[num_tokens, hidden]`` (normed) -> same shape. Collective (all-to-all)."""
         cfg, lay, g = self.cfg, self.layout, self.layout.group_size
         ids, wts = _route(cfg, x, self.router)
         xs, m_sizes, order = permute_tokens(x, ids, cfg.num_experts)
