@@ -101,7 +101,7 @@ def test_gpu_backend_unavailable_on_every_rank(backend):
 
 
 def test_engine_options():
-    assert _cuda.parse_engine_options({}, "x") == {"streams": 1, "api": "memcpy", "distribute": "source",
+    assert _cuda.parse_engine_options({}, "x") == {"streams": 1, "api": "batch", "distribute": "source",
                                                     "overlap_hint": False}
     with pytest.raises(dc.InvalidArgumentError, match="streamz"):
         _cuda.parse_engine_options({"streamz": 2}, "cuda_ipc")
@@ -273,8 +273,8 @@ class _HostAlloc(_cuda._Alloc):
 
 
 @pytest.mark.parametrize("opts, remote_rank", [
-    ({"streams": 2}, None), ({"streams": 1, "api": "batch"}, None), ({"streams": 3, "distribute": "slot"}, None),
-    ({"streams": 2}, 2), ({"api": "batch", "streams": 2}, 0)])
+    ({"streams": 2}, None), ({"streams": 1, "api": "memcpy"}, None), ({"streams": 3, "distribute": "slot"}, None),
+    ({"streams": 2, "api": "memcpy"}, 2), ({"streams": 2}, 2), ({"api": "memcpy", "streams": 2}, 0)])
 def test_executor_logic_on_fake_runtime(monkeypatch, opts, remote_rank):
     import numpy as np
     from dwdp_comm.planner import CopyRange, make_plan
@@ -300,7 +300,7 @@ def test_executor_logic_on_fake_runtime(monkeypatch, opts, remote_rank):
                              remote_get=remote_get if remote_rank is not None else None,
                              sym_ptr=ptrs[rank] if remote_rank is not None else None,
                              **_cuda.parse_engine_options(opts, "test"))
-    assert eng.api == opts.get("api", "memcpy")  # the batch probe passed on the fake
+    assert eng.api == opts.get("api", "batch")  # the batch probe passed on the fake
     src_base, dst_base = 4096, 512
     ranges = [CopyRange(0, 0, 0, 5000), CopyRange(2, 100, 6000, 7000), CopyRange(1, 300, 20000, 3000),
               CopyRange(0, 9000, 30000, 1234)]
