@@ -1,0 +1,157 @@
+"""The model against its calibration table, and its predictions for larger groups.
+
+``python -m dwdp_comm.bench.calibrate`` (or ``dwdp-bench calibrate``) prints every row of
+``calibration_h200x4.json`` (the 4 x H200 measurements of ``DEVICE_NOTES.md``) next to the model
+and the error; ``dwdp-bench predict`` prints the predictions for 8 x H200 and an NVL72-like domain.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from typing import Iterable
+
+import numpy as np
+
+from . import model as M
+from .patterns import make_plans, parse_schedule, port_bound_time
+
+__all__ = ["load_calibration", "compare", "format_compare", "predict", "format_predictions",
+           "PREDICTION_SCHEDULES", "CLAIMED_TOLERANCE"]
+
+# Every row of the table is claimed within this relative error (tests assert it).
+CLAIMED_TOLERANCE = 0.15
+
+
+def load_calibration() -> dict:
+    """The measured table (``calibration_h200x4.json``) with its source."""
+    text = resources.files(__package__).joinpath("calibration_h200x4.json").read_text()
+    return json.loads(text)
+
+
+def _case_GBps(fabric: M.Fabric, pattern: str, schedule: str, nbytes: int, chunk: int, options: dict,
+               executor: str, arbitration: str = "fair", issue_order: str = "stream",
+               starts=None) -> tuple[float, M.SimResult]:
+    sch = parse_schedule(schedule)
+    G = fabric.group_size
+    plans = make_plans(pattern, sch, G, nbytes, chunk)
+    res = M.simulate(plans, fabric, options=sch.engine_options(G, options), executor=executor,
+                     arbitration=arbitration, issue_order=issue_order, starts=starts)
+    total = sum(p.total_nbytes for p in plans)
+    return total / res.makespan / 1e9, res
+
+
+def compare(fabric: M.Fabric | None = None) -> list[dict]:
+    """Model against every calibration row.
+
+    Returns
+    -------
+    list of dict
+        ``id, description, measured_GBps, model_GBps, error`` (relative, model / measured - 1).
+    """
+    cal = load_calibration()
+    fabric = fabric or M.h200(cal["group_size"])
+    out = []
+    for row in cal["rows"]:
+        got, _ = _case_GBps(fabric, row["pattern"], row["schedule"], row["nbytes_per_source"], row["chunk_nbytes"],
+                            row["engine_options"], row["model_executor"])
+        out.append({"id": row["id"], "description": row["description"], "measured_GBps": row["measured_GBps"],
+                    "model_GBps": got, "error": got / row["measured_GBps"] - 1.0,
+                    "executor": row["model_executor"]})
+    return out
+
+
+def format_compare(rows: Iterable[dict]) -> str:
+    """A Markdown table of :func:`compare`'s rows."""
+    lines = ["| row | measured GB/s | model GB/s | error |", "|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['description']} | {r['measured_GBps']:.0f} | {r['model_GBps']:.0f} | "
+                     f"{100 * r['error']:+.1f} % |")
+    return "\n".join(lines)
+
+
+# The schedules the predictions cover: (label, schedule spec, chunk bytes or 0 for whole).
+PREDICTION_SCHEDULES = [
+    ("naive", "naive", 0),
+    ("rotated", "rotated", 0),
+    ("round_robin 8M", "round_robin", 8 << 20),
+    ("round_robin 64M", "round_robin", 64 << 20),
+    ("batch 2M", "batch", 2 << 20),
+    ("batch 8M", "batch", 8 << 20),
+    ("graph 8M", "graph", 8 << 20),
+    ("parallel", "parallel", 0),
+    ("parallel+batch 8M", "parallel+api=batch", 8 << 20),
+    ("tdm 64M", "tdm", 64 << 20),
+    ("tdm whole", "tdm", 0),
+    ("tdm_source whole", "tdm_source", 0),
+]
+
+
+def predict(fabric: M.Fabric, nbytes: int, *, skew: float = 0.0, trials: int = 3, seed: int = 0,
+            arbitrations=("fair", "fifo"), schedules=None) -> list[dict]:
+    """The full exchange under each schedule, as % of the port bound (``G x pair``).
+
+    Parameters
+    ----------
+    fabric : Fabric
+    nbytes : int
+        Bytes each rank pulls from each peer.
+    skew : float
+        Ranks start at uniform random times in ``[0, skew x ideal layer time]``; the time of a trial
+        is the largest own duration (end - own start) over ranks, averaged over ``trials``.
+    arbitrations : sequence of str
+        ``per_stream`` arbitrations to report.
+
+    Returns
+    -------
+    list of dict
+        ``schedule, arbitration, pct_ideal, agg_GBps``.
+    """
+    G = fabric.group_size
+    t_ideal = port_bound_time("full", G, nbytes, fabric.pair_Bps)
+    rng = np.random.default_rng(seed)
+    draws = [np.zeros(G)] if skew == 0 else [rng.uniform(0, skew * t_ideal, G) for _ in range(trials)]
+    out = []
+    for label, spec, chunk in (schedules or PREDICTION_SCHEDULES):
+        for arb in arbitrations:
+            times = []
+            for st in draws:
+                sch = parse_schedule(spec)
+                plans = make_plans("full", sch, G, nbytes, chunk)
+                res = M.simulate(plans, fabric, options=sch.engine_options(G), starts=st, arbitration=arb)
+                times.append(float(res.durations.max()))
+            t = float(np.mean(times))
+            out.append({"schedule": label, "arbitration": arb, "pct_ideal": 100 * t_ideal / t,
+                        "agg_GBps": G * (G - 1) * nbytes / t / 1e9})
+    return out
+
+
+def format_predictions(rows: list[dict], title: str) -> str:
+    """A Markdown table: one row per schedule, one column per arbitration."""
+    arbs = list(dict.fromkeys(r["arbitration"] for r in rows))
+    scheds = list(dict.fromkeys(r["schedule"] for r in rows))
+    lines = [f"**{title}**", "", "| schedule | " + " | ".join(f"{a}: % of ideal (agg GB/s)" for a in arbs) + " |",
+             "|---|" + "---:|" * len(arbs)]
+    for s in scheds:
+        cells = []
+        for a in arbs:
+            r = next(x for x in rows if x["schedule"] == s and x["arbitration"] == a)
+            cells.append(f"{r['pct_ideal']:.0f} % ({r['agg_GBps']:.0f})")
+        lines.append(f"| {s} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    """Print model vs measured for every calibration row."""
+    rows = compare()
+    cal = load_calibration()
+    print(f"# calibration: {cal['source']}")
+    print(f"# harness: {cal['harness']}")
+    print(format_compare(rows))
+    worst = max(abs(r["error"]) for r in rows)
+    print(f"# worst error {100 * worst:.1f} % (claimed: every row within {100 * CLAIMED_TOLERANCE:.0f} %)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

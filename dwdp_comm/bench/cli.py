@@ -1,0 +1,363 @@
+"""``dwdp-bench``: the copy-plane contention benchmark, its model, and the model's checks.
+
+Usage (nccl-tests style flags)::
+
+    dwdp-bench contention [-g G] [-b 8M] [-e 1G] [-f 2] [-c 8M,0] [-s parallel,naive,round_robin]
+                          [-p full,ring] [--skew 0|random|X] [-n 10] [-w 3]
+                          [--backend auto|cuda_ipc|nvshmem|sim|model] [-o streams=3 ...]
+                          [--json FILE] [--plot FILE.png] [--inject-corruption]
+    dwdp-bench calibrate      # the model against the 4 x H200 table, every row with its error
+    dwdp-bench predict [-g 8] # model predictions for larger groups
+
+``contention`` launches one process per rank itself (``dwdp_comm.testing.launch``), or, under
+``torchrun`` (``RANK`` and ``WORLD_SIZE`` set), runs as the rank torchrun made. Rank 0 prints.
+Without GPUs, ``--backend auto`` runs the ``sim`` backend (CPU processes) and says so. The exit
+status is 1 when any byte was wrong, 2 for bad arguments, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from typing import Sequence
+
+from ..errors import InvalidArgumentError, InvalidTypeError, bad_arg
+from . import report as R
+from .contention import BenchConfig, run_model, run_rank
+from .patterns import SCHEDULES, canonical_pattern, parse_option, parse_schedule
+
+__all__ = ["main", "parse_size", "build_parser"]
+
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+# Defaults per backend kind: (min bytes, max bytes, factor, chunks, schedules, iters, warmup)
+_DEFAULTS = {
+    "gpu": ("64M", "1G", 4, "8M", "parallel,naive,rotated,round_robin,batch", 10, 3),
+    "sim": ("64K", "1M", 4, "64K", "naive,rotated,round_robin", 3, 1),
+    "model": ("8M", "1G", 2, "8M", "parallel,naive,rotated,round_robin,batch,tdm", 3, 0),
+}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """``"8M"`` -> 8388608 (K, M, G, T are powers of 1024; an optional ``iB``/``B`` suffix)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
+    if not m:
+        raise bad_arg(what, text, "an integer with an optional K, M, G or T suffix, e.g. 8M")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _sizes(lo: int, hi: int, factor: int) -> list[int]:
+    if lo <= 0 or hi < lo:
+        raise bad_arg("-b/-e", (lo, hi), "0 < minbytes <= maxbytes")
+    if factor < 2:
+        raise bad_arg("-f/--stepfactor", factor, "an int >= 2")
+    out, n = [], lo
+    while n <= hi:
+        out.append(n)
+        n *= factor
+    return out
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="dwdp-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("contention", help="copy-plane contention benchmark",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Every rank pulls bytes from its peers under a traffic pattern and a copy "
+                                   "schedule; prints time, per-rank and aggregate GB/s, %% of ideal and #wrong "
+                                   "per (pattern, schedule, chunk, size). Schedules: "
+                                   + ", ".join(SCHEDULES) + ", or policy[+key=value...].")
+    c.add_argument("-g", "--group-size", type=int, default=None,
+                   help="ranks (default: the GPUs visible; 4 on sim and model)")
+    c.add_argument("-b", "--minbytes", default=None, help="smallest bytes per source (default: 64M GPU, 64K sim, 8M model)")
+    c.add_argument("-e", "--maxbytes", default=None, help="largest bytes per source (default: 1G GPU, 1M sim, 1G model)")
+    c.add_argument("-f", "--stepfactor", type=int, default=None, help="size multiplier (default 4; 2 on model)")
+    c.add_argument("-c", "--chunk", default=None, help="comma list of chunk sizes; 0 = one copy per source "
+                                                       "(default: 8M; 64K on sim)")
+    c.add_argument("-s", "--schedules", default=None, help="comma list (default: parallel,naive,rotated,round_robin,"
+                                                           "batch on GPUs; naive,rotated,round_robin on sim; +tdm on model)")
+    c.add_argument("-p", "--patterns", default="full", help="comma list of pair, swap, ring, all-to-one, one-from-all, full")
+    c.add_argument("--skew", default="0", help="0: ranks start together; 'random' or X > 0: each rank starts at a "
+                                               "uniform random time in [0, X x ideal layer time] (random = 1)")
+    c.add_argument("-n", "--iters", type=int, default=None, help="timed iterations (default 10 GPU, 3 sim/model)")
+    c.add_argument("-w", "--warmup", type=int, default=None, help="warm-up iterations (default 3 GPU, 1 sim)")
+    c.add_argument("--backend", default="auto", choices=["auto", "cuda_ipc", "nvshmem", "sim", "model"])
+    c.add_argument("-o", "--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="copy-engine option for every schedule (repeatable), e.g. streams=3, api=batch")
+    c.add_argument("--json", metavar="FILE", help="write every row (and settings) as JSON")
+    c.add_argument("--plot", metavar="FILE.png", help="bandwidth per schedule and a per-rank timeline (matplotlib)")
+    c.add_argument("--inject-corruption", action="store_true",
+                   help="sim only: flip one byte of the first copy of every job (shows #wrong and the exit status)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (spawned ranks)")
+    m = c.add_argument_group("model backend")
+    m.add_argument("--fabric", default="auto", choices=["auto", "h200", "nvl72"],
+                   help="auto: h200 up to 8 GPUs, nvl72 above")
+    m.add_argument("--executor", default="per_stream", choices=["per_stream", "issue_fifo"])
+    m.add_argument("--arbitration", default="fair", choices=["fair", "fifo"])
+    m.add_argument("--issue-order", default="stream", choices=["stream", "slot"])
+    c.set_defaults(func=_contention)
+
+    k = sub.add_parser("calibrate", help="the model against the 4 x H200 measurements, every row")
+    k.set_defaults(func=_calibrate)
+    p = sub.add_parser("predict", help="model predictions of the full exchange for a group size",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-g", "--group-size", type=int, default=8)
+    p.add_argument("-b", "--bytes", default="1G", help="bytes per source")
+    p.add_argument("--fabric", default="auto", choices=["auto", "h200", "nvl72"])
+    p.add_argument("--skew", type=float, default=0.0)
+    p.add_argument("--trials", type=int, default=3)
+    p.set_defaults(func=_predict)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dwdp-bench``; returns the exit status."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return args.func(args)
+    except (InvalidArgumentError, InvalidTypeError) as exc:
+        print(f"dwdp-bench: error: {exc}", file=sys.stderr)
+        return 2
+
+
+# ---- contention -----------------------------------------------------------------------------------
+def _under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def _gpus() -> int:
+    from ..testing import gpu_count
+    return gpu_count()
+
+
+def _kind(backend: str) -> str:
+    if backend == "model":
+        return "model"
+    if backend == "sim" or (backend == "auto" and _gpus() == 0):
+        return "sim"
+    return "gpu"
+
+
+def _config(args) -> tuple[BenchConfig, str]:
+    kind = _kind(args.backend)
+    lo, hi, fac, chunk, scheds, iters, warm = _DEFAULTS[kind]
+    if _under_torchrun():
+        G = int(os.environ["WORLD_SIZE"])
+        if args.group_size not in (None, G):
+            raise bad_arg("-g/--group-size", args.group_size, f"WORLD_SIZE={G} under torchrun")
+    elif args.group_size is not None:
+        G = args.group_size
+    else:
+        G = _gpus() if kind == "gpu" else 4
+    if G < 2:
+        raise bad_arg("-g/--group-size", G, "an int >= 2 (a pattern needs a peer)")
+    sizes = _sizes(parse_size(args.minbytes or lo, "-b/--minbytes"), parse_size(args.maxbytes or hi, "-e/--maxbytes"),
+                   args.stepfactor or fac)
+    if any(n % 4 for n in sizes):
+        raise bad_arg("sizes", sizes, "multiples of 4 bytes (sources hold 32-bit words)")
+    chunks = [parse_size(x, "-c/--chunk") for x in _csv(args.chunk or chunk)]
+    if not chunks:
+        raise bad_arg("-c/--chunk", args.chunk, "at least one chunk size")
+    schedules = _csv(args.schedules or scheds)
+    for s in schedules:
+        parse_schedule(s)  # raise early, with the list of valid names
+    patterns = [canonical_pattern(p) for p in _csv(args.patterns)]
+    skew_text = str(args.skew).strip().lower()
+    if skew_text == "random":
+        skew = 1.0
+    else:
+        try:
+            skew = float(skew_text.removeprefix("random:"))
+        except ValueError:
+            raise bad_arg("--skew", args.skew, "0, 'random' or a number >= 0") from None
+    if not skew >= 0:
+        raise bad_arg("--skew", args.skew, "0, 'random' or a number >= 0")
+    iters = iters if args.iters is None else args.iters
+    warm = warm if args.warmup is None else args.warmup
+    if iters < 1 or warm < 0:
+        raise bad_arg("-n/-w", (iters, warm), "iters >= 1 and warmup >= 0")
+    opts = dict(parse_option(o) for o in args.engine_option)
+    if args.inject_corruption and kind != "sim":
+        raise bad_arg("--inject-corruption", True, "the sim backend (--backend sim, or auto without GPUs)")
+    cfg = BenchConfig(group_size=G, sizes=sizes, chunks=chunks, schedules=schedules, patterns=patterns, skew=skew,
+                      iters=iters, warmup=warm, engine_options=opts, seed=args.seed,
+                      inject_corruption=args.inject_corruption, backend=args.backend, fabric=args.fabric,
+                      executor=args.executor, arbitration=args.arbitration, issue_order=args.issue_order,
+                      timeline=bool(args.plot) and args.backend == "model")
+    return cfg, kind
+
+
+def _settings_lines(cfg: BenchConfig, launcher: str) -> list[str]:
+    sz = cfg.sizes
+    lines = [f"group size: {cfg.group_size} ({launcher})",
+             f"sizes (bytes per source): {', '.join(R.format_size(n) for n in sz)}; chunks: "
+             + ", ".join("whole" if c == 0 else R.format_size(c) for c in cfg.chunks),
+             f"patterns: {', '.join(cfg.patterns)}; schedules: {', '.join(cfg.schedules)}",
+             ("skew: none (ranks start together)" if cfg.skew == 0 else
+              f"skew: each rank starts at a uniform random time in [0, {cfg.skew:g} x ideal time of the case], "
+              "per iteration"),
+             f"iterations: {cfg.iters} timed after {cfg.warmup} warm-up; engine options: {cfg.engine_options or '{}'}; "
+             f"seed {cfg.seed}" + ("; INJECTED CORRUPTION (sim corrupt_copy=0)" if cfg.inject_corruption else ""),
+             "time: largest rank time (end - own start) of an iteration, mean over iterations",
+             "ideal: the pattern's port bound at the pair reference rate (full, ring: G x pair); "
+             "pair reference = rank 0 <- 1, one copy, alone, same size"]
+    return lines
+
+
+def _schedule_width(cfg: BenchConfig) -> int:
+    return max([len(s) for s in cfg.schedules] + [8]) + 1
+
+
+def _print_preamble(rep: R.Reporter, cfg: BenchConfig, backend_line: str, launcher: str, extra=()) -> None:
+    rep.comment("dwdp-bench contention: copy-plane contention (dwdp_comm)")
+    for line in R.machine_lines():
+        rep.comment(line)
+    rep.comment(backend_line)
+    for line in list(extra) + _settings_lines(cfg, launcher):
+        rep.comment(line)
+    rep.comment()
+
+
+def _backend_line(backend: str, reason: str, device: str) -> str:
+    line = f"backend: {backend} ({reason}); device {device}"
+    if backend == "sim":
+        line += (" -- NO GPU: the sim backend (CPU processes over POSIX shared memory, a copy thread per rank); "
+                 "times are CPU memcpy times, not GPU copy-engine times")
+    return line
+
+
+class _Printer:
+    """Rank 0's row printer: the header once, pair references as comments."""
+
+    def __init__(self, rep: R.Reporter):
+        self.rep, self.started = rep, False
+
+    def reference(self, nbytes: int, Bps: float) -> None:
+        self.rep.comment(f"pair reference {nbytes} B ({R.format_size(nbytes)}): {Bps / 1e9:.2f} GB/s")
+
+    def row(self, r: dict) -> None:
+        if not self.started:
+            self.rep.header()
+            self.started = True
+        self.rep.row(r)
+
+
+def _rank_main(group, cfg: BenchConfig, launcher: str) -> dict:
+    """One rank of the benchmark (module level: spawned ranks unpickle it)."""
+    printer = None
+    if group.rank == 0:
+        rep = R.Reporter(schedule_width=_schedule_width(cfg))
+        _print_preamble(rep, cfg, _backend_line(group.backend, group.backend_reason, str(group.device)), launcher)
+        printer = _Printer(rep)
+    res = run_rank(group, cfg, on_row=printer.row if printer else None,
+                   on_reference=printer.reference if printer else None)
+    return res
+
+
+def _contention(args) -> int:
+    cfg, kind = _config(args)
+    argv = sys.argv[1:]
+    if kind == "model":
+        rep = R.Reporter(schedule_width=_schedule_width(cfg))
+        from .contention import model_fabric
+        fab = model_fabric(cfg)
+        extra = [f"model: fabric {fab.name}: egress {fab.egress_Bps / 1e9:.0f} GB/s, ingress {fab.ingress_Bps / 1e9:.0f}, "
+                 f"duplex {(fab.duplex_Bps or 0) / 1e9:.0f}, per copy {1e6 * fab.copy_overhead_s:.1f} us, batch "
+                 f"{1e6 * fab.batch_call_overhead_s:.1f} + {1e6 * fab.batch_copy_overhead_s:.1f} us/copy, graph "
+                 f"{1e6 * fab.graph_copy_overhead_s:.1f} us/copy, flag {1e6 * fab.flag_latency_s:.1f} us, "
+                 f"{fab.max_streams} hardware queues ({fab.notes})",
+                 f"model: executor {cfg.executor}, arbitration {cfg.arbitration}"
+                 + (f", issue order {cfg.issue_order}" if cfg.executor == "issue_fifo" else "")
+                 + "; no bytes move (#wrong: -); with skew, one simulation per iteration"]
+        _print_preamble(rep, cfg, "backend: model (requested: a fluid model of the copy plane, dwdp_comm.bench.model)",
+                        "in-process model", extra)
+        printer = _Printer(rep)
+        res = run_model(cfg, on_row=printer.row, on_reference=printer.reference)
+        launcher = "in-process model"
+    elif _under_torchrun():
+        res, launcher, rank = _torchrun(cfg)
+        if rank != 0:  # rank 0 reports; every rank has the same rows
+            return 1 if any(r["wrong"] for r in res["rows"]) else 0
+    else:
+        from ..testing import launch
+        launcher = f"{cfg.group_size} processes spawned by dwdp_comm.testing.launch"
+        sys.stdout.flush()
+        res = launch(_rank_main, cfg.group_size, cfg, launcher, backend=args.backend, timeout=args.timeout)[0]
+    return _finish(args, cfg, res, launcher, argv)
+
+
+def _torchrun(cfg: BenchConfig):
+    import torch
+    import torch.distributed as dist
+
+    from ..group import init
+    launcher = f"torchrun, WORLD_SIZE={os.environ['WORLD_SIZE']}"
+    if cfg.backend not in ("sim", "model") and torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", os.environ["RANK"])) % torch.cuda.device_count())
+    own = not dist.is_initialized()
+    if own:
+        dist.init_process_group("gloo")
+    try:
+        with init(cfg.backend) as group:
+            res = _rank_main(group, cfg, launcher)
+            rank = group.rank
+    finally:
+        if own:
+            dist.destroy_process_group()
+    return res, launcher, rank
+
+
+def _finish(args, cfg: BenchConfig, res: dict, launcher: str, argv) -> int:
+    rows = res["rows"]
+    wrong = sum(r["wrong"] or 0 for r in rows)
+    skipped = sum(r["status"] != "ok" for r in rows)
+    doc = {"schema": R.SCHEMA, "command": ["dwdp-bench", *argv], "machine": R.machine_lines(),
+           "launcher": launcher, "backend": res["backend"], "backend_reason": res["backend_reason"],
+           "group_size": res["group_size"], "config": cfg.as_dict(),
+           "pair_reference_GBps": res["pair_reference"], "rows": rows, "wrong_total": wrong,
+           "skipped": skipped, "model": res.get("model")}
+    rep = R.Reporter()
+    if args.json:
+        R.to_json(doc, args.json)
+        rep.comment(f"wrote {args.json}")
+    if args.plot:
+        from .plot import plot
+        msg = plot(doc, args.plot)
+        rep.comment(msg)
+    checked = "" if res["backend"] == "model" else f"; {wrong} wrong bytes"
+    rep.comment(f"{len(rows)} rows, {skipped} skipped{checked}")
+    if wrong:
+        rep.comment("FAILED: some bytes were wrong")
+        return 1
+    return 0
+
+
+# ---- model checks ---------------------------------------------------------------------------------
+def _calibrate(args) -> int:
+    from .calibrate import main as cal_main
+    return cal_main([])
+
+
+def _predict(args) -> int:
+    from . import model as M
+    from .calibrate import format_predictions, predict
+    G = args.group_size
+    fab = args.fabric if args.fabric != "auto" else ("h200" if G <= 8 else "nvl72")
+    fabric = M.h200(G) if fab == "h200" else M.nvl72(G)
+    n = parse_size(args.bytes, "-b/--bytes")
+    rows = predict(fabric, n, skew=args.skew, trials=args.trials)
+    print(format_predictions(rows, f"{fabric.name}, full exchange, {R.format_size(n)} per source, skew {args.skew:g}"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,104 @@
+"""Text output (nccl-tests style) and the JSON document of the contention benchmark."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+from typing import IO
+
+SCHEMA = "dwdp-bench/contention/v1"
+
+__all__ = ["SCHEMA", "Reporter", "machine_lines", "format_size", "to_json"]
+
+_COLS = [("pattern", "", 12), ("schedule", "", 0), ("chunk", "(B)", 10), ("size", "(B)", 11),
+         ("time", "(us)", 11), ("rank-bw", "(GB/s)", 9), ("agg-bw", "(GB/s)", 9), ("ideal", "(GB/s)", 9),
+         ("%ideal", "(%)", 7), ("#wrong", "", 7)]
+
+
+def format_size(n: int) -> str:
+    """``8388608`` -> ``"8M"`` (binary units, as the flags take them)."""
+    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift}{unit}"
+    return str(n)
+
+
+def _nvidia_smi(*args: str) -> str | None:
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def machine_lines() -> list[str]:
+    """Machine, GPUs and topology, one preamble line each (without the leading ``#``)."""
+    import torch
+    from .. import __version__
+    lines = [f"machine: {socket.gethostname()} ({platform.platform()}, {os.cpu_count()} CPUs), "
+             f"python {platform.python_version()}, torch {torch.__version__}, dwdp_comm {__version__}"]
+    gpus = _nvidia_smi("--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader")
+    if gpus:
+        for g in gpus.splitlines():
+            lines.append(f"GPU {g.strip()}")
+        topo = _nvidia_smi("topo", "-m")
+        if topo:
+            lines.append("topology (nvidia-smi topo -m):")
+            lines.extend("  " + t for t in topo.splitlines() if t.strip())
+    else:
+        lines.append("GPUs: none found (no nvidia-smi)")
+    return lines
+
+
+class Reporter:
+    """Prints the ``#`` preamble, the header and units rows, and one line per row."""
+
+    def __init__(self, out: IO[str] | None = None, schedule_width: int = 12):
+        self.out = out or sys.stdout
+        self.sw = max(schedule_width, 8)
+
+    def comment(self, text: str = "") -> None:
+        for line in (text.splitlines() or [""]):
+            print(f"# {line}".rstrip(), file=self.out)
+        self.out.flush()
+
+    def _widths(self) -> list[int]:
+        return [w or self.sw for _, _, w in _COLS]
+
+    def header(self) -> None:
+        ws = self._widths()
+        names = "".join(f"{n:>{w}} " for (n, _, _), w in zip(_COLS, ws))
+        units = "".join(f"{u:>{w}} " for (_, u, _), w in zip(_COLS, ws))
+        print("#" + names[1:].rstrip(), file=self.out)
+        print("#" + units[1:].rstrip(), file=self.out)
+        self.out.flush()
+
+    def row(self, r: dict) -> None:
+        ws = self._widths()
+        head = [r["pattern"], r["schedule"], str(r["chunk_nbytes"]), str(r["nbytes"])]
+        if r["status"] != "ok":
+            cells = "".join(f"{v:>{w}} " for v, w in zip(head, ws))
+            print(f"{cells}  skipped: {r['reason']}", file=self.out)
+        else:
+            wrong = "-" if r.get("wrong") is None else str(r["wrong"])
+            vals = head + [f"{r['time_us']:.1f}", f"{r['rank_GBps']:.2f}", f"{r['agg_GBps']:.2f}",
+                           f"{r['ideal_GBps']:.2f}", f"{r['pct_ideal']:.1f}", wrong]
+            print("".join(f"{v:>{w}} " for v, w in zip(vals, ws)).rstrip(), file=self.out)
+        if r.get("note"):
+            print(f"#   note: {r['note']}", file=self.out)
+        self.out.flush()
+
+
+def to_json(doc: dict, path: str) -> None:
+    """Write the result document (``SCHEMA``) to ``path``."""
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")

@@ -1,0 +1,209 @@
+"""``dwdp-bench``: output format, JSON schema, skipped rows, #wrong and the exit status.
+
+The model backend runs in-process; the sim backend spawns ranks (a few seconds each), so only two
+sim runs are made: one clean, one with an injected corruption.
+"""
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dwdp_comm.bench.cli import main, parse_size
+from dwdp_comm.bench.report import SCHEMA
+
+ROW_KEYS = {"pattern": str, "schedule": str, "policy": str, "options": dict, "chunk_nbytes": int, "nbytes": int,
+            "status": str}
+NUM_KEYS = ("time_us", "time_min_us", "time_max_us", "rank_GBps", "agg_GBps", "pair_GBps", "ideal_GBps",
+            "pct_ideal")
+
+
+def check_schema(doc: dict, *, measured: bool) -> None:
+    """A small hand-written validator of the ``dwdp-bench/contention/v1`` document."""
+    assert doc["schema"] == SCHEMA
+    for key, typ in {"command": list, "machine": list, "launcher": str, "backend": str, "backend_reason": str,
+                     "group_size": int, "config": dict, "pair_reference_GBps": dict, "rows": list,
+                     "wrong_total": int, "skipped": int}.items():
+        assert isinstance(doc[key], typ), key
+    assert (doc["model"] is None) == measured
+    for k in ("sizes", "chunks", "schedules", "patterns", "skew", "iters", "warmup", "engine_options", "seed"):
+        assert k in doc["config"], k
+    for size, bw in doc["pair_reference_GBps"].items():
+        assert int(size) in doc["config"]["sizes"] and bw > 0
+    wrong = 0
+    for r in doc["rows"]:
+        for key, typ in ROW_KEYS.items():
+            assert isinstance(r[key], typ), (key, r)
+        assert r["status"] in ("ok", "skipped")
+        if r["status"] == "skipped":
+            assert isinstance(r["reason"], str) and r["reason"]
+            continue
+        assert r["reason"] is None
+        for k in NUM_KEYS:
+            assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r)
+        assert r["time_min_us"] <= r["time_us"] <= r["time_max_us"]
+        assert len(r["times_us"]) == r["iters"] >= 1
+        assert r["agg_GBps"] == pytest.approx(r["total_nbytes"] / r["time_us"] / 1e3)
+        assert r["pct_ideal"] == pytest.approx(100 * r["agg_GBps"] / r["ideal_GBps"])
+        if measured:
+            assert isinstance(r["wrong"], int) and r["wrong"] >= 0
+            wrong += r["wrong"]
+        else:
+            assert r["wrong"] is None
+    assert doc["wrong_total"] == wrong
+    assert doc["skipped"] == sum(r["status"] == "skipped" for r in doc["rows"])
+
+
+def parse_output(text: str):
+    """(preamble lines, header lines, data rows split in fields)."""
+    lines = [l for l in text.splitlines() if l.strip()]
+    pre, rows = [], []
+    for l in lines:
+        (pre if l.startswith("#") else rows).append(l)
+    header = [l for l in pre if l.startswith("#") and "pattern" in l and "#wrong" in l]
+    units = [l for l in pre if "(GB/s)" in l and "(us)" in l]
+    return pre, header + units, [l.split() for l in rows]
+
+
+# ---- model backend (in-process) -------------------------------------------------------------------
+def test_model_output_and_json(tmp_path, capsys):
+    out = tmp_path / "m.json"
+    rc = main(["contention", "--backend", "model", "-b", "16M", "-e", "64M", "-f", "2", "-c", "4M,0",
+               "-s", "naive,round_robin,parallel,tdm", "-p", "full,ring", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    pre, head, rows = parse_output(text)
+    assert any("backend: model" in l for l in pre) and any(l.startswith("# machine:") for l in pre)
+    assert any("pair reference" in l for l in pre)
+    assert len(head) == 2 and head[0].split()[1:] == ["pattern", "schedule", "chunk", "size", "time", "rank-bw",
+                                                      "agg-bw", "ideal", "%ideal", "#wrong"]
+    assert len(rows) == 3 * 2 * 4 * 2  # sizes x patterns x schedules x chunks
+    for f in rows:
+        assert len(f) == 10 and f[0] in ("full", "ring") and f[9] == "-"
+        assert int(f[3]) in (16 << 20, 32 << 20, 64 << 20) and int(f[2]) in (4 << 20, 0)
+        for x in f[4:9]:
+            float(x)
+    doc = json.loads(out.read_text())
+    check_schema(doc, measured=False)
+    assert doc["model"]["executor"] == "per_stream" and doc["model"]["fabric"]["group_size"] == 4
+
+
+def test_model_skipped_row_and_skew(capsys, tmp_path):
+    out = tmp_path / "m.json"
+    rc = main(["contention", "--backend", "model", "-b", "8M", "-e", "8M", "-c", "2M",
+               "-s", "naive+bogus=1,rotated", "--skew", "random", "-n", "2", "--json", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0
+    assert re.search(r"naive\+bogus=1 .*skipped: copy engine options: got \['bogus'\]", text)
+    assert "uniform random time" in text
+    doc = json.loads(out.read_text())
+    check_schema(doc, measured=False)
+    ok = [r for r in doc["rows"] if r["status"] == "ok"]
+    assert doc["skipped"] == 1 and len(ok) == 1 and ok[0]["iters"] == 2
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["-s", "fastest"], "schedule: got 'fastest'"),
+    (["-b", "8Q"], "-b/--minbytes: got '8Q'"),
+    (["-b", "1G", "-e", "8M"], "-b/-e"),
+    (["-p", "star"], "pattern: got 'star'"),
+    (["-o", "streams"], "engine option: got 'streams'"),
+    (["--skew", "sometimes"], "--skew"),
+    (["--inject-corruption"], "--inject-corruption"),
+    (["-g", "1"], "-g/--group-size"),
+])
+def test_bad_arguments_exit_2(argv, msg, capsys):
+    assert main(["contention", "--backend", "model", *argv]) == 2
+    assert msg in capsys.readouterr().err
+
+
+def test_parse_size():
+    assert parse_size("8M") == 8 << 20 and parse_size("1G") == 1 << 30 and parse_size("4k") == 4096
+    assert parse_size("512KiB") == 512 << 10 and parse_size("100") == 100
+
+
+def test_calibrate_and_predict(capsys):
+    assert main(["calibrate"]) == 0
+    text = capsys.readouterr().out
+    assert "DEVICE_NOTES.md" in text and text.count("| ") > 15 and "worst error" in text
+    assert main(["predict", "-g", "4", "-b", "64M", "--trials", "1"]) == 0
+    text = capsys.readouterr().out
+    assert "parallel" in text and "fair" in text and "fifo" in text
+
+
+def test_model_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "m.png"
+    assert main(["contention", "--backend", "model", "-b", "8M", "-e", "16M", "-c", "2M",
+                 "-s", "naive,round_robin", "--plot", str(png)]) == 0
+    assert f"wrote {png}" in capsys.readouterr().out
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---- sim backend (spawned ranks) ------------------------------------------------------------------
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*argv, timeout=240):
+    env = {k: v for k, v in os.environ.items() if k != "DWDP_COMM_BACKEND"}
+    return subprocess.run([sys.executable, "-m", "dwdp_comm.bench.cli", "contention", *argv], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def test_sim_clean_run(tmp_path):
+    out = tmp_path / "s.json"
+    png = tmp_path / "s.png"
+    p = _cli("--backend", "sim", "-g", "3", "-b", "64K", "-e", "128K", "-f", "2", "-c", "16K",
+             "-s", "naive,round_robin,parallel", "-p", "full,one-from-all", "-n", "2", "-w", "1",
+             "--json", str(out), "--plot", str(png))
+    assert p.returncode == 0, p.stdout + p.stderr
+    pre, head, rows = parse_output(p.stdout)
+    assert any(l.startswith("# backend: sim") and "NO GPU" in l for l in pre)
+    assert len(head) == 2
+    assert len(rows) == 2 * 2 * 3
+    ok = [f for f in rows if "skipped:" not in " ".join(f)]
+    skipped = [f for f in rows if "skipped:" in " ".join(f)]
+    assert len(ok) == 8 and len(skipped) == 4  # sim has no streams option: 'parallel' rows are skipped
+    assert all(f[9] == "0" for f in ok)
+    doc = json.loads(out.read_text())
+    check_schema(doc, measured=True)
+    assert doc["backend"] == "sim" and doc["group_size"] == 3 and doc["wrong_total"] == 0
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "plot skipped: matplotlib is not installed" in p.stdout
+    else:
+        assert f"wrote {png}" in p.stdout and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_sim_injected_corruption_is_counted_and_fails(tmp_path):
+    out = tmp_path / "c.json"
+    p = _cli("--backend", "sim", "-g", "2", "-b", "64K", "-e", "64K", "-c", "16K", "-s", "naive,round_robin",
+             "-p", "full,pair", "-n", "1", "-w", "0", "--inject-corruption", "--json", str(out))
+    assert p.returncode == 1, p.stdout + p.stderr
+    _, _, rows = parse_output(p.stdout)
+    # corrupt_copy=0 flips one byte of the first copy of every job: one byte per receiving rank
+    assert [int(f[9]) for f in rows] == [2, 2, 1, 1]
+    assert "FAILED" in p.stdout
+    doc = json.loads(out.read_text())
+    check_schema(doc, measured=True)
+    assert doc["wrong_total"] == 6
+
+
+def test_under_torchrun(tmp_path):
+    """RANK/WORLD_SIZE set: the CLI runs as torchrun's rank instead of spawning its own."""
+    out = tmp_path / "t.json"
+    env = {k: v for k, v in os.environ.items() if k != "DWDP_COMM_BACKEND"}
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
+                        "dwdp_comm.bench.cli", "contention", "--backend", "sim", "-b", "64K", "-e", "64K", "-c", "16K",
+                        "-s", "round_robin", "-n", "1", "-w", "0", "--json", str(out)],
+                       capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    check_schema(doc, measured=True)
+    assert doc["launcher"].startswith("torchrun") and doc["group_size"] == 2 and len(doc["rows"]) == 1
+    assert p.stdout.count("# dwdp-bench contention") == 1  # rank 0 prints, once
