@@ -143,122 +143,174 @@ def device_used_bytes(device) -> int:
     return 0
 
 
-def rank_main(args_dict: dict):
-    args = argparse.Namespace(**args_dict)
-    rank, world = dist.get_rank(), dist.get_world_size()
-    on_gpu = torch.cuda.is_available()
-    device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
-    cfg = moe.DEEPSEEK_V3 if args.size == "full" else moe.TOY
-    dtype = torch.bfloat16
-    layers = list(range(args.layers))
-    lay = dc.ExpertLayout(cfg.num_experts, world, rank)
-    mem0 = device_used_bytes(device)
+class Runner:
+    """One rank's model, built once; :meth:`run` measures one load point, :meth:`check` verifies.
 
-    attn = [moe.MLAttention(cfg, moe.attention_weights(cfg, args.seed, l, device=device, dtype=dtype)) for l in layers]
-    norms = [(a.w["attn_norm"], a.w["ffn_norm"]) for a in attn]
-    routers = [moe.router_weights(cfg, args.seed, l, device=device) for l in layers]
-    shared = [moe.shared_expert_weights(cfg, args.seed, l, device=device, dtype=dtype) for l in layers]
-    group = store = pf = pipe = None
-    if args.mode == "dwdp":
-        group = dc.init(args.backend)
-        store = dc.WeightStore(group, lay)
-        for l in layers:
-            for name, t in moe.expert_weights(cfg, args.seed, l, lay.local_experts, fmt=args.weights,
-                                              device=device).items():
-                store.register(l, name, t)
-        store.commit()
-        pf = dc.Prefetcher(store, depth=args.depth, schedule=args.schedule, chunk_nbytes=int(args.chunk_mib * 2**20))
-        pipe = moe.DwdpPipeline(pf, layers)
-        blocks = [moe.DwdpMoE(cfg, l, routers[l], shared[l], pipe, fmt=args.weights, kernel_backend=args.kernel_backend)
-                  for l in layers]
-    elif args.mode == "dep":
-        pg = dist.new_group(backend="nccl") if on_gpu else None
-        blocks = [moe.DepMoE(cfg, lay, routers[l], shared[l],
-                             moe.expert_weights(cfg, args.seed, l, lay.local_experts, fmt=args.weights, device=device),
-                             group=pg, fmt=args.weights, kernel_backend=args.kernel_backend) for l in layers]
-    else:
-        blocks = [SingleMoE(cfg, routers[l], shared[l],
-                            moe.expert_weights(cfg, args.seed, l, range(cfg.num_experts), fmt=args.weights, device=device),
-                            args.weights, args.kernel_backend) for l in layers]
-    blocks = [Recorder(b) for b in blocks]
-    model = Model(cfg, attn, blocks, norms)
-    if on_gpu:
-        torch.cuda.empty_cache()  # drop the generator's temporaries: count what the model holds
-    mem_weights = device_used_bytes(device) - mem0
+    Building the weights dominates a run's setup (tens of GB at full size), so a sweep builds one
+    ``Runner`` per (mode, weight format) and calls :meth:`run` for every point of its grid.
+    Construction is collective (the store's commit, the DEP process group).
+    """
 
-    n_batches = args.warmup + args.iters
-    lengths = prompt_lengths(rank, args.seed, args.prompt_mean, args.cv, 64 * n_batches, args.max_num_tokens)
-    plan = batches(lengths, args.max_num_tokens)[:n_batches]
-    if len(plan) < n_batches:
-        raise RuntimeError("not enough requests for the iterations asked")
-    gen = torch.Generator(device=device).manual_seed(args.seed * 31 + rank)
-    inputs = [torch.randn(sum(b), cfg.hidden, generator=gen, device=device, dtype=torch.float32).to(dtype)
-              for b in plan]
+    def __init__(self, args):
+        self.args = args
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.on_gpu = torch.cuda.is_available()
+        device = torch.device("cuda", torch.cuda.current_device()) if self.on_gpu else torch.device("cpu")
+        self.device = device
+        cfg = self.cfg = moe.DEEPSEEK_V3 if args.size == "full" else moe.TOY
+        dtype = self.dtype = torch.bfloat16
+        layers = self.layers = list(range(args.layers))
+        lay = dc.ExpertLayout(cfg.num_experts, self.world, self.rank)
+        self.mem0 = device_used_bytes(device)
+        self.attn = [moe.MLAttention(cfg, moe.attention_weights(cfg, args.seed, l, device=device, dtype=dtype))
+                     for l in layers]
+        self.norms = [(a.w["attn_norm"], a.w["ffn_norm"]) for a in self.attn]
+        self.routers = [moe.router_weights(cfg, args.seed, l, device=device) for l in layers]
+        self.shared = [moe.shared_expert_weights(cfg, args.seed, l, device=device, dtype=dtype) for l in layers]
+        self.group = self.store = self.pf = self.pipe = None
+        if args.mode == "dwdp":
+            self.group = dc.init(args.backend)
+            self.store = dc.WeightStore(self.group, lay)
+            for l in layers:
+                for name, t in moe.expert_weights(cfg, args.seed, l, lay.local_experts, fmt=args.weights,
+                                                  device=device).items():
+                    self.store.register(l, name, t)
+            self.store.commit()
+            self.pf = dc.Prefetcher(self.store, depth=args.depth, schedule=args.schedule,
+                                    chunk_nbytes=int(args.chunk_mib * 2**20))
+            self.pipe = moe.DwdpPipeline(self.pf, layers)
+            blocks = [moe.DwdpMoE(cfg, l, self.routers[l], self.shared[l], self.pipe, fmt=args.weights,
+                                  kernel_backend=args.kernel_backend) for l in layers]
+        elif args.mode == "dep":
+            pg = dist.new_group(backend="nccl") if self.on_gpu else None
+            blocks = [moe.DepMoE(cfg, lay, self.routers[l], self.shared[l],
+                                 moe.expert_weights(cfg, args.seed, l, lay.local_experts, fmt=args.weights,
+                                                    device=device),
+                                 group=pg, fmt=args.weights, kernel_backend=args.kernel_backend) for l in layers]
+        else:
+            blocks = [SingleMoE(cfg, self.routers[l], self.shared[l],
+                                moe.expert_weights(cfg, args.seed, l, range(cfg.num_experts), fmt=args.weights,
+                                                   device=device),
+                                args.weights, args.kernel_backend) for l in layers]
+        self.blocks = [Recorder(b) for b in blocks]
+        self.model = Model(cfg, self.attn, self.blocks, self.norms)
+        if self.on_gpu:
+            torch.cuda.empty_cache()  # drop the generator's temporaries: count what the model holds
+        self.mem_weights = device_used_bytes(device) - self.mem0
+        self.first = None  # (input, seq_lens, output, [(moe_in, moe_out) per layer]) of the first batch
+        if self.pipe:
+            self.pipe.start()
 
-    def sync():
-        if on_gpu:
+    def _sync(self):
+        if self.on_gpu:
             torch.cuda.synchronize()
 
-    if pipe:
-        pipe.start()
-    first_out, times = None, []
-    dist.barrier()
-    for i, (x, seq) in enumerate(zip(inputs, plan)):
-        for b in blocks:
-            b.active = i == 0
-        sync()
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            y = model(x, seq)
-        sync()
-        dt = time.perf_counter() - t0
-        if i == 0:
-            first_out = y
-            seen = [b.seen for b in blocks]
-            for b in blocks:
-                b.active, b.seen = False, None
-        if i >= args.warmup:
-            times.append((dt, sum(seq)))
-        if i == args.warmup - 1 and pipe:
-            pipe.exposed_seconds(reset=True)
-    exposed = pipe.exposed_seconds() if pipe else 0.0
-    prefetched = pf.nbytes_prefetched if pf else 0
-    peak = device_used_bytes(device) - mem0
-    total_t = sum(t for t, _ in times)
-    total_tok = sum(n for _, n in times)
-    res = {"rank": rank, "iter_latency_ms": [round(t * 1e3, 3) for t, _ in times],
-           "tokens": [n for _, n in times], "tokens_per_s": total_tok / total_t if total_t else 0.0,
-           "exposed_prefetch_s": exposed, "exposed_fraction": exposed / total_t if total_t else 0.0,
-           "prefetch_nbytes": prefetched, "weights_nbytes": mem_weights, "device_used_nbytes": peak,
-           "backend": group.backend if group else None,
-           "slot_nbytes": pf.slot_nbytes if pf else 0,
-           "remote_nbytes_per_layer": store.remote_nbytes(layers[0]) if store else 0}
-    if pipe:
-        pipe.close()
+    def run(self, prompt_mean: int, cv: float, max_num_tokens: int, iters: int, warmup: int,
+            record: bool = False) -> dict:
+        """Prefill ``warmup + iters`` iterations of this rank's requests; time the last ``iters``.
 
-    if not args.no_check:  # reference: all experts rebuilt from the seed, reference kernels, one layer at a time
-        del blocks, model
-        if pf:
-            pf.close()
+        Collective in DEP mode (every rank runs the same number of iterations). ``record`` keeps
+        the first iteration's inputs and outputs for :meth:`check`.
+        """
+        args, cfg, device = self.args, self.cfg, self.device
+        n_batches = warmup + iters
+        lengths = prompt_lengths(self.rank, args.seed + prompt_mean, prompt_mean, cv, 64 * n_batches,
+                                 max_num_tokens)
+        plan = batches(lengths, max_num_tokens)[:n_batches]
+        if len(plan) < n_batches:
+            raise RuntimeError("not enough requests for the iterations asked")
+        gen = torch.Generator(device=device).manual_seed(args.seed * 31 + self.rank)
+        inputs = [torch.randn(sum(b), cfg.hidden, generator=gen, device=device, dtype=torch.float32).to(self.dtype)
+                  for b in plan]
+        times = []
+        if self.pipe:
+            self.pipe.exposed_seconds(reset=True)
+        if self.on_gpu:
+            torch.cuda.reset_peak_memory_stats(device)
+        dist.barrier()
+        for i, (x, seq) in enumerate(zip(inputs, plan)):
+            for b in self.blocks:
+                b.active = record and i == 0
+            self._sync()
+            t0 = time.perf_counter()
+            with torch.no_grad():
+                y = self.model(x, seq)
+            self._sync()
+            dt = time.perf_counter() - t0
+            if record and i == 0:
+                self.first = (x, seq, y, [b.seen for b in self.blocks])
+                for b in self.blocks:
+                    b.active, b.seen = False, None
+            if i >= warmup:
+                times.append((dt, sum(seq)))
+            if i == warmup - 1 and self.pipe:
+                self.pipe.exposed_seconds(reset=True)
+        exposed = self.pipe.exposed_seconds() if self.pipe else 0.0
+        total_t = sum(t for t, _ in times)
+        total_tok = sum(n for _, n in times)
+        pf, store = self.pf, self.store
+        return {"rank": self.rank, "prompt_mean": prompt_mean, "cv": cv, "max_num_tokens": max_num_tokens,
+                "iter_latency_ms": [round(t * 1e3, 3) for t, _ in times],
+                "tokens": [n for _, n in times], "tokens_per_s": total_tok / total_t if total_t else 0.0,
+                "exposed_prefetch_s": exposed, "exposed_fraction": exposed / total_t if total_t else 0.0,
+                "prefetch_nbytes": pf.nbytes_prefetched if pf else 0, "weights_nbytes": self.mem_weights,
+                "device_used_nbytes": device_used_bytes(device) - self.mem0,
+                "torch_peak_nbytes": torch.cuda.max_memory_allocated(device) if self.on_gpu else 0,
+                "backend": self.group.backend if self.group else None,
+                "slot_nbytes": pf.slot_nbytes if pf else 0,
+                "remote_nbytes_per_layer": store.remote_nbytes(self.layers[0]) if store else 0}
+
+    def close_pipeline(self) -> None:
+        """Stop prefetching and free the slots (before :meth:`check`, which needs the memory)."""
+        if self.pipe:
+            self.pipe.close()
+            self.pipe = None
+        self.blocks = self.model = None
+        if self.pf:
+            self.pf.close()
+            self.pf = None
+
+    def check(self) -> dict:
+        """Each MoE layer's output on the recorded batch against the reference (all experts rebuilt
+        from the seed, reference kernels), and the end-to-end error for information."""
+        if self.first is None:
+            raise RuntimeError("check() needs a run(..., record=True) first")
+        self.close_pipeline()
+        args, cfg, device, layers = self.args, self.cfg, self.device, self.layers
         rel = lambda a, b: float((a.double() - b.double()).norm() / b.double().norm())
-        x, per_layer = inputs[0], []
+        x, seq, first_out, seen = self.first
+        per_layer = []
         with torch.no_grad():
             for l in layers:
                 full = moe.expert_weights(cfg, args.seed, l, range(cfg.num_experts), fmt=args.weights, device=device)
                 moe_in, moe_out = seen[l]
-                per_layer.append(rel(moe_out, moe.reference_moe(cfg, moe_in, routers[l], shared[l], full,
+                per_layer.append(rel(moe_out, moe.reference_moe(cfg, moe_in, self.routers[l], self.shared[l], full,
                                                                 fmt=args.weights)))
-                x = x + attn[l](moe.rms_norm(x, norms[l][0], cfg.rms_eps), plan[0])
-                x = x + moe.reference_moe(cfg, moe.rms_norm(x, norms[l][1], cfg.rms_eps), routers[l], shared[l],
-                                          full, fmt=args.weights)
+                x = x + self.attn[l](moe.rms_norm(x, self.norms[l][0], cfg.rms_eps), seq)
+                x = x + moe.reference_moe(cfg, moe.rms_norm(x, self.norms[l][1], cfg.rms_eps), self.routers[l],
+                                          self.shared[l], full, fmt=args.weights)
                 del full
-        res["rel_error_per_layer"] = per_layer
-        res["rel_error"] = max(per_layer)
-        res["rel_error_end_to_end"] = rel(first_out, x)
-    if store:
-        store.close()
-    if group:
-        group.close()
+        return {"rel_error_per_layer": per_layer, "rel_error": max(per_layer),
+                "rel_error_end_to_end": rel(first_out, x)}
+
+    def close(self) -> None:
+        self.close_pipeline()
+        if self.store:
+            self.store.close()
+        if self.group:
+            self.group.close()
+
+
+def rank_main(args_dict: dict):
+    args = argparse.Namespace(**args_dict)
+    runner = Runner(args)
+    try:
+        res = runner.run(args.prompt_mean, args.cv, args.max_num_tokens, args.iters, args.warmup,
+                         record=not args.no_check)
+        if not args.no_check:
+            res.update(runner.check())
+    finally:
+        runner.close()
     return res
 
 
