@@ -147,6 +147,45 @@ def _meta(gpus: int) -> dict:
             "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def _rows(args, runs: dict, points: list, cfg) -> tuple[list, dict]:
+    """Per (weights, point) rows from the finished launches, and the measured rates."""
+    rows = []
+    for fmt in args.weights:
+        dw, dp = runs.get((fmt, "dwdp"), {}), runs.get((fmt, "dep"), {})
+        for j, (mean, cv) in enumerate(points):
+            row = {"weights": fmt, "prompt_mean": mean, "cv": cv}
+            for mode, run in (("dwdp", dw), ("dep", dp)):
+                if "ranks" in run:
+                    pr = [r["points"][j] for r in run["ranks"]]
+                    row[f"{mode}_tok_s_gpu"] = _per_gpu(mode, pr)
+                    row[f"{mode}_iter_ms_max"] = max(max(r["iter_latency_ms"]) for r in pr)
+                    row[f"{mode}_tokens_per_iter"] = [r["tokens"] for r in pr]
+                    if mode == "dwdp":
+                        row["exposed_fraction_max"] = max(r["exposed_fraction"] for r in pr)
+                        row["remote_nbytes_per_layer"] = pr[0]["remote_nbytes_per_layer"]
+                        row["slot_nbytes"] = pr[0]["slot_nbytes"]
+                        row["device_used_nbytes_max"] = max(r["device_used_nbytes"] for r in pr)
+                    else:
+                        row["dep_device_used_nbytes_max"] = max(r["device_used_nbytes"] for r in pr)
+            if "dwdp_tok_s_gpu" in row and "dep_tok_s_gpu" in row:
+                row["speedup"] = row["dwdp_tok_s_gpu"] / row["dep_tok_s_gpu"]
+            rows.append(row)
+    rates = next((r["ranks"][0]["rates"] for r in runs.values() if "ranks" in r), {})
+    for r in rows:
+        if "remote_nbytes_per_layer" in r and args.prefetch_gbps:
+            r["break_even_tokens_per_rank"] = _break_even(cfg, r["remote_nbytes_per_layer"], args.prefetch_gbps * 1e9,
+                                                          rates.get("bf16_TFLOPs"))
+    return rows, rates
+
+
+def _dump(args, gpus: int, runs: dict, points: list, cfg) -> None:
+    rows, rates = _rows(args, runs, points, cfg)
+    result = {"schema": "dwdp/deepseek_sweep/v1", "meta": _meta(gpus), "args": vars(args), "rates": rates,
+              "rows": rows, "runs": {f"{k[0]}/{k[1]}": v for k, v in runs.items()}}
+    with open(args.json, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
@@ -180,32 +219,9 @@ def main(argv=None) -> int:
             runs[(fmt, mode)] = {"ranks": res, "rel_error": err, "wall_s": time.perf_counter() - t0}
             print(f"# {fmt} {mode}: {time.perf_counter() - t0:.0f} s, reference check rel err {err:.2e} "
                   f"({'ok' if err <= args.tolerance else 'FAILED'})", flush=True)
-    rows = []
-    for fmt in args.weights:
-        dw, dp = runs.get((fmt, "dwdp"), {}), runs.get((fmt, "dep"), {})
-        for j, (mean, cv) in enumerate(points):
-            row = {"weights": fmt, "prompt_mean": mean, "cv": cv}
-            for mode, run in (("dwdp", dw), ("dep", dp)):
-                if "ranks" in run:
-                    pr = [r["points"][j] for r in run["ranks"]]
-                    row[f"{mode}_tok_s_gpu"] = _per_gpu(mode, pr)
-                    row[f"{mode}_iter_ms_max"] = max(max(r["iter_latency_ms"]) for r in pr)
-                    row[f"{mode}_tokens_per_iter"] = [r["tokens"] for r in pr]
-                    if mode == "dwdp":
-                        row["exposed_fraction_max"] = max(r["exposed_fraction"] for r in pr)
-                        row["remote_nbytes_per_layer"] = pr[0]["remote_nbytes_per_layer"]
-                        row["slot_nbytes"] = pr[0]["slot_nbytes"]
-                        row["device_used_nbytes_max"] = max(r["device_used_nbytes"] for r in pr)
-                    else:
-                        row["dep_device_used_nbytes_max"] = max(r["device_used_nbytes"] for r in pr)
-            if "dwdp_tok_s_gpu" in row and "dep_tok_s_gpu" in row:
-                row["speedup"] = row["dwdp_tok_s_gpu"] / row["dep_tok_s_gpu"]
-            rows.append(row)
-    rates = next((r["ranks"][0]["rates"] for r in runs.values() if "ranks" in r), {})
-    for r in rows:
-        if "remote_nbytes_per_layer" in r and args.prefetch_gbps:
-            r["break_even_tokens_per_rank"] = _break_even(cfg, r["remote_nbytes_per_layer"], args.prefetch_gbps * 1e9,
-                                                          rates.get("bf16_TFLOPs"))
+            if args.json:  # after every launch: a later time-out still leaves these results
+                _dump(args, gpus, runs, points, cfg)
+    rows, rates = _rows(args, runs, points, cfg)
     print(f"{'weights':>7} {'mean':>6} {'cv':>4} {'dwdp tok/s/GPU':>15} {'dep tok/s/GPU':>14} {'speedup':>8} "
           f"{'exposed %':>9} {'break-even tok':>14}")
     for r in rows:
@@ -214,11 +230,8 @@ def main(argv=None) -> int:
         print(f"{r['weights']:>7} {r['prompt_mean']:>6} {r['cv']:>4} {f('dwdp_tok_s_gpu', '.0f'):>15} "
               f"{f('dep_tok_s_gpu', '.0f'):>14} {f('speedup', '.3f'):>8} {exp:>9} "
               f"{f('break_even_tokens_per_rank', '.0f'):>14}")
-    result = {"schema": "dwdp/deepseek_sweep/v1", "meta": _meta(gpus), "args": vars(args), "rates": rates,
-              "rows": rows, "runs": {f"{k[0]}/{k[1]}": v for k, v in runs.items()}}
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
+        _dump(args, gpus, runs, points, cfg)
     if args.plot:
         plot(rows, args.plot)
     if not ok:

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Everything GPU-side, in two device calls of under 10 minutes each (nvidia-h200-x2 or larger):
+#
+#   bash perf/run_device.sh copy      # GPU tests, copy-plane perf, contention CLI, memcheck
+#   bash perf/run_device.sh compute   # grouped GEMM benchmark (one GPU), DeepSeek DWDP vs DEP sweep
+#
+# Each step is time-boxed and the script goes on after a failure; a summary line per step (exit
+# code, seconds) is printed last. Results (JSON, PNG) and one log archive land in $OUT (at most 8
+# files come back from the device tool). Carry .whl (nvshmem4py-cu13 wheel) with the call.
+set -u
+cd "$(dirname "$0")/.."
+PART="${1:-copy}"
+OUT="${OUT:-$PWD/gpu_out}"
+mkdir -p "$OUT/logs"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export DWDP_DEVICE_KIND="${DWDP_DEVICE_KIND:-nvidia-h200-x$(nvidia-smi -L 2>/dev/null | wc -l)}"
+export DWDP_GIT_COMMIT="${DWDP_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+G=$(nvidia-smi -L 2>/dev/null | wc -l)
+START=$(date +%s)
+SUMMARY=()
+
+step() {  # step NAME SECONDS CMD...: run with a time box, log, record exit code and duration
+    local name="$1" secs="$2"; shift 2
+    local t0=$(date +%s)
+    echo "=== [$name] (${secs}s box): $*"
+    timeout --kill-after=10 "$secs" "$@" > "$OUT/logs/$name.log" 2>&1
+    local rc=$?
+    local dt=$(( $(date +%s) - t0 ))
+    tail -n "${TAILN:-15}" "$OUT/logs/$name.log"
+    SUMMARY+=("$(printf '%-14s rc=%-4s %4ss' "$name" "$rc" "$dt")")
+}
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        > "$OUT/logs/install.log" 2>&1 || echo "=== wheel install failed (see logs/install.log)"
+fi
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+BENCH="python3 -m dwdp_comm.bench.cli"
+
+{ nvidia-smi --query-gpu=index,name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv
+  nvidia-smi topo -m; uname -r; python3 - <<'EOF'
+import importlib, platform, torch
+print('python', platform.python_version(), '| torch', torch.__version__, 'cuda', torch.version.cuda, '| GPUs',
+      torch.cuda.device_count())
+for m in ('cuda.bindings', 'cuda.core', 'cupy', 'nvshmem', 'numba', 'numba_cuda', 'numpy', 'pytest'):
+    try:
+        print(f'{m:14s}', getattr(importlib.import_module(m), '__version__', 'ok'))
+    except Exception as exc:
+        print(f'{m:14s} UNAVAILABLE: {type(exc).__name__}: {exc}')
+EOF
+} > "$OUT/logs/info.log" 2>&1
+head -40 "$OUT/logs/info.log"
+
+if [ "$PART" = copy ]; then
+    step pytest_gpu "${T_PYTEST:-230}" python3 -m pytest tests/gpu tests/test_kernels_gpu.py -q -rs -p no:cacheprovider \
+        --timeout=200 --junitxml="$OUT/logs/pytest_gpu.xml"
+    TAILN=12 step copy_plane "${T_PERF:-150}" python3 perf/gpu_copy_plane.py --out "$OUT/gpu_copy_plane.json" \
+        --world-size "$G" --timeout 130
+    TAILN=40 step contention "${T_CONT:-110}" $BENCH contention --backend cuda_ipc -b 256M -e 1G -f 4 -c 0,8M,64M \
+        -s parallel,naive,rotated,round_robin,batch,tdm,graph -p pair,full -n 5 -w 1 \
+        --json "$OUT/contention.json" --plot "$OUT/contention.png"
+    TAILN=20 step contention_skew "${T_SKEW:-60}" $BENCH contention --backend cuda_ipc -b 1G -e 1G -c 0,8M \
+        -s parallel,round_robin,batch,tdm -p full --skew random -n 5 -w 1 --json "$OUT/contention_skew.json"
+    TAILN=20 step contention_nvshmem "${T_NVS:-50}" $BENCH contention --backend nvshmem -b 1G -e 1G -c 0,8M \
+        -s parallel,batch,tdm -p pair,full -n 5 -w 1 --json "$OUT/contention_nvshmem.json"
+    SAN="$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)"
+    if [ -n "$SAN" ]; then
+        DWDP_TEST_TIMEOUT=70 TAILN=8 step memcheck "${T_SAN:-90}" "$SAN" --tool memcheck --report-api-errors no \
+            --target-processes all --error-exitcode 99 python3 -m pytest -q -p no:cacheprovider \
+            tests/gpu/test_gpu_backends.py -k "test_pipeline_every_byte and cuda_ipc and round_robin"
+    fi
+elif [ "$PART" = compute ]; then
+    TAILN=30 CUDA_VISIBLE_DEVICES=0 step grouped_gemm "${T_GEMM:-200}" python3 perf/bench_grouped_gemm.py \
+        --json "$OUT/grouped_gemm.json" ${GEMM_ARGS:-}
+    TAILN=40 step sweep "${T_SWEEP:-330}" python3 perf/sweep_deepseek.py --means "${MEANS:-4096,8192,16384,32768}" \
+        --cvs "${CVS:-0,0.2,0.4}" --weights "${WEIGHTS:-bf16,fp8}" --layers 4 --iters 3 \
+        --prefetch-gbps "${PREFETCH_GBPS:-390}" --timeout "$(( ${T_SWEEP:-330} - 20 ))" \
+        --json "$OUT/deepseek_sweep.json" --plot "$OUT/deepseek_sweep.png"
+else
+    echo "usage: bash perf/run_device.sh copy|compute"; exit 2
+fi
+
+echo "==================== device run ($PART, $(( $(date +%s) - START ))s, commit $DWDP_GIT_COMMIT) ===================="
+printf '%s\n' "${SUMMARY[@]}"
+tar czf "$OUT/logs_$PART.tgz" -C "$OUT" logs && rm -rf "$OUT/logs"
+ls -la "$OUT"
