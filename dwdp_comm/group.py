@@ -67,9 +67,20 @@ def _cpu_group(pg):
 class Group:
     """A DWDP group: one rank per process, a heap backend, and the object exchange.
 
-    Made by :func:`init`. Attributes ``rank``, ``size``, ``device`` (where heap tensors live) and
-    ``backend`` (the backend's name). ``close()`` is local; use the group as a context manager to
-    close it on exit.
+    Made by :func:`init`. ``close()`` is local; use the group as a context manager to close it on
+    exit.
+
+    Attributes
+    ----------
+    rank, size : int
+        This rank and the number of ranks, within the process group given to :func:`init`.
+    device : torch.device
+        Where heap tensors live (``cpu`` on ``sim``, this rank's GPU otherwise).
+    backend : str
+        The heap backend in use: ``"sim"``, ``"cuda_ipc"`` or ``"nvshmem"``.
+    backend_reason : str
+        Why it was chosen: ``"requested"``, or for ``auto`` the candidates and why the ones
+        before it were skipped.
     """
 
     def __init__(self, comm: Comm, backend_impl, reason: str):
@@ -88,7 +99,7 @@ class Group:
             raise ClosedError("group used after close()")
 
     def barrier(self) -> None:
-        """Collective: wait for every rank."""
+        """Collective: block the host until every rank of the group called it."""
         self.check_open()
         self.comm.barrier()
 
@@ -128,7 +139,8 @@ def init(backend: str = "auto", group=None, **options) -> Group:
     ----------
     backend : {"auto", "cuda_ipc", "nvshmem", "sim"}
         Heap backend. ``auto`` takes the first of ``cuda_ipc`` (one host only), ``nvshmem``, ``sim``
-        that every rank can run, and logs which and why. The environment variable
+        that every rank can run, and says which and why: an INFO record on the ``dwdp_comm``
+        logger, and ``Group.backend`` / ``Group.backend_reason``. The environment variable
         ``DWDP_COMM_BACKEND``, when set, overrides this argument.
     group : torch.distributed.ProcessGroup, optional
         The ranks of the DWDP group (default: the default group). If it is not a gloo group, a gloo
@@ -143,10 +155,20 @@ def init(backend: str = "auto", group=None, **options) -> Group:
     -------
     Group
 
+    Notes
+    -----
+    Collective: every rank of ``group`` calls it with the same ``backend``; it blocks the host
+    until they all did (bounded by the process group's timeout).
+
     Raises
     ------
     InvalidArgumentError
-        Unknown backend name (the message lists the valid ones).
+        Unknown backend name, as argument or in ``DWDP_COMM_BACKEND`` (the message lists the
+        valid ones).
+    CollectiveMismatchError
+        Ranks asked for different backends.
+    DwdpError
+        torch.distributed is not initialised.
     BackendUnavailableError
         The backend cannot run on some rank (every rank raises, naming the ranks and reasons).
     """

@@ -26,6 +26,11 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 class ExpertLayout:
     """Maps each global expert to ``(owner rank, local index)`` and back.
 
+    Rule: ranks own contiguous blocks of experts in rank order, and block sizes differ by at most
+    one: rank ``r`` owns ``num_experts // group_size + (1 if r < num_experts % group_size else 0)``
+    experts (10 experts on 4 ranks: ``[0,1,2] [3,4,5] [6,7] [8,9]``). Pure host computation, no
+    collective.
+
     Parameters
     ----------
     num_experts : int

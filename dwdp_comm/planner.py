@@ -112,16 +112,56 @@ PolicyFn = Callable[[Mapping[int, int], int, int], Mapping[int, np.ndarray]]
 _POLICIES: dict[str, PolicyFn] = {}
 
 
-def register_policy(name: str) -> Callable[[PolicyFn], PolicyFn]:
-    """Decorator that makes ``fn`` selectable as ``policy=name``."""
+def register_policy(name: str, *, replace: bool = False) -> Callable[[PolicyFn], PolicyFn]:
+    """Decorator that makes a policy function selectable as ``policy=name`` (and as a
+    :class:`~dwdp_comm.Prefetcher` ``schedule``).
+
+    Parameters
+    ----------
+    name : str
+        The policy's name (non-empty).
+    replace : bool
+        Allow replacing a policy already registered under ``name`` (default: an error).
+
+    Returns
+    -------
+    callable
+        The decorator; it returns the function unchanged.
+
+    Notes
+    -----
+    A policy is ``fn(num_chunks, rank, group_size) -> {src_rank: slots}``: ``num_chunks`` maps
+    each remote source rank to its number of chunks; the result gives every chunk of each source
+    its time-division slot, an ``int64`` array of shape ``[num_chunks[src]]``, strictly
+    increasing (a source's byte stream is read in order). :func:`make_plan` checks both.
+    Registration is per process: spawned ranks must register the policy too (e.g. at import of
+    the module that defines it).
+
+    Examples
+    --------
+    >>> @register_policy("reverse")
+    ... def reverse(num_chunks, rank, group_size):
+    ...     out, t = {}, 0
+    ...     for s in sorted(num_chunks, reverse=True):
+    ...         out[s] = np.arange(t, t + num_chunks[s]); t += num_chunks[s]
+    ...     return out
+    """
+    if not isinstance(name, str) or not name:
+        raise bad_arg("name", name, "a non-empty str")
+    if name in _POLICIES and not replace:
+        raise bad_arg("name", name, f"a name not yet registered (registered: {policies()})",
+                      "pass replace=True to replace it")
+
     def deco(fn: PolicyFn) -> PolicyFn:
+        if not callable(fn):
+            raise bad_type("fn", fn, "a callable fn(num_chunks, rank, group_size) -> {src: slots}")
         _POLICIES[name] = fn
         return fn
     return deco
 
 
 def policies() -> list[str]:
-    """Names of the registered policies."""
+    """Names of the registered policies, sorted."""
     return sorted(_POLICIES)
 
 
@@ -207,6 +247,21 @@ def make_plan(ranges: Iterable[CopyRange], *, rank: int, group_size: int, policy
     Returns
     -------
     CopyPlan
+        Copies in issue order; every needed byte is copied exactly once, chunks of one source in
+        stream order, this rank's own ranges (``src_rank == rank``) after every remote copy.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Unknown ``policy``, ``chunk_nbytes <= 0``, a ``src_rank`` outside the group, negative
+        offsets or sizes, overlapping destinations, or a policy that returned invalid slots.
+    InvalidTypeError
+        ``chunk_nbytes`` is not an int.
+
+    Notes
+    -----
+    Pure host computation (NumPy); :class:`PlanCache` keeps plans so that a layer shape and
+    expert set is planned once.
     """
     if policy not in _POLICIES:
         raise bad_arg("policy", policy, f"one of {policies()}")
@@ -234,9 +289,13 @@ def make_plan(ranges: Iterable[CopyRange], *, rank: int, group_size: int, policy
 
     cols: list[list[np.ndarray]] = [[], [], [], [], []]
     for s, (chunk, src, dst, nb) in pieces.items():
+        if s not in slots:
+            raise bad_arg("policy", policy, f"a policy that gives slots to every source (source {s} has none)")
         chunk_slots = np.asarray(slots[s], dtype=np.int64)
-        if chunk_slots.shape[0] != int(chunk[-1]) + 1 or np.any(np.diff(chunk_slots) <= 0):
-            raise ValueError(f"policy {policy!r} must give increasing slots to the chunks of source {s}")
+        if chunk_slots.shape != (int(chunk[-1]) + 1,) or np.any(np.diff(chunk_slots) <= 0) \
+                or np.any(chunk_slots < 0):
+            raise bad_arg("policy", policy, f"a policy that gives the {int(chunk[-1]) + 1} chunk(s) of source {s} "
+                          f"strictly increasing slots >= 0, not {chunk_slots.tolist()[:8]}")
         for col, a in zip(cols, (chunk_slots[chunk], np.full_like(src, s), src, dst, nb)):
             col.append(a)
     if not cols[0]:

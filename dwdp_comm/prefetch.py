@@ -99,13 +99,22 @@ class PrefetchHandle:
     def wait(self, stream: Any = None) -> None:
         """Make ``stream`` wait until the prefetched bytes are in the slot.
 
-        On GPU backends the stream waits (the host does not); on ``sim`` the host blocks.
+        On GPU backends the stream waits (the host does not block); on ``sim`` the host blocks
+        until the copy thread finished this prefetch. Call it before :meth:`weights`.
+
+        Parameters
+        ----------
+        stream : optional
+            The consumer stream (a ``torch.cuda.Stream``, a CuPy stream or a raw handle; None:
+            the current stream). Must be None on ``sim``.
 
         Raises
         ------
         SlotStillHeldError
             The slot's previous handle (named in the message) was not released, so this prefetch
             has not started and never would.
+        DwdpError
+            The copy engine failed (the cause is chained), or the handle was released.
         """
         self._check_usable("wait")
         if self._ready is None:
@@ -117,7 +126,11 @@ class PrefetchHandle:
         self._waited = True
 
     def synchronize(self) -> None:
-        """Block the host until the copies completed (for tests and benchmarks)."""
+        """Block the host until the copies completed (for tests and benchmarks).
+
+        Unlike :meth:`wait` it does not make :meth:`weights` readable; it raises
+        :class:`~dwdp_comm.errors.SlotStillHeldError` as :meth:`wait` does.
+        """
         self._check_usable("synchronize")
         if self._ready is None:
             self.wait()  # raises SlotStillHeldError
@@ -127,7 +140,21 @@ class PrefetchHandle:
         """Declare the slot free once the work enqueued so far on ``stream`` completes.
 
         Call it after the kernels that read :meth:`weights` were enqueued on ``stream``. The next
-        prefetch into this slot is submitted now and its copies wait for that point.
+        prefetch into this slot is submitted now and its copies wait for that point. Never blocks
+        the host. The weights tensors must not be read after it.
+
+        Parameters
+        ----------
+        stream : optional
+            The stream whose enqueued work read the weights (None: the current stream). Must be
+            None on ``sim``, where the host is the only stream and the release is immediate.
+
+        Raises
+        ------
+        DwdpError
+            The handle was already released.
+        ClosedError
+            The prefetcher was closed.
         """
         self._pf._check_open()
         if self._released:
@@ -153,6 +180,14 @@ class PrefetchHandle:
         -------
         torch.Tensor
             On the group's device, dtype as registered. Valid until :meth:`release`.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``name`` is not registered for this layer, or an asked-for expert is absent
+            (the handle was made with ``experts=`` that left it out).
+        DwdpError
+            Called before :meth:`wait` or after :meth:`release`.
         """
         self._check_readable()
         self._check_present(experts)
@@ -162,8 +197,9 @@ class PrefetchHandle:
         """The same weights as contiguous per-owner pieces: ``[(first_expert, tensor), ...]``.
 
         The pieces cover experts ``0 .. num_experts-1`` in order; each is ``[count, *expert_shape]``
-        (local shard and slot pieces, zero copy). This is the split-weight form a grouped GEMM can
-        consume without a merged tensor.
+        of the registered dtype on the group's device (local shard and slot pieces, zero copy).
+        This is the split-weight form a grouped GEMM can consume without a merged tensor. Needs
+        :meth:`wait` first and every expert present; valid until :meth:`release`.
         """
         self._check_readable()
         self._check_present(None)
@@ -302,12 +338,27 @@ class Prefetcher:
             If given, the copies start only after the work enqueued so far on this stream
             (GPU backends; must be None on ``sim``).
         experts : iterable of int, optional
-            Remote experts to fetch (default: all). Local experts are always present; others are
-            marked absent.
+            Global expert indices in ``[0, num_experts)`` to fetch (default: every remote one).
+            Local experts are always present; remote experts left out are marked absent, and
+            :meth:`PrefetchHandle.weights` refuses to serve them.
 
         Returns
         -------
         PrefetchHandle
+            Owns slot ``n % depth`` (``n`` counts this prefetcher's calls). Its copies start once
+            the slot's previous handle was released; until then it stays queued on the host.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``layer`` is not a committed layer, or an expert is outside ``[0, num_experts)``.
+        ClosedError
+            The prefetcher or its store was closed.
+
+        Notes
+        -----
+        Never blocks the host: the copy plan comes from :attr:`plan_cache` (built once per layer
+        shape and expert set) and is handed to the backend's copy engine.
         """
         self._check_open()
         self.store._layer(layer)  # raises for an unregistered layer
@@ -367,7 +418,7 @@ class Prefetcher:
         return full, segments
 
     def synchronize(self) -> None:
-        """Block until every submitted copy completed."""
+        """Block the host until every submitted copy of this prefetcher completed. Local."""
         self._check_open()
         for slot in self._slots:
             for h in slot.queue:
@@ -377,7 +428,10 @@ class Prefetcher:
                 ev.synchronize()
 
     def close(self) -> None:
-        """Wait for copies in flight, then free the slots. Handles become unusable."""
+        """Wait for copies in flight (blocks the host), then free the slots. Local.
+
+        Handles become unusable; a second call raises :class:`~dwdp_comm.errors.ClosedError`.
+        """
         if self._closed:
             raise ClosedError("Prefetcher closed twice")
         try:

@@ -121,7 +121,20 @@ class WeightStore:
             Tensor name, e.g. ``"w13"``, ``"w2"``, ``"w13_scale"``.
         shard : torch.Tensor, numpy.ndarray or DLPack object
             ``[layout.num_local_experts, *expert_shape]``, any dtype (float8 included; it is stored
-            as bytes). Copied into the heap at :meth:`commit`; it may be freed after that.
+            as bytes), on any device. Copied into the heap at :meth:`commit`; it may be freed
+            after that. Its first dimension is checked against the layout at :meth:`commit`.
+
+        Raises
+        ------
+        DwdpError
+            Called after :meth:`commit`.
+        InvalidArgumentError
+            ``layer < 0``, an empty ``name``, a name already registered for ``layer``, or a
+            0-d ``shard``.
+        InvalidTypeError
+            ``layer`` is not an int, or ``shard`` is not a tensor-like object.
+        ClosedError
+            The store or its group was closed.
         """
         self._check_open()
         if self._committed:
@@ -148,7 +161,16 @@ class WeightStore:
 
         Every rank checks every rank's registrations (same layers, names, dtypes and per-expert
         shapes; shards sized as the layout says) and raises the same
-        :class:`~dwdp_comm.errors.CollectiveMismatchError` naming the layer, name and rank.
+        :class:`~dwdp_comm.errors.CollectiveMismatchError` naming the layer, name and rank. Blocks
+        the host until every rank arrived (bounded by the process group's timeout); on return,
+        peers may read this rank's shards.
+
+        Raises
+        ------
+        CollectiveMismatchError
+            Registrations differ between ranks (raised on every rank, same message).
+        DwdpError
+            Called twice.
         """
         self._check_open()
         if self._committed:
@@ -259,7 +281,14 @@ class WeightStore:
         return sum(n_remote * e.spec.expert_nbytes for e in ents.values())
 
     def local(self, layer: int, name: str) -> torch.Tensor:
-        """This rank's shard in the heap: ``[num_local_experts, *expert_shape]``, zero copy."""
+        """This rank's shard in the heap: ``[num_local_experts, *expert_shape]``, zero copy.
+
+        Returns
+        -------
+        torch.Tensor
+            Of the registered dtype, on the group's device (host shared memory on ``sim``); valid
+            until :meth:`close`.
+        """
         e = self._entry(layer, name)
         nb = self.layout.num_local_experts * e.spec.expert_nbytes
         return _typed(self.heap.local.tensor(e.heap_offset, nb), e.spec, self.layout.num_local_experts)
@@ -311,7 +340,11 @@ class WeightStore:
 
     # ---- close ---------------------------------------------------------------------------------
     def close(self) -> None:
-        """Collective: close this store's prefetchers, wait until no rank reads the heap, free it."""
+        """Collective: close this store's prefetchers, wait until no rank reads the heap, free it.
+
+        Blocks the host until every rank called it. A second call raises
+        :class:`~dwdp_comm.errors.ClosedError`.
+        """
         if self._closed:
             raise ClosedError("WeightStore closed twice")
         for pf in self._prefetchers:

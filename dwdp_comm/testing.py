@@ -79,6 +79,11 @@ def launch(fn: Callable, world_size: int, *args: Any, backend: str | None = "sim
            options: dict | None = None, **kwargs: Any) -> list:
     """Run ``fn`` on ``world_size`` spawned ranks; return the per-rank results.
 
+    Each rank is a fresh process (the ``spawn`` start method, never ``fork``) that initialises
+    torch.distributed over ``gloo`` (file rendezvous) and, unless ``backend`` is None, calls
+    :func:`dwdp_comm.init`. Blocks the caller until every rank returned, one failed, or
+    ``timeout`` passed; on a failure or a timeout the remaining ranks are killed at once.
+
     Parameters
     ----------
     fn : callable

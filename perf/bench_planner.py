@@ -6,7 +6,11 @@ A layer has 256 routed experts and 3 tensors per expert (bf16 w13 [7168, 4096], 
 remote experts) and a partial one (a random half of the remote experts, which fragments the runs),
 for group sizes 4 and 8, every policy, chunk sizes 2 and 8 MiB.
 
-Usage: python perf/bench_planner.py [--json FILE] [--seconds S]
+Usage: python perf/bench_planner.py [--json FILE] [--seconds S] [--min-plans-per-s R]
+
+Prints one row per case; ``--json`` also writes them with the machine, date and commit (the
+committed result is perf/results/planner_cpu.json). ``--min-plans-per-s`` exits 1 when a case is
+slower, so that a slow planner is noticed (the tests run it with a loose bound).
 """
 
 from __future__ import annotations
@@ -56,10 +60,25 @@ def rate(fn, seconds: float) -> tuple[float, int]:
     return n / (time.perf_counter() - t0), n
 
 
-def main() -> None:
+def _commit() -> str:
+    """HEAD's short hash, with "+dirty" when the code measured here differs from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=root).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "dwdp_comm/planner.py", "dwdp_comm/layout.py",
+                                "perf/bench_planner.py"], cwd=root).returncode != 0
+    except OSError:
+        return ""
+    return head + ("+dirty" if dirty and head else "")
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--json", help="write results to this file")
     ap.add_argument("--seconds", type=float, default=0.5, help="time per case")
+    ap.add_argument("--min-plans-per-s", type=float, default=0.0,
+                    help="exit 1 if any case plans fewer per second than this")
     args = ap.parse_args()
     rng = random.Random(0)
     rows = []
@@ -80,17 +99,22 @@ def main() -> None:
                     print(f"{g:>2} {case:>8} {policy:>12} {chunk_mib:>4}Mi {len(ranges):>7} {len(plan):>7} "
                           f"{per_s:>9.1f} {1e3 / per_s:>8.2f}", flush=True)
     if args.json:
-        try:
-            commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-        except OSError:
-            commit = ""
+        commit = _commit()
         meta = dict(benchmark="planner", machine=platform.node(), cpu=platform.processor() or platform.machine(),
                     cores=os.cpu_count(), python=platform.python_version(), commit=commit,
-                    date=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                    date=datetime.now(timezone.utc).isoformat(timespec="seconds"), experts=E,
+                    tensors=len(TENSORS), seconds_per_case=args.seconds)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)
         print(f"# wrote {args.json}")
+    slow = [r for r in rows if r["plans_per_s"] < args.min_plans_per_s]
+    if slow:
+        for r in slow:
+            print(f"# SLOW: G={r['group_size']} {r['case']} {r['policy']} {r['chunk_mib']}Mi: "
+                  f"{r['plans_per_s']} plans/s < {args.min_plans_per_s}")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

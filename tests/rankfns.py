@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 import zlib
 
+import numpy as np
 import torch
 
 import dwdp_comm as dc
@@ -119,6 +120,12 @@ def partial(group, num_experts: int, seed: int):
         h2.wait()
         assert same_bytes(h2.weights("w2"), full_truth(seed, 1, "w2", num_experts))
         h2.release()
+        # The same expert set of a layer of the same shape reuses the partial plan.
+        h3 = pf.prefetch(1, experts=wanted)
+        h3.wait()
+        assert same_bytes(h3.weights("w13", experts=wanted)[wanted], full_truth(seed, 1, "w13", num_experts)[wanted])
+        h3.release()
+        out["plan_cache"] = (pf.plan_cache.hits, pf.plan_cache.misses)
     st.close()
     return out
 
@@ -126,7 +133,8 @@ def partial(group, num_experts: int, seed: int):
 def slot_held(group, num_experts: int, seed: int):
     """A slot owned by an unreleased handle is not overwritten; the next prefetch waits for release."""
     st = build_store(group, num_experts, [0, 1], seed)
-    # A slow copy engine makes an early overwrite observable.
+    # Had the next prefetch into the slot been started, its copies (a few KB) would land during
+    # the sleep below and change h0's bytes (layers 0 and 1 hold different data).
     with dc.Prefetcher(st, depth=1, chunk_nbytes=256) as pf:
         h0 = pf.prefetch(0)
         h0.wait()
@@ -161,6 +169,98 @@ def slot_held(group, num_experts: int, seed: int):
         cancelled_ok = still and not h3.is_submitted
     st.close()
     return {"deferred": deferred, "wait_error": wait_error, "cancelled_ok": cancelled_ok}
+
+
+def default_depth(group, num_experts: int, seed: int):
+    """Prefetcher(store) has two slots: a third prefetch waits for the first one's release."""
+    st = build_store(group, num_experts, [0, 1, 2], seed)
+    pf = dc.Prefetcher(st)
+    hs = [pf.prefetch(l) for l in (0, 1, 2)]
+    out = {"depth": pf.depth, "slots": [h.slot for h in hs], "submitted": [h.is_submitted for h in hs]}
+    hs[0].wait()
+    hs[0].release()
+    out["submitted_after_release"] = hs[2].is_submitted
+    for l, h in zip((1, 2), hs[1:]):
+        h.wait()
+        for n in SPECS:
+            assert same_bytes(h.weights(n), full_truth(seed, l, n, num_experts)), (l, n)
+        h.release()
+    pf.close()
+    st.close()
+    return out
+
+
+def custom_policy(group, num_experts: int, seed: int):
+    """A policy registered in this process is usable as a Prefetcher schedule."""
+    from dwdp_comm.planner import register_policy
+
+    @register_policy("test_descending")
+    def _descending(num_chunks, rank, group_size):  # sources in descending order, one after another
+        out, t = {}, 0
+        for s in sorted(num_chunks, reverse=True):
+            out[s] = np.arange(t, t + num_chunks[s], dtype=np.int64)
+            t += num_chunks[s]
+        return out
+
+    st = build_store(group, num_experts, [0], seed)
+    with dc.Prefetcher(st, schedule="test_descending", chunk_nbytes=1024) as pf:
+        h = pf.prefetch(0)
+        h.wait()
+        for n in SPECS:
+            assert same_bytes(h.weights(n), full_truth(seed, 0, n, num_experts)), n
+        h.release()
+        (plan,) = pf.plan_cache._d.values()
+        remote = [s for s in plan.src_rank.tolist() if s != group.rank]
+        out = {"policy": plan.policy, "sources": sorted(set(remote), key=remote.index)}
+    st.close()
+    return out
+
+
+def engine_order(group, chunk: int):
+    """The sim copy engine waits for its `after` events, then copies chunk by chunk in plan order;
+    its event completes only when every byte landed. Needs a throttled engine (copy_bandwidth)."""
+    from dwdp_comm.backends.sim import SimEvent
+    from dwdp_comm.planner import CopyRange, make_plan
+
+    impl, r, G = group.impl, group.rank, group.size
+    per = 4 * chunk  # bytes read from each source
+
+    def pattern(src_rank, start, n):  # never 0, differs per source
+        return ((torch.arange(start, start + n) * 7 + src_rank * 53) % 251 + 1).to(torch.uint8)
+
+    heap = impl.alloc_symmetric(G * per)
+    heap.local.tensor(0, G * per).copy_(pattern(r, 0, G * per))
+    group.barrier()
+    ranges = [CopyRange(s, s * per, s * per, per) for s in range(G) if s != r]
+    plan = make_plan(ranges, rank=r, group_size=G, policy="round_robin", chunk_nbytes=chunk)
+    expect = [(do, n, pattern(s, so, n)) for _t, s, so, do, n in plan.copies()]
+    dst = impl.alloc_buffer(G * per)
+    out = dst.tensor()
+    eng = impl.copy_engine(heap)
+    import threading
+    copy_thread = any(t.name == f"dwdp-sim-copy-r{r}" and t.is_alive() for t in threading.enumerate())
+    gate = SimEvent()  # not complete: the job must not start
+    done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[gate])
+    time.sleep(0.3)
+    gated = (not done.is_done, bool((out == 0).all()))
+    gate._complete()
+    states = []
+    while True:
+        fin = done.is_done
+        states.append((fin, tuple(torch.equal(out[do:do + n], want) for do, n, want in expect)))
+        if fin:
+            break
+        time.sleep(0.001)
+    done.synchronize()
+    eng.close()
+    del out
+    dst.close()
+    heap.close()  # collective: waits until no peer reads this rank's heap
+    landed = [l for _, l in states]
+    return {"gated": gated, "copies": len(expect), "copy_thread": copy_thread,
+            "prefix": all(list(l) == sorted(l, reverse=True) for l in landed),  # True...True False...False
+            "final": states[-1][0] and all(states[-1][1]),
+            "distinct": len(set(landed))}
 
 
 def slow_copies(group, num_experts: int, seed: int):
@@ -272,14 +372,61 @@ def init_report(backend: str):
     return out
 
 
+def init_logged(backend: str):
+    """dwdp_comm.init's log records on the 'dwdp_comm' logger (auto says which backend it took)."""
+    import logging
+    records: list[str] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    log = logging.getLogger("dwdp_comm")
+    log.setLevel(logging.INFO)
+    log.addHandler(_Keep())
+    g = dc.init(backend)
+    out = (g.backend, records)
+    g.close()
+    return out
+
+
+def default_and_sub_group(num_experts: int, seed: int):
+    """group=None is the default (world) group; a sub-group gives its own ranks and runs a pipeline."""
+    import torch.distributed as dist
+    g = dc.init("sim")
+    whole = (g.rank, g.size)
+    g.close()
+    sub = dist.new_group([1, 2])  # every rank calls new_group
+    facts = checked = None
+    if dist.get_rank() in (1, 2):
+        g = dc.init("sim", group=sub)
+        facts = (g.rank, g.size)
+        checked = pipeline(g, num_experts, 3, 2, "round_robin", 3000, seed)["checked"]
+        g.close()
+    dist.barrier()
+    return whole, facts, checked
+
+
+MARK = "module"  # the parent changes it; a forked child would see the change, a spawned one does not
+
+
+def launch_facts(group):
+    import multiprocessing
+    import torch.distributed as dist
+    return group.rank, group.size, dist.get_backend(), MARK, multiprocessing.current_process().name
+
+
 def rank_and_size(group):
     return group.rank, group.size
 
 
-def raise_on_rank(group, bad_rank: int):
+def raise_on_rank(group, bad_rank: int, others: str = "barrier"):
     if group.rank == bad_rank:
         raise ValueError(f"boom on rank {group.rank}")
-    group.barrier()  # the others wait for the bad rank, which never comes
+    if others == "barrier":
+        group.barrier()  # the others wait for the bad rank, which never comes
+    else:
+        time.sleep(3600)  # blocked in something that never notices the bad rank: launch must kill it
     return "unreachable"
 
 

@@ -3,7 +3,7 @@ import subprocess
 import sys
 import textwrap
 
-BLOCKED = ["cupy", "numba", "nvshmem", "cuda", "triton"]
+BLOCKED = ["cupy", "cupy_backends", "numba", "numba_cuda", "nvshmem", "cuda", "cuda_bindings", "cuda_core", "triton"]
 
 
 def test_import_without_gpu_packages():
@@ -15,7 +15,16 @@ def test_import_without_gpu_packages():
                 if name.split(".")[0] in BLOCKED:
                     raise ImportError("blocked for this test: " + name)
         sys.meta_path.insert(0, Block())
+        for name in BLOCKED:  # the block works (else this test proves nothing)
+            try:
+                __import__(name)
+            except ImportError:
+                pass
+            else:
+                raise AssertionError(name + " was importable")
         import dwdp_comm, dwdp_comm.planner, dwdp_comm.testing, dwdp_comm.backends
+        import dwdp_comm.group, dwdp_comm.layout, dwdp_comm.store, dwdp_comm.prefetch, dwdp_comm.backends.sim
+        assert dwdp_comm.init and dwdp_comm.WeightStore and dwdp_comm.Prefetcher
         from dwdp_comm import backends
         reason = backends.probe("cuda_ipc")
         assert reason is not None, "cuda_ipc must report itself unavailable without cuda-python"
@@ -35,3 +44,21 @@ def test_api_docs_are_current():
     out = subprocess.run([sys.executable, os.path.join(root, "docs", "gen_api.py"), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
+
+
+def test_readme_commands_match_ci():
+    """The README's install-and-test command is exactly what .ci/run runs; its run command exists."""
+    import os
+    import re
+    root = os.path.join(os.path.dirname(__file__), "..")
+    readme = open(os.path.join(root, "README.md")).read()
+    blocks = {m.group(1): m.group(2).strip() for m in
+              re.finditer(r"^## (Install and test|Run)\n.*?```bash\n(.*?)```", readme, re.S | re.M)}
+    assert set(blocks) == {"Install and test", "Run"}, blocks
+    ci = [l.strip() for l in open(os.path.join(root, ".ci", "run")).read().splitlines()
+          if l.strip() and not l.lstrip().startswith("#")]
+    assert blocks["Install and test"] in ci, (blocks["Install and test"], ci)
+    assert "python3 -m pytest -q" in blocks["Install and test"]
+    assert blocks["Run"] == "dwdp-bench contention"
+    pyproject = open(os.path.join(root, "pyproject.toml")).read()
+    assert 'dwdp-bench = "dwdp_comm.bench.cli:main"' in pyproject

@@ -35,19 +35,42 @@ def test_auto_picks_sim_without_gpu():
         assert reason.startswith("auto:") and "cuda_ipc: rank 0:" in reason
 
 
+def test_auto_says_which_backend_it_took():
+    if dc.testing.gpu_count():
+        pytest.skip("this machine has GPUs: auto picks a GPU backend")
+    res = dc.testing.launch(rankfns.init_logged, 2, "auto", backend=None)
+    for r, (name, records) in enumerate(res):
+        assert name == "sim"
+        said = [m for m in records if "uses backend" in m]
+        assert len(said) == 1 and f"rank {r}/2 uses backend 'sim' (auto:" in said[0], records
+
+
+def test_explicit_sim():
+    res = dc.testing.launch(rankfns.init_report, 2, "sim", backend=None)
+    assert [r[:3] for r in res] == [("ok", "sim", "requested")] * 2
+
+
+def test_default_group_and_sub_group(seed):
+    res = dc.testing.launch(rankfns.default_and_sub_group, 3, 5, seed, backend=None, timeout=180)
+    assert [r[0] for r in res] == [(0, 3), (1, 3), (2, 3)]  # group=None: the world
+    assert [r[1] for r in res] == [None, (0, 2), (1, 2)]    # ranks 1, 2 of the world as a group of 2
+    assert res[0][2] is None and res[1][2] > 0 and res[2][2] > 0
+
+
 def test_env_overrides_argument(monkeypatch):
     monkeypatch.setenv("DWDP_COMM_BACKEND", "sim")
     res = dc.testing.launch(rankfns.init_report, 2, "cuda_ipc", backend=None)
     assert [r[:2] for r in res] == [("ok", "sim")] * 2
 
 
-def test_unavailable_backend_fails_on_every_rank():
-    if dc.testing.gpu_count():
-        pytest.skip("cuda_ipc may be available here")
-    res = dc.testing.launch(rankfns.init_report, 2, "cuda_ipc", backend=None)
+@pytest.mark.parametrize("backend", ["cuda_ipc", "nvshmem"])
+def test_unavailable_backend_fails_on_every_rank(backend):
+    if dc.backends.probe(backend) is None:
+        pytest.skip(f"{backend} is available here")
+    res = dc.testing.launch(rankfns.init_report, 2, backend, backend=None)
     for status, cls, msg in res:
         assert (status, cls) == ("error", "BackendUnavailableError")
-        assert "backend 'cuda_ipc' is unavailable" in msg and "rank 0:" in msg and "rank 1:" in msg
+        assert f"backend {backend!r} is unavailable" in msg and "rank 0:" in msg and "rank 1:" in msg
         assert "'sim'" in msg  # suggests an alternative
 
 
@@ -55,9 +78,20 @@ def test_launch_returns_in_rank_order():
     assert dc.testing.launch(rankfns.rank_and_size, 3) == [(0, 3), (1, 3), (2, 3)]
 
 
-def test_launch_reraises_tagged_with_rank():
+def test_launch_spawns_over_gloo(monkeypatch):
+    monkeypatch.setattr(rankfns, "MARK", "changed in the parent")
+    res = dc.testing.launch(rankfns.launch_facts, 2)
+    for r, (rank, size, pg_backend, mark, proc) in enumerate(res):
+        assert (rank, size, pg_backend, proc) == (r, 2, "gloo", f"dwdp-rank{r}")
+        assert mark == "module", "the child saw the parent's memory: it was forked, not spawned"
+
+
+@pytest.mark.parametrize("others", ["barrier", "sleep"])
+def test_launch_reraises_tagged_with_rank(others):
+    t0 = time.monotonic()
     with pytest.raises(dc.RankFailedError) as ei:
-        dc.testing.launch(rankfns.raise_on_rank, 3, 1, timeout=60)
+        dc.testing.launch(rankfns.raise_on_rank, 3, 1, others, timeout=90)
+    assert time.monotonic() - t0 < 45  # the ranks blocked in the barrier were killed, not waited for
     err = ei.value
     assert err.rank == 1 and isinstance(err.__cause__, ValueError)
     assert "rank 1 raised ValueError: boom on rank 1" in str(err) and "raise_on_rank" in err.remote_traceback

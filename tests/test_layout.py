@@ -11,6 +11,8 @@ def test_round_trip(group_size, extra):
     sizes = [l.num_local_experts for l in layouts]
     assert sum(sizes) == num_experts
     assert max(sizes) - min(sizes) <= 1
+    base, extra = divmod(num_experts, group_size)
+    assert sizes == [base + (r < extra) for r in range(group_size)]  # the documented rule
     assert max(sizes) == layouts[0].max_local_experts
     seen = []
     for r, lay in enumerate(layouts):

@@ -149,3 +149,75 @@ def test_plan_cache_reuses():
     cache.get("b", build), cache.get("c", build)  # evicts "a"
     cache.get("a", build)
     assert len(built) == 4 and cache.hits == 1 and cache.misses == 4
+
+
+@pytest.fixture
+def scratch_policies():
+    """Policies registered by a test are removed afterwards."""
+    from dwdp_comm import planner
+    before = dict(planner._POLICIES)
+    yield
+    planner._POLICIES.clear()
+    planner._POLICIES.update(before)
+
+
+def test_register_custom_policy(scratch_policies):
+    from dwdp_comm import register_policy
+
+    @register_policy("descending")
+    def descending(num_chunks, rank, group_size):
+        out, t = {}, 0
+        for s in sorted(num_chunks, reverse=True):
+            out[s] = np.arange(t, t + num_chunks[s], dtype=np.int64)
+            t += num_chunks[s]
+        return out
+
+    assert "descending" in policies()
+    ranges = [CopyRange(s, 0, s * 100, 100) for s in range(4) if s != 1]
+    plan = make_plan(ranges, rank=1, group_size=4, policy="descending", chunk_nbytes=50)
+    assert plan.policy == "descending"
+    assert plan.src_rank.tolist() == [3, 3, 2, 2, 0, 0]
+    assert plan.slot.tolist() == list(range(6))
+    with pytest.raises(InvalidArgumentError, match="^name: got 'descending'"):
+        register_policy("descending")(descending)
+    register_policy("descending", replace=True)(descending)
+    with pytest.raises(InvalidArgumentError, match="^name: got ''"):
+        register_policy("")
+
+
+@pytest.mark.parametrize("slots", [
+    lambda n: np.zeros(n, dtype=np.int64),          # not increasing
+    lambda n: np.arange(n + 1, dtype=np.int64),     # wrong length
+    lambda n: np.arange(n, dtype=np.int64) - 5,     # negative
+])
+def test_bad_custom_policy_is_reported(scratch_policies, slots):
+    from dwdp_comm import register_policy
+    register_policy("broken")(lambda num_chunks, rank, g: {s: slots(n) for s, n in num_chunks.items()})
+    with pytest.raises(InvalidArgumentError, match="^policy: got 'broken', expected a policy that gives"):
+        make_plan([CopyRange(1, 0, 0, 200)], rank=0, group_size=2, policy="broken", chunk_nbytes=50)
+
+
+def test_policy_missing_a_source_is_reported(scratch_policies):
+    from dwdp_comm import register_policy
+    register_policy("forgetful")(lambda num_chunks, rank, g: {})
+    with pytest.raises(InvalidArgumentError, match="source 1 has none"):
+        make_plan([CopyRange(1, 0, 0, 200)], rank=0, group_size=2, policy="forgetful")
+
+
+def test_planner_benchmark_runs(tmp_path):
+    """perf/bench_planner.py: DeepSeek-V3-sized layers, every policy; a planner 100x slower fails."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.join(os.path.dirname(__file__), "..")
+    out = tmp_path / "planner.json"
+    p = subprocess.run([sys.executable, os.path.join(root, "perf", "bench_planner.py"), "--seconds", "0.02",
+                        "--json", str(out), "--min-plans-per-s", "5"], capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stdout + p.stderr
+    doc = json.loads(out.read_text())
+    assert doc["meta"]["experts"] == 256 and doc["meta"]["tensors"] == 3
+    assert {r["policy"] for r in doc["rows"]} == {"naive", "rotated", "round_robin"}
+    assert {r["group_size"] for r in doc["rows"]} == {4, 8}
+    assert all(r["plans_per_s"] > 0 for r in doc["rows"])
+    assert "plans/s" in p.stdout
