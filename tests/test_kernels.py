@@ -219,6 +219,155 @@ def test_token_groups_cache_and_rows():
     assert g.device_offsets("cpu") is d
 
 
+def test_host_forms_of_m_sizes(seed):
+    """Every host-side form of the counts / offsets gives the same result, on one tensor and on pieces."""
+    x, sizes, w = make_case(seed, 7, 16, 24, 53, torch.float32)
+    ref = ref64(x, sizes, w)
+    offs = np.cumsum(sizes)
+    forms = [
+        (sizes, {}), (tuple(sizes), {}), (np.asarray(sizes, dtype=np.int32), {}), ([np.int64(s) for s in sizes], {}),
+        (torch.tensor(sizes, dtype=torch.int32), {}), (torch.tensor(sizes, dtype=torch.int64), {}),
+        (offs.astype(np.int32), {"offsets": True}), (torch.tensor(offs, dtype=torch.int64), {"offsets": True}),
+        (K.TokenGroups(torch.tensor(sizes), validate=False), {}),  # CPU tensor: validated anyway (free)
+    ]
+    for arg, kw in forms:
+        for wf in (w, [(0, w[:2]), (2, w[2:3]), (3, w[3:])], [w[:4], w[4:]]):
+            for backend in ("torch", "torch:segments", "torch:segments_async", "reference"):
+                if isinstance(wf, torch.Tensor) and "segments" in backend:
+                    continue
+                got = K.grouped_gemm(x, arg, wf, backend=backend, **kw)
+                assert rel_err(got, ref) < 1e-5, (type(arg), kw, backend)
+
+
+def test_has_device_kernel_off_cuda():
+    for dev in ("cpu", "meta"):
+        for dt in (torch.float32, torch.bfloat16):
+            assert torch_grouped.has_device_kernel(torch.device(dev), dt)
+
+
+def test_token_groups_piece_offsets_are_relative_and_cached():
+    g = K.TokenGroups([2, 0, 3, 4, 1])
+    a, b, c = g.piece_offsets("cpu", ((0, 2), (2, 1), (3, 2)))
+    assert a.tolist() == [2, 2] and b.tolist() == [3] and c.tolist() == [4, 5]
+    assert all(t.dtype == torch.int32 and t.is_contiguous() for t in (a, b, c))
+    assert g.piece_offsets("cpu", ((0, 2), (2, 1), (3, 2)))[2] is c  # cached: no new upload
+    whole, = g.piece_offsets("cpu", ((0, 5),))
+    assert whole is g.device_offsets("cpu") and whole.tolist() == [2, 2, 5, 9, 10]
+    assert g.on_host and repr(g) == "TokenGroups(num_experts=5, num_tokens=10)"
+    with pytest.raises(InvalidTypeError, match="validate"):
+        K.TokenGroups([1, 2], validate="no")
+    with pytest.raises(InvalidArgumentError, match="sum to 3"):
+        K.TokenGroups([1, 2], num_tokens=4)
+
+
+def test_repeated_calls_reuse_device_offsets(seed, monkeypatch):
+    """With a TokenGroups reused, a call uploads nothing: the contiguous path is exactly one
+    torch._grouped_mm on the cached offsets; split weights one per piece (relative offsets cached)."""
+    from dwdp_comm.kernels import _inputs
+    x, sizes, w = make_case(seed, 8, 16, 32, 80, torch.bfloat16, empty_frac=0.0)
+    g = K.TokenGroups(sizes)
+    pieces = [(0, w[:2]), (2, w[2:4]), (4, w[4:6]), (6, w[6:])]
+    for form in (w, pieces):  # warm the caches
+        K.grouped_gemm(x, g, form)
+    uploads, calls = [], []
+    real_upload, real_mm = _inputs.upload_ints, torch._grouped_mm
+    monkeypatch.setattr(_inputs, "upload_ints", lambda *a: uploads.append(a) or real_upload(*a))
+    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append((a, k)) or real_mm(*a, **k))
+    out = K.grouped_gemm(x, g, w)
+    assert len(calls) == 1 and calls[0][1]["offs"] is g.device_offsets("cpu") and calls[0][0][0] is x
+    assert rel_err(out, ref64(x, sizes, w)) < 1e-2
+    calls.clear()
+    out = K.grouped_gemm(x, g, pieces)
+    assert len(calls) == 4 and not uploads
+    assert rel_err(out, ref64(x, sizes, w)) < 1e-2
+    K.grouped_gemm(x, sizes, pieces)  # a fresh list: one upload (the relative offsets of the pieces)
+    assert len(uploads) == 1
+
+
+def test_split_runs_the_first_piece_last_and_in_place(seed, monkeypatch):
+    """The first piece's call creates the output (whole x, its own groups); it runs after the
+    other pieces, and single-expert pieces are written in place with torch.mm(out=)."""
+    x, sizes, w = make_case(seed, 9, 16, 16, 90, torch.float32, empty_frac=0.0)
+    sizes = [10] * 9
+    calls = []
+    real_mm = torch._grouped_mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, **k: calls.append((a.shape[0], b.shape[0])) or
+                        real_mm(a, b, **k))
+    pieces = [(0, w[:3]), (3, w[3:4]), (4, w[4:7]), (7, w[7:])]
+    out = K.grouped_gemm(x, sizes, pieces, backend="torch:segments")
+    assert calls == [(30, 3), (20, 2), (90, 3)]  # piece 2, piece 3, then piece 0 on all of x
+    assert rel_err(out, ref64(x, sizes, w)) < 1e-5
+    for s in ([0, 0, 0, 30, 20, 10, 10, 10, 10], [5, 0, 0, 0, 0, 0, 0, 0, 85], [90] + [0] * 8):
+        calls.clear()
+        got = K.grouped_gemm(x, s, pieces, backend="torch:segments_async")
+        assert rel_err(got, ref64(x, s, w)) < 1e-5, s
+        assert all(rows > 0 for rows, _ in calls), calls  # no GEMM on pieces without tokens
+
+
+@pytest.mark.parametrize("method", ["auto", "segments", "segments_async", "grouped_mm"])
+def test_out_is_written_in_place(seed, method):
+    """out= receives every row, including a row-slice view of a larger buffer whose other rows stay intact."""
+    x, sizes, w = make_case(seed, 6, 16, 24, 57, torch.float32)
+    ref = ref64(x, sizes, w)
+    forms = [w] if method == "grouped_mm" else [w, [(0, w[:1]), (1, w[1:4]), (4, w[4:])], [w[:3], w[3:]]]
+    for form in forms:
+        buf = torch.full((57 + 6, 24), float("nan"))
+        out = buf[3:60]
+        got = K.grouped_gemm(x, sizes, form, out=out, backend=f"torch:{method}" if method != "auto" else "torch")
+        assert got is out and got.data_ptr() == buf[3].data_ptr()
+        assert rel_err(buf[3:60], ref) < 1e-5
+        assert torch.isnan(buf[:3]).all() and torch.isnan(buf[60:]).all()
+
+
+def test_meta_device_fast_paths_never_read_device_data(seed):
+    """On the meta device any host read of tensor data raises: the torch paths (one tensor or
+    pieces, TokenGroups from host counts, device counts with validate=False) read none, so they
+    cannot synchronise. Split weights with validate=False device counts need the row ranges on
+    the host: that (documented) fetch is the only read, and raises here."""
+    E, Kd, N, T = 8, 32, 48, 64
+    x = torch.empty(T, Kd, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(E, Kd, N, dtype=torch.bfloat16, device="meta")
+    pieces = [(0, w[:2]), (2, w[2:3]), (3, w[3:6]), (6, w[6:])]
+    sizes = [8] * E
+    counts = torch.empty(E, dtype=torch.int64, device="meta")
+    for arg, form in ((sizes, w), (K.TokenGroups(sizes), pieces), (sizes, pieces),
+                      (K.TokenGroups(counts, validate=False), w),
+                      (K.TokenGroups(counts.to(torch.int32), offsets=True, validate=False), w)):
+        for backend in ("torch", "torch:segments", "torch:segments_async"):
+            if isinstance(form, torch.Tensor) and backend != "torch":
+                continue
+            info = {}
+            out = K.grouped_gemm(x, arg, form, backend=backend, info=info)
+            assert out.shape == (T, N) and out.device.type == "meta"
+            assert info["method"] in ("grouped_mm", "segments", "segments_async"), info
+    lazy = K.TokenGroups(counts, validate=False)
+    K.grouped_gemm(x, lazy, w)
+    assert not lazy.on_host and "not validated" in repr(lazy)
+    with pytest.raises(Exception, match="meta"):
+        K.grouped_gemm(x, lazy, pieces)
+    with pytest.raises(InvalidArgumentError, match="7 entries"):
+        K.grouped_gemm(x, K.TokenGroups(counts[:7], validate=False), w)
+
+
+def test_bench_smoke_runs_end_to_end(tmp_path):
+    """perf/bench_grouped_gemm.py --smoke on CPU: every section, the checks, the JSON and the table."""
+    path = tmp_path / "gg.json"
+    r = subprocess.run([sys.executable, os.path.join(REPO, "perf", "bench_grouped_gemm.py"), "--smoke",
+                        "--no-numba", "--reps", "3", "--json", str(path)], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = __import__("json").loads(path.read_text())
+    assert d["env"]["git"]["commit"] and d["env"]["date"] and d["env"]["host"]
+    variants = {x["variant"] for x in d["results"]}
+    assert {"raw_grouped_mm", "raw_grouped_mm_again", "contiguous", "split", "split_serial"} <= variants
+    assert all(c["ok"] for c in d["checks"]) and d["checks"]
+    assert d["ratios"]["split / raw_grouped_mm"]["target"] == 0.97
+    assert set(d["ratios"]["split / raw_grouped_mm"]["noise_floor"]) == set(d["ratios"]["split / raw_grouped_mm"]["values"])
+    assert all(x["rounds"] == 3 and len(x["ms_rounds"]) == 3 for x in d["results"])
+    assert d["host"] and all(h["host_us"] > 0 for h in d["host"])
+    assert "# ratios vs raw_grouped_mm" in r.stdout and "target" in r.stdout
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_out_argument(seed, dtype):
     x, sizes, w = make_case(seed, 5, 32, 16, 30, dtype)

@@ -100,6 +100,120 @@ def test_device_offsets_input(seed):
         assert rel_err(K.grouped_gemm(x, arg, [w[:3], w[3:]], **kw), ref64(x, sizes, w)) < 1e-2
 
 
+@pytest.fixture
+def _sync_is_an_error():
+    """Inside: any synchronising CUDA call raises (torch.cuda.set_sync_debug_mode)."""
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+
+
+def test_fast_paths_do_not_synchronise(seed):
+    """Host counts (list, numpy, CPU tensor), a reused TokenGroups, or device counts with
+    validate=False: the torch paths (one tensor, split pieces, out=) enqueue without a sync."""
+    x, sizes, w = make_case(seed, 16, 128, 256, 1500, torch.bfloat16, device=DEV)
+    pieces = [(0, w[:4]), (4, w[4:8].clone()), (8, w[8:12].clone()), (12, w[12:].clone())]
+    ref = ref64(x, sizes, w)
+    dev_counts = torch.tensor(sizes, device=DEV)
+    dev_offs = torch.tensor(np.cumsum(sizes), dtype=torch.int32, device=DEV)
+    groups = K.TokenGroups(sizes)
+    K.grouped_gemm(x, groups, w), K.grouped_gemm(x, groups, pieces)  # probes and caches, outside the check
+    torch.cuda.synchronize()
+    outs = []
+    old = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for arg in (sizes, np.asarray(sizes), torch.tensor(sizes), groups):
+            for form in (w, pieces):
+                for backend in ("torch", "torch:segments"):
+                    outs.append(K.grouped_gemm(x, arg, form, backend=backend))
+        for arg in (K.TokenGroups(dev_counts, validate=False), K.TokenGroups(dev_offs, offsets=True, validate=False),
+                    K.TokenGroups(dev_offs.long(), offsets=True, validate=False)):
+            outs.append(K.grouped_gemm(x, arg, w))
+        out = torch.empty(1500, 256, dtype=torch.bfloat16, device=DEV)
+        outs.append(K.grouped_gemm(x, sizes, pieces, out=out))
+        outs.append(K.grouped_gemm(x, groups, w, out=torch.empty_like(out)))
+    finally:
+        torch.cuda.set_sync_debug_mode(old)
+    torch.cuda.synchronize()
+    for i, o in enumerate(outs):
+        assert rel_err(o, ref) < 1e-2, i
+
+
+def test_float32_avoids_torchs_syncing_fallback(seed, _sync_is_an_error):
+    """torch._grouped_mm has no float32 CUDA kernel (its fallback copies offs to the host): auto
+    takes the per-expert loop, which needs no sync."""
+    torch.cuda.set_sync_debug_mode(0)
+    x, sizes, w = make_case(seed, 8, 96, 80, 500, torch.float32, device=DEV)
+    ref = ref64(x, sizes, w)
+    assert not torch_grouped.has_device_kernel(torch.device(DEV), torch.float32)
+    K.grouped_gemm(x, sizes, w)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    infos, outs = [], []
+    for form in (w, [w[:3], w[3:]]):
+        info = {}
+        outs.append(K.grouped_gemm(x, sizes, form, info=info))
+        infos.append(info)
+    torch.cuda.set_sync_debug_mode(0)
+    assert all(i["method"] == "per_expert" and "fallback" in i for i in infos), infos
+    assert all(rel_err(o, ref) < 1e-5 for o in outs)
+
+
+def test_validated_device_counts_sync_once_and_are_correct(seed):
+    x, sizes, w = make_case(seed, 8, 64, 64, 400, torch.bfloat16, device=DEV)
+    ref = ref64(x, sizes, w)
+    for values, kw in ((torch.tensor(sizes, device=DEV), {}), (torch.tensor(sizes, device=DEV, dtype=torch.int32), {}),
+                       (torch.tensor(np.cumsum(sizes), device=DEV), {"offsets": True})):
+        lazy = K.TokenGroups(values, validate=False, **kw)
+        assert rel_err(K.grouped_gemm(x, lazy, w), ref) < 1e-2
+        assert not lazy.on_host
+        assert rel_err(K.grouped_gemm(x, lazy, [w[:3], w[3:5], w[5:]]), ref) < 1e-2  # fetches the host rows
+        assert lazy.on_host and lazy.sizes.tolist() == sizes
+        eager = K.TokenGroups(values, **kw)
+        assert eager.on_host and rel_err(K.grouped_gemm(x, eager, [w[:3], w[3:]]), ref) < 1e-2
+    with pytest.raises(InvalidArgumentError, match="m_sizes"):
+        K.TokenGroups(torch.tensor([3, -1], device=DEV))
+
+
+def test_upload_is_asynchronous_and_correct(_sync_is_an_error):
+    from dwdp_comm.kernels._inputs import upload_ints
+    vals = np.arange(1000, dtype=np.int64) * 3
+    ts = [upload_ints(vals + i, torch.device(DEV)) for i in range(50)]  # the staging blocks get reused
+    torch.cuda.set_sync_debug_mode(0)
+    assert all(t.dtype == torch.int32 and t.device.type == "cuda" for t in ts)
+    assert all(t.cpu().numpy().tolist() == (vals + i).tolist() for i, t in enumerate(ts))
+
+
+@pytest.mark.parametrize("method", ["segments", "segments_async"])
+def test_split_out_and_stream_safety(seed, method):
+    """Many calls back to back on one stream, results kept and dropped at random, out= buffers
+    reused: the side-stream copies never read freed temporaries nor write after the join."""
+    x, sizes, w = make_case(seed, 16, 256, 512, 3000, torch.bfloat16, device=DEV, empty_frac=0.2)
+    pieces = [(0, w[:4]), (4, w[4:8].clone()), (8, w[8:12].clone()), (12, w[12:].clone())]
+    ref = ref64(x, sizes, w)
+    g = K.TokenGroups(sizes)
+    rng = np.random.default_rng(seed)
+    kept, out = [], torch.empty(3000, 512, dtype=torch.bfloat16, device=DEV)
+    for i in range(30):
+        if i % 3 == 0:
+            r = K.grouped_gemm(x, g, pieces, out=out, backend=f"torch:{method}")
+            assert r is out
+            kept.append(r.clone())
+        else:
+            r = K.grouped_gemm(x, g, pieces, backend=f"torch:{method}")
+            junk = torch.randn(int(rng.integers(1, 2000)), 512, device=DEV).bfloat16()  # reuse freed blocks
+            if rng.random() < 0.5:
+                kept.append(r)
+            del junk
+    torch.cuda.synchronize()
+    for i, k in enumerate(kept):
+        assert rel_err(k, ref) < 1e-2, i
+
+
 def test_side_stream(seed):
     x, sizes, w = make_case(seed, 8, 128, 128, 600, torch.bfloat16, device=DEV)
     s = torch.cuda.Stream()

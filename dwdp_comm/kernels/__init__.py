@@ -69,8 +69,11 @@ def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offs
     m_sizes_or_offsets : sequence of int, numpy.ndarray, torch.Tensor or TokenGroups
         ``[num_experts]`` integers: token counts per expert (default), or, with ``offsets=True``,
         cumulative end offsets as ``torch._grouped_mm``'s ``offs`` (``offs[e]`` = end row of
-        expert ``e``; ``offs[-1] == num_tokens``). Zero-token experts are allowed. A device tensor
-        is copied to the host once (a sync); build a :class:`TokenGroups` to reuse across calls.
+        expert ``e``; ``offs[-1] == num_tokens``). Zero-token experts are allowed. Host values
+        (list, numpy, CPU tensor) cost no synchronisation (validated on the host, uploaded
+        asynchronously); a device tensor is copied to the host once (a sync). Build a
+        :class:`TokenGroups` once per layer to reuse across calls, with ``validate=False`` for
+        device-resident counts that must not sync (costs: :class:`TokenGroups`).
     weights : torch.Tensor or list
         ``[num_experts, K, N]`` (contiguous or a composite view), or split weights: a list of
         ``(first_expert, tensor[count, K, N])`` segments covering experts ``0..E-1`` in order, or
@@ -83,9 +86,10 @@ def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offs
         ``weights`` (``[count, N]`` / ``[N]``). ``w_real[e] = w[e].float() * scales[e][None, :]``.
     x_scales : torch.Tensor, optional
         Pre-quantized fp8 ``x`` only: float32 ``[num_tokens]``, ``x_real = x.float() * x_scales[:, None]``
-        (what :func:`quantize_rowwise` returns).    out : torch.Tensor, optional
-        ``[num_tokens, N]`` contiguous, the result's dtype. With the torch backend it costs one extra copy
-        (``torch._grouped_mm`` has no ``out=``); leave it None for speed.
+        (what :func:`quantize_rowwise` returns).
+    out : torch.Tensor, optional
+        ``[num_tokens, N]`` contiguous, the result's dtype. With the torch backend it costs one extra
+        device copy of the result (``torch._grouped_mm`` has no ``out=``); leave it None for speed.
     backend : str
         ``"auto"``, ``"reference"``, ``"torch"[:method]``, ``"numba"[:config]`` (module docstring).
     info : dict, optional
@@ -106,7 +110,13 @@ def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offs
     Notes
     -----
     Streams: GPU work is enqueued on the current stream of x's device; the host does not wait,
-    except to copy device-resident token counts to the host.
+    except to copy device-resident token counts to the host (see ``m_sizes_or_offsets``).
+
+    Cost with the torch backend and valid inputs: one weight tensor (contiguous or composite
+    view) runs exactly one ``torch._grouped_mm`` (once the groups' device offsets exist: one
+    asynchronous 4-byte-per-expert upload per :class:`TokenGroups`); split weights run one per
+    piece plus a device copy of every piece's rows but the first's (``torch._grouped_mm`` has no
+    ``out=``), overlapped with the last GEMM on CUDA (:mod:`dwdp_comm.kernels.torch_grouped`).
     """
     p = make_problem(x, m_sizes_or_offsets, weights, offsets=offsets, weight_scales=weight_scales,
                      x_scales=x_scales, out=out)

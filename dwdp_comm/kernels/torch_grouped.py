@@ -4,28 +4,50 @@ Methods (``info["method"]`` says which ran):
 
 ``grouped_mm``
     One weight tensor (contiguous, or a composite view: one virtual range whose pages come from
-    several buffers): a single ``torch._grouped_mm`` call. This is the route DWDP prefers.
+    several buffers): a single ``torch._grouped_mm`` call, and nothing else on the device once the
+    token groups' device offsets exist. This is the route DWDP prefers.
 ``segments``
-    Split weights: one ``torch._grouped_mm`` per piece on that piece's rows of ``x`` (a view).
-    The first piece is run on the whole of ``x`` with only its own groups, so the op allocates the
-    full ``[T, N]`` result and fills the first piece's rows; the other pieces' results are copied
-    into place (``torch._grouped_mm`` has no ``out=``). Pieces of a single expert run as
-    ``torch.mm(..., out=rows)`` with no copy. Weights are never merged.
-``segments_async``
-    As ``segments``, but on CUDA each copy runs on a side stream while the next piece's GEMM runs
-    (the current stream waits for the copies before returning).
+    Split weights: one ``torch._grouped_mm`` per piece on that piece's rows of ``x`` (a view),
+    with offsets relative to the piece's first row (uploaded once per :class:`TokenGroups`).
+    ``torch._grouped_mm`` has no ``out=`` (its schema is ``(self, mat2, offs, bias, out_dtype)``),
+    so one piece only can land in the result without a copy: the first, run on the whole of ``x``
+    with only its own groups, makes the op allocate ``[T, N]`` and fill rows ``[0, r1)``. It runs
+    last; the other pieces run first into temporaries that are then copied into their rows
+    (``3/4`` of the output bytes at group size 4). Single-expert pieces run as
+    ``torch.mm(..., out=rows)``, in place. Weights are never merged.
+``segments_async`` (the default for split weights on CUDA)
+    As ``segments``, but the copies run on a side stream (copy engine), overlapping the last
+    GEMM; the current stream waits for them before the call returns.
 ``per_expert``
     ``torch.mm(x_rows, w_e, out=out_rows)`` for every expert with tokens. Also the fallback for
     pieces whose strides or alignment ``torch._grouped_mm`` rejects (its operands need 16-byte
     aligned strides and base pointers), for dtypes it lacks on the device, and for old torch.
+    On CUDA, ``"auto"`` takes it wherever ``torch._grouped_mm`` has no kernel of its own (float32;
+    bf16 below sm90, :func:`has_device_kernel`): torch's fallback there is the same loop of ``mm``
+    after a device-to-host copy of ``offs``, i.e. a sync this loop avoids (the row ranges are
+    already on the host).
+
+Why split weights cannot be one call: ``torch._grouped_mm`` takes one ``[E, K, N]`` tensor with a
+single expert stride; pieces in separate allocations have no such stride. A composite view (one
+virtual range mapped onto the pieces' physical pages, CUDA VMM; :meth:`PrefetchHandle.weights`)
+gives them one, and then the single call above runs with no copy at all. Issuing the pieces back
+to back costs only the temporaries' copies (~``315 / K`` of the GEMM time per copied row on an
+H200: ~15% of those rows' time at K=2048, ~4% at K=7168), which ``segments_async`` hides behind
+the last GEMM.
+
+What each call costs besides the GEMMs (see :class:`TokenGroups` for the token counts' forms):
+no host synchronisation, no dtype conversion, no contiguity copy. The result is the op's own
+allocation, except with a caller's ``out=``, which costs one device copy of the result (of every
+piece's rows on split weights; leave ``out`` None for speed).
 
 fp8 (e4m3) weights run through ``torch._scaled_grouped_mm`` (``grouped_mm`` or ``segments``;
 x is quantized per row, weights carry per-output-channel float32 scales and must be K-contiguous:
 store ``[E, N, K]`` and pass ``w.transpose(-1, -2)``). Where that op is missing (CPU builds, GPUs
 below sm90) :func:`fp8_unavailable_reason` says why.
 
-Streams: everything is enqueued on the current stream of ``x``'s device; the host never waits, except
-once per device and dtype for a tiny capability probe.
+Streams: everything is enqueued on the current stream of ``x``'s device (plus the side stream of
+``segments_async``, joined before returning); the host never waits, except once per device and
+dtype for a tiny capability probe.
 """
 
 from __future__ import annotations
@@ -38,7 +60,8 @@ from ..errors import BackendUnavailableError, bad_arg
 from ._inputs import FP8_DTYPE, Problem
 from .reference import quantize_rowwise
 
-__all__ = ["run", "run_rows", "METHODS", "grouped_mm_supported", "fp8_unavailable_reason", "operand_ok"]
+__all__ = ["run", "run_rows", "METHODS", "grouped_mm_supported", "has_device_kernel", "fp8_unavailable_reason",
+           "operand_ok"]
 
 METHODS = ("auto", "grouped_mm", "segments", "segments_async", "per_expert")
 
@@ -54,11 +77,30 @@ def _probe(device_type: str, index: int | None, dtype: torch.dtype) -> str | Non
         b = torch.ones(2, 16, 16, dtype=dtype, device=dev)
         offs = torch.tensor([8, 16], dtype=torch.int32, device=dev)
         y = torch._grouped_mm(a, b, offs=offs)
-        if float(y[0, 0]) != 16.0:
+        if device_type != "meta" and float(y[0, 0]) != 16.0:  # meta: shapes only (tracing, tests)
             return "torch._grouped_mm returned a wrong value on a probe"
     except (RuntimeError, NotImplementedError, TypeError) as exc:
         return f"torch._grouped_mm({dtype}) fails on {device_type}: {str(exc).splitlines()[0][:200]}"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_capability(index: int | None) -> tuple:
+    return torch.cuda.get_device_capability(index)
+
+
+def has_device_kernel(device: torch.device, dtype: torch.dtype) -> bool:
+    """True unless ``torch._grouped_mm`` would take torch's own fallback on this CUDA device.
+
+    On CUDA, torch runs its CUTLASS grouped kernel for bf16 on sm90 / sm100 only; every other
+    case (float32, older GPUs) goes through a fallback that copies ``offs`` to the host (a sync)
+    and then runs one ``mm`` per group: :func:`run` prefers its own per-expert loop there, the
+    same work without the sync. Other device types (CPU, meta) have no sync to avoid: True.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return True
+    return dtype == torch.bfloat16 and _cuda_capability(device.index)[0] in (9, 10)
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -124,8 +166,9 @@ def run(p: Problem, method: str = "auto", info: dict | None = None) -> torch.Ten
     ----------
     p : Problem
     method : str
-        One of :data:`METHODS`. ``"auto"``: ``grouped_mm`` for one piece, ``segments`` for
-        several, falling back to ``per_expert`` where ``torch._grouped_mm`` cannot run.
+        One of :data:`METHODS`. ``"auto"``: ``grouped_mm`` for one piece; for several,
+        ``segments_async`` on CUDA and ``segments`` elsewhere; ``per_expert`` where
+        ``torch._grouped_mm`` cannot run.
     info : dict, optional
         Receives ``method`` (what ran) and, where a fallback happened, ``fallback`` (why).
 
@@ -158,13 +201,32 @@ def run(p: Problem, method: str = "auto", info: dict | None = None) -> torch.Ten
     if method == "grouped_mm" and len(p.pieces) != 1:
         raise bad_arg("method", method, f"'segments' or 'per_expert' for {len(p.pieces)} weight pieces "
                       "(grouped_mm needs one [E, K, N] tensor)")
+    if method == "auto" and not has_device_kernel(p.device, p.x.dtype):
+        info["fallback"] = (f"torch._grouped_mm has no {p.x.dtype} kernel on this GPU (its fallback copies the "
+                            "offsets to the host, a sync, then loops over groups): per-expert torch.mm instead")
+        info["method"] = "per_expert"
+        return _per_expert(p, _output(p))
     if not operand_ok(p.x):
         info["fallback"] = f"x strides {p.x.stride()} / alignment rejected by torch._grouped_mm"
         info["method"] = "per_expert"
         return _per_expert(p, _output(p))
-    info["method"] = "grouped_mm" if len(p.pieces) == 1 else \
-        ("segments_async" if method == "segments_async" else "segments")
-    return _segments(p, info, overlap=method == "segments_async")
+    if len(p.pieces) == 1:
+        info["method"] = "grouped_mm"
+        w = p.pieces[0][1]
+        if operand_ok(w):  # the fast path: exactly one torch._grouped_mm, nothing else on the device
+            y = torch._grouped_mm(p.x, w, offs=p.groups.device_offsets(p.device))
+            if p.out is None:
+                return y
+            p.out.copy_(y)  # torch._grouped_mm has no out=: the caller's buffer costs one copy
+            return p.out
+    overlap = _overlap(method, p.device)
+    if len(p.pieces) > 1:
+        info["method"] = "segments_async" if overlap else "segments"
+    return _segments(p, info, overlap=overlap)
+
+
+def _overlap(method: str, device: torch.device) -> bool:
+    return method == "segments_async" or (method == "auto" and device.type == "cuda")
 
 
 def run_rows(p: Problem, consume, info: dict | None = None) -> None:
@@ -184,22 +246,25 @@ def run_rows(p: Problem, consume, info: dict | None = None) -> None:
     else:
         x, fp8 = p.x, False
         xs = None
-    grouped = fp8 or (grouped_mm_supported(p.device, p.x.dtype) and operand_ok(p.x))
+    grouped = fp8 or (grouped_mm_supported(p.device, p.x.dtype) and has_device_kernel(p.device, p.x.dtype)
+                      and operand_ok(p.x))
     info["method"] = "scaled_rows" if fp8 else ("grouped_mm_rows" if grouped else "per_expert_rows")
     g = p.groups
+    bounds = _bounds(p)
+    offs = g.piece_offsets(p.device, bounds) if grouped else None
     for pi, (first, w) in enumerate(p.pieces):
-        n = int(w.shape[0])
+        n = bounds[pi][1]
         r0, r1 = g.rows(first, first + n)
         if r1 == r0:
             continue
-        offs = _piece_offsets(p, first, n, r0)
         if fp8:
             if not _fp8_ok(w):
                 raise BackendUnavailableError("fp8 weights must be K-contiguous: store [E, N, K], pass "
                                               "w.transpose(-1, -2)")
-            y = torch._scaled_grouped_mm(x[r0:r1], w, xs[r0:r1], p.scales[pi], offs=offs, out_dtype=torch.bfloat16)
+            y = torch._scaled_grouped_mm(x[r0:r1], w, xs[r0:r1], p.scales[pi], offs=offs[pi],
+                                         out_dtype=torch.bfloat16)
         elif grouped and operand_ok(w):
-            y = torch._grouped_mm(x[r0:r1], w, offs=offs)
+            y = torch._grouped_mm(x[r0:r1], w, offs=offs[pi])
         else:
             y = torch.empty(r1 - r0, p.N, dtype=p.out_dtype, device=p.device)
             for i in range(n):
@@ -218,77 +283,111 @@ def _output(p: Problem) -> torch.Tensor:
     return p.out if p.out is not None else torch.empty(p.num_tokens, p.N, dtype=p.out_dtype, device=p.device)
 
 
-def _piece_offsets(p: Problem, first: int, count: int, r0: int) -> torch.Tensor:
-    offs = p.groups.device_offsets(p.device)[first:first + count]
-    return offs - r0 if r0 else offs
+def _bounds(p: Problem) -> tuple:
+    return tuple((first, int(w.shape[0])) for first, w in p.pieces)
 
 
-class _Copier:
-    """Copies piece results into place: inline, or on a side stream that overlaps the next GEMM."""
+class _SideStream:
+    """Result copies on a side stream of the device (one per device, reused), or inline.
+
+    Ordering: :meth:`fork` makes the side stream wait for what the current stream has enqueued so
+    far; :meth:`copy` enqueues ``dst.copy_(src)`` there (a D2D ``cudaMemcpyAsync``: the copy
+    engine, no SMs); :meth:`join` makes the current stream wait for the copies, so the result is
+    ready on the current stream, as if everything had run there. Memory: ``src`` (a piece's
+    temporary result) and ``dst`` were allocated on the current stream; both are kept referenced
+    until :meth:`join`, so they return to the current stream's pool only after it waits for the
+    copies, and whatever reuses them later is ordered after the copies (no ``record_stream``).
+    """
 
     _streams: dict = {}
 
     def __init__(self, device: torch.device, overlap: bool):
-        self.device, self.side, self.used = device, None, False
+        self.side = self.main = None
+        self.keep = []
         if overlap and device.type == "cuda":
-            key = device.index if device.index is not None else torch.cuda.current_device()
+            self.main = torch.cuda.current_stream(device)
+            key = self.main.device_index
             self.side = self._streams.get(key)
             if self.side is None:
                 self.side = self._streams[key] = torch.cuda.Stream(device=key)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+    def fork(self) -> None:
+        if self.side is not None:
+            self.side.wait_stream(self.main)
+
+    def copy(self, dst: torch.Tensor, src: torch.Tensor, fork: bool = True) -> None:
         if self.side is None:
             dst.copy_(src)
             return
-        self.side.wait_stream(torch.cuda.current_stream(self.device))
+        if fork:
+            self.fork()
         with torch.cuda.stream(self.side):
             dst.copy_(src)
-        src.record_stream(self.side)  # src is freed by the caller while the side stream reads it
-        dst.record_stream(self.side)
-        self.used = True
+        self.keep.append(src)
 
-    def finish(self) -> None:
-        if self.used:
-            torch.cuda.current_stream(self.device).wait_stream(self.side)
+    def join(self) -> None:
+        if self.keep:
+            self.main.wait_stream(self.side)
+            self.keep = []
 
 
 def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -> torch.Tensor:
-    """Run each piece with one grouped call; the first piece's call allocates the result."""
+    """One grouped call per piece, every result landing in one ``[T, N]`` output.
+
+    ``torch._grouped_mm`` has no ``out=``, so only one piece can be computed in place: the first
+    one, run on the whole of ``x`` with only its own groups, makes the op allocate ``[T, N]`` and
+    fill rows ``[0, r1)``. It runs last: the other pieces' GEMMs run first into temporaries, and
+    their copies into the output (on the side stream with ``overlap``) run while that last GEMM
+    and the single-expert pieces (``torch.mm(..., out=rows)``, in place) run. With a caller's
+    ``out`` every grouped piece is copied, each copy overlapping the next piece's GEMM.
+    """
+    fp8 = xq is not None
     mm = mm or (lambda a, w, offs, pi, r0: torch._grouped_mm(a, w, offs=offs))
-    copier = _Copier(p.device, overlap)
     x = p.x if xq is None else xq
     g = p.groups
-    out = p.out
-    fallbacks = []
+    bounds = _bounds(p)
+    offs = g.piece_offsets(p.device, bounds)
+    side = _SideStream(p.device, overlap)
+    plan, fallbacks = [], []
     for pi, (first, w) in enumerate(p.pieces):
-        n = int(w.shape[0])
+        n = bounds[pi][1]
         r0, r1 = g.rows(first, first + n)
-        grouped_ok = (_fp8_ok(w) if xq is not None else operand_ok(w))
-        if not grouped_ok and xq is None:
-            fallbacks.append(f"experts {first}..{first + n - 1}: weight strides {tuple(w.stride())}")
-        if out is None and pi == 0 and grouped_ok:
-            # Whole x, only this piece's groups: the op allocates [T, N] and fills rows [0, r1).
-            out = mm(x, w, _piece_offsets(p, first, n, 0), pi, 0)
-            continue
-        if out is None:
-            out = torch.empty(p.num_tokens, p.N, dtype=p.out_dtype, device=p.device)
-        if r1 == r0:
-            continue
-        if (n == 1 or not grouped_ok) and xq is None:
-            _per_expert_piece(p, out, first, w)
-        elif not grouped_ok:
+        ok = _fp8_ok(w) if fp8 else operand_ok(w)
+        if not ok and fp8:
             raise BackendUnavailableError(
                 f"fp8 weights (experts {first}..{first + n - 1}) with strides {tuple(w.stride())}: "
                 "torch._scaled_grouped_mm needs K-contiguous weights; store them as [E, N, K] and pass "
                 "w.transpose(-1, -2)")
+        if not ok:
+            fallbacks.append(f"experts {first}..{first + n - 1}: weight strides {tuple(w.stride())}")
+        # single-expert pieces: torch.mm straight into the output rows (no temporary, no copy)
+        plan.append((pi, first, w, r0, r1, "grouped" if ok and (fp8 or n > 1) else "direct"))
+    out = p.out
+    first_in_place = out is None and plan[0][5] == "grouped" and plan[0][4] > 0
+    if out is None and not first_in_place:
+        out = torch.empty(p.num_tokens, p.N, dtype=p.out_dtype, device=p.device)
+    pending = []
+    for pi, first, w, r0, r1, kind in plan:
+        if kind != "grouped" or r1 == r0 or (pi == 0 and first_in_place):
+            continue
+        y = mm(x[r0:r1], w, offs[pi], pi, r0)
+        if out is not None:
+            side.copy(out[r0:r1], y)  # overlaps the next piece's GEMM
         else:
-            copier.copy(out[r0:r1], mm(x[r0:r1], w, _piece_offsets(p, first, n, r0), pi, r0))
-    copier.finish()
+            pending.append((r0, r1, y))
+    if first_in_place:
+        if pending:
+            side.fork()  # before the output exists: the copies may overlap the GEMM that creates it
+        out = mm(x, plan[0][2], offs[0], 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
+        for r0, r1, y in pending:
+            side.copy(out[r0:r1], y, fork=False)  # rows disjoint from what the GEMM writes
+        pending = None
+    for pi, first, w, r0, r1, kind in plan:
+        if kind == "direct" and r1 > r0:
+            _per_expert_piece(p, out, first, w)
+    side.join()
     if fallbacks:
         info["fallback"] = "per-expert torch.mm for " + "; ".join(fallbacks)
-    if p.out is not None and out is not p.out:
-        p.out.copy_(out)
-        out = p.out
     return out
 
 
@@ -320,6 +419,7 @@ def _run_fp8(p: Problem, method: str, info: dict) -> torch.Tensor:
         return torch._scaled_grouped_mm(a, w, xs[r0:r0 + a.shape[0]], p.scales[pi], offs=offs,
                                         out_dtype=torch.bfloat16)
 
+    overlap = _overlap(method, p.device)
     info["method"] = "scaled_grouped_mm" if len(p.pieces) == 1 else \
-        ("scaled_segments_async" if method == "segments_async" else "scaled_segments")
-    return _segments(p, info, mm=mm, xq=xq, overlap=method == "segments_async")
+        ("scaled_segments_async" if overlap else "scaled_segments")
+    return _segments(p, info, mm=mm, xq=xq, overlap=overlap)
