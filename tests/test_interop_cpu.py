@@ -1,8 +1,10 @@
 """CPU-testable parts of the GPU layer: stream resolution, lazy imports, probes and their error
-messages, engine options, the peer-access check, fd passing."""
+messages, engine options, the peer-access check, fd passing, and the copy executor's logic (lanes,
+local lane, graphs, time-division flags) on a fake CUDA runtime whose streams run in order."""
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -102,7 +104,7 @@ def test_gpu_backend_unavailable_on_every_rank(backend):
 
 def test_engine_options():
     assert _cuda.parse_engine_options({}, "x") == {"streams": 1, "api": "batch", "distribute": "source",
-                                                    "overlap_hint": False}
+                                                    "overlap_hint": False, "sync": "none", "graph": False}
     with pytest.raises(dc.InvalidArgumentError, match="streamz"):
         _cuda.parse_engine_options({"streamz": 2}, "cuda_ipc")
     with pytest.raises(dc.InvalidArgumentError, match="streams"):
@@ -156,71 +158,166 @@ def test_pidfd_getfd_duplicates_a_descriptor():
         _cuda.pidfd_getfd(os.getpid(), 987654)
 
 
-# ---- the executor's logic on a fake CUDA runtime (host memory, memmove copies) --------------------------
-class _FakeRuntime:
-    """Just enough of cuda.bindings.runtime for CopyExecutor, on host memory, logging every call."""
+# ---- the executor's logic on a fake CUDA runtime (host memory, in-order streams) -----------------------
+class _FakeGPU:
+    """Just enough of cuda.bindings.runtime (plus the ctypes driver calls) for CopyExecutor, on host
+    memory, with real stream semantics: every stream is a FIFO of operations that run in order; an
+    event wait or a flag wait (cuStreamBatchMemOp, cyclic >=) holds its stream until satisfied;
+    ``progress()`` runs whatever can run. Several fake ranks (executors) share one fake GPU, so
+    flag writes of one rank release waits of another. Thread-safe (ranks may run in threads).
+
+    ``log`` is host (enqueue) order: ("wait", stream, event), ("record", event, stream), ("copy",
+    stream, n), ("batch", stream, count), ("memop", stream, op, addr, value), ("launch", stream,
+    exec), ("capture", stream, ncopies). ``done`` is execution order: ("copy", stream, dst, src, n),
+    ("write", stream, addr, value, bits), ("wait", stream, addr, value, bits).
+    """
 
     class cudaError_t:
         cudaSuccess, cudaErrorNotReady = 0, 600
 
     class cudaMemcpyKind:
-        cudaMemcpyDeviceToDevice = 3
+        cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 2, 3
 
-    class cudaMemcpySrcAccessOrder:
-        cudaMemcpySrcAccessOrderStream = 1
-
-    class cudaMemcpyFlags:
-        cudaMemcpyFlagPreferOverlapWithCompute = 1
-
-    class cudaMemcpyAttributes:
-        srcAccessOrder = 0
-        flags = 0
+    class cudaStreamCaptureMode:
+        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed = 0, 1, 2
 
     cudaStreamNonBlocking, cudaEventDisableTiming = 1, 2
 
-    def __init__(self):
-        self.log, self._next, self._mem = [], 1000, {}
+    def __init__(self, hang_timeout=10.0):
+        import threading
+        self.lock = threading.RLock()
+        self.log, self.done, self._next, self._mem = [], [], 1000, {}
+        self.streams, self.events = {}, {}  # handle -> deque / [recorded, completed]
+        self.capturing, self.graphs, self.execs = {}, {}, {}
+        self.hang_timeout = hang_timeout
 
     def _handle(self):
         self._next += 1
         return self._next
 
+    # -- the engine of the fake --------------------------------------------------------------------------
+    def enqueue(self, stream, op):
+        import collections
+        with self.lock:
+            s = int(stream)
+            if s in self.capturing:
+                assert op[0] == "copy", f"only copies may be captured, got {op[0]}"
+                self.capturing[s].append(op)
+                return
+            self.streams.setdefault(s, collections.deque()).append(op)
+            self.progress()
+
+    @staticmethod
+    def _read(addr, bits):
+        import ctypes
+        return (ctypes.c_uint64 if bits == 64 else ctypes.c_uint32).from_address(addr).value
+
+    @staticmethod
+    def _ge(cur, value, bits):  # CU_STREAM_WAIT_VALUE_GEQ: (intN_t)(*addr - value) >= 0
+        return ((cur - value) & ((1 << bits) - 1)) < (1 << (bits - 1))
+
+    def _ready(self, op):
+        if op[0] == "waitev":
+            return self.events[op[1]][1] >= op[2]
+        if op[0] == "wait":
+            return self._ge(self._read(op[1], op[3]), op[2], op[3])
+        return True
+
+    def _run(self, s, op):
+        import ctypes
+        kind = op[0]
+        if kind == "copy":
+            ctypes.memmove(op[1], op[2], op[3])
+            self.done.append(("copy", s, op[1], op[2], op[3]))
+        elif kind == "graph":
+            for sub in op[1]:
+                self._run(s, sub)
+        elif kind == "record":
+            self.events[op[1]][1] = max(self.events[op[1]][1], op[2])
+        elif kind == "write":
+            (ctypes.c_uint64 if op[3] == 64 else ctypes.c_uint32).from_address(op[1]).value = op[2]
+            self.done.append(("write", s, op[1], op[2], op[3]))
+        elif kind == "wait":
+            self.done.append(("wait", s, op[1], op[2], op[3]))
+        elif kind == "memset":
+            ctypes.memset(op[1], op[2], op[3])
+
+    def progress(self):
+        with self.lock:
+            moved = True
+            while moved:
+                moved = False
+                for s, q in list(self.streams.items()):
+                    while q and self._ready(q[0]):
+                        self._run(s, q.popleft())
+                        moved = True
+
+    def pending(self, stream=None):
+        with self.lock:
+            self.progress()
+            if stream is None:
+                return sum(len(q) for q in self.streams.values())
+            return len(self.streams.get(int(stream), ()))
+
+    # -- runtime API ----------------------------------------------------------------------------------------
     def cudaStreamCreateWithPriority(self, flags, priority):
-        return 0, self._handle()
+        import collections
+        with self.lock:
+            h = self._handle()
+            self.streams[h] = collections.deque()
+            return 0, h
 
     def cudaStreamSynchronize(self, s):
+        import time
+        t0 = time.monotonic()
+        while self.pending(s):
+            if time.monotonic() - t0 > self.hang_timeout:
+                raise AssertionError(f"fake stream {int(s)} would hang: {list(self.streams[int(s)])[:3]}")
+            time.sleep(1e-3)
         return (0,)
 
+    def cudaStreamQuery(self, s):
+        return (600,) if self.pending(s) else (0,)
+
     def cudaStreamDestroy(self, s):
+        with self.lock:
+            assert not self.streams.get(int(s)), "destroying a stream with work left"
+            self.streams.pop(int(s), None)
         return (0,)
 
     def cudaEventCreateWithFlags(self, flags):
-        return 0, self._handle()
+        with self.lock:
+            h = self._handle()
+            self.events[h] = [0, 0]
+            return 0, h
 
     def cudaEventDestroy(self, ev):
         return (0,)
 
     def cudaEventRecord(self, ev, s):
-        self.log.append(("record", int(ev), int(s)))
+        with self.lock:
+            e = self.events[int(ev)]
+            e[0] += 1
+            self.log.append(("record", int(ev), int(s)))
+            self.enqueue(s, ("record", int(ev), e[0]))
         return (0,)
 
     def cudaStreamWaitEvent(self, s, ev, flags):
-        self.log.append(("wait", int(s), int(ev)))
+        with self.lock:
+            self.log.append(("wait", int(s), int(ev)))
+            seq = self.events[int(ev)][0]
+            if seq:
+                self.enqueue(s, ("waitev", int(ev), seq))
         return (0,)
 
     def cudaMemcpyAsync(self, d, s, n, kind, stream):
-        import ctypes
-        ctypes.memmove(d, s, n)
-        self.log.append(("copy", int(stream), n))
+        with self.lock:
+            self.log.append(("copy", int(stream), n))
+            self.enqueue(stream, ("copy", int(d), int(s), int(n)))
         return (0,)
 
-    def cudaMemcpyBatchAsync(self, dsts, srcs, sizes, count, attrs, idxs, nattrs, stream):
-        assert count == len(dsts) == len(srcs) == len(sizes) and nattrs == len(attrs) == len(idxs) == 1
-        assert attrs[0].srcAccessOrder == 1
-        import ctypes
-        for d, s, n in zip(dsts, srcs, sizes):
-            ctypes.memmove(d, s, n)
-        self.log.append(("batch", int(stream), count))
+    def cudaMemsetAsync(self, p, value, n, stream):
+        self.enqueue(stream, ("memset", int(p), int(value), int(n)))
         return (0,)
 
     def cudaMalloc(self, n):
@@ -233,27 +330,100 @@ class _FakeRuntime:
         self._mem.pop(int(p), None)
         return (0,)
 
+    def cudaStreamBeginCapture(self, s, mode):
+        assert mode == self.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed
+        with self.lock:
+            assert int(s) not in self.capturing
+            self.capturing[int(s)] = []
+        return (0,)
 
-class _FakeDriver:
-    """DriverCopyCalls on host memory: the same calls, logged like the fake runtime's."""
+    def cudaStreamEndCapture(self, s):
+        with self.lock:
+            ops = self.capturing.pop(int(s))
+            h = self._handle()
+            self.graphs[h] = ops
+            self.log.append(("capture", int(s), len(ops)))
+            return 0, h
 
-    def __init__(self, fake: _FakeRuntime):
+    def cudaGraphInstantiate(self, g, flags):
+        assert flags == 0
+        with self.lock:
+            h = self._handle()
+            self.execs[h] = list(self.graphs[int(g)])
+            return 0, h
+
+    def cudaGraphDestroy(self, g):
+        with self.lock:
+            del self.graphs[int(g)]
+        return (0,)
+
+    def cudaGraphExecDestroy(self, e):
+        with self.lock:
+            del self.execs[int(e)]
+        return (0,)
+
+    def cudaGraphLaunch(self, e, s):
+        with self.lock:
+            self.log.append(("launch", int(s), int(e)))
+            self.enqueue(s, ("graph", list(self.execs[int(e)])))
+        return (0,)
+
+    # -- driver (cuda.bindings.driver) ------------------------------------------------------------------
+    class CUdevice_attribute:
+        CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS = 122
+
+    bits64 = 1
+
+    def cuDeviceGet(self, ordinal):
+        return 0, ordinal
+
+    def cuDeviceGetAttribute(self, attr, dev):
+        assert attr == 122
+        return 0, self.bits64
+
+
+class _FakeDriverCalls:
+    """DriverCopyCalls on the fake GPU: the same calls, in the same log."""
+
+    def __init__(self, fake: _FakeGPU, memops=True):
         self.fake = fake
+        if not memops:
+            self.memops = None
 
     def memcpy(self, d, s, n, stream):
-        import ctypes
-        ctypes.memmove(d, s, n)
-        self.fake.log.append(("copy", int(stream), n))
+        with self.fake.lock:
+            self.fake.log.append(("copy", int(stream), n, int(d)))
+            self.fake.enqueue(stream, ("copy", int(d), int(s), int(n)))
         return 0
 
     def batch(self, dptr, sptr, nptr, count, attrs_ptr, idx_ptr, nattrs, stream):
         import ctypes
         import numpy as np
         assert nattrs == 1 and attrs_ptr == 12345
-        arr = lambda p: np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_uint64)), (count,))
-        for d, s, n in zip(arr(dptr).tolist(), arr(sptr).tolist(), arr(nptr).tolist()):
-            ctypes.memmove(d, s, n)
-        self.fake.log.append(("batch", int(stream), count))
+        arr = lambda p: np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_uint64)), (count,))  # noqa: E731
+        with self.fake.lock:
+            self.fake.log.append(("batch", int(stream), count))
+            for d, s, n in zip(arr(dptr).tolist(), arr(sptr).tolist(), arr(nptr).tolist()):
+                self.fake.enqueue(stream, ("copy", d, s, n))
+        return 0
+
+    def memops(self, stream, count, ptr, flags):
+        import ctypes
+        import numpy as np
+        assert flags == 0 and 0 < count < 256
+        ops = np.frombuffer((ctypes.c_char * (48 * count)).from_address(ptr), dtype=_cuda.MEMOP_DTYPE).copy()
+        with self.fake.lock:
+            for op in ops:
+                code, addr, value = int(op["operation"]), int(op["address"]), int(op["value"])
+                self.fake.log.append(("memop", int(stream), code, addr, value))
+                assert int(op["flags"]) == 0, "GEQ waits and default (fenced) writes only"
+                if code in (_cuda.OP_WAIT_VALUE_32, _cuda.OP_WAIT_VALUE_64):
+                    bits = 64 if code == _cuda.OP_WAIT_VALUE_64 else 32
+                    self.fake.enqueue(stream, ("wait", addr, value & ((1 << bits) - 1), bits))
+                else:
+                    assert code in (_cuda.OP_WRITE_VALUE_32, _cuda.OP_WRITE_VALUE_64), code
+                    bits = 64 if code == _cuda.OP_WRITE_VALUE_64 else 32
+                    self.fake.enqueue(stream, ("write", addr, value & ((1 << bits) - 1), bits))
         return 0
 
     def batch_attributes(self, overlap_hint):
@@ -261,6 +431,15 @@ class _FakeDriver:
 
     def error(self, code, api, context):
         return _cuda.CudaError(api, code, context)
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    gpu = _FakeGPU()
+    monkeypatch.setattr(_cuda, "_rt", gpu)
+    monkeypatch.setattr(_cuda, "_dr", gpu)
+    monkeypatch.setattr(_cuda.DriverCopyCalls, "_instance", _FakeDriverCalls(gpu))
+    return gpu
 
 
 class _HostAlloc(_cuda._Alloc):
@@ -272,16 +451,17 @@ class _HostAlloc(_cuda._Alloc):
         pass
 
 
+def _first_copy_index(log, stream, kinds=("copy", "batch", "launch")):
+    return next(i for i, e in enumerate(log) if e[0] in kinds and e[1] == stream)
+
+
 @pytest.mark.parametrize("opts, remote_rank", [
     ({"streams": 2}, None), ({"streams": 1, "api": "memcpy"}, None), ({"streams": 3, "distribute": "slot"}, None),
-    ({"streams": 2, "api": "memcpy"}, 2), ({"streams": 2}, 2), ({"api": "memcpy", "streams": 2}, 0)])
-def test_executor_logic_on_fake_runtime(monkeypatch, opts, remote_rank):
+    ({"streams": 2, "api": "memcpy"}, 2), ({"streams": 2}, 2), ({"api": "memcpy", "streams": 2}, 0),
+    ({"streams": 2, "graph": True}, None), ({"streams": 1, "graph": True, "distribute": "slot"}, None)])
+def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
     import numpy as np
     from dwdp_comm.planner import CopyRange, make_plan
-    fake = _FakeRuntime()
-    monkeypatch.setattr(_cuda, "_rt", fake)
-    monkeypatch.setattr(_cuda, "_dr", object())
-    monkeypatch.setattr(_cuda.DriverCopyCalls, "_instance", _FakeDriver(fake))
     G, rank, n = 3, 1, 1 << 16
     rng = np.random.default_rng(0)
     heaps = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(G)]
@@ -291,42 +471,634 @@ def test_executor_logic_on_fake_runtime(monkeypatch, opts, remote_rank):
     gets = []
 
     def remote_get(d, sym_src, nbytes, pe, stream):  # an NVSHMEM get: symmetric address -> PE's copy
-        import ctypes
         gets.append((pe, nbytes))
-        ctypes.memmove(d, ptrs[pe] + (sym_src - ptrs[rank]), nbytes)
+        fake.enqueue(stream, ("copy", d, ptrs[pe] + (sym_src - ptrs[rank]), nbytes))
 
     src_ptrs = [None if r == remote_rank else p for r, p in enumerate(ptrs)]
     eng = _cuda.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=src_ptrs, src_nbytes=n,
                              remote_get=remote_get if remote_rank is not None else None,
                              sym_ptr=ptrs[rank] if remote_rank is not None else None,
                              **_cuda.parse_engine_options(opts, "test"))
-    assert eng.api == opts.get("api", "batch")  # the batch probe passed on the fake
+    assert eng.api == opts.get("api", "memcpy" if opts.get("graph") else "batch")  # the batch probe passed
+    assert len(eng.streams) == eng.num_streams + 1 and eng.local_lane == eng.num_streams
     src_base, dst_base = 4096, 512
+    # CopyRange(1, ...) is a local copy (rank 1 reads itself: gather mode)
     ranges = [CopyRange(0, 0, 0, 5000), CopyRange(2, 100, 6000, 7000), CopyRange(1, 300, 20000, 3000),
               CopyRange(0, 9000, 30000, 1234)]
     plan = make_plan(ranges, rank=rank, group_size=G, chunk_nbytes=1024)
-    after = _cuda.CudaEvent()
-    fake.log.clear()
-    done = eng.submit(plan, src_base=src_base, dst=dst, dst_base=dst_base, after=[after])
-    for r in ranges:
-        got = dst_data[dst_base + r.dst_offset:dst_base + r.dst_offset + r.nbytes]
-        want = heaps[r.src_rank][src_base + r.src_offset:src_base + r.src_offset + r.nbytes]
-        assert np.array_equal(got, want), r
-    # Every copy stream waited for the 'after' event before its first copy; the done event is last.
-    streams_used = []
-    for e in fake.log:
-        if e[0] in ("copy", "batch") and e[1] not in streams_used:
-            streams_used.append(e[1])
-    for s in streams_used:
-        first = next(i for i, e in enumerate(fake.log) if e[0] in ("copy", "batch") and e[1] == s)
-        assert ("wait", s, after.handle) in fake.log[:first]
-    assert fake.log[-1] == ("record", done.handle, eng.streams[0]) or fake.log[-1][0] == "record"
-    assert len(streams_used) <= eng.num_streams
+    gate = _cuda.CudaStream()
+    hold = np.zeros(1, dtype=np.uint64)  # a "compute stream" held until the test lets it go
+    fake.enqueue(gate.handle, ("wait", hold.ctypes.data, 1, 64))
+    after = _cuda.CudaEvent().record(gate.handle)
+    for job in range(2):  # the second job of a graph engine replays the captured graphs
+        fake.log.clear()
+        dst_data[:] = 0
+        done = eng.submit(plan, src_base=src_base, dst=dst, dst_base=dst_base, after=[after])
+        if job == 0:
+            assert not dst_data.any(), "a copy ran before its 'after' event"
+            hold[0] = 1
+        fake.progress()
+        assert fake.events[done.handle][1] == fake.events[done.handle][0], "the done event did not complete"
+        for r in ranges:
+            got = dst_data[dst_base + r.dst_offset:dst_base + r.dst_offset + r.nbytes]
+            want = heaps[r.src_rank][src_base + r.src_offset:src_base + r.src_offset + r.nbytes]
+            assert np.array_equal(got, want), r
+        # Every copy stream waited for the 'after' event before its first copy; local copies on the local
+        # lane only, remote ones never there; the done event is recorded last, after joining every lane.
+        kinds = ("launch",) if opts.get("graph") else ("copy", "batch")  # captured copies do not run
+        used = []
+        for e in fake.log:
+            if e[0] in kinds and e[1] not in used:
+                used.append(e[1])
+        for s in used:
+            assert ("wait", s, after.handle) in fake.log[:_first_copy_index(fake.log, s, kinds)]
+        local_stream = eng.streams[eng.local_lane]
+        assert used[0] == local_stream, "local copies are issued first, on their own lane"
+        assert len(used) <= eng.num_streams + 1
+        assert fake.log[-1] == ("record", done.handle, fake.log[-1][2])
+        join = fake.log[-1][2]
+        for s in used:
+            if s != join:  # an event recorded on s, waited for by the join stream before the done event
+                rec = [e[1] for e in fake.log if e[0] == "record" and e[2] == s]
+                assert any(("wait", join, ev) in fake.log for ev in rec), s
+        n_local = sum(1 for e in fake.done if e[0] == "copy" and e[1] == local_stream)
+        assert n_local == sum(1 for c in plan.copies() if c[1] == rank)
+        if opts.get("graph"):
+            assert eng.graphs_captured == 1 and len(fake.execs) == len(used)
+            assert sum(1 for e in fake.log if e[0] == "capture") == (0 if job else len(used))
+            assert sum(1 for e in fake.log if e[0] == "launch") == len(used)
+        fake.done.clear()
     if remote_rank is not None:
         assert gets and {pe for pe, _ in gets} == {remote_rank}
     bad = make_plan([CopyRange(0, n - 100, 0, 4096)], rank=rank, group_size=G)
     with pytest.raises(dc.InvalidArgumentError, match="inside the heap"):
         eng.submit(bad, src_base=0, dst=dst, dst_base=0)
     eng.close()
+    assert not fake.execs and not fake.graphs, "graphs left after close"
     with pytest.raises(dc.ClosedError):
         eng.submit(plan, src_base=0, dst=dst, dst_base=0)
+    gate.close()
+
+
+def test_local_copies_overlap_peer_copies(fake):
+    """streams=1: the peer pull and the local copy are on different streams, both start after 'after'
+    and the done event waits for both (the nvshmem 1 GiB case: 84.5 % -> the local copy hides)."""
+    import numpy as np
+    from dwdp_comm.planner import CopyRange, make_plan
+    G, rank, n = 2, 0, 1 << 14
+    heaps = [np.full(n, r + 1, dtype=np.uint8) for r in range(G)]
+    dst_data = np.zeros(2 * n, dtype=np.uint8)
+    dst = _cuda.DeviceBuffer(_HostAlloc(dst_data))
+    eng = _cuda.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
+                             src_nbytes=n, streams=1, api="memcpy")
+    plan = make_plan([CopyRange(1, 0, 0, n), CopyRange(0, 0, n, n)], rank=rank, group_size=G, chunk_nbytes=n)
+    peer = eng.streams[0]
+    # hold the peer lane (a long pull still running): the local copy must still complete
+    hold = np.zeros(1, dtype=np.uint64)
+    fake.enqueue(peer, ("wait", hold.ctypes.data, 1, 64))
+    done = eng.submit(plan, src_base=0, dst=dst, dst_base=0)
+    assert (dst_data[n:] == 1).all() and not dst_data[:n].any()
+    assert not fake.events[done.handle][1], "done before the peer copy"
+    hold[0] = 1
+    fake.progress()
+    assert (dst_data[:n] == 2).all() and fake.events[done.handle][1]
+    eng.close()
+
+
+def test_graph_cache_keys_and_eviction(fake):
+    import numpy as np
+    from dwdp_comm.planner import CopyRange, make_plan
+    G, rank, n = 2, 0, 1 << 14
+    heaps = [np.random.default_rng(r).integers(0, 256, n, dtype=np.uint8) for r in range(G)]
+    dst_data = np.zeros(4 * n, dtype=np.uint8)
+    dst = _cuda.DeviceBuffer(_HostAlloc(dst_data))
+    eng = _cuda.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
+                             src_nbytes=n, graph=True, api="memcpy", graph_cache_size=2)
+    p1 = make_plan([CopyRange(1, 0, 0, n)], rank=rank, group_size=G, chunk_nbytes=4096)
+    p2 = make_plan([CopyRange(1, 0, 0, n), CopyRange(0, 0, n, n)], rank=rank, group_size=G, chunk_nbytes=4096)
+    for plan, base in [(p1, 0), (p1, 0), (p1, 2 * n), (p1, 0), (p2, 0), (p1, 2 * n)]:
+        dst_data[:] = 0
+        eng.submit(plan, src_base=0, dst=dst, dst_base=base)
+        fake.progress()
+        assert np.array_equal(dst_data[base:base + n], heaps[1])
+        if plan is p2:
+            assert np.array_equal(dst_data[base + n:base + 2 * n], heaps[0])
+    # captures: (p1, 0), (p1, 2n), [hit (p1, 0): now the most recent], (p2, 0) evicts (p1, 2n),
+    # (p1, 2n) again evicts (p1, 0)
+    assert eng.graphs_captured == 4
+    assert len(eng._graphs) == 2 and len(fake.execs) == 2 + 1  # p2@0: peer + local lane; p1@2n: one lane
+    assert sum(1 for e in fake.log if e[0] == "capture") == 1 + 1 + 2 + 1
+    eng.close()
+    assert not fake.execs
+
+
+# ---- time division (sync) on the fake GPU: G ranks in one process ---------------------------------------
+class _SyncWorld:
+    """``G`` fake ranks sharing one fake GPU: heaps, flag arrays, destination buffers and sync
+    executors; ``unmapped`` = {(rank, peer)}: rank's flags of peer are reached by NVSHMEM signal."""
+
+    def __init__(self, fake, G, opts, *, n=1 << 13, jobs_room=4, bits=64, unmapped=(), start_job=0):
+        import numpy as np
+        self.fake, self.G, self.n, self.opts = fake, G, n, _cuda.parse_engine_options(opts, "test")
+        rng = np.random.default_rng(G)
+        self.heaps = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(G)]
+        self.stride = G * n  # destination bytes per job
+        self.dst_data = [np.zeros(jobs_room * self.stride, dtype=np.uint8) for _ in range(G)]
+        self.dsts = [_cuda.DeviceBuffer(_HostAlloc(d)) for d in self.dst_data]
+        L, mode = self.opts["streams"], self.opts["sync"]
+        nwords = _cuda.SyncFlags.num_words(mode, G, L)
+        self.words = [np.zeros(nwords, dtype=np.uint64) for _ in range(G)]
+        self.flags, self.engines = [], []
+        for r in range(G):
+            peers = [None if (r, t) in unmapped else int(self.words[t].ctypes.data) for t in range(G)]
+            peers[r] = int(self.words[r].ctypes.data)
+
+            def signal(sym_addr, value, pe, stream, r=r):
+                off = sym_addr - int(self.words[r].ctypes.data)
+                self.signals.append((r, pe))
+                fake.enqueue(stream, ("write", int(self.words[pe].ctypes.data) + off, value, 64))
+
+            f = _cuda.SyncFlags(mode=mode, rank=r, group_size=G, num_lanes=L, distribute=self.opts["distribute"],
+                                bits=bits, local_ptr=peers[r], peer_ptrs=peers, sym_ptr=peers[r], remote_signal=signal)
+            self.flags.append(f)
+            self.engines.append(_cuda.CopyExecutor(device=0, rank=r, group_size=G,
+                                                   src_ptrs=[int(h.ctypes.data) for h in self.heaps], src_nbytes=n,
+                                                   flags=f, **self.opts))
+        self.signals = []
+        if start_job:  # as if start_job jobs had run: every word at E(start_job - 1)
+            for r in range(G):
+                self.engines[r].jobs = start_job
+                self.words[r][:] = self.flags[r].value(start_job - 1, self.flags[r].end)
+        self.copies = {}  # (rank, dst address) -> (job, slot, src)
+        fake.log.clear()  # the batch probes of the engines
+        fake.done.clear()
+
+    def plan(self, r, job, nbytes=None, local=True):
+        from dwdp_comm.planner import CopyRange, make_plan
+        nbytes = nbytes or [self.n] * self.G
+        ranges = [CopyRange(s, 0, j * self.n, nbytes[s]) for j, s in enumerate(x for x in range(self.G) if x != r)
+                  if nbytes[s]]
+        if local:
+            ranges.append(CopyRange(r, 0, (self.G - 1) * self.n, self.n))
+        return make_plan(ranges, rank=r, group_size=self.G, policy="round_robin", chunk_nbytes=self.n // 4)
+
+    def submit(self, r, job, plan, after=()):
+        base = (job % (len(self.dst_data[r]) // self.stride)) * self.stride
+        for slot, s, so, do, nb in plan.copies():
+            self.copies[(r, int(self.dsts[r].ptr) + base + do)] = (job, slot, s)
+        self.dst_data[r][base:base + self.stride] = 0xA5  # poison: what no copy writes must stay
+        ev = self.engines[r].submit(plan, src_base=0, dst=self.dsts[r], dst_base=base, after=after)
+        return ev, base
+
+    def check_bytes(self, r, plan, base):
+        """The whole job region: the copied ranges hold their sources' bytes, the rest the poison."""
+        import numpy as np
+        want = np.full(self.stride, 0xA5, dtype=np.uint8)
+        for slot, s, so, do, nb in plan.copies():
+            want[do:do + nb] = self.heaps[s][so:so + nb]
+        got = self.dst_data[r][base:base + self.stride]
+        bad = np.flatnonzero(got != want)
+        assert not bad.size, f"rank {r}: {bad.size} wrong bytes, first at {int(bad[0])}"
+
+    def executed(self):
+        """Executed copies in order: (rank, job, slot, src)."""
+        out = []
+        for e in self.fake.done:
+            if e[0] == "copy":
+                for r in range(self.G):
+                    hit = self.copies.get((r, e[2]))
+                    if hit is not None and self.dsts[r].ptr <= e[2] < self.dsts[r].ptr + self.dsts[r].nbytes:
+                        out.append((r, *hit))
+                        break
+        return out
+
+    def check_order(self):
+        """The model's rule, on the execution order: a remote copy of slot k (job j) runs only after
+        every earlier-slot copy of job j (``slot``), or every earlier-slot copy read from the same
+        source (``source``), of every rank ran."""
+        ex = self.executed()
+        mode = self.opts["sync"]
+        remote = [(r, j, k, s) for r, j, k, s in ex if s != r]
+        for i, (r, j, k, s) in enumerate(remote):
+            later = remote[i + 1:]
+            for r2, j2, k2, s2 in later:
+                if j2 != j or k2 >= k:
+                    continue
+                if mode == "slot" or s2 == s:
+                    raise AssertionError(f"rank {r} ran job {j} slot {k} (src {s}) before rank {r2} finished slot "
+                                         f"{k2} (src {s2})")
+        return ex
+
+    def check_monotone(self, bits=64):
+        """Every flag word only ever grows (cyclically) across all jobs."""
+        last = {}
+        m = (1 << bits) - 1
+        for e in self.fake.done:
+            if e[0] == "write":
+                addr, v = e[2], e[3]
+                if addr in last:
+                    assert ((v - last[addr]) & m) < (1 << (bits - 1)), f"flag 0x{addr:x} went {last[addr]} -> {v}"
+                last[addr] = v
+        return last
+
+
+@pytest.mark.parametrize("opts", [
+    {"sync": "slot", "api": "memcpy"}, {"sync": "slot"}, {"sync": "slot", "streams": 2, "api": "memcpy"},
+    {"sync": "slot", "streams": 2, "distribute": "slot"}, {"sync": "source", "api": "memcpy"},
+    {"sync": "source", "streams": 2}, {"sync": "source", "streams": 2, "distribute": "slot", "api": "memcpy"}])
+@pytest.mark.parametrize("G", [2, 3])
+def test_sync_flags_on_fake_ranks(fake, opts, G):
+    """A late rank (its 'after' held) stops the others exactly where the model says; then every byte
+    arrives, the flag values grow monotonically across jobs, and each word ends at E(last job)."""
+    import numpy as np
+    w = _SyncWorld(fake, G, opts)
+    late = G - 1
+    gate = _cuda.CudaStream()
+    hold = np.zeros(1, dtype=np.uint64)
+    fake.enqueue(gate.handle, ("wait", hold.ctypes.data, 1, 64))
+    held = _cuda.CudaEvent().record(gate.handle)
+    jobs = []
+    for job in range(3):
+        for r in range(G):
+            plan = w.plan(r, job)
+            after = [held] if (r == late and job == 0) else []
+            jobs.append((r, plan, *w.submit(r, job, plan, after)))
+        if job == 0:
+            ex = w.check_order()
+            assert not [x for x in ex if x[0] == late], "the held rank copied before its 'after' event"
+            ran = {(r, k) for r, j, k, s in ex if s != r}
+            assert ran, "nobody made progress while one rank was held"
+            if opts["sync"] == "slot":  # nobody gets past slot 0 while the late rank has not done slot 0
+                assert max(k for _, k in ran) == 0
+            local = [x for x in ex if x[0] == x[3]]
+            assert {x[0] for x in local} == set(range(G)) - {late}, "local copies wait for nobody but 'after'"
+    hold[0] = 1
+    fake.progress()
+    assert fake.pending() == 0, "some stream is still waiting"
+    for r, plan, ev, base in jobs:
+        assert fake.events[ev.handle][1] == fake.events[ev.handle][0]
+    w.check_order()
+    last = w.check_monotone()
+    for r, plan, ev, base in jobs[-G:]:
+        w.check_bytes(r, plan, base)
+    end = w.flags[0].value(2, w.flags[0].end)
+    for r, f in enumerate(w.flags):  # every maintained word ends the last job at E(2), in every array
+        for ln in range(f.num_lanes):
+            for K in f.maintained(ln):
+                for t in f.targets(K):
+                    assert int(w.words[t][f.word(K, r, ln)]) == end, (r, t, K, ln)
+    assert last
+    # ordering on each lane (host order = stream order): waits right before a slot's copies, writes
+    # right after them; writes alone where the lane has nothing in a slot
+    for r in range(G):
+        for ln, st in enumerate(w.engines[r].streams[:-1]):
+            seq = [e for e in fake.log if e[1] == st and e[0] in ("memop", "copy", "batch")]
+            text = "".join("W" if e[0] == "memop" and e[2] in (1, 4) else "X" if e[0] == "memop" else "C" for e in seq)
+            assert re.fullmatch(r"(X|W*C+X+)*", text), f"rank {r} lane {ln}: {text}"
+    if w.opts["api"] == "memcpy":  # lanes are issued slot-major: a queue shared by lanes never has a
+        for r in range(G):         # wait ahead of a write it depends on
+            remote = set(w.engines[r].streams[:-1])
+            seen = [w.copies[(r, e[3])] for e in fake.log if e[0] == "copy" and e[1] in remote]
+            for job in range(3):
+                slots = [k for j, k, s in seen if j == job]
+                assert slots == sorted(slots), (r, job, slots)
+    for r in range(G):
+        w.engines[r].close()
+    gate.close()
+
+
+def test_sync_job_values_and_lane_program(fake):
+    """The flag operations of one job, spelled out (G = 2, sync='slot', 3 slots): no wait before slot
+    0; before slot k a wait for the peer's word >= V(k - 1); after slot k a write of V(k) to both
+    arrays, E after the last; a second job folds the job number in."""
+    import numpy as np
+    w = _SyncWorld(fake, 2, {"sync": "slot", "api": "memcpy"}, n=3 * 1024)
+    f = w.flags[0]
+    plan = w.plan(0, 0, local=False)
+    plan1 = w.plan(1, 0, local=False)
+    assert plan.num_slots == 4 and f.span == 1 << 32
+    for job in range(2):
+        fake.log.clear()
+        w.submit(0, job, plan)
+        w.submit(1, job, plan1)
+        st = w.engines[0].streams[0]
+        mem = [(e[2], e[3], e[4]) for e in fake.log if e[0] == "memop" and e[1] == st]
+        w0, w1 = (int(w.words[t].ctypes.data) + 8 * f.word(0, 0, 0) for t in range(2))
+        peer = int(w.words[0].ctypes.data) + 8 * f.word(0, 1, 0)
+        V = lambda k: job * (1 << 32) + k + 1  # noqa: E731
+        E = job * (1 << 32) + (1 << 32) - 1
+        want = [(5, w0, V(0)), (5, w1, V(0))]
+        for k in (1, 2, 3):
+            want += [(4, peer, V(k - 1)), (5, w0, V(k) if k < 3 else E), (5, w1, V(k) if k < 3 else E)]
+        assert mem == want
+    fake.progress()
+    assert fake.pending() == 0
+    for r in range(2):
+        w.engines[r].close()
+
+
+@pytest.mark.parametrize("api", ["memcpy", "batch"])
+def test_sync_uneven_and_empty_plans_do_not_deadlock(fake, api):
+    """Ranks with different slot counts and odd chunk sizes, and a rank with nothing to copy (an empty
+    plan), in the same jobs: E(j) releases every later slot of job j."""
+    w = _SyncWorld(fake, 3, {"sync": "slot", "api": api})
+    for job in range(3):
+        evs = []
+        for r in range(3):
+            if job == 1 and r == 2:
+                from dwdp_comm.planner import make_plan
+                plan = make_plan([], rank=2, group_size=3)
+            else:
+                nbytes = [w.n - 8, w.n // 2 + 40 if job == 2 else w.n - 1, w.n // 4 + 3]
+                plan = w.plan(r, job, nbytes=nbytes)
+            evs.append((r, plan, *w.submit(r, job, plan)))
+        fake.progress()
+        assert fake.pending() == 0, f"job {job} deadlocked"
+        for r, plan, ev, base in evs:
+            w.check_bytes(r, plan, base)
+    w.check_order()
+    w.check_monotone()
+    for r in range(3):
+        w.engines[r].close()
+
+
+@pytest.mark.parametrize("bits", [64, 32])
+def test_sync_values_wrap_without_reset(fake, bits):
+    """Jobs past 2**16 with 32-bit flags (values wrap modulo 2**32, compared cyclically) and the same
+    sequence with 64-bit ones: order and bytes stay right, no word is ever reset."""
+    w = _SyncWorld(fake, 3, {"sync": "source", "api": "memcpy"}, bits=bits, start_job=(1 << 16) - 2)
+    for job in range(4):
+        evs = [(r, p, *w.submit(r, job, p)) for r in range(3) for p in [w.plan(r, job)]]
+        fake.progress()
+        assert fake.pending() == 0
+        for r, plan, ev, base in evs:
+            w.check_bytes(r, plan, base)
+    w.check_order()
+    w.check_monotone(bits)
+    assert any(e[0] == "write" and e[3] < 1 << 16 for e in fake.done) == (bits == 32), "32-bit values wrapped"
+    for r in range(3):
+        w.engines[r].close()
+
+
+def test_sync_unmapped_peer_uses_signals(fake):
+    """Rank 0 has no mapping of rank 2's flags (another node): its writes to rank 2 go through the
+    NVSHMEM-signal callable, on the same stream, in the same place."""
+    w = _SyncWorld(fake, 3, {"sync": "slot"}, unmapped={(0, 2)})
+    for job in range(2):
+        evs = [(r, p, *w.submit(r, job, p)) for r in range(3) for p in [w.plan(r, job)]]
+        fake.progress()
+        assert fake.pending() == 0
+        for r, plan, ev, base in evs:
+            w.check_bytes(r, plan, base)
+    assert w.signals and set(w.signals) == {(0, 2)}
+    w.check_order()
+    w.check_monotone()
+    for r in range(3):
+        w.engines[r].close()
+
+
+def test_sync_submit_checks(fake):
+    from dwdp_comm.planner import make_plan
+    w = _SyncWorld(fake, 2, {"sync": "slot"})
+    with pytest.raises(dc.InvalidArgumentError, match="rank 0 of a group of 2"):
+        w.engines[0].submit(w.plan(1, 0), src_base=0, dst=w.dsts[0], dst_base=0)
+    f32 = _cuda.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=32,
+                          local_ptr=1, peer_ptrs=[1, 2])
+    assert f32.max_slots == (1 << 16) - 2 and f32.value(1, 5) == (1 << 16) + 5
+    assert f32.value(1 << 16, 1) == 1  # wraps modulo 2**32
+    with pytest.raises(dc.InvalidArgumentError, match="flags"):
+        _cuda.CopyExecutor(device=0, rank=0, group_size=2, src_ptrs=[1, 2], src_nbytes=1, sync="slot")
+    with pytest.raises(dc.InvalidArgumentError, match="remote_signal"):
+        _cuda.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=64,
+                        local_ptr=1, peer_ptrs=[1, None])
+    empty = make_plan([], rank=0, group_size=2)
+    ev, _ = w.submit(0, 0, empty)
+    ev1, _ = w.submit(1, 0, w.plan(1, 0))
+    fake.progress()
+    assert fake.pending() == 0
+    for e in w.engines:
+        e.close()
+
+
+# ---- collective steps with ranks in threads (fake comm) ----------------------------------------------------
+class _ThreadComm:
+    """all_gather_object / barrier between threads (one per fake rank)."""
+
+    def __init__(self, shared, rank):
+        self.s, self.rank, self.size = shared, rank, shared["size"]
+
+    def all_gather_object(self, obj):
+        s = self.s
+        s["slots"][self.rank] = obj
+        s["barrier"].wait()
+        out = list(s["slots"])
+        s["barrier"].wait()
+        return out
+
+    def barrier(self):
+        self.s["barrier"].wait()
+
+
+def _thread_world(G):
+    import threading
+    return {"size": G, "slots": [None] * G, "barrier": threading.Barrier(G, timeout=30), "arrays": [None] * G}
+
+
+class _FakeSymHeap:
+    """A collective allocation of host words; ``lost`` = {(rank, peer)}: rank's writes to peer go to scratch."""
+
+    def __init__(self, shared, comm, nbytes, lost=()):
+        import numpy as np
+        self.comm = comm
+        data = np.zeros(nbytes // 8 + 1, dtype=np.uint64)
+        data[:] = 0xDEADBEEF  # not zero: the engine zeroes it
+        shared["arrays"][comm.rank] = data
+        self._scratch = np.zeros_like(data)
+        comm.barrier()
+        self.local = _cuda.DeviceBuffer(_HostAlloc(data))
+        self.peer_ptrs = [int((self._scratch if (comm.rank, t) in lost else shared["arrays"][t]).ctypes.data)
+                          for t in range(comm.size)]
+        self.peer_ptrs[comm.rank] = int(data.ctypes.data)
+        comm.barrier()
+        self.closed = False
+
+    def close(self):
+        self.comm.barrier()
+        self.closed = True
+
+
+def _run_threads(G, fn):
+    import threading
+    shared = _thread_world(G)
+    out, errs = [None] * G, [None] * G
+
+    def body(r):
+        try:
+            out[r] = fn(_ThreadComm(shared, r), shared)
+        except BaseException as exc:  # noqa: BLE001
+            errs[r] = exc
+
+    ts = [threading.Thread(target=body, args=(r,)) for r in range(G)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not any(t.is_alive() for t in ts), "a rank hung"
+    return out, errs
+
+
+@pytest.mark.parametrize("bits64", [1, 0])
+def test_create_sync_flags_handshake(fake, bits64):
+    fake.bits64 = bits64
+    heaps = {}
+
+    def rank(comm, shared):
+        def alloc(n):
+            heaps[comm.rank] = _FakeSymHeap(shared, comm, n)
+            return heaps[comm.rank]
+        f = _cuda.create_sync_flags(comm, 0, sync="source", streams=2, distribute="source", alloc=alloc, timeout_s=10)
+        words = shared["arrays"][comm.rank]
+        return f, [int(x) for x in words[:f.nbytes // 8]]
+
+    out, errs = _run_threads(3, rank)
+    assert errs == [None] * 3, errs
+    for r, (f, words) in enumerate(out):
+        assert f.bits == (64 if bits64 else 32) and f.owner is heaps[r]
+        assert words[:f.probe_word(0)] == [0] * f.probe_word(0), "flag words not zeroed"
+        assert words[f.probe_word(0):] == [1, 1, 1], "handshake probe words"
+    _, errs = _run_threads(3, lambda comm, shared: out[comm.rank][0].close())
+    assert errs == [None] * 3 and all(h.closed for h in heaps.values())
+
+
+def test_create_sync_flags_failures_raise_on_every_rank(fake):
+    # 1. lost writes: rank 1's flag writes to rank 0 never arrive -> the handshake times out on rank 0
+    heaps = {}
+
+    def rank(comm, shared):
+        def alloc(n):
+            heaps[comm.rank] = _FakeSymHeap(shared, comm, n, lost={(1, 0)})
+            return heaps[comm.rank]
+        return _cuda.create_sync_flags(comm, 0, sync="slot", streams=1, distribute="source", alloc=alloc,
+                                       timeout_s=0.3)
+
+    _, errs = _run_threads(2, rank)
+    for e in errs:
+        assert isinstance(e, dc.InvalidArgumentError), e
+        assert "sync='slot'" in str(e) and "ranks [1]" in str(e) and "sync='none'" in str(e)
+    assert all(h.closed for h in heaps.values()), "the flags were not freed after the failed handshake"
+    assert fake.pending() == 0, "a handshake stream was left waiting"
+    # 2. ranks disagree on the options
+    _, errs = _run_threads(2, lambda comm, shared: _cuda.create_sync_flags(
+        comm, 0, sync="slot", streams=1 + comm.rank, distribute="source", alloc=None))
+    assert all(isinstance(e, dc.CollectiveMismatchError) and "streams" in str(e) for e in errs), errs
+    # 3. no cuStreamBatchMemOp in the driver
+    _cuda.DriverCopyCalls._instance = _FakeDriverCalls(fake, memops=False)
+    _, errs = _run_threads(2, lambda comm, shared: _cuda.create_sync_flags(
+        comm, 0, sync="source", streams=1, distribute="source", alloc=None))
+    assert all(isinstance(e, dc.InvalidArgumentError) and "cuStreamBatchMemOp" in str(e) and "sync='source'" in str(e)
+               for e in errs), errs
+
+
+def test_sync_close_with_missing_jobs_releases_and_raises(fake):
+    """Rank 2 submits one job fewer: ranks 0 and 1 stay waiting on the GPU (never the host); close()
+    (collective) releases them, lets the copies finish and raises the same error on every rank."""
+    G = 3
+    w = _SyncWorld(fake, G, {"sync": "slot", "api": "memcpy"})
+    got = {}
+    for job in range(2):
+        for r in range(G):
+            if job == 1 and r == 2:
+                continue
+            p = w.plan(r, job)
+            got[(r, job)] = (p, *w.submit(r, job, p))
+    assert fake.pending() > 0  # ranks 0 and 1 wait for rank 2's job 1
+
+    def close(comm, _shared):
+        w.flags[comm.rank].comm = comm
+        w.engines[comm.rank].close()
+
+    _, errs = _run_threads(G, close)
+    for e in errs:
+        assert isinstance(e, dc.CollectiveMismatchError) and "[2, 2, 1]" in str(e), e
+    assert fake.pending() == 0
+    for (r, job), (p, ev, base) in got.items():
+        w.check_bytes(r, p, base)
+
+
+# ---- engine options -----------------------------------------------------------------------------------------
+def test_engine_options_sync_and_graph():
+    p = _cuda.parse_engine_options
+    assert p({}, "x") == {"streams": 1, "api": "batch", "distribute": "source", "overlap_hint": False,
+                          "sync": "none", "graph": False}
+    assert p({"graph": True}, "x")["api"] == "memcpy"
+    assert p({"sync": "slot", "api": "batch"}, "x")["sync"] == "slot"
+    assert p({"sync": "source"}, "x")["sync"] == "source"
+    with pytest.raises(dc.InvalidArgumentError, match="graph.*api='batch'"):
+        p({"graph": True, "api": "batch"}, "cuda_ipc")
+    with pytest.raises(dc.InvalidArgumentError, match="graph.*sync='slot'"):
+        p({"graph": True, "sync": "slot"}, "cuda_ipc")
+    with pytest.raises(dc.InvalidArgumentError, match="sync"):
+        p({"sync": "barrier"}, "cuda_ipc")
+    with pytest.raises(dc.InvalidArgumentError, match="sync"):
+        p({"sync": True}, "cuda_ipc")
+    with pytest.raises(dc.InvalidTypeError, match="graph"):
+        p({"graph": "yes"}, "cuda_ipc")
+    with pytest.raises(dc.InvalidArgumentError, match="graphs"):
+        p({"graphs": True}, "nvshmem")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cuda.bindings") is None, reason="cuda-python is not installed")
+def test_memop_layout_matches_cuda_bindings():
+    """MEMOP_DTYPE and the op / flag constants against cuda.bindings' CUstreamBatchMemOpParams and enums."""
+    import ctypes
+    import numpy as np
+    from cuda.bindings import driver as d
+    T = d.CUstreamBatchMemOpType
+    assert (_cuda.OP_WAIT_VALUE_32, _cuda.OP_WRITE_VALUE_32, _cuda.OP_WAIT_VALUE_64, _cuda.OP_WRITE_VALUE_64) == (
+        int(T.CU_STREAM_MEM_OP_WAIT_VALUE_32), int(T.CU_STREAM_MEM_OP_WRITE_VALUE_32),
+        int(T.CU_STREAM_MEM_OP_WAIT_VALUE_64), int(T.CU_STREAM_MEM_OP_WRITE_VALUE_64))
+    assert _cuda.WAIT_VALUE_GEQ == int(d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+    assert _cuda.WRITE_VALUE_DEFAULT == int(d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+    assert _cuda.MEMOP_DTYPE.itemsize == 8 * len(d.CUstreamBatchMemOpParams().pad) == 48
+    for member, op, value in (("waitValue", _cuda.OP_WAIT_VALUE_64, 0xAABBCCDDEEFF0011),
+                              ("writeValue", _cuda.OP_WRITE_VALUE_32, 0x12345678)):
+        ref = d.CUstreamBatchMemOpParams()
+        m = getattr(ref, member)
+        m.operation = T(op)
+        m.address = 0x1122334455667788
+        if op == _cuda.OP_WRITE_VALUE_32:
+            m.value = value
+        else:
+            m.value64 = value
+        m.flags = 0x7
+        m.alias = 0x99
+        mine = np.zeros(1, dtype=_cuda.MEMOP_DTYPE)
+        mine["operation"], mine["address"], mine["value"], mine["flags"], mine["alias"] = (
+            op, 0x1122334455667788, value, 0x7, 0x99)
+        assert ctypes.string_at(ref.getPtr(), 40) == mine.tobytes()[:40], member
+
+
+def test_build_sync_program_source_mode_targets():
+    """sync='source', G = 3, rank 0 round robin (reads 1 in slots 0, 2; 2 in slots 1, 3): the word of
+    key 2 starts at V(0) (no key-2 copy in slot 0), is never written to rank 2 itself, and waits name
+    only readers of the same source."""
+    import numpy as np
+    f = _cuda.SyncFlags(mode="source", rank=0, group_size=3, num_lanes=1, distribute="source", bits=64,
+                        local_ptr=1 << 20, peer_ptrs=[1 << 20, 2 << 20, 3 << 20])
+    slot, src = np.array([0, 1, 2, 3]), np.array([1, 2, 1, 2])
+    prog = _cuda.build_sync_program(f, slot, src, np.zeros(4, dtype=np.int64))
+    ops = prog.ops
+    (ln, (a, b), sig), = prog.init
+    assert [(int(o["operation"]), int(o["address"])) for o in ops[a:b]] == [
+        (5, (t + 1 << 20) + 8 * f.word(2, 0, 0)) for t in (0, 1)]
+    assert list(prog.rel[a:b]) == [1, 1]
+    steps = [(st.slot, list(st.copies),
+              [(int(o["operation"]), int(o["address"]), int(r)) for o, r in zip(ops[slice(*st.waits)],
+                                                                                 prog.rel[slice(*st.waits)])],
+              [(int(o["address"]), int(r)) for o, r in zip(ops[slice(*st.writes)], prog.rel[slice(*st.writes)])])
+             for st in prog.steps]
+    assert list(prog.perm) == [0, 1, 2, 3] and [(st.start, st.stop) for st in prog.steps] == [(i, i + 1) for i in range(4)]
+    assert steps[0] == (0, [0], [], [((t + 1 << 20) + 8 * f.word(1, 0, 0), 2) for t in (0, 2)])
+    # slot 1 reads 2: wait for rank 1's key-2 word >= V(0); rank 2 never reads itself
+    assert steps[1][2] == [(4, (1 << 20) + 8 * f.word(2, 1, 0), 1)]
+    assert steps[3][3] == [((t + 1 << 20) + 8 * f.word(2, 0, 0), f.end) for t in (0, 1)]

@@ -19,13 +19,16 @@ import ctypes
 import logging
 import os
 import socket
+import time
 import weakref
+from collections import OrderedDict
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-from ..errors import BackendUnavailableError, ClosedError, DwdpError, PeerAccessError, bad_arg, bad_type
+from ..errors import (BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError, InvalidArgumentError,
+                      PeerAccessError, bad_arg, bad_type)
 from ..interop import MissingDependencyError
 from ..interop.streams import resolve_stream
 from ..interop.torch import tensor_from_ptr
@@ -34,7 +37,8 @@ from .base import Backend, Buffer, Composite, CopyEngine, Event
 
 __all__ = ["load", "check", "CudaError", "CudaEvent", "CudaStream", "DeviceBuffer", "MallocAlloc", "VmmAlloc",
            "ForeignAlloc", "CudaComposite", "CopyExecutor", "CudaBackendBase", "parse_engine_options",
-           "peer_access_problems", "pidfd_getfd", "bindings_reason", "agree", "raise_gathered"]
+           "peer_access_problems", "pidfd_getfd", "bindings_reason", "agree", "raise_gathered", "SyncFlags",
+           "create_sync_flags", "build_sync_program", "SyncProgram", "MEMOP_DTYPE", "SYNC_MODES", "ENGINE_OPTIONS"]
 
 log = logging.getLogger("dwdp_comm")
 
@@ -656,14 +660,35 @@ def check_peer_access(comm, infos: list[dict], backend: str, alternatives: str) 
 
 
 # ---- the copy-engine executor -----------------------------------------------------------------------
-ENGINE_OPTIONS = ("streams", "api", "distribute", "overlap_hint")
+ENGINE_OPTIONS = ("streams", "api", "distribute", "overlap_hint", "sync", "graph")
+SYNC_MODES = ("none", "slot", "source")
 
 
 def parse_engine_options(options: dict, backend: str) -> dict:
-    """Validate copy-engine options; unknown ones raise ``InvalidArgumentError`` naming them.
+    """Validate copy-engine options; an unknown option or a bad value raises, naming it.
 
-    ``streams`` (int >= 1, default 1), ``api`` ("batch" default, or "memcpy"), ``distribute``
-    ("source" default, or "slot"), ``overlap_hint`` (bool, default False).
+    Parameters
+    ----------
+    options : dict
+        ``streams`` (int >= 1, default 1): copy streams for copies from peers (copies from this rank
+        itself always get one more stream of their own). ``api`` (``"batch"``, the default, or
+        ``"memcpy"``; with ``graph=True`` the default is ``"memcpy"``). ``distribute``
+        (``"source"``, the default, or ``"slot"``). ``overlap_hint`` (bool, default False; batch
+        only). ``sync`` (``"none"``, the default, ``"slot"`` or ``"source"``: time division on the
+        copy plane, see :class:`CopyExecutor`; makes creating and closing the engine collective).
+        ``graph`` (bool, default False: capture a plan's copies once per destination as a CUDA graph
+        per copy stream and replay it per job; needs ``api="memcpy"`` and ``sync="none"``).
+    backend : str
+        Named in the error message.
+
+    Returns
+    -------
+    dict
+        All six options, defaults filled in.
+
+    Raises
+    ------
+    InvalidArgumentError, InvalidTypeError
     """
     unknown = sorted(set(options) - set(ENGINE_OPTIONS))
     if unknown:
@@ -673,27 +698,44 @@ def parse_engine_options(options: dict, backend: str) -> dict:
         raise bad_type("streams", streams, "an int")
     if streams < 1:
         raise bad_arg("streams", streams, "an int >= 1")
-    api = options.get("api", "batch")  # measured best on H200 (perf/results/gpu_copy_plane_h200x2.json)
+    graph = options.get("graph", False)
+    if not isinstance(graph, (bool, np.bool_)):
+        raise bad_type("graph", graph, "a bool")
+    graph = bool(graph)
+    # batch is the measured best on H200 (perf/results/gpu_copy_plane_h200x2.json); graphs capture memcpy
+    api = options.get("api", "memcpy" if graph else "batch")
     if api not in ("memcpy", "batch"):
         raise bad_arg("api", api, "'memcpy' or 'batch'")
     distribute = options.get("distribute", "source")
     if distribute not in ("source", "slot"):
         raise bad_arg("distribute", distribute, "'source' or 'slot'")
     overlap_hint = options.get("overlap_hint", False)
-    if not isinstance(overlap_hint, bool):
+    if not isinstance(overlap_hint, (bool, np.bool_)):
         raise bad_type("overlap_hint", overlap_hint, "a bool")
-    return {"streams": int(streams), "api": api, "distribute": distribute, "overlap_hint": overlap_hint}
+    sync = options.get("sync", "none")
+    if not isinstance(sync, str) or sync not in SYNC_MODES:
+        raise bad_arg("sync", sync, f"one of {list(SYNC_MODES)}")
+    if graph and api == "batch":
+        raise bad_arg("graph", True, "False with api='batch'",
+                      "a graph captures single cudaMemcpyAsync copies: use api='memcpy' or leave api unset")
+    if graph and sync != "none":
+        raise bad_arg("graph", True, f"False with sync={sync!r}",
+                      "the flag values change with every job, a captured graph would replay stale ones")
+    return {"streams": int(streams), "api": api, "distribute": distribute, "overlap_hint": bool(overlap_hint),
+            "sync": sync, "graph": graph}
 
 
 class DriverCopyCalls:
-    """The driver's copy entry points called through ctypes, from NumPy pointer arrays.
+    """The driver's copy and stream-memory entry points called through ctypes, from NumPy arrays.
 
     cuda.bindings converts every argument of every call (about 10-20 us per copy for
     ``cudaMemcpyBatchAsync`` lists of thousands of copies, measured on H200): a layer's plan would
     hold the host, and with it the compute stream's launches, for tens of ms. Here a batch is one
     C call on three ``uint64`` arrays, and a single copy about a microsecond of Python.
-    Entry points come from ``cuGetProcAddress`` at the CUDA 13 ABI (``cuMemcpyBatchAsync`` without
-    ``failIdx``); ``batch`` is None where the driver predates it.
+    Entry points come from ``cuGetProcAddress``: ``cuMemcpyBatchAsync`` at the CUDA 13 ABI (without
+    ``failIdx``; None where the driver predates it), ``cuStreamBatchMemOp`` at the CUDA 12 ABI (the
+    ``_v2`` entry point, which needs no device attribute for 32-bit operations), called on arrays of
+    :data:`MEMOP_DTYPE`.
     """
 
     _instance: "DriverCopyCalls | None" = None
@@ -715,6 +757,8 @@ class DriverCopyCalls:
         self.memcpy = proc("cuMemcpyAsync", [c.c_uint64, c.c_uint64, c.c_size_t, c.c_void_p], 4000)
         self.batch = proc("cuMemcpyBatchAsync", [c.c_void_p, c.c_void_p, c.c_void_p, c.c_size_t, c.c_void_p,
                                                  c.c_void_p, c.c_size_t, c.c_void_p], 13000)
+        # CUresult cuStreamBatchMemOp(CUstream, unsigned int count, CUstreamBatchMemOpParams *, unsigned int flags)
+        self.memops = proc("cuStreamBatchMemOp", [c.c_void_p, c.c_uint, c.c_void_p, c.c_uint], 12000)
         self._dr = dr
 
     @classmethod
@@ -741,6 +785,457 @@ class DriverCopyCalls:
         return CudaError(api, err, context)
 
 
+# ---- stream memory operations: the flags of time-division engines ------------------------------------
+# The wait / write members of the 48-byte union CUstreamBatchMemOpParams (cuda.h): operation at 0,
+# address at 8, value (32-bit value or 64-bit value64) at 16, flags at 24, alias (driver-internal) at
+# 32. tests/test_interop_cpu.py checks this layout against cuda.bindings' own struct.
+MEMOP_DTYPE = np.dtype({"names": ["operation", "address", "value", "flags", "alias"],
+                        "formats": ["<u4", "<u8", "<u8", "<u4", "<u8"],
+                        "offsets": [0, 8, 16, 24, 32], "itemsize": 48})
+# CUstreamBatchMemOpType, CUstreamWaitValue_flags, CUstreamWriteValue_flags (checked against the enums)
+OP_WAIT_VALUE_32, OP_WRITE_VALUE_32, OP_WAIT_VALUE_64, OP_WRITE_VALUE_64 = 1, 2, 4, 5
+WAIT_VALUE_GEQ = 0  # (intN_t)(*addr - value) >= 0: a cyclic greater-or-equal
+WRITE_VALUE_DEFAULT = 0  # with a memory fence before the write
+MEMOP_MAX = 128  # operations per cuStreamBatchMemOp call (the driver takes fewer than 256)
+
+
+def issue_memops(stream: int, ops: np.ndarray, what: str) -> None:
+    """Enqueue ``ops`` (an array of :data:`MEMOP_DTYPE`) on ``stream`` with ``cuStreamBatchMemOp``,
+    in order, at most :data:`MEMOP_MAX` per call; a failure raises :class:`CudaError`."""
+    if not len(ops):
+        return
+    drv = DriverCopyCalls.get()
+    if drv.memops is None:
+        raise DwdpError("the driver has no cuStreamBatchMemOp (CUDA 12 ABI); use sync='none'")
+    ops = np.ascontiguousarray(ops, dtype=MEMOP_DTYPE)
+    for a in range(0, len(ops), MEMOP_MAX):
+        part = ops[a:a + MEMOP_MAX]
+        err = drv.memops(stream, len(part), part.ctypes.data, 0)
+        if err:
+            raise drv.error(err, "cuStreamBatchMemOp", f"{len(part)} flag operations ({what})")
+
+
+def stream_memop_bits(device: int) -> int:
+    """64 when ``device`` supports 64-bit stream memory operations
+    (``CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS``), else 32."""
+    _, dr = load()
+    dev = check(dr.cuDeviceGet(device), "cuDeviceGet", f"device {device}")
+    attr = dr.CUdevice_attribute.CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS
+    return 64 if int(check(dr.cuDeviceGetAttribute(attr, dev), "cuDeviceGetAttribute",
+                           "CAN_USE_64_BIT_STREAM_MEM_OPS")) else 32
+
+
+class SyncFlags:
+    """The flag words of one time-division copy engine (``sync="slot"`` or ``"source"``).
+
+    Every rank holds the same array of 8-byte words in symmetric memory. Word ``(key, writer, lane)``
+    of rank ``t``'s array holds the progress of copy stream ``lane`` of rank ``writer`` on ``key``
+    (``sync="slot"``: one key, everything; ``sync="source"``: key ``s`` = the copies read from rank
+    ``s``), as rank ``t`` last heard of it. The writer writes that word in every rank's array (a
+    stream write to the peer-mapped address, or an NVSHMEM signal where the peer has no mapping);
+    readers only ever wait on their own array. ``G`` probe words at the end serve the handshake.
+
+    Values are monotonic, so no word is ever reset: in job ``j`` (the engine's job sequence number,
+    the same on every rank because every rank submits the same jobs) the value ``V(j, k) = j * span
+    + k + 1`` means "done with every copy of this key in slots ``<= k`` of job ``j``" and
+    ``E(j) = j * span + span - 1`` "done with job ``j``". With 64-bit operations ``span = 2**32``;
+    where the GPU lacks them, 32-bit operations on the low half of each word with ``span = 2**16``,
+    values modulo ``2**32``, compared cyclically by the GPU (ranks may drift up to ``2**15`` jobs).
+
+    Parameters
+    ----------
+    mode : {"slot", "source"}
+    rank, group_size : int
+    num_lanes : int
+        Copy streams for peers' copies (the ``streams`` option).
+    distribute : {"source", "slot"}
+        How copies are spread over lanes (decides which lanes can carry which key).
+    bits : {64, 32}
+    local_ptr : int
+        This rank's array.
+    peer_ptrs : list of int or None
+        Each rank's array as mapped here (this rank's own at its index); None where not mapped.
+    sym_ptr : int, optional
+        The symmetric address for ``remote_signal`` (NVSHMEM).
+    remote_signal : callable, optional
+        ``remote_signal(sym_addr, value, pe, stream)``: set a 64-bit word of an unmapped PE.
+    comm : Comm, optional
+        For the collective steps (handshake, settle, close).
+    owner : object, optional
+        The symmetric allocation; its ``close()`` (collective) frees the words.
+    """
+
+    WORD = 8
+
+    def __init__(self, *, mode: str, rank: int, group_size: int, num_lanes: int, distribute: str, bits: int,
+                 local_ptr: int, peer_ptrs: Sequence[int | None], sym_ptr: int | None = None,
+                 remote_signal: Callable | None = None, comm: Any = None, owner: Any = None):
+        if mode not in ("slot", "source"):
+            raise bad_arg("mode", mode, "'slot' or 'source'")
+        if bits not in (32, 64):
+            raise bad_arg("bits", bits, "32 or 64")
+        if len(peer_ptrs) != group_size:
+            raise bad_arg("peer_ptrs", len(peer_ptrs), f"{group_size} entries (one per rank)")
+        if any(p is None for p in peer_ptrs) and (remote_signal is None or sym_ptr is None):
+            raise bad_arg("remote_signal", None, "a function and sym_ptr when some rank's flags are not mapped")
+        self.mode, self.rank, self.group_size, self.num_lanes = mode, int(rank), int(group_size), int(num_lanes)
+        self.distribute, self.bits = distribute, int(bits)
+        self.local_ptr, self.peer_ptrs = int(local_ptr), [None if p is None else int(p) for p in peer_ptrs]
+        self.sym_ptr = int(sym_ptr) if sym_ptr is not None else self.local_ptr
+        self.remote_signal, self.comm, self.owner = remote_signal, comm, owner
+        self.num_keys = 1 if mode == "slot" else self.group_size
+        self.span = 1 << 32 if bits == 64 else 1 << 16
+        self.end = self.span - 1
+        self.mask = (1 << 64) - 1 if bits == 64 else (1 << 32) - 1
+        self.wait_op = OP_WAIT_VALUE_64 if bits == 64 else OP_WAIT_VALUE_32
+        self.write_op = OP_WRITE_VALUE_64 if bits == 64 else OP_WRITE_VALUE_32
+        self.closed = False
+
+    # -- layout ---------------------------------------------------------------------------------------
+    @staticmethod
+    def num_words(mode: str, group_size: int, num_lanes: int) -> int:
+        keys = 1 if mode == "slot" else group_size
+        return keys * group_size * num_lanes + group_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.WORD * self.num_words(self.mode, self.group_size, self.num_lanes)
+
+    @property
+    def max_slots(self) -> int:
+        """Most slots a plan may have (``k + 1 < span - 1`` for every slot ``k``)."""
+        return self.span - 2
+
+    def word(self, key: int, writer: int, lane: int) -> int:
+        return (key * self.group_size + writer) * self.num_lanes + lane
+
+    def probe_word(self, writer: int) -> int:
+        return self.num_keys * self.group_size * self.num_lanes + writer
+
+    def value(self, job: int, rel: int) -> int:
+        """The word value of ``rel`` (``k + 1`` for slot ``k``, or :attr:`end`) in job ``job``."""
+        return (job * self.span + rel) & self.mask
+
+    def lanes_for(self, key: int, writer: int) -> Sequence[int]:
+        """The lanes of ``writer`` that may carry ``key``."""
+        if self.mode == "source" and self.distribute == "source":
+            return (((key - writer - 1) % self.group_size) % self.num_lanes,)
+        return range(self.num_lanes)
+
+    def maintained(self, lane: int) -> list[int]:
+        """Keys whose word this rank's ``lane`` keeps up to date in every job."""
+        if self.mode == "slot":
+            return [0]
+        return [k for k in range(self.group_size) if k != self.rank and lane in self.lanes_for(k, self.rank)]
+
+    def targets(self, key: int) -> list[int]:
+        """Ranks that may wait on ``key`` (under ``"source"`` the source itself never does)."""
+        return [t for t in range(self.group_size) if not (self.mode == "source" and t == key)]
+
+    def _ops(self, n: int) -> np.ndarray:
+        return np.zeros(n, dtype=MEMOP_DTYPE)
+
+    # -- collective steps -------------------------------------------------------------------------------
+    def zero(self) -> None:
+        """Set this rank's words to 0 (before any peer writes them: the caller agrees after)."""
+        rt, _ = load()
+        s = CudaStream()
+        try:
+            check(rt.cudaMemsetAsync(self.local_ptr, 0, self.nbytes, s.raw), "cudaMemsetAsync", "zeroing sync flags")
+            s.synchronize()
+        finally:
+            s.close()
+
+    def _read_local(self, word: int, count: int, stream: "CudaStream") -> np.ndarray:
+        rt, _ = load()
+        out = np.zeros(count, dtype=np.uint64)
+        check(rt.cudaMemcpyAsync(out.ctypes.data, self.local_ptr + self.WORD * word, self.WORD * count,
+                                 rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, stream.raw), "cudaMemcpyAsync",
+              "reading sync flags back")
+        stream.synchronize()
+        return out & np.uint64(self.mask)
+
+    def _write_local(self, words: Sequence[int], value: int, stream: "CudaStream") -> None:
+        """Enqueue writes of ``value`` into this rank's own ``words`` on ``stream``."""
+        ops = self._ops(len(words))
+        ops["operation"] = self.write_op
+        ops["address"] = [self.local_ptr + self.WORD * w for w in words]
+        ops["value"] = value & self.mask
+        ops["flags"] = WRITE_VALUE_DEFAULT
+        issue_memops(stream.handle, ops, "releasing local flags")
+
+    def handshake(self, timeout_s: float = 60.0, poll_s: float = 5e-4) -> str | None:
+        """Collective test of the mechanism on the GPU: each rank writes 1 into its probe word on every
+        rank (the path job writes take) and waits on a stream until every rank's probe word in its
+        own array is >= 1. The host polls the stream (never blocks on it without a bound). Returns
+        None, or why it failed (a stream that timed out is released first)."""
+        rt, _ = load()
+        G, me = self.group_size, self.rank
+        s = CudaStream()
+        try:
+            pw = self.probe_word(me)
+            writes = [t for t in range(G) if self.peer_ptrs[t] is not None]
+            ops = self._ops(len(writes) + G)
+            ops["operation"][:len(writes)] = self.write_op
+            ops["address"][:len(writes)] = [self.peer_ptrs[t] + self.WORD * pw for t in writes]
+            ops["value"][:len(writes)] = 1
+            ops["flags"][:len(writes)] = WRITE_VALUE_DEFAULT
+            ops["operation"][len(writes):] = self.wait_op
+            ops["address"][len(writes):] = [self.local_ptr + self.WORD * self.probe_word(w) for w in range(G)]
+            ops["value"][len(writes):] = 1
+            ops["flags"][len(writes):] = WAIT_VALUE_GEQ
+            issue_memops(s.handle, ops[:len(writes)], "handshake writes")
+            for t in range(G):
+                if self.peer_ptrs[t] is None:
+                    self.remote_signal(self.sym_ptr + self.WORD * pw, 1, t, s.handle)
+            issue_memops(s.handle, ops[len(writes):], "handshake waits")
+            deadline = time.monotonic() + timeout_s
+            while True:
+                err = rt.cudaStreamQuery(s.raw)[0]
+                if err == rt.cudaError_t.cudaSuccess:
+                    break
+                if err != rt.cudaError_t.cudaErrorNotReady:
+                    raise CudaError("cudaStreamQuery", err, "the sync-flag handshake stream")
+                if time.monotonic() > deadline:
+                    side = CudaStream()
+                    try:
+                        seen = self._read_local(self.probe_word(0), G, side)
+                        self._write_local([self.probe_word(w) for w in range(G)], 1, side)
+                        side.synchronize()
+                        s.synchronize()
+                    finally:
+                        side.close()
+                    missing = [w for w in range(G) if int(seen[w]) < 1]
+                    return (f"rank {me} waited {timeout_s:.0f} s for the handshake flags of ranks {missing}: stream "
+                            "writes to peer memory did not arrive (or a rank never got here)")
+                time.sleep(poll_s)
+            got = self._read_local(self.probe_word(0), G, s)
+            if any(int(v) != 1 for v in got):
+                return f"rank {me} read back handshake flags {got.tolist()}, expected all 1"
+        except DwdpError as exc:
+            return f"{type(exc).__name__}: {exc}"
+        finally:
+            s.close()
+        return None
+
+    def settle(self, jobs: int, streams: Sequence["CudaStream"]) -> str | None:
+        """Collective, at close: synchronize ``streams`` even if ranks submitted different numbers of
+        jobs. Ranks are released count by count, lowest first: before the ranks with ``c`` jobs
+        synchronize, they overwrite the words of every writer with fewer jobs (finished by then, so
+        nothing overwrites them again) with ``E(c - 1)``, which every wait of their jobs accepts.
+        Returns None, or a description of the mismatch."""
+        counts = [int(c) for c in self.comm.all_gather_object(int(jobs))] if self.comm is not None else [int(jobs)]
+        levels = sorted(set(counts))
+        if len(levels) == 1:
+            for s in streams:
+                s.synchronize()
+            return None
+        for c in levels:
+            self.comm.barrier()
+            if counts[self.rank] != c:
+                continue
+            behind = [w for w in range(self.group_size) if counts[w] < c]
+            words = [self.word(k, w, l) for k in range(self.num_keys) for w in behind for l in range(self.num_lanes)]
+            side = CudaStream()
+            try:
+                if words and c > 0:
+                    self._write_local(words, self.value(c - 1, self.end), side)
+                side.synchronize()
+            finally:
+                side.close()
+            for s in streams:
+                s.synchronize()
+        self.comm.barrier()
+        return (f"sync={self.mode!r} copy engine: ranks submitted different numbers of jobs {counts}; every rank "
+                "must submit the same sequence of jobs (an empty plan where it has nothing to copy). The waiting "
+                "copy streams were released at close; their copies ran without time division")
+
+    def close(self) -> None:
+        """Collective: free the words (the symmetric allocation's own close)."""
+        if self.closed:
+            return
+        self.closed = True
+        if self.owner is not None:
+            self.owner.close()
+
+
+def create_sync_flags(comm, device: int, *, sync: str, streams: int, distribute: str,
+                      alloc: Callable[[int], Any], remote_signal: Callable | None = None,
+                      timeout_s: float = 60.0) -> SyncFlags:
+    """Collective: allocate, zero and test the flag words of a ``sync`` copy engine.
+
+    Steps: every rank checks ``cuStreamBatchMemOp`` and 64-bit support and all agree on the options
+    and the width; ``alloc(nbytes)`` (a backend's symmetric allocation, collective) returns an object
+    with ``local.ptr``, ``peer_ptrs`` (None where unmapped), optionally ``sym_ptr``, and a collective
+    ``close()``; every rank zeroes its words, all agree, then the handshake (:meth:`SyncFlags.handshake`)
+    runs and all agree again.
+
+    Raises
+    ------
+    CollectiveMismatchError
+        Ranks asked for different ``sync`` / ``streams`` / ``distribute``.
+    InvalidArgumentError
+        Stream memory operations are unavailable or the handshake failed on some rank (every rank
+        raises, naming the option and each rank's reason).
+    """
+    what = f"copy engine option sync={sync!r}"
+    hint = "use sync='none' (no time division on the copy plane)"
+    err, bits = None, None
+    try:
+        if DriverCopyCalls.get().memops is None:
+            err = "the driver has no cuStreamBatchMemOp at the CUDA 12 ABI"
+        else:
+            bits = stream_memop_bits(device)
+    except Exception as exc:
+        err = f"querying stream memory operations: {type(exc).__name__}: {exc}"
+    mine = (sync, int(streams), distribute)
+    everyone = comm.all_gather_object((mine, err, bits))
+    if len({o for o, _, _ in everyone}) > 1:
+        raise CollectiveMismatchError(f"{what}: ranks created copy engines with different (sync, streams, "
+                                      f"distribute): {[o for o, _, _ in everyone]}; a sync engine is collective")
+    raise_gathered([e for _, e, _ in everyone], f"{what}: stream memory operations", InvalidArgumentError, hint)
+    bits = min(b for _, _, b in everyone)
+    heap = alloc(SyncFlags.WORD * SyncFlags.num_words(sync, comm.size, int(streams)))
+    try:
+        flags, err = None, None
+        try:
+            flags = SyncFlags(mode=sync, rank=comm.rank, group_size=comm.size, num_lanes=int(streams),
+                              distribute=distribute, bits=bits, local_ptr=heap.local.ptr, peer_ptrs=heap.peer_ptrs,
+                              sym_ptr=getattr(heap, "sym_ptr", None), remote_signal=remote_signal, comm=comm,
+                              owner=heap)
+            flags.zero()
+        except Exception as exc:
+            err = f"setting up the flags: {type(exc).__name__}: {exc}"
+        agree(comm, err, f"{what}: setting up the flags", InvalidArgumentError, hint)  # nobody writes before this
+        agree(comm, flags.handshake(timeout_s), f"{what}: the flag handshake", InvalidArgumentError, hint)
+    except BaseException:
+        heap.close()  # collective: every rank raised the same agreed error
+        raise
+    log.info("dwdp_comm: rank %d copy engine sync=%r: %d-bit flags, %d bytes of symmetric memory", comm.rank, sync,
+             bits, flags.nbytes)
+    return flags
+
+
+class SyncStep:
+    """One (slot, lane) of a :class:`SyncProgram`: waits, then copies, then writes, on one lane.
+
+    Attributes
+    ----------
+    slot, lane : int
+    copies : numpy.ndarray
+        Indices into the job's remote copies (plan order); in :attr:`SyncProgram.perm` they are the
+        contiguous range ``[start, stop)``.
+    waits, writes : (int, int)
+        Op ranges ``[a, b)`` of :attr:`SyncProgram.ops`: waits enqueued before the copies, writes after.
+    signals : list of (sym_addr, rel, pe)
+        Writes to ranks whose flags are not mapped here (NVSHMEM signals), after the copies.
+    """
+
+    __slots__ = ("slot", "lane", "copies", "waits", "writes", "signals", "start", "stop")
+
+    def __init__(self, slot, lane, copies, waits, writes, signals, start, stop):
+        self.slot, self.lane, self.copies, self.waits, self.writes = slot, lane, copies, waits, writes
+        self.signals, self.start, self.stop = signals, start, stop
+
+
+class SyncProgram:
+    """The flag operations of one plan on one sync engine, built once, values filled per job.
+
+    Attributes
+    ----------
+    ops : numpy.ndarray
+        Every wait and write of a job (:data:`MEMOP_DTYPE`), grouped by call; ``rel`` (int64) is
+        each one's value before the job is folded in (``k + 1`` for slot ``k``, or ``flags.end``).
+    init : list of (lane, (a, b), signals)
+        Writes that go first on each lane (slots the lane has no copies in), ops ``[a, b)``.
+    steps : list of SyncStep
+        Slot-major order (slot, then lane).
+    perm : numpy.ndarray
+        The job's remote copies in step order (step ``i`` is ``perm[steps[i].start:steps[i].stop]``).
+    """
+
+    def __init__(self, ops: np.ndarray, rel: np.ndarray, init: list, steps: list):
+        self.ops, self.rel, self.init, self.steps = ops, rel, init, steps
+        self.perm = (np.concatenate([st.copies for st in steps]) if steps else np.zeros(0, dtype=np.int64))
+
+    def fill(self, flags: SyncFlags, job: int) -> None:
+        """Put job ``job``'s values into :attr:`ops`."""
+        vals = self.rel.astype(np.uint64)
+        vals += np.uint64((job * flags.span) & flags.mask)
+        vals &= np.uint64(flags.mask)
+        self.ops["value"] = vals
+
+
+def build_sync_program(flags: SyncFlags, slot: np.ndarray, src: np.ndarray, lane: np.ndarray) -> SyncProgram:
+    """The flag operations of the remote copies ``(slot, src, lane)`` (plan order) of this rank.
+
+    Lane ``l`` keeps each key ``K`` it maintains up to date: before its first copy of ``K`` it
+    writes ``V(k0 - 1)`` (``k0`` its first slot with ``K``; ``E`` if it has none); after its copies
+    of slot ``k`` it writes ``V(k' - 1)`` for its next slot ``k'`` with ``K`` (``E`` if none). Before
+    the copies of slot ``k > 0`` with key ``K`` it waits for ``V(k - 1)`` on every lane of every rank
+    that may carry ``K`` (its own word excepted: stream order covers it).
+    """
+    f, G, me = flags, flags.group_size, flags.rank
+    keys = np.zeros_like(slot) if f.mode == "slot" else src
+    ops: list[tuple[int, int, int, int]] = []  # (operation, address, flags, rel)
+    W = f.WORD
+
+    def write(key: int, ln: int, rel: int, signals: list) -> None:
+        w = f.word(key, me, ln)
+        for t in f.targets(key):
+            if f.peer_ptrs[t] is None:
+                signals.append((f.sym_ptr + W * w, rel, t))
+            else:
+                ops.append((f.write_op, f.peer_ptrs[t] + W * w, WRITE_VALUE_DEFAULT, rel))
+
+    init, per_lane = [], []
+    for ln in range(f.num_lanes):
+        mine = np.flatnonzero(lane == ln)
+        kslots = {K: np.unique(slot[mine][keys[mine] == K]).tolist() for K in f.maintained(ln)}
+        a, signals = len(ops), []
+        for K, ks in kslots.items():
+            if not ks:
+                write(K, ln, f.end, signals)
+            elif ks[0] > 0:
+                write(K, ln, ks[0], signals)
+        if len(ops) > a or signals:
+            init.append((ln, (a, len(ops)), signals))
+        per_lane.append((mine, kslots))
+    steps = []
+    order = np.lexsort((lane, slot))  # slot-major, then lane; plan order within (slot, lane)
+    bounds = np.flatnonzero(np.diff(slot[order]) | np.diff(lane[order])) + 1
+    for group in np.split(order, bounds) if order.size else []:
+        k, ln = int(slot[group[0]]), int(lane[group[0]])
+        group = np.sort(group)  # plan order
+        kslots = per_lane[ln][1]
+        gkeys = list(dict.fromkeys(keys[group].tolist()))
+        a = len(ops)
+        if k > 0:
+            for K in gkeys:
+                for w in range(G):
+                    if f.mode == "source" and w == K:
+                        continue
+                    for l2 in f.lanes_for(K, w):
+                        if w == me and l2 == ln:
+                            continue
+                        ops.append((f.wait_op, f.local_ptr + W * f.word(K, w, l2), WAIT_VALUE_GEQ, k))
+        b = len(ops)
+        signals: list = []
+        for K in gkeys:
+            ks = kslots[K]
+            i = ks.index(k)
+            write(K, ln, ks[i + 1] if i + 1 < len(ks) else f.end, signals)
+        pos = steps[-1].stop if steps else 0
+        steps.append(SyncStep(k, ln, group, (a, b), (b, len(ops)), signals, pos, pos + len(group)))
+    arr = np.zeros(len(ops), dtype=MEMOP_DTYPE)
+    rel = np.zeros(len(ops), dtype=np.int64)
+    if ops:
+        o = np.array(ops, dtype=np.uint64)
+        arr["operation"], arr["address"], arr["flags"] = o[:, 0], o[:, 1], o[:, 2]
+        rel[:] = o[:, 3].astype(np.int64)
+    return SyncProgram(arr, rel, init, steps)
+
+
 class CopyExecutor(CopyEngine):
     """Runs copy plans on dedicated non-blocking copy streams with raw CUDA copies.
 
@@ -748,7 +1243,52 @@ class CopyExecutor(CopyEngine):
     as mapped into this process) and writes ``dst.ptr + dst_base + dst_offset[i]``. Nothing goes
     through torch (whose cross-device ``copy_`` adds cross-device stream syncs) and nothing blocks
     the host: a job makes its copy streams wait for its ``after`` events, issues the copies, and
-    records one done event.
+    records one done event, which joins every stream the job used. Compute streams only ever wait
+    on done events.
+
+    **Lanes.** Copies from peers run on ``streams`` lanes: with ``distribute="source"``,
+    ``lane = ((src_rank - rank - 1) mod G) mod streams`` (each peer on its own lane when
+    ``streams >= G - 1``), with ``distribute="slot"``, ``lane = slot mod streams``. Copies from this
+    rank itself (``src_rank == rank``: local experts copied into the slot in gather mode, which the
+    ``nvshmem`` backend always uses) never cross the fabric and always run on one extra lane of their
+    own, so that they overlap the peers' copies instead of queueing behind them. Order within a
+    lane is plan order.
+
+    **Time division** (``sync``). ``"slot"``: a lane starts the copies of plan slot ``k`` only once
+    every rank finished every copy of slots ``< k``, so that each slot is a permutation even when
+    ranks drift. ``"source"``: a copy of slot ``k`` from source ``s`` waits only until every rank
+    finished its copies from ``s`` of slots ``< k`` (the previous reader of ``s``). This is what
+    :mod:`dwdp_comm.bench.model` models. Mechanism (:class:`SyncFlags`): flag words in symmetric
+    memory; after its copies of a slot, a lane writes its progress into every rank's array
+    (``cuStreamBatchMemOp`` write-value to the peer-mapped word, or an NVSHMEM signal), and before
+    the copies of the next slot it waits on its own array (wait-value, cyclic ``>=``). Values grow
+    monotonically with a per-engine job sequence number folded in, so no word is ever reset. Local
+    copies take no part. Round robin, G = 3, rank 0, ``sync="slot"``::
+
+        copy lane    [wait V(0) of all][slot 1: src 2][write V(1) -> all][wait V(1)][slot 2: src 1]...
+        local lane   [local copies ........]
+        compute      --- layer l --- wait(done event of the prefetch) --- layer l+1 ---
+        flag array   word (writer w, lane l) on every rank: V(j, k) = j * 2**32 + k + 1
+
+    Copies within a slot use ``api`` (``"batch"``: one ``cudaMemcpyBatchAsync`` per slot and lane).
+    Lanes are issued slot by slot (slot-major), and local copies first: streams beyond the hardware
+    queues (``CUDA_DEVICE_MAX_CONNECTIONS``) share a queue in issue order, and a wait must never sit
+    in a queue ahead of a write it depends on. A compute stream that shares a queue with a waiting
+    lane is delayed by it; keep ``streams`` small with ``sync``.
+
+    A sync engine is **collective**: creating it allocates the flags collectively (and tests them
+    with a handshake), and closing it frees them collectively. Every rank must submit the same
+    sequence of jobs (job ``j`` of every rank belongs together; plans may differ, an empty plan is
+    fine: it writes "done" at once). A rank that submits fewer jobs leaves its peers' copy streams
+    waiting (their done events do not complete). ``close()`` gathers the job counts, releases such
+    streams and raises :class:`CollectiveMismatchError`; anything that synchronizes on those done
+    events before ``close()`` (e.g. ``Prefetcher.close``) waits forever.
+
+    **Graphs** (``graph=True``). The first job of a plan (by identity: the planner caches plans)
+    into a destination (``src_base``, ``dst``, ``dst_base``) captures each lane's copies as a CUDA
+    graph (stream capture of ``cudaMemcpyAsync``) and instantiates it; every job launches one graph
+    per lane after the ``after`` waits. Executable graphs are cached (``graph_cache_size`` entries,
+    least recently used dropped) and destroyed at close.
 
     Parameters
     ----------
@@ -766,35 +1306,55 @@ class CopyExecutor(CopyEngine):
     sym_ptr : int, optional
         The symmetric address of the heap (this rank's own address of it).
     streams : int
-        Copy streams. Copies go to stream ``lane`` where, with ``distribute="source"``,
-        ``lane = ((src_rank - rank - 1) mod G) mod streams`` (each peer on its own stream when
-        ``streams >= G - 1``; local copies share lane ``(G - 1) mod streams``) or, with
-        ``distribute="slot"``, ``lane = slot mod streams``. Order within a lane is plan order;
-        the job's done event joins all lanes.
+        Lanes for copies from peers (see above); local copies get one more.
     api : {"memcpy", "batch"}
         ``memcpy``: one ``cudaMemcpyAsync`` per copy. ``batch``: one ``cudaMemcpyBatchAsync`` per
-        lane and job (the driver may run a batch's copies in any order: the time-division order of
-        the plan becomes a hint). When the batch call is unavailable or fails a test copy, the
-        executor logs why and uses ``memcpy`` (``self.api`` says which runs, ``self.api_reason`` why).
+        lane and job (per lane and slot with ``sync``; the driver may run a batch's copies in any
+        order: the time-division order within the batch becomes a hint). When the batch call is
+        unavailable or fails a test copy, the executor logs why and uses ``memcpy`` (``self.api``
+        says which runs, ``self.api_reason`` why).
+    distribute : {"source", "slot"}
     overlap_hint : bool
         ``batch`` only: set ``cudaMemcpyFlagPreferOverlapWithCompute``.
+    sync : {"none", "slot", "source"}
+        Time division on the copy plane (needs ``flags``).
+    graph : bool
+        Replay captured CUDA graphs (``api="memcpy"``, ``sync="none"``).
+    flags : SyncFlags, optional
+        Made by :func:`create_sync_flags` (collective) when ``sync != "none"``; the engine owns it.
+    graph_cache_size : int
+        Executable graphs kept (keys: plan, src_base, dst, dst_base).
     """
 
     def __init__(self, *, device: int, rank: int, group_size: int, src_ptrs: Sequence[int | None], src_nbytes: int,
                  remote_get: Callable | None = None, sym_ptr: int | None = None, streams: int = 1,
-                 api: str = "batch", distribute: str = "source", overlap_hint: bool = False):
+                 api: str = "batch", distribute: str = "source", overlap_hint: bool = False, sync: str = "none",
+                 graph: bool = False, flags: SyncFlags | None = None, graph_cache_size: int = 256):
         rt, _ = load()
         self.device, self.rank, self.group_size = device, rank, group_size
         if len(src_ptrs) != group_size:
             raise bad_arg("src_ptrs", len(src_ptrs), f"{group_size} entries (one per rank)")
         if any(p is None for p in src_ptrs) and (remote_get is None or sym_ptr is None):
             raise bad_arg("remote_get", None, "a function and sym_ptr when some source has no peer mapping")
+        if sync not in SYNC_MODES:
+            raise bad_arg("sync", sync, f"one of {list(SYNC_MODES)}")
+        if sync != "none" and (flags is None or flags.mode != sync or flags.num_lanes != streams
+                               or flags.distribute != distribute or flags.rank != rank
+                               or flags.group_size != group_size):
+            raise bad_arg("flags", flags, f"the SyncFlags of this engine (create_sync_flags with sync={sync!r}, "
+                          f"streams={streams}, distribute={distribute!r})")
+        if graph and (api != "memcpy" or sync != "none"):
+            raise bad_arg("graph", graph, "False unless api='memcpy' and sync='none'")
+        if graph and any(p is None for p in src_ptrs):
+            raise bad_arg("graph", graph, "False when some source has no peer mapping (NVSHMEM gets are not captured)")
         self._base = np.array([p or 0 for p in src_ptrs], dtype=np.int64)
         self._mapped = np.array([p is not None for p in src_ptrs], dtype=bool)
         self._src_nbytes = int(src_nbytes)
         self._remote_get, self._sym = remote_get, int(sym_ptr or 0)
-        self.num_streams, self.distribute = streams, distribute
-        self._streams = [CudaStream() for _ in range(streams)]
+        self.num_streams, self.distribute, self.sync, self.graph = streams, distribute, sync, bool(graph)
+        self._flags = flags if sync != "none" else None
+        self._closed = False
+        self._streams = [CudaStream() for _ in range(streams + 1)]  # lanes 0..streams-1, then the local lane
         self._kind = rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice
         self._ok = rt.cudaError_t.cudaSuccess
         self.api, self.api_reason = api, "requested"
@@ -804,8 +1364,16 @@ class CopyExecutor(CopyEngine):
             if reason is not None:
                 log.warning("dwdp_comm: copy engine api='batch' unavailable, using 'memcpy': %s", reason)
                 self.api, self.api_reason = "memcpy", reason
+        self._programs: "OrderedDict[int, tuple[CopyPlan, SyncProgram]]" = OrderedDict()
+        self._graphs: "OrderedDict[tuple, tuple[CopyPlan, dict]]" = OrderedDict()
+        self.graph_cache_size = int(graph_cache_size)
+        self.graphs_captured = 0
         self.jobs = 0
-        self._closed = False
+
+    @property
+    def local_lane(self) -> int:
+        """Index of the lane of local copies (``src_rank == rank``) in :attr:`streams`."""
+        return self.num_streams
 
     # -- batch support ------------------------------------------------------------------------------
     def _batch(self, stream: "CudaStream", dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
@@ -841,8 +1409,9 @@ class CopyExecutor(CopyEngine):
         Raises
         ------
         InvalidArgumentError
-            ``dst`` is not a buffer of this backend, an ``after`` entry is not a CUDA event, or a
-            copy would leave the source heap or the destination buffer (checked before any copy).
+            ``dst`` is not a buffer of this backend, an ``after`` entry is not a CUDA event, a copy
+            would leave the source heap or the destination buffer, or (``sync``) the plan was made
+            for another rank or group size or has too many slots (all checked before any copy).
         """
         if self._closed:
             raise ClosedError("copy engine used after close()")
@@ -852,39 +1421,205 @@ class CopyExecutor(CopyEngine):
         for ev in after:
             if not isinstance(ev, CudaEvent):
                 raise bad_arg("after", type(ev).__name__, "CUDA events of this backend")
-        rt, _ = load()
-        dst_ptr = dst.ptr
+        if self._flags is not None:
+            if plan.rank != self.rank or plan.group_size != self.group_size:
+                raise bad_arg("plan", repr(plan), f"a plan made for rank {self.rank} of a group of {self.group_size} "
+                              f"(sync={self.sync!r} pairs job j of every rank)")
+            if plan.num_slots > self._flags.max_slots:
+                raise bad_arg("plan", f"{plan.num_slots} slots", f"at most {self._flags.max_slots} slots with "
+                              f"{self._flags.bits}-bit flags", "use larger chunks")
         keep = plan.nbytes > 0
         src_rank, src_off = plan.src_rank[keep], src_base + plan.src_offset[keep]
         dst_off, nbytes = dst_base + plan.dst_offset[keep], plan.nbytes[keep]
+        slots = plan.slot[keep]
         if nbytes.size:
             self._check_bounds(src_rank, src_off, dst_off, nbytes, dst.nbytes)
-            if self.distribute == "source":
-                lanes = ((src_rank - self.rank - 1) % self.group_size) % self.num_streams
-            else:
-                lanes = plan.slot[keep] % self.num_streams
-            used = sorted(set(lanes.tolist()))
+        if self.distribute == "source":
+            lanes = ((src_rank - self.rank - 1) % self.group_size) % self.num_streams
         else:
-            lanes, used = None, [0]
-        for lane in used:
+            lanes = slots % self.num_streams
+        lanes = np.where(src_rank == self.rank, self.local_lane, lanes)
+        c = _Copies(self._base[src_rank] + src_off, dst.ptr + dst_off, nbytes, src_rank, src_off,
+                    ~self._mapped[src_rank], lanes)
+        if self._flags is not None:
+            done = self._submit_sync(plan, slots, c, after)
+        elif self.graph:
+            done = self._submit_graph(plan, (int(src_base), int(dst.ptr), int(dst_base)), c, after)
+        else:
+            done = self._submit_plain(c, after)
+        self.jobs += 1
+        return done
+
+    def _used(self, c: "_Copies") -> list[int]:
+        """Lanes with copies, the local lane first (issue order); ``[0]`` for an empty job."""
+        used = sorted(set(c.lane.tolist()), key=lambda ln: (ln != self.local_lane, ln))
+        return used or [0]
+
+    def _wait_after(self, lanes: Sequence[int], after: Sequence[CudaEvent]) -> None:
+        rt, _ = load()
+        for lane in lanes:
             for ev in after:
                 check(rt.cudaStreamWaitEvent(self._streams[lane].raw, ev._ev, 0), "cudaStreamWaitEvent",
                       f"copy stream {lane} waiting for an 'after' event")
-        if nbytes.size:
-            src_addr = self._base[src_rank] + src_off
-            dst_addr = dst_ptr + dst_off
-            remote = ~self._mapped[src_rank]
-            for lane in used:
-                idx = np.flatnonzero(lanes == lane) if len(used) > 1 else slice(None)
-                self._issue(self._streams[lane], src_addr[idx], dst_addr[idx], nbytes[idx], src_rank[idx],
-                            src_off[idx], remote[idx])
-        join = self._streams[used[0]]
-        for lane in used[1:]:
+
+    def _join(self, lanes: Sequence[int]) -> CudaEvent:
+        """Record the done event on the first of ``lanes`` after it waited for the others."""
+        rt, _ = load()
+        join = self._streams[lanes[0]]
+        for lane in lanes[1:]:
             ev = CudaEvent().record(self._streams[lane].handle)
             check(rt.cudaStreamWaitEvent(join.raw, ev._ev, 0), "cudaStreamWaitEvent", "joining copy streams")
-        self.jobs += 1
         return CudaEvent().record(join.handle)
 
+    def _submit_plain(self, c: "_Copies", after: Sequence[CudaEvent]) -> CudaEvent:
+        used = self._used(c)
+        self._wait_after(used, after)
+        for lane in used:
+            idx = np.flatnonzero(c.lane == lane)
+            if idx.size:
+                self._issue(self._streams[lane], c.take(idx))
+        return self._join(sorted(used))
+
+    # -- time division ----------------------------------------------------------------------------------
+    def _program(self, plan: CopyPlan, slots: np.ndarray, c: "_Copies") -> SyncProgram:
+        hit = self._programs.get(id(plan))
+        if hit is not None and hit[0] is plan:
+            self._programs.move_to_end(id(plan))
+            return hit[1]
+        remote = c.lane != self.local_lane
+        prog = build_sync_program(self._flags, slots[remote], c.src_rank[remote], c.lane[remote])
+        self._programs[id(plan)] = (plan, prog)  # holding the plan keeps its id unique
+        while len(self._programs) > 64:
+            self._programs.popitem(last=False)
+        return prog
+
+    def _submit_sync(self, plan: CopyPlan, slots: np.ndarray, c: "_Copies",
+                     after: Sequence[CudaEvent]) -> CudaEvent:
+        f = self._flags
+        prog = self._program(plan, slots, c)
+        prog.fill(f, self.jobs)
+        job = self.jobs
+        remote = c.take(np.flatnonzero(c.lane != self.local_lane))
+        local = np.flatnonzero(c.lane == self.local_lane)
+        used = sorted({st.lane for st in prog.steps})
+        if local.size:  # first: nothing it does waits on a flag
+            self._wait_after([self.local_lane], after)
+            self._issue(self._streams[self.local_lane], c.take(local))
+        for ln, (a, b), signals in prog.init:  # "done with the slots I have nothing in": before 'after'
+            st = self._streams[ln]
+            issue_memops(st.handle, prog.ops[a:b], f"lane {ln}: initial flag writes")
+            self._signal(st, signals, job)
+        self._wait_after(used, after)
+        self._run_steps(prog, remote.take(prog.perm), job)
+        lanes = used + ([self.local_lane] if local.size else [])
+        if not lanes:  # nothing to copy: the done event still follows 'after'
+            self._wait_after([0], after)
+            lanes = [0]
+        return self._join(lanes)
+
+    def _run_steps(self, prog: SyncProgram, c: "_Copies", job: int) -> None:
+        """Enqueue every step of ``prog`` (``c``: the remote copies in step order). The hot loop of a
+        sync job: direct ctypes calls on precomputed offsets, about a microsecond per call."""
+        memops, ops_ptr, W = self._drv.memops, int(prog.ops.ctypes.data), MEMOP_DTYPE.itemsize
+        mode = "general" if c.remote.any() else self.api
+        if mode == "batch":
+            d, s, n = (np.ascontiguousarray(a, dtype=np.uint64) for a in (c.dst_addr, c.src_addr, c.nbytes))
+            dp, sp, np_ = int(d.ctypes.data), int(s.ctypes.data), int(n.ctypes.data)
+        elif mode == "memcpy":
+            d, s, n, r = c.dst_addr.tolist(), c.src_addr.tolist(), c.nbytes.tolist(), c.src_rank.tolist()
+            memcpy = self._drv.memcpy
+        for st in prog.steps:
+            stream = self._streams[st.lane]
+            h = stream.handle
+            a, b = st.waits
+            for o in range(a, b, MEMOP_MAX):
+                err = memops(h, min(MEMOP_MAX, b - o), ops_ptr + W * o, 0)
+                if err:
+                    raise self._drv.error(err, "cuStreamBatchMemOp", f"lane {st.lane}: flag waits before slot {st.slot}")
+            p, q = st.start, st.stop
+            if mode == "batch":
+                err = self._drv.batch(dp + 8 * p, sp + 8 * p, np_ + 8 * p, q - p, self._attrs_ptr,
+                                      self._attrs_idx.ctypes.data, 1, h)
+                if err:
+                    raise self._drv.error(err, "cuMemcpyBatchAsync", f"{q - p} copies of slot {st.slot}")
+            elif mode == "memcpy" and memcpy is not None:
+                for i in range(p, q):
+                    err = memcpy(d[i], s[i], n[i], h)
+                    if err:
+                        raise self._drv.error(err, "cuMemcpyAsync", f"{n[i]} bytes from rank {r[i]}'s heap "
+                                              f"(0x{s[i]:x} -> 0x{d[i]:x})")
+            else:  # NVSHMEM gets among the copies, or no ctypes memcpy: the general path
+                self._issue(stream, c.take(slice(p, q)))
+            a, b = st.writes
+            for o in range(a, b, MEMOP_MAX):
+                err = memops(h, min(MEMOP_MAX, b - o), ops_ptr + W * o, 0)
+                if err:
+                    raise self._drv.error(err, "cuStreamBatchMemOp", f"lane {st.lane}: flag writes after slot {st.slot}")
+            if st.signals:
+                self._signal(stream, st.signals, job)
+
+    def _signal(self, stream: CudaStream, signals: list, job: int) -> None:
+        f = self._flags
+        for sym_addr, rel, pe in signals:
+            f.remote_signal(sym_addr, f.value(job, rel), pe, stream.handle)
+
+    # -- graphs ------------------------------------------------------------------------------------------
+    def _submit_graph(self, plan: CopyPlan, where: tuple, c: "_Copies", after: Sequence[CudaEvent]) -> CudaEvent:
+        rt, _ = load()
+        key = (id(plan), *where)
+        hit = self._graphs.get(key)
+        used = self._used(c) if len(c.lane) else []
+        if hit is not None and hit[0] is plan:
+            self._graphs.move_to_end(key)
+            execs = hit[1]
+        else:
+            execs = {}
+            try:
+                for lane in used:
+                    execs[lane] = self._capture(self._streams[lane], c.take(np.flatnonzero(c.lane == lane)))
+            except BaseException:
+                for ex in execs.values():
+                    rt.cudaGraphExecDestroy(ex)
+                raise
+            self._graphs[key] = (plan, execs)  # holding the plan keeps its id unique
+            self.graphs_captured += 1
+            while len(self._graphs) > self.graph_cache_size:
+                _, (_, old) = self._graphs.popitem(last=False)
+                self._destroy_graphs(old)  # in-flight launches complete first (the driver frees later)
+        lanes = used or [0]
+        self._wait_after(lanes, after)
+        for lane in used:
+            check(rt.cudaGraphLaunch(execs[lane], self._streams[lane].raw), "cudaGraphLaunch",
+                  f"copy stream {lane}, {int(np.count_nonzero(c.lane == lane))} copies")
+        return self._join(sorted(lanes))
+
+    def _capture(self, stream: CudaStream, c: "_Copies"):
+        """Capture ``c``'s copies on ``stream`` into a graph; return its executable graph."""
+        rt, _ = load()
+        # Relaxed: nothing this thread might call meanwhile (a garbage-collected event's destroy) can
+        # invalidate the capture; only this stream's copies are recorded.
+        check(rt.cudaStreamBeginCapture(stream.raw, rt.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed),
+              "cudaStreamBeginCapture")
+        try:
+            self._issue(stream, c, api="memcpy")
+        except BaseException:
+            err, g = rt.cudaStreamEndCapture(stream.raw)  # leave capture mode; the error that matters is above
+            if int(err) == 0 and g is not None and int(g):
+                rt.cudaGraphDestroy(g)
+            raise
+        g = check(rt.cudaStreamEndCapture(stream.raw), "cudaStreamEndCapture")
+        try:
+            return check(rt.cudaGraphInstantiate(g, 0), "cudaGraphInstantiate", f"{len(c.nbytes)} memcpy nodes")
+        finally:
+            check(rt.cudaGraphDestroy(g), "cudaGraphDestroy")
+
+    @staticmethod
+    def _destroy_graphs(execs: dict) -> None:
+        rt, _ = load()
+        for ex in execs.values():
+            check(rt.cudaGraphExecDestroy(ex), "cudaGraphExecDestroy")
+
+    # -- issuing copies ----------------------------------------------------------------------------------
     def _check_bounds(self, src_rank, src_off, dst_off, nbytes, dst_nbytes: int) -> None:
         src_end, dst_end = src_off + nbytes, dst_off + nbytes
         bad = np.flatnonzero((src_off < 0) | (src_end > self._src_nbytes) | (dst_off < 0) | (dst_end > dst_nbytes))
@@ -894,26 +1629,29 @@ class CopyExecutor(CopyEngine):
                           f"{int(src_rank[i])}'s heap into [{int(dst_off[i])}, {int(dst_end[i])}) of dst",
                           f"ranges inside the heap ({self._src_nbytes} bytes) and dst ({dst_nbytes} bytes)")
 
-    def _issue(self, stream: CudaStream, src_addr, dst_addr, nbytes, src_rank, src_off, remote) -> None:
-        rt, _ = load()
-        if remote.any():
+    def _issue(self, stream: CudaStream, c: "_Copies", api: str | None = None) -> None:
+        """Enqueue ``c``'s copies on ``stream`` in order (one batch call with ``api="batch"``)."""
+        api = api or self.api
+        if not len(c.nbytes):
+            return
+        if c.remote.any():
             # Sources without a peer mapping (other nodes): NVSHMEM gets, in plan order with the rest.
-            for d, s, n, r, so, rem in zip(dst_addr.tolist(), src_addr.tolist(), nbytes.tolist(), src_rank.tolist(),
-                                           src_off.tolist(), remote.tolist()):
+            for d, s, n, r, so, rem in zip(c.dst_addr.tolist(), c.src_addr.tolist(), c.nbytes.tolist(),
+                                           c.src_rank.tolist(), c.src_off.tolist(), c.remote.tolist()):
                 if rem:
                     self._remote_get(d, self._sym + so, n, r, stream.handle)
                 else:
                     self._memcpy(stream, d, s, n, r)
             return
-        if self.api == "batch":
-            self._batch(stream, dst_addr, src_addr, nbytes)
+        if api == "batch":
+            self._batch(stream, c.dst_addr, c.src_addr, c.nbytes)
             return
         memcpy, st = self._drv.memcpy, stream.handle
         if memcpy is None:  # no ctypes entry point: the slower cuda.bindings call
-            for d, s, n, r in zip(dst_addr.tolist(), src_addr.tolist(), nbytes.tolist(), src_rank.tolist()):
+            for d, s, n, r in zip(c.dst_addr.tolist(), c.src_addr.tolist(), c.nbytes.tolist(), c.src_rank.tolist()):
                 self._memcpy(stream, d, s, n, r)
             return
-        for d, s, n, r in zip(dst_addr.tolist(), src_addr.tolist(), nbytes.tolist(), src_rank.tolist()):
+        for d, s, n, r in zip(c.dst_addr.tolist(), c.src_addr.tolist(), c.nbytes.tolist(), c.src_rank.tolist()):
             err = memcpy(d, s, n, st)
             if err:
                 raise self._drv.error(err, "cuMemcpyAsync", f"{n} bytes from rank {r}'s heap (0x{s:x} -> 0x{d:x})")
@@ -926,20 +1664,49 @@ class CopyExecutor(CopyEngine):
 
     @property
     def streams(self) -> list[int]:
-        """Raw handles of the copy streams."""
+        """Raw handles of the copy streams: the ``streams`` lanes, then the local lane."""
         return [s.handle for s in self._streams]
 
     def close(self) -> None:
-        """Wait for submitted copies, then destroy the copy streams."""
+        """Wait for submitted copies, then destroy graphs and copy streams. Collective with ``sync``:
+        the job counts are compared (a mismatch raises :class:`CollectiveMismatchError` after the
+        waiting streams were released) and the flags are freed."""
         if self._closed:
             raise ClosedError("copy engine closed twice")
         self._closed = True
+        mismatch = None
         try:
-            for s in self._streams:
-                s.synchronize()
+            if self._flags is not None:
+                mismatch = self._flags.settle(self.jobs, self._streams)
+            else:
+                for s in self._streams:
+                    s.synchronize()
         finally:
-            for s in self._streams:
-                s.close()
+            try:
+                for _, execs in self._graphs.values():
+                    self._destroy_graphs(execs)
+                self._graphs.clear()
+                self._programs.clear()
+                for s in self._streams:
+                    s.close()
+            finally:
+                if self._flags is not None:
+                    self._flags.close()  # collective
+        if mismatch:
+            raise CollectiveMismatchError(mismatch)
+
+
+class _Copies:
+    """A job's copies as parallel arrays (addresses, sizes, sources, lanes)."""
+
+    __slots__ = ("src_addr", "dst_addr", "nbytes", "src_rank", "src_off", "remote", "lane")
+
+    def __init__(self, src_addr, dst_addr, nbytes, src_rank, src_off, remote, lane):
+        self.src_addr, self.dst_addr, self.nbytes = src_addr, dst_addr, nbytes
+        self.src_rank, self.src_off, self.remote, self.lane = src_rank, src_off, remote, lane
+
+    def take(self, idx) -> "_Copies":
+        return _Copies(*(getattr(self, k)[idx] for k in self.__slots__))
 
 
 # ---- common backend part --------------------------------------------------------------------------

@@ -355,14 +355,30 @@ class CudaIpcBackend(CudaBackendBase):
                             nbytes, tracker=self)
 
     def copy_engine(self, heap: SymmetricHeap, **options: Any) -> CopyExecutor:
-        """The copy-engine executor over ``heap`` (options: see
-        :func:`dwdp_comm.backends._cuda.parse_engine_options` and :class:`~._cuda.CopyExecutor`)."""
+        """The copy-engine executor over ``heap``.
+
+        Options: ``streams``, ``api``, ``distribute``, ``overlap_hint``, ``sync``, ``graph`` (see
+        :func:`dwdp_comm.backends._cuda.parse_engine_options` and :class:`~._cuda.CopyExecutor`);
+        an unknown option or a bad value raises ``InvalidArgumentError`` naming it.
+
+        Notes
+        -----
+        Local (not collective), except with ``sync="slot"`` or ``"source"``: then creating the engine
+        is **collective** (every rank, same options, same order): it allocates the flag words as a
+        small symmetric heap of this backend (peers' flag arrays mapped like heaps), tests them with
+        a handshake, and ``close()`` of the engine is collective too.
+        """
         self._check_open()
         opts = _cuda.parse_engine_options(options, self.name)
         if not isinstance(heap, CudaIpcHeap):
             raise bad_arg("heap", type(heap).__name__, "a heap of this cuda_ipc backend")
+        flags = None
+        if opts["sync"] != "none":
+            flags = _cuda.create_sync_flags(self.comm, self.device_index, sync=opts["sync"], streams=opts["streams"],
+                                            distribute=opts["distribute"],
+                                            alloc=lambda n: CudaIpcHeap(self, max(n, 2 << 20)))  # a whole allocation
         return CopyExecutor(device=self.device_index, rank=self.comm.rank, group_size=self.comm.size,
-                            src_ptrs=heap.peer_ptrs, src_nbytes=heap.nbytes, **opts)
+                            src_ptrs=heap.peer_ptrs, src_nbytes=heap.nbytes, flags=flags, **opts)
 
     def compose(self, pieces: Sequence[tuple[Buffer, int, int]]) -> CudaComposite:
         """Map ``(buffer, offset, nbytes)`` pieces back to back into one device range (VMM mode;

@@ -15,7 +15,8 @@ Heap and copies
     exactly as on ``cuda_ipc``. Peers without a peer mapping (other nodes) are read with
     ``nvshmemx_getmem_on_stream`` (``nvshmem.bindings.getmem_on_stream``) on the same copy stream,
     in plan order with the rest. ``map_granularity`` is None: every tensor uses the store's gather
-    mode (no composite views).
+    mode (no composite views), so every prefetch also copies the local experts into the slot; the
+    executor runs those local copies on a copy stream of their own, overlapping the peers' copies.
 
 Slots
     When every peer is mapped, prefetch slots are ordinary local ``cudaMalloc`` buffers. When some
@@ -240,19 +241,46 @@ class NvshmemBackend(CudaBackendBase):
 
     def copy_engine(self, heap: SymmetricHeap, **options: Any) -> CopyExecutor:
         """The shared copy-engine executor: peer views with raw CUDA copies, NVSHMEM gets for
-        unmapped PEs (options: :func:`dwdp_comm.backends._cuda.parse_engine_options`)."""
+        unmapped PEs.
+
+        Options: ``streams``, ``api``, ``distribute``, ``overlap_hint``, ``sync``, ``graph`` (see
+        :func:`dwdp_comm.backends._cuda.parse_engine_options` and :class:`~._cuda.CopyExecutor`);
+        an unknown option or a bad value raises ``InvalidArgumentError`` naming it. ``graph=True``
+        needs every PE mapped (NVSHMEM gets are not captured).
+
+        Notes
+        -----
+        Local (not collective), except with ``sync="slot"`` or ``"source"``: then creating the engine
+        is **collective** (every PE, same options, same order): the flag words are a small NVSHMEM
+        symmetric buffer; mapped PEs' words are written with stream write-value operations through
+        ``nvshmem_ptr``, unmapped PEs' with ``nvshmemx_signal_op_on_stream`` (``NVSHMEM_SIGNAL_SET``).
+        ``close()`` of the engine is collective too.
+        """
         self._check_open()
         opts = _cuda.parse_engine_options(options, self.name)
         if not isinstance(heap, NvshmemHeap):
             raise bad_arg("heap", type(heap).__name__, "a heap of this nvshmem backend")
+        if opts["graph"] and not all(p is not None for p in heap.peer_ptrs):
+            raise bad_arg("graph", True, "False on a group with PEs that have no peer mapping",
+                          f"PEs {[pe for pe, p in enumerate(heap.peer_ptrs) if p is None]} are read with NVSHMEM gets, "
+                          "which are not captured into graphs")
         _, nvb = _nvshmem()
 
         def remote_get(dst: int, sym_src: int, nbytes: int, pe: int, stream: int) -> None:
             nvb.getmem_on_stream(dst, sym_src, nbytes, pe, stream)
 
+        flags = None
+        if opts["sync"] != "none":
+            def remote_signal(sym_addr: int, value: int, pe: int, stream: int) -> None:
+                # Only PEs without a peer mapping (other nodes) take this path.
+                nvb.signal_op_on_stream(sym_addr, value, int(nvb.Signal_op.SIGNAL_SET), pe, stream)
+
+            flags = _cuda.create_sync_flags(self.comm, self.device_index, sync=opts["sync"], streams=opts["streams"],
+                                            distribute=opts["distribute"], alloc=lambda n: NvshmemHeap(self, n),
+                                            remote_signal=remote_signal)
         return CopyExecutor(device=self.device_index, rank=self.comm.rank, group_size=self.comm.size,
                             src_ptrs=heap.peer_ptrs, src_nbytes=heap.nbytes, remote_get=remote_get,
-                            sym_ptr=heap.sym_ptr, **opts)
+                            sym_ptr=heap.sym_ptr, flags=flags, **opts)
 
     def close(self) -> None:
         """Collective: free symmetric slots, report leaks, finalise NVSHMEM if this backend started it."""

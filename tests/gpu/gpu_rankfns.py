@@ -239,3 +239,66 @@ def open_failure(group):
     except dc.DwdpError as exc:
         return type(exc).__name__, str(exc)
     return None
+
+
+# ---- a full exchange through the copy engine directly (sync / graph / local lane) -----------------
+def _block(src_rank: int, seed: int, nbytes: int, device) -> torch.Tensor:
+    """Rank ``src_rank``'s heap bytes: a cheap rank- and offset-dependent pattern, built on the GPU."""
+    i = torch.arange(nbytes, dtype=torch.int64, device=device)
+    return ((i * 2654435761 + (src_rank + 1) * 40503 + seed * 977) >> 7).remainder(251).to(torch.uint8)
+
+
+def exchange(group, engines: list, nbytes: int, chunk_nbytes: int, jobs: int, seed: int,
+             skew_cycles: int, policy: str = "round_robin"):
+    """For each engine option dict of ``engines`` (in one launch): every rank pulls ``nbytes`` from
+    every peer and copies its own block locally (gather mode, on the local lane), ``jobs`` times
+    through ``impl.copy_engine(heap, **options)`` (collective with ``sync``). Job ``j`` of rank ``r``
+    starts behind a sleep kernel of ``((r + j) mod G) * skew_cycles`` on a side stream (its
+    ``after`` event), so ranks drift. The destination is poisoned before every job; every byte of
+    every job is compared. Returns one dict per engine: wrong bytes, times and issue times per job."""
+    from dwdp_comm.planner import CopyRange, make_plan
+    impl, G, rank = group.impl, group.size, group.rank
+    dev = group.device
+    heap = impl.alloc_symmetric(nbytes)
+    dst = impl.alloc_buffer(G * nbytes)
+    heap.local.tensor(0, nbytes).copy_(_block(rank, seed, nbytes, dev))
+    want = torch.cat([_block(s, seed, nbytes, dev) for s in range(G)])
+    torch.cuda.synchronize()
+    group.barrier()
+    plan = make_plan([CopyRange(s, 0, s * nbytes, nbytes) for s in range(G)], rank=rank, group_size=G,
+                     policy=policy, chunk_nbytes=chunk_nbytes)
+    side = torch.cuda.Stream()
+    results = []
+    for options in engines:
+        eng = impl.copy_engine(heap, **options)
+        out = {"options": options, "api": eng.api, "bits": getattr(getattr(eng, "_flags", None), "bits", None),
+               "wrong": [], "times_ms": [], "delays": [], "issue_ms": [], "slots": plan.num_slots}
+        for j in range(jobs):
+            torch.cuda.synchronize()
+            group.barrier()
+            delay = ((rank + j) % G) * skew_cycles
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            with torch.cuda.stream(side):
+                dst.tensor().fill_(0xA5)  # poison (ordered before the copies by the 'after' event)
+                e0.record(side)
+                if delay:
+                    torch.cuda._sleep(delay)
+            after = [impl.record_event(side)]
+            t0 = time.perf_counter()
+            done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=after)
+            out["issue_ms"].append((time.perf_counter() - t0) * 1e3)
+            done.wait(side)
+            e1.record(side)
+            e1.synchronize()
+            out["times_ms"].append(e0.elapsed_time(e1))
+            out["delays"].append(delay)
+            out["wrong"].append(int((dst.tensor() != want).sum().item()))
+        out["graphs_captured"] = getattr(eng, "graphs_captured", None)
+        out["jobs"] = eng.jobs
+        eng.close()  # collective with sync
+        results.append(out)
+    torch.cuda.synchronize()
+    group.barrier()
+    dst.close()
+    heap.close()
+    return results

@@ -61,6 +61,58 @@ def test_pipeline_legacy_ipc(seed):
         assert r["checked"] > 0
 
 
+EXCHANGE_ENGINES = [
+    {"sync": "slot", "api": "memcpy"}, {"sync": "slot", "api": "batch", "streams": 2},
+    {"sync": "source", "api": "memcpy"}, {"sync": "source", "streams": 2, "distribute": "slot"},
+    {"graph": True}, {"graph": True, "streams": 2}, {"api": "batch"}, {"api": "memcpy", "streams": 1}]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_exchange_sync_and_graph_every_byte(backend, seed):
+    """A full exchange (plus each rank's own block as a local copy, on the local lane) through
+    copy_engine(heap, **engine) for every engine of EXCHANGE_ENGINES in one launch, four jobs each
+    with drifting starts, every byte of every job compared. With sync='slot' the earliest rank's job
+    cannot end before the latest rank started (the copy plane waited on the flags), while the host
+    never waited."""
+    world = min(dc.testing.gpu_count(), 4)
+    need(max(world, 2), backend)
+    skew = 40_000_000  # ~20 ms of sleep kernel per step of drift
+    jobs = 4
+    res = dc.testing.launch(fns.exchange, world, EXCHANGE_ENGINES, 32 << 20, 4 << 20, jobs, seed, skew,
+                            backend=backend, timeout=TIMEOUT)
+    for i, engine in enumerate(EXCHANGE_ENGINES):
+        rows = [r[i] for r in res]
+        for r in rows:
+            assert r["options"] == engine
+            assert r["wrong"] == [0] * jobs, (engine, r["wrong"])
+            assert r["jobs"] == jobs and max(r["issue_ms"]) < 200, (engine, r["issue_ms"])
+            if engine.get("sync"):
+                assert r["bits"] in (32, 64)
+            if engine.get("graph"):
+                assert r["api"] == "memcpy" and r["graphs_captured"] == 1
+        if engine.get("sync") == "slot":
+            for j in range(jobs):
+                early = min(range(world), key=lambda q: rows[q]["delays"][j])
+                late = max(range(world), key=lambda q: rows[q]["delays"][j])
+                gap_ms = (rows[late]["delays"][j] - rows[early]["delays"][j]) / 2e6  # cycles at <= ~2 GHz
+                assert rows[early]["times_ms"][j] >= 0.5 * gap_ms, (engine, j, rows[early]["times_ms"], gap_ms)
+        print(f"{backend} x{world} {engine}: api={rows[0]['api']} bits={rows[0]['bits']} slots={rows[0]['slots']} "
+              f"rank0 times_ms={[round(t, 2) for t in rows[0]['times_ms']]} "
+              f"max issue_ms={max(max(r['issue_ms']) for r in rows):.2f}")
+
+
+@pytest.mark.parametrize("backend, engine", [("cuda_ipc", {"sync": "slot"}), ("nvshmem", {"sync": "slot"}),
+                                             ("cuda_ipc", {"graph": True, "streams": 2})])
+def test_pipeline_sync_and_graph(backend, engine, seed):
+    """The prefetch pipeline (uneven experts, four dtypes, five layers through two slots) with a
+    time-division engine (collective creation and close) or captured graphs, byte-exact."""
+    need(2, backend)
+    res = dc.testing.launch(fns.pipeline, 2, 5, 5, 2, "round_robin", 1 << 20, seed, engine,
+                            backend=backend, timeout=TIMEOUT)
+    for r in res:
+        assert r["checked"] > 0 and r["prefetched"] >= r["remote"]
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_race_prefetch_into_slot_still_read(backend, seed):
     """prefetch(l+2) is issued and l released while a long kernel has yet to read l's slot: the

@@ -86,7 +86,8 @@ def test_events(cu):
 
 
 @pytest.mark.parametrize("opts", [{}, {"api": "batch"}, {"streams": 3, "distribute": "slot"},
-                                  {"streams": 2, "api": "batch", "distribute": "source", "overlap_hint": True}])
+                                  {"streams": 2, "api": "batch", "distribute": "source", "overlap_hint": True},
+                                  {"graph": True}, {"graph": True, "streams": 2, "distribute": "slot"}])
 def test_executor_local_plan(cu, opts):
     """The executor on one rank (group of 1): local copies, scattered ranges, several chunk sizes."""
     dev = torch.cuda.current_device()
@@ -101,17 +102,52 @@ def test_executor_local_plan(cu, opts):
     plan = make_plan(ranges, rank=0, group_size=1, chunk_nbytes=512 * 1024)
     eng = cu.CopyExecutor(device=dev, rank=0, group_size=1, src_ptrs=[src.ptr], src_nbytes=n,
                           **cu.parse_engine_options(opts, "test"))
-    gate = cu.CudaEvent().record(torch.cuda.current_stream().cuda_stream)
-    done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[gate])
-    done.wait(torch.cuda.current_stream())
-    out = dst.tensor()
-    for r in ranges:
-        assert torch.equal(out[r.dst_offset:r.dst_offset + r.nbytes], data[r.src_offset:r.src_offset + r.nbytes])
+    for job in range(2):  # with graph=True: capture, then replay
+        dst.tensor().zero_()
+        gate = cu.CudaEvent().record(torch.cuda.current_stream().cuda_stream)
+        done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[gate])
+        done.wait(torch.cuda.current_stream())
+        out = dst.tensor()
+        for r in ranges:
+            assert torch.equal(out[r.dst_offset:r.dst_offset + r.nbytes], data[r.src_offset:r.src_offset + r.nbytes])
+    if opts.get("graph"):
+        assert eng.graphs_captured == 1
     bad = make_plan([CopyRange(0, 0, n - 10, 100)], rank=0, group_size=1)
     with pytest.raises(dc.InvalidArgumentError, match="inside the heap"):
         eng.submit(bad, src_base=0, dst=dst, dst_base=0)
     eng.close()
     print(opts, "api used:", eng.api, eng.api_reason)
+
+
+def test_stream_memops_on_device(cu):
+    """The ctypes cuStreamBatchMemOp path on device memory: a one-rank flag handshake, and a
+    wait-value (cyclic >=) that holds a stream until another stream writes the word."""
+    import time
+
+    import numpy as np
+    dev = torch.cuda.current_device()
+    bits = cu.stream_memop_bits(dev)
+    mem = cu.MallocAlloc(4096, dev)
+    f = cu.SyncFlags(mode="slot", rank=0, group_size=1, num_lanes=1, distribute="source", bits=bits,
+                     local_ptr=mem.ptr, peer_ptrs=[mem.ptr])
+    f.zero()
+    assert f.handshake(timeout_s=10) is None
+    a, b = cu.CudaStream(), cu.CudaStream()
+    word = f.word(0, 0, 0)
+    wait = np.zeros(1, dtype=cu.MEMOP_DTYPE)
+    wait["operation"], wait["address"], wait["value"] = f.wait_op, mem.ptr + 8 * word, f.value(3, 7)
+    cu.issue_memops(a.handle, wait, "test wait")
+    ev = cu.CudaEvent().record(a.handle)
+    time.sleep(0.05)
+    assert not ev.is_done, "the wait-value did not hold the stream"
+    f._write_local([word], f.value(3, 7), b)
+    b.synchronize()
+    ev.synchronize()
+    assert int(f._read_local(word, 1, b)[0]) == f.value(3, 7)
+    a.close()
+    b.close()
+    mem.free()
+    print(f"stream memory operations: {bits}-bit")
 
 
 def test_vmm_composite_maps_pages_at_offsets(cu):
