@@ -17,11 +17,17 @@ export DWDP_DEVICE_KIND="${DWDP_DEVICE_KIND:-nvidia-h200-x$(nvidia-smi -L 2>/dev
 export DWDP_GIT_COMMIT="${DWDP_GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 G=$(nvidia-smi -L 2>/dev/null | wc -l)
 START=$(date +%s)
+DEADLINE=$(( START + ${BUDGET:-570} ))  # the device call's limit is 600 s: keep time to pack the logs
 SUMMARY=()
 
 step() {  # step NAME SECONDS CMD...: run with a time box, log, record exit code and duration
     local name="$1" secs="$2"; shift 2
     local t0=$(date +%s)
+    local left=$(( DEADLINE - t0 - 15 ))
+    if [ "$left" -lt 20 ]; then
+        SUMMARY+=("$(printf '%-14s SKIPPED (no time left)' "$name")"); return
+    fi
+    [ "$secs" -gt "$left" ] && secs=$left
     echo "=== [$name] (${secs}s box): $*"
     timeout --kill-after=10 "$secs" "$@" > "$OUT/logs/$name.log" 2>&1
     local rc=$?

@@ -38,8 +38,9 @@ chunks (``1`` = a chunk of source 1; ``|`` marks separate copies where it matter
                  token passed from reader to reader), not for the whole group
 
 ``parallel`` and the chunk options combine: ``parallel`` with a chunk size reads every source in
-chunks on its own lane. Options ``graph`` and ``sync`` exist on the model backend; the GPU engines
-refuse options they do not implement (the benchmark then reports the row as skipped).
+chunks on its own lane. The GPU copy engines implement every option (``graph`` and ``sync`` since
+041457e; a ``sync`` engine is created collectively); an engine that refuses an option (the sim
+engine takes none) makes the benchmark report the row as skipped.
 """
 
 from __future__ import annotations
