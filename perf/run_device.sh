@@ -76,12 +76,17 @@ if [ "$PART" = copy ]; then
             tests/gpu/test_gpu_backends.py -k "test_pipeline_every_byte and cuda_ipc and round_robin"
     fi
 elif [ "$PART" = compute ]; then
-    TAILN=30 CUDA_VISIBLE_DEVICES=0 step grouped_gemm "${T_GEMM:-200}" python3 perf/bench_grouped_gemm.py \
+    export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+    sweep() {  # sweep NAME SECONDS WEIGHTS
+        TAILN=40 step "$1" "$2" python3 perf/sweep_deepseek.py --means "${MEANS:-4096,8192,16384,32768}" \
+            --cvs "${CVS:-0,0.2,0.4}" --weights "$3" --layers 4 --iters "${ITERS:-3}" \
+            --prefetch-gbps "${PREFETCH_GBPS:-390}" --timeout "$(( $2 / 2 - 10 ))" \
+            --json "$OUT/deepseek_sweep_$3.json" --plot "$OUT/deepseek_sweep_$3.png"
+    }
+    sweep sweep_bf16 "${T_SWEEP:-260}" bf16
+    TAILN=30 CUDA_VISIBLE_DEVICES=0 step grouped_gemm "${T_GEMM:-150}" python3 perf/bench_grouped_gemm.py \
         --json "$OUT/grouped_gemm.json" ${GEMM_ARGS:-}
-    TAILN=40 step sweep "${T_SWEEP:-330}" python3 perf/sweep_deepseek.py --means "${MEANS:-4096,8192,16384,32768}" \
-        --cvs "${CVS:-0,0.2,0.4}" --weights "${WEIGHTS:-bf16,fp8}" --layers 4 --iters 3 \
-        --prefetch-gbps "${PREFETCH_GBPS:-390}" --timeout "$(( ${T_SWEEP:-330} - 20 ))" \
-        --json "$OUT/deepseek_sweep.json" --plot "$OUT/deepseek_sweep.png"
+    sweep sweep_fp8 "${T_SWEEP8:-260}" fp8
 else
     echo "usage: bash perf/run_device.sh copy|compute"; exit 2
 fi

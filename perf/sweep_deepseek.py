@@ -26,8 +26,10 @@ import importlib.util
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 
@@ -96,23 +98,58 @@ def _rates(device) -> dict:
     return {"bf16_TFLOPs": 10 * 2 * n ** 3 / (e0.elapsed_time(e1) / 1e3) / 1e12}
 
 
-def _rank(args_dict: dict, mode: str, fmt: str, points: list) -> dict:
-    """One rank of one (mode, weights) launch: build once, run every point, check the first."""
+def _rank(args_dict: dict, mode: str, fmt: str, points: list, partial_dir: str) -> dict:
+    """One rank of one (mode, weights) launch: build once, run every point, check the first.
+
+    Each finished point is also appended to ``partial_dir/rank<r>.jsonl`` so that a launch cut
+    short (time-out, out of memory at a large point) still reports the points it finished.
+    """
     ex = _example()
     a = argparse.Namespace(**args_dict)
     a.mode, a.weights = mode, fmt
+    t0 = time.perf_counter()
     runner = ex.Runner(a)
-    out = {"points": [], "check": None, "rates": _rates(runner.device)}
+    rank = runner.rank
+    out = {"points": [], "check": None, "rates": _rates(runner.device), "build_s": time.perf_counter() - t0}
+    if runner.on_gpu:
+        out["memory_after_build"] = {"torch_allocated": torch.cuda.memory_allocated(),
+                                     "torch_reserved": torch.cuda.memory_reserved(),
+                                     "device_used": ex.device_used_bytes(runner.device) - runner.mem0}
+    if rank == 0:
+        print(f"#   [{fmt} {mode}] built in {out['build_s']:.0f} s; {out.get('memory_after_build')}", flush=True)
+    path = os.path.join(partial_dir, f"rank{rank}.jsonl")
     try:
         for i, (mean, cv) in enumerate(points):
-            t0 = time.perf_counter()
+            t1 = time.perf_counter()
             r = runner.run(mean, cv, 2 * mean, a.iters, a.warmup, record=i == 0)
-            r["wall_s"] = time.perf_counter() - t0
+            r["wall_s"] = time.perf_counter() - t1
             out["points"].append(r)
+            with open(path, "a") as fh:
+                fh.write(json.dumps(r) + "\n")
+            if rank == 0:
+                print(f"#   [{fmt} {mode}] mean {mean} cv {cv}: {r['wall_s']:.1f} s, rank 0 {r['tokens_per_s']:.0f} tok/s, "
+                      f"exposed {100 * r['exposed_fraction']:.1f} %", flush=True)
         out["check"] = runner.check()
     finally:
         runner.close()
     return out
+
+
+def _partial(partial_dir: str, world: int) -> list | None:
+    """The points every rank finished before a launch failed (same shape as a launch's result)."""
+    ranks = []
+    for r in range(world):
+        try:
+            with open(os.path.join(partial_dir, f"rank{r}.jsonl")) as fh:
+                ranks.append({"points": [json.loads(line) for line in fh if line.strip()], "check": None})
+        except OSError:
+            return None
+    n = min(len(r["points"]) for r in ranks)
+    if n == 0:
+        return None
+    for r in ranks:
+        r["points"] = r["points"][:n]
+    return ranks
 
 
 def _per_gpu(mode: str, ranks: list[dict]) -> float:
@@ -155,7 +192,7 @@ def _rows(args, runs: dict, points: list, cfg) -> tuple[list, dict]:
         for j, (mean, cv) in enumerate(points):
             row = {"weights": fmt, "prompt_mean": mean, "cv": cv}
             for mode, run in (("dwdp", dw), ("dep", dp)):
-                if "ranks" in run:
+                if "ranks" in run and j < len(run["ranks"][0]["points"]):
                     pr = [r["points"][j] for r in run["ranks"]]
                     row[f"{mode}_tok_s_gpu"] = _per_gpu(mode, pr)
                     row[f"{mode}_iter_ms_max"] = max(max(r["iter_latency_ms"]) for r in pr)
@@ -170,7 +207,7 @@ def _rows(args, runs: dict, points: list, cfg) -> tuple[list, dict]:
             if "dwdp_tok_s_gpu" in row and "dep_tok_s_gpu" in row:
                 row["speedup"] = row["dwdp_tok_s_gpu"] / row["dep_tok_s_gpu"]
             rows.append(row)
-    rates = next((r["ranks"][0]["rates"] for r in runs.values() if "ranks" in r), {})
+    rates = next((r["ranks"][0]["rates"] for r in runs.values() if "ranks" in r and "rates" in r["ranks"][0]), {})
     for r in rows:
         if "remote_nbytes_per_layer" in r and args.prefetch_gbps:
             r["break_even_tokens_per_rank"] = _break_even(cfg, r["remote_nbytes_per_layer"], args.prefetch_gbps * 1e9,
@@ -206,14 +243,24 @@ def main(argv=None) -> int:
     for fmt in args.weights:
         for mode in args.modes:
             t0 = time.perf_counter()
+            partial_dir = tempfile.mkdtemp(prefix="dwdp-sweep-")
             try:
-                res = dc.testing.launch(_rank, args.world_size, base, mode, fmt, points, backend=None,
+                res = dc.testing.launch(_rank, args.world_size, base, mode, fmt, points, partial_dir, backend=None,
                                         timeout=args.timeout)
             except Exception as exc:  # one failed launch (e.g. fp8 unsupported) must not lose the others
                 print(f"# {fmt} {mode}: FAILED: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
-                runs[(fmt, mode)] = {"error": f"{type(exc).__name__}: {exc}"}
+                part = _partial(partial_dir, args.world_size)
+                runs[(fmt, mode)] = {"error": f"{type(exc).__name__}: {exc}", "partial": part is not None}
+                if part:
+                    runs[(fmt, mode)]["ranks"] = part
+                    print(f"# {fmt} {mode}: {len(part[0]['points'])} of {len(points)} points finished before that",
+                          flush=True)
                 ok = False
+                if args.json:
+                    _dump(args, gpus, runs, points, cfg)
                 continue
+            finally:
+                shutil.rmtree(partial_dir, ignore_errors=True)
             err = max(r["check"]["rel_error"] for r in res)
             ok &= err <= args.tolerance
             runs[(fmt, mode)] = {"ranks": res, "rel_error": err, "wall_s": time.perf_counter() - t0}

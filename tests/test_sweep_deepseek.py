@@ -25,3 +25,16 @@ def test_sweep_runs_both_modes_and_writes_rows(tmp_path):
         for rank in run["ranks"]:
             assert len(rank["points"]) == 2 and rank["check"]["rel_error_per_layer"]
     assert "speedup" in p.stdout
+
+
+def test_partial_points_of_a_failed_launch(tmp_path):
+    """A launch cut short still reports the points every rank finished (and only those)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sweep", SWEEP)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    (tmp_path / "rank0.jsonl").write_text(json.dumps({"p": 0}) + "\n" + json.dumps({"p": 1}) + "\n")
+    (tmp_path / "rank1.jsonl").write_text(json.dumps({"p": 0}) + "\n")
+    got = mod._partial(str(tmp_path), 2)
+    assert [r["points"] for r in got] == [[{"p": 0}], [{"p": 0}]]
+    assert mod._partial(str(tmp_path), 3) is None  # rank 2 wrote nothing

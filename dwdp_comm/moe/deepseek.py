@@ -125,12 +125,18 @@ class MLAttention:
         k_pe = _rope(k_pe.unsqueeze(1), positions, cfg.rope_theta).expand(t, nh, cfg.qk_rope_dim)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe], dim=-1)
+        # Flash attention needs one head dim for q, k and v: pad v (128) to the q/k dim (192) with
+        # zeros and drop the padding from the output. Without it SDPA takes the math path, which
+        # materialises [heads, n, n] scores (8 GiB at n = 5.8K) and runs out of memory at real lengths.
+        pad = cfg.qk_head_dim - cfg.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         out = torch.empty(t, nh, cfg.v_head_dim, device=x.device, dtype=x.dtype)
         start = 0
         for n in seq_lens:  # requests are independent: causal attention inside each
             sl = slice(start, start + n)
             o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
                                                is_causal=True, scale=1.0 / math.sqrt(cfg.qk_head_dim))
-            out[sl] = o.transpose(0, 1)
+            out[sl] = o.transpose(0, 1)[..., :cfg.v_head_dim]
             start += n
         return F.linear(out.reshape(t, nh * cfg.v_head_dim), w["o"])
