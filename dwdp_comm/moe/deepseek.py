@@ -125,9 +125,9 @@ class MLAttention:
         k_pe = _rope(k_pe.unsqueeze(1), positions, cfg.rope_theta).expand(t, nh, cfg.qk_rope_dim)
         q = torch.cat([q_nope, q_pe], dim=-1)
         k = torch.cat([k_nope, k_pe], dim=-1)
-        # Flash attention needs one head dim for q, k and v: pad v (128) to the q/k dim (192) with
-        # zeros and drop the padding from the output. Without it SDPA takes the math path, which
-        # materialises [heads, n, n] scores (8 GiB at n = 5.8K) and runs out of memory at real lengths.
+        # Pad v (128) to the q/k head dim (192) with zeros, dropped from the output: flash attention
+        # takes one head dim for q, k and v. SDPA's math path materialises [heads, n, n] scores (8 GiB
+        # at n = 5.8K) and ran out of memory at real lengths (H200 sweep of f5666dd).
         pad = cfg.qk_head_dim - cfg.v_head_dim
         if pad > 0:
             v = F.pad(v, (0, pad))
@@ -135,8 +135,10 @@ class MLAttention:
         start = 0
         for n in seq_lens:  # requests are independent: causal attention inside each
             sl = slice(start, start + n)
-            o = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
-                                               is_causal=True, scale=1.0 / math.sqrt(cfg.qk_head_dim))
-            out[sl] = o.transpose(0, 1)[..., :cfg.v_head_dim]
+            # [1, heads, n, dim]: torch's fused kernels (flash, memory-efficient, cuDNN) take 4-d inputs
+            # only; 3-d inputs fall back to the math path (seen on H200, torch 2.11: perf/probe_sdpa.py).
+            q4, k4, v4 = (a[sl].transpose(0, 1).unsqueeze(0) for a in (q, k, v))
+            o = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, scale=1.0 / math.sqrt(cfg.qk_head_dim))
+            out[sl] = o[0].transpose(0, 1)[..., :cfg.v_head_dim]
             start += n
         return F.linear(out.reshape(t, nh * cfg.v_head_dim), w["o"])
