@@ -29,6 +29,8 @@ def check_schema(doc: dict, *, measured: bool) -> None:
                      "group_size": int, "config": dict, "pair_reference_GBps": dict, "rows": list,
                      "wrong_total": int, "skipped": int}.items():
         assert isinstance(doc[key], typ), key
+    assert isinstance(doc["date"], str) and doc["date"].startswith("20")
+    assert doc["commit"] is None or isinstance(doc["commit"], str)
     assert (doc["model"] is None) == measured
     for k in ("sizes", "chunks", "schedules", "patterns", "skew", "iters", "warmup", "engine_options", "seed"):
         assert k in doc["config"], k

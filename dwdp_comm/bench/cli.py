@@ -316,11 +316,31 @@ def _torchrun(cfg: BenchConfig):
     return res, launcher, rank
 
 
+def _now() -> str:
+    import datetime
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def _commit() -> str | None:
+    """The dwdp_comm commit measured: ``DWDP_GIT_COMMIT`` (set it where the tree has no .git), else git's."""
+    import os
+    import subprocess
+    if os.environ.get("DWDP_GIT_COMMIT"):
+        return os.environ["DWDP_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=os.path.dirname(os.path.abspath(__file__)))
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def _finish(args, cfg: BenchConfig, res: dict, launcher: str, argv) -> int:
     rows = res["rows"]
     wrong = sum(r["wrong"] or 0 for r in rows)
     skipped = sum(r["status"] != "ok" for r in rows)
-    doc = {"schema": R.SCHEMA, "command": ["dwdp-bench", *argv], "machine": R.machine_lines(),
+    doc = {"schema": R.SCHEMA, "command": ["dwdp-bench", *argv], "date": _now(), "commit": _commit(),
+           "machine": R.machine_lines(),
            "launcher": launcher, "backend": res["backend"], "backend_reason": res["backend_reason"],
            "group_size": res["group_size"], "config": cfg.as_dict(),
            "pair_reference_GBps": res["pair_reference"], "rows": rows, "wrong_total": wrong,
