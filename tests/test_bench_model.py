@@ -233,3 +233,16 @@ def test_bad_arguments_name_themselves():
     with pytest.raises(InvalidArgumentError, match="^egress_Bps"):
         f.with_(egress_Bps=0)
     assert math.isclose(M.pair_rate(f, GiB), GiB / (f.copy_overhead_s + GiB / f.pair_Bps))
+
+
+def test_model_options_follow_the_gpu_rule():
+    """One validation rule: the model differs from the GPU engines only in its default api."""
+    from dwdp_comm.engine_options import parse_engine_options
+    from dwdp_comm.bench.model import parse_options
+    for opts in ({}, {"streams": 3}, {"api": "batch", "distribute": "slot"}, {"graph": True}, {"sync": "slot"}):
+        gpu, model = parse_engine_options(opts, "gpu"), parse_options(opts)
+        assert {**gpu, "api": None} == {**model, "api": None}
+        assert model["api"] == opts.get("api", "memcpy")
+    for bad in ({"graph": True, "sync": "slot"}, {"graph": True, "api": "batch"}, {"streamz": 1}):
+        with pytest.raises(InvalidArgumentError):
+            parse_options(bad)

@@ -61,7 +61,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from ..errors import bad_arg, bad_type
+from ..engine_options import parse_engine_options
+from ..errors import bad_arg
 from ..planner import CopyPlan
 
 __all__ = ["Fabric", "h200", "nvl72", "EXECUTORS", "ARBITRATIONS", "parse_options", "simulate",
@@ -69,8 +70,6 @@ __all__ = ["Fabric", "h200", "nvl72", "EXECUTORS", "ARBITRATIONS", "parse_option
 
 EXECUTORS = ("per_stream", "issue_fifo")
 ARBITRATIONS = ("fair", "fifo")
-SYNCS = ("none", "slot", "source")
-_OPTION_NAMES = ("streams", "api", "distribute", "overlap_hint", "graph", "sync")
 
 
 @dataclass(frozen=True)
@@ -182,38 +181,11 @@ def nvl72(group_size: int = 72) -> Fabric:
 def parse_options(options: Mapping[str, Any] | None) -> dict:
     """Validate engine options for the model; return them with defaults filled in.
 
-    The names follow the GPU executor (``streams``, ``api``, ``distribute``, ``overlap_hint``) plus
-    the ones the model knows before the GPU engines do (``graph``, ``sync``). Unknown names raise
-    ``InvalidArgumentError`` naming them.
+    The GPU executor's rule (:func:`dwdp_comm.engine_options.parse_engine_options`), except that
+    ``api`` defaults to ``"memcpy"`` (single copies, as the calibration table was measured).
+    Unknown names raise ``InvalidArgumentError`` naming them.
     """
-    options = dict(options or {})
-    unknown = sorted(set(options) - set(_OPTION_NAMES))
-    if unknown:
-        raise bad_arg("copy engine options", unknown, f"a subset of {list(_OPTION_NAMES)} on the model backend")
-    streams = options.get("streams", 1)
-    if isinstance(streams, bool) or not isinstance(streams, (int, np.integer)):
-        raise bad_type("streams", streams, "an int")
-    if streams < 1:
-        raise bad_arg("streams", streams, "an int >= 1")
-    api = options.get("api", "memcpy")
-    if api not in ("memcpy", "batch"):
-        raise bad_arg("api", api, "'memcpy' or 'batch'")
-    distribute = options.get("distribute", "source")
-    if distribute not in ("source", "slot"):
-        raise bad_arg("distribute", distribute, "'source' or 'slot'")
-    graph = options.get("graph", False)
-    if not isinstance(graph, bool):
-        raise bad_type("graph", graph, "a bool")
-    if graph and api == "batch":
-        raise bad_arg("graph", graph, "False with api='batch'", "a graph captures single copies")
-    sync = options.get("sync", "none")
-    if sync not in SYNCS:
-        raise bad_arg("sync", sync, f"one of {list(SYNCS)}")
-    overlap_hint = options.get("overlap_hint", False)
-    if not isinstance(overlap_hint, bool):
-        raise bad_type("overlap_hint", overlap_hint, "a bool")
-    return {"streams": int(streams), "api": api, "distribute": distribute, "graph": graph, "sync": sync,
-            "overlap_hint": overlap_hint}
+    return parse_engine_options(options, "model", default_api="memcpy")
 
 
 # ---- max-min fair rates ---------------------------------------------------------------------------
