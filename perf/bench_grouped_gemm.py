@@ -31,13 +31,12 @@ float32 (TF32 off: torch._grouped_mm where it takes float32, and per-expert torc
 Correctness: every variant against the float64 reference at the first token count and against the
 raw baseline's output at every token count; a wrong result makes the exit status non-zero.
 
-Timing method: rounds; in each round every variant is called twice, untimed then timed (so each
-timed call follows a call of itself: clocks under the power cap depend on the previous kernel), in
-an order rotated by one place per round (no variant always first or last). Each call: the L2 is flushed (a zero_ of twice
-its size), a sleep kernel keeps the GPU busy while the host enqueues, then CUDA events bracket the
-call alone. One sync per round. Ratio = t_raw / t_variant computed within each round (clock and
-power drift cancel), then the median over rounds (p10-p90 given); ratio >= 1 means as fast as raw.
-Times are medians over rounds.
+Timing method: sustained blocks. Each variant runs a block of back-to-back calls lasting about
+--block-ms (no sync, sleep or L2 flush inside: the GPU stays at its power-capped steady state, as in
+inference); a round runs one block of every variant, in an order rotated by one place per round,
+after untimed warm-up rounds. CUDA events bracket each block; time per call = block / calls.
+Ratio = t_raw / t_variant computed within each round (clock drift cancels), then the median over
+rounds (p10-p90 given); ratio >= 1 means as fast as raw. Times are medians over rounds.
 
 Usage:
   CUDA_VISIBLE_DEVICES=0 python3 perf/bench_grouped_gemm.py --json FILE   # full run, ~2 min on an H200
@@ -60,7 +59,6 @@ import traceback
 from datetime import datetime, timezone
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big, varying outputs
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -212,55 +210,71 @@ def route(num_tokens: int, num_experts: int, top_k: int, seed: int, device) -> t
 
 # ---- timing --------------------------------------------------------------------------------------
 class Timer:
-    """Interleaved rounds of single calls, timed with CUDA events (wall clock on CPU)."""
+    """Sustained blocks of back-to-back calls, interleaved by variant, timed with CUDA events.
 
-    def __init__(self, device: torch.device, sleep_cycles: int, flush: bool = True):
+    Why blocks: an H200 running bf16 GEMMs sits at its power cap, and its SM clock moves with the
+    power controller over milliseconds. Single calls of a few ms timed one by one (with sleeps
+    and L2 flushes between them, the previous method) saw identical calls differ by 5-10 %.
+    Here every variant runs ``n`` calls back to back (``n`` chosen so a block lasts about
+    ``block_ms``) with no sync, sleep or flush in between: the GPU stays busy and at its steady
+    state, as in inference, and a block averages over the controller's swings. Blocks of all
+    variants alternate within a round (order rotated each round); the ratio to the baseline is
+    taken within each round, so slow drift cancels. Weights of several GB dwarf the 50 MB L2, so
+    back-to-back calls get no cache advantage. On CPU: wall clock per block.
+    """
+
+    def __init__(self, device: torch.device, block_ms: float = 100.0, warmup_ms: float = 600.0):
         self.cuda = device.type == "cuda"
-        self.sleep = sleep_cycles
-        self.flush_buf = None
-        if self.cuda and flush:
-            l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or (64 << 20)
-            self.flush_buf = torch.empty(2 * l2 // 4, dtype=torch.float32, device=device)
+        self.block_ms = block_ms
+        self.warmup_ms = warmup_ms
 
     def sync(self):
         if self.cuda:
             torch.cuda.synchronize()
 
-    def rounds(self, fns: dict, reps: int, warmup: int) -> dict[str, list[float]]:
-        """Milliseconds of every call: ``{variant: [round 0, round 1, ...]}``."""
-        names = list(fns)
-        for _ in range(warmup):
-            for k in names:
-                fns[k]()
+    def _once_ms(self, fn) -> float:
+        """One call's time (after one untimed call): sizes the blocks."""
+        fn()
         self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    def rounds(self, fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
+        """Milliseconds per call of every variant, one value per round: ``{variant: [...]}``.
+
+        ``reps`` rounds; in each, every variant runs one block. ``warmup`` untimed rounds first,
+        at least ``warmup_ms`` of GPU work in all (to reach the steady clock). Attribute
+        :attr:`calls` then holds the calls per block of each variant.
+        """
+        names = list(fns)
+        self.calls = {k: max(1, round(self.block_ms / max(self._once_ms(fns[k]), 1e-3))) for k in names}
+        per_round = sum(self.block_ms for _ in names)
+        warm_rounds = max(warmup, math.ceil(self.warmup_ms / per_round)) if self.cuda else warmup
         times = {k: [] for k in names}
-        for r in range(reps):
+        marks = []
+        for r in range(warm_rounds + reps):
             order = names[r % len(names):] + names[:r % len(names)]
-            if not self.cuda:
-                for k in order:
-                    t0 = time.perf_counter()
-                    fns[k]()
-                    times[k].append((time.perf_counter() - t0) * 1e3)
-                continue
-            marks = []
             for k in order:
-                # Untimed, the same call first: the GPU's clocks under its power cap depend on what ran
-                # just before (seen on H200: whichever variant followed the light fp8-with-quant call ran
-                # ~10 % faster than the same GEMM one place later), so every timed call follows itself.
-                del_out = fns[k]()
-                del del_out
-                if self.flush_buf is not None:
-                    self.flush_buf.zero_()  # evict the previous call's data from L2
-                torch.cuda._sleep(self.sleep)  # the GPU waits here while the host enqueues the call
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                out = fns[k]()
-                e1.record()
-                del out
-                marks.append((k, e0, e1))
-            torch.cuda.synchronize()
-            for k, e0, e1 in marks:
-                times[k].append(e0.elapsed_time(e1))
+                n, fn = self.calls[k], fns[k]
+                if self.cuda:
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    for _ in range(n):
+                        fn()
+                    e1.record()
+                    if r >= warm_rounds:
+                        marks.append((k, n, e0, e1))
+                else:
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    if r >= warm_rounds:
+                        times[k].append((time.perf_counter() - t0) * 1e3 / n)
+        self.sync()
+        for k, n, e0, e1 in marks:
+            times[k].append(e0.elapsed_time(e1) / n)
         return times
 
 
@@ -273,8 +287,10 @@ def pct(v: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (i - lo)
 
 
-def summarize_times(times: dict[str, list[float]], base: str, flops: float, common: dict, section: str) -> list[dict]:
+def summarize_times(times: dict[str, list[float]], base: str, flops: float, common: dict, section: str,
+                    calls: dict | None = None) -> list[dict]:
     """One row per variant: median ms, TFLOP/s, and the per-round ratio t_base / t_variant."""
+    calls = calls or {}
     rows = []
     for k, v in times.items():
         ratios = [b / t for b, t in zip(times[base], v) if t > 0]
@@ -282,7 +298,7 @@ def summarize_times(times: dict[str, list[float]], base: str, flops: float, comm
         rows.append(dict(section=section, **common, variant=k, ms=ms, ms_p10=pct(v, 0.1), ms_p90=pct(v, 0.9),
                          tflops=flops / ms / 1e9 if ms > 0 else math.nan, base=base,
                          ratio=statistics.median(ratios), ratio_p10=pct(ratios, 0.1), ratio_p90=pct(ratios, 0.9),
-                         rounds=len(v), ms_rounds=[round(t, 5) for t in v]))
+                         rounds=len(v), calls_per_block=calls.get(k), ms_rounds=[round(t, 5) for t in v]))
     return rows
 
 
@@ -466,7 +482,7 @@ def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts
     times = timer.rounds(variants, args.reps, args.warmup)
     flops = 2.0 * T * Kd * N
     common = dict(shape=name, K=Kd, N=N, experts=E, tokens=tokens, rows=T)
-    rows = summarize_times(times, "raw_grouped_mm", flops, common, "bf16")
+    rows = summarize_times(times, "raw_grouped_mm", flops, common, "bf16", timer.calls)
     for r in rows:
         r["vs_raw"] = r["ratio"]  # name kept from earlier result files
         if r["variant"] == "split":
@@ -600,7 +616,7 @@ def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
         med = {k: statistics.median(v) for k, v in times.items()}
         best_torch = max(("torch_fp32_per_expert", "torch_fp32_grouped_mm"), key=lambda k: 1 / med.get(k, math.inf))
         common = dict(shape=name, K=Kd, N=N, experts=E, tokens=tokens, rows=T)
-        for r in summarize_times(times, best_torch, flops, common, "numba_fp32"):
+        for r in summarize_times(times, best_torch, flops, common, "numba_fp32", timer.calls):
             r["vs_torch_fp32"] = r["ratio"]
             rows_out.append(r)
             log(f"    {r['variant']:>26}: {r['ms']:9.3f} ms  {r['tflops']:8.2f} TFLOP/s  x{r['ratio']:.3f} of {best_torch}")
@@ -615,7 +631,7 @@ def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
                            ok=bool(e < 1e-2)))
         log(f"    check numba_bf16_{best_cfg}: rel err vs torch bf16 {e:.2e}")
         times = timer.rounds(bfv, args.numba_reps, 1)
-        for r in summarize_times(times, "torch_bf16_grouped_mm", flops, common, "numba_bf16"):
+        for r in summarize_times(times, "torch_bf16_grouped_mm", flops, common, "numba_bf16", timer.calls):
             r["vs_torch_bf16"] = r["ratio"]
             rows_out.append(r)
             log(f"    {r['variant']:>26}: {r['ms']:9.3f} ms  {r['tflops']:8.2f} TFLOP/s")
@@ -702,10 +718,11 @@ def main(argv=None) -> int:
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--shapes", default="gate_up,down")
-    ap.add_argument("--reps", type=int, default=25, help="timed rounds (every variant once per round)")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--sleep-cycles", type=int, default=2_000_000, help="sleep kernel before each timed call")
-    ap.add_argument("--no-flush", action="store_true", help="do not flush L2 before each timed call")
+    ap.add_argument("--rounds", "--reps", dest="reps", type=int, default=7,
+                    help="timed rounds (one block of every variant per round)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed rounds (at least --warmup-ms of work)")
+    ap.add_argument("--block-ms", type=float, default=100.0, help="length of one block of back-to-back calls")
+    ap.add_argument("--warmup-ms", type=float, default=600.0, help="least GPU time of the untimed rounds")
     ap.add_argument("--numba-tokens", type=int, default=8192)
     ap.add_argument("--numba-configs", default="128x128x8,64x128x8,64x64x16")
     ap.add_argument("--numba-reps", type=int, default=3)
@@ -729,7 +746,7 @@ def main(argv=None) -> int:
         args.tokens = "32,64" if args.tokens == ap.get_default("tokens") else args.tokens
         args.reps = min(args.reps, 5)
         args.numba_tokens = min(args.numba_tokens, 24)
-        args.sleep_cycles = min(args.sleep_cycles, 100_000)
+        args.block_ms = min(args.block_ms, 2.0)
     args.tokens = [int(t) for t in str(args.tokens).split(",")]
     args.numba_configs = args.numba_configs.split(",")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
@@ -737,11 +754,11 @@ def main(argv=None) -> int:
     log(f"# bench_grouped_gemm  {info['date']}  host={info['host']}  gpu={info.get('gpu')}  torch={info['torch']}  "
         f"numba={info['numba']}  commit={info['git']['commit'][:12]}{'+dirty' if info['git']['dirty'] else ''}")
     log(f"# experts={args.experts} top_k={args.top_k} tokens={args.tokens} shapes={args.shapes} owners={OWNERS} "
-        f"reps={args.reps} warmup={args.warmup} flush_l2={not args.no_flush} seed={seed}"
+        f"rounds={args.reps} block={args.block_ms:g} ms warmup={args.warmup} rounds/{args.warmup_ms:g} ms seed={seed}"
         f"{'  SMOKE' if args.smoke else ''}")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 everywhere in this run
     torch.set_float32_matmul_precision("highest")
-    timer = Timer(device, sleep_cycles=args.sleep_cycles, flush=not args.no_flush)
+    timer = Timer(device, block_ms=args.block_ms, warmup_ms=args.warmup_ms)
     rows, checks, unavailable, host = [], [], {}, []
     t0 = time.perf_counter()
     if not args.no_host:
@@ -767,9 +784,10 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     log(f"# elapsed {elapsed:.1f} s")
     result = dict(env=info, args={k: v for k, v in vars(args).items()}, seed=seed,
-                  method=("interleaved rounds, order rotated per round, each timed call after an untimed call of itself, L2 flushed and a sleep kernel before each "
-                          "call, CUDA events around the call; ratio = t_raw / t_variant within a round, median "
-                          "over rounds; times are medians"),
+                  method=("sustained blocks of back-to-back calls (about block_ms each, no sync/sleep/flush inside), "
+                          "one block per variant per round, order rotated per round, untimed warm-up rounds "
+                          "first; CUDA events around each block, time per call = block / calls; ratio = "
+                          "t_raw / t_variant within a round, median over rounds; times are medians"),
                   results=rows, checks=checks, ratios=ratios, host=host, unavailable=unavailable,
                   elapsed_s=round(elapsed, 1))
     path = args.json or (os.path.join(os.environ["OUT"], "grouped_gemm.json") if os.environ.get("OUT") else None)
