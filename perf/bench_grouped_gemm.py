@@ -33,8 +33,9 @@ raw baseline's output at every token count; a wrong result makes the exit status
 
 Timing method: sustained blocks. Each variant runs a block of back-to-back calls lasting about
 --block-ms (no sync, sleep or L2 flush inside: the GPU stays at its power-capped steady state, as in
-inference); a round runs one block of every variant, in an order rotated by one place per round,
-after untimed warm-up rounds. CUDA events bracket each block; time per call = block / calls.
+inference), after --lead of that many untimed calls of itself (so the previous variant's power
+state does not carry over); a round runs one block of every variant, in an order rotated by one
+place per round, after untimed warm-up rounds. CUDA events bracket each block; time per call = block / calls.
 Ratio = t_raw / t_variant computed within each round (clock drift cancels), then the median over
 rounds (p10-p90 given); ratio >= 1 means as fast as raw. Times are medians over rounds.
 
@@ -212,21 +213,26 @@ def route(num_tokens: int, num_experts: int, top_k: int, seed: int, device) -> t
 class Timer:
     """Sustained blocks of back-to-back calls, interleaved by variant, timed with CUDA events.
 
-    Why blocks: an H200 running bf16 GEMMs sits at its power cap, and its SM clock moves with the
-    power controller over milliseconds. Single calls of a few ms timed one by one (with sleeps
-    and L2 flushes between them, the previous method) saw identical calls differ by 5-10 %.
-    Here every variant runs ``n`` calls back to back (``n`` chosen so a block lasts about
-    ``block_ms``) with no sync, sleep or flush in between: the GPU stays busy and at its steady
-    state, as in inference, and a block averages over the controller's swings. Blocks of all
-    variants alternate within a round (order rotated each round); the ratio to the baseline is
-    taken within each round, so slow drift cancels. Weights of several GB dwarf the 50 MB L2, so
-    back-to-back calls get no cache advantage. On CPU: wall clock per block.
+    Why blocks: an H200 running bf16 GEMMs sits at its power cap (~690 of 700 W, SM clock
+    1.3-1.6 GHz of 1.98, moving with the power controller). Single calls of a few ms timed one
+    by one (with sleeps and L2 flushes between them, the previous method) saw identical calls
+    differ by 5-10 %. Here every variant runs ``n`` calls back to back (``n`` chosen so a block
+    lasts about ``block_ms``) with no sync, sleep or flush in between: the GPU stays busy and at
+    its steady state, as in inference, and a block averages over the controller's swings. Each
+    timed block is preceded by ``lead`` x ``n`` untimed calls of the same variant: without them,
+    a block after a light one (fp8 with quantization, copies) started with power headroom and
+    ran ~3 % fast (seen as raw 3 % faster than the identical raw_again right after it). Blocks
+    of all variants alternate within a round (order rotated each round); the ratio to the
+    baseline is taken within each round, so slow drift cancels. Weights of several GB dwarf the
+    50 MB L2, so back-to-back calls get no cache advantage. On CPU: wall clock per block.
     """
 
-    def __init__(self, device: torch.device, block_ms: float = 100.0, warmup_ms: float = 600.0):
+    def __init__(self, device: torch.device, block_ms: float = 150.0, warmup_ms: float = 600.0,
+                 lead: float = 0.5):
         self.cuda = device.type == "cuda"
         self.block_ms = block_ms
         self.warmup_ms = warmup_ms
+        self.lead = lead
 
     def sync(self):
         if self.cuda:
@@ -250,7 +256,7 @@ class Timer:
         """
         names = list(fns)
         self.calls = {k: max(1, round(self.block_ms / max(self._once_ms(fns[k]), 1e-3))) for k in names}
-        per_round = sum(self.block_ms for _ in names)
+        per_round = len(names) * self.block_ms * (1 + self.lead)
         warm_rounds = max(warmup, math.ceil(self.warmup_ms / per_round)) if self.cuda else warmup
         times = {k: [] for k in names}
         marks = []
@@ -258,6 +264,8 @@ class Timer:
             order = names[r % len(names):] + names[:r % len(names)]
             for k in order:
                 n, fn = self.calls[k], fns[k]
+                for _ in range(math.ceil(self.lead * n) if self.cuda else 0):
+                    fn()
                 if self.cuda:
                     e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                     e0.record()
@@ -721,7 +729,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", "--reps", dest="reps", type=int, default=7,
                     help="timed rounds (one block of every variant per round)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds (at least --warmup-ms of work)")
-    ap.add_argument("--block-ms", type=float, default=100.0, help="length of one block of back-to-back calls")
+    ap.add_argument("--block-ms", type=float, default=150.0, help="length of one timed block of back-to-back calls")
+    ap.add_argument("--lead", type=float, default=0.5, help="untimed calls before each block, as a fraction of it")
     ap.add_argument("--warmup-ms", type=float, default=600.0, help="least GPU time of the untimed rounds")
     ap.add_argument("--numba-tokens", type=int, default=8192)
     ap.add_argument("--numba-configs", default="128x128x8,64x128x8,64x64x16")
@@ -758,7 +767,7 @@ def main(argv=None) -> int:
         f"{'  SMOKE' if args.smoke else ''}")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 everywhere in this run
     torch.set_float32_matmul_precision("highest")
-    timer = Timer(device, block_ms=args.block_ms, warmup_ms=args.warmup_ms)
+    timer = Timer(device, block_ms=args.block_ms, warmup_ms=args.warmup_ms, lead=args.lead)
     rows, checks, unavailable, host = [], [], {}, []
     t0 = time.perf_counter()
     if not args.no_host:
@@ -784,7 +793,8 @@ def main(argv=None) -> int:
     elapsed = time.perf_counter() - t0
     log(f"# elapsed {elapsed:.1f} s")
     result = dict(env=info, args={k: v for k, v in vars(args).items()}, seed=seed,
-                  method=("sustained blocks of back-to-back calls (about block_ms each, no sync/sleep/flush inside), "
+                  method=("sustained blocks of back-to-back calls (about block_ms each, no sync/sleep/flush inside, "
+                          "after lead x that many untimed calls of the same variant), "
                           "one block per variant per round, order rotated per round, untimed warm-up rounds "
                           "first; CUDA events around each block, time per call = block / calls; ratio = "
                           "t_raw / t_variant within a round, median over rounds; times are medians"),

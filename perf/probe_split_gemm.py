@@ -232,7 +232,7 @@ def main():
     ap.add_argument("--shapes", default="down,gate_up")
     ap.add_argument("--experts", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--block-ms", type=float, default=100.0)
+    ap.add_argument("--block-ms", type=float, default=150.0)
     ap.add_argument("--json", default=None)
     ap.add_argument("--cublas", action="store_true", help="also time cublasGemmGroupedBatchedEx (ctypes)")
     ap.add_argument("--variants", default="", help="comma-separated subset (raw is always kept)")

@@ -688,3 +688,17 @@ def test_works_without_numba_installed():
             "print('ok')")
     r = _run_py(code)
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr
+
+
+def test_split_runs_on_the_current_stream_off_cuda(seed):
+    """Worker streams are a CUDA matter: on CPU every piece runs in order, and info says so."""
+    x, sizes, w = make_case(seed, 9, 16, 24, 120, torch.float32)
+    info = {}
+    out = K.grouped_gemm(x, sizes, [w[:3], w[3:5], w[5:]], backend="torch:segments_async", info=info)
+    assert info["streams"] == 0 and info["method"] == "segments_async"
+    assert rel_err(out, ref64(x, sizes, w)) < TOL[torch.float32]
+    mi = {}
+    w13, w2 = torch.randn(9, 16, 8), torch.randn(9, 4, 16)
+    got = K.moe_mlp(x, sizes, [w13[:4], w13[4:]], [w2[:4], w2[4:]], info=mi)
+    assert mi["gate_up"]["streams"] == 0 and mi["down"]["streams"] == 0, mi
+    assert rel_err(got, K.moe_mlp(x, sizes, w13, w2, backend="reference")) < 1e-4

@@ -16,8 +16,14 @@ Methods (``info["method"]`` says which ran):
     (``3/4`` of the output bytes at group size 4). Single-expert pieces run as
     ``torch.mm(..., out=rows)``, in place. Weights are never merged.
 ``segments_async`` (the default for split weights on CUDA)
-    As ``segments``, but the copies run on a side stream (copy engine), overlapping the last
-    GEMM; the current stream waits for them before the call returns.
+    As ``segments``, but the pieces other than the first run on up to 4 worker streams, each
+    piece's GEMM followed by its copy (copy engine) on its worker, concurrently with the first
+    piece's GEMM on the current stream; the current stream waits for the workers before the call
+    returns. Measured on an H200 (``perf/probe_split_gemm.py``): the pieces' GEMMs alone lose
+    nothing against one contiguous call; issued in order with the copies behind the last GEMM
+    they lost 5-13 % (the copies, 2.5 ms for 3/4 of a 7.5 GB result, compete with that GEMM
+    for memory and power); on worker streams the tails overlap and the copies spread out: 0.99-1.07x
+    the contiguous call.
 ``per_expert``
     ``torch.mm(x_rows, w_e, out=out_rows)`` for every expert with tokens. Also the fallback for
     pieces whose strides or alignment ``torch._grouped_mm`` rejects (its operands need 16-byte
@@ -32,8 +38,8 @@ single expert stride; pieces in separate allocations have no such stride. A comp
 virtual range mapped onto the pieces' physical pages, CUDA VMM; :meth:`PrefetchHandle.weights`)
 gives them one, and then the single call above runs with no copy at all. Issuing the pieces back
 to back costs only the temporaries' copies (~``315 / K`` of the GEMM time per copied row on an
-H200: ~15% of those rows' time at K=2048, ~4% at K=7168), which ``segments_async`` hides behind
-the last GEMM.
+H200: ~15% of those rows' time at K=2048, ~4% at K=7168), which ``segments_async`` spreads over
+concurrent pieces on worker streams.
 
 What each call costs besides the GEMMs (see :class:`TokenGroups` for the token counts' forms):
 no host synchronisation, no dtype conversion, no contiguity copy. The result is the op's own
@@ -45,13 +51,14 @@ x is quantized per row, weights carry per-output-channel float32 scales and must
 store ``[E, N, K]`` and pass ``w.transpose(-1, -2)``). Where that op is missing (CPU builds, GPUs
 below sm90) :func:`fp8_unavailable_reason` says why.
 
-Streams: everything is enqueued on the current stream of ``x``'s device (plus the side stream of
-``segments_async``, joined before returning); the host never waits, except once per device and
+Streams: everything is enqueued on the current stream of ``x``'s device (plus the worker streams
+of ``segments_async``, forked from it and joined back before returning); the host never waits, except once per device and
 dtype for a tiny capability probe.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -170,7 +177,8 @@ def run(p: Problem, method: str = "auto", info: dict | None = None) -> torch.Ten
         ``segments_async`` on CUDA and ``segments`` elsewhere; ``per_expert`` where
         ``torch._grouped_mm`` cannot run.
     info : dict, optional
-        Receives ``method`` (what ran) and, where a fallback happened, ``fallback`` (why).
+        Receives ``method`` (what ran), for split weights ``streams`` (worker streams used, 0
+        when all ran on the current stream) and, where a fallback happened, ``fallback`` (why).
 
     Returns
     -------
@@ -229,12 +237,18 @@ def _overlap(method: str, device: torch.device) -> bool:
     return method == "segments_async" or (method == "auto" and device.type == "cuda")
 
 
-def run_rows(p: Problem, consume, info: dict | None = None) -> None:
+def run_rows(p: Problem, consume, info: dict | None = None, overlap: bool | None = None) -> None:
     """Compute ``p`` piece by piece and hand each piece's rows to ``consume`` (no assembly copy).
 
     ``consume(r0, r1, y)`` receives ``y`` = rows ``[r0, r1)`` of the result (``[r1 - r0, N]``,
-    x's dtype), in row order, on the current stream; pieces without tokens are skipped. Used by
+    x's dtype), in row order on the host; pieces without tokens are skipped. Used by
     :func:`dwdp_comm.kernels.moe_mlp` to apply SwiGLU straight from each piece's gate-up result.
+
+    Streams: with ``overlap`` (default: on CUDA) each piece's GEMM and ``consume`` are enqueued
+    on a worker stream (:class:`_Workers`: pieces run concurrently), forked from the current
+    stream before the first piece and joined back before returning; ``consume`` must enqueue its
+    work on the stream current when it is called and write only rows ``[r0, r1)`` of buffers
+    allocated before the call. Without it, everything runs on the current stream.
     """
     info = {} if info is None else info
     if p.is_fp8:
@@ -252,26 +266,41 @@ def run_rows(p: Problem, consume, info: dict | None = None) -> None:
     g = p.groups
     bounds = _bounds(p)
     offs = g.piece_offsets(p.device, bounds) if grouped else None
-    for pi, (first, w) in enumerate(p.pieces):
-        n = bounds[pi][1]
-        r0, r1 = g.rows(first, first + n)
-        if r1 == r0:
-            continue
-        if fp8:
-            if not _fp8_ok(w):
-                raise BackendUnavailableError("fp8 weights must be K-contiguous: store [E, N, K], pass "
-                                              "w.transpose(-1, -2)")
-            y = torch._scaled_grouped_mm(x[r0:r1], w, xs[r0:r1], p.scales[pi], offs=offs[pi],
-                                         out_dtype=torch.bfloat16)
-        elif grouped and operand_ok(w):
-            y = torch._grouped_mm(x[r0:r1], w, offs=offs[pi])
-        else:
-            y = torch.empty(r1 - r0, p.N, dtype=p.out_dtype, device=p.device)
-            for i in range(n):
-                a, b = int(g.starts[first + i]) - r0, int(g.ends[first + i]) - r0
-                if b > a:
-                    torch.mm(x[r0 + a:r0 + b], w[i], out=y[a:b])
-        consume(r0, r1, y)
+    if overlap is None:
+        overlap = p.device.type == "cuda"
+    workers = _Workers(p.device, len(p.pieces), overlap)
+    info["streams"] = len(workers.streams)
+    workers.fork()
+    try:
+        for pi, (first, w) in enumerate(p.pieces):
+            n = bounds[pi][1]
+            r0, r1 = g.rows(first, first + n)
+            if r1 == r0:
+                continue
+            with workers.on(pi):
+                _run_piece_rows(p, consume, pi, first, w, n, r0, r1, x, xs, fp8, grouped, offs)
+    finally:
+        workers.join()  # also after an error: nothing later on the current stream races the workers
+
+
+def _run_piece_rows(p, consume, pi, first, w, n, r0, r1, x, xs, fp8, grouped, offs) -> None:
+    """One piece of :func:`run_rows`: its GEMM on rows ``[r0, r1)``, then ``consume``."""
+    if fp8:
+        if not _fp8_ok(w):
+            raise BackendUnavailableError("fp8 weights must be K-contiguous: store [E, N, K], pass "
+                                          "w.transpose(-1, -2)")
+        y = torch._scaled_grouped_mm(x[r0:r1], w, xs[r0:r1], p.scales[pi], offs=offs[pi],
+                                     out_dtype=torch.bfloat16)
+    elif grouped and operand_ok(w):
+        y = torch._grouped_mm(x[r0:r1], w, offs=offs[pi])
+    else:
+        g = p.groups
+        y = torch.empty(r1 - r0, p.N, dtype=p.out_dtype, device=p.device)
+        for i in range(n):
+            a, b = int(g.starts[first + i]) - r0, int(g.ends[first + i]) - r0
+            if b > a:
+                torch.mm(x[r0 + a:r0 + b], w[i], out=y[a:b])
+    consume(r0, r1, y)
 
 
 def _probe_reason(p: Problem) -> str:
@@ -287,48 +316,47 @@ def _bounds(p: Problem) -> tuple:
     return tuple((first, int(w.shape[0])) for first, w in p.pieces)
 
 
-class _SideStream:
-    """Result copies on a side stream of the device (one per device, reused), or inline.
+class _Workers:
+    """Worker streams for the pieces of a split GEMM (a pool per device, reused), or none.
 
-    Ordering: :meth:`fork` makes the side stream wait for what the current stream has enqueued so
-    far; :meth:`copy` enqueues ``dst.copy_(src)`` there (a D2D ``cudaMemcpyAsync``: the copy
-    engine, no SMs); :meth:`join` makes the current stream wait for the copies, so the result is
-    ready on the current stream, as if everything had run there. Memory: ``src`` (a piece's
-    temporary result) and ``dst`` were allocated on the current stream; both are kept referenced
-    until :meth:`join`, so they return to the current stream's pool only after it waits for the
-    copies, and whatever reuses them later is ordered after the copies (no ``record_stream``).
+    Piece ``j`` runs on worker ``j mod n``: its grouped GEMM, then the copy of its result into the
+    output (a D2D ``cudaMemcpyAsync``: the copy engine). Pieces on different workers run at the
+    same time, so one kernel's tail fills with the next one's tiles, and each copy overlaps other
+    pieces' GEMMs instead of piling up behind the last one.
+
+    Ordering: :meth:`fork` makes every worker wait for what the current stream has enqueued so
+    far (x, offsets, the previous users of every block the call allocates); :meth:`join` makes the
+    current stream wait for every worker, so the result is ready on the current stream as if all
+    had run there. Memory: a piece's temporary is allocated on its worker stream and freed after
+    its copy was enqueued there, so its block is reused only after that copy (no
+    ``record_stream``). The output, allocated on the current stream after the fork, is written by
+    the workers on rows the current stream's GEMM does not touch; its block's earlier users were
+    enqueued before the fork.
     """
 
-    _streams: dict = {}
+    MAX = 4  # concurrent pieces: enough to fill the tails; more only adds streams
+    _pools: dict = {}
 
-    def __init__(self, device: torch.device, overlap: bool):
-        self.side = self.main = None
-        self.keep = []
-        if overlap and device.type == "cuda":
+    def __init__(self, device: torch.device, pieces: int, overlap: bool):
+        self.main, self.streams = None, []
+        if overlap and device.type == "cuda" and pieces > 0:
             self.main = torch.cuda.current_stream(device)
-            key = self.main.device_index
-            self.side = self._streams.get(key)
-            if self.side is None:
-                self.side = self._streams[key] = torch.cuda.Stream(device=key)
+            pool = self._pools.setdefault(self.main.device_index, [])
+            while len(pool) < min(pieces, self.MAX):
+                pool.append(torch.cuda.Stream(device=self.main.device_index))
+            self.streams = pool[:min(pieces, self.MAX)]
 
     def fork(self) -> None:
-        if self.side is not None:
-            self.side.wait_stream(self.main)
+        for st in self.streams:
+            st.wait_stream(self.main)
 
-    def copy(self, dst: torch.Tensor, src: torch.Tensor, fork: bool = True) -> None:
-        if self.side is None:
-            dst.copy_(src)
-            return
-        if fork:
-            self.fork()
-        with torch.cuda.stream(self.side):
-            dst.copy_(src)
-        self.keep.append(src)
+    def on(self, j: int):
+        """Context: work enqueued inside runs on piece ``j``'s worker (or the current stream)."""
+        return torch.cuda.stream(self.streams[j % len(self.streams)]) if self.streams else contextlib.nullcontext()
 
     def join(self) -> None:
-        if self.keep:
-            self.main.wait_stream(self.side)
-            self.keep = []
+        for st in self.streams:
+            self.main.wait_stream(st)
 
 
 def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -> torch.Tensor:
@@ -336,10 +364,11 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
 
     ``torch._grouped_mm`` has no ``out=``, so only one piece can be computed in place: the first
     one, run on the whole of ``x`` with only its own groups, makes the op allocate ``[T, N]`` and
-    fill rows ``[0, r1)``. It runs last: the other pieces' GEMMs run first into temporaries, and
-    their copies into the output (on the side stream with ``overlap``) run while that last GEMM
-    and the single-expert pieces (``torch.mm(..., out=rows)``, in place) run. With a caller's
-    ``out`` every grouped piece is copied, each copy overlapping the next piece's GEMM.
+    fill rows ``[0, r1)``. The other pieces' GEMMs write temporaries that are copied into their
+    rows. With ``overlap`` (CUDA), those pieces run on worker streams (:class:`_Workers`) while the
+    first one runs on the current stream; without it, everything runs in order on the current
+    stream. Single-expert pieces run as ``torch.mm(..., out=rows)``, in place. With a caller's
+    ``out`` every grouped piece is copied.
     """
     fp8 = xq is not None
     mm = mm or (lambda a, w, offs, pi, r0: torch._grouped_mm(a, w, offs=offs))
@@ -347,7 +376,6 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
     g = p.groups
     bounds = _bounds(p)
     offs = g.piece_offsets(p.device, bounds)
-    side = _SideStream(p.device, overlap)
     plan, fallbacks = [], []
     for pi, (first, w) in enumerate(p.pieces):
         n = bounds[pi][1]
@@ -366,26 +394,31 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
     first_in_place = out is None and plan[0][5] == "grouped" and plan[0][4] > 0
     if out is None and not first_in_place:
         out = torch.empty(p.num_tokens, p.N, dtype=p.out_dtype, device=p.device)
-    pending = []
-    for pi, first, w, r0, r1, kind in plan:
-        if kind != "grouped" or r1 == r0 or (pi == 0 and first_in_place):
-            continue
-        y = mm(x[r0:r1], w, offs[pi], pi, r0)
-        if out is not None:
-            side.copy(out[r0:r1], y)  # overlaps the next piece's GEMM
-        else:
-            pending.append((r0, r1, y))
-    if first_in_place:
-        if pending:
-            side.fork()  # before the output exists: the copies may overlap the GEMM that creates it
-        out = mm(x, plan[0][2], offs[0], 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
-        for r0, r1, y in pending:
-            side.copy(out[r0:r1], y, fork=False)  # rows disjoint from what the GEMM writes
-        pending = None
-    for pi, first, w, r0, r1, kind in plan:
-        if kind == "direct" and r1 > r0:
-            _per_expert_piece(p, out, first, w)
-    side.join()
+    work = [(pi, w, r0, r1) for pi, first, w, r0, r1, kind in plan
+            if kind == "grouped" and r1 > r0 and not (pi == 0 and first_in_place)]
+    workers = _Workers(p.device, len(work), overlap)
+    info["streams"] = len(workers.streams)
+    workers.fork()
+    try:
+        pending = []
+        for j, (pi, w, r0, r1) in enumerate(work):
+            with workers.on(j):
+                y = mm(x[r0:r1], w, offs[pi], pi, r0)
+                if out is not None:
+                    out[r0:r1].copy_(y)
+                else:
+                    pending.append((j, r0, r1, y))
+        if first_in_place:
+            out = mm(x, plan[0][2], offs[0], 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
+            for j, r0, r1, y in pending:
+                with workers.on(j):
+                    out[r0:r1].copy_(y)  # rows disjoint from what the GEMM writes
+            pending = None
+        for pi, first, w, r0, r1, kind in plan:
+            if kind == "direct" and r1 > r0:
+                _per_expert_piece(p, out, first, w)
+    finally:
+        workers.join()
     if fallbacks:
         info["fallback"] = "per-expert torch.mm for " + "; ".join(fallbacks)
     return out
