@@ -564,6 +564,72 @@ def bench_host(args, device, rows_out, unavailable) -> list[dict]:
     return rows
 
 
+# ---- the MoE MLP section -------------------------------------------------------------------------
+def bench_moe(args, device, timer, seed, rows_out, checks, unavailable):
+    """moe_mlp (gate-up, SwiGLU, down) on contiguous, composite and split weights of both shapes."""
+    shapes = SMOKE_SHAPES if args.smoke else SHAPES
+    H, N13 = shapes["gate_up"]
+    I2, H2 = shapes["down"]
+    if I2 * 2 != N13 or H2 != H:
+        raise ValueError(f"gate_up {shapes['gate_up']} and down {shapes['down']} do not make one MLP")
+    E = args.experts
+    log(f"\n# moe_mlp: E={E} H={H} I={I2} (w13 [E, H, 2I], w2 [E, I, H]); building weights ...")
+    g = torch.Generator(device=device).manual_seed(seed + 3)
+    w13 = torch.randn(E, H, N13, generator=g, device=device, dtype=torch.bfloat16).div_(math.sqrt(H))
+    w2 = torch.randn(E, I2, H, generator=g, device=device, dtype=torch.bfloat16).div_(math.sqrt(I2))
+    q = E // OWNERS
+    cuts = [i * q for i in range(OWNERS)] + [E] if E >= OWNERS else [0, E]
+    vms = []
+    try:
+        for w in (w13, w2):
+            vms.append(VmmSplit(w, cuts))
+        s13, s2 = vms[0].segments, vms[1].segments
+        c13, c2 = vms[0].composite, vms[1].composite
+    except VmmUnavailable as exc:
+        for vm in vms:
+            vm.close()
+        vms = []
+        unavailable.setdefault("composite", str(exc))
+        s13, s2, c13, c2 = plain_split(w13, cuts), plain_split(w2, cuts), None, None
+    try:
+        for tokens in args.moe_tokens:
+            sizes, stats = route(tokens, E, args.top_k, seed + 11 + tokens, device)
+            T = stats["rows"]
+            groups = K.TokenGroups(sizes)
+            x = torch.randn(T, H, generator=g, device=device, dtype=torch.bfloat16)
+            v = {"moe_contiguous": lambda: K.moe_mlp(x, groups, w13, w2),
+                 "moe_contiguous_again": lambda: K.moe_mlp(x, groups, w13, w2)}
+            if c13 is not None:
+                v["moe_composite"] = lambda: K.moe_mlp(x, groups, c13, c2)
+            v["moe_split"] = lambda: K.moe_mlp(x, groups, s13, s2)
+            v["moe_split_serial"] = lambda: K.moe_mlp(x, groups, s13, s2, backend="torch:segments")
+            base = v["moe_contiguous"]()
+            for k, fn in list(v.items())[1:]:
+                e = rel_err(fn(), base)
+                checks.append(dict(shape="moe", tokens=tokens, variant=k, rel_err=e, tol=1e-2, ok=bool(e < 1e-2)))
+                if not e < 1e-2:
+                    log(f"    {k}: WRONG rel err {e:.3g}")
+                    v.pop(k)
+            base = None
+            timer.sync()
+            times = timer.rounds(v, args.reps, args.warmup)
+            flops = 2.0 * T * H * N13 + 2.0 * T * I2 * H
+            common = dict(shape="moe", K=H, N=N13, experts=E, tokens=tokens, rows=T)
+            rows = summarize_times(times, "moe_contiguous", flops, common, "moe", timer.calls)
+            rows_out.extend(rows)
+            log(f"  tokens={tokens} rows={T}:")
+            for r in rows:
+                log(f"    {r['variant']:>22}: {r['ms']:9.3f} ms  {r['tflops']:7.1f} TFLOP/s  "
+                    f"x{r['ratio']:.3f} [{r['ratio_p10']:.3f}, {r['ratio_p90']:.3f}]")
+            x = None
+    finally:
+        s13 = s2 = c13 = c2 = None
+        for vm in vms:
+            vm.close()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 # ---- the Numba section ---------------------------------------------------------------------------
 def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
     why = K.available_backends(device, reasons=True)["numba"]
@@ -672,6 +738,10 @@ def summarize(rows) -> dict:
             p10={f"{s}@{t}": at[(s, t, v)]["ratio_p10"] for s, t in keys if (s, t, v) in at},
             p90={f"{s}@{t}": at[(s, t, v)]["ratio_p90"] for s, t in keys if (s, t, v) in at},
             noise_floor=noise, noise_band=noise_band)
+    moe = [r for r in rows if r["section"] == "moe" and r["variant"] != "moe_contiguous"]
+    for v in sorted({r["variant"] for r in moe}):
+        vals = {f"moe@{r['tokens']}": r["ratio"] for r in moe if r["variant"] == v}
+        ratios[f"{v} / moe_contiguous"] = dict(values=vals, min=min(vals.values()), target=None, meets=None)
     nb = [r for r in rows if r["section"] == "numba_fp32" and r["variant"].startswith("numba")]
     if nb:
         best = max(nb, key=lambda r: r["tflops"])
@@ -714,6 +784,10 @@ def print_table(rows, ratios, checks, unavailable, host):
                 if v["min"] >= v["target"] - (1 - nf) and nf < 1:
                     verdict += " (within noise)"
             log(f"{name:>22} {cells} {v['min']:>6.3f} {tgt:>6}  {verdict}")
+    for k, v in ratios.items():
+        if k.endswith("/ moe_contiguous"):
+            log(f"{k.split(' /')[0]:>22} " + " ".join(f"{s}: {r:.3f}" for s, r in v["values"].items())
+                + "  (vs moe_mlp on contiguous weights)")
     if "numba_fp32 / torch_fp32" in ratios:
         v = ratios["numba_fp32 / torch_fp32"]
         log(f"{'numba_fp32/torch_fp32':>22} best {v['max']:.3f} ({v['best']})  target >= {v['target']}: "
@@ -736,6 +810,8 @@ def main(argv=None) -> int:
     ap.add_argument("--numba-configs", default="128x128x8,64x128x8,64x64x16")
     ap.add_argument("--numba-reps", type=int, default=3)
     ap.add_argument("--no-numba", action="store_true")
+    ap.add_argument("--moe-tokens", default="8192,32768", help="tokens of the moe_mlp section")
+    ap.add_argument("--no-moe", action="store_true", help="skip the moe_mlp section")
     ap.add_argument("--no-fp8", action="store_true", help="skip the fp8 variants")
     ap.add_argument("--no-host", action="store_true", help="skip the host-overhead section")
     ap.add_argument("--per-expert", action="store_true", help="also time the per-expert torch.mm variant (slow)")
@@ -756,7 +832,10 @@ def main(argv=None) -> int:
         args.reps = min(args.reps, 5)
         args.numba_tokens = min(args.numba_tokens, 24)
         args.block_ms = min(args.block_ms, 2.0)
+    if args.smoke and args.moe_tokens == ap.get_default("moe_tokens"):
+        args.moe_tokens = "48"
     args.tokens = [int(t) for t in str(args.tokens).split(",")]
+    args.moe_tokens = [int(t) for t in str(args.moe_tokens).split(",")]
     args.numba_configs = args.numba_configs.split(",")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
     info = env_info(device)
@@ -780,6 +859,14 @@ def main(argv=None) -> int:
     for name in args.shapes.split(","):
         Kd, N = shapes[name]
         bench_shape(name, Kd, N, args, device, timer, seed, rows, checks, unavailable)
+    if not args.no_moe:
+        try:
+            bench_moe(args, device, timer, seed, rows, checks, unavailable)
+        except Exception as exc:
+            log(f"# moe section FAILED {type(exc).__name__}: {exc}")
+            traceback.print_exc()
+            checks.append(dict(shape="moe", tokens=0, variant="moe (section)", rel_err=math.inf, tol=0, ok=False,
+                               error=f"{type(exc).__name__}: {str(exc)[:300]}"))
     try:
         bench_numba(args, device, timer, seed, rows, checks, unavailable)
     except Exception as exc:

@@ -84,7 +84,7 @@ elif [ "$PART" = compute ]; then
             --json "$OUT/deepseek_sweep_$3.json" --plot "$OUT/deepseek_sweep_$3.png"
     }
     sweep sweep_bf16 "${T_SWEEP:-260}" bf16
-    TAILN=30 CUDA_VISIBLE_DEVICES=0 step grouped_gemm "${T_GEMM:-150}" python3 perf/bench_grouped_gemm.py \
+    TAILN=30 CUDA_VISIBLE_DEVICES=0 step grouped_gemm "${T_GEMM:-240}" python3 perf/bench_grouped_gemm.py \
         --json "$OUT/grouped_gemm.json" ${GEMM_ARGS:-}
     sweep sweep_fp8 "${T_SWEEP8:-260}" fp8
 else

@@ -365,6 +365,9 @@ def test_bench_smoke_runs_end_to_end(tmp_path):
     assert set(d["ratios"]["split / raw_grouped_mm"]["noise_floor"]) == set(d["ratios"]["split / raw_grouped_mm"]["values"])
     assert all(x["rounds"] == 3 and len(x["ms_rounds"]) == 3 for x in d["results"])
     assert d["host"] and all(h["host_us"] > 0 for h in d["host"])
+    assert {"moe_contiguous", "moe_split", "moe_split_serial"} <= {x["variant"] for x in d["results"]
+                                                                   if x["section"] == "moe"}
+    assert "moe_split / moe_contiguous" in d["ratios"]
     assert "# ratios vs raw_grouped_mm" in r.stdout and "target" in r.stdout
 
 

@@ -197,7 +197,9 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
     -----
     With split weights and the torch backend, SwiGLU is applied to each piece's gate-up rows as
     they come (:func:`dwdp_comm.kernels.torch_grouped.run_rows`), so the gate-up result is never
-    assembled. Streams: as :func:`grouped_gemm`.
+    assembled. Streams: as :func:`grouped_gemm` (on CUDA the pieces run on worker streams forked
+    from the current one and joined back; ``backend="torch:segments"`` keeps everything on the
+    current stream, in order).
     """
     groups = m_sizes_or_offsets if isinstance(m_sizes_or_offsets, TokenGroups) else \
         TokenGroups(m_sizes_or_offsets, offsets=offsets)
@@ -209,7 +211,8 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
         if p13.N % 2:
             raise bad_arg("w13", f"N = {p13.N}", "an even N = 2 * intermediate (gate, then up)")
         a = torch.empty(p13.num_tokens, p13.N // 2, dtype=x.dtype, device=x.device)
-        _torch.run_rows(p13, lambda r0, r1, y: swiglu(y, out=a[r0:r1]), info=i1)
+        _torch.run_rows(p13, lambda r0, r1, y: swiglu(y, out=a[r0:r1]), info=i1,
+                        overlap=None if backend != "torch:segments" else False)
         i1["backend"] = "torch"
     else:
         a = swiglu(_dispatch(p13, backend, i1))
