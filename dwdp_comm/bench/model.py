@@ -13,11 +13,14 @@ What is modelled
   share ports **max-min fairly** (progressive filling), recomputed at every event. A local copy
   (``s == d``) uses only ``local_Bps`` of its GPU.
 * **Copies.** A copy is a fixed overhead (no bytes move, the copy's stream is busy) followed by a
-  transfer of its bytes. ``api="memcpy"``: ``copy_overhead_s`` per copy (8.5 us fitted to the
-  1 / 16 / 256 copies rows). ``api="batch"``: ``batch_call_overhead_s`` per call plus
-  ``batch_copy_overhead_s`` per copy. ``graph=True``: ``copy_overhead_s`` per launch plus
-  ``graph_copy_overhead_s`` per copy. The batch and graph numbers are **assumptions** (nothing was
-  measured yet); the CLI measures them on a GPU (pair pattern, small chunks).
+  transfer of its bytes. ``api="memcpy"``: ``copy_overhead_s`` per copy. ``api="batch"``:
+  ``batch_call_overhead_s`` per call plus ``batch_copy_overhead_s`` per copy. ``graph=True``:
+  ``copy_overhead_s`` per launch plus ``graph_copy_overhead_s`` per copy. On H200 these are the
+  GPU-side costs measured on 2 x H200 with the host issuing ahead (``perf/gpu_copy_plane.py``,
+  2026-11-29): 3.9 us per ``cuMemcpyAsync`` and per graph node, nothing measurable per batched
+  copy (the per-call cost is assumed to be one launch, 3.9 us). The one-thread calibration
+  harness (``issue_fifo``) is bound by the host's issue cost instead: ``harness_copy_overhead_s``
+  (8.5 us, fitted to the 1 / 16 / 256 copies rows).
 * **Streams.** A plan runs on ``streams`` lanes per rank, split as the GPU executor splits it
   (``distribute="source"``: lane ``((src - rank - 1) mod G) mod streams``; ``"slot"``: lane
   ``slot mod streams``); a lane runs its copies in plan order. Lanes beyond ``max_streams``
@@ -41,7 +44,10 @@ What is modelled
       behaviour; ``issue_order="slot"`` predicts what re-ordering the host loop would do.
 * **Time division** (``sync``; ``per_stream`` only). ``"slot"``: a lane starts the copies of slot
   ``k`` once every rank finished every copy of slots ``< k`` (a copy-plane barrier per slot: flags
-  in symmetric memory, stream wait-value operations), plus ``flag_latency_s``. ``"source"``: a copy
+  in symmetric memory, stream wait-value operations), plus ``flag_latency_s`` (5 us on H200:
+  fitted to the measured pair, 8 MiB slots, 69.9 %; the measured two-GPU exchange loses more,
+  55.5 % against the model's 68 % at 8 MiB and 73.9 % against 90 % at 64 MiB: the barrier
+  couples the ranks in a way the model does not capture, so its ``tdm`` rows are optimistic). ``"source"``: a copy
   of slot ``k`` from source ``s`` waits only for the copies from ``s`` of earlier slots (a token
   handed from reader to reader of each source). Compute streams never wait in either.
 * **Skew.** Each rank's copies may not begin before its start time (``starts``).
@@ -86,13 +92,16 @@ class Fabric:
     local_Bps : float
         Device-local copy rate (copies with ``src == dst``).
     copy_overhead_s : float
-        Fixed cost of one ``cudaMemcpyAsync`` on a stream (no bytes move meanwhile).
+        Fixed cost of one ``cudaMemcpyAsync`` on a stream (no bytes move meanwhile), GPU side.
     batch_call_overhead_s, batch_copy_overhead_s : float
-        ``cudaMemcpyBatchAsync``: per call, and per copy inside a call (assumed).
+        ``cudaMemcpyBatchAsync``: per call, and per copy inside a call.
     graph_copy_overhead_s : float
-        Per memcpy node of a captured graph (assumed).
+        Per memcpy node of a captured graph.
     flag_latency_s : float
-        From the last copy of a slot to the release of a stream waiting on its flag (assumed).
+        From the last copy of a slot to the release of a stream waiting on its flag.
+    harness_copy_overhead_s : float or None
+        Per copy in the ``issue_fifo`` executor (one host thread issuing every copy: the host's
+        cost per call included). None: ``copy_overhead_s``.
     max_streams : int
         Hardware queues a GPU gives one process (``CUDA_DEVICE_MAX_CONNECTIONS``, default 8):
         lanes beyond it share a queue (lane ``l`` runs on queue ``l mod max_streams``, in plan order).
@@ -109,6 +118,7 @@ class Fabric:
     batch_copy_overhead_s: float
     graph_copy_overhead_s: float
     flag_latency_s: float
+    harness_copy_overhead_s: float | None = None
     max_streams: int = 8
     name: str = ""
     notes: str = ""
@@ -129,6 +139,8 @@ class Fabric:
                   "graph_copy_overhead_s", "flag_latency_s"):
             if not getattr(self, k) >= 0:
                 raise bad_arg(k, getattr(self, k), "a time in seconds >= 0")
+        if self.harness_copy_overhead_s is not None and not self.harness_copy_overhead_s >= 0:
+            raise bad_arg("harness_copy_overhead_s", self.harness_copy_overhead_s, "None or a time in seconds >= 0")
 
     def with_(self, **changes: Any) -> "Fabric":
         """A copy with some fields changed."""
@@ -143,12 +155,16 @@ class Fabric:
         return min(self.egress_Bps, self.ingress_Bps)
 
 
-# Fitted to DEVICE_NOTES.md (4 x H200, NVLink4 x 18 through NVSwitch, 2026-11-22): pair 394 GB/s;
-# ring 1545 = 4 x 386 GB/s gives the duplex cap 2 x 386; 1 GiB as 1 / 16 / 256 copies (393 / 371 /
-# 221 GB/s) gives ~8.5 us per copy. Local copy 2.06 TB/s.
+# Caps fitted to DEVICE_NOTES.md (4 x H200, NVLink4 x 18 through NVSwitch, 2026-11-22): pair 394
+# GB/s; ring 1545 = 4 x 386 GB/s gives the duplex cap 2 x 386; local copy 2.06 TB/s. That table's
+# 1 GiB as 1 / 16 / 256 copies (393 / 371 / 221 GB/s), issued by one host thread, gives ~8.5 us per
+# copy: the harness's cost. Per-copy costs on the GPU, measured on 2 x H200 (2026-11-29, host
+# issuing ahead): 3.9 us per cuMemcpyAsync and per graph node (8 MiB chunks: 84.5 % of one 1 GiB
+# copy), nothing measurable per batched copy; the batch call's own cost (one launch) is assumed;
+# flags 5 us (tdm, pair, 8 MiB slots: 69.9 %).
 _H200 = dict(egress_Bps=394e9, ingress_Bps=394e9, duplex_Bps=772e9, local_Bps=2.06e12,
-             copy_overhead_s=8.5e-6, batch_call_overhead_s=8.5e-6, batch_copy_overhead_s=1.0e-6,
-             graph_copy_overhead_s=2.0e-6, flag_latency_s=3.0e-6)
+             copy_overhead_s=3.9e-6, batch_call_overhead_s=3.9e-6, batch_copy_overhead_s=0.0,
+             graph_copy_overhead_s=3.9e-6, flag_latency_s=5.0e-6, harness_copy_overhead_s=8.5e-6)
 
 
 def h200(group_size: int = 4) -> Fabric:
@@ -158,7 +174,8 @@ def h200(group_size: int = 4) -> Fabric:
     18 links into the switches, and the switches are non blocking.
     """
     return Fabric(group_size=group_size, name=f"h200x{group_size}",
-                  notes="calibrated on 4 x H200 (DEVICE_NOTES.md); batch/graph/flag costs assumed", **_H200)
+                  notes="caps calibrated on 4 x H200 (DEVICE_NOTES.md); per-copy costs measured on 2 x H200",
+                  **_H200)
 
 
 def nvl72(group_size: int = 72) -> Fabric:
@@ -172,8 +189,7 @@ def nvl72(group_size: int = 72) -> Fabric:
     frac = 394.0 / 478.0
     e = 900e9 * frac
     return Fabric(group_size=group_size, egress_Bps=e, ingress_Bps=e, duplex_Bps=2 * e * 386.0 / 394.0,
-                  local_Bps=4.12e12, copy_overhead_s=8.5e-6, batch_call_overhead_s=8.5e-6,
-                  batch_copy_overhead_s=1.0e-6, graph_copy_overhead_s=2.0e-6, flag_latency_s=3.0e-6,
+                  local_Bps=4.12e12, **{k: v for k, v in _H200.items() if k.endswith("_s")},
                   name=f"nvl72x{group_size}",
                   notes="1.8 TB/s per GPU bidirectional nominal, H200 efficiency and overheads assumed")
 
@@ -658,7 +674,8 @@ class _IssueFifo(_Loop):
             i = q.popleft()
             self.busy[s] = i
             self.rec["t_issue"][i] = self.t
-            self.at(self.t + self.f.copy_overhead_s, ("data", i))
+            over = self.f.harness_copy_overhead_s
+            self.at(self.t + (self.f.copy_overhead_s if over is None else over), ("data", i))
 
     def on_timer(self, what) -> None:
         if what[0] == "data":
