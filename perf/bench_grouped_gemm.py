@@ -34,8 +34,8 @@ raw baseline's output at every token count; a wrong result makes the exit status
 Timing method: sustained blocks. Each variant runs a block of back-to-back calls lasting about
 --block-ms (no sync, sleep or L2 flush inside: the GPU stays at its power-capped steady state, as in
 inference), after --lead of that many untimed calls of itself (so the previous variant's power
-state does not carry over); a round runs one block of every variant, in an order rotated by one
-place per round, after untimed warm-up rounds. CUDA events bracket each block; time per call = block / calls.
+state does not carry over); a round runs one block of every variant, in a fresh random order each
+round (so no variant always follows the same neighbour), after untimed warm-up rounds. CUDA events bracket each block; time per call = block / calls.
 Ratio = t_raw / t_variant computed within each round (clock drift cancels), then the median over
 rounds (p10-p90 given); ratio >= 1 means as fast as raw. Times are medians over rounds.
 
@@ -52,6 +52,7 @@ import json
 import math
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
@@ -222,13 +223,16 @@ class Timer:
     timed block is preceded by ``lead`` x ``n`` untimed calls of the same variant: without them,
     a block after a light one (fp8 with quantization, copies) started with power headroom and
     ran ~3 % fast (seen as raw 3 % faster than the identical raw_again right after it). Blocks
-    of all variants alternate within a round (order rotated each round); the ratio to the
+    of all variants alternate within a round (a fresh random order each round); the ratio to the
     baseline is taken within each round, so slow drift cancels. Weights of several GB dwarf the
     50 MB L2, so back-to-back calls get no cache advantage. On CPU: wall clock per block.
     """
 
     def __init__(self, device: torch.device, block_ms: float = 150.0, warmup_ms: float = 600.0,
-                 lead: float = 0.5):
+                 lead: float = 0.5, order: str = "random", order_seed: int = 0):
+        if order not in ("random", "rotate"):
+            raise ValueError(f"order={order!r}: expected 'random' or 'rotate'")
+        self.order, self.order_seed = order, order_seed
         self.cuda = device.type == "cuda"
         self.block_ms = block_ms
         self.warmup_ms = warmup_ms
@@ -260,8 +264,13 @@ class Timer:
         warm_rounds = max(warmup, math.ceil(self.warmup_ms / per_round)) if self.cuda else warmup
         times = {k: [] for k in names}
         marks = []
+        rng = random.Random(self.order_seed)
         for r in range(warm_rounds + reps):
-            order = names[r % len(names):] + names[:r % len(names)]
+            # A new random order each round: the GPU's power state carries over from one block to
+            # the next, so each variant must follow different variants in different rounds (rotating
+            # one fixed order keeps every variant behind the same neighbour: a bias that never averages out).
+            order = rng.sample(names, len(names)) if self.order == "random" else \
+                names[r % len(names):] + names[:r % len(names)]
             for k in order:
                 n, fn = self.calls[k], fns[k]
                 for _ in range(math.ceil(self.lead * n) if self.cuda else 0):
@@ -805,6 +814,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=1, help="untimed rounds (at least --warmup-ms of work)")
     ap.add_argument("--block-ms", type=float, default=150.0, help="length of one timed block of back-to-back calls")
     ap.add_argument("--lead", type=float, default=0.5, help="untimed calls before each block, as a fraction of it")
+    ap.add_argument("--order", choices=("random", "rotate"), default="random",
+                    help="order of the variants' blocks in each round: a fresh random one, or one order rotated")
     ap.add_argument("--warmup-ms", type=float, default=600.0, help="least GPU time of the untimed rounds")
     ap.add_argument("--numba-tokens", type=int, default=8192)
     ap.add_argument("--numba-configs", default="128x128x8,64x128x8,64x64x16")
@@ -846,7 +857,8 @@ def main(argv=None) -> int:
         f"{'  SMOKE' if args.smoke else ''}")
     torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 everywhere in this run
     torch.set_float32_matmul_precision("highest")
-    timer = Timer(device, block_ms=args.block_ms, warmup_ms=args.warmup_ms, lead=args.lead)
+    timer = Timer(device, block_ms=args.block_ms, warmup_ms=args.warmup_ms, lead=args.lead, order=args.order,
+                  order_seed=seed)
     rows, checks, unavailable, host = [], [], {}, []
     t0 = time.perf_counter()
     if not args.no_host:
@@ -882,7 +894,7 @@ def main(argv=None) -> int:
     result = dict(env=info, args={k: v for k, v in vars(args).items()}, seed=seed,
                   method=("sustained blocks of back-to-back calls (about block_ms each, no sync/sleep/flush inside, "
                           "after lead x that many untimed calls of the same variant), "
-                          "one block per variant per round, order rotated per round, untimed warm-up rounds "
+                          "one block per variant per round, a fresh random order per round, untimed warm-up rounds "
                           "first; CUDA events around each block, time per call = block / calls; ratio = "
                           "t_raw / t_variant within a round, median over rounds; times are medians"),
                   results=rows, checks=checks, ratios=ratios, host=host, unavailable=unavailable,
