@@ -19,11 +19,11 @@ Methods (``info["method"]`` says which ran):
     As ``segments``, but the pieces other than the first run on up to 4 worker streams, each
     piece's GEMM followed by its copy (copy engine) on its worker, concurrently with the first
     piece's GEMM on the current stream; the current stream waits for the workers before the call
-    returns. Measured on an H200 (``perf/probe_split_gemm.py``): the pieces' GEMMs alone lose
-    nothing against one contiguous call; issued in order with the copies behind the last GEMM
-    they lost 5-13 % (the copies, 2.5 ms for 3/4 of a 7.5 GB result, compete with that GEMM
-    for memory and power); on worker streams the tails overlap and the copies spread out: 0.99-1.07x
-    the contiguous call.
+    returns. Measured on an H200 (``perf/bench_grouped_gemm.py``, DeepSeek-V3 shapes, 4 pieces,
+    ``docs/benchmarks.md``): the pieces' GEMMs alone lose nothing against one contiguous call;
+    the result copies (2.6 ms for 3/4 of a 7.5 GB down result) are what costs, under the power
+    cap. On worker streams: gate-up 1.00-1.01x the contiguous call, down 0.945-0.955x (in order:
+    0.975-1.005 and 0.945). A composite view avoids the copies: 1.00x.
 ``per_expert``
     ``torch.mm(x_rows, w_e, out=out_rows)`` for every expert with tokens. Also the fallback for
     pieces whose strides or alignment ``torch._grouped_mm`` rejects (its operands need 16-byte
@@ -37,8 +37,8 @@ Why split weights cannot be one call: ``torch._grouped_mm`` takes one ``[E, K, N
 single expert stride; pieces in separate allocations have no such stride. A composite view (one
 virtual range mapped onto the pieces' physical pages, CUDA VMM; :meth:`PrefetchHandle.weights`)
 gives them one, and then the single call above runs with no copy at all. Issuing the pieces back
-to back costs only the temporaries' copies (~``315 / K`` of the GEMM time per copied row on an
-H200: ~15% of those rows' time at K=2048, ~4% at K=7168), which ``segments_async`` spreads over
+to back costs only the temporaries' copies (at K=2048, N=7168 about 10 % of the GEMM time for
+3/4 of the rows; at K=7168 a few tenths of that), which ``segments_async`` spreads over
 concurrent pieces on worker streams.
 
 What each call costs besides the GEMMs (see :class:`TokenGroups` for the token counts' forms):
