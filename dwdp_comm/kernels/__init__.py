@@ -109,14 +109,19 @@ def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offs
 
     Notes
     -----
-    Streams: GPU work is enqueued on the current stream of x's device; the host does not wait,
-    except to copy device-resident token counts to the host (see ``m_sizes_or_offsets``).
+    Streams: GPU work is enqueued on the current stream of x's device; split weights on CUDA
+    also use up to 4 worker streams, forked from it and joined back before the call returns, so
+    the result is ready on the current stream. The host does not wait, except to copy
+    device-resident token counts to the host (see ``m_sizes_or_offsets``).
 
     Cost with the torch backend and valid inputs: one weight tensor (contiguous or composite
     view) runs exactly one ``torch._grouped_mm`` (once the groups' device offsets exist: one
     asynchronous 4-byte-per-expert upload per :class:`TokenGroups`); split weights run one per
     piece plus a device copy of every piece's rows but the first's (``torch._grouped_mm`` has no
-    ``out=``), overlapped with the last GEMM on CUDA (:mod:`dwdp_comm.kernels.torch_grouped`).
+    ``out=``), the pieces concurrent on worker streams on CUDA
+    (:mod:`dwdp_comm.kernels.torch_grouped`). Memory: those pieces' temporaries are allocated on
+    the worker streams, so the caching allocator keeps them cached there (reusable by later split
+    calls, not by other work on the current stream): up to ``(G - 1) / G`` of a result per device.
     """
     p = make_problem(x, m_sizes_or_offsets, weights, offsets=offsets, weight_scales=weight_scales,
                      x_scales=x_scales, out=out)

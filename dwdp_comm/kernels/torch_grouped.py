@@ -52,8 +52,8 @@ store ``[E, N, K]`` and pass ``w.transpose(-1, -2)``). Where that op is missing 
 below sm90) :func:`fp8_unavailable_reason` says why.
 
 Streams: everything is enqueued on the current stream of ``x``'s device (plus the worker streams
-of ``segments_async``, forked from it and joined back before returning); the host never waits, except once per device and
-dtype for a tiny capability probe.
+of ``segments_async`` and :func:`run_rows`, forked from it and joined back before returning); the
+host never waits, except once per device and dtype for a tiny capability probe.
 """
 
 from __future__ import annotations
@@ -248,7 +248,9 @@ def run_rows(p: Problem, consume, info: dict | None = None, overlap: bool | None
     on a worker stream (:class:`_Workers`: pieces run concurrently), forked from the current
     stream before the first piece and joined back before returning; ``consume`` must enqueue its
     work on the stream current when it is called and write only rows ``[r0, r1)`` of buffers
-    allocated before the call. Without it, everything runs on the current stream.
+    allocated before the call. ``y`` belongs to the worker stream's pool: use it
+    inside ``consume`` only (keep a copy, not ``y``, for later use on other streams). Without
+    ``overlap``, everything runs on the current stream.
     """
     info = {} if info is None else info
     if p.is_fp8:
@@ -320,18 +322,22 @@ class _Workers:
     """Worker streams for the pieces of a split GEMM (a pool per device, reused), or none.
 
     Piece ``j`` runs on worker ``j mod n``: its grouped GEMM, then the copy of its result into the
-    output (a D2D ``cudaMemcpyAsync``: the copy engine). Pieces on different workers run at the
-    same time, so one kernel's tail fills with the next one's tiles, and each copy overlaps other
-    pieces' GEMMs instead of piling up behind the last one.
+    output (a D2D ``cudaMemcpyAsync``: the copy engine), or :func:`run_rows`'s ``consume``.
+    Pieces on different workers run at the same time, so one kernel's tail fills with the next
+    one's tiles, and each copy overlaps other pieces' GEMMs instead of piling up behind the last.
 
     Ordering: :meth:`fork` makes every worker wait for what the current stream has enqueued so
-    far (x, offsets, the previous users of every block the call allocates); :meth:`join` makes the
-    current stream wait for every worker, so the result is ready on the current stream as if all
-    had run there. Memory: a piece's temporary is allocated on its worker stream and freed after
-    its copy was enqueued there, so its block is reused only after that copy (no
-    ``record_stream``). The output, allocated on the current stream after the fork, is written by
-    the workers on rows the current stream's GEMM does not touch; its block's earlier users were
-    enqueued before the fork.
+    far (x, scales, offsets, the caller's ``out``, and the earlier users of any block the current
+    stream hands out after the fork); :meth:`join` makes the current stream wait for every
+    worker, so the result is ready on the current stream as if all had run there. Memory: a
+    piece's temporary is allocated on its worker stream and freed after its copy was enqueued
+    there, so its block is reused only after that copy (no ``record_stream``); the block stays
+    cached in that worker's pool. The output, allocated on the current stream after the fork, is
+    written by the workers on rows the current stream's GEMM does not touch; its block's earlier
+    users were enqueued before the fork.
+
+    Known limits: the pool is per device, so two caller streams share the same workers (their
+    pieces then run one after the other); workers have the default priority.
     """
 
     MAX = 4  # concurrent pieces: enough to fill the tails; more only adds streams
@@ -366,8 +372,9 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
     one, run on the whole of ``x`` with only its own groups, makes the op allocate ``[T, N]`` and
     fill rows ``[0, r1)``. The other pieces' GEMMs write temporaries that are copied into their
     rows. With ``overlap`` (CUDA), those pieces run on worker streams (:class:`_Workers`) while the
-    first one runs on the current stream; without it, everything runs in order on the current
-    stream. Single-expert pieces run as ``torch.mm(..., out=rows)``, in place. With a caller's
+    first one runs on the current stream (with a caller's ``out``, or when the first piece cannot
+    run in place, every grouped piece runs on a worker); without it, everything runs in order on
+    the current stream. Single-expert pieces run as ``torch.mm(..., out=rows)``, in place. With a caller's
     ``out`` every grouped piece is copied.
     """
     fp8 = xq is not None
@@ -409,6 +416,8 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
                 else:
                     pending.append((j, r0, r1, y))
         if first_in_place:
+            # Safe only because nothing is enqueued on the current stream between fork() and this
+            # allocation: the workers write into this block without waiting for the current stream.
             out = mm(x, plan[0][2], offs[0], 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
             for j, r0, r1, y in pending:
                 with workers.on(j):
