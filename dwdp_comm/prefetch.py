@@ -420,6 +420,9 @@ class Prefetcher:
     def synchronize(self) -> None:
         """Block the host until every submitted copy of this prefetcher completed. Local."""
         self._check_open()
+        self._wait_all()
+
+    def _wait_all(self) -> None:
         for slot in self._slots:
             for h in slot.queue:
                 if h._ready is not None:
@@ -428,23 +431,33 @@ class Prefetcher:
                 ev.synchronize()
 
     def close(self) -> None:
-        """Wait for copies in flight (blocks the host), then free the slots. Local.
+        """Wait for copies in flight (blocks the host), then free the slots.
 
-        Handles become unusable; a second call raises :class:`~dwdp_comm.errors.ClosedError`.
+        Local, except with a copy engine whose ``close`` is collective (``sync="slot"`` or
+        ``"source"``: every rank must call it). Handles become unusable; a second call raises
+        :class:`~dwdp_comm.errors.ClosedError`. The engine is closed first: closing waits for its
+        copies and, for a ``sync`` engine whose ranks submitted different numbers of jobs, first
+        releases the copy streams left waiting (and then raises
+        :class:`~dwdp_comm.errors.CollectiveMismatchError`); waiting on the handles before that
+        would block forever. The first error is raised after the slots were freed.
         """
         if self._closed:
             raise ClosedError("Prefetcher closed twice")
-        try:
-            self.synchronize()
-        finally:
-            self._closed = True
-            self._engine.close()
-            for slot in self._slots:
-                for comp in slot.composites:
-                    comp.close()
-                slot.views.clear()
-                slot.queue.clear()
-                slot.buffer.close()
+        self._closed = True
+        errors = []
+        for step in (self._engine.close, self._wait_all):
+            try:
+                step()
+            except Exception as exc:  # free the slots anyway; report the first error
+                errors.append(exc)
+        for slot in self._slots:
+            for comp in slot.composites:
+                comp.close()
+            slot.views.clear()
+            slot.queue.clear()
+            slot.buffer.close()
+        if errors:
+            raise errors[0]
 
     def _check_open(self) -> None:
         if self._closed:

@@ -7,6 +7,7 @@ the bytes it prefetched. The run seed is fresh per test run.
 
 from __future__ import annotations
 
+import threading
 import time
 import zlib
 
@@ -277,6 +278,58 @@ def slow_copies(group, num_experts: int, seed: int):
         h.release()
     st.close()
     return {"t_issue": t_issue, "t_done": t_done, "done_at_issue": done_at_issue, "ok": ok}
+
+
+class _HeldEngine:
+    """Wraps a copy engine: every job's event stays incomplete until ``close()``, as with a
+    ``sync`` engine whose copy streams wait for a peer's job that never comes (released only by
+    the collective close)."""
+
+    def __init__(self, inner):
+        self.inner, self.released = inner, threading.Event()
+
+    def submit(self, plan, **kw):
+        return _HeldEvent(self.inner.submit(plan, **kw), self.released)
+
+    def close(self):
+        self.released.set()
+        self.inner.close()
+
+
+class _HeldEvent:
+    def __init__(self, ev, released):
+        self.ev, self.released = ev, released
+
+    def wait(self, stream=None):
+        self.ev.wait(stream)
+
+    @property
+    def is_done(self):
+        return self.released.is_set() and self.ev.is_done
+
+    def synchronize(self):
+        if not self.released.wait(5.0):
+            raise RuntimeError("waited on a copy before the copy engine was closed (would hang)")
+        self.ev.synchronize()
+
+
+def close_releases_engine_first(group, num_experts: int, seed: int):
+    """Prefetcher.close() closes the engine before it waits on the handles' events."""
+    st = build_store(group, num_experts, [0, 1], seed)
+    pf = dc.Prefetcher(st, depth=2)
+    pf._engine = _HeldEngine(pf._engine)
+    h = pf.prefetch(0)
+    t0 = time.perf_counter()
+    error = None
+    try:
+        pf.close()
+    except Exception as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    dt = time.perf_counter() - t0
+    closed_twice = _error(pf.close)
+    st.close()
+    return {"error": error, "seconds": dt, "released": pf._engine.released.is_set(), "handle_done": h.is_done,
+            "closed_twice": closed_twice}
 
 
 # ---- errors ---------------------------------------------------------------------------------------

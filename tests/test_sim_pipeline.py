@@ -81,3 +81,13 @@ def test_prefetch_is_asynchronous(seed):
         # the lower bound on t_done shows the throttle really held the copies back.
         assert not r["done_at_issue"], r
         assert r["t_done"] > 0.15, r
+
+
+def test_close_releases_the_engine_before_waiting(seed):
+    """A sync engine's copies can wait for a peer's job that never comes, until its (collective)
+    close releases them: Prefetcher.close() must close the engine before it waits on handles."""
+    res = dc.testing.launch(rankfns.close_releases_engine_first, 2, 6, seed, timeout=60)
+    for r in res:
+        assert r["error"] is None, r["error"]
+        assert r["released"] and r["handle_done"]
+        assert r["closed_twice"] and r["closed_twice"][0] == "ClosedError"
