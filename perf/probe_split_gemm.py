@@ -4,14 +4,14 @@ Times, in the sustained-block method of ``bench_grouped_gemm.py`` (same Timer), 
 split path and candidate replacements, on DeepSeek-V3 shapes with 4 owner pieces (VMM pieces):
 
   raw / raw_again     torch._grouped_mm on the contiguous [E, K, N] tensor (baseline, noise floor)
-  split               dwdp_comm.kernels.grouped_gemm on the pieces (auto: segments_async)
+  split               dwdp_comm.kernels.grouped_gemm on the pieces (auto: segments_async, the pieces
+                      on worker streams; the result files of bbdbce0 and 0aa3902 also have "streams",
+                      the prototype of that method written here before it moved into the library)
   pieces_gemm_only    the 4 per-piece grouped GEMMs of ``split`` with no result assembly
   pieces_on_slices    the 4 per-piece grouped GEMMs, each on its own rows of x (piece 0 too)
   piece0_whole_x      piece 0's GEMM on the whole of x (the in-place trick) alone
   piece0_slice        piece 0's GEMM on its rows only
   copies_only         the 3 result copies of ``split`` alone (copy engine)
-  streams             candidate: pieces 1..3 on worker streams (GEMM then copy), piece 0 in place
-                      on the current stream, concurrently; the current stream joins them
   cublas_grouped      candidate: cublasGemmGroupedBatchedEx (ctypes) with per-expert weight and
                       output pointers: split weights natively, results written in place
   composite           grouped_gemm on the VMM composite view
@@ -115,34 +115,6 @@ class Cublas:
         return out
 
 
-# ---- multi-stream split (candidate) ---------------------------------------------------------------
-_WORKERS: list = []
-
-
-def split_streams(x, pieces, offs, rows, N):
-    """Pieces 1.. on worker streams (GEMM into a temporary, then copy into its rows), piece 0 on
-    the whole of x on the current stream (allocates the output, fills its rows), all concurrent."""
-    main = torch.cuda.current_stream()
-    while len(_WORKERS) < len(pieces) - 1:
-        _WORKERS.append(torch.cuda.Stream())
-    ys = []
-    for j in range(1, len(pieces)):
-        s = _WORKERS[j - 1]
-        s.wait_stream(main)
-        r0, r1 = rows[j]
-        with torch.cuda.stream(s):
-            ys.append(torch._grouped_mm(x[r0:r1], pieces[j][1], offs=offs[j]))
-    out = torch._grouped_mm(x, pieces[0][1], offs=offs[0])
-    for j in range(1, len(pieces)):
-        s = _WORKERS[j - 1]
-        r0, r1 = rows[j]
-        with torch.cuda.stream(s):
-            out[r0:r1].copy_(ys[j - 1])
-    for j in range(1, len(pieces)):
-        main.wait_stream(_WORKERS[j - 1])
-    return out
-
-
 def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
     dev = torch.device("cuda")
     E = args.experts
@@ -184,7 +156,6 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
             "piece0_whole_x": lambda: torch._grouped_mm(x, split[0][1], offs=poffs[0]),
             "piece0_slice": lambda: torch._grouped_mm(x[:rows[0][1]], split[0][1], offs=poffs[0]),
             "copies_only": lambda: [outbuf[r0:r1].copy_(temps[j]) for j, (r0, r1) in enumerate(rows) if j > 0],
-            "streams": lambda: split_streams(x, split, poffs, rows, N),
             "composite": lambda: K.grouped_gemm(x, groups, composite, backend="torch"),
         }
         if cub is not None:
@@ -194,7 +165,7 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
             keep = set(args.variants.split(",")) | {"raw"}
             v = {k: f for k, f in v.items() if k in keep}
         base = v["raw"]()
-        for k in ("split", "streams", "composite", "cublas_grouped"):
+        for k in ("split", "composite", "cublas_grouped"):
             if k not in v:
                 continue
             try:

@@ -216,8 +216,9 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
         if p13.N % 2:
             raise bad_arg("w13", f"N = {p13.N}", "an even N = 2 * intermediate (gate, then up)")
         a = torch.empty(p13.num_tokens, p13.N // 2, dtype=x.dtype, device=x.device)
+        method = backend.partition(":")[2] or "auto"  # the same streams rule as the down GEMM's
         _torch.run_rows(p13, lambda r0, r1, y: swiglu(y, out=a[r0:r1]), info=i1,
-                        overlap=None if backend != "torch:segments" else False)
+                        overlap=_torch._overlap(method, p13.device))
         i1["backend"] = "torch"
     else:
         a = swiglu(_dispatch(p13, backend, i1))

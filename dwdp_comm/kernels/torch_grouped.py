@@ -374,8 +374,8 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
     rows. With ``overlap`` (CUDA), those pieces run on worker streams (:class:`_Workers`) while the
     first one runs on the current stream (with a caller's ``out``, or when the first piece cannot
     run in place, every grouped piece runs on a worker); without it, everything runs in order on
-    the current stream. Single-expert pieces run as ``torch.mm(..., out=rows)``, in place. With a caller's
-    ``out`` every grouped piece is copied.
+    the current stream. Single-expert pieces run as ``torch.mm(..., out=rows)``, in place. With a
+    caller's ``out`` every grouped piece is copied.
     """
     fp8 = xq is not None
     mm = mm or (lambda a, w, offs, pi, r0: torch._grouped_mm(a, w, offs=offs))
@@ -422,7 +422,6 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
             for j, r0, r1, y in pending:
                 with workers.on(j):
                     out[r0:r1].copy_(y)  # rows disjoint from what the GEMM writes
-            pending = None
         for pi, first, w, r0, r1, kind in plan:
             if kind == "direct" and r1 > r0:
                 _per_expert_piece(p, out, first, w)
