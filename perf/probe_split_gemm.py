@@ -15,6 +15,11 @@ split path and candidate replacements, on DeepSeek-V3 shapes with 4 owner pieces
   cublas_grouped      candidate: cublasGemmGroupedBatchedEx (ctypes) with per-expert weight and
                       output pointers: split weights natively, results written in place
   composite           grouped_gemm on the VMM composite view
+  direct_<R>          grouped_gemm, method segments_direct with DIRECT_MIN_ROWS=R: piece 0 in place,
+                      in the other pieces experts with >= R rows as torch.mm into the output rows
+                      (no temporary, no copy), runs of smaller ones grouped (temporary + copy)
+  per_expert          grouped_gemm, method per_expert: torch.mm per expert into the output, in
+                      order on the current stream
 
 Usage: CUDA_VISIBLE_DEVICES=0 python3 perf/probe_split_gemm.py --json FILE
 """
@@ -41,6 +46,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import bench_grouped_gemm as B  # noqa: E402
 import dwdp_comm.kernels as K  # noqa: E402
+from dwdp_comm.kernels import torch_grouped as TG  # noqa: E402
 
 
 # ---- cuBLAS grouped GEMM through ctypes -----------------------------------------------------------
@@ -115,6 +121,11 @@ class Cublas:
         return out
 
 
+def _direct(x, groups, split, min_rows):
+    TG.DIRECT_MIN_ROWS = min_rows
+    return K.grouped_gemm(x, groups, split, backend="torch:segments_direct")
+
+
 def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
     dev = torch.device("cuda")
     E = args.experts
@@ -158,6 +169,9 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
             "copies_only": lambda: [outbuf[r0:r1].copy_(temps[j]) for j, (r0, r1) in enumerate(rows) if j > 0],
             "composite": lambda: K.grouped_gemm(x, groups, composite, backend="torch"),
         }
+        for r in (int(t) for t in args.direct_rows.split(",") if t):
+            v[f"direct_{r}"] = (lambda r: lambda: _direct(x, groups, split, r))(r)
+        v["per_expert"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:per_expert")
         if cub is not None:
             v["cublas_grouped"] = lambda: cub.run(x, sz, starts, split, N, Kd, torch.empty(T, N, dtype=torch.bfloat16,
                                                                                          device=dev))
@@ -165,7 +179,7 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
             keep = set(args.variants.split(",")) | {"raw"}
             v = {k: f for k, f in v.items() if k in keep}
         base = v["raw"]()
-        for k in ("split", "composite", "cublas_grouped"):
+        for k in ["split", "composite", "cublas_grouped", "per_expert"] + [k for k in v if k.startswith("direct_")]:
             if k not in v:
                 continue
             try:
@@ -207,6 +221,7 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--cublas", action="store_true", help="also time cublasGemmGroupedBatchedEx (ctypes)")
     ap.add_argument("--variants", default="", help="comma-separated subset (raw is always kept)")
+    ap.add_argument("--direct-rows", default="0,256,1024", help="DIRECT_MIN_ROWS values for direct_<R> variants")
     args = ap.parse_args()
     dev = torch.device("cuda")
     seed = int.from_bytes(os.urandom(4), "little") % 2**31

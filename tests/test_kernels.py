@@ -135,7 +135,7 @@ def test_torch_path_every_form(seed, dtype, shape):
             assert err < TOL[dtype], f"{name}: rel err {err:.3g} ({info})"
 
 
-@pytest.mark.parametrize("method", ["grouped_mm", "segments", "segments_async", "per_expert"])
+@pytest.mark.parametrize("method", ["grouped_mm", "segments", "segments_async", "segments_direct", "per_expert"])
 def test_forced_methods(seed, method):
     x, sizes, w = make_case(seed, 6, 32, 16, 50, torch.float32)
     ref = ref64(x, sizes, w)
@@ -284,6 +284,80 @@ def test_repeated_calls_reuse_device_offsets(seed, monkeypatch):
     assert len(uploads) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_segments_direct_matches_reference_at_every_threshold(seed, dtype, monkeypatch):
+    """segments_direct: every mix of direct experts and grouped runs gives the reference result,
+    with and without out=, and nothing falls back (aligned shapes)."""
+    rng = np.random.default_rng(seed)
+    for _ in range(6):
+        E, Kd, N = int(rng.integers(2, 12)), 8 * int(rng.integers(1, 5)), 8 * int(rng.integers(1, 5))
+        x, sizes, w = make_case(int(rng.integers(2**31)), E, Kd, N, int(rng.integers(0, 120)), dtype)
+        c = cuts(rng, E)
+        pieces = [w[a:b] for a, b in zip(c[:-1], c[1:])]
+        ref = ref64(x, sizes, w)
+        for min_rows in (0, 1, 5, 20, 10**9):
+            monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", min_rows)
+            for out in (None, torch.full((x.shape[0], N), float("nan"), dtype=dtype)):
+                info = {}
+                got = K.grouped_gemm(x, sizes, pieces, out=out, backend="torch:segments_direct", info=info)
+                want = "empty" if not x.shape[0] else "grouped_mm" if len(pieces) == 1 else "segments_direct"
+                assert info["method"] == want and "fallback" not in info, info
+                assert out is None or got is out
+                if x.shape[0]:
+                    assert rel_err(got, ref) < TOL[dtype], (sizes, c, min_rows, out is None)
+
+
+def test_segments_direct_writes_big_experts_straight_into_the_output(seed, monkeypatch):
+    """Piece 0 first, on all of x (it allocates the output); then, in the other pieces, one
+    torch.mm(out=rows of out) per expert with >= DIRECT_MIN_ROWS rows, and one grouped call per
+    run of smaller experts (a lone busy expert in a run: torch.mm too)."""
+    x, _, w = make_case(seed, 10, 16, 16, 0, torch.float32)
+    sizes = [4, 4, 9, 1, 2, 0, 8, 1, 0, 3]
+    x = torch.randn(sum(sizes), 16)
+    grouped, mms = [], []
+    real_gmm, real_mm = torch._grouped_mm, torch.mm
+    monkeypatch.setattr(torch, "_grouped_mm", lambda a, b, **k: grouped.append((a.shape[0], b.shape[0])) or
+                        real_gmm(a, b, **k))
+    monkeypatch.setattr(torch, "mm", lambda a, b, out=None: mms.append((a.shape[0], out is not None)) or
+                        real_mm(a, b, out=out))
+    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 5)
+    out = K.grouped_gemm(x, sizes, [w[:2], w[2:]], backend="torch:segments_direct")
+    # piece 0 (experts 0-1) on all 32 rows; piece 1: e2 direct (9), run e3-e5 (1+2+0 rows, grouped),
+    # e6 direct (8), run e7-e9 (1+0+3: two busy experts, grouped)
+    assert grouped == [(32, 2), (3, 3), (4, 3)], grouped
+    assert mms == [(9, True), (8, True)], mms
+    assert rel_err(out, ref64(x, sizes, w)) < 1e-5
+
+
+def test_split_piece_units_cover_exactly_the_busy_rows(seed):
+    """_split_piece: units in row order, disjoint, covering every row of the piece; "mm" units
+    hold one expert with rows, at least min_rows of them unless alone in a run."""
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        E = int(rng.integers(1, 20))
+        sizes = rng.integers(0, 12, E) * (rng.random(E) > 0.3)
+        g = K.TokenGroups(sizes.tolist())
+        first = int(rng.integers(0, E))
+        n = int(rng.integers(1, E - first + 1))
+        w = torch.zeros(n, 1, 1)
+        min_rows = int(rng.integers(0, 10))
+        units = torch_grouped._split_piece(g, first, w, min_rows)
+        r0, r1 = g.rows(first, first + n)
+        covered = [(u[-2], u[-1]) for u in units]
+        busy = [(int(g.starts[e]), int(g.ends[e])) for e in range(first, first + n) if sizes[e]]
+        assert covered == sorted(covered) and all(a < b for a, b in covered)
+        assert sum(b - a for a, b in covered) == r1 - r0
+        assert all(covered[i][1] <= covered[i + 1][0] for i in range(len(covered) - 1))
+        for u in units:
+            if u[0] == "mm":
+                assert (u[3], u[4]) in busy
+            else:
+                _, f, cnt, wv, a, b = u
+                assert wv.shape[0] == cnt and (a, b) == g.rows(f, f + cnt)
+                assert sum(1 for e in range(f, f + cnt) if sizes[e]) >= 2
+                assert all(sizes[e] < max(min_rows, 1) for e in range(f, f + cnt))
+
+
 def test_split_runs_the_first_piece_last_and_in_place(seed, monkeypatch):
     """The first piece's call creates the output (whole x, its own groups); it runs after the
     other pieces, and single-expert pieces are written in place with torch.mm(out=)."""
@@ -304,10 +378,11 @@ def test_split_runs_the_first_piece_last_and_in_place(seed, monkeypatch):
         assert all(rows > 0 for rows, _ in calls), calls  # no GEMM on pieces without tokens
 
 
-@pytest.mark.parametrize("method", ["auto", "segments", "segments_async", "grouped_mm"])
-def test_out_is_written_in_place(seed, method):
+@pytest.mark.parametrize("method", ["auto", "segments", "segments_async", "segments_direct", "grouped_mm"])
+def test_out_is_written_in_place(seed, method, monkeypatch):
     """out= receives every row, including a row-slice view of a larger buffer whose other rows stay intact."""
     x, sizes, w = make_case(seed, 6, 16, 24, 57, torch.float32)
+    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 10)  # some experts direct, some grouped
     ref = ref64(x, sizes, w)
     forms = [w] if method == "grouped_mm" else [w, [(0, w[:1]), (1, w[1:4]), (4, w[4:])], [w[:3], w[3:]]]
     for form in forms:
@@ -333,13 +408,13 @@ def test_meta_device_fast_paths_never_read_device_data(seed):
     for arg, form in ((sizes, w), (K.TokenGroups(sizes), pieces), (sizes, pieces),
                       (K.TokenGroups(counts, validate=False), w),
                       (K.TokenGroups(counts.to(torch.int32), offsets=True, validate=False), w)):
-        for backend in ("torch", "torch:segments", "torch:segments_async"):
+        for backend in ("torch", "torch:segments", "torch:segments_async", "torch:segments_direct"):
             if isinstance(form, torch.Tensor) and backend != "torch":
                 continue
             info = {}
             out = K.grouped_gemm(x, arg, form, backend=backend, info=info)
             assert out.shape == (T, N) and out.device.type == "meta"
-            assert info["method"] in ("grouped_mm", "segments", "segments_async"), info
+            assert info["method"] in ("grouped_mm", "segments", "segments_async", "segments_direct"), info
     lazy = K.TokenGroups(counts, validate=False)
     K.grouped_gemm(x, lazy, w)
     assert not lazy.on_host and "not validated" in repr(lazy)

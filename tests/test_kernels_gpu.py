@@ -66,9 +66,10 @@ def test_torch_path_every_form(seed, dtype, shape):
         assert info["method"] == "grouped_mm", info  # the fast path really ran
 
 
-@pytest.mark.parametrize("method", ["segments", "segments_async", "per_expert"])
+@pytest.mark.parametrize("method", ["segments", "segments_async", "segments_direct", "per_expert"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_torch_split_methods(seed, method, dtype):
+def test_torch_split_methods(seed, method, dtype, monkeypatch):
+    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 100)  # segments_direct: a mix of both kinds
     x, sizes, w = make_case(seed, 12, 128, 256, 900, dtype, device=DEV, empty_frac=0.4)
     ref = ref64(x, sizes, w)
     for name in ("dwdp_3_pieces", "per_owner", "per_expert"):
@@ -188,10 +189,11 @@ def test_upload_is_asynchronous_and_correct(_sync_is_an_error):
     assert all(t.cpu().numpy().tolist() == (vals + i).tolist() for i, t in enumerate(ts))
 
 
-@pytest.mark.parametrize("method", ["segments", "segments_async"])
-def test_split_out_and_stream_safety(seed, method):
+@pytest.mark.parametrize("method", ["segments", "segments_async", "segments_direct"])
+def test_split_out_and_stream_safety(seed, method, monkeypatch):
     """Many calls back to back on one stream, results kept and dropped at random, out= buffers
     reused: the side-stream copies never read freed temporaries nor write after the join."""
+    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 150)  # segments_direct: some direct, some runs
     x, sizes, w = make_case(seed, 16, 256, 512, 3000, torch.bfloat16, device=DEV, empty_frac=0.2)
     pieces = [(0, w[:4]), (4, w[4:8].clone()), (8, w[8:12].clone()), (12, w[12:].clone())]
     ref = ref64(x, sizes, w)

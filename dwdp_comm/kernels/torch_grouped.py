@@ -70,7 +70,11 @@ from .reference import quantize_rowwise
 __all__ = ["run", "run_rows", "METHODS", "grouped_mm_supported", "has_device_kernel", "fp8_unavailable_reason",
            "operand_ok"]
 
-METHODS = ("auto", "grouped_mm", "segments", "segments_async", "per_expert")
+METHODS = ("auto", "grouped_mm", "segments", "segments_async", "segments_direct", "per_expert")
+
+#: ``segments_direct``: experts with at least this many rows (outside the in-place piece) run as
+#: ``torch.mm`` straight into the output; smaller ones stay grouped (temporary + copy).
+DIRECT_MIN_ROWS = 512
 
 
 @functools.lru_cache(maxsize=None)
@@ -201,7 +205,7 @@ def run(p: Problem, method: str = "auto", info: dict | None = None) -> torch.Ten
     can_group = grouped_mm_supported(p.device, p.x.dtype)
     if method == "per_expert" or not can_group:
         if not can_group:
-            if method in ("grouped_mm", "segments", "segments_async"):
+            if method in ("grouped_mm", "segments", "segments_async", "segments_direct"):
                 raise BackendUnavailableError(f"method={method!r}: {_probe_reason(p)}")
             info["fallback"] = _probe_reason(p)
         info["method"] = "per_expert"
@@ -228,13 +232,15 @@ def run(p: Problem, method: str = "auto", info: dict | None = None) -> torch.Ten
             p.out.copy_(y)  # torch._grouped_mm has no out=: the caller's buffer costs one copy
             return p.out
     overlap = _overlap(method, p.device)
+    direct = DIRECT_MIN_ROWS if method == "segments_direct" else None
     if len(p.pieces) > 1:
-        info["method"] = "segments_async" if overlap else "segments"
-    return _segments(p, info, overlap=overlap)
+        info["method"] = method if method in ("segments_direct", "segments") else \
+            ("segments_async" if overlap else "segments")
+    return _segments(p, info, overlap=overlap, direct_min_rows=direct)
 
 
 def _overlap(method: str, device: torch.device) -> bool:
-    return method == "segments_async" or (method == "auto" and device.type == "cuda")
+    return method in ("segments_async", "segments_direct") or (method == "auto" and device.type == "cuda")
 
 
 def run_rows(p: Problem, consume, info: dict | None = None, overlap: bool | None = None) -> None:
@@ -365,7 +371,8 @@ class _Workers:
             self.main.wait_stream(st)
 
 
-def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -> torch.Tensor:
+def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,
+              direct_min_rows: int | None = None) -> torch.Tensor:
     """One grouped call per piece, every result landing in one ``[T, N]`` output.
 
     ``torch._grouped_mm`` has no ``out=``, so only one piece can be computed in place: the first
@@ -376,13 +383,17 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
     run in place, every grouped piece runs on a worker); without it, everything runs in order on
     the current stream. Single-expert pieces run as ``torch.mm(..., out=rows)``, in place. With a
     caller's ``out`` every grouped piece is copied.
+
+    ``direct_min_rows`` (bf16/float32 only; ``segments_direct``): in the pieces that are not
+    computed in place, every expert with at least that many rows runs as ``torch.mm(...,
+    out=rows)`` straight into the output (no temporary, no copy); the runs of smaller experts
+    between them stay grouped calls into temporaries. None: every such piece is one grouped call.
     """
     fp8 = xq is not None
     mm = mm or (lambda a, w, offs, pi, r0: torch._grouped_mm(a, w, offs=offs))
     x = p.x if xq is None else xq
     g = p.groups
     bounds = _bounds(p)
-    offs = g.piece_offsets(p.device, bounds)
     plan, fallbacks = [], []
     for pi, (first, w) in enumerate(p.pieces):
         n = bounds[pi][1]
@@ -401,24 +412,44 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
     first_in_place = out is None and plan[0][5] == "grouped" and plan[0][4] > 0
     if out is None and not first_in_place:
         out = torch.empty(p.num_tokens, p.N, dtype=p.out_dtype, device=p.device)
-    work = [(pi, w, r0, r1) for pi, first, w, r0, r1, kind in plan
-            if kind == "grouped" and r1 > r0 and not (pi == 0 and first_in_place)]
-    workers = _Workers(p.device, len(work), overlap)
+    # units of work besides the in-place piece: ("run", first, count, w, r0, r1) grouped calls into
+    # temporaries, ("mm", expert, w_e, r0, r1) straight into the output
+    units = []
+    for pi, first, w, r0, r1, kind in plan:
+        if kind != "grouped" or r1 == r0 or (pi == 0 and first_in_place):
+            continue
+        if direct_min_rows is None or fp8:
+            units.append(("run", first, int(w.shape[0]), w, r0, r1))
+        else:
+            units.extend(_split_piece(g, first, w, direct_min_rows))
+    keys = ((bounds[0],) if first_in_place else ()) + tuple((u[1], u[2]) for u in units if u[0] == "run")
+    run_offs = dict(zip(keys, g.piece_offsets(p.device, keys))) if keys else {}  # one upload
+    offs0 = run_offs.get(bounds[0])
+    workers = _Workers(p.device, len(units), overlap)
     info["streams"] = len(workers.streams)
     workers.fork()
     try:
         pending = []
-        for j, (pi, w, r0, r1) in enumerate(work):
+        if first_in_place and any(u[0] == "mm" for u in units):
+            # direct writes need the output first. Safe only because nothing is enqueued on the
+            # current stream between fork() and this allocation (see _Workers)
+            out = mm(x, plan[0][2], offs0, 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
+        for j, u in enumerate(units):
             with workers.on(j):
-                y = mm(x[r0:r1], w, offs[pi], pi, r0)
+                if u[0] == "mm":
+                    _, e, we, r0, r1 = u
+                    torch.mm(x[r0:r1], we, out=out[r0:r1])
+                    continue
+                _, first, n, w, r0, r1 = u
+                y = mm(x[r0:r1], w, run_offs[(first, n)], _piece_index(p, first), r0)
                 if out is not None:
                     out[r0:r1].copy_(y)
                 else:
                     pending.append((j, r0, r1, y))
-        if first_in_place:
+        if out is None:
             # Safe only because nothing is enqueued on the current stream between fork() and this
             # allocation: the workers write into this block without waiting for the current stream.
-            out = mm(x, plan[0][2], offs[0], 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
+            out = mm(x, plan[0][2], offs0, 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
             for j, r0, r1, y in pending:
                 with workers.on(j):
                     out[r0:r1].copy_(y)  # rows disjoint from what the GEMM writes
@@ -430,6 +461,47 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False) -
     if fallbacks:
         info["fallback"] = "per-expert torch.mm for " + "; ".join(fallbacks)
     return out
+
+
+def _piece_index(p: Problem, expert: int) -> int:
+    """Index of the piece holding ``expert`` (fp8 scales are per piece)."""
+    for pi, (first, w) in enumerate(p.pieces):
+        if first <= expert < first + int(w.shape[0]):
+            return pi
+    raise AssertionError(expert)
+
+
+def _split_piece(g, first: int, w: torch.Tensor, min_rows: int) -> list:
+    """Units of one piece for ``segments_direct``: big experts direct, runs of small ones grouped.
+
+    An expert with at least ``min_rows`` rows (and at least one) becomes ``("mm", e, w[i], r0,
+    r1)``; each maximal run of the others becomes ``("run", first_expert, count, w[i0:i1], r0,
+    r1)``, or a ``"mm"`` unit when only one of its experts has rows. Runs without rows are dropped.
+    """
+    starts, ends = g.starts, g.ends
+    units, i0 = [], None
+
+    def close(i1):
+        if i0 is None:
+            return
+        r0, r1 = int(starts[first + i0]), int(ends[first + i1 - 1])
+        busy = [i for i in range(i0, i1) if ends[first + i] > starts[first + i]]
+        if len(busy) == 1:
+            i = busy[0]
+            units.append(("mm", first + i, w[i], int(starts[first + i]), int(ends[first + i])))
+        elif busy:
+            units.append(("run", first + i0, i1 - i0, w[i0:i1], r0, r1))
+
+    for i in range(int(w.shape[0])):
+        a, b = int(starts[first + i]), int(ends[first + i])
+        if b > a and b - a >= min_rows:
+            close(i)
+            i0 = None
+            units.append(("mm", first + i, w[i], a, b))
+        elif i0 is None:
+            i0 = i
+    close(int(w.shape[0]))
+    return units
 
 
 def _per_expert_piece(p: Problem, out: torch.Tensor, first: int, w: torch.Tensor) -> None:
