@@ -193,16 +193,28 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
                 checks.append(dict(shape=name, tokens=tokens, variant=k, rel_err=None, ok=False, error=str(exc)[:300]))
                 v.pop(k)
         base = None
+        host = {}  # host time to enqueue one call, GPU idle before it (nothing to wait for)
+        for k, f in v.items():
+            ts = []
+            for _ in range(7):
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+            host[k] = float(np.median(ts)) * 1e6
         torch.cuda.synchronize()
         times = timer.rounds(v, args.rounds, 1)
         flops = 2.0 * T * Kd * N
         common = dict(shape=name, K=Kd, N=N, tokens=tokens, rows=T, row_split=[r1 - r0 for r0, r1 in rows])
         res = B.summarize_times(times, "raw", flops, common, "probe", timer.calls)
+        for r in res:
+            r["host_us"] = host[r["variant"]]
         rows_out.extend(res)
         B.log(f"# {name} tokens={tokens} rows={T} pieces' rows {common['row_split']}")
         for r in res:
             B.log(f"    {r['variant']:>18}: {r['ms']:9.3f} ms  {r['tflops']:7.1f} TFLOP/s  x{r['ratio']:.3f} "
-                  f"[{r['ratio_p10']:.3f}, {r['ratio_p90']:.3f}] ({r['calls_per_block']} calls/block)")
+                  f"[{r['ratio_p10']:.3f}, {r['ratio_p90']:.3f}] ({r['calls_per_block']} calls/block, host "
+                  f"{r['host_us']:.0f} us/call)")
         x = temps = outbuf = None
         torch.cuda.empty_cache()
     split = composite = None

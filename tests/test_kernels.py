@@ -358,6 +358,23 @@ def test_split_piece_units_cover_exactly_the_busy_rows(seed):
                 assert all(sizes[e] < max(min_rows, 1) for e in range(f, f + cnt))
 
 
+def test_chunks_are_contiguous_and_balanced(seed):
+    """_chunks: the units in order, in at most n chunks, none empty, no chunk past its share by
+    more than its last unit."""
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+        rows = rng.integers(1, 50, int(rng.integers(0, 30)))
+        ends = np.cumsum(rows)
+        units = [("mm", i, None, int(e - r), int(e)) for i, (r, e) in enumerate(zip(rows, ends))]
+        n = int(rng.integers(1, 6))
+        chunks = torch_grouped._chunks(units, n)
+        assert [u for c in chunks for u in c] == units
+        assert len(chunks) <= max(n, 0) and all(chunks)
+        total = int(rows.sum())
+        for c in chunks[:-1]:
+            assert sum(u[4] - u[3] for u in c[:-1]) < total / n or len(c) == 1
+
+
 def test_split_runs_the_first_piece_last_and_in_place(seed, monkeypatch):
     """The first piece's call creates the output (whole x, its own groups); it runs after the
     other pieces, and single-expert pieces are written in place with torch.mm(out=)."""

@@ -429,30 +429,33 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,
     info["streams"] = len(workers.streams)
     workers.fork()
     try:
-        pending = []
         if first_in_place and any(u[0] == "mm" for u in units):
             # direct writes need the output first. Safe only because nothing is enqueued on the
             # current stream between fork() and this allocation (see _Workers)
             out = mm(x, plan[0][2], offs0, 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
-        for j, u in enumerate(units):
+        pending = {}
+        # one contiguous chunk of units per worker: one stream switch each (host time), balanced rows
+        for j, chunk in enumerate(_chunks(units, max(1, len(workers.streams)))):
             with workers.on(j):
-                if u[0] == "mm":
-                    _, e, we, r0, r1 = u
-                    torch.mm(x[r0:r1], we, out=out[r0:r1])
-                    continue
-                _, first, n, w, r0, r1 = u
-                y = mm(x[r0:r1], w, run_offs[(first, n)], _piece_index(p, first), r0)
-                if out is not None:
-                    out[r0:r1].copy_(y)
-                else:
-                    pending.append((j, r0, r1, y))
+                for u in chunk:
+                    if u[0] == "mm":
+                        _, e, we, r0, r1 = u
+                        torch.mm(x[r0:r1], we, out=out[r0:r1])
+                        continue
+                    _, first, n, w, r0, r1 = u
+                    y = mm(x[r0:r1], w, run_offs[(first, n)], _piece_index(p, first), r0)
+                    if out is not None:
+                        out[r0:r1].copy_(y)
+                    else:
+                        pending.setdefault(j, []).append((r0, r1, y))
         if out is None:
             # Safe only because nothing is enqueued on the current stream between fork() and this
             # allocation: the workers write into this block without waiting for the current stream.
             out = mm(x, plan[0][2], offs0, 0, 0)  # whole x, piece 0's groups: [T, N], rows [0, r1) filled
-            for j, r0, r1, y in pending:
+            for j, copies in pending.items():
                 with workers.on(j):
-                    out[r0:r1].copy_(y)  # rows disjoint from what the GEMM writes
+                    for r0, r1, y in copies:
+                        out[r0:r1].copy_(y)  # rows disjoint from what the GEMM writes
         for pi, first, w, r0, r1, kind in plan:
             if kind == "direct" and r1 > r0:
                 _per_expert_piece(p, out, first, w)
@@ -461,6 +464,23 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,
     if fallbacks:
         info["fallback"] = "per-expert torch.mm for " + "; ".join(fallbacks)
     return out
+
+
+def _chunks(units: list, n: int) -> list:
+    """``units`` cut into at most ``n`` contiguous chunks of about equal rows (last two fields)."""
+    if len(units) <= n:
+        return [[u] for u in units]
+    total = sum(u[-1] - u[-2] for u in units)
+    chunks, cur, done = [], [], 0
+    for u in units:
+        cur.append(u)
+        done += u[-1] - u[-2]
+        if done * n >= total * (len(chunks) + 1) and len(chunks) < n - 1:
+            chunks.append(cur)
+            cur = []
+    if cur:
+        chunks.append(cur)
+    return chunks
 
 
 def _piece_index(p: Problem, expert: int) -> int:
