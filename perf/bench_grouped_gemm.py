@@ -16,12 +16,18 @@ Variants (bf16 unless said):
   contiguous_host_sizes the same with the counts as a Python list each call (host validation plus one
                         asynchronous upload of the offsets per call)
   composite             grouped_gemm on the composite view (VMM)
-  split                 grouped_gemm on the 4 pieces, backend "torch" (auto: segments_async on CUDA)
-  split_serial          the same, method "segments" (result copies inline on the current stream)
+  split                 grouped_gemm on the 4 pieces, backend "torch" (auto: segments_direct on CUDA:
+                        piece 0 in place, experts with >= DIRECT_MIN_ROWS rows torch.mm into the output
+                        rows, smaller ones grouped into temporaries + copies, on worker streams)
+  split_async           method "segments_async" (each piece one grouped call, results copied, on
+                        worker streams: the default before segments_direct)
+  split_serial          method "segments" (as split_async, in order on the current stream)
   split_per_expert      method "per_expert" (torch.mm per expert; only with --per-expert)
   fp8_contiguous        torch._scaled_grouped_mm, e4m3 weights + per-channel scales, x quantized per
                         row beforehand (where available)
-  fp8_split             the same over the 4 pieces
+  fp8_split             the same over the 4 pieces (auto: per-expert torch._scaled_mm into the output
+                        for experts with >= DIRECT_MIN_ROWS rows)
+  fp8_split_async       the same, method "segments_async"
   fp8_with_quant        fp8_contiguous from bf16 x: includes the per-row quantization of x
 Host section (tiny shapes): host microseconds per call of each way of calling, and whether the call
 synchronises with the device (torch.cuda.set_sync_debug_mode("error")).
@@ -433,6 +439,7 @@ def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts
     if composite is not None:
         variants["composite"] = lambda: K.grouped_gemm(x, groups, composite, backend="torch")
     variants["split"] = lambda: K.grouped_gemm(x, groups, split, backend="torch")
+    variants["split_async"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:segments_async")
     variants["split_serial"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:segments")
     if args.per_expert:
         variants["split_per_expert"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:per_expert")
@@ -445,6 +452,8 @@ def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts
                                                             backend="torch")
         variants["fp8_split"] = lambda: K.grouped_gemm(xq, groups, wq_split, weight_scales=sq_split, x_scales=xs,
                                                        backend="torch")
+        variants["fp8_split_async"] = lambda: K.grouped_gemm(xq, groups, wq_split, weight_scales=sq_split,
+                                                             x_scales=xs, backend="torch:segments_async")
         variants["fp8_with_quant"] = lambda: K.grouped_gemm(x, groups, wq, weight_scales=sq, backend="torch")
     info = {}
     K.grouped_gemm(x, groups, split, backend="torch", info=info)
@@ -480,7 +489,7 @@ def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts
                     K.make_problem(xq, groups, wq, weight_scales=sq, x_scales=xs)))
                 errs["fp8_vs_bf16"] = rel_err(f8, base)  # quantization error: informative, no bound
             base = None
-            for k in ("fp8_split", "fp8_with_quant"):
+            for k in ("fp8_split", "fp8_split_async", "fp8_with_quant"):
                 check(k, variants[k], f8)
             f8 = None
     base = None
@@ -611,6 +620,7 @@ def bench_moe(args, device, timer, seed, rows_out, checks, unavailable):
             if c13 is not None:
                 v["moe_composite"] = lambda: K.moe_mlp(x, groups, c13, c2)
             v["moe_split"] = lambda: K.moe_mlp(x, groups, s13, s2)
+            v["moe_split_async"] = lambda: K.moe_mlp(x, groups, s13, s2, backend="torch:segments_async")
             v["moe_split_serial"] = lambda: K.moe_mlp(x, groups, s13, s2, backend="torch:segments")
             base = v["moe_contiguous"]()
             for k, fn in list(v.items())[1:]:
@@ -723,8 +733,8 @@ def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
 
 
 # ---- summary -------------------------------------------------------------------------------------
-RATIO_ORDER = [NOISE, "contiguous", "contiguous_host_sizes", "composite", "split", "split_serial", "split_per_expert",
-               "fp8_contiguous", "fp8_split", "fp8_with_quant"]
+RATIO_ORDER = [NOISE, "contiguous", "contiguous_host_sizes", "composite", "split", "split_async", "split_serial", "split_per_expert",
+               "fp8_contiguous", "fp8_split", "fp8_split_async", "fp8_with_quant"]
 
 
 def summarize(rows) -> dict:

@@ -227,11 +227,13 @@ def test_worker_streams_many_calls(seed, pieces):
     ref = ref64(x, sizes, w)
     g = K.TokenGroups(sizes)
     info = {}
-    K.grouped_gemm(x, g, split, info=info)
+    K.grouped_gemm(x, g, split, info=info, backend="torch:segments_async")
     assert info["method"] == "segments_async" and info["streams"] == min(pieces - 1, 4), info
+    K.grouped_gemm(x, g, split, info=info)
+    assert info["method"] == "segments_direct" and 1 <= info["streams"] <= 4, info  # the default
     kept = []
     for i in range(20):
-        r = K.grouped_gemm(x, g, split)
+        r = K.grouped_gemm(x, g, split, backend="torch:segments_async" if i % 4 == 3 else "torch")
         junk = torch.randn(int(1000 + 37 * i), 256, device=DEV).bfloat16()  # reuse freed blocks at once
         kept.append(r if i % 2 else r.clone())
         del junk, r
@@ -242,8 +244,10 @@ def test_worker_streams_many_calls(seed, pieces):
     s2 = [(a, w2[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
     want = K.moe_mlp(x, sizes, w13, w2, backend="reference")
     mi = {}
-    moes = [K.moe_mlp(x, g, s13, s2, info=mi) for _ in range(5)]
-    assert mi["gate_up"]["streams"] == min(pieces, 4), mi
+    moes = [K.moe_mlp(x, g, s13, s2, info=mi, backend="torch:segments_async") for _ in range(3)]
+    assert mi["gate_up"]["method"] == "grouped_mm_rows" and mi["gate_up"]["streams"] == min(pieces, 4), mi
+    moes += [K.moe_mlp(x, g, s13, s2, info=mi) for _ in range(3)]
+    assert mi["gate_up"]["method"] == mi["down"]["method"] == "segments_direct", mi
     torch.cuda.synchronize()
     assert all(rel_err(k, ref) < 1e-2 for k in kept)
     assert all(rel_err(m, want) < 2e-2 for m in moes)
@@ -354,9 +358,11 @@ def _fp8_weights(seed, E, Kd, N):
     return wq, scales
 
 
+@pytest.mark.parametrize("min_rows", [0, 60, 10**9])  # segments_direct: all direct, mixed, all grouped
 @pytest.mark.parametrize("shape", [(16, 256, 512, 1200), (8, 2048, 256, 500)])
-def test_fp8_torch_path(seed, shape):
+def test_fp8_torch_path(seed, shape, min_rows, monkeypatch):
     _fp8_or_skip()
+    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", min_rows)
     E, Kd, N, T = shape
     wq, scales = _fp8_weights(seed, E, Kd, N)
     x = torch.randn(T, Kd, device=DEV).bfloat16()
@@ -368,6 +374,11 @@ def test_fp8_torch_path(seed, shape):
         out = K.grouped_gemm(x, sizes, form, weight_scales=scl, info=info)
         assert info["backend"] == "torch" and "scaled" in info["method"], info
         assert rel_err(out, ref) < 1e-2, info
+        if not isinstance(form, torch.Tensor):
+            buf = torch.full((T + 2, N), float("nan"), device=DEV, dtype=torch.bfloat16)
+            got = K.grouped_gemm(x, sizes, form, weight_scales=scl, out=buf[1:-1], info=info)
+            assert info["method"] == "scaled_segments_direct" and got.data_ptr() == buf[1].data_ptr(), info
+            assert rel_err(buf[1:-1], ref) < 1e-2 and torch.isnan(buf[[0, -1]].float()).all()
 
 
 def test_fp8_row_major_weights_refused(seed):
@@ -405,6 +416,10 @@ def test_moe_mlp_fp8(seed):
     info = {}
     got = K.moe_mlp(x, sizes, [(0, q13[:3]), (3, q13[3:])], [q2[:5], q2[5:]], w13_scales=s13,
                     w2_scales=[s2[:5], s2[5:]], info=info)
+    assert info["gate_up"]["method"] == info["down"]["method"] == "scaled_segments_direct", info
+    assert rel_err(got, want) < 2e-2
+    got = K.moe_mlp(x, sizes, [(0, q13[:3]), (3, q13[3:])], [q2[:5], q2[5:]], w13_scales=s13,
+                    w2_scales=[s2[:5], s2[5:]], info=info, backend="torch:segments_async")
     assert info["gate_up"]["method"] == "scaled_rows" and "scaled" in info["down"]["method"], info
     assert rel_err(got, want) < 2e-2
 

@@ -17,7 +17,8 @@ Backends (``backend=``):
     ``torch._grouped_mm`` (one call on a single tensor or composite view; one call per piece on
     split weights), ``torch._scaled_grouped_mm`` for fp8, per-expert ``torch.mm`` where those
     cannot run. Force a method with ``"torch:grouped_mm"``, ``"torch:segments"``,
-    ``"torch:segments_async"``, ``"torch:per_expert"`` (see :mod:`dwdp_comm.kernels.torch_grouped`).
+    ``"torch:segments_async"``, ``"torch:segments_direct"``, ``"torch:per_expert"`` (see
+    :mod:`dwdp_comm.kernels.torch_grouped`).
 ``"numba"``
     A Numba CUDA kernel reading per-expert weight pointers (split weights natively), on a GPU or
     in the CUDA simulator. ``"numba:<config>"`` picks a tile shape
@@ -200,9 +201,11 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
 
     Notes
     -----
-    With split weights and the torch backend, SwiGLU is applied to each piece's gate-up rows as
-    they come (:func:`dwdp_comm.kernels.torch_grouped.run_rows`), so the gate-up result is never
-    assembled. Streams: as :func:`grouped_gemm` (on CUDA the pieces run on worker streams forked
+    With split weights and the torch backend on CUDA (``segments_direct``), both GEMMs write
+    their rows in place (:mod:`dwdp_comm.kernels.torch_grouped`), then SwiGLU runs once as on one
+    tensor. With ``"torch:segments"`` / ``"torch:segments_async"`` (and on CPU), SwiGLU is applied
+    to each piece's gate-up rows as they come (:func:`dwdp_comm.kernels.torch_grouped.run_rows`),
+    so the gate-up result is never assembled. Streams: as :func:`grouped_gemm` (on CUDA the pieces run on worker streams forked
     from the current one and joined back; ``backend="torch:segments"`` keeps everything on the
     current stream, in order).
     """
@@ -210,13 +213,16 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
         TokenGroups(m_sizes_or_offsets, offsets=offsets)
     i1, i2 = {}, {}
     p13 = make_problem(x, groups, w13, weight_scales=w13_scales)
+    method = backend.partition(":")[2] or "auto"  # the same streams rule as the down GEMM's
     if len(p13.pieces) > 1 and backend in ("auto", "torch", "torch:segments", "torch:segments_async") and \
+            _torch._direct_min_rows(method, p13.device) is None and \
             not (p13.is_fp8 and _torch.fp8_unavailable_reason(p13.device)):
-        # Split weights: SwiGLU straight from each piece's gate-up rows (no [T, 2I] assembly copy).
+        # Split weights, no direct writes: SwiGLU straight from each piece's gate-up rows (no
+        # [T, 2I] assembly copy). With segments_direct (auto on CUDA) the gate-up result lands in
+        # place anyway: one [T, 2I] result, then SwiGLU, as on one tensor.
         if p13.N % 2:
             raise bad_arg("w13", f"N = {p13.N}", "an even N = 2 * intermediate (gate, then up)")
         a = torch.empty(p13.num_tokens, p13.N // 2, dtype=x.dtype, device=x.device)
-        method = backend.partition(":")[2] or "auto"  # the same streams rule as the down GEMM's
         _torch.run_rows(p13, lambda r0, r1, y: swiglu(y, out=a[r0:r1]), info=i1,
                         overlap=_torch._overlap(method, p13.device))
         i1["backend"] = "torch"

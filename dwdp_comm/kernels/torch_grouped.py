@@ -58,6 +58,7 @@ host never waits, except once per device and dtype for a tiny capability probe.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import functools
 
@@ -74,7 +75,7 @@ METHODS = ("auto", "grouped_mm", "segments", "segments_async", "segments_direct"
 
 #: ``segments_direct``: experts with at least this many rows (outside the in-place piece) run as
 #: ``torch.mm`` straight into the output; smaller ones stay grouped (temporary + copy).
-DIRECT_MIN_ROWS = 512
+DIRECT_MIN_ROWS = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -232,15 +233,19 @@ def run(p: Problem, method: str = "auto", info: dict | None = None) -> torch.Ten
             p.out.copy_(y)  # torch._grouped_mm has no out=: the caller's buffer costs one copy
             return p.out
     overlap = _overlap(method, p.device)
-    direct = DIRECT_MIN_ROWS if method == "segments_direct" else None
+    direct = _direct_min_rows(method, p.device)
     if len(p.pieces) > 1:
-        info["method"] = method if method in ("segments_direct", "segments") else \
-            ("segments_async" if overlap else "segments")
+        info["method"] = "segments_direct" if direct is not None else ("segments_async" if overlap else "segments")
     return _segments(p, info, overlap=overlap, direct_min_rows=direct)
 
 
 def _overlap(method: str, device: torch.device) -> bool:
     return method in ("segments_async", "segments_direct") or (method == "auto" and device.type == "cuda")
+
+
+def _direct_min_rows(method: str, device: torch.device) -> int | None:
+    """DIRECT_MIN_ROWS for ``segments_direct`` (``auto`` on CUDA), else None (whole pieces)."""
+    return DIRECT_MIN_ROWS if method == "segments_direct" or (method == "auto" and device.type == "cuda") else None
 
 
 def run_rows(p: Problem, consume, info: dict | None = None, overlap: bool | None = None) -> None:
@@ -327,8 +332,11 @@ def _bounds(p: Problem) -> tuple:
 class _Workers:
     """Worker streams for the pieces of a split GEMM (a pool per device, reused), or none.
 
-    Piece ``j`` runs on worker ``j mod n``: its grouped GEMM, then the copy of its result into the
-    output (a D2D ``cudaMemcpyAsync``: the copy engine), or :func:`run_rows`'s ``consume``.
+    Work is cut into units (a piece, a run of experts, one expert: ``segments_async`` /
+    ``segments_direct``) and the units into contiguous chunks, chunk ``j`` on worker ``j``: each
+    unit's grouped GEMM then the copy of its result into the output (a D2D ``cudaMemcpyAsync``:
+    the copy engine), or its ``torch.mm`` into the output rows; :func:`run_rows` puts piece ``j``
+    on worker ``j mod n``, its GEMM then ``consume``.
     Pieces on different workers run at the same time, so one kernel's tail fills with the next
     one's tiles, and each copy overlaps other pieces' GEMMs instead of piling up behind the last.
 
@@ -371,7 +379,7 @@ class _Workers:
             self.main.wait_stream(st)
 
 
-def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,
+def _segments(p: Problem, info: dict, mm=None, mm1=None, xq=None, overlap: bool = False,
               direct_min_rows: int | None = None) -> torch.Tensor:
     """One grouped call per piece, every result landing in one ``[T, N]`` output.
 
@@ -384,13 +392,18 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,
     the current stream. Single-expert pieces run as ``torch.mm(..., out=rows)``, in place. With a
     caller's ``out`` every grouped piece is copied.
 
-    ``direct_min_rows`` (bf16/float32 only; ``segments_direct``): in the pieces that are not
-    computed in place, every expert with at least that many rows runs as ``torch.mm(...,
-    out=rows)`` straight into the output (no temporary, no copy); the runs of smaller experts
-    between them stay grouped calls into temporaries. None: every such piece is one grouped call.
+    ``direct_min_rows`` (``segments_direct``): in the pieces that are not computed in place,
+    every expert with at least that many rows runs as ``mm1`` (default ``torch.mm(...,
+    out=rows)``; fp8: ``torch._scaled_mm(..., out=rows)``) straight into the output (no
+    temporary, no copy); the runs of smaller experts between them stay grouped calls into
+    temporaries. None: every such piece is one grouped call.
+
+    ``mm(a, w, offs, first, r0)``: the grouped call on rows ``a`` (from row ``r0``) of experts
+    ``first..first + len(w) - 1``; ``mm1(a, w_e, e, r0, out_rows)``: one expert into ``out_rows``.
     """
     fp8 = xq is not None
-    mm = mm or (lambda a, w, offs, pi, r0: torch._grouped_mm(a, w, offs=offs))
+    mm = mm or (lambda a, w, offs, first, r0: torch._grouped_mm(a, w, offs=offs))
+    mm1 = mm1 or (lambda a, we, e, r0, o: torch.mm(a, we, out=o))
     x = p.x if xq is None else xq
     g = p.groups
     bounds = _bounds(p)
@@ -418,7 +431,7 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,
     for pi, first, w, r0, r1, kind in plan:
         if kind != "grouped" or r1 == r0 or (pi == 0 and first_in_place):
             continue
-        if direct_min_rows is None or fp8:
+        if direct_min_rows is None:
             units.append(("run", first, int(w.shape[0]), w, r0, r1))
         else:
             units.extend(_split_piece(g, first, w, direct_min_rows))
@@ -440,10 +453,10 @@ def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,
                 for u in chunk:
                     if u[0] == "mm":
                         _, e, we, r0, r1 = u
-                        torch.mm(x[r0:r1], we, out=out[r0:r1])
+                        mm1(x[r0:r1], we, e, r0, out[r0:r1])
                         continue
                     _, first, n, w, r0, r1 = u
-                    y = mm(x[r0:r1], w, run_offs[(first, n)], _piece_index(p, first), r0)
+                    y = mm(x[r0:r1], w, run_offs[(first, n)], first, r0)
                     if out is not None:
                         out[r0:r1].copy_(y)
                     else:
@@ -483,12 +496,10 @@ def _chunks(units: list, n: int) -> list:
     return chunks
 
 
-def _piece_index(p: Problem, expert: int) -> int:
-    """Index of the piece holding ``expert`` (fp8 scales are per piece)."""
-    for pi, (first, w) in enumerate(p.pieces):
-        if first <= expert < first + int(w.shape[0]):
-            return pi
-    raise AssertionError(expert)
+def _locate(p: Problem, expert: int) -> tuple[int, int]:
+    """``(piece index, index in the piece)`` of ``expert`` (fp8 scales are per piece)."""
+    pi = bisect.bisect_right([first for first, _ in p.pieces], expert) - 1
+    return pi, expert - p.pieces[pi][0]
 
 
 def _split_piece(g, first: int, w: torch.Tensor, min_rows: int) -> list:
@@ -548,11 +559,19 @@ def _run_fp8(p: Problem, method: str, info: dict) -> torch.Tensor:
         raise bad_arg("method", method, f"'segments' for {len(p.pieces)} weight pieces")
     xq, xs = (p.x, p.x_scales) if p.x_scales is not None else quantize_rowwise(p.x)
 
-    def mm(a, w, offs, pi, r0):
-        return torch._scaled_grouped_mm(a, w, xs[r0:r0 + a.shape[0]], p.scales[pi], offs=offs,
-                                        out_dtype=torch.bfloat16)
+    def mm(a, w, offs, first, r0):
+        pi, i = _locate(p, first)
+        return torch._scaled_grouped_mm(a, w, xs[r0:r0 + a.shape[0]], p.scales[pi][i:i + int(w.shape[0])],
+                                        offs=offs, out_dtype=torch.bfloat16)
+
+    def mm1(a, we, e, r0, o):  # rowwise scales: x [M, 1], weight [1, N]
+        pi, i = _locate(p, e)
+        torch._scaled_mm(a, we, xs[r0:r0 + a.shape[0]].unsqueeze(1), p.scales[pi][i].unsqueeze(0),
+                         out_dtype=torch.bfloat16, out=o)
 
     overlap = _overlap(method, p.device)
+    direct = _direct_min_rows(method, p.device)
     info["method"] = "scaled_grouped_mm" if len(p.pieces) == 1 else \
-        ("scaled_segments_async" if overlap else "scaled_segments")
-    return _segments(p, info, mm=mm, xq=xq, overlap=overlap)
+        ("scaled_segments_direct" if direct is not None else
+         "scaled_segments_async" if overlap else "scaled_segments")
+    return _segments(p, info, mm=mm, mm1=mm1, xq=xq, overlap=overlap, direct_min_rows=direct)
