@@ -25,9 +25,8 @@ Variants (bf16 unless said):
   split_per_expert      method "per_expert" (torch.mm per expert; only with --per-expert)
   fp8_contiguous        torch._scaled_grouped_mm, e4m3 weights + per-channel scales, x quantized per
                         row beforehand (where available)
-  fp8_split             the same over the 4 pieces (auto: per-expert torch._scaled_mm into the output
-                        for experts with >= DIRECT_MIN_ROWS rows)
-  fp8_split_async       the same, method "segments_async"
+  fp8_split             the same over the 4 pieces (auto: whole pieces on worker streams, as
+                        segments_async: no direct units for fp8)
   fp8_with_quant        fp8_contiguous from bf16 x: includes the per-row quantization of x
 Host section (tiny shapes): host microseconds per call of each way of calling, and whether the call
 synchronises with the device (torch.cuda.set_sync_debug_mode("error")).
@@ -452,8 +451,6 @@ def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts
                                                             backend="torch")
         variants["fp8_split"] = lambda: K.grouped_gemm(xq, groups, wq_split, weight_scales=sq_split, x_scales=xs,
                                                        backend="torch")
-        variants["fp8_split_async"] = lambda: K.grouped_gemm(xq, groups, wq_split, weight_scales=sq_split,
-                                                             x_scales=xs, backend="torch:segments_async")
         variants["fp8_with_quant"] = lambda: K.grouped_gemm(x, groups, wq, weight_scales=sq, backend="torch")
     info = {}
     K.grouped_gemm(x, groups, split, backend="torch", info=info)
@@ -489,7 +486,7 @@ def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts
                     K.make_problem(xq, groups, wq, weight_scales=sq, x_scales=xs)))
                 errs["fp8_vs_bf16"] = rel_err(f8, base)  # quantization error: informative, no bound
             base = None
-            for k in ("fp8_split", "fp8_split_async", "fp8_with_quant"):
+            for k in ("fp8_split", "fp8_with_quant"):
                 check(k, variants[k], f8)
             f8 = None
     base = None
@@ -734,7 +731,7 @@ def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
 
 # ---- summary -------------------------------------------------------------------------------------
 RATIO_ORDER = [NOISE, "contiguous", "contiguous_host_sizes", "composite", "split", "split_async", "split_serial", "split_per_expert",
-               "fp8_contiguous", "fp8_split", "fp8_split_async", "fp8_with_quant"]
+               "fp8_contiguous", "fp8_split", "fp8_with_quant"]
 
 
 def summarize(rows) -> dict:

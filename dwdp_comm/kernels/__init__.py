@@ -201,9 +201,10 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
 
     Notes
     -----
-    With split weights and the torch backend on CUDA (``segments_direct``), both GEMMs write
-    their rows in place (:mod:`dwdp_comm.kernels.torch_grouped`), then SwiGLU runs once as on one
-    tensor. With ``"torch:segments"`` / ``"torch:segments_async"`` (and on CPU), SwiGLU is applied
+    With split bf16/float32 weights and the torch backend on CUDA (``segments_direct``), both
+    GEMMs write their rows in place (:mod:`dwdp_comm.kernels.torch_grouped`), then SwiGLU runs
+    once as on one tensor. Otherwise (``"torch:segments"`` / ``"torch:segments_async"``, fp8,
+    CPU), SwiGLU is applied
     to each piece's gate-up rows as they come (:func:`dwdp_comm.kernels.torch_grouped.run_rows`),
     so the gate-up result is never assembled. Streams: as :func:`grouped_gemm` (on CUDA the pieces run on worker streams forked
     from the current one and joined back; ``backend="torch:segments"`` keeps everything on the
@@ -215,7 +216,7 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
     p13 = make_problem(x, groups, w13, weight_scales=w13_scales)
     method = backend.partition(":")[2] or "auto"  # the same streams rule as the down GEMM's
     if len(p13.pieces) > 1 and backend in ("auto", "torch", "torch:segments", "torch:segments_async") and \
-            _torch._direct_min_rows(method, p13.device) is None and \
+            _torch._direct_min_rows(method, p13.device, p13.is_fp8) is None and \
             not (p13.is_fp8 and _torch.fp8_unavailable_reason(p13.device)):
         # Split weights, no direct writes: SwiGLU straight from each piece's gate-up rows (no
         # [T, 2I] assembly copy). With segments_direct (auto on CUDA) the gate-up result lands in

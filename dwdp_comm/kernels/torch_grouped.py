@@ -15,15 +15,27 @@ Methods (``info["method"]`` says which ran):
     last; the other pieces run first into temporaries that are then copied into their rows
     (``3/4`` of the output bytes at group size 4). Single-expert pieces run as
     ``torch.mm(..., out=rows)``, in place. Weights are never merged.
-``segments_async`` (the default for split weights on CUDA)
+``segments_async``
     As ``segments``, but the pieces other than the first run on up to 4 worker streams, each
     piece's GEMM followed by its copy (copy engine) on its worker, concurrently with the first
     piece's GEMM on the current stream; the current stream waits for the workers before the call
-    returns. Measured on an H200 (``perf/bench_grouped_gemm.py``, DeepSeek-V3 shapes, 4 pieces,
-    ``docs/benchmarks.md``): the pieces' GEMMs alone lose nothing against one contiguous call;
-    the result copies (2.6 ms for 3/4 of a 7.5 GB down result) are what costs, under the power
-    cap. On worker streams: gate-up 1.00-1.01x the contiguous call, down 0.945-0.955x (in order:
-    0.975-1.005 and 0.945). A composite view avoids the copies: 1.00x.
+    returns. The default for fp8 split weights on CUDA. Measured on an H200 (bf16, DeepSeek-V3
+    shapes, 4 pieces, ``docs/benchmarks.md``): gate-up 0.985-0.995x the contiguous call, down
+    0.933-0.949x: the result copies (2.6 ms for 3/4 of a 7.5 GB down result) cost, under the
+    power cap.
+``segments_direct`` (the default for bf16 / float32 split weights on CUDA)
+    The first piece in place as above; in the other pieces, every expert with at least
+    :data:`DIRECT_MIN_ROWS` rows runs as ``torch.mm(x_rows, w_e, out=out_rows)`` straight into
+    the output, and each run of smaller experts as one grouped call into a temporary, then a
+    copy. The units are cut into up to 4 contiguous chunks of about equal rows, one per worker
+    stream. Measured on an H200 (same benchmark): 1.02-1.09x the contiguous ``torch._grouped_mm``
+    from 8K to 64K tokens (cuBLAS's per-expert GEMMs outrun the CUTLASS grouped kernel at these
+    sizes, and no result is copied); at 1K tokens (32 rows per expert: nearly everything grouped)
+    about equal to ``segments_async``. Host cost: one ``torch.mm`` launch per big expert (about
+    19 us each on that machine, 3.6 ms for 192 experts): fine behind GEMMs of milliseconds, but
+    raise :data:`DIRECT_MIN_ROWS` where the host is the bottleneck. fp8 runs as
+    ``segments_async``: ``torch._scaled_mm`` with row-wise scales (cuBLASLt) refused row counts
+    that are not multiples of 16.
 ``per_expert``
     ``torch.mm(x_rows, w_e, out=out_rows)`` for every expert with tokens. Also the fallback for
     pieces whose strides or alignment ``torch._grouped_mm`` rejects (its operands need 16-byte
@@ -39,7 +51,8 @@ virtual range mapped onto the pieces' physical pages, CUDA VMM; :meth:`PrefetchH
 gives them one, and then the single call above runs with no copy at all. Issuing the pieces back
 to back costs only the temporaries' copies (at K=2048, N=7168 about 10 % of the GEMM time for
 3/4 of the rows; at K=7168 a few tenths of that), which ``segments_async`` spreads over
-concurrent pieces on worker streams.
+concurrent pieces on worker streams and ``segments_direct`` avoids for every expert big enough
+to be worth its own ``torch.mm``.
 
 What each call costs besides the GEMMs (see :class:`TokenGroups` for the token counts' forms):
 no host synchronisation, no dtype conversion, no contiguity copy. The result is the op's own
@@ -74,7 +87,9 @@ __all__ = ["run", "run_rows", "METHODS", "grouped_mm_supported", "has_device_ker
 METHODS = ("auto", "grouped_mm", "segments", "segments_async", "segments_direct", "per_expert")
 
 #: ``segments_direct``: experts with at least this many rows (outside the in-place piece) run as
-#: ``torch.mm`` straight into the output; smaller ones stay grouped (temporary + copy).
+#: ``torch.mm`` straight into the output; smaller ones stay grouped (temporary + copy). 128: on an
+#: H200 (``perf/probe_split_gemm.py``) 0 and 128 ran alike from 4K tokens up, while 0 made 1K
+#: tokens host-bound (one launch per expert: 0.86x) and 512 lost to whole pieces at 8K (0.94x).
 DIRECT_MIN_ROWS = 128
 
 
@@ -179,8 +194,8 @@ def run(p: Problem, method: str = "auto", info: dict | None = None) -> torch.Ten
     p : Problem
     method : str
         One of :data:`METHODS`. ``"auto"``: ``grouped_mm`` for one piece; for several,
-        ``segments_async`` on CUDA and ``segments`` elsewhere; ``per_expert`` where
-        ``torch._grouped_mm`` cannot run.
+        ``segments_direct`` on CUDA (fp8: ``segments_async``) and ``segments`` elsewhere;
+        ``per_expert`` where ``torch._grouped_mm`` cannot run.
     info : dict, optional
         Receives ``method`` (what ran), for split weights ``streams`` (worker streams used, 0
         when all ran on the current stream) and, where a fallback happened, ``fallback`` (why).
@@ -243,8 +258,10 @@ def _overlap(method: str, device: torch.device) -> bool:
     return method in ("segments_async", "segments_direct") or (method == "auto" and device.type == "cuda")
 
 
-def _direct_min_rows(method: str, device: torch.device) -> int | None:
-    """DIRECT_MIN_ROWS for ``segments_direct`` (``auto`` on CUDA), else None (whole pieces)."""
+def _direct_min_rows(method: str, device: torch.device, fp8: bool = False) -> int | None:
+    """DIRECT_MIN_ROWS for ``segments_direct`` (``auto`` on CUDA), else None (whole pieces; fp8)."""
+    if fp8:
+        return None
     return DIRECT_MIN_ROWS if method == "segments_direct" or (method == "auto" and device.type == "cuda") else None
 
 
@@ -379,7 +396,7 @@ class _Workers:
             self.main.wait_stream(st)
 
 
-def _segments(p: Problem, info: dict, mm=None, mm1=None, xq=None, overlap: bool = False,
+def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,
               direct_min_rows: int | None = None) -> torch.Tensor:
     """One grouped call per piece, every result landing in one ``[T, N]`` output.
 
@@ -393,17 +410,15 @@ def _segments(p: Problem, info: dict, mm=None, mm1=None, xq=None, overlap: bool 
     caller's ``out`` every grouped piece is copied.
 
     ``direct_min_rows`` (``segments_direct``): in the pieces that are not computed in place,
-    every expert with at least that many rows runs as ``mm1`` (default ``torch.mm(...,
-    out=rows)``; fp8: ``torch._scaled_mm(..., out=rows)``) straight into the output (no
-    temporary, no copy); the runs of smaller experts between them stay grouped calls into
-    temporaries. None: every such piece is one grouped call.
+    every expert with at least that many rows runs as ``torch.mm(..., out=rows)`` straight into
+    the output (no temporary, no copy); the runs of smaller experts between them stay grouped
+    calls into temporaries. None: every such piece is one grouped call.
 
     ``mm(a, w, offs, first, r0)``: the grouped call on rows ``a`` (from row ``r0``) of experts
-    ``first..first + len(w) - 1``; ``mm1(a, w_e, e, r0, out_rows)``: one expert into ``out_rows``.
+    ``first..first + len(w) - 1``.
     """
     fp8 = xq is not None
     mm = mm or (lambda a, w, offs, first, r0: torch._grouped_mm(a, w, offs=offs))
-    mm1 = mm1 or (lambda a, we, e, r0, o: torch.mm(a, we, out=o))
     x = p.x if xq is None else xq
     g = p.groups
     bounds = _bounds(p)
@@ -453,7 +468,7 @@ def _segments(p: Problem, info: dict, mm=None, mm1=None, xq=None, overlap: bool 
                 for u in chunk:
                     if u[0] == "mm":
                         _, e, we, r0, r1 = u
-                        mm1(x[r0:r1], we, e, r0, out[r0:r1])
+                        torch.mm(x[r0:r1], we, out=out[r0:r1])
                         continue
                     _, first, n, w, r0, r1 = u
                     y = mm(x[r0:r1], w, run_offs[(first, n)], first, r0)
@@ -564,14 +579,10 @@ def _run_fp8(p: Problem, method: str, info: dict) -> torch.Tensor:
         return torch._scaled_grouped_mm(a, w, xs[r0:r0 + a.shape[0]], p.scales[pi][i:i + int(w.shape[0])],
                                         offs=offs, out_dtype=torch.bfloat16)
 
-    def mm1(a, we, e, r0, o):  # rowwise scales: x [M, 1], weight [1, N]
-        pi, i = _locate(p, e)
-        torch._scaled_mm(a, we, xs[r0:r0 + a.shape[0]].unsqueeze(1), p.scales[pi][i].unsqueeze(0),
-                         out_dtype=torch.bfloat16, out=o)
-
+    # No direct units for fp8: torch._scaled_mm with row-wise scales (cuBLASLt, torch 2.11 + CUDA
+    # 13 on an H200) refused row counts that are not multiples of 16 (CUBLAS_STATUS_NOT_SUPPORTED,
+    # e.g. m=237): fp8 pieces stay whole grouped calls (segments_direct runs as segments_async).
     overlap = _overlap(method, p.device)
-    direct = _direct_min_rows(method, p.device)
     info["method"] = "scaled_grouped_mm" if len(p.pieces) == 1 else \
-        ("scaled_segments_direct" if direct is not None else
-         "scaled_segments_async" if overlap else "scaled_segments")
-    return _segments(p, info, mm=mm, mm1=mm1, xq=xq, overlap=overlap, direct_min_rows=direct)
+        ("scaled_segments_async" if overlap else "scaled_segments")
+    return _segments(p, info, mm=mm, xq=xq, overlap=overlap)
