@@ -65,8 +65,9 @@ store ``[E, N, K]`` and pass ``w.transpose(-1, -2)``). Where that op is missing 
 below sm90) :func:`fp8_unavailable_reason` says why.
 
 Streams: everything is enqueued on the current stream of ``x``'s device (plus the worker streams
-of ``segments_async`` and :func:`run_rows`, forked from it and joined back before returning); the
-host never waits, except once per device and dtype for a tiny capability probe.
+of ``segments_async`` / ``segments_direct`` and :func:`run_rows`, forked from it and joined back
+before returning); the host never waits, except once per device and dtype for a tiny capability
+probe.
 """
 
 from __future__ import annotations
