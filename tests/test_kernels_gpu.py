@@ -263,6 +263,30 @@ def test_side_stream(seed):
     assert rel_err(out, ref64(x, sizes, w)) < 1e-2
 
 
+def test_worker_streams_follow_the_caller_stream(seed):
+    """Split GEMMs issued alternately from a high- and a normal-priority stream: each caller gets
+    its own workers at its own priority, results are right on every caller stream."""
+    x, sizes, w = make_case(seed, 12, 128, 256, 1500, torch.bfloat16, device=DEV, empty_frac=0.1)
+    pieces = [w[:3], w[3:6].clone(), w[6:9].clone(), w[9:].clone()]
+    ref = ref64(x, sizes, w)
+    lo_pri, hi_pri = torch.cuda.Stream.priority_range()
+    callers = [torch.cuda.Stream(priority=hi_pri), torch.cuda.Stream(priority=lo_pri)]
+    for s in callers:
+        s.wait_stream(torch.cuda.current_stream())
+    outs = []
+    for i in range(8):
+        s = callers[i % 2]
+        with torch.cuda.stream(s):
+            backend = "torch:segments_async" if i % 4 < 2 else "torch"
+            outs.append(K.grouped_gemm(x, sizes, pieces, backend=backend))
+    torch.cuda.synchronize()
+    assert all(rel_err(o, ref) < 1e-2 for o in outs)
+    for s in callers:
+        pool = torch_grouped._Workers._pools[(s.device_index, s.stream_id)]
+        assert pool and all(wk.priority == s.priority for wk in pool), (s.priority, [wk.priority for wk in pool])
+    assert callers[0].priority != callers[1].priority
+
+
 def test_weights_on_another_device_are_refused(seed):
     x, sizes, w = make_case(seed, 4, 32, 32, 40, torch.float32, device=DEV)
     other = "cuda:1" if torch.cuda.device_count() > 1 else "cpu"

@@ -117,12 +117,15 @@ def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offs
 
     Cost with the torch backend and valid inputs: one weight tensor (contiguous or composite
     view) runs exactly one ``torch._grouped_mm`` (once the groups' device offsets exist: one
-    asynchronous 4-byte-per-expert upload per :class:`TokenGroups`); split weights run one per
-    piece plus a device copy of every piece's rows but the first's (``torch._grouped_mm`` has no
-    ``out=``), the pieces concurrent on worker streams on CUDA
-    (:mod:`dwdp_comm.kernels.torch_grouped`). Memory: those pieces' temporaries are allocated on
-    the worker streams, so the caching allocator keeps them cached there (reusable by later split
-    calls, not by other work on the current stream): up to ``(G - 1) / G`` of a result per device.
+    asynchronous 4-byte-per-expert upload per :class:`TokenGroups`). Split weights on CUDA
+    (``segments_direct``): one grouped call for the first piece, in place; in the others one
+    ``torch.mm`` per expert with at least ``DIRECT_MIN_ROWS`` rows, straight into the output, and
+    one grouped call per run of smaller experts plus a device copy of its rows
+    (``torch._grouped_mm`` has no ``out=``), concurrent on worker streams
+    (:mod:`dwdp_comm.kernels.torch_grouped`). Memory: the runs' temporaries are allocated on the
+    worker streams, so the caching allocator keeps them cached there (reusable by later split
+    calls from the same stream, not by other work on the current stream). fp8 and
+    ``"torch:segments_async"`` run whole pieces that way: up to ``(G - 1) / G`` of a result.
     """
     p = make_problem(x, m_sizes_or_offsets, weights, offsets=offsets, weight_scales=weight_scales,
                      x_scales=x_scales, out=out)

@@ -73,6 +73,7 @@ probe.
 from __future__ import annotations
 
 import bisect
+import collections
 import contextlib
 import functools
 
@@ -348,7 +349,7 @@ def _bounds(p: Problem) -> tuple:
 
 
 class _Workers:
-    """Worker streams for the pieces of a split GEMM (a pool per device, reused), or none.
+    """Worker streams for the pieces of a split GEMM (a pool per caller stream, reused), or none.
 
     Work is cut into units (a piece, a run of experts, one expert: ``segments_async`` /
     ``segments_direct``) and the units into contiguous chunks, chunk ``j`` on worker ``j``: each
@@ -368,20 +369,28 @@ class _Workers:
     written by the workers on rows the current stream's GEMM does not touch; its block's earlier
     users were enqueued before the fork.
 
-    Known limits: the pool is per device, so two caller streams share the same workers (their
-    pieces then run one after the other); workers have the default priority.
+    Pools: one per (device, caller stream), its workers created at the caller stream's priority,
+    so split GEMMs issued from two streams do not queue behind each other's pieces and a
+    high-priority caller keeps its priority. At most :attr:`POOLS` pools are kept (least
+    recently used dropped; torch hands its streams out of a fixed per-device pool, so dropping
+    one frees nothing and in-flight work is unaffected).
     """
 
     MAX = 4  # concurrent pieces: enough to fill the tails; more only adds streams
-    _pools: dict = {}
+    POOLS = 8
+    _pools: "collections.OrderedDict" = collections.OrderedDict()
 
     def __init__(self, device: torch.device, pieces: int, overlap: bool):
         self.main, self.streams = None, []
         if overlap and device.type == "cuda" and pieces > 0:
             self.main = torch.cuda.current_stream(device)
-            pool = self._pools.setdefault(self.main.device_index, [])
+            key = (self.main.device_index, self.main.stream_id)
+            pool = self._pools.pop(key, [])
+            self._pools[key] = pool  # most recently used last
+            while len(self._pools) > self.POOLS:
+                self._pools.popitem(last=False)
             while len(pool) < min(pieces, self.MAX):
-                pool.append(torch.cuda.Stream(device=self.main.device_index))
+                pool.append(torch.cuda.Stream(device=self.main.device_index, priority=self.main.priority))
             self.streams = pool[:min(pieces, self.MAX)]
 
     def fork(self) -> None:
