@@ -83,7 +83,7 @@ from ..errors import BackendUnavailableError, bad_arg
 from ._inputs import FP8_DTYPE, Problem
 from .reference import quantize_rowwise
 
-__all__ = ["run", "run_rows", "METHODS", "grouped_mm_supported", "has_device_kernel", "fp8_unavailable_reason",
+__all__ = ["run", "run_rows", "METHODS", "DIRECT_MIN_ROWS", "grouped_mm_supported", "has_device_kernel", "fp8_unavailable_reason",
            "operand_ok"]
 
 METHODS = ("auto", "grouped_mm", "segments", "segments_async", "segments_direct", "per_expert")
