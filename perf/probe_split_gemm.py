@@ -122,8 +122,12 @@ class Cublas:
 
 
 def _direct(x, groups, split, min_rows):
-    TG.DIRECT_MIN_ROWS = min_rows
-    return K.grouped_gemm(x, groups, split, backend="torch:segments_direct")
+    """segments_direct at ``min_rows``; the default is restored so "split" (auto) keeps its own."""
+    default, TG.DIRECT_MIN_ROWS = TG.DIRECT_MIN_ROWS, min_rows
+    try:
+        return K.grouped_gemm(x, groups, split, backend="torch:segments_direct")
+    finally:
+        TG.DIRECT_MIN_ROWS = default
 
 
 def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):

@@ -72,7 +72,6 @@ probe.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import contextlib
 import functools
@@ -262,9 +261,8 @@ def _overlap(method: str, device: torch.device) -> bool:
 
 def _direct_min_rows(method: str, device: torch.device, fp8: bool = False) -> int | None:
     """DIRECT_MIN_ROWS for ``segments_direct`` (``auto`` on CUDA), else None (whole pieces; fp8)."""
-    if fp8:
-        return None
-    return DIRECT_MIN_ROWS if method == "segments_direct" or (method == "auto" and device.type == "cuda") else None
+    direct = not fp8 and method in ("auto", "segments_direct") and _overlap(method, device)
+    return DIRECT_MIN_ROWS if direct else None
 
 
 def run_rows(p: Problem, consume, info: dict | None = None, overlap: bool | None = None) -> None:
@@ -521,12 +519,6 @@ def _chunks(units: list, n: int) -> list:
     return chunks
 
 
-def _locate(p: Problem, expert: int) -> tuple[int, int]:
-    """``(piece index, index in the piece)`` of ``expert`` (fp8 scales are per piece)."""
-    pi = bisect.bisect_right([first for first, _ in p.pieces], expert) - 1
-    return pi, expert - p.pieces[pi][0]
-
-
 def _split_piece(g, first: int, w: torch.Tensor, min_rows: int) -> list:
     """Units of one piece for ``segments_direct``: big experts direct, runs of small ones grouped.
 
@@ -584,10 +576,11 @@ def _run_fp8(p: Problem, method: str, info: dict) -> torch.Tensor:
         raise bad_arg("method", method, f"'segments' for {len(p.pieces)} weight pieces")
     xq, xs = (p.x, p.x_scales) if p.x_scales is not None else quantize_rowwise(p.x)
 
+    piece_of = {first: pi for pi, (first, _) in enumerate(p.pieces)}  # fp8 units are whole pieces
+
     def mm(a, w, offs, first, r0):
-        pi, i = _locate(p, first)
-        return torch._scaled_grouped_mm(a, w, xs[r0:r0 + a.shape[0]], p.scales[pi][i:i + int(w.shape[0])],
-                                        offs=offs, out_dtype=torch.bfloat16)
+        return torch._scaled_grouped_mm(a, w, xs[r0:r0 + a.shape[0]], p.scales[piece_of[first]], offs=offs,
+                                        out_dtype=torch.bfloat16)
 
     # No direct units for fp8: torch._scaled_mm with row-wise scales (cuBLASLt, torch 2.11 + CUDA
     # 13 on an H200) refused row counts that are not multiples of 16 (CUBLAS_STATUS_NOT_SUPPORTED,
