@@ -262,7 +262,8 @@ def test_token_groups_piece_offsets_are_relative_and_cached():
 
 def test_repeated_calls_reuse_device_offsets(seed, monkeypatch):
     """With a TokenGroups reused, a call uploads nothing: the contiguous path is exactly one
-    torch._grouped_mm on the cached offsets; split weights one per piece (relative offsets cached)."""
+    torch._grouped_mm on the cached offsets; split weights one per piece with tokens (relative
+    offsets cached)."""
     from dwdp_comm.kernels import _inputs
     x, sizes, w = make_case(seed, 8, 16, 32, 80, torch.bfloat16, empty_frac=0.0)
     g = K.TokenGroups(sizes)
@@ -278,7 +279,8 @@ def test_repeated_calls_reuse_device_offsets(seed, monkeypatch):
     assert rel_err(out, ref64(x, sizes, w)) < 1e-2
     calls.clear()
     out = K.grouped_gemm(x, g, pieces)
-    assert len(calls) == 4 and not uploads
+    busy = sum(1 for f, t in pieces if sum(sizes[f:f + t.shape[0]]))  # random sizes may leave a piece empty
+    assert len(calls) == busy and not uploads
     assert rel_err(out, ref64(x, sizes, w)) < 1e-2
     K.grouped_gemm(x, sizes, pieces)  # a fresh list: one upload (the relative offsets of the pieces)
     assert len(uploads) == 1
