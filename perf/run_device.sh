@@ -3,6 +3,7 @@
 #
 #   bash perf/run_device.sh copy      # GPU tests, copy-plane perf, contention CLI, memcheck
 #   bash perf/run_device.sh compute   # grouped GEMM benchmark (one GPU), DeepSeek DWDP vs DEP sweep
+#   bash perf/run_device.sh session   # one GPU: GPU suite, fault tests + sanitizer, HF example, advisor validation
 #
 # Each step is time-boxed and the script goes on after a failure; a summary line per step (exit
 # code, seconds) is printed last. Results (JSON, PNG) and one log archive land in $OUT (at most 8
@@ -87,8 +88,18 @@ elif [ "$PART" = compute ]; then
     TAILN=30 CUDA_VISIBLE_DEVICES=0 step grouped_gemm "${T_GEMM:-240}" python3 perf/bench_grouped_gemm.py \
         --json "$OUT/grouped_gemm.json" ${GEMM_ARGS:-}
     sweep sweep_fp8 "${T_SWEEP8:-260}" fp8
+elif [ "$PART" = session ]; then
+    # One H200 is enough: the GPU suite (multi-rank tests share the GPU), the fault tests under
+    # compute-sanitizer, the HF example on cuda_ipc, and the advisor's validation.
+    step pytest_gpu "${T_PYTEST:-200}" python3 -m pytest tests/gpu tests/test_kernels_gpu.py -q -rs -p no:cacheprovider \
+        --timeout=180 --junitxml="$OUT/logs/pytest_gpu.xml"
+    [ -f perf/run_faults_gpu.sh ] && TAILN=20 step faults_gpu "${T_FAULTS:-120}" bash perf/run_faults_gpu.sh
+    [ -f examples/hf_moe.py ] && TAILN=25 step hf_example "${T_HF:-90}" python3 examples/hf_moe.py --backend cuda_ipc \
+        --world-size 2 --json "$OUT/hf_moe_h200.json"
+    [ -f perf/validate_advise.py ] && TAILN=30 step advise_validate "${T_ADV:-150}" python3 perf/validate_advise.py \
+        --json "$OUT/advise_validate_h200.json"
 else
-    echo "usage: bash perf/run_device.sh copy|compute"; exit 2
+    echo "usage: bash perf/run_device.sh copy|compute|session"; exit 2
 fi
 
 echo "==================== device run ($PART, $(( $(date +%s) - START ))s, commit $DWDP_GIT_COMMIT) ===================="
