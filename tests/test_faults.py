@@ -147,7 +147,7 @@ def _alive(pid: int) -> bool:
 def test_stuck_rank_under_torchrun():
     """Item 4 under torchrun: rank 0's barrier raises CollectiveTimeoutError naming rank 1 after the
     library's timeout (3 s here), not gloo's 30 minutes."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-port=0",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            "-m", "rankfns", "stuck"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
