@@ -12,13 +12,19 @@ __all__ = [
     "InvalidArgumentError",
     "InvalidTypeError",
     "ClosedError",
+    "CollectiveError",
     "CollectiveMismatchError",
+    "CollectiveFailedError",
+    "CollectiveTimeoutError",
+    "TransportError",
     "BackendUnavailableError",
     "SlotStillHeldError",
     "PeerAccessError",
     "RankFailedError",
     "MissingDependencyError",
     "bad_arg",
+    "bad_type",
+    "gathered_error",
 ]
 
 
@@ -38,11 +44,55 @@ class ClosedError(DwdpError, RuntimeError):
     """An object was used after ``close()``, or closed twice."""
 
 
-class CollectiveMismatchError(DwdpError, RuntimeError):
+class CollectiveError(DwdpError, RuntimeError):
+    """A collective step of the group did not complete on every rank.
+
+    Attributes
+    ----------
+    step : str
+        The collective step (``"WeightStore.commit: copying shards into the heap"``, ...).
+    ranks : dict[int, str]
+        The ranks at fault and what each reported (empty when unknown).
+    """
+
+    def __init__(self, message: str, step: str = "", ranks: dict | None = None):
+        super().__init__(message)
+        self.step = step
+        self.ranks = dict(ranks or {})
+
+
+class CollectiveMismatchError(CollectiveError):
     """Ranks disagreed in a collective call (different registrations, arguments, ...).
 
     Raised on every rank with the same message, so that no rank is left waiting.
     """
+
+
+class CollectiveFailedError(CollectiveError):
+    """A collective step failed locally on some rank(s); every rank raises it, with the same message
+    naming those ranks and their errors (the failing rank chains its own exception as ``__cause__``)."""
+
+
+class TransportError(CollectiveError):
+    """The object-exchange transport (gloo) failed inside a collective step: a peer died or closed
+    its connection. Names this rank, the step and the ranks that had not arrived at it.
+
+    Attributes
+    ----------
+    rank : int
+        The rank that raised it.
+    missing : list of int or None
+        Ranks that had not arrived at the step (None when it could not be told).
+    """
+
+    def __init__(self, message: str, step: str = "", rank: int = -1, missing: list | None = None):
+        super().__init__(message, step, {r: "did not arrive" for r in (missing or ())})
+        self.rank, self.missing = rank, missing
+
+
+class CollectiveTimeoutError(TransportError, TimeoutError):
+    """Some ranks did not arrive at a collective step within the group's timeout
+    (``dwdp_comm.init(timeout=...)`` or ``DWDP_COMM_TIMEOUT``); ``missing`` names them."""
 
 
 class BackendUnavailableError(DwdpError, RuntimeError):
@@ -89,3 +139,32 @@ def bad_arg(name: str, got: object, expected: str, hint: str = "") -> InvalidArg
 def bad_type(name: str, got: object, expected: str) -> InvalidTypeError:
     """Build the standard wrong-type error, naming the argument and the type given."""
     return InvalidTypeError(f"{name}: got an object of type {type(got).__name__}, expected {expected}")
+
+
+def gathered_error(errors, step: str, exc_type: type = None, hint: str = "") -> "CollectiveError | None":
+    """The one error every rank raises after a collective check, or None when no rank reported one.
+
+    Parameters
+    ----------
+    errors : sequence of (str or None)
+        Every rank's problem, in rank order (the result of one all-gather, so every rank builds the
+        same message).
+    step : str
+        The collective step, for the message.
+    exc_type : type, optional
+        The class to raise (default :class:`CollectiveFailedError`); a class that is not a
+        :class:`CollectiveError` is built from the message alone.
+    hint : str
+        A last line saying what to do.
+    """
+    bad = {r: e for r, e in enumerate(errors) if e}
+    if not bad:
+        return None
+    exc_type = exc_type or CollectiveFailedError
+    lines = "\n".join(f"  rank {r}: {e}" for r, e in bad.items())
+    msg = f"{step} failed on {len(bad)} of {len(errors)} ranks (rank(s) {sorted(bad)}):\n{lines}"
+    if hint:
+        msg += f"\n{hint}"
+    if issubclass(exc_type, CollectiveError) and not issubclass(exc_type, TransportError):
+        return exc_type(msg, step, bad)
+    return exc_type(msg)

@@ -15,6 +15,11 @@ How one prefetch flows::
 A slot is never overwritten before the handle that owns it was released: the next handle for the
 slot is not even submitted until then. Waiting on such a deferred handle raises
 :class:`~dwdp_comm.errors.SlotStillHeldError` instead of deadlocking.
+
+Prefetched views are read-only by contract. On ``sim`` a write never reaches the heap: composite
+views map the heap pages copy-on-write and are rebuilt for every handle, so a write stays in that
+handle's view and is gone at the next prefetch into the slot. On GPU backends a composite view's
+local rows are the heap pages that peers read: writing them would change the expert for every rank.
 """
 
 from __future__ import annotations
@@ -25,9 +30,14 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+import logging
+
 from .errors import ClosedError, DwdpError, SlotStillHeldError, bad_arg, bad_type
+from .group import describe
 from .planner import PlanCache, make_plan, policies
 from .store import WeightStore, _typed
+
+log = logging.getLogger("dwdp_comm")
 
 __all__ = ["Prefetcher", "PrefetchHandle"]
 
@@ -179,7 +189,9 @@ class PrefetchHandle:
         Returns
         -------
         torch.Tensor
-            On the group's device, dtype as registered. Valid until :meth:`release`.
+            On the group's device, dtype as registered. Read-only by contract (see the module
+            docstring). Its bytes are meaningful until :meth:`release`; the memory stays valid
+            while the tensor is referenced (reading it later never crashes, even past ``close()``).
 
         Raises
         ------
@@ -199,7 +211,8 @@ class PrefetchHandle:
         The pieces cover experts ``0 .. num_experts-1`` in order; each is ``[count, *expert_shape]``
         of the registered dtype on the group's device (local shard and slot pieces, zero copy).
         This is the split-weight form a grouped GEMM can consume without a merged tensor. Needs
-        :meth:`wait` first and every expert present; valid until :meth:`release`.
+        :meth:`wait` first and every expert present; valid until :meth:`release`. In composite mode
+        the pieces are slices of the composite view (read-only by contract, as :meth:`weights`).
         """
         self._check_readable()
         self._check_present(None)
@@ -303,14 +316,44 @@ class Prefetcher:
             raise bad_arg("chunk_nbytes", chunk_nbytes, "an int > 0 (bytes per chunk)")
         self.store, self.depth, self.schedule, self.chunk_nbytes = store, int(depth), schedule, int(chunk_nbytes)
         self._backend = store.group.impl
-        self._engine = self._backend.copy_engine(store.heap, **(engine_options or {}))
-        cuts = store.slot_boundaries()
-        self._slots = [_Slot(i, self._backend.alloc_buffer(store.slot_nbytes, cuts)) for i in range(self.depth)]
+        self._fresh_views = bool(getattr(self._backend, "private_composites", False))
         self._plans = PlanCache()
         self._count = 0
         self.nbytes_prefetched = 0
         self._closed = False
+        self._engine, self._slots = None, []
+        err, cause = None, None
+        try:
+            self._engine = self._backend.copy_engine(store.heap, **(engine_options or {}))  # agreed inside if collective
+            cuts = store.slot_boundaries()
+            for i in range(self.depth):
+                self._slots.append(_Slot(i, self._backend.alloc_buffer(store.slot_nbytes, cuts)))
+        except Exception as exc:
+            err, cause = describe(exc), exc
+        if self._engine is not None and self._engine.collective:
+            # Every rank holds a collective engine now: all keep it or all give it up together.
+            try:
+                store.group.comm.agree(err, "Prefetcher: creating the copy engine and the slots", cause=cause)
+            except BaseException:
+                self._free(collective=True)
+                raise
+        elif cause is not None:
+            self._free(collective=False)
+            raise cause
         store._prefetchers.append(self)
+
+    def _free(self, collective: bool) -> None:
+        """Release the engine (collectively or not) and the slots of a prefetcher being given up."""
+        self._closed = True
+        try:
+            if self._engine is not None:
+                self._engine.close() if collective else self._engine.abort()
+        except Exception as exc:
+            log.warning("dwdp_comm: releasing the copy engine failed: %r", exc)
+        for slot in self._slots:
+            self._drop_views(slot)
+            slot.queue.clear()
+            slot.buffer.close()
 
     @property
     def closed(self) -> bool:
@@ -388,6 +431,8 @@ class Prefetcher:
             plan = self._plans.get(key, lambda: make_plan(
                 self.store.copy_ranges(h.layer, h._fetched), rank=self.store.layout.rank,
                 group_size=self.store.layout.group_size, policy=self.schedule, chunk_nbytes=self.chunk_nbytes))
+            if self._fresh_views:
+                self._drop_views(slot)  # copy-on-write views: the previous handle's writes stay in its views
             h._ready = self._engine.submit(plan, src_base=self.store.layer_base(h.layer), dst=slot.buffer,
                                            dst_base=0, after=slot.fence + h._after)
             self.nbytes_prefetched += plan.total_nbytes
@@ -413,9 +458,17 @@ class Prefetcher:
             comp = self._backend.compose([(buf, off, n * nb) for _, buf, off, n in parts])
             slot.composites.append(comp)
             full = _typed(comp.tensor(), e.spec, E)
-            segments = [(start, _typed(buf.tensor(off, n * nb), e.spec, n)) for start, buf, off, n in parts]
+            # Slices of the composite: the local piece is never the heap tensor itself.
+            segments = [(start, full[start:start + n]) for start, _, _, n in parts]
         slot.views[key] = (full, segments)
         return full, segments
+
+    @staticmethod
+    def _drop_views(slot: _Slot) -> None:
+        for comp in slot.composites:
+            comp.close()  # unmapped when the views handed out so far go
+        slot.composites.clear()
+        slot.views.clear()
 
     def synchronize(self) -> None:
         """Block the host until every submitted copy of this prefetcher completed. Local."""
@@ -434,15 +487,16 @@ class Prefetcher:
         """Wait for copies in flight (blocks the host), then free the slots.
 
         Local, except with a copy engine whose ``close`` is collective (``sync="slot"`` or
-        ``"source"``: every rank must call it). Handles become unusable; a second call raises
-        :class:`~dwdp_comm.errors.ClosedError`. The engine is closed first: closing waits for its
+        ``"source"``: every rank must call it). Handles become unusable; views already handed out
+        stay readable (stale) while referenced. A second call does nothing, and so does closing the
+        store first (it closes its prefetchers). The engine is closed first: closing waits for its
         copies and, for a ``sync`` engine whose ranks submitted different numbers of jobs, first
         releases the copy streams left waiting (and then raises
         :class:`~dwdp_comm.errors.CollectiveMismatchError`); waiting on the handles before that
         would block forever. The first error is raised after the slots were freed.
         """
         if self._closed:
-            raise ClosedError("Prefetcher closed twice")
+            return
         self._closed = True
         errors = []
         for step in (self._engine.close, self._wait_all):
@@ -451,13 +505,17 @@ class Prefetcher:
             except Exception as exc:  # free the slots anyway; report the first error
                 errors.append(exc)
         for slot in self._slots:
-            for comp in slot.composites:
-                comp.close()
-            slot.views.clear()
+            self._drop_views(slot)
             slot.queue.clear()
             slot.buffer.close()
         if errors:
             raise errors[0]
+
+    def abort(self) -> None:
+        """Release the engine and the slots now, without any collective step and without waiting
+        for peers (an exception unwinds on this rank only). Idempotent."""
+        if not self._closed:
+            self._free(collective=False)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -468,8 +526,10 @@ class Prefetcher:
     def __enter__(self) -> "Prefetcher":
         return self
 
-    def __exit__(self, *exc) -> None:
-        if not self._closed:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()  # no collective engine step while an exception unwinds on this rank
+        else:
             self.close()
 
     def __repr__(self) -> str:

@@ -19,6 +19,7 @@ Placement (computed identically on every rank from the registrations gathered at
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -26,12 +27,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import ClosedError, CollectiveMismatchError, DwdpError, bad_arg, bad_type
-from .group import Group
+from .errors import ClosedError, CollectiveError, CollectiveMismatchError, DwdpError, TransportError, bad_arg, bad_type
+from .group import Group, describe
 from .layout import ExpertLayout
 from .planner import CopyRange
 
 __all__ = ["TensorSpec", "WeightStore"]
+
+log = logging.getLogger("dwdp_comm")
 
 
 def _align(n: int, a: int) -> int:
@@ -84,7 +87,10 @@ class WeightStore:
 
     Notes
     -----
-    ``register`` is local; ``commit`` and ``close`` are collective over the group.
+    ``register`` is local; ``commit`` and ``close`` are collective over the group, and each is one
+    agreed step: when it fails on one rank, every rank raises the same error naming that rank (see
+    ``docs/design.md``, "Failure model"). ``close()`` is idempotent; leaving a ``with`` block by an
+    exception calls :meth:`abort` (local) instead.
     """
 
     def __init__(self, group: Group, layout: ExpertLayout):
@@ -107,6 +113,7 @@ class WeightStore:
         self._prefetchers: list = []
         self._committed = False
         self._closed = False
+        self._failed: str | None = None  # why commit() failed, for later use errors
         group._stores.append(self)
 
     # ---- registration ------------------------------------------------------------------------
@@ -169,32 +176,74 @@ class WeightStore:
         ------
         CollectiveMismatchError
             Registrations differ between ranks (raised on every rank, same message).
+        CollectiveFailedError
+            Placing the shards failed on some rank (a shard that cannot be copied as bytes, such as
+            a sparse, meta or conjugate-view tensor; a failed device copy; no memory): raised on
+            every rank, naming the ranks and their errors. The store is then closed on every rank
+            and its heap freed.
+        CollectiveTimeoutError, TransportError
+            A rank did not arrive in time or died (the store is then released locally).
         DwdpError
             Called twice.
         """
         self._check_open()
         if self._committed:
             raise DwdpError("commit() called twice")
+        comm = self.group.comm
         mine = {"num_experts": self.layout.num_experts,
                 "layers": {l: {n: (str(t.dtype).removeprefix("torch."), tuple(t.shape[1:]), int(t.shape[0]))
                                for n, t in names.items()} for l, names in self._shards.items()}}
-        everyone = self.group.comm.all_gather_object(mine)
+        everyone = comm.all_gather_object(mine, "WeightStore.commit: checking registrations")
         problems = _check_registrations(everyone, self.layout)
         if problems:
-            raise CollectiveMismatchError("WeightStore.commit(): registrations disagree:\n  " + "\n  ".join(problems))
-        self._place()
-        self.heap = self._backend.alloc_symmetric(self._heap_nbytes, self._heap_boundaries())
-        for layer, names in self._shards.items():
-            for name, t in names.items():
-                e = self._entries[layer][name]
-                nb = self.layout.num_local_experts * e.spec.expert_nbytes
-                if nb:
-                    src = t.detach().contiguous().reshape(-1).view(torch.uint8)
-                    self.heap.local.tensor(e.heap_offset, nb).copy_(src)
+            raise CollectiveMismatchError("WeightStore.commit(): registrations disagree:\n  " + "\n  ".join(problems),
+                                          "WeightStore.commit: checking registrations")
+        try:
+            self._place()
+            self.heap = self._backend.alloc_symmetric(self._heap_nbytes, self._heap_boundaries())  # agreed inside
+            err, cause = None, None
+            try:
+                for layer, names in self._shards.items():
+                    for name, t in names.items():
+                        e = self._entries[layer][name]
+                        nb = self.layout.num_local_experts * e.spec.expert_nbytes
+                        if nb:
+                            try:
+                                src = _shard_bytes(t)
+                                self.heap.local.tensor(e.heap_offset, nb).copy_(src)
+                            except Exception as exc:
+                                raise type(exc)(f"layer {layer}, name {name!r}: {exc}") from exc
+                self._backend.synchronize()
+            except Exception as exc:
+                err, cause = describe(exc), exc
+            # Peers may read our heap from now on, and only once every rank placed its shards:
+            # one failed rank makes every rank raise (nobody returns with zeros in its heap).
+            comm.agree(err, "WeightStore.commit: copying shards into the heap", cause=cause)
+        except BaseException as exc:
+            self._fail(exc)
+            raise
         self._shards.clear()
-        self._backend.synchronize()
-        self.group.comm.barrier()  # peers may read our heap from now on
         self._committed = True
+
+    def _fail(self, exc: BaseException) -> None:
+        """Release what a failed commit() allocated; collectively when every rank agreed on the
+        failure (they all run this), locally when the transport failed."""
+        self._failed = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        self._closed = True
+        self._shards.clear()
+        self._release_heap(collective=isinstance(exc, CollectiveError) and not isinstance(exc, TransportError))
+
+    def _release_heap(self, collective: bool) -> None:
+        heap, self.heap = self.heap, None
+        if heap is None:
+            return
+        if collective and self.group.comm.broken is None:
+            try:
+                heap.close()  # collective: barrier first
+                return
+            except Exception as exc:
+                log.warning("dwdp_comm: collective heap close failed (%r); releasing locally", exc)
+        heap.abort()
 
     def _place(self) -> None:
         b, lay = self._backend, self.layout
@@ -286,12 +335,14 @@ class WeightStore:
         Returns
         -------
         torch.Tensor
-            Of the registered dtype, on the group's device (host shared memory on ``sim``); valid
-            until :meth:`close`.
+            Of the registered dtype, on the group's device (host shared memory on ``sim``). Read-only
+            by contract: peers read these bytes. On ``sim`` it is a copy-on-write view (a write stays
+            in the tensor); on GPU backends it is the heap memory itself. It stays valid (no crash)
+            while referenced, even past :meth:`close`, but is only meaningful until then.
         """
         e = self._entry(layer, name)
         nb = self.layout.num_local_experts * e.spec.expert_nbytes
-        return _typed(self.heap.local.tensor(e.heap_offset, nb), e.spec, self.layout.num_local_experts)
+        return _typed(self.heap.local.private_tensor(e.heap_offset, nb), e.spec, self.layout.num_local_experts)
 
     # ---- what the prefetcher needs ---------------------------------------------------------------
     def copy_ranges(self, layer: int, experts: tuple[int, ...]) -> list[CopyRange]:
@@ -342,30 +393,70 @@ class WeightStore:
     def close(self) -> None:
         """Collective: close this store's prefetchers, wait until no rank reads the heap, free it.
 
-        Blocks the host until every rank called it. A second call raises
-        :class:`~dwdp_comm.errors.ClosedError`.
+        One agreed step: blocks the host until every rank called it (bounded by the group's
+        timeout); an error on one rank (a failed copy found while closing a prefetcher, ...) is
+        raised on every rank, after the heap was freed. A second call does nothing.
         """
         if self._closed:
-            raise ClosedError("WeightStore closed twice")
-        for pf in self._prefetchers:
-            if not pf.closed:
-                pf.close()
+            return
         self._closed = True
-        if self.heap is not None:
-            self._backend.synchronize()
-            self.heap.close()  # collective: barrier first
+        err, cause = None, None
+        for pf in self._prefetchers:
+            try:
+                pf.close()
+            except Exception as exc:
+                if err is None:
+                    err, cause = describe(exc), exc
+        try:
+            if self.heap is not None:
+                try:
+                    self._backend.synchronize()
+                except Exception as exc:
+                    if err is None:
+                        err, cause = describe(exc), exc
+                self.group.comm.agree(err, "WeightStore.close", cause=cause)  # nobody reads the heap now
+                self._release_heap(collective=True)
+            elif cause is not None:
+                raise cause
+        except BaseException as exc:
+            self._release_heap(collective=isinstance(exc, CollectiveError) and not isinstance(exc, TransportError))
+            raise
+        finally:
+            self._shards.clear()
+
+    def abort(self) -> None:
+        """Release this rank's resources without any collective step (for an exception that
+        unwinds on this rank only): prefetchers aborted, heap released locally. Peers still reading
+        it are safe (see the backend); peers waiting for this rank in a collective step get a
+        timeout or a transport error naming it. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for pf in self._prefetchers:
+            try:
+                pf.abort()
+            except Exception as exc:
+                log.warning("dwdp_comm: aborting a prefetcher failed: %r", exc)
+        try:
+            self._release_heap(collective=False)
+        except Exception as exc:
+            log.warning("dwdp_comm: releasing the heap during abort failed: %r", exc)
         self._shards.clear()
 
     def __enter__(self) -> "WeightStore":
         return self
 
-    def __exit__(self, *exc) -> None:
-        if not self._closed:
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.abort()  # peers may be anywhere: no collective while an exception unwinds
+        else:
             self.close()
 
     # ---- helpers -------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
+            if self._failed:
+                raise ClosedError(f"WeightStore used after a failed commit() ({self._failed}); it was closed")
             raise ClosedError("WeightStore used after close()")
         self.group.check_open()
 
@@ -390,6 +481,17 @@ class WeightStore:
     def __repr__(self) -> str:
         state = "closed" if self._closed else ("committed" if self._committed else "open")
         return f"WeightStore({state}, layers={sorted(self._entries or self._shards)}, layout={self.layout})"
+
+
+def _shard_bytes(t: torch.Tensor) -> torch.Tensor:
+    """A registered shard as flat bytes (raises for tensors that have no plain byte layout)."""
+    if t.layout != torch.strided:
+        raise bad_arg("shard", f"a {t.layout} tensor", "a dense (strided) tensor")
+    if t.is_meta:
+        raise bad_arg("shard", "a tensor on the meta device", "a tensor with data")
+    if t.is_conj() or t.is_neg():
+        t = t.resolve_conj().resolve_neg()  # a lazy view: materialise its values
+    return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
 def _typed(raw: torch.Tensor, spec: TensorSpec, count: int) -> torch.Tensor:

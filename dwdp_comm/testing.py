@@ -32,8 +32,34 @@ def gpu_count() -> int:
         return 0
 
 
+def _die_with_parent(parent_pid: int) -> None:
+    """Make this rank die with the launching process, however that one dies (kill -9 included):
+    ``PR_SET_PDEATHSIG`` (Linux) kills it at once, and a watchdog thread that sees it reparented
+    covers systems without prctl."""
+    import ctypes
+    import signal
+    import threading
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+    if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        os._exit(1)
+
+    def watch():
+        while True:
+            time.sleep(0.5)
+            if os.getppid() != parent_pid:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="dwdp-parent-watchdog", daemon=True).start()
+
+
 def _child(rank: int, world_size: int, init_file: str, backend: str | None, fn: Callable, args: tuple,
-           kwargs: dict, options: dict, timeout: float, conn) -> None:
+           kwargs: dict, options: dict, timeout: float, conn, parent_pid: int | None = None) -> None:
+    if parent_pid is not None:
+        _die_with_parent(parent_pid)
     try:
         import torch
         import torch.distributed as dist
@@ -46,13 +72,14 @@ def _child(rank: int, world_size: int, init_file: str, backend: str | None, fn: 
             if backend is None:
                 result = fn(*args, **kwargs)
             else:
-                from .group import init
+                from .group import init, resolve_timeout
+                options = dict(options)
+                # Collective steps give up before the whole run does, so that their error (naming
+                # the ranks that did not arrive) is what comes back, not a bare launch timeout.
+                options.setdefault("timeout", min(resolve_timeout(), max(1.0, 0.75 * timeout)))
                 group = init(backend, **options)
-                try:
+                with group:  # closes it, or aborts it (no collective) when fn raised
                     result = fn(group, *args, **kwargs)
-                finally:
-                    if not group.closed:
-                        group.close()
         finally:
             dist.destroy_process_group()
         conn.send(("ok", _picklable(result)))
@@ -82,7 +109,9 @@ def launch(fn: Callable, world_size: int, *args: Any, backend: str | None = "sim
     Each rank is a fresh process (the ``spawn`` start method, never ``fork``) that initialises
     torch.distributed over ``gloo`` (file rendezvous) and, unless ``backend`` is None, calls
     :func:`dwdp_comm.init`. Blocks the caller until every rank returned, one failed, or
-    ``timeout`` passed; on a failure or a timeout the remaining ranks are killed at once.
+    ``timeout`` passed; on a failure or a timeout the remaining ranks are killed at once. Ranks
+    also die with the caller, however it dies (``kill -9`` included: ``PR_SET_PDEATHSIG`` plus a
+    watchdog thread), so none is left holding memory or GPUs.
 
     Parameters
     ----------
@@ -95,9 +124,11 @@ def launch(fn: Callable, world_size: int, *args: Any, backend: str | None = "sim
     backend : str or None
         Passed to :func:`dwdp_comm.init`.
     timeout : float
-        Seconds for the whole run, and the torch.distributed collective timeout.
+        Seconds for the whole run, and the torch.distributed collective timeout. The library's
+        collective steps get ``min(DWDP_COMM_TIMEOUT or 300, 0.75 * timeout)`` unless ``options``
+        has ``timeout``, so a stuck rank is named by its peers' error before the run times out.
     options : dict, optional
-        Backend options passed to :func:`dwdp_comm.init`.
+        Options passed to :func:`dwdp_comm.init` (``timeout`` and the backend's).
 
     Returns
     -------
@@ -124,7 +155,7 @@ def launch(fn: Callable, world_size: int, *args: Any, backend: str | None = "sim
             parent, child = ctx.Pipe(duplex=False)
             p = ctx.Process(target=_child, name=f"dwdp-rank{rank}",
                             args=(rank, world_size, init_file, backend, fn, args, kwargs, options or {}, timeout,
-                                  child), daemon=True)
+                                  child, os.getpid()), daemon=True)
             p.start()
             child.close()
             procs.append(p)

@@ -491,3 +491,286 @@ def die_on_rank(group, bad_rank: int):
 
 def sleep_forever(group):
     time.sleep(3600)
+
+
+# ---- fault cases (tests/test_faults.py, perf/fault_times.py) ---------------------------------------
+def _err(exc) -> dict:
+    return {"type": type(exc).__name__, "msg": str(exc), "missing": getattr(exc, "missing", None),
+            "ranks": sorted(getattr(exc, "ranks", {}) or {})}
+
+
+def commit_local_failure(group, bad_rank: int, kind: str, seed: int):
+    """Rank ``bad_rank`` registers a shard that cannot be placed (meta or sparse); every rank must
+    raise the same error naming it, none may return from commit(); the group stays usable."""
+    lay = dc.ExpertLayout(7, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    n = lay.num_local_experts
+    shard = torch.randn(n, 3, 5)
+    if group.rank == bad_rank:
+        shard = torch.empty(n, 3, 5, device="meta") if kind == "meta" else torch.zeros(n, 3, 5).to_sparse()
+    st.register(0, "w", shard)
+    t0 = time.perf_counter()
+    out = {"error": None}
+    try:
+        st.commit()
+    except dc.DwdpError as exc:
+        out["error"] = _err(exc)
+    out["time_to_error_s"] = time.perf_counter() - t0
+    out["closed"] = st.closed
+    out["use_after"] = _error(lambda: st.local(0, "w"))
+    # The group still works: a good store commits and prefetches every byte.
+    out["after_ok"] = pipeline(group, 7, 2, 1, "round_robin", 1000, seed)["checked"] > 0
+    return out
+
+
+def views_after_close(group, num_experts: int, seed: int):
+    """weights(), weight_segments() and local() tensors kept past close() stay readable (gather-mode
+    names of odd sizes and composite names alike): no crash."""
+    st = build_store(group, num_experts, [0], seed)
+    pf = dc.Prefetcher(st, depth=1, chunk_nbytes=700)
+    h = pf.prefetch(0)
+    h.wait()
+    kept = {n: (h.weights(n), h.weight_segments(n), st.local(0, n)) for n in SPECS}
+    want = {n: full_truth(seed, 0, n, num_experts) for n in SPECS}
+    h.release()
+    pf.close()
+    st.close()
+    lay = dc.ExpertLayout(num_experts, group.size, group.rank)
+    ok = {}
+    for n, (w, segs, loc) in kept.items():  # the memory is still mapped: it holds the last bytes
+        ok[n] = (same_bytes(w, want[n]) and all(same_bytes(t, want[n][s:s + t.shape[0]]) for s, t in segs)
+                 and same_bytes(loc, want[n][lay.local_experts.start:lay.local_experts.stop]))
+    return ok
+
+
+def write_through_view(group, num_experts: int, seed: int):
+    """Rank 0 writes into every row of its prefetched views (composite and gather names) and of its
+    local(); no other rank, and no later prefetch, may see the change."""
+    st = build_store(group, num_experts, [0], seed)
+    pf = dc.Prefetcher(st, depth=1, chunk_nbytes=4096)
+    modes = {n: st.slot_mode(0, n) for n in SPECS}
+    h = pf.prefetch(0)
+    h.wait()
+    if group.rank == 0:
+        for n in SPECS:
+            h.weights(n).view(torch.uint8).bitwise_not_()
+            for _, t in h.weight_segments(n):
+                t.view(torch.uint8).add_(1)
+            st.local(0, n).view(torch.uint8).bitwise_not_()
+    h.release()
+    group.barrier()
+    h = pf.prefetch(0)
+    h.wait()
+    clean = {n: same_bytes(h.weights(n), full_truth(seed, 0, n, num_experts)) for n in SPECS}
+    h.release()
+    group.barrier()
+    st.close()
+    return {"modes": modes, "clean": clean}
+
+
+def stuck_rank(group, bad_rank: int, stuck_s: float):
+    """Rank ``bad_rank`` is late by ``stuck_s`` (> the group's timeout); the others' barrier must
+    raise CollectiveTimeoutError naming it."""
+    if group.rank == bad_rank:
+        time.sleep(stuck_s)
+        return None
+    t0 = time.perf_counter()
+    try:
+        group.barrier()
+    except dc.DwdpError as exc:
+        return dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    return None
+
+
+def dead_rank(group, bad_rank: int, where: str, report_dir: str):
+    """Rank ``bad_rank`` dies (os._exit) before a barrier, or inside commit's heap step; survivors
+    write what they raised to ``report_dir`` (launch kills them soon after)."""
+    import json
+    import os
+    lay = dc.ExpertLayout(5, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    st.register(0, "w", torch.randn(lay.num_local_experts, 3, 1000))
+    if where == "commit" and group.rank == bad_rank:
+        impl, alloc = group.impl, group.impl.alloc_symmetric
+
+        def dying_alloc(*a, **k):
+            alloc(*a, **k)
+            os._exit(3)  # after this rank created its heap file: inside commit's heap step
+        impl.alloc_symmetric = dying_alloc
+    if where == "barrier" and group.rank == bad_rank:
+        os._exit(3)
+    t0 = time.perf_counter()
+    try:
+        st.commit()
+        if where == "barrier":
+            group.barrier()
+        out = None
+    except dc.DwdpError as exc:
+        out = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    except Exception as exc:  # a raw transport error: what the fix removes
+        out = dict(type=f"raw {type(exc).__name__}", msg=str(exc), missing=None, ranks=[],
+                   time_to_error_s=time.perf_counter() - t0)
+    with open(os.path.join(report_dir, f"rank{group.rank}.json"), "w") as f:
+        json.dump(out, f)
+    time.sleep(30)  # stay until launch kills us (the dead rank is the root cause it reports)
+
+
+def close_order_and_twice(group, seed: int):
+    """close() twice, and the store before its prefetcher (or the other way round): no error."""
+    out = {}
+    st = build_store(group, 5, [0], seed)
+    pf = dc.Prefetcher(st)
+    pf.prefetch(0).wait()
+    out["store_first"] = _error(lambda: (st.close(), pf.close(), pf.close(), st.close()))
+    st = build_store(group, 5, [0], seed)
+    pf = dc.Prefetcher(st)
+    out["prefetcher_first"] = _error(lambda: (pf.close(), pf.close(), st.close(), st.close()))
+    return out
+
+
+def exit_during_exception(group, bad_rank: int):
+    """Rank ``bad_rank`` raises inside ``with WeightStore(...)``: its __exit__ must release locally at
+    once (no collective); the others' close() must fail naming it instead of returning normally."""
+    lay = dc.ExpertLayout(5, group.size, group.rank)
+    out = {"exit_s": None, "error": None}
+    st = dc.WeightStore(group, lay)
+    st.register(0, "w", torch.randn(lay.num_local_experts, 1024))
+    st.commit()
+    if group.rank == bad_rank:
+        t0 = time.perf_counter()
+        try:
+            with st, dc.Prefetcher(st) as pf:
+                pf.prefetch(0).wait()
+                raise ValueError("user code failed on one rank")
+        except ValueError:
+            out["exit_s"] = time.perf_counter() - t0
+        out["closed"] = st.closed
+        time.sleep(3 * group.comm.timeout_s)  # alive but never in the collective: the others time out
+        return out
+    try:
+        st.close()
+    except dc.DwdpError as exc:
+        out["error"] = _err(exc)
+    return out
+
+
+def pid_and_sleep(group, pid_dir: str):
+    """Write this rank's pid, then sleep (the test kills the launching parent with SIGKILL)."""
+    import os
+    with open(os.path.join(pid_dir, f"rank{group.rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)
+
+
+def torchrun_main(argv) -> int:
+    """Entry point under torchrun (``python -m torch.distributed.run ... -m rankfns stuck``): rank 1
+    is late by 8 s; rank 0's barrier (timeout 3 s) must name it."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+    g = dc.init("sim", timeout=3)
+    if dist.get_rank() == 1:
+        time.sleep(8)
+        code = 0
+    else:
+        t0 = time.perf_counter()
+        try:
+            g.barrier()
+            print("RESULT no error", flush=True)
+            code = 1
+        except dc.DwdpError as exc:
+            print(f"RESULT {type(exc).__name__} missing={getattr(exc, 'missing', None)} "
+                  f"after {time.perf_counter() - t0:.1f} s: {exc}", flush=True)
+            code = 0
+    g.abort()
+    return code
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(torchrun_main(sys.argv[1:]))
+
+
+# ---- randomized integrity (tests/test_integrity.py) ------------------------------------------------
+INTEGRITY_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn,
+                    torch.float8_e5m2, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool,
+                    torch.complex64]
+
+
+def integrity_config(rng, G: int) -> dict:
+    """One random config (the same on every rank: ``rng`` is seeded identically)."""
+    E = G + rng.randrange(0, 3 * G + 4)  # uneven most of the time
+    names = {}
+    for k in range(rng.randrange(1, 4)):
+        dtype = rng.choice(INTEGRITY_DTYPES)
+        kind = rng.random()
+        if kind < 0.15:
+            shape = (rng.randrange(0, 3), 0)            # zero-size experts
+        elif kind < 0.35:
+            shape = (4096 // dtype.itemsize,)           # one page: composite mode on sim
+        else:
+            shape = tuple(rng.randrange(1, 9) for _ in range(rng.randrange(1, 3)))  # odd sizes
+        names[f"t{k}"] = (shape, dtype)
+    layers = sorted(rng.sample(range(8), rng.randrange(1, 4)))
+    return {"E": E, "names": names, "layers": layers, "depth": rng.randrange(1, 4),
+            "schedule": rng.choice(["round_robin", "rotated", "naive"]),
+            "chunk": rng.choice([1, 3, 7, 64, 1000, 4096, 1 << 20]), "rounds": rng.randrange(1, 4)}
+
+
+def _integrity_tensor(seed: int, layer: int, name: str, expert: int, shape, dtype) -> torch.Tensor:
+    g = torch.Generator().manual_seed((seed * 1_000_003 + layer * 10_007 + zlib.crc32(name.encode()) * 31 + expert)
+                                      % (2**63))
+    n = int(np.prod(shape)) * dtype.itemsize
+    return torch.randint(0, 256, (n,), generator=g, dtype=torch.uint8).view(dtype).view(shape)
+
+
+def integrity(group, seed: int, num_configs: int):
+    """Run ``num_configs`` random configs in this one launch; compare every delivered byte of every
+    present expert (subset prefetches included). Returns per-config counts and any mismatch."""
+    import random
+    rng = random.Random(seed * 7919 + group.size)
+    out = {"configs": 0, "bytes": 0, "wrong": [], "modes": set()}
+    for c in range(num_configs):
+        cfg = integrity_config(rng, group.size)
+        lay = dc.ExpertLayout(cfg["E"], group.size, group.rank)
+        st = dc.WeightStore(group, lay)
+        for l in cfg["layers"]:
+            for n, (shape, dtype) in cfg["names"].items():
+                st.register(l, n, torch.stack([_integrity_tensor(seed + c, l, n, e, shape, dtype)
+                                               for e in lay.local_experts]))
+        st.commit()
+        out["modes"] |= {st.slot_mode(cfg["layers"][0], n) for n in cfg["names"]}
+        pf = dc.Prefetcher(st, depth=cfg["depth"], schedule=cfg["schedule"], chunk_nbytes=cfg["chunk"])
+        todo = [l for _ in range(cfg["rounds"]) for l in cfg["layers"]]
+        pending = []
+        for l in todo:
+            subset = None
+            if rng.random() < 0.4:  # a subset prefetch: the same draw on every rank is not needed
+                subset = sorted(random.Random(seed + c + l + group.rank).sample(range(cfg["E"]),
+                                                                                 rng.randrange(0, cfg["E"] + 1)))
+            pending.append((l, subset, pf.prefetch(l, experts=subset)))
+            if len(pending) == cfg["depth"]:
+                _check_handle(out, c, seed, cfg, lay, *pending.pop(0))
+        while pending:
+            _check_handle(out, c, seed, cfg, lay, *pending.pop(0))
+        st.close()
+        out["configs"] += 1
+    out["modes"] = sorted(out["modes"])
+    return out
+
+
+def _check_handle(out, c, seed, cfg, lay, layer, subset, h):
+    h.wait()
+    present = h.present_experts
+    for n, (shape, dtype) in cfg["names"].items():
+        w = h.weights(n, experts=present)
+        for e in present:
+            want = _integrity_tensor(seed + c, layer, n, e, shape, dtype)
+            if not same_bytes(w[e], want):
+                out["wrong"].append((c, layer, n, e))
+            out["bytes"] += want.numel() * want.element_size()
+        if len(present) == cfg["E"]:
+            for start, t in h.weight_segments(n):
+                for i in range(t.shape[0]):
+                    if not same_bytes(t[i], _integrity_tensor(seed + c, layer, n, start + i, shape, dtype)):
+                        out["wrong"].append((c, layer, n, start + i, "segment"))
+    h.release()

@@ -90,4 +90,4 @@ def test_close_releases_the_engine_before_waiting(seed):
     for r in res:
         assert r["error"] is None, r["error"]
         assert r["released"] and r["handle_done"]
-        assert r["closed_twice"] and r["closed_twice"][0] == "ClosedError"
+        assert r["closed_twice"] is None  # a second close() is a no-op

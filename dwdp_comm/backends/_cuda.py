@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from ..engine_options import ENGINE_OPTIONS, SYNC_MODES, parse_engine_options  # noqa: F401 (one rule, also the model's)
-from ..errors import (BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError, InvalidArgumentError,
+from ..errors import (gathered_error, BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError, InvalidArgumentError,
                       PeerAccessError, bad_arg)
 from ..interop import MissingDependencyError
 from ..interop.streams import resolve_stream
@@ -630,16 +630,17 @@ def peer_access_problems(infos: list[dict], rank: int, visible: dict[str, int],
 
 def raise_gathered(errors: Sequence[str | None], what: str, exc_type=BackendUnavailableError, hint: str = "") -> None:
     """Raise ``exc_type`` listing every rank's error if any entry of the gathered ``errors`` is set
-    (every rank holds the same list, so every rank raises the same error)."""
-    bad = [(r, e) for r, e in enumerate(errors) if e]
-    if bad:
-        lines = "\n".join(f"  rank {r}: {e}" for r, e in bad)
-        raise exc_type(f"{what} failed on {len(bad)} of {len(errors)} ranks:\n{lines}" + (f"\n{hint}" if hint else ""))
+    (every rank holds the same list, so every rank raises the same error). Built by
+    :func:`dwdp_comm.errors.gathered_error`, the library's one builder of agreed errors."""
+    err = gathered_error(errors, what, exc_type, hint)
+    if err is not None:
+        raise err
 
 
 def agree(comm, error: str | None, what: str, exc_type=BackendUnavailableError, hint: str = "") -> None:
-    """Collective: raise ``exc_type`` on every rank, listing every rank's error, if any rank has one."""
-    raise_gathered(comm.all_gather_object(error), what, exc_type, hint)
+    """Collective: raise ``exc_type`` on every rank, listing every rank's error, if any rank has one
+    (:meth:`dwdp_comm.group.Comm.agree` with this module's default error class)."""
+    comm.agree(error, what, exc_type, hint)
 
 
 def check_peer_access(comm, infos: list[dict], backend: str, alternatives: str) -> None:
@@ -1603,12 +1604,36 @@ class CopyExecutor(CopyEngine):
         """Raw handles of the copy streams: the ``streams`` lanes, then the local lane."""
         return [s.handle for s in self._streams]
 
+    @property
+    def collective(self) -> bool:
+        """True with ``sync``: creation and ``close`` are collective."""
+        return self._flags is not None
+
+    def abort(self) -> None:
+        """Release without waiting and without any collective step: copy streams are destroyed (CUDA
+        frees them once their work is done; a ``sync`` stream waiting for a peer that never comes
+        is leaked, not waited for) and the flag words released locally. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            for _, execs in self._graphs.values():
+                self._destroy_graphs(execs)
+            self._graphs.clear()
+            self._programs.clear()
+            for s in self._streams:
+                s.close()
+        finally:
+            if self._flags is not None and self._flags.owner is not None:
+                self._flags.closed = True
+                self._flags.owner.abort()
+
     def close(self) -> None:
         """Wait for submitted copies, then destroy graphs and copy streams. Collective with ``sync``:
         the job counts are compared (a mismatch raises :class:`CollectiveMismatchError` after the
         waiting streams were released) and the flags are freed."""
         if self._closed:
-            raise ClosedError("copy engine closed twice")
+            return
         self._closed = True
         mismatch = None
         try:

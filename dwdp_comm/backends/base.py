@@ -53,10 +53,15 @@ class Buffer(abc.ABC):
     def tensor(self, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
         """Zero-copy ``uint8`` view ``[nbytes]`` of bytes ``[offset, offset + nbytes)``."""
 
+    def private_tensor(self, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
+        """A view for readers that must not change the buffer: copy-on-write where the backend can
+        (``sim``: a write stays in the view), else the plain :meth:`tensor` (read-only by contract)."""
+        return self.tensor(offset, nbytes)
+
     @abc.abstractmethod
     def close(self) -> None:
-        """Release the buffer. GPU backends free the memory once no tensor view references it;
-        ``sim`` unmaps it once no view is left."""
+        """Release the buffer (idempotent). The memory is freed, or unmapped, once no tensor view
+        references it any more: a view kept past ``close()`` stays valid (no crash), its bytes stale."""
 
 
 class SymmetricHeap(abc.ABC):
@@ -67,7 +72,13 @@ class SymmetricHeap(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Collective: free this rank's part once no peer reads it any more."""
+        """Collective: free this rank's part once no peer reads it any more. Idempotent."""
+
+    def abort(self) -> None:
+        """Release this rank's part now, without any collective step (an exception unwinds on this
+        rank only). Peers that still read it must not crash: backends keep the memory alive for
+        them (shared files, imported handles) or leak it until the process exits. Idempotent."""
+        self.close()
 
 
 class Composite(abc.ABC):
@@ -83,7 +94,11 @@ class Composite(abc.ABC):
 
 
 class CopyEngine(abc.ABC):
-    """Runs copy plans from a symmetric heap into local buffers, off the compute path."""
+    """Runs copy plans from a symmetric heap into local buffers, off the compute path.
+
+    ``collective`` is True for engines whose ``close`` every rank must call (GPU ``sync`` engines)."""
+
+    collective: bool = False
 
     @abc.abstractmethod
     def submit(self, plan: CopyPlan, *, src_base: int, dst: Buffer, dst_base: int,
@@ -99,7 +114,12 @@ class CopyEngine(abc.ABC):
 
     @abc.abstractmethod
     def close(self) -> None:
-        """Wait for submitted work, then release the engine's resources."""
+        """Wait for submitted work, then release the engine's resources. Idempotent."""
+
+    def abort(self) -> None:
+        """Release the engine without any collective step and without waiting for peers (work
+        already running may finish). Idempotent. Engines with a local ``close`` just close."""
+        self.close()
 
 
 class Backend(abc.ABC):
@@ -115,12 +135,16 @@ class Backend(abc.ABC):
         Offsets the store gives to heap and slot entries are multiples of this.
     map_granularity : int or None
         When not None, :meth:`compose` can join pieces whose offsets and sizes are multiples of it.
+    private_composites : bool
+        True when composites map heap pages copy-on-write (``sim``): the prefetcher then builds
+        fresh views for every handle, so that a write through one stays in it.
     """
 
     name: str
     device: torch.device
     alloc_alignment: int = 256
     map_granularity: int | None = None
+    private_composites: bool = False
 
     @abc.abstractmethod
     def alloc_symmetric(self, nbytes: int, boundaries: Sequence[int] = ()) -> SymmetricHeap:

@@ -54,6 +54,7 @@ __all__ = ["CudaIpcBackend", "probe"]
 
 log = logging.getLogger("dwdp_comm")
 
+_LEAKED_ON_ABORT: list = []  # legacy-IPC heaps given up by abort(): freed at process exit
 _ALTERNATIVES = "backend='nvshmem' (NVSHMEM reaches peers through its own transports) or backend='sim' (CPU)"
 
 
@@ -161,18 +162,37 @@ class CudaIpcHeap(SymmetricHeap):
         return _IpcImport(handle, size, dev)
 
     def close(self) -> None:
-        """Collective: wait until no rank reads this heap, unmap the peers' heaps, free this rank's."""
+        """Collective: wait until no rank reads this heap, unmap the peers' heaps, free this rank's.
+        Idempotent."""
         if self._closed:
-            raise ClosedError("symmetric heap closed twice")
+            return
         self._closed = True
-        self._comm.barrier()  # every rank finished its copies (the store synchronised first)
+        self._comm.barrier("cuda_ipc: closing the heap")  # every rank finished its copies
         for p in self._peers:
             if p is not None:
                 p.free()
         if not self._vmm:
             # cudaFree while a peer still has the memory open is undefined: wait for every close.
-            self._comm.barrier()
+            self._comm.barrier("cuda_ipc: closing the heap (legacy IPC)")
         self.local.close()
+
+    def abort(self) -> None:
+        """Local release (no collective): peers' heaps unmapped here; this rank's memory is released
+        in VMM mode (peers' imported handles keep it alive for them) and, in legacy mode, kept until
+        the process exits (``cudaFree`` while a peer has it open is undefined). Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        for p in self._peers:
+            if p is not None:
+                try:
+                    p.free()
+                except Exception as exc:
+                    log.warning("dwdp_comm: unmapping a peer's heap during abort failed: %r", exc)
+        if self._vmm:
+            self.local.close()
+        else:
+            _LEAKED_ON_ABORT.append(self.local)
 
 
 class CudaIpcBackend(CudaBackendBase):

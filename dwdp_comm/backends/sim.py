@@ -2,16 +2,22 @@
 
 It models the GPU backends' semantics rather than short-cutting them:
 
-* The symmetric heap is one POSIX shared-memory file per rank, mapped by every rank (as CUDA IPC /
-  NVSHMEM map peers' device memory). Files are unlinked as soon as every rank mapped them, so a
-  crashed run leaves nothing behind in ``/dev/shm``.
+* The symmetric heap is one anonymous shared-memory file per rank (``memfd_create``: it never has a
+  name, in ``/dev/shm`` or elsewhere, so no failure at any point can leave one behind), mapped by
+  every rank (as CUDA IPC / NVSHMEM map peers' device memory): peers open it through
+  ``/proc/<pid>/fd/<fd>`` of the owner, as the VMM backend passes file descriptors.
+* Mappings outlive their buffers: ``close()`` drops the buffer's references, and the memory is
+  unmapped when the last tensor viewing it goes (as device memory on the GPU backends), so a view
+  kept past ``close()`` reads stale bytes instead of crashing the process.
 * Each rank has one copy thread, its copy engine. ``submit`` returns at once; the thread waits for
   the job's ``after`` events, then copies the plan chunk by chunk, in plan order, and completes the
   job's event. An optional ``copy_bandwidth`` (bytes/s) slows it down to make asynchrony visible.
 * Compute is host-synchronous, so the host is the only "stream": ``Event.wait()`` blocks the host,
   and an event recorded on the host (a release) is complete at once.
 * Composite views map pieces of several shared-memory files into one reserved address range with
-  ``mmap(MAP_FIXED)``, as the VMM backend maps local and slot pages into one device range.
+  ``mmap(MAP_FIXED)``, as the VMM backend maps local and slot pages into one device range. Pieces
+  of the symmetric heap are mapped copy-on-write (``MAP_PRIVATE``): a write through a prefetched
+  view stays in that view and never reaches the heap that peers read.
 """
 
 from __future__ import annotations
@@ -20,7 +26,6 @@ import ctypes
 import mmap
 import os
 import queue
-import tempfile
 import threading
 import time
 import uuid
@@ -28,7 +33,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import ClosedError, DwdpError, bad_arg
+from ..errors import ClosedError, DwdpError, bad_arg, gathered_error
 from ..planner import CopyPlan
 from .base import Backend, Buffer, Composite, CopyEngine, Event, SymmetricHeap
 
@@ -37,7 +42,6 @@ __all__ = ["SimBackend"]
 PAGE = mmap.PAGESIZE
 _PROT_NONE = getattr(mmap, "PROT_NONE", 0)
 _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)  # Linux value; Python < 3.13 lacks the constant
-_SHM_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
 
 
 def _check_stream(stream: Any) -> None:
@@ -73,52 +77,88 @@ class SimEvent(Event):
         return self._flag.is_set()
 
 
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
 class _Mapping:
-    """An open, mapped shared-memory file."""
+    """A mapped anonymous shared-memory file (a memfd of this process, or a peer's opened through
+    ``/proc``). :meth:`close` drops this object's file descriptor and its reference to the mapping:
+    the mapping itself goes with the last tensor or memoryview that uses it."""
 
-    def __init__(self, path: str, nbytes: int, create: bool):
-        self.path, self.nbytes = path, nbytes
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        self.fd = os.open(path, flags, 0o600)
-        size = max(nbytes, PAGE)  # mmap refuses empty files
-        if create:
-            os.ftruncate(self.fd, size)
-        self.mm = mmap.mmap(self.fd, size)
-
-    def unlink(self) -> None:
+    def __init__(self, fd: int, nbytes: int):
+        self.nbytes, self.fd = nbytes, fd
         try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+            self.mm = mmap.mmap(fd, max(nbytes, PAGE))  # mmap refuses empty files
+        except BaseException:
+            os.close(fd)
+            raise
+
+    @classmethod
+    def create(cls, name: str, nbytes: int) -> "_Mapping":
+        fd = os.memfd_create(name, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, max(nbytes, PAGE))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, nbytes)
+
+    @classmethod
+    def open_peer(cls, pid: int, fd: int, nbytes: int) -> "_Mapping":
+        return cls(os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC), nbytes)
+
+    def private_view(self, offset: int, nbytes: int) -> mmap.mmap:
+        """A copy-on-write mapping of ``[offset, offset + nbytes)`` (``offset`` page-aligned)."""
+        if self.fd is None:
+            raise ClosedError("buffer used after close()")
+        return mmap.mmap(self.fd, nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                         offset=offset)
 
     def close(self) -> None:
-        try:
-            self.mm.close()
-        except BufferError:
-            pass  # tensors still view it: the mapping is freed when the last view dies
-        os.close(self.fd)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.mm = None  # unmapped when the last view goes: a view kept past close() stays readable
 
 
 class SimBuffer(Buffer):
-    """A local buffer in an unlinked shared-memory file (so it can be mapped into composites)."""
+    """A local buffer in an anonymous shared-memory file (so it can be mapped into composites).
 
-    def __init__(self, path: str, nbytes: int, create: bool = True, boundaries: Sequence[int] = ()):
+    ``private_views``: composites map its pieces copy-on-write (the heap's local part, which peers
+    read), and :meth:`private_tensor` gives copy-on-write views."""
+
+    def __init__(self, name: str, nbytes: int, boundaries: Sequence[int] = (), private_views: bool = False):
         self.nbytes = nbytes
         # Where composite pieces may start or end: checked as a GPU backend with whole-allocation
         # mappings would, so the CPU tests catch a caller that forgot to declare one.
         self.boundaries = frozenset([0, nbytes, *boundaries])
-        self._map = _Mapping(path, nbytes, create)
+        self.private_views = private_views
+        self._map = _Mapping.create(name, nbytes)
         self._closed = False
 
-    def tensor(self, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
+    def _check_range(self, offset: int, nbytes: int | None) -> int:
         if self._closed:
             raise ClosedError("buffer used after close()")
         nbytes = self.nbytes - offset if nbytes is None else nbytes
         if offset < 0 or nbytes < 0 or offset + nbytes > self.nbytes:
             raise bad_arg("offset/nbytes", (offset, nbytes), f"a range inside [0, {self.nbytes})")
+        return nbytes
+
+    def tensor(self, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
+        nbytes = self._check_range(offset, nbytes)
         if nbytes == 0:
             return torch.empty(0, dtype=torch.uint8)
         return torch.frombuffer(self._map.mm, dtype=torch.uint8, count=nbytes, offset=offset)
+
+    def private_tensor(self, offset: int = 0, nbytes: int | None = None) -> torch.Tensor:
+        """A copy-on-write view: reads see the buffer, a write stays in the view."""
+        nbytes = self._check_range(offset, nbytes)
+        if nbytes == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        start = offset - offset % PAGE
+        mm = self._map.private_view(start, offset - start + nbytes)
+        return torch.frombuffer(mm, dtype=torch.uint8, count=nbytes, offset=offset - start)
 
     def close(self) -> None:
         if not self._closed:
@@ -127,29 +167,67 @@ class SimBuffer(Buffer):
 
 
 class SimHeap(SymmetricHeap):
+    """This rank's heap file plus every peer's, mapped. Collective to create and to close.
+
+    Creation is one agreed step: every rank reports whether it could create its file and map every
+    peer's, and all raise the same error when one could not (nothing is left behind: the files are
+    anonymous, and a failed heap is released on every rank)."""
+
     def __init__(self, backend: "SimBackend", nbytes: int, boundaries: Sequence[int] = ()):
         comm = backend.comm
         self.nbytes = nbytes
         self._comm = comm
-        path = os.path.join(_SHM_DIR, f"dwdp-{backend.session}-heap{backend._next_id()}-r{comm.rank}")
-        self.local = SimBuffer(path, nbytes, create=True, boundaries=boundaries)
-        paths = comm.all_gather_object(path)
-        self.peers: list[_Mapping] = []
-        for r, p in enumerate(paths):
-            self.peers.append(self.local._map if r == comm.rank else _Mapping(p, nbytes, create=False))
-        comm.barrier()  # every rank mapped every file: names can go
-        self.local._map.unlink()
         self._closed = False
+        self.local, self.peers = None, []
+        err, cause, mine = None, None, None
+        try:
+            self.local = SimBuffer(f"dwdp-{backend.session}-heap{backend._next_id()}-r{comm.rank}", nbytes,
+                                   boundaries=boundaries, private_views=True)
+            mine = (os.getpid(), self.local._map.fd)
+        except Exception as exc:
+            err, cause = f"creating a {nbytes}-byte shared-memory heap: {_describe(exc)}", exc
+        try:
+            everyone = comm.all_gather_object((err, mine), "sim: exchanging heap handles")
+            failed = gathered_error([e for e, _ in everyone], "sim: creating the symmetric heap")
+            if failed is not None:
+                raise failed from cause
+            err = None
+            try:
+                for r, (_, (pid, fd)) in enumerate(everyone):
+                    self.peers.append(self.local._map if r == comm.rank else _Mapping.open_peer(pid, fd, nbytes))
+            except Exception as exc:
+                err, cause = f"mapping rank {r}'s heap (pid {pid}, fd {fd}): {_describe(exc)}", exc
+            # Also the point after which every rank holds its own descriptor of every file.
+            comm.agree(err, "sim: mapping peers' heaps", cause=cause,
+                       hint="the sim backend opens peers' memory through /proc/<pid>/fd (same user, Linux)")
+        except BaseException:
+            self._release()
+            raise
+
+    def _release(self) -> None:
+        for m in self.peers:
+            if self.local is None or m is not self.local._map:
+                m.close()
+        self.peers = []
+        if self.local is not None:
+            self.local.close()
 
     def close(self) -> None:
+        """Collective: wait until no peer reads this rank's memory, then release it. Idempotent."""
         if self._closed:
-            raise ClosedError("symmetric heap closed twice")
+            return
         self._closed = True
-        self._comm.barrier()  # no peer reads this rank's memory any more
-        for r, m in enumerate(self.peers):
-            if r != self._comm.rank:
-                m.close()
-        self.local.close()
+        try:
+            self._comm.barrier("sim: closing the heap")  # no peer reads this rank's memory any more
+        finally:
+            self._release()
+
+    def abort(self) -> None:
+        """Release this rank's mappings now, without waiting for peers: the pages a peer still maps
+        stay valid for it (the file lives until its last mapping goes)."""
+        if not self._closed:
+            self._closed = True
+            self._release()
 
 
 class SimCopyEngine(CopyEngine):
@@ -159,7 +237,7 @@ class SimCopyEngine(CopyEngine):
         self._heap, self._rank, self._bw = heap, rank, copy_bandwidth
         self._corrupt = corrupt_copy
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
-        self._closed = False
+        self._closed = self._aborted = False
         self._thread = threading.Thread(target=self._run, name=f"dwdp-sim-copy-r{rank}", daemon=True)
         self._thread.start()
 
@@ -179,6 +257,9 @@ class SimCopyEngine(CopyEngine):
             if job is None:
                 return
             plan, src_base, dst, dst_base, after, done = job
+            if self._aborted:
+                done._complete(ClosedError("copy engine aborted before this job ran"))
+                continue
             try:
                 for ev in after:
                     ev.synchronize()
@@ -205,11 +286,17 @@ class SimCopyEngine(CopyEngine):
                     mv.release()
 
     def close(self) -> None:
+        """Run the jobs submitted so far, then stop the copy thread. Idempotent."""
         if self._closed:
-            raise ClosedError("copy engine closed twice")
+            return
         self._closed = True
         self._jobs.put(None)
         self._thread.join()
+
+    def abort(self) -> None:
+        """Stop after the job running now; later jobs complete with :class:`ClosedError`."""
+        self._aborted = True
+        self.close()
 
 
 class SimComposite(Composite):
@@ -227,8 +314,12 @@ class SimComposite(Composite):
         for buf, off, n in pieces:
             if n == 0:
                 continue
-            got = libc.mmap(base + pos, n, mmap.PROT_READ | mmap.PROT_WRITE,
-                            mmap.MAP_SHARED | _MAP_FIXED,
+            if buf._map.fd is None:
+                libc.munmap(base, total)
+                raise ClosedError("composite of a buffer used after close()")
+            # Heap pages copy-on-write: a write through the view never reaches what peers read.
+            share = mmap.MAP_PRIVATE if buf.private_views else mmap.MAP_SHARED
+            got = libc.mmap(base + pos, n, mmap.PROT_READ | mmap.PROT_WRITE, share | _MAP_FIXED,
                             buf._map.fd, off)
             if got != base + pos:
                 libc.munmap(base, total)
@@ -279,6 +370,7 @@ class SimBackend(Backend):
     name = "sim"
     alloc_alignment = PAGE
     map_granularity = PAGE
+    private_composites = True
 
     def __init__(self, comm, *, copy_bandwidth: float | None = None):
         if copy_bandwidth is not None and not copy_bandwidth > 0:
@@ -286,7 +378,7 @@ class SimBackend(Backend):
         self.comm = comm
         self.device = torch.device("cpu")
         self.copy_bandwidth = copy_bandwidth
-        self.session = comm.all_gather_object(uuid.uuid4().hex[:12])[0]
+        self.session = comm.all_gather_object(uuid.uuid4().hex[:12], "sim: creating the backend")[0]
         self._ids = 0
         self._closed = False
 
@@ -298,10 +390,7 @@ class SimBackend(Backend):
         return SimHeap(self, nbytes, boundaries)
 
     def alloc_buffer(self, nbytes: int, boundaries: Sequence[int] = ()) -> SimBuffer:
-        path = os.path.join(_SHM_DIR, f"dwdp-{self.session}-buf{self._next_id()}-r{self.comm.rank}")
-        buf = SimBuffer(path, nbytes, create=True, boundaries=boundaries)
-        buf._map.unlink()  # anonymous from now on; the fd keeps it mappable
-        return buf
+        return SimBuffer(f"dwdp-{self.session}-buf{self._next_id()}-r{self.comm.rank}", nbytes, boundaries=boundaries)
 
     def copy_engine(self, heap: SymmetricHeap, *, corrupt_copy: int | None = None,
                     **options: Any) -> SimCopyEngine:
@@ -329,13 +418,12 @@ class SimBackend(Backend):
         pass  # host compute is synchronous; copy jobs are waited through their events
 
     def close(self) -> None:
-        if self._closed:
-            raise ClosedError("backend closed twice")
+        """Local; idempotent."""
         self._closed = True
 
 
 def probe() -> str | None:
-    """The sim backend runs wherever POSIX shared memory and ``mmap`` do."""
-    if os.name != "posix":
-        return "needs a POSIX system (shared memory files and mmap)"
+    """The sim backend runs on Linux (``memfd_create``, ``/proc/<pid>/fd`` and ``mmap``)."""
+    if os.name != "posix" or not hasattr(os, "memfd_create") or not os.path.isdir("/proc/self/fd"):
+        return "needs Linux (memfd_create, /proc/<pid>/fd and mmap)"
     return None

@@ -302,3 +302,108 @@ def exchange(group, engines: list, nbytes: int, chunk_nbytes: int, jobs: int, se
     dst.close()
     heap.close()
     return results
+
+
+# ---- fault cases (tests/gpu/test_faults_gpu.py) -----------------------------------------------------
+def _err(exc) -> dict:
+    return {"type": type(exc).__name__, "msg": str(exc), "missing": getattr(exc, "missing", None),
+            "ranks": sorted(getattr(exc, "ranks", {}) or {})}
+
+
+def commit_local_failure(group, bad_rank: int, seed: int):
+    """Rank ``bad_rank`` registers a meta shard (its device copy fails): every rank raises the same
+    error naming it, no rank returns from commit(), and a new store still commits and prefetches."""
+    lay = dc.ExpertLayout(5, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    shard = torch.randn(lay.num_local_experts, 1024, 1024, dtype=torch.bfloat16, device=group.device)
+    if group.rank == bad_rank:
+        shard = torch.empty(lay.num_local_experts, 1024, 1024, dtype=torch.bfloat16, device="meta")
+    st.register(0, "w", shard)
+    out = {"error": None}
+    try:
+        st.commit()
+    except dc.DwdpError as exc:
+        out["error"] = _err(exc)
+    out["closed"] = st.closed
+    st2 = build_store(group, 5, [0], seed)
+    with dc.Prefetcher(st2, depth=1) as pf:
+        h = pf.prefetch(0)
+        h.wait()
+        out["after_ok"] = all(same_bytes(h.weights(n), full_truth(seed, 0, n, 5)) for n in SPECS)
+        h.release()
+    st2.close()
+    return out
+
+
+def views_after_close(group, seed: int, engine: dict):
+    """weights(), weight_segments() and local() tensors kept past close() stay valid device memory
+    (the tensors own their allocations / composite mappings) and still hold the bytes."""
+    st = build_store(group, 5, [0], seed)
+    pf = dc.Prefetcher(st, depth=1, engine_options=engine)
+    h = pf.prefetch(0)
+    h.wait()
+    kept = {n: (h.weights(n), h.weight_segments(n), st.local(0, n)) for n in SPECS}
+    h.release()
+    pf.close()
+    st.close()
+    torch.cuda.synchronize()
+    lay = st.layout
+    ok = {}
+    for n, (w, segs, loc) in kept.items():
+        want = full_truth(seed, 0, n, 5)
+        ok[n] = (same_bytes(w, want) and all(same_bytes(t, want[s:s + t.shape[0]]) for s, t in segs)
+                 and same_bytes(loc, want[lay.local_experts.start:lay.local_experts.stop]))
+    del kept
+    torch.cuda.synchronize()
+    return ok
+
+
+def stuck_rank(group, bad_rank: int, stuck_s: float):
+    """Rank ``bad_rank`` is late (with a committed store whose heap peers map); the others' close()
+    raises CollectiveTimeoutError naming it."""
+    st = build_store(group, 5, [0], 1)
+    if group.rank == bad_rank:
+        time.sleep(stuck_s)
+        st.abort()
+        return None
+    t0 = time.perf_counter()
+    try:
+        st.close()
+    except dc.DwdpError as exc:
+        return dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    return None
+
+
+def dead_rank_in_commit(group, bad_rank: int, report_dir: str):
+    """Rank ``bad_rank`` dies inside commit's heap step; survivors write what they raised."""
+    import json
+    import os
+    lay = dc.ExpertLayout(5, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    st.register(0, "w", torch.randn(lay.num_local_experts, 1024, 1024, dtype=torch.bfloat16, device=group.device))
+    if group.rank == bad_rank:
+        impl, alloc = group.impl, group.impl.alloc_symmetric
+
+        def dying_alloc(*a, **k):
+            alloc(*a, **k)
+            os._exit(3)
+        impl.alloc_symmetric = dying_alloc
+    t0 = time.perf_counter()
+    try:
+        st.commit()
+        out = None
+    except dc.DwdpError as exc:
+        out = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    except Exception as exc:
+        out = dict(type=f"raw {type(exc).__name__}", msg=str(exc), missing=None, ranks=[])
+    with open(os.path.join(report_dir, f"rank{group.rank}.json"), "w") as f:
+        json.dump(out, f)
+    time.sleep(30)
+
+
+def pid_and_sleep(group, pid_dir: str):
+    import os
+    torch.ones(1, device=group.device)  # hold a CUDA context, as a real rank does
+    with open(os.path.join(pid_dir, f"rank{group.rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    time.sleep(120)

@@ -1,0 +1,156 @@
+"""Fault cases of issue 13 on the sim backend: each failed (wrong data, crash, hang or raw error)
+before the failure model of docs/design.md and must pass now."""
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import dwdp_comm as dc
+import rankfns
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.mark.parametrize("kind", ["meta", "sparse"])
+def test_commit_local_failure_raises_on_every_rank(kind, seed):
+    """Item 1: one rank cannot place its shard: no rank returns from commit(), all raise the same
+    error naming it, and the group still works afterwards."""
+    res = dc.testing.launch(rankfns.commit_local_failure, 3, 1, kind, seed, timeout=120)
+    msgs = {r["error"]["msg"] for r in res if r["error"]}
+    assert all(r["error"] is not None for r in res), res
+    assert len(msgs) == 1, msgs
+    for r in res:
+        assert r["error"]["type"] == "CollectiveFailedError" and r["error"]["ranks"] == [1], r
+        assert "rank 1" in r["error"]["msg"] and "WeightStore.commit" in r["error"]["msg"]
+        assert r["closed"] and r["use_after"][0] == "ClosedError" and "failed commit()" in r["use_after"][1]
+        assert r["after_ok"]
+
+
+def test_views_stay_valid_after_close(seed):
+    """Item 2: views kept past Prefetcher.close()/WeightStore.close() are readable (gather-mode
+    sizes that are not multiples of 4 KiB used to SIGSEGV)."""
+    res = dc.testing.launch(rankfns.views_after_close, 2, 5, seed)
+    for r in res:
+        assert all(r.values()), r
+
+
+def test_writes_through_views_never_reach_peers(seed):
+    """Item 3: weights(), weight_segments() and local() are read-only by contract; on sim a write is
+    copy-on-write: no peer and no later prefetch sees it (composite and gather names)."""
+    res = dc.testing.launch(rankfns.write_through_view, 3, 7, seed)
+    for r in res:
+        assert r["modes"]["w13"] == "composite" and r["modes"]["w2"] == "gather"
+        assert all(r["clean"].values()), r
+
+
+def test_stuck_rank_times_out_naming_it():
+    """Item 4: a late rank makes the others raise CollectiveTimeoutError naming it, after the
+    group's timeout (init(timeout=...)), not gloo's."""
+    res = dc.testing.launch(rankfns.stuck_rank, 3, 2, 8.0, options={"timeout": 2}, timeout=60)
+    for rank in (0, 1):
+        r = res[rank]
+        assert r and r["type"] == "CollectiveTimeoutError", r
+        assert r["missing"] == [2] and "Group.barrier" in r["msg"] and f"on rank {rank}" in r["msg"]
+        assert r["time_to_error_s"] < 10
+
+
+def test_timeout_setting_is_validated(monkeypatch):
+    monkeypatch.setenv("DWDP_COMM_TIMEOUT", "soon")
+    with pytest.raises(dc.InvalidArgumentError, match="^DWDP_COMM_TIMEOUT: got 'soon'"):
+        dc.group.resolve_timeout()
+    monkeypatch.setenv("DWDP_COMM_TIMEOUT", "12.5")
+    assert dc.group.resolve_timeout() == 12.5 and dc.group.resolve_timeout(3) == 3.0
+    monkeypatch.delenv("DWDP_COMM_TIMEOUT")
+    assert dc.group.resolve_timeout() == dc.group.DEFAULT_TIMEOUT_S < 1800
+    with pytest.raises(dc.InvalidArgumentError, match="^timeout: got -1"):
+        dc.group.resolve_timeout(-1)
+
+
+def _shm_files():
+    return set(glob.glob("/dev/shm/dwdp-*"))
+
+
+@pytest.mark.parametrize("where", ["barrier", "commit"])
+def test_dead_rank_is_named_and_leaves_no_shm(where, tmp_path):
+    """Item 4: survivors of a dead rank raise a DwdpError naming the step and the rank (not gloo's
+    raw error); a rank dying inside commit's heap step leaves no /dev/shm file."""
+    before = _shm_files()
+    with pytest.raises(dc.RankFailedError) as ei:
+        dc.testing.launch(rankfns.dead_rank, 3, 1, where, str(tmp_path), timeout=60)
+    assert ei.value.rank == 1 and "died" in str(ei.value)
+    reports = {p: json.load(open(p)) for p in glob.glob(str(tmp_path / "rank*.json"))}
+    assert reports, "no survivor reported before launch killed it"
+    for p, r in reports.items():
+        assert r and r["type"] in ("TransportError", "CollectiveTimeoutError"), (p, r)
+        assert r["missing"] == [1] and "rank(s) [1] had not arrived" in r["msg"], (p, r)
+    assert _shm_files() <= before, _shm_files() - before
+
+
+def test_close_is_idempotent_in_any_order(seed):
+    """Item 5: close() twice, the store before its prefetcher or after: no error."""
+    res = dc.testing.launch(rankfns.close_order_and_twice, 2, seed)
+    assert res == [{"store_first": None, "prefetcher_first": None}] * 2
+
+
+def test_exit_during_exception_is_local():
+    """Item 5: __exit__ while an exception unwinds on one rank releases locally at once; the other
+    ranks' close() fails naming it instead of meeting its barrier and returning normally."""
+    res = dc.testing.launch(rankfns.exit_during_exception, 3, 0, options={"timeout": 2}, timeout=60)
+    bad = res[0]
+    assert bad["exit_s"] < 1.5 and bad["closed"], bad
+    for r in res[1:]:
+        assert r["error"] and r["error"]["type"] == "CollectiveTimeoutError" and r["error"]["missing"] == [0], r
+
+
+def test_launch_ranks_die_with_a_killed_parent(tmp_path):
+    """Item 4: kill -9 of the launching process takes its rank processes with it."""
+    code = ("import sys; sys.path.insert(0, %r); import dwdp_comm as dc, rankfns; "
+            "dc.testing.launch(rankfns.pid_and_sleep, 2, %r, timeout=300)" % (HERE, str(tmp_path)))
+    parent = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while len(glob.glob(str(tmp_path / "*.pid"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        pids = [int(open(p).read()) for p in glob.glob(str(tmp_path / "*.pid"))]
+        assert len(pids) == 2, "the ranks never started"
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.1)
+            alive = [p for p in pids if _alive(p)]
+        assert not alive, f"rank processes {alive} outlived their parent"
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+        for p in glob.glob(str(tmp_path / "*.pid")):
+            try:
+                os.kill(int(open(p).read()), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stuck_rank_under_torchrun():
+    """Item 4 under torchrun: rank 0's barrier raises CollectiveTimeoutError naming rank 1 after the
+    library's timeout (3 s here), not gloo's 30 minutes."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+           "-m", "rankfns", "stuck"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+    lines = [l for l in (out.stdout + out.stderr).splitlines() if "RESULT" in l]
+    assert lines and "CollectiveTimeoutError missing=[1]" in lines[0], out.stdout[-3000:] + out.stderr[-3000:]
+    assert out.returncode == 0, out.stderr[-3000:]
