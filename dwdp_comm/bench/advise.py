@@ -297,7 +297,7 @@ def modelled_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, w
         pts[t] = {"attention_s": f["attention"] / tflops / 1e12, "experts_s": e / tflops / 1e12,
                   "other_s": f["other"] / tflops / 1e12}
     return ComputeCosts(pts, interference, "modelled",
-                        notes=[f"compute modelled: FLOPs / {tflops:g} TFLOPS effective (calibrated to 2 DeepSeek-V3 "
+                        notes=[f"FLOPs / {tflops:g} TFLOPS effective (calibrated to 2 DeepSeek-V3 "
                                f"layers, 16K tokens, 146 ms on one H200)"
                                + (f"; fp8 expert GEMMs assumed {FP8_GEMM_SPEEDUP}x bf16" if weights == "fp8" else "")])
 
@@ -411,7 +411,7 @@ def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, we
     return ComputeCosts(pts, max(1.0, loaded / alone), "measured",
                         interference_source=f"measured: experts at {t} tokens with a concurrent "
                                             f"{'peer' if peer else 'device-local'} copy stream",
-                        notes=[f"compute measured on {torch.cuda.get_device_name(dev)} (kernels.moe_mlp backend "
+                        notes=[f"on {torch.cuda.get_device_name(dev)} (kernels.moe_mlp backend "
                                f"{kernel_backend}, {'MLAttention' if shape.attention == 'mla' else 'torch SDPA'})"])
 
 
