@@ -303,6 +303,7 @@ def modelled_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, w
 
 
 def _time_cuda(fn, iters: int = 3, warmup: int = 1) -> float:
+    """Median seconds of ``fn`` by CUDA events on the current stream (blocking)."""
     import torch
     for _ in range(warmup):
         fn()
@@ -318,9 +319,25 @@ def _time_cuda(fn, iters: int = 3, warmup: int = 1) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
+def _time_cpu(fn, iters: int = 3, warmup: int = 1) -> float:
+    import time
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
 def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, weights: str = "bf16",
-                    copy_nbytes: int = 1 << 30, kernel_backend: str = "auto", seed: int = 0) -> ComputeCosts:
+                    copy_nbytes: int = 1 << 30, kernel_backend: str = "auto", seed: int = 0,
+                    device: str | None = None) -> ComputeCosts:
     """Time one layer's pieces on the current CUDA device (blocking; a few seconds).
+
+    ``device="cpu"`` runs the same code on the CPU (tiny shapes, for tests: the times are CPU
+    times and no interference is measured).
 
     Experts: :func:`dwdp_comm.kernels.moe_mlp` over all ``num_experts`` experts (uniform routing,
     ``tokens x top_k`` rows). Attention: ``MLAttention`` (MLA) or torch SDPA (GQA) plus its
@@ -331,9 +348,11 @@ def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, we
     import torch.nn.functional as F
 
     from .. import kernels, moe
-    if not torch.cuda.is_available():
-        raise bad_arg("measure", True, "a CUDA device", "use the modelled compute on a machine without a GPU")
-    dev = torch.device("cuda", torch.cuda.current_device())
+    on_cpu = device == "cpu"
+    if not on_cpu and not torch.cuda.is_available():
+        raise bad_arg("measure", "yes", "a CUDA device", "use --measure no (modelled compute) without a GPU")
+    dev = torch.device("cpu") if on_cpu else torch.device("cuda", torch.cuda.current_device())
+    timer = _time_cpu if on_cpu else _time_cuda
     g = torch.Generator(device=dev).manual_seed(seed)
     H, I, E, k = shape.hidden, shape.moe_intermediate, shape.num_experts, shape.top_k
     w13 = (torch.randn(E, H, 2 * I, device=dev, generator=g, dtype=torch.bfloat16) * H ** -0.5)
@@ -377,17 +396,20 @@ def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, we
         m = torch.bincount(torch.randint(0, E, (t * k,), device=dev, generator=g), minlength=E).tolist()
         seq = load.seq_lens(t)
         with torch.no_grad():
-            e_s = _time_cuda(lambda: kernels.moe_mlp(rows, m, w13, w2, backend=kernel_backend, **kw))
-            a_s = _time_cuda(lambda: att(x, seq))
+            e_s = timer(lambda: kernels.moe_mlp(rows, m, w13, w2, backend=kernel_backend, **kw))
+            a_s = timer(lambda: att(x, seq))
 
             def other():
                 (x @ wr).float().topk(k, dim=-1)
                 if ws is not None:
                     gu = x @ ws[0]
                     (F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:]) @ ws[1]
-            o_s = _time_cuda(other)
+            o_s = timer(other)
         pts[t] = {"attention_s": a_s, "experts_s": e_s, "other_s": o_s}
         del x, rows
+    if on_cpu:
+        return ComputeCosts(pts, 1.0, "measured", interference_source="assumed (CPU run: no copy engine)",
+                            notes=["on the CPU (test run: CPU times)"])
     # interference: the largest point's experts under a looping side-stream copy
     t = max(pts)
     peer = torch.cuda.device_count() > 1
@@ -539,8 +561,9 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
         Pair copy rate; default: measured by a pair copy when two GPUs are visible (``measure``),
         else the calibrated fabric's.
     fabric : {"auto", "h200", "nvl72"}
-    measure : {"auto", "yes", "no"}
-        Measure compute on the local GPU ("auto": when CUDA is available).
+    measure : {"auto", "yes", "no", "cpu"}
+        Measure compute on the local GPU ("auto": when CUDA is available; "cpu": the same
+        measurement on the CPU, for tests of tiny shapes).
     tflops, interference : modelled compute rate, and the DWDP compute slowdown under a prefetch
         (given overrides measured; default 1.0 when not measured).
     schedules, chunks, depths : candidates to choose from.
@@ -558,8 +581,8 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
         raise bad_arg("group_size", group_size, "an int >= 1")
     if weights not in ("bf16", "fp8"):
         raise bad_arg("weights", weights, "'bf16' or 'fp8'")
-    if measure not in ("auto", "yes", "no"):
-        raise bad_arg("measure", measure, "'auto', 'yes' or 'no'")
+    if measure not in ("auto", "yes", "no", "cpu"):
+        raise bad_arg("measure", measure, "'auto', 'yes', 'no' or 'cpu'")
     if not 0 < a2a_efficiency <= 1:
         raise bad_arg("a2a_efficiency", a2a_efficiency, "a fraction in (0, 1]")
     if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
@@ -578,11 +601,12 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
         counts.update(ld.tokens)
     sources = {}
     use_gpu = measure == "yes" or (measure == "auto" and _cuda())
-    if use_gpu:
+    if use_gpu or measure == "cpu":
         # measure at a few anchors spanning every count; interpolate between them
         lo, hi = min(counts), max(counts)
         anchors = sorted({lo, hi, *load.tokens, *[a for a in sweep if lo <= a <= hi]})
-        costs = measure_compute(shape, anchors, load, weights, kernel_backend=kernel_backend)
+        costs = measure_compute(shape, anchors, load, weights, kernel_backend=kernel_backend,
+                                device="cpu" if measure == "cpu" else None)
     else:
         costs = modelled_compute(shape, sorted(counts), load, weights, tflops)
     sources["compute"] = costs.source + ": " + "; ".join(costs.notes)

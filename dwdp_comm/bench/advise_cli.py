@@ -50,7 +50,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--sweep", type=_csv(int, "--sweep"), default=None, help="tokens per rank of the curve")
     a.add_argument("--link-gbps", type=float, default=None, help="pair copy GB/s (default: measured or calibrated)")
     a.add_argument("--fabric", default="auto", choices=["auto", "h200", "nvl72"])
-    a.add_argument("--measure", default="auto", choices=["auto", "yes", "no"],
+    a.add_argument("--measure", default="auto", choices=["auto", "yes", "no", "cpu"],
                    help="measure compute on the local GPU (auto: when CUDA is available)")
     a.add_argument("--tflops", type=float, default=A.H200_EFFECTIVE_TFLOPS, help="modelled compute rate")
     a.add_argument("--interference", type=float, default=None, help="DWDP compute slowdown under a prefetch")
