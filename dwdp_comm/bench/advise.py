@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from statistics import NormalDist
 from typing import Any, Sequence
 
-from ..errors import bad_arg, bad_type
+from ..errors import InvalidArgumentError, bad_arg, bad_type
 from . import model as M
 from .patterns import make_plans, parse_schedule
 
@@ -399,8 +399,10 @@ def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, we
             e_s = timer(lambda: kernels.moe_mlp(rows, m, w13, w2, backend=kernel_backend, **kw))
             a_s = timer(lambda: att(x, seq))
 
-            def other():
-                (x @ wr).float().topk(k, dim=-1)
+            def other():  # router, permute and combine (as moe layers do), shared expert
+                wts, ids = (x @ wr).float().softmax(-1).topk(k, dim=-1)
+                xs, _, order = moe.permute_tokens(x, ids, E)
+                moe.unpermute_tokens(xs, order, wts.to(xs.dtype))
                 if ws is not None:
                     gu = x @ ws[0]
                     (F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:]) @ ws[1]
@@ -471,13 +473,24 @@ def fabric_for(group_size: int, fabric: str = "auto", link_GBps: float | None = 
 
 def prefetch_seconds(fabric: M.Fabric, nbytes_per_source: int, schedule: str, chunk_nbytes: int,
                      engine_options: dict | None = None) -> float:
-    """Time for every rank to pull ``nbytes_per_source`` from each peer (the contention model)."""
+    """Time for every rank to pull ``nbytes_per_source`` from each peer (the contention model).
+
+    ``engine_options`` as the GPU engine takes them (``api`` defaults to ``"batch"`` there too).
+    """
     G = fabric.group_size
     if G < 2:
         return 0.0
     sch = parse_schedule(schedule)
     plans = make_plans("full", sch, G, nbytes_per_source, chunk_nbytes)
-    return M.simulate(plans, fabric, options=sch.engine_options(G, engine_options or {})).makespan
+    base = dict(engine_options or {})
+    if "api" not in base and not base.get("graph"):
+        # the GPU engine's default api is batch (the model's is memcpy); a schedule that needs
+        # single copies (graph) keeps its own
+        try:
+            return M.simulate(plans, fabric, options=sch.engine_options(G, {"api": "batch", **base})).makespan
+        except InvalidArgumentError:
+            pass
+    return M.simulate(plans, fabric, options=sch.engine_options(G, base)).makespan
 
 
 # ---- prediction -----------------------------------------------------------------------------------
