@@ -131,14 +131,22 @@ def copy_plane(args) -> dict:
 # ---- compute (one GPU) -----------------------------------------------------------------------------
 def compute(args) -> dict:
     import torch
-    if not torch.cuda.is_available():
-        raise SystemExit("compute: needs a CUDA GPU (run it on the device machine)")
-    shape = A.get_shape("deepseek-v3")
+    if args.size == "full" and not torch.cuda.is_available():
+        raise SystemExit("compute: --size full needs a CUDA GPU (run it on the device machine; --size toy on CPU)")
+    if args.size == "full":
+        shape = A.get_shape("deepseek-v3")
+    else:  # the example's toy size: the same plumbing on the CPU (a smoke test, not a validation)
+        from dwdp_comm.moe import TOY as t
+        shape = A.MoEShape(name="toy", hidden=t.hidden, moe_intermediate=t.moe_intermediate, num_experts=t.num_experts,
+                           top_k=t.top_k, num_shared_experts=t.num_shared_experts, attention="mla", num_heads=t.num_heads,
+                           q_lora_rank=t.q_lora_rank, kv_lora_rank=t.kv_lora_rank, qk_nope_dim=t.qk_nope_dim,
+                           qk_rope_dim=t.qk_rope_dim, v_head_dim=t.v_head_dim)
+    device = None if torch.cuda.is_available() else "cpu"
     points = []
     for mean in args.means:
         with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as fh:
             path = fh.name
-        cmd = [sys.executable, os.path.join(ROOT, "examples", "deepseek_layer.py"), "--mode", "single", "--size", "full",
+        cmd = [sys.executable, os.path.join(ROOT, "examples", "deepseek_layer.py"), "--mode", "single", "--size", args.size,
                "--layers", str(args.layers), "--weights", args.weights, "--prompt-mean", str(mean), "--cv", "0",
                "--iters", str(args.iters), "--warmup", "1", "--no-check", "--json", path]
         print("# " + " ".join(cmd), flush=True)
@@ -152,7 +160,8 @@ def compute(args) -> dict:
         _write(args, {"partial": True, "points": points})
     meas = {}
     for p in points:  # seq lens differ per point: one measurement per point
-        c = A.measure_compute(shape, [p["tokens"]], A.Load((p["tokens"],), p["prompt_mean"]), args.weights)
+        c = A.measure_compute(shape, [p["tokens"]], A.Load((p["tokens"],), p["prompt_mean"]), args.weights,
+                              device=device)
         meas[p["tokens"]] = c.points[p["tokens"]]
     for p in points:
         t, ld = p["tokens"], A.Load((p["tokens"],), p["prompt_mean"])
@@ -166,7 +175,8 @@ def compute(args) -> dict:
         print(f"# tokens {t} (2 x {p['prompt_mean']}): example {1e3 * p['measured_iter_s']:.1f} ms; advise "
               f"measured pieces {1e3 * p['predicted_measured_s']:.1f} ms ({100 * p['error_measured']:+.1f} %), "
               f"modelled {1e3 * p['predicted_modelled_s']:.1f} ms ({100 * p['error_modelled']:+.1f} %)", flush=True)
-    return {"schema": "dwdp-bench/advise-validation/compute/v1", "meta": _meta(), "layers": args.layers,
+    return {"schema": "dwdp-bench/advise-validation/compute/v1", "meta": _meta(), "size": args.size,
+            "layers": args.layers,
             "weights": args.weights, "points": points,
             "max_abs_error_measured": max(abs(p["error_measured"]) for p in points),
             "max_abs_error_modelled": max(abs(p["error_modelled"]) for p in points)}
@@ -187,6 +197,7 @@ def main(argv=None) -> int:
     c = sub.add_parser("compute")
     c.add_argument("--means", type=lambda s: [int(v) for v in s.split(",") if v.strip()], default=[2048, 4096, 8192])
     c.add_argument("--layers", type=int, default=2)
+    c.add_argument("--size", default="full", choices=["full", "toy"], help="toy: a CPU smoke run of the plumbing")
     c.add_argument("--weights", default="bf16", choices=["bf16", "fp8"])
     c.add_argument("--iters", type=int, default=3)
     c.add_argument("--timeout", type=float, default=200.0, help="seconds per example launch")
