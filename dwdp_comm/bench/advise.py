@@ -645,13 +645,19 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
     sources["prefetch"] = f"modelled: contention model (dwdp_comm.bench.model, per_stream executor) on {fab.name}"
     sources["all_to_all"] = f"modelled: bytes / ({a2a_efficiency:g} x pair rate) + 30 us, twice a layer"
     mem_any = _memory(shape, G, weights, 1)
-    per_source = mem_any["local_experts"] * mem_any["expert_nbytes"]
+    # a rank pulls the experts it lacks, (E - E/G) on average: E/G experts' bytes from each peer
+    # (rounded down to 4 KiB; ceil(E/G) would over-count when G does not divide E)
+    per_source = max(4096, shape.num_experts * mem_any["expert_nbytes"] // G // 4096 * 4096)
     cands = []
     for s in schedules:
         for c in chunks:
             cands.append({"schedule": s, "chunk_nbytes": int(c),
                           "prefetch_s": prefetch_seconds(fab, per_source, s, int(c))})
-    best = min(cands, key=lambda r: r["prefetch_s"])
+    # the fastest; among ties (within 0.5 %), the fewest copies (whole copies, then larger chunks)
+    fastest = min(r["prefetch_s"] for r in cands)
+    best = min((r for r in cands if r["prefetch_s"] <= fastest * 1.005),
+               key=lambda r: (r["chunk_nbytes"] != 0, -r["chunk_nbytes"]))
+    others = [r for r in cands if r is not best]
     pt = predict_point(shape, load, costs, best["prefetch_s"], fab.pair_Bps, a2a_efficiency)
     compute_min = min(d - e for d, e in zip(pt["dwdp_layer_s"], pt["dwdp_exposed_s"]))
     ratio = best["prefetch_s"] / compute_min
@@ -661,9 +667,10 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
     thin = 0.8 < ratio <= 1.0 and len(depths) > 1
     depth = sorted(depths)[1] if thin else min(depths)
     reason = (f"{best['schedule']} with {_chunk_text(best['chunk_nbytes'])} chunks pulls a layer's "
-              f"{(G - 1) * per_source / 1e9:.2f} GB fastest ({1e3 * best['prefetch_s']:.2f} ms of "
-              + ", ".join(f"{r['schedule']}/{_chunk_text(r['chunk_nbytes'])} {1e3 * r['prefetch_s']:.2f}"
-                          for r in cands if r is not best) + " ms); "
+              f"{(G - 1) * per_source / 1e9:.2f} GB in {1e3 * best['prefetch_s']:.2f} ms"
+              + (" (the fastest, or tied with the fewest copies; others: "
+                 + ", ".join(f"{r['schedule']}/{_chunk_text(r['chunk_nbytes'])} {1e3 * r['prefetch_s']:.2f}"
+                             for r in others) + " ms)" if others else " (the only candidate)") + "; "
               + (f"it hides under the shortest rank's compute ({1e3 * compute_min:.2f} ms) with a thin margin "
                  f"({100 * ratio:.0f} %), so depth {depth}: one more slot absorbs iteration-to-iteration jitter"
                  if thin else
