@@ -99,6 +99,26 @@ def single_pair_rows(path: str) -> list[dict]:
     return out
 
 
+def deepseek_speedups(res_dir: str) -> list[dict]:
+    """DWDP / DEP speedups of the committed 2 x H200 DeepSeek sweeps against advise (modelled
+    compute: only the ratio is compared; that run's absolute rates are far below the later
+    single-H200 measurement the modelled rate is calibrated to)."""
+    out = []
+    for w in ("bf16", "fp8"):
+        with open(os.path.join(res_dir, f"deepseek_sweep_h200x2_{w}_partial.json")) as f:
+            doc = json.load(f)
+        for r in doc["rows"]:
+            if r.get("speedup") is None:
+                continue
+            mean = r["prompt_mean"]
+            pred = A.advise("deepseek-v3", 2, weights=w, measure="no", mean_tokens=2 * mean, cv=r["cv"], cvs=[r["cv"]],
+                            seq_len=mean, sweep=[2 * mean])["point"]["speedup"]
+            out.append({"weights": w, "layers": doc["args"]["layers"], "prompt_mean": mean, "cv": r["cv"],
+                        "measured_speedup": r["speedup"], "predicted_speedup": pred,
+                        "error": pred / r["speedup"] - 1.0})
+    return out
+
+
 def copy_plane(args) -> dict:
     res = os.path.join(ROOT, "perf", "results")
     rows = []
@@ -123,7 +143,13 @@ def copy_plane(args) -> dict:
     for r in pair:
         print(f"# single pair {r['backend']} {r['api']} chunk {r['chunk_nbytes'] >> 20} MiB: measured "
               f"{r['measured_GBps']:.1f}, model {r['model_GBps']:.1f} ({100 * r['error']:+.1f} %)")
+    speed = deepseek_speedups(res)
+    for r in speed:
+        print(f"# DeepSeek x{r['layers']} layers, 2 x H200, {r['weights']} prompt {r['prompt_mean']} cv {r['cv']}: "
+              f"speedup measured {r['measured_speedup']:.3f}, predicted {r['predicted_speedup']:.3f} "
+              f"({100 * r['error']:+.1f} %)")
     return {"schema": "dwdp-bench/advise-validation/copy-plane/v1", "meta": _meta(),
+            "deepseek_speedup_h200x2": speed,
             "note": "model computed on CPU from the committed measurements; the measurements' own machine/date/commit "
                     "are in their files", "summary": summary, "single_pair": pair, "rows": rows}
 
