@@ -30,9 +30,9 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..errors import InvalidArgumentError, bad_arg, bad_type
 from . import model as M
@@ -40,7 +40,8 @@ from .patterns import make_plans, parse_schedule
 
 __all__ = ["MoEShape", "PRESETS", "shape_from_hf_config", "get_shape", "Load", "load_from",
            "ComputeCosts", "modelled_compute", "measure_compute", "measure_pair_GBps", "fabric_for",
-           "prefetch_seconds", "predict_point", "advise", "format_table", "H200_EFFECTIVE_TFLOPS",
+           "prefetch_seconds", "predict_point", "advise", "format_table", "plot_speedup", "H200_EFFECTIVE_TFLOPS",
+           "H200_INTERFERENCE",
            "SCHEMA"]
 
 SCHEMA = "dwdp-bench/advise/v1"
