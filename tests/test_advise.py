@@ -269,3 +269,14 @@ def test_plot_written_when_matplotlib_present(tmp_path):
     p = tmp_path / "s.png"
     A.plot_speedup(res, str(p))
     assert p.stat().st_size > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [TINY_MLA, TINY_GQA])
+def test_advise_measures_on_gpu(shape):
+    res = A.advise(shape, 2, measure="yes", mean_tokens=64, cv=0.2, seq_len=32, sweep=[32, 128], chunks=[0],
+                   schedules=["parallel"])
+    assert res["sources"]["compute"].startswith("measured")
+    assert res["interference"] >= 1.0
+    for p in res["compute_points"].values():
+        assert all(v > 0 for v in p.values())
