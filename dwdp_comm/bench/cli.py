@@ -115,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skew", type=float, default=0.0)
     p.add_argument("--trials", type=int, default=3)
     p.set_defaults(func=_predict)
+    from .advise_cli import add_parser as _add_advise
+    _add_advise(sub)  # dwdp-bench advise: will DWDP beat DEP here (dwdp_comm.bench.advise)
     return ap
 
 
