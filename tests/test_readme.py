@@ -46,3 +46,11 @@ def test_ci_runs_the_readme_test_command():
     test_cmds = re.findall(r"^python3 -m pytest[^\n]*$", README, re.M)
     assert test_cmds and set(test_cmds) == {"python3 -m pytest -q"}, test_cmds
     assert re.search(r"(^|&& )python3 -m pytest -q\s*$", ci, re.M), ci
+    assert 'python3 -m pip install -e ".[test]"' in ci and 'python3 -m pip install -e ".[test]"' in README
+
+
+def test_readme_benchmark_commands_exist():
+    assert "\ndwdp-bench contention " in README and "python3 -m dwdp_comm.bench contention" in README
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert 'dwdp-bench = "dwdp_comm.bench.cli:main"' in pyproject
+    assert (ROOT / "dwdp_comm" / "bench" / "__main__.py").is_file()
