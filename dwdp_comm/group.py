@@ -361,7 +361,8 @@ def init(backend: str = "auto", group=None, *, timeout: float | None = None, **o
     timeout_s = resolve_timeout(timeout)
     if not dist.is_available() or not dist.is_initialized():
         raise DwdpError("torch.distributed is not initialized: call torch.distributed.init_process_group() "
-                        "first (or run under torchrun, or use dwdp_comm.testing.launch)")
+                        "first (torchrun only sets RANK/WORLD_SIZE/MASTER_ADDR; the script must still call it), "
+                        "or run the function on spawned ranks with dwdp_comm.testing.launch")
     pg = group if group is not None else dist.group.WORLD
     try:
         cpu = _cpu_group(pg, timeout_s)

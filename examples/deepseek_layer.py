@@ -13,7 +13,8 @@ shared expert) with random weights:
 It prints per-rank iteration latency, tokens/s/GPU, exposed prefetch time, prefetch volume, peak
 memory; ``--json`` writes them. It then checks its own output of the first batch against a
 single-device reference of the same weights (all experts rebuilt from the seed, reference kernels)
-and exits with status 1 if the relative error exceeds ``--tolerance`` (2e-2). The check is per MoE
+and exits with status 1 if the relative error exceeds ``--tolerance`` (2e-2); when it does not,
+it prints ``check passed (tolerance ...)``. Memory columns are in the unit that fits (B to GiB). The check is per MoE
 layer, on the very input the layer saw: through several layers, a rounding difference can flip a
 token's top-k choice in a later layer, which says nothing about the weights being right (the
 end-to-end error is reported too, for information).
@@ -136,7 +137,7 @@ class SingleMoE(torch.nn.Module):
 
 
 def device_used_bytes(device) -> int:
-    """Bytes in use on the device (all allocators, VMM included), or torch's peak on CPU."""
+    """Bytes in use on the device (all allocators, VMM included); 0 on CPU (not measured there)."""
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         return total - free
@@ -342,16 +343,27 @@ def main(argv=None) -> int:
           f"gpus={gpus}", flush=True)
     results = dc.testing.launch(_launched, args.world_size, vars(args), backend=None, timeout=3000)
     summary = summarize(args, results)
-    print(f"{'rank':>4} {'iter ms (median)':>17} {'tok/s':>10} {'exposed %':>9} {'prefetch GB':>11} "
-          f"{'weights GB':>10} {'used GB':>8} {'rel err':>9}")
-    ok = True
+    # device memory (weights, used) is measured on GPUs only; '-' on CPU
+    mem_keys = ("prefetch_nbytes", "weights_nbytes", "device_used_nbytes") if gpus else ("prefetch_nbytes",)
+    unit, scale = memory_unit(max(r[k] for r in results for k in mem_keys))
+
+    def mem(nbytes: int, width: int) -> str:
+        return f"{nbytes / scale:>{width}.2f}" if gpus else f"{'-':>{width}}"
+
+    print(f"{'rank':>4} {'iter ms (median)':>17} {'tok/s':>10} {'exposed %':>9} {'prefetch ' + unit:>12} "
+          f"{'weights ' + unit:>11} {'used ' + unit:>9} {'rel err':>9}")
+    ok, errors = True, []
     for r in results:
         lat = sorted(r["iter_latency_ms"])[len(r["iter_latency_ms"]) // 2]
         err = r.get("rel_error")
         ok &= err is None or err <= args.tolerance
+        if err is not None:
+            errors.append(err)
         print(f"{r['rank']:>4} {lat:>17.2f} {r['tokens_per_s']:>10.0f} {100 * r['exposed_fraction']:>9.2f} "
-              f"{r['prefetch_nbytes'] / 1e9:>11.2f} {r['weights_nbytes'] / 1e9:>10.2f} "
-              f"{r['device_used_nbytes'] / 1e9:>8.2f} {'-' if err is None else f'{err:.2e}':>9}")
+              f"{r['prefetch_nbytes'] / scale:>12.2f} {mem(r['weights_nbytes'], 11)} "
+              f"{mem(r['device_used_nbytes'], 9)} {'-' if err is None else f'{err:.2e}':>9}")
+    if not gpus:
+        print("# weights, used: device memory, measured on GPUs only (-: not measured on CPU)")
     print(f"# tokens/s/GPU: {summary['tokens_per_s_per_gpu']:.1f}")
     if args.json:
         commit = os.environ.get("DWDP_GIT_COMMIT") or subprocess.run(
@@ -365,7 +377,20 @@ def main(argv=None) -> int:
     if not ok:
         print(f"# FAILED: relative error above {args.tolerance}", file=sys.stderr)
         return 1
+    if errors:
+        print(f"# check passed (tolerance {args.tolerance:g}): largest per-MoE-layer relative error "
+              f"{max(errors):.2e} against the single-device reference, {len(errors)} ranks")
+    else:
+        print("# no check ran (--no-check)")
     return 0
+
+
+def memory_unit(largest_nbytes: float) -> tuple[str, float]:
+    """The unit (B, KiB, MiB, GiB) in which ``largest_nbytes`` reads between 1 and 1024, and its size."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if largest_nbytes >= scale:
+            return unit, float(scale)
+    return "B", 1.0
 
 
 def _launched(args_dict):

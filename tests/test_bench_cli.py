@@ -45,12 +45,17 @@ def check_schema(doc: dict, *, measured: bool) -> None:
             assert isinstance(r["reason"], str) and r["reason"]
             continue
         assert r["reason"] is None
+        sim = doc["backend"] == "sim"
         for k in NUM_KEYS:
+            if sim and k in ("ideal_GBps", "pct_ideal"):  # no sound ideal on sim: n/a
+                assert r[k] is None, (k, r)
+                continue
             assert isinstance(r[k], float) and math.isfinite(r[k]) and r[k] > 0, (k, r)
         assert r["time_min_us"] <= r["time_us"] <= r["time_max_us"]
         assert len(r["times_us"]) == r["iters"] >= 1
         assert r["agg_GBps"] == pytest.approx(r["total_nbytes"] / r["time_us"] / 1e3)
-        assert r["pct_ideal"] == pytest.approx(100 * r["agg_GBps"] / r["ideal_GBps"])
+        if not sim:
+            assert r["pct_ideal"] == pytest.approx(100 * r["agg_GBps"] / r["ideal_GBps"])
         if measured:
             assert isinstance(r["wrong"], int) and r["wrong"] >= 0
             wrong += r["wrong"]
@@ -74,7 +79,7 @@ def parse_output(text: str):
 # ---- model backend (in-process) -------------------------------------------------------------------
 def test_model_output_and_json(tmp_path, capsys):
     out = tmp_path / "m.json"
-    rc = main(["contention", "--backend", "model", "-b", "16M", "-e", "64M", "-f", "2", "-c", "4M,0",
+    rc = main(["contention", "--backend", "model", "-b", "16M", "-e", "64M", "-f", "2", "--chunk", "4M,0",
                "-s", "naive,round_robin,parallel,tdm", "-p", "full,ring", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
@@ -96,7 +101,7 @@ def test_model_output_and_json(tmp_path, capsys):
 
 def test_model_skipped_row_and_skew(capsys, tmp_path):
     out = tmp_path / "m.json"
-    rc = main(["contention", "--backend", "model", "-b", "8M", "-e", "8M", "-c", "2M",
+    rc = main(["contention", "--backend", "model", "-b", "8M", "-e", "8M", "--chunk", "2M",
                "-s", "naive+bogus=1,rotated", "--skew", "random", "-n", "2", "--json", str(out)])
     text = capsys.readouterr().out
     assert rc == 0
@@ -113,7 +118,7 @@ def test_model_skipped_row_and_skew(capsys, tmp_path):
     (["-b", "8Q"], "-b/--minbytes: got '8Q'"),
     (["-b", "1G", "-e", "8M"], "-b/-e"),
     (["-p", "star"], "pattern: got 'star'"),
-    (["-o", "streams"], "engine option: got 'streams'"),
+    (["--engine-option", "streams"], "engine option: got 'streams'"),
     (["--skew", "sometimes"], "--skew"),
     (["--inject-corruption"], "--inject-corruption"),
     (["-g", "1"], "-g/--group-size"),
@@ -132,15 +137,21 @@ def test_calibrate_and_predict(capsys):
     assert main(["calibrate"]) == 0
     text = capsys.readouterr().out
     assert "DEVICE_NOTES.md" in text and text.count("| ") > 15 and "worst error" in text
+    source = next(l for l in text.splitlines() if l.startswith("# calibration:"))
+    assert not re.search(r"(^|\s)/\w", source), source  # no local absolute path
     assert main(["predict", "-g", "4", "-b", "64M", "--trials", "1"]) == 0
     text = capsys.readouterr().out
     assert "parallel" in text and "fair" in text and "fifo" in text
+    pre = [l for l in text.splitlines() if l.startswith("#")]
+    assert "MODEL" in pre[0] and "not measurements" in pre[0]
+    assert any("fair = " in l and "fifo = " in l for l in pre)
+    assert any(l.startswith("# fabric h200x4") for l in pre)
 
 
 def test_model_plot(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     png = tmp_path / "m.png"
-    assert main(["contention", "--backend", "model", "-b", "8M", "-e", "16M", "-c", "2M",
+    assert main(["contention", "--backend", "model", "-b", "8M", "-e", "16M", "--chunk", "2M",
                  "-s", "naive,round_robin", "--plot", str(png)]) == 0
     assert f"wrote {png}" in capsys.readouterr().out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -159,32 +170,38 @@ def _cli(*argv, timeout=240):
 def test_sim_clean_run(tmp_path):
     out = tmp_path / "s.json"
     png = tmp_path / "s.png"
-    p = _cli("--backend", "sim", "-g", "3", "-b", "64K", "-e", "128K", "-f", "2", "-c", "16K",
+    p = _cli("--backend", "sim", "-g", "3", "-b", "64K", "-e", "128K", "-f", "2", "--chunk", "16K",
              "-s", "naive,round_robin,parallel", "-p", "full,one-from-all", "-n", "2", "-w", "1",
              "--json", str(out), "--plot", str(png))
-    assert p.returncode == 0, p.stdout + p.stderr
+    try:
+        import matplotlib  # noqa: F401
+        have_mpl = True
+    except ImportError:
+        have_mpl = False
+    assert p.returncode == (0 if have_mpl else 3), p.stdout + p.stderr  # 3: the plot was not written
     pre, head, rows = parse_output(p.stdout)
     assert any(l.startswith("# backend: sim") and "NO GPU" in l for l in pre)
+    assert any(l.startswith("# ideal, %ideal: n/a on sim") for l in pre)
     assert len(head) == 2
     assert len(rows) == 2 * 2 * 3
     ok = [f for f in rows if "skipped:" not in " ".join(f)]
     skipped = [f for f in rows if "skipped:" in " ".join(f)]
     assert len(ok) == 8 and len(skipped) == 4  # sim has no streams option: 'parallel' rows are skipped
     assert all(f[9] == "0" for f in ok)
+    assert all(f[7] == "n/a" and f[8] == "n/a" for f in ok)  # ideal, %ideal
     doc = json.loads(out.read_text())
     check_schema(doc, measured=True)
     assert doc["backend"] == "sim" and doc["group_size"] == 3 and doc["wrong_total"] == 0
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not have_mpl:
         assert "plot skipped: matplotlib is not installed" in p.stdout
+        assert "error: plot skipped" in p.stderr
     else:
         assert f"wrote {png}" in p.stdout and png.read_bytes()[:4] == b"\x89PNG"
 
 
 def test_sim_injected_corruption_is_counted_and_fails(tmp_path):
     out = tmp_path / "c.json"
-    p = _cli("--backend", "sim", "-g", "2", "-b", "64K", "-e", "64K", "-c", "16K", "-s", "naive,round_robin",
+    p = _cli("--backend", "sim", "-g", "2", "-b", "64K", "-e", "64K", "--chunk", "16K", "-s", "naive,round_robin",
              "-p", "full,pair", "-n", "1", "-w", "0", "--inject-corruption", "--json", str(out))
     assert p.returncode == 1, p.stdout + p.stderr
     _, _, rows = parse_output(p.stdout)
@@ -201,7 +218,7 @@ def test_under_torchrun(tmp_path):
     out = tmp_path / "t.json"
     env = {k: v for k, v in os.environ.items() if k != "DWDP_COMM_BACKEND"}
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m",
-                        "dwdp_comm.bench.cli", "contention", "--backend", "sim", "-b", "64K", "-e", "64K", "-c", "16K",
+                        "dwdp_comm.bench.cli", "contention", "--backend", "sim", "-b", "64K", "-e", "64K", "--chunk", "16K",
                         "-s", "round_robin", "-n", "1", "-w", "0", "--json", str(out)],
                        capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -209,3 +226,65 @@ def test_under_torchrun(tmp_path):
     check_schema(doc, measured=True)
     assert doc["launcher"].startswith("torchrun") and doc["group_size"] == 2 and len(doc["rows"]) == 1
     assert p.stdout.count("# dwdp-bench contention") == 1  # rank 0 prints, once
+
+
+# ---- help, renamed options, exit statuses ---------------------------------------------------------
+def _help(*sub) -> None:
+    with pytest.raises(SystemExit) as e:
+        main([*sub, "--help"])
+    assert e.value.code == 0
+
+
+@pytest.mark.parametrize("sub", ["contention", "predict"])
+def test_help_states_each_default_once_and_every_option_has_help(sub, capsys):
+    _help(sub)
+    text = capsys.readouterr().out
+    assert "%%" not in text and "(default: None)" not in text
+    assert not re.search(r"default[^()]*\(default", text), "a default stated twice"
+    from dwdp_comm.bench.cli import build_parser
+    ap = build_parser()
+    subparser = ap._subparsers._group_actions[0].choices[sub]  # argparse has no public accessor
+    for act in subparser._actions:
+        if act.help == "==SUPPRESS==" or act.dest == "help":
+            continue
+        assert act.help, f"{sub} {act.option_strings} has no help"
+
+
+@pytest.mark.parametrize("short, long_", [("-c", "--chunk"), ("-o", "--engine-option")])
+def test_short_options_that_collide_with_nccl_tests_are_refused(short, long_, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["contention", "--backend", "model", short, "8M"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{short} was dropped" in err and f"use {long_}" in err and "nccl-tests" in err
+
+
+def test_every_row_skipped_exits_3(capsys):
+    rc = main(["contention", "--backend", "model", "-b", "8M", "-e", "8M", "--chunk", "2M", "-s", "naive+bogus=1"])
+    captured = capsys.readouterr()
+    assert rc == 3
+    assert "every row (1) was skipped" in captured.err
+
+
+def test_plot_not_written_exits_3(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails as if not installed
+    png = tmp_path / "m.png"
+    rc = main(["contention", "--backend", "model", "-b", "8M", "-e", "8M", "--chunk", "2M", "-s", "naive",
+               "--plot", str(png)])
+    captured = capsys.readouterr()
+    assert rc == 3 and not png.exists()
+    assert "matplotlib is not installed" in captured.err and "[plot]" in captured.out
+
+
+def test_python_m_dwdp_comm_bench():
+    p = subprocess.run([sys.executable, "-m", "dwdp_comm.bench", "contention", "--backend", "model", "-b", "8M",
+                        "-e", "8M", "--chunk", "2M", "-s", "naive"], capture_output=True, text=True, timeout=120,
+                       cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "# backend: model" in p.stdout
+
+
+def test_sim_rows_have_no_ideal():
+    from dwdp_comm.bench.contention import without_ideal
+    row = {"status": "ok", "ideal_GBps": 3.0, "pct_ideal": 250.0, "agg_GBps": 7.5}
+    assert without_ideal(row) == {"status": "ok", "ideal_GBps": None, "pct_ideal": None, "agg_GBps": 7.5}

@@ -44,21 +44,3 @@ def test_api_docs_are_current():
     out = subprocess.run([sys.executable, os.path.join(root, "docs", "gen_api.py"), "--check"],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-
-
-def test_readme_commands_match_ci():
-    """The README's install-and-test command is exactly what .ci/run runs; its run command exists."""
-    import os
-    import re
-    root = os.path.join(os.path.dirname(__file__), "..")
-    readme = open(os.path.join(root, "README.md")).read()
-    blocks = {m.group(1): m.group(2).strip() for m in
-              re.finditer(r"^## (Install and test|Run)\n.*?```bash\n(.*?)```", readme, re.S | re.M)}
-    assert set(blocks) == {"Install and test", "Run"}, blocks
-    ci = [l.strip() for l in open(os.path.join(root, ".ci", "run")).read().splitlines()
-          if l.strip() and not l.lstrip().startswith("#")]
-    assert blocks["Install and test"] in ci, (blocks["Install and test"], ci)
-    assert "python3 -m pytest -q" in blocks["Install and test"]
-    assert blocks["Run"] == "dwdp-bench contention"
-    pyproject = open(os.path.join(root, "pyproject.toml")).read()
-    assert 'dwdp-bench = "dwdp_comm.bench.cli:main"' in pyproject

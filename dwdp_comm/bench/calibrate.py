@@ -8,6 +8,7 @@ and the error; ``dwdp-bench predict`` prints the predictions for 8 x H200 and an
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from typing import Iterable
 
@@ -141,11 +142,16 @@ def format_predictions(rows: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def _portable_source(source: str) -> str:
+    """The calibration's source without the directory of the machine it was written on."""
+    return re.sub(r"(?<![\w.])/(?:[\w.+-]+/)+", "", source)
+
+
 def main(argv=None) -> int:
     """Print model vs measured for every calibration row."""
     rows = compare()
     cal = load_calibration()
-    print(f"# calibration: {cal['source']}")
+    print(f"# calibration: {_portable_source(cal['source'])} (4 x H200; packaged as dwdp_comm/bench/calibration_h200x4.json)")
     print(f"# harness: {cal['harness']}")
     print(format_compare(rows))
     worst = max(abs(r["error"]) for r in rows)

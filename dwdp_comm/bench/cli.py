@@ -2,9 +2,9 @@
 
 Usage (nccl-tests style flags)::
 
-    dwdp-bench contention [-g G] [-b 8M] [-e 1G] [-f 2] [-c 8M,0] [-s parallel,naive,round_robin]
+    dwdp-bench contention [-g G] [-b 8M] [-e 1G] [-f 2] [--chunk 8M,0] [-s parallel,naive,round_robin]
                           [-p full,ring] [--skew 0|random|X] [-n 10] [-w 3]
-                          [--backend auto|cuda_ipc|nvshmem|sim|model] [-o streams=3 ...]
+                          [--backend auto|cuda_ipc|nvshmem|sim|model] [--engine-option streams=3 ...]
                           [--json FILE] [--plot FILE.png] [--inject-corruption]
     dwdp-bench calibrate      # the model against the 4 x H200 table, every row with its error
     dwdp-bench predict [-g 8] # model predictions for larger groups
@@ -12,7 +12,10 @@ Usage (nccl-tests style flags)::
 ``contention`` launches one process per rank itself (``dwdp_comm.testing.launch``), or, under
 ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set), runs as the rank torchrun made. Rank 0 prints.
 Without GPUs, ``--backend auto`` runs the ``sim`` backend (CPU processes) and says so. The exit
-status is 1 when any byte was wrong, 2 for bad arguments, 0 otherwise.
+status is 1 when any byte was wrong, 2 for bad arguments, 3 when nothing was produced (every row
+skipped, or ``--plot`` not written), 0 otherwise. ``-c`` and ``-o`` are not used: nccl-tests
+gives them other meanings (check, op); use ``--chunk`` and ``--engine-option``.
+``python -m dwdp_comm.bench`` is the same as ``dwdp-bench``.
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ from . import report as R
 from .contention import BenchConfig, run_model, run_rank
 from .patterns import SCHEDULES, canonical_pattern, parse_option, parse_schedule
 
-__all__ = ["main", "parse_size", "build_parser"]
+__all__ = ["main", "parse_size", "build_parser", "EXIT_NOTHING"]
+
+# Exit status when the run produced nothing it was asked for: every row skipped, or --plot not written.
+EXIT_NOTHING = 3
 
 _UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -64,56 +70,89 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in str(text).split(",") if t.strip()]
 
 
+_ARBITRATION_HELP = ("how the model lets a source GPU serve the peers that read it at once: fair = they share "
+                     "its egress max-min fairly; fifo = it serves one transfer at a time in arrival order (the "
+                     "pessimistic bracket)")
+
+
+class _Renamed(argparse.Action):
+    """A short option that was dropped: a clear error naming the long option to use."""
+
+    def __init__(self, option_strings, dest, long_option: str, reason: str, **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.long_option, self.reason = long_option, reason
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was dropped ({self.reason}); use {self.long_option}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="dwdp-bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="command", required=True)
     c = sub.add_parser("contention", help="copy-plane contention benchmark",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
                        description="Every rank pulls bytes from its peers under a traffic pattern and a copy "
-                                   "schedule; prints time, per-rank and aggregate GB/s, %% of ideal and #wrong "
-                                   "per (pattern, schedule, chunk, size). Schedules: "
-                                   + ", ".join(SCHEDULES) + ", or policy[+key=value...].")
+                                   "schedule; prints time, per-rank and aggregate GB/s, % of ideal (n/a on sim) and "
+                                   "#wrong per (pattern, schedule, chunk, size). Schedules: "
+                                   + ", ".join(SCHEDULES) + ", or policy[+key=value...]. Exit status: 0 ok, "
+                                   "1 wrong bytes, 2 bad arguments, 3 nothing produced (every row skipped, or "
+                                   "--plot not written).")
     c.add_argument("-g", "--group-size", type=int, default=None,
-                   help="ranks (default: the GPUs visible; 4 on sim and model)")
+                   help="ranks (default: the GPUs visible; 4 on sim and model; WORLD_SIZE under torchrun)")
     c.add_argument("-b", "--minbytes", default=None, help="smallest bytes per source (default: 64M GPU, 64K sim, 8M model)")
     c.add_argument("-e", "--maxbytes", default=None, help="largest bytes per source (default: 1G GPU, 1M sim, 1G model)")
-    c.add_argument("-f", "--stepfactor", type=int, default=None, help="size multiplier (default 4; 2 on model)")
-    c.add_argument("-c", "--chunk", default=None, help="comma list of chunk sizes; 0 = one copy per source "
-                                                       "(default: 8M; 64K on sim)")
+    c.add_argument("-f", "--stepfactor", type=int, default=None, help="size multiplier (default: 4; 2 on model)")
+    c.add_argument("--chunk", default=None, help="comma list of chunk sizes; 0 = one copy per source "
+                                                 "(default: 8M; 64K on sim)")
     c.add_argument("-s", "--schedules", default=None, help="comma list (default: parallel,naive,rotated,round_robin,"
                                                            "batch on GPUs; naive,rotated,round_robin on sim; +tdm on model)")
-    c.add_argument("-p", "--patterns", default="full", help="comma list of pair, swap, ring, all-to-one, one-from-all, full")
+    c.add_argument("-p", "--patterns", default="full",
+                   help="comma list of pair, swap, ring, all-to-one, one-from-all, full (default: full)")
     c.add_argument("--skew", default="0", help="0: ranks start together; 'random' or X > 0: each rank starts at a "
-                                               "uniform random time in [0, X x ideal layer time] (random = 1)")
-    c.add_argument("-n", "--iters", type=int, default=None, help="timed iterations (default 10 GPU, 3 sim/model)")
-    c.add_argument("-w", "--warmup", type=int, default=None, help="warm-up iterations (default 3 GPU, 1 sim)")
-    c.add_argument("--backend", default="auto", choices=["auto", "cuda_ipc", "nvshmem", "sim", "model"])
-    c.add_argument("-o", "--engine-option", action="append", default=[], metavar="KEY=VALUE",
+                                               "uniform random time in [0, X x ideal layer time] (random = 1; default: 0)")
+    c.add_argument("-n", "--iters", type=int, default=None, help="timed iterations (default: 10 GPU, 3 sim/model)")
+    c.add_argument("-w", "--warmup", type=int, default=None, help="warm-up iterations (default: 3 GPU, 1 sim, 0 model)")
+    c.add_argument("--backend", default="auto", choices=["auto", "cuda_ipc", "nvshmem", "sim", "model"],
+                   help="auto: what dwdp_comm.init(backend='auto') picks (sim without GPUs); model: the fluid "
+                        "model of the copy plane, no bytes move (default: auto)")
+    c.add_argument("--engine-option", action="append", default=[], metavar="KEY=VALUE",
                    help="copy-engine option for every schedule (repeatable), e.g. streams=3, api=batch")
+    for short, long_, theirs in (("-c", "--chunk", "check"), ("-o", "--engine-option", "op")):
+        c.add_argument(short, action=_Renamed, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, nargs="?",
+                       help=argparse.SUPPRESS, long_option=long_, reason=f"nccl-tests' {short} means {theirs}")
     c.add_argument("--json", metavar="FILE", help="write every row (and settings) as JSON")
-    c.add_argument("--plot", metavar="FILE.png", help="bandwidth per schedule and a per-rank timeline (matplotlib)")
+    c.add_argument("--plot", metavar="FILE.png", help="bandwidth per schedule and a per-rank model timeline "
+                                                      "(needs matplotlib: pip install 'dwdp-comm[plot]')")
     c.add_argument("--inject-corruption", action="store_true",
                    help="sim only: flip one byte of the first copy of every job (shows #wrong and the exit status)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--timeout", type=float, default=1800.0, help="seconds for the whole run (spawned ranks)")
+    c.add_argument("--seed", type=int, default=0, help="seed of the byte patterns and the skew draws (default: 0)")
+    c.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds for the whole run, spawned ranks only (default: 1800)")
     m = c.add_argument_group("model backend")
     m.add_argument("--fabric", default="auto", choices=["auto", "h200", "nvl72"],
-                   help="auto: h200 up to 8 GPUs, nvl72 above")
-    m.add_argument("--executor", default="per_stream", choices=["per_stream", "issue_fifo"])
-    m.add_argument("--arbitration", default="fair", choices=["fair", "fifo"])
-    m.add_argument("--issue-order", default="stream", choices=["stream", "slot"])
+                   help="auto: h200 up to 8 GPUs, nvl72 above (default: auto)")
+    m.add_argument("--executor", default="per_stream", choices=["per_stream", "issue_fifo"],
+                   help="per_stream: one process per GPU, every copy stream progresses on its own (the DWDP "
+                        "deployment); issue_fifo: one host thread issues every copy, each source GPU serves its "
+                        "copies in issue order (the calibration harness) (default: per_stream)")
+    m.add_argument("--arbitration", default="fair", choices=["fair", "fifo"],
+                   help=_ARBITRATION_HELP + " (default: fair)")
+    m.add_argument("--issue-order", default="stream", choices=["stream", "slot"],
+                   help="issue_fifo only: copies issued stream by stream, or slot by slot (default: stream)")
     c.set_defaults(func=_contention)
 
     k = sub.add_parser("calibrate", help="the model against the 4 x H200 measurements, every row")
     k.set_defaults(func=_calibrate)
     p = sub.add_parser("predict", help="model predictions of the full exchange for a group size",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-g", "--group-size", type=int, default=8)
-    p.add_argument("-b", "--bytes", default="1G", help="bytes per source")
-    p.add_argument("--fabric", default="auto", choices=["auto", "h200", "nvl72"])
-    p.add_argument("--skew", type=float, default=0.0)
-    p.add_argument("--trials", type=int, default=3)
+                       description="Predictions of the copy-plane model (dwdp_comm.bench.model), not measurements. "
+                                   + _ARBITRATION_HELP + ".")
+    p.add_argument("-g", "--group-size", type=int, default=8, help="ranks (default: 8)")
+    p.add_argument("-b", "--bytes", default="1G", help="bytes per source (default: 1G)")
+    p.add_argument("--fabric", default="auto", choices=["auto", "h200", "nvl72"],
+                   help="auto: h200 up to 8 GPUs, nvl72 above (default: auto)")
+    p.add_argument("--skew", type=float, default=0.0,
+                   help="each rank starts at a uniform random time in [0, X x ideal time] (default: 0)")
+    p.add_argument("--trials", type=int, default=3, help="skew draws averaged (default: 3)")
     p.set_defaults(func=_predict)
     from .advise_cli import add_parser as _add_advise
     _add_advise(sub)  # dwdp-bench advise: will DWDP beat DEP here (dwdp_comm.bench.advise)
@@ -166,9 +205,9 @@ def _config(args) -> tuple[BenchConfig, str]:
                    args.stepfactor or fac)
     if any(n % 4 for n in sizes):
         raise bad_arg("sizes", sizes, "multiples of 4 bytes (sources hold 32-bit words)")
-    chunks = [parse_size(x, "-c/--chunk") for x in _csv(args.chunk or chunk)]
+    chunks = [parse_size(x, "--chunk") for x in _csv(args.chunk or chunk)]
     if not chunks:
-        raise bad_arg("-c/--chunk", args.chunk, "at least one chunk size")
+        raise bad_arg("--chunk", args.chunk, "at least one chunk size")
     schedules = _csv(args.schedules or scheds)
     for s in schedules:
         parse_schedule(s)  # raise early, with the list of valid names
@@ -198,7 +237,7 @@ def _config(args) -> tuple[BenchConfig, str]:
     return cfg, kind
 
 
-def _settings_lines(cfg: BenchConfig, launcher: str) -> list[str]:
+def _settings_lines(cfg: BenchConfig, launcher: str, backend: str) -> list[str]:
     sz = cfg.sizes
     lines = [f"group size: {cfg.group_size} ({launcher})",
              f"sizes (bytes per source): {', '.join(R.format_size(n) for n in sz)}; chunks: "
@@ -210,8 +249,10 @@ def _settings_lines(cfg: BenchConfig, launcher: str) -> list[str]:
              f"iterations: {cfg.iters} timed after {cfg.warmup} warm-up; engine options: {cfg.engine_options or '{}'}; "
              f"seed {cfg.seed}" + ("; INJECTED CORRUPTION (sim corrupt_copy=0)" if cfg.inject_corruption else ""),
              "time: largest rank time (end - own start) of an iteration, mean over iterations",
-             "ideal: the pattern's port bound at the pair reference rate (full, ring: G x pair); "
-             "pair reference = rank 0 <- 1, one copy, alone, same size"]
+             ("ideal, %ideal: n/a on sim (its copy threads share one CPU memory system: the port bound at the "
+              "pair rate bounds nothing there; compare GB/s between schedules instead)" if backend == "sim" else
+              "ideal: the pattern's port bound at the pair reference rate (full, ring: G x pair); "
+              "pair reference = rank 0 <- 1, one copy, alone, same size")]
     return lines
 
 
@@ -219,12 +260,13 @@ def _schedule_width(cfg: BenchConfig) -> int:
     return max([len(s) for s in cfg.schedules] + [8]) + 1
 
 
-def _print_preamble(rep: R.Reporter, cfg: BenchConfig, backend_line: str, launcher: str, extra=()) -> None:
+def _print_preamble(rep: R.Reporter, cfg: BenchConfig, backend: str, backend_line: str, launcher: str,
+                    extra=()) -> None:
     rep.comment("dwdp-bench contention: copy-plane contention (dwdp_comm)")
     for line in R.machine_lines():
         rep.comment(line)
     rep.comment(backend_line)
-    for line in list(extra) + _settings_lines(cfg, launcher):
+    for line in list(extra) + _settings_lines(cfg, launcher, backend):
         rep.comment(line)
     rep.comment()
 
@@ -258,7 +300,8 @@ def _rank_main(group, cfg: BenchConfig, launcher: str) -> dict:
     printer = None
     if group.rank == 0:
         rep = R.Reporter(schedule_width=_schedule_width(cfg))
-        _print_preamble(rep, cfg, _backend_line(group.backend, group.backend_reason, str(group.device)), launcher)
+        _print_preamble(rep, cfg, group.backend, _backend_line(group.backend, group.backend_reason, str(group.device)),
+                        launcher)
         printer = _Printer(rep)
     res = run_rank(group, cfg, on_row=printer.row if printer else None,
                    on_reference=printer.reference if printer else None)
@@ -282,7 +325,7 @@ def _contention(args) -> int:
                  f"model: executor {cfg.executor}, arbitration {cfg.arbitration}"
                  + (f", issue order {cfg.issue_order}" if cfg.executor == "issue_fifo" else "")
                  + "; no bytes move (#wrong: -); with skew, one simulation per iteration"]
-        _print_preamble(rep, cfg, "backend: model (requested: a fluid model of the copy plane, dwdp_comm.bench.model)",
+        _print_preamble(rep, cfg, "model", "backend: model (requested: a fluid model of the copy plane, dwdp_comm.bench.model)",
                         "in-process model", extra)
         printer = _Printer(rep)
         res = run_model(cfg, on_row=printer.row, on_reference=printer.reference)
@@ -353,15 +396,23 @@ def _finish(args, cfg: BenchConfig, res: dict, launcher: str, argv) -> int:
     if args.json:
         R.to_json(doc, args.json)
         rep.comment(f"wrote {args.json}")
+    plot_missing = None
     if args.plot:
         from .plot import plot
-        msg = plot(doc, args.plot)
+        written, msg = plot(doc, args.plot)
         rep.comment(msg)
+        plot_missing = None if written else msg
     checked = "" if res["backend"] == "model" else f"; {wrong} wrong bytes"
     rep.comment(f"{len(rows)} rows, {skipped} skipped{checked}")
     if wrong:
         rep.comment("FAILED: some bytes were wrong")
         return 1
+    if rows and skipped == len(rows):
+        print(f"dwdp-bench: error: every row ({len(rows)}) was skipped; nothing was measured", file=sys.stderr)
+        return EXIT_NOTHING
+    if plot_missing:
+        print(f"dwdp-bench: error: {plot_missing}", file=sys.stderr)
+        return EXIT_NOTHING
     return 0
 
 
@@ -379,6 +430,12 @@ def _predict(args) -> int:
     fabric = M.h200(G) if fab == "h200" else M.nvl72(G)
     n = parse_size(args.bytes, "-b/--bytes")
     rows = predict(fabric, n, skew=args.skew, trials=args.trials)
+    print("# dwdp-bench predict: numbers of the copy-plane MODEL (dwdp_comm.bench.model), not measurements; "
+          "`dwdp-bench calibrate` shows how it fits the 4 x H200 measurements")
+    print(f"# fabric {fabric.name}: egress {fabric.egress_Bps / 1e9:.0f} GB/s, ingress {fabric.ingress_Bps / 1e9:.0f} "
+          f"GB/s per GPU ({fabric.notes})")
+    print("# " + _ARBITRATION_HELP)
+    print("# % of ideal: model time vs the full exchange's port bound; agg GB/s: all bytes / model time")
     print(format_predictions(rows, f"{fabric.name}, full exchange, {R.format_size(n)} per source, skew {args.skew:g}"))
     return 0
 

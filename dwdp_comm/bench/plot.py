@@ -3,7 +3,8 @@ read when (matplotlib, imported only here).
 
 Timelines come from the model: on the model backend they are the simulated copies of the rows; for
 measured backends (no per-copy timestamps are taken there, to keep the timing undisturbed) the
-figure shows the model's timeline of the same cases, labelled as such.
+figure shows the model's timeline of the same cases, its panels titled with the modelled fabric and
+size and that it is not the run plotted.
 """
 
 from __future__ import annotations
@@ -30,8 +31,8 @@ def select_timeline_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
-def _model_timelines(doc: dict, rows: list[dict]) -> dict:
-    """Simulate ``rows`` (measured elsewhere) with the model: schedule -> timeline."""
+def _model_timelines(doc: dict, rows: list[dict]) -> tuple[str, dict]:
+    """Simulate ``rows`` (measured elsewhere) with the model: (fabric name, schedule -> timeline)."""
     from . import model as M
     from .contention import timeline_of
     from .patterns import make_plans, parse_schedule
@@ -45,28 +46,38 @@ def _model_timelines(doc: dict, rows: list[dict]) -> dict:
             out[r["schedule"]] = timeline_of(M.simulate(plans, fabric, options=r["options"]))
         except Exception:  # an option the model lacks: no timeline for that schedule
             continue
-    return out
+    return fabric.name, out
 
 
-def plot(doc: dict, path: str) -> str:
-    """Draw the figure of a result document into ``path``; return a one-line message."""
+def plot(doc: dict, path: str) -> tuple[bool, str]:
+    """Draw the figure of a result document into ``path``.
+
+    Returns
+    -------
+    (written, message) : (bool, str)
+        Whether ``path`` was written, and a one-line message saying so or why not.
+    """
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return f"plot skipped: matplotlib is not installed (pip install matplotlib); {path} not written"
+        return False, (f"plot skipped: matplotlib is not installed (pip install matplotlib, or the [plot] extra); "
+                       f"{path} not written")
     rows = [r for r in doc["rows"] if r["status"] == "ok"]
     if not rows:
-        return f"plot skipped: no measured rows; {path} not written"
+        return False, f"plot skipped: no measured rows; {path} not written"
     tl_rows = select_timeline_rows(doc["rows"])
     pat = tl_rows[0]["pattern"]
     measured = doc["backend"] != "model"
     timelines = {r["schedule"]: r["timeline"] for r in tl_rows if r.get("timeline")}
-    tl_label = "model"
-    if not timelines:
-        timelines = _model_timelines(doc, tl_rows)
-        tl_label = "model (not measured)" if measured else "model"
+    size = _fmt(tl_rows[0]["nbytes"]) + " per source"
+    if timelines:
+        tl_label = f"model of {(doc.get('model') or {}).get('fabric', {}).get('name', 'the fabric')}, {size}"
+    else:
+        fabric_name, timelines = _model_timelines(doc, tl_rows)
+        tl_label = (f"MODEL of {fabric_name}, {size}: not the {doc['backend']} run" if measured
+                    else f"model of {fabric_name}, {size}")
     n_tl = len(timelines)
     G = doc["group_size"]
     fig = plt.figure(figsize=(13, max(4.0, 1.2 + 1.6 * max(n_tl, 1))), constrained_layout=True)
@@ -74,10 +85,12 @@ def plot(doc: dict, path: str) -> str:
 
     ax = fig.add_subplot(gs[:, 0])
     sel = [r for r in rows if r["pattern"] == pat]
+    # sim rows have no ideal (see contention.without_ideal): plot their bandwidth instead
+    metric = "pct_ideal" if all(r["pct_ideal"] is not None for r in sel) else "agg_GBps"
     sizes = sorted({r["nbytes"] for r in sel})
     keys = list(dict.fromkeys((r["schedule"], r["chunk_nbytes"]) for r in sel))
     for sched, chunk in keys:
-        pts = sorted((r["nbytes"], r["pct_ideal"]) for r in sel if r["schedule"] == sched and r["chunk_nbytes"] == chunk)
+        pts = sorted((r["nbytes"], r[metric]) for r in sel if r["schedule"] == sched and r["chunk_nbytes"] == chunk)
         label = f"{sched}, chunk {'whole' if chunk == 0 else _fmt(chunk)}"
         if len(sizes) > 1:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
@@ -91,8 +104,11 @@ def plot(doc: dict, path: str) -> str:
     else:
         ax.tick_params(axis="x", rotation=60, labelsize=7)
         ax.set_xlabel(f"{_fmt(sizes[0])} per source")
-    ax.axhline(90, color="grey", lw=0.8, ls="--")
-    ax.set_ylabel("% of ideal (port bound at the pair rate)")
+    if metric == "pct_ideal":
+        ax.axhline(90, color="grey", lw=0.8, ls="--")
+        ax.set_ylabel("% of ideal (port bound at the pair rate)")
+    else:
+        ax.set_ylabel("aggregate GB/s (no ideal on sim)")
     src = doc["backend"] + ("" if measured else f" ({doc.get('model', {}).get('arbitration', '')})")
     ax.set_title(f"{pat}, G={G}, {src}")
 
@@ -110,7 +126,7 @@ def plot(doc: dict, path: str) -> str:
                           color=cmap(s % 10 if G <= 10 else s / max(G - 1, 1)))
         a.set_ylim(0, G)
         a.set_ylabel("rank")
-        a.set_title(f"{sched}: source read by each rank ({tl_label} timeline)", fontsize=8)
+        a.set_title(f"{sched}: source read by each rank ({tl_label})", fontsize=8)
         if k == n_tl - 1:
             a.set_xlabel("ms")
     if n_tl and G <= 10:
@@ -119,7 +135,7 @@ def plot(doc: dict, path: str) -> str:
                    loc="outside lower right", fontsize=7, ncol=G)
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return f"wrote {path}" + ("" if n_tl else " (no timeline: the model cannot run these schedules)")
+    return True, f"wrote {path}" + ("" if n_tl else " (no timeline: the model cannot run these schedules)")
 
 
 def _fmt(n: int) -> str:

@@ -90,11 +90,15 @@ class Reporter:
         else:
             wrong = "-" if r.get("wrong") is None else str(r["wrong"])
             vals = head + [f"{r['time_us']:.1f}", f"{r['rank_GBps']:.2f}", f"{r['agg_GBps']:.2f}",
-                           f"{r['ideal_GBps']:.2f}", f"{r['pct_ideal']:.1f}", wrong]
+                           _num(r["ideal_GBps"], 2), _num(r["pct_ideal"], 1), wrong]
             print("".join(f"{v:>{w}} " for v, w in zip(vals, ws)).rstrip(), file=self.out)
         if r.get("note"):
             print(f"#   note: {r['note']}", file=self.out)
         self.out.flush()
+
+
+def _num(x: float | None, digits: int) -> str:
+    return "n/a" if x is None else f"{x:.{digits}f}"
 
 
 def to_json(doc: dict, path: str) -> None:
