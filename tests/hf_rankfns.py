@@ -46,7 +46,7 @@ def build(family: str, seed: int, num_experts: int = 5):
     return model
 
 
-def compare(group, family: str, seed: int, num_experts: int = 5):
+def compare(group, family: str, seed: int, num_experts: int = 5, method=None):
     """DWDP vs the unmodified HF model: logits, generate() tokens, freed rows, delivered bytes, aborted forward."""
     from dwdp_comm.integrations.transformers import convert, find_experts
     torch.set_num_threads(1)
@@ -69,7 +69,7 @@ def compare(group, family: str, seed: int, num_experts: int = 5):
                 keep = t[layout_rows.start:layout_rows.stop].clone()
                 t.fill_(float("nan"))
                 t[layout_rows.start:layout_rows.stop] = keep
-    dm = convert(model, group, depth=2, chunk_nbytes=512)
+    dm = convert(model, group, depth=2, chunk_nbytes=512, method=method)
     out = {"methods": sorted({s.method for s in dm.sites}), "gates": sorted({str(s.gate)[:20] for s in dm.sites}),
            "memory": dm.memory}
     with dm, torch.no_grad():
@@ -105,3 +105,23 @@ def compare(group, family: str, seed: int, num_experts: int = 5):
         out["freed"] = freed
         out["stats"] = dm.stats()
     return out
+
+
+def bad_convert(group, what: str):
+    """convert() with bad input on one rank only: every rank must raise."""
+    import transformers as tf
+    from dwdp_comm.integrations.transformers import convert
+    model = build("mixtral", 0)
+    kwargs = {"free": "everything"} if what == "free" and group.rank == 1 else {}
+    if what == "dense":
+        model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**TINY, intermediate_size=16))
+    try:
+        convert(model, group, **kwargs)
+    except Exception as exc:
+        return type(exc).__name__, str(exc)
+    return None
+
+
+def compare_many(group, cases):
+    """:func:`compare` for several ``(family, seed, num_experts, method)`` cases in one launch (saves spawns)."""
+    return [compare(group, *case) for case in cases]

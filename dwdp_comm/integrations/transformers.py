@@ -231,7 +231,7 @@ def _free(module: torch.nn.Module, name: str) -> None:
 
 def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None = None, depth: int = 2,
             schedule: str = "round_robin", chunk_nbytes: int = 8 << 20, free: str = "local",
-            engine_options: dict | None = None) -> DwdpModel:
+            engine_options: dict | None = None, method: str | None = None) -> DwdpModel:
     """Collective: run ``model``'s routed experts on DWDP over ``group``.
 
     Registers each experts module's local rows (HF names, rows ``layout.local_experts``), commits,
@@ -251,6 +251,8 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
         As :class:`~dwdp_comm.Prefetcher`.
     free : {"local", "none"}
         ``"none"`` keeps the module tensors (debugging only; memory does not drop).
+    method : {"experts_forward", "hf_grouped_mm"}, optional
+        Force one experts path on every site (default: per site, see :class:`ExpertsSite`).
 
     Returns
     -------
@@ -269,7 +271,11 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
     try:
         if free not in ("local", "none"):
             raise bad_arg("free", repr(free), "'local' or 'none'")
+        if method not in (None, "experts_forward", "hf_grouped_mm"):
+            raise bad_arg("method", repr(method), "None, 'experts_forward' or 'hf_grouped_mm'")
         sites = find_experts(model)
+        for s in sites:
+            s.method = method or s.method
         if not sites:
             raise bad_arg("model", type(model).__name__,
                           "a transformers MoE model with experts modules (@use_experts_implementation)")
