@@ -50,9 +50,10 @@ def compare(group, family: str, seed: int, num_experts: int = 5, method=None):
     """DWDP vs the unmodified HF model: logits, generate() tokens, freed rows, delivered bytes, aborted forward."""
     from dwdp_comm.integrations.transformers import convert, find_experts
     torch.set_num_threads(1)
-    ref = build(family, seed, num_experts)
-    model = build(family, seed, num_experts)
-    ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed))
+    dev = group.device  # cpu on sim; the rank's GPU on cuda_ipc
+    ref = build(family, seed, num_experts).to(dev)
+    model = build(family, seed, num_experts).to(dev)
+    ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(seed)).to(dev)
     with torch.no_grad():
         want = ref(ids).logits
         want_tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False, min_new_tokens=4)
