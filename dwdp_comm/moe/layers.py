@@ -14,7 +14,6 @@ Expert weight formats (``ExpertWeights``):
 
 from __future__ import annotations
 
-import time
 from typing import Any, Sequence
 
 import torch
@@ -22,9 +21,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from .. import kernels
-from ..errors import DwdpError, bad_arg
+from ..errors import bad_arg
 from ..layout import ExpertLayout
-from ..prefetch import Prefetcher, PrefetchHandle
+from .pipeline import DwdpPipeline
 from .deepseek import DeepseekConfig, seeded_weight
 from .routing import permute_tokens, route_deepseek, unpermute_tokens
 
@@ -91,87 +90,6 @@ def _route(cfg: DeepseekConfig, x: torch.Tensor, router: dict):
     logits = F.linear(x.float(), router["gate"])
     return route_deepseek(logits, router["bias"], top_k=cfg.top_k, num_groups=cfg.num_groups,
                           topk_groups=cfg.topk_groups, routed_scaling=cfg.routed_scaling)
-
-
-class DwdpPipeline:
-    """Keeps ``depth`` MoE layers in flight, cycling over ``layers`` in forward order.
-
-    ``acquire(layer)`` makes the current stream wait for the layer's prefetch and starts the
-    prefetch of the layer ``depth`` places later (it lands in this layer's slot, so the copy
-    engine starts it when this layer releases); ``release(layer)`` frees the slot after the
-    layer's kernels were enqueued. Exposed prefetch time (how long the compute stream stalled on a
-    prefetch) is measured with events around each stream wait (host time on ``sim``).
-
-    Parameters
-    ----------
-    prefetcher : Prefetcher
-    layers : sequence of int
-        The MoE layers in forward order; the sequence repeats (next iteration).
-    """
-
-    def __init__(self, prefetcher: Prefetcher, layers: Sequence[int]):
-        if not layers:
-            raise bad_arg("layers", layers, "a non-empty sequence of committed layers")
-        self.pf, self.layers = prefetcher, list(layers)
-        self._pos = {l: i for i, l in enumerate(self.layers)}
-        self._handles: dict[int, list[PrefetchHandle]] = {}
-        self._next = 0  # index (into the repeating sequence) of the next layer to prefetch
-        self._gpu = prefetcher.store.group.device.type == "cuda"
-        self._waits: list = []
-        self._host_wait_s = 0.0
-
-    def start(self) -> None:
-        """Prefetch the first ``depth`` layers."""
-        for _ in range(self.pf.depth):
-            self._issue()
-
-    def _issue(self) -> None:
-        layer = self.layers[self._next % len(self.layers)]
-        self._handles.setdefault(layer, []).append(self.pf.prefetch(layer))
-        self._next += 1
-
-    def acquire(self, layer: int) -> PrefetchHandle:
-        """Wait (on the current stream) for ``layer``'s prefetch; start the next one; return the handle."""
-        queue = self._handles.get(layer)
-        if not queue:
-            raise DwdpError(f"layer {layer} was not prefetched: call start() first and run layers in the order "
-                            f"{self.layers}")
-        h = queue.pop(0)
-        if self._gpu:
-            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            before.record()
-            h.wait()
-            after.record()
-            self._waits.append((before, after))
-        else:
-            t0 = time.perf_counter()
-            h.wait()
-            self._host_wait_s += time.perf_counter() - t0
-        self._issue()
-        return h
-
-    def release(self, handle: PrefetchHandle) -> None:
-        """Free the handle's slot once the current stream's work enqueued so far is done."""
-        handle.release()
-
-    def exposed_seconds(self, reset: bool = True) -> float:
-        """Total time compute stalled on prefetches since the last reset (synchronises on GPU)."""
-        if self._gpu:
-            torch.cuda.synchronize()
-            total = sum(b.elapsed_time(a) for b, a in self._waits) / 1e3
-        else:
-            total = self._host_wait_s
-        if reset:
-            self._waits, self._host_wait_s = [], 0.0
-        return total
-
-    def close(self) -> None:
-        """Release the handles still held (prefetches issued ahead for a next iteration)."""
-        for queue in self._handles.values():
-            for h in queue:
-                if not h.released:
-                    h.release()
-        self._handles.clear()
 
 
 class DwdpMoE(torch.nn.Module):

@@ -1,0 +1,328 @@
+"""Hugging Face transformers MoE models on DWDP: find the experts modules, shard them, run them prefetched.
+
+transformers 5.x routes every MoE family's routed experts through ``ExpertsInterface``
+(``fn(module, hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``) and
+each experts module describes its layout with ``has_gate``, ``has_bias``, ``is_transposed``,
+``is_concatenated``, ``_apply_gate`` and ``act_fn``. :func:`convert` registers each rank's expert
+rows in a :class:`~dwdp_comm.WeightStore`, frees the rows, and points the model at a ``"dwdp"``
+experts implementation that takes the weights from a :class:`~dwdp_comm.moe.pipeline.DwdpPipeline`.
+HF keeps routing, attention, shared experts, KV cache and ``generate``.
+
+>>> dm = convert(model, group, depth=2)          # collective
+>>> logits = model(input_ids).logits               # experts prefetched layer-ahead
+>>> dm.stats(); dm.close()                          # close is collective
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from ..errors import DwdpError, MissingDependencyError, bad_arg, bad_type
+from ..group import Group
+from ..layout import ExpertLayout
+from ..moe.experts import experts_forward
+from ..moe.pipeline import DwdpPipeline
+from ..prefetch import Prefetcher
+from ..store import WeightStore
+
+try:
+    import transformers  # noqa: F401
+    from transformers.integrations import moe as _hf_moe
+except ImportError as exc:  # pragma: no cover - exercised only without transformers
+    raise MissingDependencyError("dwdp_comm.integrations.transformers needs Hugging Face transformers: "
+                                 "pip install 'dwdp_comm[hf]' (transformers>=5.17,<6, safetensors)") from exc
+
+__all__ = ["ExpertsSite", "DwdpModel", "find_experts", "convert", "IMPLEMENTATION"]
+
+IMPLEMENTATION = "dwdp"
+_WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
+_BIAS_SUFFIX = "_bias"
+
+
+@dataclass
+class ExpertsSite:
+    """One HF experts module and how DWDP runs it.
+
+    Attributes
+    ----------
+    layer : int
+        Store layer id (the site's position in forward order).
+    path : str
+        Module name in ``model.named_modules()``.
+    module : torch.nn.Module
+    num_experts : int
+    names : tuple of str
+        The module's expert tensors (HF names, e.g. ``("gate_up_proj", "down_proj", ...)``).
+    weight_layout : {"nk", "kn"}
+        ``"kn"`` when HF's ``is_transposed``.
+    gate : str, callable or None
+        What :func:`~dwdp_comm.moe.experts.experts_forward` gets: ``"swiglu"`` (HF's default
+        ``_apply_gate``), the module's own ``_apply_gate`` (a family-specific gate), or None (no gate).
+    method : {"experts_forward", "hf_grouped_mm"}
+        The library's experts forward, or HF's own ``grouped_mm`` experts code fed with the
+        prefetched tensors (the fallback for math the library does not cover).
+    """
+
+    layer: int
+    path: str
+    module: torch.nn.Module = field(repr=False)
+    num_experts: int
+    names: tuple
+    weight_layout: str
+    gate: Any
+    method: str
+
+
+def _is_experts_module(m: torch.nn.Module) -> bool:
+    return all(hasattr(m, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")) and \
+        isinstance(getattr(m, "down_proj", None), torch.Tensor)
+
+
+def find_experts(model: torch.nn.Module) -> list[ExpertsSite]:
+    """Every experts module of ``model`` (those made by HF's ``@use_experts_implementation``), in forward order.
+
+    Read from HF's own flags, never from module paths. Local, no side effect.
+
+    Returns
+    -------
+    list of ExpertsSite
+        Empty when the model has no experts modules.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise bad_type("model", model, "a torch.nn.Module (a transformers model)")
+    sites = []
+    for path, m in model.named_modules():
+        if not _is_experts_module(m):
+            continue
+        first = "gate_up_proj" if m.has_gate else "up_proj"
+        names = [first, "down_proj"]
+        if m.has_bias:
+            names += [first + _BIAS_SUFFIX, "down_proj" + _BIAS_SUFFIX]
+        tensors = [getattr(m, n, None) for n in names]
+        covered = all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[0] == m.num_experts
+                      for t in tensors)
+        if not m.has_gate:
+            gate = None
+        elif getattr(type(m), "_apply_gate", None) is _hf_moe._default_apply_gate:
+            gate = "swiglu"
+        else:
+            gate = m._apply_gate  # family-specific gate (e.g. GPT-OSS's clamped interleaved one)
+        sites.append(ExpertsSite(layer=len(sites), path=path, module=m, num_experts=int(m.num_experts),
+                                 names=tuple(names), weight_layout="kn" if m.is_transposed else "nk", gate=gate,
+                                 method="experts_forward" if covered else "hf_grouped_mm"))
+    return sites
+
+
+class _Prefetched:
+    """The experts module seen through a prefetch handle: HF's experts code reads the handle's tensors."""
+
+    def __init__(self, module: torch.nn.Module, tensors: dict[str, torch.Tensor]):
+        object.__setattr__(self, "_module", module)
+        object.__setattr__(self, "_tensors", tensors)
+
+    def __getattr__(self, name: str):
+        t = self._tensors.get(name)
+        return t if t is not None else getattr(self._module, name)
+
+
+def _dwdp_experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                          top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``"dwdp"`` experts implementation: acquire the layer's weights, run its experts, release."""
+    run = getattr(module, "dwdp_run", None)
+    if run is None:
+        raise DwdpError(f"{type(module).__name__} runs experts_implementation={IMPLEMENTATION!r} but was not "
+                        "converted: call dwdp_comm.integrations.transformers.convert(model, group) first")
+    return run(hidden_states, top_k_index, top_k_weights)
+
+
+class _SiteRunner:
+    def __init__(self, site: ExpertsSite, pipeline: DwdpPipeline):
+        self.site, self.pipeline = site, pipeline
+        self.info: dict = {}
+
+    def __call__(self, hidden_states, top_k_index, top_k_weights):
+        s = self.site
+        h = self.pipeline.acquire(s.layer)
+        try:
+            if s.method == "experts_forward":
+                seg = {n: h.weight_segments(n) for n in s.names}
+                first = s.names[0]
+                out = experts_forward(hidden_states, top_k_index, top_k_weights, seg[first], seg["down_proj"],
+                                      gate_up_bias=seg.get(first + _BIAS_SUFFIX),
+                                      down_bias=seg.get("down_proj" + _BIAS_SUFFIX),
+                                      weight_layout=s.weight_layout, gate=s.gate, act_fn=getattr(s.module, "act_fn", None),
+                                      info=self.info)
+            else:
+                view = _Prefetched(s.module, {n: h.weights(n) for n in s.names})
+                out = _hf_moe.grouped_mm_experts_forward(view, hidden_states, top_k_index, top_k_weights)
+        finally:
+            self.pipeline.release(h)
+        return out
+
+
+class DwdpModel:
+    """A transformers model converted to DWDP (from :func:`convert`).
+
+    Attributes
+    ----------
+    model : torch.nn.Module
+        The HF model, running its experts through the ``"dwdp"`` implementation.
+    store : WeightStore
+    prefetcher : Prefetcher
+    pipeline : DwdpPipeline
+    sites : list of ExpertsSite
+    memory : dict
+        ``experts_bytes_before`` (the model's expert tensors before conversion),
+        ``experts_bytes_after`` (local rows in the heap + the prefetch slots),
+        ``local_bytes``, ``slot_bytes``.
+    """
+
+    def __init__(self, model, store, prefetcher, pipeline, sites, memory, previous_impl, hook):
+        self.model, self.store, self.prefetcher, self.pipeline, self.sites = model, store, prefetcher, pipeline, sites
+        self.memory = memory
+        self._previous_impl, self._hook = previous_impl, hook
+        self._closed = False
+
+    def stats(self, reset: bool = False) -> dict[int, dict]:
+        """Per store layer: ``path``, ``method``, ``acquires``, ``bytes_pulled``, ``exposed_wait_s`` (syncs on GPU)."""
+        per = self.pipeline.layer_stats(reset=reset)
+        for s in self.sites:
+            per[s.layer].update(path=s.path, method=s.method)
+        return per
+
+    def close(self) -> None:
+        """Collective: stop the pipeline, close prefetcher and store. The experts' weights are gone after it."""
+        if self._closed:
+            return
+        self._closed = True
+        self._hook.remove()
+        self.pipeline.close()
+        self.prefetcher.close()
+        self.store.close()
+        for s in self.sites:
+            if hasattr(s.module, "dwdp_run"):
+                del s.module.dwdp_run
+
+    def __enter__(self) -> "DwdpModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _free(module: torch.nn.Module, name: str) -> None:
+    """Replace a module tensor by a meta tensor of the same shape (frees it; any stray read fails loudly)."""
+    t = getattr(module, name)
+    meta = torch.empty(t.shape, dtype=t.dtype, device="meta")
+    if name in module._parameters:
+        module._parameters[name] = torch.nn.Parameter(meta, requires_grad=False)
+    elif name in module._buffers:
+        module._buffers[name] = meta
+    else:
+        setattr(module, name, meta)
+
+
+def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None = None, depth: int = 2,
+            schedule: str = "round_robin", chunk_nbytes: int = 8 << 20, free: str = "local",
+            engine_options: dict | None = None, method: str | None = None) -> DwdpModel:
+    """Collective: run ``model``'s routed experts on DWDP over ``group``.
+
+    Registers each experts module's local rows (HF names, rows ``layout.local_experts``), commits,
+    frees the module tensors (``free="local"``: the model then holds only the store's local rows
+    plus ``depth`` prefetch slots), registers the ``"dwdp"`` experts implementation and switches
+    the model to it, and builds the prefetcher and pipeline (resynced at each model forward).
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        A transformers MoE model with the same weights on every rank (at least the local rows;
+        rows this rank does not own are never read, see :func:`load_local_experts`).
+    group : Group
+    layout : ExpertLayout, optional
+        Default: experts split evenly (contiguous, the first ``E % size`` ranks one more).
+    depth, schedule, chunk_nbytes, engine_options
+        As :class:`~dwdp_comm.Prefetcher`.
+    free : {"local", "none"}
+        ``"none"`` keeps the module tensors (debugging only; memory does not drop).
+    method : {"experts_forward", "hf_grouped_mm"}, optional
+        Force one experts path on every site (default: per site, see :class:`ExpertsSite`).
+
+    Returns
+    -------
+    DwdpModel
+
+    Raises
+    ------
+    CollectiveMismatchError
+        On every rank, when any rank's arguments are bad (no experts modules, mismatched layout, ...).
+    """
+    if not isinstance(group, Group):
+        raise bad_type("group", group, "a dwdp_comm.Group (from dwdp_comm.init)")
+    group.check_open()
+    error = None
+    sites: list[ExpertsSite] = []
+    try:
+        if free not in ("local", "none"):
+            raise bad_arg("free", repr(free), "'local' or 'none'")
+        if method not in (None, "experts_forward", "hf_grouped_mm"):
+            raise bad_arg("method", repr(method), "None, 'experts_forward' or 'hf_grouped_mm'")
+        sites = find_experts(model)
+        for s in sites:
+            s.method = method or s.method
+        if not sites:
+            raise bad_arg("model", type(model).__name__,
+                          "a transformers MoE model with experts modules (@use_experts_implementation)")
+        counts = {s.num_experts for s in sites}
+        if len(counts) != 1:
+            raise bad_arg("model", f"experts modules with {sorted(counts)} experts", "one expert count")
+        num_experts = counts.pop()
+        if layout is None:
+            layout = ExpertLayout(num_experts, group.size, group.rank)
+        elif not isinstance(layout, ExpertLayout):
+            raise bad_type("layout", layout, "a dwdp_comm.ExpertLayout or None")
+        elif layout.num_experts != num_experts:
+            raise bad_arg("layout", f"num_experts={layout.num_experts}", f"num_experts={num_experts} (the model's)")
+        for s in sites:
+            for n in s.names:
+                if getattr(s.module, n).device.type == "meta":
+                    raise bad_arg("model", f"{s.path}.{n} on the meta device",
+                                  "materialised local expert rows (see load_local_experts)")
+    except Exception as exc:  # report on every rank, not only this one
+        error = f"{type(exc).__name__}: {exc}"
+    group.comm.agree(error, "convert(model, group)")
+
+    dev = group.device
+    before = 0
+    store = WeightStore(group, layout)
+    local = layout.local_experts
+    for s in sites:
+        for n in s.names:
+            t = getattr(s.module, n).detach()
+            before += _nbytes(t)
+            store.register(s.layer, n, t[local.start:local.stop].to(dev))
+    store.commit()
+    if free == "local":
+        for s in sites:
+            for n in s.names:
+                _free(s.module, n)
+    prefetcher = Prefetcher(store, depth=depth, schedule=schedule, chunk_nbytes=chunk_nbytes,
+                            engine_options=engine_options)
+    pipeline = DwdpPipeline(prefetcher, [s.layer for s in sites])
+    for s in sites:
+        s.module.dwdp_run = _SiteRunner(s, pipeline)
+    _hf_moe.ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _dwdp_experts_forward)
+    previous = getattr(model.config, "_experts_implementation", None)
+    model.set_experts_implementation(IMPLEMENTATION)
+    hook = model.register_forward_pre_hook(lambda mod, args: pipeline.begin())
+    local_bytes = sum(_nbytes(store.local(s.layer, n)) for s in sites for n in s.names)
+    memory = {"experts_bytes_before": before, "local_bytes": local_bytes,
+              "slot_bytes": depth * prefetcher.slot_nbytes,
+              "experts_bytes_after": local_bytes + depth * prefetcher.slot_nbytes}
+    return DwdpModel(model, store, prefetcher, pipeline, sites, memory, previous, hook)

@@ -1,0 +1,158 @@
+"""Layer-ahead prefetch pipeline over a :class:`~dwdp_comm.Prefetcher`, model-agnostic.
+
+Any model whose MoE layers run in a fixed order (the DeepSeek layers in :mod:`.layers`, the
+Hugging Face integration in :mod:`dwdp_comm.integrations.transformers`) drives it with
+``begin()`` at the start of a forward, then ``acquire(layer)`` / ``release(handle)`` per layer.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import torch
+
+from ..errors import DwdpError, bad_arg
+from ..prefetch import Prefetcher, PrefetchHandle
+
+__all__ = ["DwdpPipeline"]
+
+
+class DwdpPipeline:
+    """Keeps ``depth`` MoE layers in flight, cycling over ``layers`` in forward order.
+
+    ``acquire(layer)`` makes the current stream wait for the layer's prefetch and starts the
+    prefetch of the layer ``depth`` places later (it lands in this layer's slot, so the copy
+    engine starts it when this layer releases); ``release(layer)`` frees the slot after the
+    layer's kernels were enqueued. Exposed prefetch time (how long the compute stream stalled on a
+    prefetch) is measured with events around each stream wait (host time on ``sim``).
+
+    A forward that raised between layers leaves the pipeline mid-sequence; :meth:`begin` (call it
+    at the start of every forward) notices and :meth:`reset` s it, so the next forward is correct.
+
+    Parameters
+    ----------
+    prefetcher : Prefetcher
+    layers : sequence of int
+        The MoE layers in forward order; the sequence repeats (next iteration).
+
+    Notes
+    -----
+    Local (never collective); not thread-safe.
+    """
+
+    def __init__(self, prefetcher: Prefetcher, layers: Sequence[int]):
+        if not layers:
+            raise bad_arg("layers", layers, "a non-empty sequence of committed layers")
+        self.pf, self.layers = prefetcher, list(layers)
+        self._handles: dict[int, list[PrefetchHandle]] = {}
+        self._held: list[PrefetchHandle] = []  # acquired, not yet released
+        self._next = 0  # index (into the repeating sequence) of the next layer to prefetch
+        self._acquired = 0  # layers acquired since the last (re)start
+        self._started = False
+        self._gpu = prefetcher.store.group.device.type == "cuda"
+        self._waits: list = []  # (layer, before, after) events on GPU
+        self._host_wait_s = 0.0
+        self._layer_wait_s: dict[int, float] = {}
+        self._layer_bytes: dict[int, int] = {}
+        self._layer_count: dict[int, int] = {}
+
+    def start(self) -> None:
+        """Prefetch the first ``depth`` layers."""
+        for _ in range(self.pf.depth):
+            self._issue()
+        self._started = True
+
+    def begin(self) -> None:
+        """Call at the start of a forward: starts the pipeline, or resyncs it if the last forward stopped mid-way."""
+        if not self._started:
+            self.start()
+        elif self._held or self._acquired % len(self.layers) != 0:
+            self.reset()
+
+    def reset(self) -> None:
+        """Drop every prefetch in flight or held and start again from the first layer (local, never blocks)."""
+        self._drop_handles()
+        self._next = self._acquired = 0
+        self.start()
+
+    def _issue(self) -> None:
+        layer = self.layers[self._next % len(self.layers)]
+        self._handles.setdefault(layer, []).append(self.pf.prefetch(layer))
+        self._next += 1
+
+    def acquire(self, layer: int) -> PrefetchHandle:
+        """Wait (on the current stream) for ``layer``'s prefetch; start the next one; return the handle."""
+        queue = self._handles.get(layer)
+        if not queue:
+            raise DwdpError(f"layer {layer} was not prefetched: call start() first and run layers in the order "
+                            f"{self.layers}")
+        h = queue.pop(0)
+        if self._gpu:
+            before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            before.record()
+            h.wait()
+            after.record()
+            self._waits.append((layer, before, after))
+        else:
+            t0 = time.perf_counter()
+            h.wait()
+            dt = time.perf_counter() - t0
+            self._host_wait_s += dt
+            self._layer_wait_s[layer] = self._layer_wait_s.get(layer, 0.0) + dt
+        self._layer_bytes[layer] = self._layer_bytes.get(layer, 0) + self.pf.store.remote_nbytes(layer)
+        self._layer_count[layer] = self._layer_count.get(layer, 0) + 1
+        self._held.append(h)
+        self._acquired += 1
+        self._issue()
+        return h
+
+    def release(self, handle: PrefetchHandle) -> None:
+        """Free the handle's slot once the current stream's work enqueued so far is done."""
+        if handle in self._held:
+            self._held.remove(handle)
+        handle.release()
+
+    def exposed_seconds(self, reset: bool = True) -> float:
+        """Total time compute stalled on prefetches since the last reset (synchronises on GPU)."""
+        if self._gpu:
+            torch.cuda.synchronize()
+            total = sum(b.elapsed_time(a) for _, b, a in self._waits) / 1e3
+        else:
+            total = self._host_wait_s
+        if reset:
+            self._waits, self._host_wait_s, self._layer_wait_s = [], 0.0, {}
+        return total
+
+    def layer_stats(self, reset: bool = False) -> dict[int, dict]:
+        """Per layer since the last stats reset: ``{"acquires", "bytes_pulled", "exposed_wait_s"}``.
+
+        ``bytes_pulled`` counts the remote bytes of each acquired prefetch. Synchronises on GPU.
+        """
+        waits = dict(self._layer_wait_s)
+        if self._gpu:
+            torch.cuda.synchronize()
+            for layer, b, a in self._waits:
+                waits[layer] = waits.get(layer, 0.0) + b.elapsed_time(a) / 1e3
+        out = {l: {"acquires": self._layer_count.get(l, 0), "bytes_pulled": self._layer_bytes.get(l, 0),
+                   "exposed_wait_s": waits.get(l, 0.0)} for l in self.layers}
+        if reset:
+            self._waits, self._host_wait_s, self._layer_wait_s = [], 0.0, {}
+            self._layer_bytes, self._layer_count = {}, {}
+        return out
+
+    def _drop_handles(self) -> None:
+        for h in self._held:
+            if not h.released:
+                h.release()
+        self._held = []
+        for queue in self._handles.values():
+            for h in queue:
+                if not h.released:
+                    h.release()
+        self._handles.clear()
+
+    def close(self) -> None:
+        """Release the handles still held (prefetches issued ahead for a next iteration)."""
+        self._drop_handles()
+        self._started = False

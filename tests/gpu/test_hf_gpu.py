@@ -1,0 +1,33 @@
+"""Hugging Face MoE models on DWDP over cuda_ipc (2 ranks; they may share one GPU: rank r uses r % device_count).
+
+Same checks as tests/test_hf_integration.py: logits and generate() tokens vs the unmodified HF model,
+freed expert rows (poisoned before conversion), byte-exact delivered rows, aborted forward then a
+good one.
+"""
+
+import os
+
+import pytest
+
+import dwdp_comm as dc
+
+pytest.importorskip("transformers")
+
+import hf_rankfns  # noqa: E402  (tests/ is on sys.path through tests/conftest.py)
+
+pytestmark = pytest.mark.gpu
+TIMEOUT = float(os.environ.get("DWDP_TEST_TIMEOUT", "300"))
+TOL = 1e-4  # fp32 on GPU: TF32 is off by default in torch for matmuls, summation order may differ
+
+
+def test_hf_families_on_cuda_ipc():
+    cases = [("mixtral", 7, 5, None), ("qwen3_moe", 7, 5, None), ("deepseek_v3", 7, 5, None),
+             ("gpt_oss", 7, 5, None), ("gpt_oss", 3, 5, "hf_grouped_mm")]
+    res = dc.testing.launch(hf_rankfns.compare_many, 2, cases, backend="cuda_ipc", timeout=TIMEOUT)
+    for i, case in enumerate(cases):
+        for rank, r in enumerate(res):
+            r = r[i]
+            assert r["freed"] and r["bytes_exact"], (case, rank)
+            assert r["logits_max_diff"] <= TOL and r["after_abort_max_diff"] <= TOL, (case, rank, r)
+            assert r["aborted"] and r["tokens_equal"], (case, rank)
+            assert r["memory"]["local_bytes"] < r["memory"]["experts_bytes_before"]
