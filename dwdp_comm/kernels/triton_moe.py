@@ -26,7 +26,7 @@ import os
 
 import torch
 
-__all__ = ["unavailable_reason", "gated_activation", "combine", "BLOCK"]
+__all__ = ["unavailable_reason", "gated_activation", "combine", "BLOCK", "ENABLED"]
 
 BLOCK = 1024  # columns per program: 128 threads x 8 bf16 (16-byte accesses)
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
@@ -86,8 +86,14 @@ def _triton():
     return triton, _gated_kernel, _combine_kernel
 
 
+#: Set False to make every caller take its torch fallback (benchmarks, bisecting).
+ENABLED = True
+
+
 def unavailable_reason(t: torch.Tensor) -> str | None:
     """None when these kernels run on ``t``'s device and dtype, else why not (a fallback is due)."""
+    if not ENABLED:
+        return "dwdp_comm.kernels.triton_moe.ENABLED is False"
     if t.dtype not in _DTYPES:
         return f"dtype {t.dtype} (Triton kernels here take {[str(d) for d in _DTYPES]})"
     if t.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -135,7 +141,7 @@ def gated_activation(h: torch.Tensor, out: torch.Tensor, *, interleaved: bool = 
     if rows == 0 or inter == 0:
         return out
     assert h.stride(-1) == 1 and out.stride(-1) == 1 and h.shape[1] == 2 * inter and h.shape[0] == rows
-    dummy = out
+    dummy = torch.empty(1, dtype=out.dtype, device=out.device)  # unused pointer args (never an alias of out)
     grid = (rows, triton.cdiv(inter, BLOCK))
     kern[grid](h, out, limit if limit is not None else dummy, row_weights if row_weights is not None else dummy,
                bias if bias is not None else dummy, row_experts if row_experts is not None else dummy,
@@ -174,6 +180,6 @@ def combine(base: torch.Tensor, src: torch.Tensor, out: torch.Tensor, weights: t
     if k == 0:
         return out.zero_()
     grid = (t, triton.cdiv(hidden, BLOCK))
-    kern[grid](base, src, weights if weights is not None else src, out, hidden, K=k, HAS_W=weights is not None,
+    kern[grid](base, src, weights if weights is not None else torch.empty(1, device=out.device), out, hidden, K=k, HAS_W=weights is not None,
                BLOCK_N=BLOCK, num_warps=4)
     return out
