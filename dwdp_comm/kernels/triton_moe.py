@@ -158,7 +158,8 @@ def combine(base: torch.Tensor, src: torch.Tensor, out: torch.Tensor, weights: t
     ----------
     base : torch.Tensor
         Any tensor of the rows' dtype; ``row(s)`` is the ``H`` contiguous elements starting ``s``
-        elements from ``base.data_ptr()`` (``s`` may be negative for rows of another allocation).
+        elements from ``base.data_ptr()`` (rows of other allocations are reached with
+        their distance from ``base``; pass the lowest-addressed tensor so every offset is >= 0).
     src : torch.Tensor
         ``[T, k]`` contiguous int64 element offsets, ``-1`` for slots that contribute nothing.
     out : torch.Tensor

@@ -190,8 +190,9 @@ def combine_rows(y: Any, order: TokenOrder, weights: torch.Tensor | None = None,
         else:
             starts = [r0 for r0, _ in pieces]
             deltas = []
+            base = min((t for _, t in pieces), key=lambda t: t.data_ptr())  # offsets >= 0 from the lowest
             for r0, t in pieces:
-                d = t.data_ptr() - first.data_ptr()
+                d = t.data_ptr() - base.data_ptr()
                 assert d % es == 0, "pieces must be aligned to their element size"
                 deltas.append(d // es - r0 * hidden)  # element offset of row 0 of the virtual [S, H]
             table = torch.tensor([starts[1:] + [2**62], deltas], dtype=torch.int64,
@@ -199,7 +200,7 @@ def combine_rows(y: Any, order: TokenOrder, weights: torch.Tensor | None = None,
             piece = torch.bucketize(rows, table[0], right=True)
             src = torch.where(rows >= 0, table[1][piece] + rows * hidden, -1)
         w = None if weights is None else weights.contiguous()
-        return triton_moe.combine(first, src.contiguous(), out, w)
+        return triton_moe.combine(first if len(pieces) == 1 else base, src.contiguous(), out, w)
     full = first if len(pieces) == 1 else torch.cat([t for _, t in pieces])
     valid = (rows >= 0).unsqueeze(-1)
     g = full.index_select(0, rows.clamp(min=0).reshape(-1)).view(*tk, hidden)
