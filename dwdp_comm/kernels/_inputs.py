@@ -173,17 +173,19 @@ class TokenGroups:
             hint = "these look like cumulative offsets: pass offsets=True"
         raise bad_arg(name, f"{kind} {self.num_tokens}", f"x.shape[0] = {num_tokens} rows", hint)
 
-    def check(self, num_experts: int, num_tokens: int, name: str = "m_sizes_or_offsets") -> None:
+    def check(self, num_experts: int, num_tokens: int, name: str = "m_sizes_or_offsets",
+              ignore_tail: bool = False) -> None:
         """Raise unless these groups describe ``num_tokens`` rows over ``num_experts`` experts.
 
-        For ``validate=False`` groups not yet on the host, only the expert count is checked.
+        With ``ignore_tail`` the groups may cover fewer rows (the rest are not computed). For
+        ``validate=False`` groups not yet on the host, only the expert count is checked.
         """
         if self.num_experts != num_experts:
             hint = ""
             if self.on_host and self.offsets_given and self.num_experts == num_experts + 1 and self.ends[0] == 0:
                 hint = "pass the E end offsets, without the leading 0"
             raise bad_arg(name, f"{self.num_experts} entries", f"one per expert ({num_experts}, from the weights)", hint)
-        if self.on_host and self.num_tokens != num_tokens:
+        if self.on_host and (self.num_tokens > num_tokens if ignore_tail else self.num_tokens != num_tokens):
             self._raise_total(num_tokens, name)
 
     def rows(self, first: int, stop: int) -> tuple[int, int]:
@@ -404,7 +406,8 @@ class Problem:
 
 
 def make_problem(x: Any, m_sizes_or_offsets: Any, weights: Any, *, offsets: bool = False,
-                 weight_scales: Any = None, x_scales: Any = None, out: Any = None) -> Problem:
+                 weight_scales: Any = None, x_scales: Any = None, out: Any = None,
+                 ignore_tail: bool = False) -> Problem:
     """Validate every argument of :func:`dwdp_comm.kernels.grouped_gemm`; see it for their meaning."""
     if not isinstance(x, torch.Tensor):
         raise bad_type("x", x, "a torch.Tensor [num_tokens, K]")
@@ -449,7 +452,9 @@ def make_problem(x: Any, m_sizes_or_offsets: Any, weights: Any, *, offsets: bool
         raise bad_arg("x", f"shape {tuple(x.shape)}", f"[num_tokens, K={K}] (K from the weights)")
     groups = m_sizes_or_offsets if isinstance(m_sizes_or_offsets, TokenGroups) else \
         TokenGroups(m_sizes_or_offsets, offsets=offsets)
-    groups.check(E, int(x.shape[0]))
+    if not isinstance(ignore_tail, bool):
+        raise bad_type("ignore_tail", ignore_tail, "a bool")
+    groups.check(E, int(x.shape[0]), ignore_tail=ignore_tail)
     scales = _normalize_scales(weight_scales, pieces, N) if wdt == FP8_DTYPE else None
     if wdt != FP8_DTYPE and weight_scales is not None:
         raise bad_arg("weight_scales", "scales", f"None for {wdt} weights (scales are for fp8 weights only)")

@@ -82,7 +82,7 @@ from ..errors import BackendUnavailableError, bad_arg
 from ._inputs import FP8_DTYPE, Problem
 from .reference import quantize_rowwise
 
-__all__ = ["run", "run_rows", "METHODS", "DIRECT_MIN_ROWS", "grouped_mm_supported", "has_device_kernel", "fp8_unavailable_reason",
+__all__ = ["run", "run_rows", "WorkerStreams", "METHODS", "DIRECT_MIN_ROWS", "grouped_mm_supported", "has_device_kernel", "fp8_unavailable_reason",
            "operand_ok"]
 
 METHODS = ("auto", "grouped_mm", "segments", "segments_async", "segments_direct", "per_expert")
@@ -346,7 +346,7 @@ def _bounds(p: Problem) -> tuple:
     return tuple((first, int(w.shape[0])) for first, w in p.pieces)
 
 
-class _Workers:
+class WorkerStreams:
     """Worker streams for the pieces of a split GEMM (a pool per caller stream, reused), or none.
 
     Work is cut into units (a piece, a run of experts, one expert: ``segments_async`` /
@@ -402,6 +402,9 @@ class _Workers:
     def join(self) -> None:
         for st in self.streams:
             self.main.wait_stream(st)
+
+
+_Workers = WorkerStreams  # the name used inside this module
 
 
 def _segments(p: Problem, info: dict, mm=None, xq=None, overlap: bool = False,

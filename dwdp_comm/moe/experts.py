@@ -5,8 +5,24 @@ calls for every experts module whose math it covers. It takes routing already do
 weights per token), and weights either whole (``[E, ...]``, contiguous or a composite view) or
 split into per-owner pieces (:meth:`dwdp_comm.PrefetchHandle.weight_segments`).
 
-The body here is the plain per-expert reference; a faster path may replace it as long as it is
-tested against :func:`experts_forward_reference` on fresh random data.
+How the fast path works (what Hugging Face's ``grouped_mm`` path spends time on, and what is
+done instead):
+
+- routing prep on the device, no host sync: a stable sort of int32 keys, end offsets by binary
+  search, the inverse permutation by one scatter (:func:`dwdp_comm.moe.tokens.sort_by_expert`);
+- one gather of the token rows, one ``torch._grouped_mm`` per projection on the weights as
+  stored (``[E, N, K]`` passed as a transposed view: no copy);
+- gate, bias and routing weight in one pass (Triton on CUDA): the routing weight is folded into
+  the activation before the down GEMM when there is no down bias (``down(a * w) = w * down(a)``),
+  which saves the ``[S, H]`` multiply;
+- no masking passes for sentinel ids: the activation skips rows past the last group (read on
+  the device) and the combine skips sentinel slots;
+- one fused gather-sum (float32 accumulation) instead of gather, multiply and sum passes.
+
+Split weights (pieces): one host read of the row bounds (an asynchronous copy, awaited after
+the gather is queued, so the GPU does not idle), then each piece's gate-up, activation and down
+on its own rows, pieces concurrently on worker streams, and the combine reading every piece's
+result in place. The reference :func:`experts_forward_reference` is the oracle of the tests.
 """
 
 from __future__ import annotations
@@ -16,7 +32,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from .. import kernels
 from ..errors import bad_arg, bad_type
+from ..kernels.torch_grouped import WorkerStreams
+from .tokens import combine_rows, gather_tokens, sort_by_expert
 
 __all__ = ["experts_forward", "experts_forward_reference", "GATES", "WEIGHT_LAYOUTS"]
 
@@ -94,10 +113,78 @@ def experts_forward_reference(hidden_states: torch.Tensor, top_k_index: torch.Te
     return out.to(hidden_states.dtype)
 
 
+def _pieces(w: Any, arg: str) -> list[tuple[int, torch.Tensor]]:
+    """Whole tensor or pieces as ``[(first_expert, tensor[count, ...]), ...]`` (views, no copy)."""
+    if isinstance(w, torch.Tensor):
+        if w.dim() != 3:
+            raise bad_arg(arg, f"a tensor of shape {tuple(w.shape)}", "[num_experts, N, K] or [num_experts, K, N]")
+        return [(0, w)]
+    if isinstance(w, (str, bytes)) or not isinstance(w, (list, tuple)) or not w:
+        raise bad_type(arg, w, "a [num_experts, ...] torch.Tensor or a list of (first_expert, tensor) pieces")
+    out, nxt = [], 0
+    for i, item in enumerate(w):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
+            first, t = item
+            if int(first) != nxt:
+                raise bad_arg(f"{arg}[{i}]", f"a piece starting at expert {first}", f"pieces in expert order from {nxt}")
+        elif isinstance(item, torch.Tensor):
+            t = item
+        else:
+            raise bad_type(f"{arg}[{i}]", item, "torch.Tensor or (first_expert, torch.Tensor)")
+        if t.dim() == 2:
+            t = t.unsqueeze(0)
+        if t.dim() != 3:
+            raise bad_arg(f"{arg}[{i}]", f"shape {tuple(t.shape)}", "[count, N, K] / [count, K, N] (or one expert 2-D)")
+        if t.shape[0]:
+            out.append((nxt, t))
+        nxt += int(t.shape[0])
+    if not out:
+        raise bad_arg(arg, "pieces holding 0 experts", "at least one expert")
+    return out
+
+
+def _cut(pieces: list, cuts: list[int]) -> list[tuple[int, torch.Tensor]]:
+    """``pieces`` re-sliced at expert boundaries ``cuts`` (views)."""
+    out = []
+    for first, t in pieces:
+        n = int(t.shape[0])
+        inner = [c for c in cuts if first < c < first + n]
+        for a, b in zip([first] + inner, inner + [first + n]):
+            out.append((a, t[a - first:b - first]))
+    return out
+
+
+def _pieces_bias(b: Any) -> list[tuple[int, torch.Tensor]]:
+    if isinstance(b, torch.Tensor):
+        return [(0, b)]
+    out, nxt = [], 0
+    for item in b:
+        t = item[1] if isinstance(item, tuple) else item
+        t = t.unsqueeze(0) if t.dim() == 1 else t
+        out.append((nxt, t))
+        nxt += int(t.shape[0])
+    return out
+
+
+def _row_bounds(offsets: torch.Tensor) -> tuple[Callable[[], list[int]], Any]:
+    """Start an asynchronous host copy of the end offsets; ``wait()`` returns them as a list."""
+    if offsets.device.type != "cuda":
+        return (lambda: offsets.tolist()), None
+    host = torch.empty(offsets.shape, dtype=offsets.dtype, pin_memory=True)
+    host.copy_(offsets, non_blocking=True)
+    ev = torch.cuda.Event()
+    ev.record()
+
+    def wait():
+        ev.synchronize()  # a host wait: only for split weights, after the gather is queued
+        return host.tolist()
+    return wait, ev
+
+
 def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                     gate_up: Any, down: Any, *, gate_up_bias: Any = None, down_bias: Any = None,
                     weight_layout: str = "nk", gate: Any = "swiglu", act_fn: Callable | None = None,
-                    info: dict | None = None) -> torch.Tensor:
+                    info: dict | None = None, backend: str = "auto") -> torch.Tensor:
     """Routed experts: ``sum_k w[t, k] * down(gate(gate_up(x[t])))`` over each token's top-k experts.
 
     Parameters
@@ -114,7 +201,7 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
         with ``weight_layout="nk"`` (nn.Linear / HF default), ``[E, K, N]`` with ``"kn"``; or split
         pieces ``[(first_expert, tensor[count, ...]), ...]`` / a list of tensors in expert order.
     down : torch.Tensor or list
-        The down projection, same forms.
+        The down projection, same forms (may be split differently from ``gate_up``).
     gate_up_bias, down_bias : torch.Tensor or list, optional
         ``[E, N]`` biases (or pieces).
     weight_layout : {"nk", "kn"}
@@ -124,15 +211,115 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     act_fn : callable, optional
         Default ``torch.nn.functional.silu``.
     info : dict, optional
-        Receives ``info["method"]``: what ran.
+        Receives ``info["method"]`` (``"grouped"``: one tensor, ``"pieces"``: split weights),
+        ``activation`` and ``combine`` (``"triton"`` or ``"torch"``), ``pieces``.
+    backend : str
+        Grouped GEMM backend (:func:`dwdp_comm.kernels.grouped_gemm`); ``"reference"`` runs
+        :func:`experts_forward_reference`.
 
     Returns
     -------
     torch.Tensor
         ``[T, H]`` in ``hidden_states``' dtype, on its device and current stream.
+
+    Notes
+    -----
+    One weight tensor per projection (contiguous or a composite view): no host synchronisation
+    (bf16 on sm90+; float32 on CUDA takes per-expert GEMMs, which read the counts on the host).
+    Split weights: one host wait for the row bounds per call (see the module docstring). GEMMs
+    in the weights' dtype (bf16), the activation in float32 rounded once, the k rows of a token
+    summed in float32: Hugging Face's numerics class, not its bits.
     """
+    if backend == "reference":
+        if info is not None:
+            info["method"] = "reference"
+        return experts_forward_reference(hidden_states, top_k_index, top_k_weights, gate_up, down,
+                                         gate_up_bias=gate_up_bias, down_bias=down_bias,
+                                         weight_layout=weight_layout, gate=gate, act_fn=act_fn)
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise bad_arg("weight_layout", repr(weight_layout), f"one of {WEIGHT_LAYOUTS}")
+    if not (gate is None or callable(gate) or gate in GATES):
+        raise bad_arg("gate", repr(gate), f"one of {GATES}, a callable, or None")
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+        raise bad_arg("hidden_states", tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor)
+                      else type(hidden_states).__name__, "a [num_tokens, hidden] tensor")
+    t = hidden_states.shape[0]
+    if not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2 or top_k_index.shape[0] != t:
+        raise bad_arg("top_k_index", tuple(top_k_index.shape) if isinstance(top_k_index, torch.Tensor)
+                      else type(top_k_index).__name__, f"a [{t}, top_k] integer tensor")
+    if not isinstance(top_k_weights, torch.Tensor) or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise bad_arg("top_k_weights", tuple(top_k_weights.shape) if isinstance(top_k_weights, torch.Tensor)
+                      else type(top_k_weights).__name__, f"a {list(top_k_index.shape)} tensor, as top_k_index")
+    p13, p2 = _pieces(gate_up, "gate_up"), _pieces(down, "down")
+    num_experts = p13[-1][0] + int(p13[-1][1].shape[0])
+    num_down = p2[-1][0] + int(p2[-1][1].shape[0])
+    if num_down != num_experts:
+        raise bad_arg("down", f"{num_down} experts", f"{num_experts} experts, as gate_up")
+    wdt = p13[0][1].dtype
+    if wdt not in (torch.bfloat16, torch.float32):  # the grouped GEMMs take bf16 / float32 only
+        if info is not None:
+            info.update(method="reference", fallback=f"weights of dtype {wdt}: the per-expert reference runs")
+        return experts_forward_reference(hidden_states, top_k_index, top_k_weights, gate_up, down,
+                                         gate_up_bias=gate_up_bias, down_bias=down_bias,
+                                         weight_layout=weight_layout, gate=gate, act_fn=act_fn)
+    x = hidden_states if hidden_states.dtype == wdt else hidden_states.to(wdt)  # as HF: input cast to the weights'
+    order = sort_by_expert(top_k_index, num_experts)
+    cuts = sorted({f for f, _ in p13} | {f for f, _ in p2})
+    wait = _row_bounds(order.offsets)[0] if len(cuts) > 1 else None
+    xs = gather_tokens(x, order)
+    w_rows = top_k_weights.reshape(-1)[order.order]
+    mlp = dict(gate=gate, act_fn=act_fn, weight_layout=weight_layout, backend=backend)
+    sub: dict = {}
+    if wait is None:
+        groups = kernels.TokenGroups(order.offsets, offsets=True, validate=False) if x.device.type != "cpu" else \
+            kernels.TokenGroups(order.offsets, offsets=True)
+        y = kernels.moe_mlp(xs, groups, p13[0][1], p2[0][1], w13_bias=gate_up_bias, w2_bias=down_bias,
+                            row_weights=w_rows, ignore_tail=True, info=sub, **mlp)
+        res = combine_rows(y, order, out_dtype=hidden_states.dtype, info=sub)
+        method, pieces = "grouped", 1
+    else:
+        ends = wait()
+        a13, a2 = _cut(p13, cuts), _cut(p2, cuts)
+        workers = WorkerStreams(x.device, len(a13), True)
+        outs, jobs = [], []
+        for (first, w13), (_, w2) in zip(a13, a2):
+            n = int(w13.shape[0])
+            r0 = ends[first - 1] if first else 0
+            r1 = ends[first + n - 1]
+            if r1 > r0:
+                jobs.append((first, n, w13, w2, r0, r1))
+        main = torch.cuda.current_stream(x.device) if workers.streams else None
+        workers.fork()
+        try:
+            for j, (first, n, w13, w2, r0, r1) in enumerate(jobs):
+                with workers.on(j):
+                    rel = order.offsets[first:first + n] - r0
+                    groups = kernels.TokenGroups(rel, offsets=True, validate=x.device.type == "cpu")
+                    y = kernels.moe_mlp(xs[r0:r1], groups, w13, w2, w13_bias=_slice(gate_up_bias, first, n),
+                                        w2_bias=_slice(down_bias, first, n), row_weights=w_rows[r0:r1],
+                                        info=sub, **mlp)
+                    if main is not None:
+                        y.record_stream(main)  # allocated on a worker, read by the combine on the current stream
+                    outs.append((r0, y))
+        finally:
+            workers.join()
+        if outs:
+            res = combine_rows(outs, order, out_dtype=hidden_states.dtype, info=sub)
+        else:
+            res = hidden_states.new_zeros(t, hidden_states.shape[1])
+            sub["combine"] = "none"
+        method, pieces = "pieces", len(jobs)
     if info is not None:
-        info["method"] = "reference"
-    return experts_forward_reference(hidden_states, top_k_index, top_k_weights, gate_up, down,
-                                     gate_up_bias=gate_up_bias, down_bias=down_bias, weight_layout=weight_layout,
-                                     gate=gate, act_fn=act_fn)
+        info.update(method=method, pieces=pieces, activation=sub.get("activation"), combine=sub.get("combine"))
+    return res
+
+
+def _slice(b: Any, first: int, n: int) -> Any:
+    """Experts ``first .. first + n - 1`` of a bias given whole (``[E, N]``) or as pieces (one tensor)."""
+    if b is None:
+        return None
+    if isinstance(b, torch.Tensor):
+        return b[first:first + n]
+    parts = _pieces_bias(b)
+    full = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
+    return full[first:first + n]

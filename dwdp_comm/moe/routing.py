@@ -1,10 +1,15 @@
-"""DeepSeek-V3 routing and token permutation (plain torch, any device)."""
+"""DeepSeek-V3 routing (plain torch, any device).
+
+The token permutation moved to :mod:`dwdp_comm.moe.tokens` (router-independent); it is re-exported
+here for existing callers.
+"""
 
 from __future__ import annotations
 
 import torch
 
 from ..errors import bad_arg
+from .tokens import permute_tokens, unpermute_tokens  # noqa: F401  (re-export: moved to .tokens)
 
 __all__ = ["route_deepseek", "permute_tokens", "unpermute_tokens"]
 
@@ -57,54 +62,3 @@ def route_deepseek(logits: torch.Tensor, bias: torch.Tensor | None, *, top_k: in
     if normalize:
         weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
     return ids, weights * routed_scaling
-
-
-def permute_tokens(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Group token copies by expert (stable), for a grouped GEMM.
-
-    Parameters
-    ----------
-    x : torch.Tensor
-        ``[num_tokens, hidden]``.
-    topk_ids : torch.Tensor
-        ``[num_tokens, top_k]`` int64 expert ids in ``[0, num_experts)``.
-
-    Returns
-    -------
-    x_sorted : torch.Tensor
-        ``[num_tokens * top_k, hidden]``: rows of expert 0 first, then expert 1, ...
-    m_sizes : torch.Tensor
-        ``[num_experts]`` int64 rows per expert.
-    order : torch.Tensor
-        ``[num_tokens * top_k]`` int64: row ``i`` of ``x_sorted`` is copy ``order[i]`` of the
-        flattened ``(token, k)`` pairs (token ``order[i] // top_k``).
-    """
-    flat = topk_ids.reshape(-1)
-    order = torch.sort(flat, stable=True).indices
-    m_sizes = torch.bincount(flat, minlength=num_experts)
-    return x[order // topk_ids.shape[1]], m_sizes, order
-
-
-def unpermute_tokens(y_sorted: torch.Tensor, order: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-    """Weighted sum of each token's expert outputs: the inverse of :func:`permute_tokens`.
-
-    Parameters
-    ----------
-    y_sorted : torch.Tensor
-        ``[num_tokens * top_k, n]`` expert outputs in ``x_sorted`` order.
-    order : torch.Tensor
-        From :func:`permute_tokens`.
-    topk_weights : torch.Tensor
-        ``[num_tokens, top_k]`` combine weights.
-
-    Returns
-    -------
-    torch.Tensor
-        ``[num_tokens, n]`` in ``y_sorted``'s dtype (accumulated in float32).
-    """
-    t, k = topk_weights.shape
-    w = topk_weights.reshape(-1)[order].unsqueeze(1)
-    out = torch.zeros(t, y_sorted.shape[1], dtype=torch.float32, device=y_sorted.device)
-    out.index_add_(0, order // k, y_sorted.float() * w)
-    return out.to(y_sorted.dtype)

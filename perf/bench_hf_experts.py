@@ -1,0 +1,162 @@
+"""Hugging Face's ``grouped_mm`` experts forward vs :func:`dwdp_comm.moe.experts_forward`, side by side.
+
+Experts built from real HF configs (``Qwen3MoeExperts``: E=128, H=2048, I=768, top-8;
+``DeepseekV3Experts``: E=256, H=7168, I=2048, top-8), random bf16 weights, random top-k routing
+(distinct experts per token, softmax weights in the router's dtype: bf16 for Qwen3, float32 for
+DeepSeek-V3). Variants, all on the same weights and routing:
+  hf            transformers.integrations.moe.grouped_mm_experts_forward(module, ...)   (the baseline)
+  hf_again      the same call timed as its own variant: the noise floor of every ratio
+  ours          experts_forward on the module's weights (contiguous [E, N, K], weight_layout="nk")
+  ours_split    experts_forward on 4 pieces (4 owners, each piece its own allocation)
+  ours_notriton experts_forward with the Triton kernels off (torch fallbacks)
+  old           the library path before: permute_tokens + moe_mlp (kn weights made once) + unpermute_tokens
+Correctness: every variant against hf before timing (relative Frobenius error, bf16 tolerance).
+Timing: perf/bench_grouped_gemm.py's Timer (sustained blocks, random order per round, ratios within
+a round). Ratio = t_hf / t_variant (>= 1: as fast as HF).
+Usage: python3 perf/bench_hf_experts.py [--json FILE]   (default $OUT/hf_experts.json)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.dirname(HERE))
+
+import bench_grouped_gemm as B  # noqa: E402
+import dwdp_comm.kernels as K  # noqa: E402
+from dwdp_comm import moe  # noqa: E402
+from dwdp_comm.kernels import triton_moe  # noqa: E402
+
+OWNERS = 4
+
+
+def build(family: str, device, smoke: bool):
+    import transformers
+    from transformers.integrations import moe as hfmoe
+    if family == "qwen3":
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
+        cfg = transformers.Qwen3MoeConfig(hidden_size=64 if smoke else 2048, moe_intermediate_size=32 if smoke else 768,
+                                          num_experts=16 if smoke else 128, num_experts_per_tok=8)
+        wdt = torch.bfloat16
+    else:
+        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts as cls
+        cfg = transformers.DeepseekV3Config(hidden_size=64 if smoke else 7168, moe_intermediate_size=32 if smoke else 2048,
+                                            n_routed_experts=16 if smoke else 256, num_experts_per_tok=8)
+        wdt = torch.float32
+    cfg._experts_implementation = "grouped_mm"
+    with torch.device("meta"):
+        m = cls(cfg)
+    m = m.to_empty(device=device).to(torch.bfloat16)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.02)
+    return m, hfmoe.grouped_mm_experts_forward, wdt
+
+
+def routing(t, e, k, wdt, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    logits = torch.randn(t, e, device=device, generator=g)
+    val, idx = logits.softmax(-1).topk(k, dim=-1)
+    return idx, (val / val.sum(-1, keepdim=True)).to(wdt)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--qwen3-tokens", default="4096,16384,65536")
+    ap.add_argument("--deepseek-tokens", default="4096,16384,32768")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--block-ms", type=float, default=100.0)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type != "cuda":
+        args.smoke = True
+    if args.smoke:
+        args.qwen3_tokens, args.deepseek_tokens, args.rounds, args.block_ms = "64", "48", 2, 2.0
+    import transformers
+    info = B.env_info(device)
+    info["transformers"] = transformers.__version__
+    B.log(f"# bench_hf_experts {info['date']} gpu={info.get('gpu')} torch={info['torch']} "
+          f"transformers={transformers.__version__} commit={info['git']['commit'][:12]}")
+    timer = B.Timer(device, block_ms=args.block_ms, warmup_ms=300.0)
+    rows, checks = [], []
+    seed = int.from_bytes(os.urandom(4), "little") % 2**31
+    for family, toks in (("qwen3", args.qwen3_tokens), ("deepseek", args.deepseek_tokens)):
+        m, hf_fwd, rdt = build(family, device, args.smoke)
+        E, k = m.num_experts, 8
+        gu, dn = m.gate_up_proj.data, m.down_proj.data
+        cuts = [round(i * E / OWNERS) for i in range(OWNERS + 1)]
+        s_gu = [(a, gu[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
+        s_dn = [(a, dn[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
+        w13_kn, w2_kn = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()  # the old path's layout
+        for t in [int(v) for v in toks.split(",")]:
+            x = torch.randn(t, m.hidden_dim, device=device, dtype=torch.bfloat16)
+            idx, w = routing(t, E, k, rdt, device, seed + t)
+
+            def notriton():
+                triton_moe.ENABLED = False
+                try:
+                    return moe.experts_forward(x, idx, w, gu, dn)
+                finally:
+                    triton_moe.ENABLED = True
+
+            def old():
+                xs, ms, order = moe.permute_tokens(x, idx, E)
+                return moe.unpermute_tokens(K.moe_mlp(xs, ms, w13_kn, w2_kn), order, w)
+
+            fns = {"hf": lambda: hf_fwd(m, x, idx, w), "hf_again": lambda: hf_fwd(m, x, idx, w),
+                   "ours": lambda: moe.experts_forward(x, idx, w, gu, dn),
+                   "ours_split": lambda: moe.experts_forward(x, idx, w, s_gu, s_dn),
+                   "ours_notriton": notriton, "old": old}
+            ref = fns["hf"]()
+            for name, fn in fns.items():
+                try:
+                    err = B.rel_err(fn(), ref)
+                except Exception as exc:  # a failed variant is reported, not timed
+                    err = float("inf")
+                    B.log(f"# {family} {t} {name} FAILED {type(exc).__name__}: {exc}")
+                ok = err < 2e-2
+                checks.append(dict(family=family, tokens=t, variant=name, rel_err=err, ok=ok))
+                B.log(f"check {family:8s} T={t:6d} {name:14s} rel_err={err:.2e} {'ok' if ok else 'WRONG'}")
+            good = {n: f for n, f in fns.items() if all(c["ok"] for c in checks if c["variant"] == n
+                                                         and c["tokens"] == t and c["family"] == family)}
+            if "hf" not in good:
+                continue
+            times = timer.rounds(good, args.rounds)
+            flops = 2 * t * k * (m.hidden_dim * 2 * m.intermediate_dim + m.intermediate_dim * m.hidden_dim)
+            res = B.summarize_times(times, "hf", flops, dict(family=family, tokens=t), "experts", timer.calls)
+            rows.extend(res)
+            B.log(f"{family:8s} T={t:6d} " + "  ".join(f"{r['variant']}={r['ms']:.3f}ms x{r['ratio']:.3f}" for r in res))
+        del m, gu, dn, s_gu, s_dn, w13_kn, w2_kn
+        torch.cuda.empty_cache() if device.type == "cuda" else None
+    B.log("\n# ratio = t_hf / t_variant (median over rounds), >= 1 means as fast as HF")
+    B.log(f"{'family':9s} {'tokens':>7s} " + " ".join(f"{v:>14s}" for v in ("hf_again", "ours", "ours_split", "ours_notriton", "old")))
+    for fam in ("qwen3", "deepseek"):
+        for t in sorted({r["tokens"] for r in rows if r["family"] == fam}):
+            rr = {r["variant"]: r for r in rows if r["family"] == fam and r["tokens"] == t}
+            B.log(f"{fam:9s} {t:7d} " + " ".join(f"{rr[v]['ratio']:14.3f}" if v in rr else f"{'-':>14s}"
+                                                  for v in ("hf_again", "ours", "ours_split", "ours_notriton", "old")))
+    result = dict(env=info, args=vars(args), seed=seed, method="perf/bench_grouped_gemm.py Timer: sustained blocks, "
+                  "random order per round, ratio t_hf / t_variant within a round, median over rounds",
+                  results=rows, checks=checks)
+    path = args.json or (os.path.join(os.environ["OUT"], "hf_experts.json") if os.environ.get("OUT") else None)
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+        B.log(f"# wrote {path}")
+    return 1 if any(not c["ok"] for c in checks) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""Shared cases of the experts_forward tests (CPU and GPU): fresh random data, fast path vs reference."""
+import torch
+import torch.nn.functional as F
+
+from dwdp_comm import moe
+
+GATE_FNS = {"swiglu": "swiglu", "interleaved": "swiglu_interleaved", "none": None,
+            "relu_glu": lambda h: F.relu(h[:, :h.shape[1] // 2]) * h[:, h.shape[1] // 2:]}
+
+
+def rel(a, b):
+    a, b = a.double(), b.double()
+    assert torch.isfinite(a).all()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def case(device, dtype, *, E=8, T=53, H=32, I=24, k=3, layout="nk", gate="swiglu", bias=False, form="whole",
+         sentinels=True, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    gate = GATE_FNS[gate]
+    N = I if gate is None else 2 * I
+
+    def rnd(*s):
+        return torch.randn(*s, generator=g).to(device, dtype)
+    gu = rnd(E, N, H) if layout == "nk" else rnd(E, H, N)
+    dn = rnd(E, H, I) if layout == "nk" else rnd(E, I, H)
+    x = rnd(T, H)
+    idx = torch.randint(0, E, (T, k), generator=g)
+    if sentinels:
+        idx[0, 0], idx[5 % T, k - 1] = E, -1
+        idx[7 % T, :] = E + 3  # a token routed to no local expert at all
+    idx = idx.to(device)
+    w = torch.rand(T, k, generator=g).to(device)
+    b1 = rnd(E, N) if bias else None
+    b2 = rnd(E, H) if bias else None
+    ref = moe.experts_forward_reference(x, idx, w, gu, dn, gate_up_bias=b1, down_bias=b2, weight_layout=layout,
+                                        gate=gate)
+    if form == "split":
+        cut = [0, 2, 3, E - 2, E]
+        gu_a = [(a, gu[a:b].clone()) for a, b in zip(cut[:-1], cut[1:])]
+        dn_a = [dn[:E // 2].clone(), dn[E // 2:].clone()]
+        b1_a = None if b1 is None else [(a, b1[a:b]) for a, b in zip(cut[:-1], cut[1:])]
+    elif form == "strided":  # a view of a bigger buffer: expert stride larger than the data
+        big = torch.zeros(E, gu.shape[1] + 8, gu.shape[2], device=device, dtype=dtype)
+        big[:, 4:4 + gu.shape[1]] = gu
+        gu_a, dn_a, b1_a = big[:, 4:4 + gu.shape[1]], dn, b1
+    else:
+        gu_a, dn_a, b1_a = gu, dn, b1
+    info = {}
+    got = moe.experts_forward(x, idx, w, gu_a, dn_a, gate_up_bias=b1_a, down_bias=b2, weight_layout=layout,
+                              gate=gate, info=info)
+    assert got.shape == (T, H) and got.dtype == dtype
+    if sentinels:
+        assert torch.all(got[7 % T] == 0)
+    return rel(got, ref), info
