@@ -42,4 +42,4 @@ def test_families_match_hf(world_size, cases):
 def test_bad_convert_raises_on_every_rank(what, message):
     res = dc.testing.launch(hf_rankfns.bad_convert, 2, what, timeout=120)
     for r in res:  # every rank raised the same collective error, naming the argument
-        assert r is not None and r[0] == "CollectiveMismatchError" and message in r[1], r
+        assert r is not None and r[0] in ("CollectiveMismatchError", "CollectiveFailedError") and message in r[1], r
