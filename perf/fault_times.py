@@ -1,0 +1,114 @@
+"""Time-to-error of each fault case of issue 13 on the sim backend (CPU).
+
+Runs the rank functions of tests/rankfns.py through dwdp_comm.testing.launch and records, per case,
+what the surviving ranks raised and how long after the fault they raised it (measured inside the
+ranks), plus the wall time of the whole launch. Writes perf/results/fault_times_cpu.json with the
+machine, date and commit.
+
+Usage: python perf/fault_times.py [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+
+import dwdp_comm as dc  # noqa: E402
+import rankfns  # noqa: E402
+from dwdp_comm.bench.report import machine_lines  # noqa: E402
+
+
+def _commit() -> str:
+    if os.environ.get("DWDP_GIT_COMMIT"):
+        return os.environ["DWDP_GIT_COMMIT"]
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except Exception:
+        return "unknown"
+
+
+def _case(name, fn, *args, **kw):
+    t0 = time.perf_counter()
+    try:
+        res = dc.testing.launch(fn, *args, **kw)
+        launch_error = None
+    except dc.RankFailedError as exc:
+        res, launch_error = None, str(exc).splitlines()[0]
+    return {"case": name, "wall_s": round(time.perf_counter() - t0, 3), "results": res, "launch_error": launch_error}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default=os.path.join(ROOT, "perf", "results", "fault_times_cpu.json"))
+    args = ap.parse_args()
+    rows = []
+
+    r = _case("commit: one rank's shard is a meta tensor (3 ranks)", rankfns.commit_local_failure, 3, 1, "meta", 1)
+    rows.append({"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({x["error"]["type"] for x in r["results"]}),
+                 "time_to_error_s": max(x["time_to_error_s"] for x in r["results"])})
+
+    r = _case("commit: one rank's shard is sparse (3 ranks)", rankfns.commit_local_failure, 3, 1, "sparse", 1)
+    rows.append({"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({x["error"]["type"] for x in r["results"]}),
+                 "time_to_error_s": max(x["time_to_error_s"] for x in r["results"])})
+
+    for timeout in (2.0, 5.0):
+        r = _case(f"stuck rank at a barrier, timeout {timeout:g} s (3 ranks)", rankfns.stuck_rank, 3, 2, timeout + 6,
+                  options={"timeout": timeout}, timeout=60)
+        got = [x for x in r["results"] if x]
+        rows.append({"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({x["type"] for x in got}),
+                     "missing": got[0]["missing"], "time_to_error_s": max(x["time_to_error_s"] for x in got)})
+
+    for where in ("barrier", "commit"):
+        with tempfile.TemporaryDirectory() as d:
+            r = _case(f"rank dies (os._exit) {'before a barrier' if where == 'barrier' else 'inside commit heap step'} "
+                      "(3 ranks)", rankfns.dead_rank, 3, 1, where, d, timeout=60)
+            got = [json.load(open(p)) for p in glob.glob(os.path.join(d, "*.json"))]
+        rows.append({"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({x["type"] for x in got}),
+                     "missing": got[0]["missing"] if got else None, "launch_error": r["launch_error"],
+                     "time_to_error_s": max(x["time_to_error_s"] for x in got) if got else None})
+
+    r = _case("exception inside `with store` on one rank, timeout 2 s (3 ranks)", rankfns.exit_during_exception, 3, 0,
+              options={"timeout": 2}, timeout=60)
+    rows.append({"case": r["case"], "wall_s": r["wall_s"], "exit_s_on_failing_rank": r["results"][0]["exit_s"],
+                 "raised": sorted({x["error"]["type"] for x in r["results"][1:]}),
+                 "time_to_error_s": None})
+
+    with tempfile.TemporaryDirectory() as d:
+        code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]; import dwdp_comm as dc, "
+                f"rankfns; dc.testing.launch(rankfns.pid_and_sleep, 2, {d!r}, timeout=300)")
+        p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        while len(glob.glob(os.path.join(d, "*.pid"))) < 2:
+            time.sleep(0.05)
+        pids = [int(open(f).read()) for f in glob.glob(os.path.join(d, "*.pid"))]
+        t0 = time.perf_counter()
+        p.kill()
+        p.wait()
+        while any(os.path.exists(f"/proc/{q}") and open(f"/proc/{q}/stat").read().split(") ")[1][0] != "Z"
+                  for q in pids) and time.perf_counter() - t0 < 30:
+            time.sleep(0.005)
+        rows.append({"case": "kill -9 of the launching parent (2 ranks)", "ranks_gone_after_s":
+                     round(time.perf_counter() - t0, 3)})
+
+    doc = {"schema": "dwdp/fault_times/v1", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+           "commit": _commit(), "machine": machine_lines(), "backend": "sim", "rows": rows}
+    os.makedirs(os.path.dirname(args.json), exist_ok=True)
+    with open(args.json, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.write("\n")
+    for row in rows:
+        print(json.dumps(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
