@@ -898,6 +898,13 @@ class _ThreadComm:
     def barrier(self):
         self.s["barrier"].wait()
 
+    def agree(self, error, step, exc_type=None, hint="", cause=None):
+        """As :meth:`dwdp_comm.group.Comm.agree`: the same error on every rank if any has one."""
+        from dwdp_comm.errors import gathered_error
+        err = gathered_error(self.all_gather_object(error), step, exc_type, hint)
+        if err is not None:
+            raise err from cause
+
 
 def _thread_world(G):
     import threading

@@ -174,7 +174,6 @@ def test_composite_view_from_sim_buffers(seed, tmp_path):
         pytest.skip(f"page size {PAGE} is not {nb}")
     E = 6
     a, b = SimBuffer(str(tmp_path / "a"), 4 * nb), SimBuffer(str(tmp_path / "b"), 2 * nb)
-    a._map.unlink(), b._map.unlink()
     x, sizes, w = make_case(seed, E, Kd, N, 50, torch.float32)
     a.tensor().view(torch.float32).view(4, Kd, N)[:2].copy_(w[:2])
     a.tensor().view(torch.float32).view(4, Kd, N)[2:].copy_(w[4:])
