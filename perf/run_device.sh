@@ -90,14 +90,18 @@ elif [ "$PART" = compute ]; then
     sweep sweep_fp8 "${T_SWEEP8:-260}" fp8
 elif [ "$PART" = session ]; then
     # One H200 is enough: the GPU suite (multi-rank tests share the GPU), the fault tests under
-    # compute-sanitizer, the HF example on cuda_ipc, and the advisor's validation.
+    # compute-sanitizer, the HF example on cuda_ipc, the HF experts benchmark and the advisor validation.
+    # Together they outrun one 600 s call: steps past the deadline are skipped and listed; run again
+    # with the T_* boxes of the done steps set to 0 for the rest.
     step pytest_gpu "${T_PYTEST:-200}" python3 -m pytest tests/gpu tests/test_kernels_gpu.py -q -rs -p no:cacheprovider \
         --timeout=180 --junitxml="$OUT/logs/pytest_gpu.xml"
-    [ -f perf/run_faults_gpu.sh ] && TAILN=20 step faults_gpu "${T_FAULTS:-120}" bash perf/run_faults_gpu.sh
-    [ -f examples/hf_moe.py ] && TAILN=25 step hf_example "${T_HF:-90}" python3 examples/hf_moe.py --backend cuda_ipc \
-        --world-size 2 --json "$OUT/hf_moe_h200.json"
-    [ -f perf/validate_advise.py ] && TAILN=30 step advise_validate "${T_ADV:-150}" python3 perf/validate_advise.py \
-        --json "$OUT/advise_validate_h200.json"
+    [ -f perf/run_faults_gpu.sh ] && TAILN=20 step faults_gpu "${T_FAULTS:-120}" env OUT="$OUT" bash perf/run_faults_gpu.sh
+    [ -f examples/hf_moe.py ] && TAILN=25 step hf_example "${T_HF:-90}" python3 examples/hf_moe.py --model mixtral \
+        --backend cuda_ipc --world-size 2 --json "$OUT/hf_moe_h200.json"
+    [ -f perf/bench_hf_experts.py ] && TAILN=40 step hf_experts "${T_HFX:-240}" python3 perf/bench_hf_experts.py \
+        --json "$OUT/hf_experts_h200.json"
+    [ -f perf/validate_advise.py ] && TAILN=30 step advise_validate "${T_ADV:-240}" python3 perf/validate_advise.py \
+        compute --means 2048,4096,8192 --json "$OUT/advise_compute_h200.json"
 else
     echo "usage: bash perf/run_device.sh copy|compute|session"; exit 2
 fi
