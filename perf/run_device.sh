@@ -91,8 +91,7 @@ elif [ "$PART" = compute ]; then
 elif [ "$PART" = session ]; then
     # One H200 is enough: the GPU suite (multi-rank tests share the GPU), the fault tests under
     # compute-sanitizer, the HF example on cuda_ipc, the HF experts benchmark and the advisor validation.
-    # Together they outrun one 600 s call: steps past the deadline are skipped and listed; run again
-    # with the T_* boxes of the done steps set to 0 for the rest.
+    # Together they can outrun one 600 s call: steps past the deadline are skipped and listed.
     step pytest_gpu "${T_PYTEST:-200}" python3 -m pytest tests/gpu tests/test_kernels_gpu.py -q -rs -p no:cacheprovider \
         --timeout=180 --junitxml="$OUT/logs/pytest_gpu.xml"
     [ -f perf/run_faults_gpu.sh ] && TAILN=20 step faults_gpu "${T_FAULTS:-120}" env OUT="$OUT" bash perf/run_faults_gpu.sh
