@@ -23,6 +23,7 @@ SUMMARY=()
 
 step() {  # step NAME SECONDS CMD...: run with a time box, log, record exit code and duration
     local name="$1" secs="$2"; shift 2
+    if [ -n "${STEPS:-}" ] && [[ ",$STEPS," != *",$name,"* ]]; then return; fi  # STEPS=a,b runs only those
     local t0=$(date +%s)
     local left=$(( DEADLINE - t0 - 15 ))
     if [ "$left" -lt 20 ]; then
