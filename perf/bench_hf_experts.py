@@ -7,6 +7,8 @@ DeepSeek-V3). Variants, all on the same weights and routing:
   hf            transformers.integrations.moe.grouped_mm_experts_forward(module, ...)   (the baseline)
   hf_again      the same call timed as its own variant: the noise floor of every ratio
   ours          experts_forward on the module's weights (contiguous [E, N, K], weight_layout="nk")
+  ours_vmm      experts_forward on 4 pieces in 4 physical allocations mapped back to back in one virtual
+                range (VMM), passed as slices as a composite prefetch handle's weight_segments gives them
   ours_split    experts_forward on 4 pieces (4 owners, each piece its own allocation)
   ours_notriton experts_forward with the Triton kernels off (torch fallbacks)
   old           the library path before: permute_tokens + moe_mlp (kn weights made once) + unpermute_tokens
@@ -38,6 +40,7 @@ from dwdp_comm import moe  # noqa: E402
 from dwdp_comm.kernels import triton_moe  # noqa: E402
 
 OWNERS = 4
+VARIANTS = ("hf_again", "ours", "ours_vmm", "ours_split", "ours_notriton", "old")  # the summary's columns
 
 
 def build(family: str, device, smoke: bool):
@@ -100,6 +103,12 @@ def main(argv=None) -> int:
         s_gu = [(a, gu[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
         s_dn = [(a, dn[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
         w13_kn, w2_kn = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()  # the old path's layout
+        try:  # the prefetcher's composite view: separate physical pieces, one virtual range
+            vmm = [B.VmmSplit(gu, cuts), B.VmmSplit(dn, cuts)]
+            v_gu, v_dn = ([(a, v.composite[a:b]) for a, b in zip(cuts[:-1], cuts[1:])] for v in vmm)
+        except B.VmmUnavailable as exc:
+            B.log(f"# {family}: no VMM composite ({exc}): ours_vmm skipped")
+            vmm, v_gu, v_dn = [], None, None
         for t in [int(v) for v in toks.split(",")]:
             x = torch.randn(t, m.hidden_dim, device=device, dtype=torch.bfloat16)
             idx, w = routing(t, E, k, rdt, device, seed + t)
@@ -119,6 +128,8 @@ def main(argv=None) -> int:
                    "ours": lambda: moe.experts_forward(x, idx, w, gu, dn),
                    "ours_split": lambda: moe.experts_forward(x, idx, w, s_gu, s_dn),
                    "ours_notriton": notriton, "old": old}
+            if vmm:
+                fns["ours_vmm"] = lambda: moe.experts_forward(x, idx, w, v_gu, v_dn)
             ref = fns["hf"]()
             for name, fn in fns.items():
                 try:
@@ -138,15 +149,17 @@ def main(argv=None) -> int:
             res = B.summarize_times(times, "hf", flops, dict(family=family, tokens=t), "experts", timer.calls)
             rows.extend(res)
             B.log(f"{family:8s} T={t:6d} " + "  ".join(f"{r['variant']}={r['ms']:.3f}ms x{r['ratio']:.3f}" for r in res))
-        del m, gu, dn, s_gu, s_dn, w13_kn, w2_kn
+        for v in vmm:
+            v.close()
+        del m, gu, dn, s_gu, s_dn, w13_kn, w2_kn, vmm, v_gu, v_dn
         torch.cuda.empty_cache() if device.type == "cuda" else None
     B.log("\n# ratio = t_hf / t_variant (median over rounds), >= 1 means as fast as HF")
-    B.log(f"{'family':9s} {'tokens':>7s} " + " ".join(f"{v:>14s}" for v in ("hf_again", "ours", "ours_split", "ours_notriton", "old")))
+    B.log(f"{'family':9s} {'tokens':>7s} " + " ".join(f"{v:>14s}" for v in VARIANTS))
     for fam in ("qwen3", "deepseek"):
         for t in sorted({r["tokens"] for r in rows if r["family"] == fam}):
             rr = {r["variant"]: r for r in rows if r["family"] == fam and r["tokens"] == t}
             B.log(f"{fam:9s} {t:7d} " + " ".join(f"{rr[v]['ratio']:14.3f}" if v in rr else f"{'-':>14s}"
-                                                  for v in ("hf_again", "ours", "ours_split", "ours_notriton", "old")))
+                                                  for v in VARIANTS))
     result = dict(env=info, args=vars(args), seed=seed, method="perf/bench_grouped_gemm.py Timer: sustained blocks, "
                   "random order per round, ratio t_hf / t_variant within a round, median over rounds",
                   results=rows, checks=checks)

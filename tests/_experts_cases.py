@@ -40,6 +40,11 @@ def case(device, dtype, *, E=8, T=53, H=32, I=24, k=3, layout="nk", gate="swiglu
         gu_a = [(a, gu[a:b].clone()) for a, b in zip(cut[:-1], cut[1:])]
         dn_a = [dn[:E // 2].clone(), dn[E // 2:].clone()]
         b1_a = None if b1 is None else [(a, b1[a:b]) for a, b in zip(cut[:-1], cut[1:])]
+    elif form == "slices":  # pieces that are views of one buffer, as a composite handle's weight_segments
+        cut = [0, 3, E - 2, E]
+        gu_a = [(a, gu[a:b]) for a, b in zip(cut[:-1], cut[1:])]
+        dn_a = [(a, dn[a:b]) for a, b in zip(cut[:-1], cut[1:])]
+        b1_a = None if b1 is None else [(a, b1[a:b]) for a, b in zip(cut[:-1], cut[1:])]
     elif form == "strided":  # a view of a bigger buffer: expert stride larger than the data
         big = torch.zeros(E, gu.shape[1] + 8, gu.shape[2], device=device, dtype=dtype)
         big[:, 4:4 + gu.shape[1]] = gu

@@ -8,7 +8,7 @@ import _experts_cases as C
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("form", ["whole", "split", "strided"])
+@pytest.mark.parametrize("form", ["whole", "split", "slices", "strided"])
 @pytest.mark.parametrize("gate", ["swiglu", "interleaved", "none", "relu_glu"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("layout", ["nk", "kn"])

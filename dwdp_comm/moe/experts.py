@@ -19,10 +19,11 @@ done instead):
   the device) and the combine skips sentinel slots;
 - one fused gather-sum (float32 accumulation) instead of gather, multiply and sum passes.
 
-Split weights (pieces): one host read of the row bounds (an asynchronous copy, awaited after
-the gather is queued, so the GPU does not idle), then each piece's gate-up, activation and down
-on its own rows, pieces concurrently on worker streams, and the combine reading every piece's
-result in place. The reference :func:`experts_forward_reference` is the oracle of the tests.
+Split weights (pieces): pieces that lie back to back in one storage (a composite handle's
+segments) are one tensor again, as above. Truly separate pieces: the first piece (rows from 0) is
+queued at once, then one host read of the row bounds (an asynchronous copy, awaited while the GPU
+computes the first piece), then each other piece's gate-up, activation and down on its own rows,
+pieces concurrently on worker streams, and the combine reading every piece's result in place. The reference :func:`experts_forward_reference` is the oracle of the tests.
 """
 
 from __future__ import annotations
@@ -143,6 +144,25 @@ def _pieces(w: Any, arg: str) -> list[tuple[int, torch.Tensor]]:
     return out
 
 
+def _coalesce(pieces: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+    """Merge consecutive pieces that lie back to back in one storage into one view (no copy).
+
+    A prefetch handle's :meth:`~dwdp_comm.PrefetchHandle.weight_segments` in composite mode are
+    slices of one virtual range: seen as one tensor they take the grouped path, with no host sync.
+    """
+    out = [pieces[0]]
+    for first, t in pieces[1:]:
+        f0, t0 = out[-1]
+        n0 = int(t0.shape[0])
+        if (t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == t0.shape[1:]
+                and t.stride() == t0.stride() and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr()
+                and t.data_ptr() == t0.data_ptr() + n0 * t0.stride(0) * t0.element_size()):
+            out[-1] = (f0, t0.as_strided((n0 + int(t.shape[0]),) + tuple(t0.shape[1:]), t0.stride()))
+        else:
+            out.append((first, t))
+    return out
+
+
 def _cut(pieces: list, cuts: list[int]) -> list[tuple[int, torch.Tensor]]:
     """``pieces`` re-sliced at expert boundaries ``cuts`` (views)."""
     out = []
@@ -250,7 +270,7 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     if not isinstance(top_k_weights, torch.Tensor) or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
         raise bad_arg("top_k_weights", tuple(top_k_weights.shape) if isinstance(top_k_weights, torch.Tensor)
                       else type(top_k_weights).__name__, f"a {list(top_k_index.shape)} tensor, as top_k_index")
-    p13, p2 = _pieces(gate_up, "gate_up"), _pieces(down, "down")
+    p13, p2 = _coalesce(_pieces(gate_up, "gate_up")), _coalesce(_pieces(down, "down"))
     num_experts = p13[-1][0] + int(p13[-1][1].shape[0])
     num_down = p2[-1][0] + int(p2[-1][1].shape[0])
     if num_down != num_experts:
@@ -273,34 +293,53 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     if wait is None:
         groups = kernels.TokenGroups(order.offsets, offsets=True, validate=False) if x.device.type != "cpu" else \
             kernels.TokenGroups(order.offsets, offsets=True)
-        y = kernels.moe_mlp(xs, groups, p13[0][1], p2[0][1], w13_bias=gate_up_bias, w2_bias=down_bias,
+        y = kernels.moe_mlp(xs, groups, p13[0][1], p2[0][1], w13_bias=_whole_bias(gate_up_bias),
+                            w2_bias=_whole_bias(down_bias),
                             row_weights=w_rows, ignore_tail=True, info=sub, **mlp)
         res = combine_rows(y, order, out_dtype=hidden_states.dtype, info=sub)
         method, pieces = "grouped", 1
     else:
-        ends = wait()
         a13, a2 = _cut(p13, cuts), _cut(p2, cuts)
+        b13, b2 = _whole_bias(gate_up_bias), _whole_bias(down_bias)
         workers = WorkerStreams(x.device, len(a13), True)
-        outs, jobs = [], []
-        for (first, w13), (_, w2) in zip(a13, a2):
-            n = int(w13.shape[0])
-            r0 = ends[first - 1] if first else 0
-            r1 = ends[first + n - 1]
-            if r1 > r0:
-                jobs.append((first, n, w13, w2, r0, r1))
         main = torch.cuda.current_stream(x.device) if workers.streams else None
+        on_host = x.device.type == "cpu"
+
+        def run_piece(j: int, first: int, w13, w2, r0: int, r1: int | None) -> torch.Tensor:
+            """Gate-up, activation and down of experts ``first ..`` on rows ``r0:r1`` (``r1`` None: from
+            row 0 up to the piece's last group end, read on the device: rows past it are not computed)."""
+            n = int(w13.shape[0])
+            with workers.on(j):
+                if r1 is None:
+                    groups = kernels.TokenGroups(order.offsets[first:first + n], offsets=True, validate=on_host)
+                    rows, rw = xs, w_rows
+                else:
+                    groups = kernels.TokenGroups(order.offsets[first:first + n] - r0, offsets=True, validate=on_host)
+                    rows, rw = xs[r0:r1], w_rows[r0:r1]
+                y = kernels.moe_mlp(rows, groups, w13, w2, w13_bias=None if b13 is None else b13[first:first + n],
+                                    w2_bias=None if b2 is None else b2[first:first + n], row_weights=rw,
+                                    ignore_tail=r1 is None, info=sub, **mlp)
+                if main is not None:
+                    y.record_stream(main)  # allocated on a worker, read by the combine on the current stream
+            return y
+
+        outs, jobs = [], 0
         workers.fork()
         try:
-            for j, (first, n, w13, w2, r0, r1) in enumerate(jobs):
-                with workers.on(j):
-                    rel = order.offsets[first:first + n] - r0
-                    groups = kernels.TokenGroups(rel, offsets=True, validate=x.device.type == "cpu")
-                    y = kernels.moe_mlp(xs[r0:r1], groups, w13, w2, w13_bias=_slice(gate_up_bias, first, n),
-                                        w2_bias=_slice(down_bias, first, n), row_weights=w_rows[r0:r1],
-                                        info=sub, **mlp)
-                    if main is not None:
-                        y.record_stream(main)  # allocated on a worker, read by the combine on the current stream
-                    outs.append((r0, y))
+            # The first piece starts at row 0: it is queued before the host waits for the row bounds,
+            # so the GPU computes while the host waits and then queues the other pieces.
+            (f0, w13_0), (_, w2_0) = a13[0], a2[0]
+            early = run_piece(0, f0, w13_0, w2_0, 0, None)
+            ends = wait()
+            end0 = ends[int(w13_0.shape[0]) - 1]
+            if end0 > 0:
+                outs.append((0, early[:end0]))
+                jobs += 1
+            for j, ((first, w13), (_, w2)) in enumerate(zip(a13[1:], a2[1:]), start=1):
+                r0, r1 = ends[first - 1], ends[first + int(w13.shape[0]) - 1]
+                if r1 > r0:
+                    outs.append((r0, run_piece(j, first, w13, w2, r0, r1)))
+                    jobs += 1
         finally:
             workers.join()
         if outs:
@@ -308,18 +347,15 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
         else:
             res = hidden_states.new_zeros(t, hidden_states.shape[1])
             sub["combine"] = "none"
-        method, pieces = "pieces", len(jobs)
+        method, pieces = "pieces", jobs
     if info is not None:
         info.update(method=method, pieces=pieces, activation=sub.get("activation"), combine=sub.get("combine"))
     return res
 
 
-def _slice(b: Any, first: int, n: int) -> Any:
-    """Experts ``first .. first + n - 1`` of a bias given whole (``[E, N]``) or as pieces (one tensor)."""
-    if b is None:
-        return None
-    if isinstance(b, torch.Tensor):
-        return b[first:first + n]
-    parts = _pieces_bias(b)
-    full = parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
-    return full[first:first + n]
+def _whole_bias(b: Any) -> Any:
+    """A bias given whole or as pieces, as one ``[E, N]`` tensor (a view when the pieces are adjacent)."""
+    if b is None or isinstance(b, torch.Tensor):
+        return b
+    parts = _coalesce(_pieces_bias(b))
+    return parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])
