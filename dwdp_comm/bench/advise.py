@@ -346,7 +346,9 @@ def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, we
 
     Experts: :func:`dwdp_comm.kernels.moe_mlp` over all ``num_experts`` experts (uniform routing,
     ``tokens x top_k`` rows). Attention: ``MLAttention`` (MLA) or torch SDPA (GQA) plus its
-    projections. Interference: the expert time again while a side stream copies ``copy_nbytes``
+    projections. Other: the layer's two RMSNorms and residual adds, the router as the model runs
+    it (DeepSeek-V3: float32 logits, group-limited top-k; GQA families: softmax top-k), permute,
+    combine and the shared expert. Interference: the expert time again while a side stream copies ``copy_nbytes``
     device to device (to a peer GPU when there is one) in a loop.
     """
     import torch
@@ -393,7 +395,13 @@ def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, we
     ws = [torch.randn(H, 2 * si * shape.num_shared_experts, device=dev, dtype=torch.bfloat16, generator=g) * H ** -0.5,
           torch.randn(si * shape.num_shared_experts, H, device=dev, dtype=torch.bfloat16, generator=g) * si ** -0.5] \
         if shape.num_shared_experts else None
-    wr = torch.randn(H, E, device=dev, dtype=torch.bfloat16, generator=g)
+    # The router as the models run it: DeepSeek-V3 (MLA) float32 logits, group-limited sigmoid top-k;
+    # GQA families (Qwen3-MoE) softmax top-k of the logits. Norm weights for the layer's two RMSNorms.
+    grouped = shape.attention == "mla" and E % moe.DEEPSEEK_V3.num_groups == 0
+    wr = torch.randn(E, H, device=dev, dtype=torch.float32 if grouped else torch.bfloat16, generator=g) * H ** -0.5
+    rbias = torch.zeros(E, device=dev) if grouped else None
+    norm_w = torch.ones(H, device=dev, dtype=torch.bfloat16)
+    eps = moe.DEEPSEEK_V3.rms_eps
     pts = {}
     for t in sorted(set(int(x) for x in token_counts)):
         x = torch.randn(t, H, device=dev, dtype=torch.bfloat16, generator=g)
@@ -404,13 +412,21 @@ def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, we
             e_s = timer(lambda: kernels.moe_mlp(rows, m, w13, w2, backend=kernel_backend, **kw))
             a_s = timer(lambda: att(x, seq))
 
-            def other():  # router, permute and combine (as moe layers do), shared expert
-                wts, ids = (x @ wr).float().softmax(-1).topk(k, dim=-1)
-                xs, _, order = moe.permute_tokens(x, ids, E)
-                moe.unpermute_tokens(xs, order, wts.to(xs.dtype))
+            def other():  # the layer's two RMSNorms and residual adds, router, permute, combine, shared expert
+                h = x + moe.rms_norm(x, norm_w, eps)  # pre-attention norm and the residual add after it
+                xn = moe.rms_norm(h, norm_w, eps)  # pre-MoE norm
+                if grouped:
+                    ids, wts = moe.route_deepseek(F.linear(xn.float(), wr), rbias, top_k=k,
+                                                  num_groups=moe.DEEPSEEK_V3.num_groups,
+                                                  topk_groups=moe.DEEPSEEK_V3.topk_groups)
+                else:
+                    wts, ids = F.linear(xn, wr).float().softmax(-1).topk(k, dim=-1)
+                xs, _, order = moe.permute_tokens(xn, ids, E)
+                y = moe.unpermute_tokens(xs, order, wts.to(xs.dtype))
                 if ws is not None:
-                    gu = x @ ws[0]
-                    (F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:]) @ ws[1]
+                    gu = xn @ ws[0]
+                    y = y + (F.silu(gu[:, :gu.shape[1] // 2]) * gu[:, gu.shape[1] // 2:]) @ ws[1]
+                return h + y  # the residual add after the MoE
             o_s = timer(other)
         pts[t] = {"attention_s": a_s, "experts_s": e_s, "other_s": o_s}
         del x, rows
