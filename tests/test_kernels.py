@@ -23,7 +23,7 @@ except ImportError:
 
 import dwdp_comm.kernels as K
 from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
-from dwdp_comm.kernels import reference, torch_grouped
+from dwdp_comm.kernels import capabilities, reference, segments, token_groups
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +241,7 @@ def test_host_forms_of_m_sizes(seed):
 def test_has_device_kernel_off_cuda():
     for dev in ("cpu", "meta"):
         for dt in (torch.float32, torch.bfloat16):
-            assert torch_grouped.has_device_kernel(torch.device(dev), dt)
+            assert capabilities.has_device_kernel(torch.device(dev), dt)
 
 
 def test_token_groups_piece_offsets_are_relative_and_cached():
@@ -263,15 +263,14 @@ def test_repeated_calls_reuse_device_offsets(seed, monkeypatch):
     """With a TokenGroups reused, a call uploads nothing: the contiguous path is exactly one
     torch._grouped_mm on the cached offsets; split weights one per piece with tokens (relative
     offsets cached)."""
-    from dwdp_comm.kernels import _inputs
     x, sizes, w = make_case(seed, 8, 16, 32, 80, torch.bfloat16, empty_frac=0.0)
     g = K.TokenGroups(sizes)
     pieces = [(0, w[:2]), (2, w[2:4]), (4, w[4:6]), (6, w[6:])]
     for form in (w, pieces):  # warm the caches
         K.grouped_gemm(x, g, form)
     uploads, calls = [], []
-    real_upload, real_mm = _inputs.upload_ints, torch._grouped_mm
-    monkeypatch.setattr(_inputs, "upload_ints", lambda *a: uploads.append(a) or real_upload(*a))
+    real_upload, real_mm = token_groups.upload_ints, torch._grouped_mm
+    monkeypatch.setattr(token_groups, "upload_ints", lambda *a: uploads.append(a) or real_upload(*a))
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append((a, k)) or real_mm(*a, **k))
     out = K.grouped_gemm(x, g, w)
     assert len(calls) == 1 and calls[0][1]["offs"] is g.device_offsets("cpu") and calls[0][0][0] is x
@@ -286,7 +285,7 @@ def test_repeated_calls_reuse_device_offsets(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segments_direct_matches_reference_at_every_threshold(seed, dtype, monkeypatch):
+def test_segments_direct_matches_reference_at_every_threshold(seed, dtype):
     """segments_direct: every mix of direct experts and grouped runs gives the reference result,
     with and without out=, and nothing falls back (aligned shapes)."""
     rng = np.random.default_rng(seed)
@@ -297,10 +296,10 @@ def test_segments_direct_matches_reference_at_every_threshold(seed, dtype, monke
         pieces = [w[a:b] for a, b in zip(c[:-1], c[1:])]
         ref = ref64(x, sizes, w)
         for min_rows in (0, 1, 5, 20, 10**9):
-            monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", min_rows)
             for out in (None, torch.full((x.shape[0], N), float("nan"), dtype=dtype)):
                 info = {}
-                got = K.grouped_gemm(x, sizes, pieces, out=out, backend="torch:segments_direct", info=info)
+                got = K.grouped_gemm(x, sizes, pieces, out=out, backend="torch:segments_direct", info=info,
+                                     direct_min_rows=min_rows)
                 want = "empty" if not x.shape[0] else "grouped_mm" if len(pieces) == 1 else "segments_direct"
                 assert info["method"] == want and "fallback" not in info, info
                 assert out is None or got is out
@@ -310,7 +309,7 @@ def test_segments_direct_matches_reference_at_every_threshold(seed, dtype, monke
 
 def test_segments_direct_writes_big_experts_straight_into_the_output(seed, monkeypatch):
     """Piece 0 first, on all of x (it allocates the output); then, in the other pieces, one
-    torch.mm(out=rows of out) per expert with >= DIRECT_MIN_ROWS rows, and one grouped call per
+    torch.mm(out=rows of out) per expert with >= direct_min_rows rows, and one grouped call per
     run of smaller experts (a lone busy expert in a run: torch.mm too)."""
     x, _, w = make_case(seed, 10, 16, 16, 0, torch.float32)
     sizes = [4, 4, 9, 1, 2, 0, 8, 1, 0, 3]
@@ -321,8 +320,7 @@ def test_segments_direct_writes_big_experts_straight_into_the_output(seed, monke
                         real_gmm(a, b, **k))
     monkeypatch.setattr(torch, "mm", lambda a, b, out=None: mms.append((a.shape[0], out is not None)) or
                         real_mm(a, b, out=out))
-    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 5)
-    out = K.grouped_gemm(x, sizes, [w[:2], w[2:]], backend="torch:segments_direct")
+    out = K.grouped_gemm(x, sizes, [w[:2], w[2:]], backend="torch:segments_direct", direct_min_rows=5)
     # piece 0 (experts 0-1) on all 32 rows; piece 1: e2 direct (9), run e3-e5 (1+2+0 rows, grouped),
     # e6 direct (8), run e7-e9 (1+0+3: two busy experts, grouped)
     assert grouped == [(32, 2), (3, 3), (4, 3)], grouped
@@ -331,7 +329,7 @@ def test_segments_direct_writes_big_experts_straight_into_the_output(seed, monke
 
 
 def test_split_piece_units_cover_exactly_the_busy_rows(seed):
-    """_split_piece: units in row order, disjoint, covering every row of the piece; "mm" units
+    """split_piece: units in row order, disjoint, covering every row of the piece; "mm" units
     hold one expert with rows, at least min_rows of them unless alone in a run."""
     rng = np.random.default_rng(seed)
     for _ in range(200):
@@ -342,7 +340,7 @@ def test_split_piece_units_cover_exactly_the_busy_rows(seed):
         n = int(rng.integers(1, E - first + 1))
         w = torch.zeros(n, 1, 1)
         min_rows = int(rng.integers(0, 10))
-        units = torch_grouped._split_piece(g, first, w, min_rows)
+        units = segments.split_piece(g, first, w, min_rows)
         r0, r1 = g.rows(first, first + n)
         covered = [(u[-2], u[-1]) for u in units]
         busy = [(int(g.starts[e]), int(g.ends[e])) for e in range(first, first + n) if sizes[e]]
@@ -360,7 +358,7 @@ def test_split_piece_units_cover_exactly_the_busy_rows(seed):
 
 
 def test_chunks_are_contiguous_and_balanced(seed):
-    """_chunks: the units in order, in at most n chunks, none empty, no chunk past its share by
+    """balanced_chunks: the units in order, in at most n chunks, none empty, no chunk past its share by
     more than its last unit."""
     rng = np.random.default_rng(seed)
     for _ in range(300):
@@ -368,7 +366,7 @@ def test_chunks_are_contiguous_and_balanced(seed):
         ends = np.cumsum(rows)
         units = [("mm", i, None, int(e - r), int(e)) for i, (r, e) in enumerate(zip(rows, ends))]
         n = int(rng.integers(1, 6))
-        chunks = torch_grouped._chunks(units, n)
+        chunks = segments.balanced_chunks(units, n)
         assert [u for c in chunks for u in c] == units
         assert len(chunks) <= max(n, 0) and all(chunks)
         total = int(rows.sum())
@@ -397,16 +395,17 @@ def test_split_runs_the_first_piece_last_and_in_place(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["auto", "segments", "segments_async", "segments_direct", "grouped_mm"])
-def test_out_is_written_in_place(seed, method, monkeypatch):
+def test_out_is_written_in_place(seed, method):
     """out= receives every row, including a row-slice view of a larger buffer whose other rows stay intact."""
     x, sizes, w = make_case(seed, 6, 16, 24, 57, torch.float32)
-    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 10)  # some experts direct, some grouped
+    min_rows = 10  # segments_direct: some experts direct, some grouped
     ref = ref64(x, sizes, w)
     forms = [w] if method == "grouped_mm" else [w, [(0, w[:1]), (1, w[1:4]), (4, w[4:])], [w[:3], w[3:]]]
     for form in forms:
         buf = torch.full((57 + 6, 24), float("nan"))
         out = buf[3:60]
-        got = K.grouped_gemm(x, sizes, form, out=out, backend=f"torch:{method}" if method != "auto" else "torch")
+        got = K.grouped_gemm(x, sizes, form, out=out, backend=f"torch:{method}" if method != "auto" else "torch",
+                             direct_min_rows=min_rows)
         assert got is out and got.data_ptr() == buf[3].data_ptr()
         assert rel_err(buf[3:60], ref) < 1e-5
         assert torch.isnan(buf[:3]).all() and torch.isnan(buf[60:]).all()
@@ -587,7 +586,7 @@ def test_fp8_reference_is_close_to_real_weights(seed):
     x, sizes, wq, scales, w_real = fp8_case(seed)
     info = {}
     out = K.grouped_gemm(x, sizes, wq, weight_scales=scales, info=info)
-    if torch_grouped.fp8_unavailable_reason(x.device):
+    if capabilities.fp8_unavailable_reason(x.device):
         assert info["backend"] == "reference" and "fallback" in info
     assert out.dtype == torch.bfloat16
     real = ref64(x.float(), sizes, w_real.float().contiguous())
@@ -618,7 +617,7 @@ def test_fp8_prequantized_x(seed):
 
 def test_fp8_torch_backend_reports_unavailable_on_cpu(seed):
     x, sizes, wq, scales, _ = fp8_case(seed)
-    why = torch_grouped.fp8_unavailable_reason("cpu")
+    why = capabilities.fp8_unavailable_reason("cpu")
     assert why and "_scaled_grouped_mm" in why
     with pytest.raises(BackendUnavailableError, match="fp8"):
         K.grouped_gemm(x, sizes, wq, weight_scales=scales, backend="torch")
@@ -764,7 +763,7 @@ def _run_py(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_import_does_not_import_numba():
-    r = _run_py("import sys, dwdp_comm, dwdp_comm.kernels as K, dwdp_comm.kernels.torch_grouped, "
+    r = _run_py("import sys, dwdp_comm, dwdp_comm.kernels as K, dwdp_comm.kernels.torch_path, "
                 "dwdp_comm.kernels.reference\n"
                 "assert 'numba' not in sys.modules, sorted(m for m in sys.modules if 'numba' in m)\nprint('ok')")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr

@@ -18,7 +18,9 @@ import torch
 
 import dwdp_comm.kernels as K
 from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError
-from dwdp_comm.kernels import torch_grouped
+from dwdp_comm.kernels import capabilities
+from dwdp_comm.kernels.token_groups import upload_ints
+from dwdp_comm.kernels.workers import WorkerStreams
 from test_kernels import TOL, make_case, random_sizes, ref64, rel_err, split_forms
 
 pytestmark = pytest.mark.gpu
@@ -68,16 +70,18 @@ def test_torch_path_every_form(seed, dtype, shape):
 
 @pytest.mark.parametrize("method", ["segments", "segments_async", "segments_direct", "per_expert"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_torch_split_methods(seed, method, dtype, monkeypatch):
-    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 100)  # segments_direct: a mix of both kinds
+def test_torch_split_methods(seed, method, dtype):
+    min_rows = 100  # segments_direct: a mix of both kinds
     x, sizes, w = make_case(seed, 12, 128, 256, 900, dtype, device=DEV, empty_frac=0.4)
     ref = ref64(x, sizes, w)
     for name in ("dwdp_3_pieces", "per_owner", "per_expert"):
-        out = K.grouped_gemm(x, sizes, split_forms(w, seed)[name], backend=f"torch:{method}")
+        out = K.grouped_gemm(x, sizes, split_forms(w, seed)[name], backend=f"torch:{method}",
+                             direct_min_rows=min_rows)
         assert rel_err(out, ref) < TOL[dtype], name
     # back-to-back calls, results read on the current stream only: the async copies must be waited for
     forms = split_forms(w, seed)["dwdp_3_pieces"]
-    outs = [K.grouped_gemm(x, sizes, forms, backend=f"torch:{method}") for _ in range(4)]
+    outs = [K.grouped_gemm(x, sizes, forms, backend=f"torch:{method}", direct_min_rows=min_rows)
+            for _ in range(4)]
     sums = [o.float().sum() for o in outs]
     torch.cuda.synchronize()
     assert all(rel_err(o, ref) < TOL[dtype] for o in outs) and all(torch.isfinite(s) for s in sums)
@@ -150,7 +154,7 @@ def test_float32_avoids_torchs_syncing_fallback(seed, _sync_is_an_error):
     torch.cuda.set_sync_debug_mode(0)
     x, sizes, w = make_case(seed, 8, 96, 80, 500, torch.float32, device=DEV)
     ref = ref64(x, sizes, w)
-    assert not torch_grouped.has_device_kernel(torch.device(DEV), torch.float32)
+    assert not capabilities.has_device_kernel(torch.device(DEV), torch.float32)
     K.grouped_gemm(x, sizes, w)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -181,7 +185,6 @@ def test_validated_device_counts_sync_once_and_are_correct(seed):
 
 
 def test_upload_is_asynchronous_and_correct(_sync_is_an_error):
-    from dwdp_comm.kernels._inputs import upload_ints
     vals = np.arange(1000, dtype=np.int64) * 3
     ts = [upload_ints(vals + i, torch.device(DEV)) for i in range(50)]  # the staging blocks get reused
     torch.cuda.set_sync_debug_mode(0)
@@ -190,10 +193,10 @@ def test_upload_is_asynchronous_and_correct(_sync_is_an_error):
 
 
 @pytest.mark.parametrize("method", ["segments", "segments_async", "segments_direct"])
-def test_split_out_and_stream_safety(seed, method, monkeypatch):
+def test_split_out_and_stream_safety(seed, method):
     """Many calls back to back on one stream, results kept and dropped at random, out= buffers
     reused: the side-stream copies never read freed temporaries nor write after the join."""
-    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 150)  # segments_direct: some direct, some runs
+    min_rows = 150  # segments_direct: some direct, some runs
     x, sizes, w = make_case(seed, 16, 256, 512, 3000, torch.bfloat16, device=DEV, empty_frac=0.2)
     pieces = [(0, w[:4]), (4, w[4:8].clone()), (8, w[8:12].clone()), (12, w[12:].clone())]
     ref = ref64(x, sizes, w)
@@ -202,11 +205,11 @@ def test_split_out_and_stream_safety(seed, method, monkeypatch):
     kept, out = [], torch.empty(3000, 512, dtype=torch.bfloat16, device=DEV)
     for i in range(30):
         if i % 3 == 0:
-            r = K.grouped_gemm(x, g, pieces, out=out, backend=f"torch:{method}")
+            r = K.grouped_gemm(x, g, pieces, out=out, backend=f"torch:{method}", direct_min_rows=min_rows)
             assert r is out
             kept.append(r.clone())
         else:
-            r = K.grouped_gemm(x, g, pieces, backend=f"torch:{method}")
+            r = K.grouped_gemm(x, g, pieces, backend=f"torch:{method}", direct_min_rows=min_rows)
             junk = torch.randn(int(rng.integers(1, 2000)), 512, device=DEV).bfloat16()  # reuse freed blocks
             if rng.random() < 0.5:
                 kept.append(r)
@@ -282,7 +285,7 @@ def test_worker_streams_follow_the_caller_stream(seed):
     torch.cuda.synchronize()
     assert all(rel_err(o, ref) < 1e-2 for o in outs)
     for s in callers:
-        pool = torch_grouped._Workers._pools[(s.device_index, s.stream_id)]
+        pool = WorkerStreams.pool_of(s)
         assert pool and all(wk.priority == s.priority for wk in pool), (s.priority, [wk.priority for wk in pool])
     assert callers[0].priority != callers[1].priority
 
@@ -369,7 +372,7 @@ def test_numba_kernel_edges(seed):
 
 # ---- fp8 -----------------------------------------------------------------------------------------
 def _fp8_or_skip():
-    why = torch_grouped.fp8_unavailable_reason(torch.device(DEV))
+    why = capabilities.fp8_unavailable_reason(torch.device(DEV))
     if why:
         pytest.skip(f"fp8 grouped GEMM unavailable here: {why}")
 

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, bad_arg
-from ._inputs import Problem
+from .problem import Problem
 
 __all__ = ["run", "TileConfig", "CONFIGS", "DEFAULT_CONFIG", "unavailable_reason"]
 
