@@ -23,7 +23,7 @@ except ImportError:
 
 import dwdp_comm.kernels as K
 from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
-from dwdp_comm.kernels import capabilities, reference, segments, token_groups
+from dwdp_comm.kernels import capabilities, reference, segments, token_groups, torch_path
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -439,6 +439,60 @@ def test_meta_device_fast_paths_never_read_device_data(seed):
         K.grouped_gemm(x, lazy, pieces)
     with pytest.raises(InvalidArgumentError, match="7 entries"):
         K.grouped_gemm(x, K.TokenGroups(counts[:7], validate=False), w)
+
+
+def test_choose_method_names_what_runs(seed):
+    """torch_path.choose_method(p, m) is exactly what run() reports as info["method"] (or raises the
+    same error class), for every method, dtype, weights form and a strided x."""
+    rng = np.random.default_rng(seed)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, sizes, w = make_case(int(rng.integers(2**31)), 6, 16, 24, 70, dtype)
+        forms = [w, [w[:2], w[2:]], [(0, w[:1]), (1, w[1:4]), (4, w[4:])], w.transpose(-1, -2).contiguous()
+                 .transpose(-1, -2)]
+        for xx, form in [(x, f) for f in forms] + [(x[:, ::2].repeat(1, 2), [w[:3], w[3:]]), (x[:0], w)]:
+            sz = sizes if xx.shape[0] else [0] * 6
+            for m in torch_path.METHODS:
+                backend = "torch" if m == "auto" else f"torch:{m}"
+                try:
+                    want = torch_path.choose_method(K.make_problem(xx, sz, form), m)
+                except (InvalidArgumentError, BackendUnavailableError) as exc:
+                    with pytest.raises(type(exc)):
+                        K.grouped_gemm(xx, sz, form, backend=backend)
+                    continue
+                info = {}
+                out = K.grouped_gemm(xx, sz, form, backend=backend, info=info)
+                assert info["method"] == want, (m, want, info)
+                if xx.shape[0]:
+                    assert rel_err(out, ref64(xx, sz, w)) < TOL[dtype], (m, info)
+
+
+def test_split_strategy_table():
+    """How split weights run: direct (auto on CUDA, segments_direct), async (fp8, segments_async),
+    serial (CPU auto, segments); an unknown method names the argument."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    table = {("auto", cpu, False): "serial", ("auto", cuda, False): "direct", ("auto", cuda, True): "async",
+             ("segments", cuda, False): "serial", ("segments_async", cpu, False): "async",
+             ("segments_direct", cpu, False): "direct", ("segments_direct", cuda, True): "async",
+             ("grouped_mm", cuda, False): "serial", ("per_expert", cuda, False): "serial"}
+    for (m, dev, fp8), want in table.items():
+        assert torch_path.split_strategy(m, dev, fp8=fp8) == want, (m, dev, fp8)
+    assert set(table.values()) == set(torch_path.SPLIT_STRATEGIES)
+    with pytest.raises(InvalidArgumentError, match="method"):
+        torch_path.split_strategy("direct", cpu)
+
+
+def test_direct_min_rows_is_checked_and_only_an_argument(seed):
+    """A bad direct_min_rows names the argument (grouped_gemm, moe_mlp, on any backend); its
+    default is documented."""
+    x, sizes, w = make_case(seed, 4, 16, 16, 40, torch.float32)
+    for bad in (-1, 1.5, True, "8", None):
+        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+            K.grouped_gemm(x, sizes, [w[:2], w[2:]], direct_min_rows=bad)
+        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+            K.grouped_gemm(x, sizes, w, backend="reference", direct_min_rows=bad)
+        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+            K.moe_mlp(x, sizes, torch.randn(4, 16, 8), torch.randn(4, 4, 16), direct_min_rows=bad)
+    assert "direct_min_rows" in K.grouped_gemm.__doc__ and torch_path.DIRECT_MIN_ROWS == 128
 
 
 def test_bench_smoke_runs_end_to_end(tmp_path):

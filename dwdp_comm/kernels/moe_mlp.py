@@ -221,6 +221,7 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
     current stream, in order).
     """
     _check_gate(gate, act_fn)
+    direct_min_rows = torch_path.check_direct_min_rows(direct_min_rows)  # before any GEMM runs
     if weight_layout not in WEIGHT_LAYOUTS:
         raise bad_arg("weight_layout", repr(weight_layout), f"one of {WEIGHT_LAYOUTS} ([E, K, N] or [E, N, K] storage)")
     if not isinstance(ignore_tail, bool):
