@@ -17,8 +17,8 @@ Variants (bf16 unless said):
                         asynchronous upload of the offsets per call)
   composite             grouped_gemm on the composite view (VMM)
   split                 grouped_gemm on the 4 pieces, backend "torch" (auto: segments_direct on CUDA:
-                        piece 0 in place, experts with >= DIRECT_MIN_ROWS rows torch.mm into the output
-                        rows, smaller ones grouped into temporaries + copies, on worker streams)
+                        piece 0 in place, experts with >= direct_min_rows (default 128) rows
+                        torch.mm into the output rows, smaller ones grouped into temporaries + copies, on worker streams)
   split_async           method "segments_async" (each piece one grouped call, results copied, on
                         worker streams: the default before segments_direct)
   split_serial          method "segments" (as split_async, in order on the current stream)
@@ -56,14 +56,10 @@ import argparse
 import json
 import math
 import os
-import platform
-import random
 import statistics
-import subprocess
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big, varying outputs
 import torch  # noqa: E402
@@ -72,7 +68,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import dwdp_comm.kernels as K  # noqa: E402
-from dwdp_comm.kernels import reference, torch_grouped  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
+from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
+from dwdp_comm.kernels import capabilities, reference  # noqa: E402
 
 SHAPES = {"gate_up": (7168, 4096), "down": (2048, 7168)}
 SMOKE_SHAPES = {"gate_up": (64, 96), "down": (48, 64)}
@@ -215,126 +213,7 @@ def route(num_tokens: int, num_experts: int, top_k: int, seed: int, device) -> t
     return c.tolist(), stats
 
 
-# ---- timing --------------------------------------------------------------------------------------
-class Timer:
-    """Sustained blocks of back-to-back calls, interleaved by variant, timed with CUDA events.
-
-    Why blocks: an H200 running bf16 GEMMs sits at its power cap (~690 of 700 W, SM clock
-    1.3-1.6 GHz of 1.98, moving with the power controller). Single calls of a few ms timed one
-    by one (with sleeps and L2 flushes between them, the previous method) saw identical calls
-    differ by 5-10 %. Here every variant runs ``n`` calls back to back (``n`` chosen so a block
-    lasts about ``block_ms``) with no sync, sleep or flush in between: the GPU stays busy and at
-    its steady state, as in inference, and a block averages over the controller's swings. Each
-    timed block is preceded by ``lead`` x ``n`` untimed calls of the same variant: without them,
-    a block after a light one (fp8 with quantization, copies) started with power headroom and
-    ran ~3 % fast (seen as raw 3 % faster than the identical raw_again right after it). Blocks
-    of all variants alternate within a round (a fresh random order each round); the ratio to the
-    baseline is taken within each round, so slow drift cancels. Weights of several GB dwarf the
-    50 MB L2, so back-to-back calls get no cache advantage. On CPU: wall clock per block.
-    """
-
-    def __init__(self, device: torch.device, block_ms: float = 150.0, warmup_ms: float = 600.0,
-                 lead: float = 0.5, order: str = "random", order_seed: int = 0):
-        if order not in ("random", "rotate"):
-            raise ValueError(f"order={order!r}: expected 'random' or 'rotate'")
-        self.order, self.order_seed = order, order_seed
-        self.cuda = device.type == "cuda"
-        self.block_ms = block_ms
-        self.warmup_ms = warmup_ms
-        self.lead = lead
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def _once_ms(self, fn) -> float:
-        """One call's time (after one untimed call): sizes the blocks."""
-        fn()
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return (time.perf_counter() - t0) * 1e3
-
-    def rounds(self, fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
-        """Milliseconds per call of every variant, one value per round: ``{variant: [...]}``.
-
-        ``reps`` rounds; in each, every variant runs one block. ``warmup`` untimed rounds first,
-        at least ``warmup_ms`` of GPU work in all (to reach the steady clock). Attribute
-        :attr:`calls` then holds the calls per block of each variant.
-        """
-        names = list(fns)
-        self.calls = {k: max(1, round(self.block_ms / max(self._once_ms(fns[k]), 1e-3))) for k in names}
-        per_round = len(names) * self.block_ms * (1 + self.lead)
-        warm_rounds = max(warmup, math.ceil(self.warmup_ms / per_round)) if self.cuda else warmup
-        times = {k: [] for k in names}
-        marks = []
-        rng = random.Random(self.order_seed)
-        for r in range(warm_rounds + reps):
-            # A new random order each round: the GPU's power state carries over from one block to
-            # the next, so each variant must follow different variants in different rounds (rotating
-            # one fixed order keeps every variant behind the same neighbour: a bias that never averages out).
-            order = rng.sample(names, len(names)) if self.order == "random" else \
-                names[r % len(names):] + names[:r % len(names)]
-            for k in order:
-                n, fn = self.calls[k], fns[k]
-                for _ in range(math.ceil(self.lead * n) if self.cuda else 0):
-                    fn()
-                if self.cuda:
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
-                    for _ in range(n):
-                        fn()
-                    e1.record()
-                    if r >= warm_rounds:
-                        marks.append((k, n, e0, e1))
-                else:
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        fn()
-                    if r >= warm_rounds:
-                        times[k].append((time.perf_counter() - t0) * 1e3 / n)
-        self.sync()
-        for k, n, e0, e1 in marks:
-            times[k].append(e0.elapsed_time(e1) / n)
-        return times
-
-
-def pct(v: list[float], q: float) -> float:
-    s = sorted(v)
-    if not s:
-        return math.nan
-    i = (len(s) - 1) * q
-    lo, hi = int(math.floor(i)), int(math.ceil(i))
-    return s[lo] + (s[hi] - s[lo]) * (i - lo)
-
-
-def summarize_times(times: dict[str, list[float]], base: str, flops: float, common: dict, section: str,
-                    calls: dict | None = None) -> list[dict]:
-    """One row per variant: median ms, TFLOP/s, and the per-round ratio t_base / t_variant."""
-    calls = calls or {}
-    rows = []
-    for k, v in times.items():
-        ratios = [b / t for b, t in zip(times[base], v) if t > 0]
-        ms = statistics.median(v)
-        rows.append(dict(section=section, **common, variant=k, ms=ms, ms_p10=pct(v, 0.1), ms_p90=pct(v, 0.9),
-                         tflops=flops / ms / 1e9 if ms > 0 else math.nan, base=base,
-                         ratio=statistics.median(ratios), ratio_p10=pct(ratios, 0.1), ratio_p90=pct(ratios, 0.9),
-                         rounds=len(v), calls_per_block=calls.get(k), ms_rounds=[round(t, 5) for t in v]))
-    return rows
-
-
 # ---- helpers -------------------------------------------------------------------------------------
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if tuple(out.shape) != tuple(ref.shape):
-        return math.inf
-    o, r = out.float(), ref.float()
-    if not bool(torch.isfinite(o).all()):
-        return math.inf
-    den = r.norm().item()
-    return (o - r).norm().item() / den if den else (o - r).norm().item()
-
-
 def fp8_weights(w: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 copy of ``w`` [E, K, N] stored [E, N, K] (K-contiguous), and float32 scales [E, N]."""
     E, Kd, N = w.shape
@@ -346,35 +225,6 @@ def fp8_weights(w: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Te
         q[a:a + chunk] = (wt / sc[:, :, None]).to(torch.float8_e4m3fn)
         s[a:a + chunk] = sc
     return q.transpose(1, 2), s
-
-
-def git_commit() -> dict:
-    def run(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return ""
-    if os.environ.get("DWDP_GIT_COMMIT"):  # the device machine gets the tree without .git
-        return {"commit": os.environ["DWDP_GIT_COMMIT"], "dirty": False}
-    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--", "dwdp_comm", "perf"))}
-
-
-def env_info(device: torch.device) -> dict:
-    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "git": git_commit(), "device": str(device)}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, sm=f"{p.major}.{p.minor}", gpu_mem_gib=round(p.total_memory / 2**30, 1),
-                    num_sms=p.multi_processor_count)
-    else:
-        info["gpu"] = None
-    try:
-        import numba
-        info["numba"] = numba.__version__
-    except ImportError:
-        info["numba"] = None
-    return info
 
 
 # ---- the bf16 / fp8 section ----------------------------------------------------------------------
@@ -394,7 +244,7 @@ def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavai
         unavailable.setdefault("composite", str(exc))
         split = plain_split(w, cuts)
     wq = sq = None
-    why8 = torch_grouped.fp8_unavailable_reason(device)
+    why8 = capabilities.fp8_unavailable_reason(device)
     if why8:
         unavailable.setdefault("fp8", why8)
     elif not args.no_fp8:
@@ -672,10 +522,10 @@ def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
         split32 = [(0, w32[:q]), (q, w32[q:2 * q]), (2 * q, w32[2 * q:])] if E >= 4 else w32
         flops = 2.0 * T * Kd * N
         base32 = {"torch_fp32_per_expert": lambda: K.grouped_gemm(x32, groups, w32, backend="torch:per_expert")}
-        if torch_grouped.grouped_mm_supported(device, torch.float32):
+        if capabilities.grouped_mm_supported(device, torch.float32):
             base32["torch_fp32_grouped_mm"] = lambda: K.grouped_gemm(x32, groups, w32, backend="torch:grouped_mm")
         else:
-            unavailable["torch_fp32_grouped_mm"] = torch_grouped._probe(device.type, device.index, torch.float32)
+            unavailable["torch_fp32_grouped_mm"] = capabilities.grouped_mm_unavailable_reason(device, torch.float32)
         dense = (torch.randn(T, Kd, device=device), torch.randn(Kd, N, device=device))
         base32["torch_fp32_dense_mm"] = lambda: torch.mm(*dense)  # same flops, one GEMM: an upper bound
         configs = args.numba_configs if not args.smoke else ["8x8x4"]
@@ -856,7 +706,7 @@ def main(argv=None) -> int:
     args.moe_tokens = [int(t) for t in str(args.moe_tokens).split(",")]
     args.numba_configs = args.numba_configs.split(",")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    info = env_info(device)
+    info = record.env_info(device)
     log(f"# bench_grouped_gemm  {info['date']}  host={info['host']}  gpu={info.get('gpu')}  torch={info['torch']}  "
         f"numba={info['numba']}  commit={info['git']['commit'][:12]}{'+dirty' if info['git']['dirty'] else ''}")
     log(f"# experts={args.experts} top_k={args.top_k} tokens={args.tokens} shapes={args.shapes} owners={OWNERS} "

@@ -26,15 +26,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +44,7 @@ import torch  # noqa: E402
 
 import dwdp_comm as dc  # noqa: E402
 from dwdp_comm import backends as dc_backends  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -313,29 +310,9 @@ def rank_main(group, args: dict):
     return out
 
 
-def _git_commit() -> str:
-    if os.environ.get("DWDP_GIT_COMMIT"):
-        return os.environ["DWDP_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def _versions() -> dict:
-    v = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
-    for mod in ("cuda.bindings", "cuda.core", "cupy", "nvshmem"):
-        try:
-            m = __import__(mod, fromlist=["x"])
-            v[mod] = getattr(m, "__version__", "?")
-        except Exception as exc:
-            v[mod] = f"unavailable ({type(exc).__name__})"
-    try:
-        v["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                     capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
-    except Exception:
-        v["driver"] = "unknown"
+    v = record.versions("cuda.bindings", "cuda.core", "cupy", "nvshmem")
+    v["driver"] = record.driver_version() or "unknown"
     return v
 
 
@@ -394,10 +371,10 @@ def main() -> int:
                 ("memcpy/8MiB/3streams", {"chunk_nbytes": 8 * MiB, "engine_options": {"api": "memcpy", "streams": 3}}),
                 ("memcpy/256MiB/3streams", {"chunk_nbytes": 256 * MiB, "engine_options": {"api": "memcpy", "streams": 3}}),
                 ("batch/64MiB/3streams", {"chunk_nbytes": 64 * MiB, "engine_options": {"api": "batch", "streams": 3}})]
-    report = {"benchmark": "gpu_copy_plane", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "git_commit": _git_commit(), "machine": {"hostname": socket.gethostname(),
-                                                         "kind": os.environ.get("DWDP_DEVICE_KIND", "unknown"),
-                                                         "gpus": [torch.cuda.get_device_name(i) for i in range(n)]},
+    report = {"benchmark": "gpu_copy_plane", "date": record.utc_date(timespec="auto"),
+              "git_commit": record.commit() or "unknown", "machine": {"hostname": record.host(),
+                                                                      "kind": os.environ.get("DWDP_DEVICE_KIND", "unknown"),
+                                                                      "gpus": record.gpu_names(n)},
               "versions": _versions(), "world_size": a.world_size, "backends": {},
               "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                       "NVSHMEM_DISABLE_NVLS", "NVSHMEM_SYMMETRIC_SIZE")}}
