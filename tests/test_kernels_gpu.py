@@ -8,9 +8,7 @@ Run: ``python -m pytest tests/test_kernels_gpu.py -q -rs``
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
@@ -25,7 +23,6 @@ from test_kernels import TOL, make_case, random_sizes, ref64, rel_err, split_for
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {  # (E, K, N, T)
     "aligned": (16, 256, 384, 1500),
@@ -300,34 +297,59 @@ def test_weights_on_another_device_are_refused(seed):
 
 
 # ---- composite view (VMM) ------------------------------------------------------------------------
-def _bench_module():
-    path = os.path.join(REPO, "perf", "bench_grouped_gemm.py")
-    spec = importlib.util.spec_from_file_location("bench_grouped_gemm", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def composite_rank(group, seed: int) -> dict:
+    """On one ``cuda_ipc`` rank: the experts of ``w`` copied into 3 buffers of the backend (one
+    physical allocation each), then those buffers mapped back to back by the backend's
+    ``compose``: one ``[E, K, N]`` view, no copy. Returns the errors against the reference of the
+    view, of the pieces and (where Numba runs) of the pieces on the Numba backend."""
+    impl = group.impl
+    if impl.map_granularity is None:
+        return {"skip": f"cuda_ipc composes no views here ({getattr(impl, 'mode_reason', impl.name)})"}
+    E, Kd, N = 8, 1024, 1024  # one bf16 expert = 2 MiB, the VMM granularity on H100 / H200
+    x, sizes, w = make_case(seed, E, Kd, N, 1000, torch.bfloat16, device=group.device)
+    expert_nbytes = w[0].numel() * w.element_size()
+    if expert_nbytes % impl.map_granularity:
+        return {"skip": f"an expert ({expert_nbytes} B) is not a multiple of the map granularity "
+                        f"{impl.map_granularity}"}
+    cuts, bufs, segments = [0, 2, 5, 8], [], []
+    for a, b in zip(cuts[:-1], cuts[1:]):
+        buf = impl.alloc_buffer((b - a) * expert_nbytes)
+        piece = buf.tensor().view(w.dtype).view(b - a, Kd, N)
+        piece.copy_(w[a:b])
+        bufs.append(buf)
+        segments.append((a, piece))
+    comp = impl.compose([(buf, 0, buf.nbytes) for buf in bufs])
+    try:
+        view = comp.tensor().view(w.dtype).view(E, Kd, N)
+        ref = ref64(x, sizes, w)
+        info = {}
+        out = {"composite": rel_err(K.grouped_gemm(x, sizes, view, info=info), ref), "method": info["method"],
+               "segments": rel_err(K.grouped_gemm(x, sizes, segments), ref),
+               "zero_copy": all(view.data_ptr() != p.data_ptr() for _, p in segments) and torch.equal(view, w)}
+        why = K.available_backends(group.device, reasons=True)["numba"]
+        out["numba"] = why or rel_err(K.grouped_gemm(x, sizes, segments, backend="numba"), ref)
+        if group.device.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+    finally:
+        comp.close()
+        for buf in bufs:
+            buf.close()
 
 
 def test_vmm_composite_view(seed):
-    """Pieces in separate physical allocations, mapped back to back: one [E, K, N] tensor."""
-    bench = _bench_module()
-    E, Kd, N = 8, 1024, 1024  # one bf16 expert = 2 MiB, the VMM granularity
-    x, sizes, w = make_case(seed, E, Kd, N, 1000, torch.bfloat16, device=DEV)
-    try:
-        vm = bench.VmmSplit(w, [0, 2, 5, 8])
-    except bench.VmmUnavailable as exc:
-        pytest.skip(f"VMM composite unavailable: {exc}")
-    try:
-        ref = ref64(x, sizes, w)
-        info = {}
-        assert rel_err(K.grouped_gemm(x, sizes, vm.composite, info=info), ref) < 1e-2
-        assert info["method"] == "grouped_mm"
-        assert rel_err(K.grouped_gemm(x, sizes, vm.segments), ref) < 1e-2
-        _numba_or_skip()
-        assert rel_err(K.grouped_gemm(x, sizes, vm.segments, backend="numba"), ref) < 1e-2
-    finally:
-        torch.cuda.synchronize()
-        vm.close()
+    """Pieces in separate physical allocations, mapped back to back by the library's own VMM
+    composite (cuda_ipc ``compose``, one rank): one [E, K, N] tensor, one torch._grouped_mm."""
+    import dwdp_comm as dc
+    res = dc.testing.launch(composite_rank, 1, seed, backend="cuda_ipc", timeout=180)[0]
+    if "skip" in res:
+        pytest.skip(f"VMM composite unavailable: {res['skip']}")
+    assert res["zero_copy"], res
+    assert res["composite"] < 1e-2 and res["method"] == "grouped_mm", res
+    assert res["segments"] < 1e-2, res
+    if isinstance(res["numba"], str):
+        pytest.skip(f"numba backend unavailable: {res['numba']}")
+    assert res["numba"] < 1e-2, res
 
 
 # ---- Numba kernel on the GPU ---------------------------------------------------------------------
