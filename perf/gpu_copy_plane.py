@@ -75,22 +75,22 @@ def _timed_prefetch(pf, layer: int, experts, stream, gate_cycles: int) -> tuple[
 
 
 def _timed_raw(dst: int, src: int, nbytes: int, chunk: int, stream, gate_cycles: int) -> float:
-    """GPU ms of raw cudaMemcpyAsync of ``nbytes`` (in ``chunk`` pieces) on a fresh non-blocking
-    copy stream gated exactly like the library's."""
-    from dwdp_comm.backends import _cuda
-    rt, _ = _cuda.load()
-    copy = _cuda.CudaStream()
+    """GPU ms of raw cudaMemcpyAsync of ``nbytes`` (in ``chunk`` pieces) on a non-blocking copy
+    stream (torch's) gated exactly like the library's: it waits for ``stream``, which waits for it."""
+    from cuda.bindings import runtime as rt
+    copy = torch.cuda.Stream()
     t0 = _gate(stream, gate_cycles)
     t1 = torch.cuda.Event(enable_timing=True)
-    _cuda.CudaEvent().record(stream.cuda_stream).wait(copy.handle)
+    copy.wait_stream(stream)
+    raw = rt.cudaStream_t(copy.cuda_stream)
     for off in range(0, nbytes, chunk):
         n = min(chunk, nbytes - off)
-        _cuda.check(rt.cudaMemcpyAsync(dst + off, src + off, n, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, copy.raw),
-                    "cudaMemcpyAsync")
-    _cuda.CudaEvent().record(copy.handle).wait(stream)
+        err = rt.cudaMemcpyAsync(dst + off, src + off, n, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, raw)[0]
+        if err != rt.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"cudaMemcpyAsync failed: {err}")
+    stream.wait_stream(copy)
     t1.record(stream)
     t1.synchronize()
-    copy.close()
     return t0.elapsed_time(t1)
 
 
@@ -99,9 +99,7 @@ def _stats(xs):
 
 
 def _mem_info():
-    from dwdp_comm.backends import _cuda
-    rt, _ = _cuda.load()
-    free, total = _cuda.check(rt.cudaMemGetInfo(), "cudaMemGetInfo")
+    free, total = torch.cuda.mem_get_info()  # cudaMemGetInfo on the current device
     return int(free), int(total)
 
 
@@ -132,7 +130,7 @@ def single_pair(group, iters: int, chunks, apis):
 
 def _single_pair_rank0(st, out, wanted, stream, gate, iters, chunks, apis, expert):
     """The measurements of :func:`single_pair` (rank 0 only; the peers wait in a barrier)."""
-    e = st._entry(0, "w")
+    e = st.entries(0)["w"]
     for api in apis:
         for chunk in chunks:
             with dc.Prefetcher(st, depth=1, chunk_nbytes=chunk, engine_options={"api": api}) as pf:
