@@ -6,8 +6,10 @@ popularity, Gumbel top-k) spread:
   gate_up  K=7168 N=4096   (w13: [256, 7168, 4096])
   down     K=2048 N=7168   (w2:  [256, 2048, 7168])
 Split layout: a DWDP rank of a group of 4 (rank 1): 4 owner shards of 64 experts, the local one
-[64, 128) and the three prefetched ones, each in its own physical allocation (CUDA VMM; plain
-torch clones without VMM). The composite view maps the 4 allocations back to back: one tensor.
+[64, 128) and the three prefetched ones, each in its own physical allocation, made by the library's
+backend as the prefetcher's slots are (dwdp_comm.bench.split_weights on a one-rank group: cuda_ipc
+VMM on a GPU, sim on CPU; plain torch clones where that cannot run). The composite view maps the 4
+allocations back to back: one tensor.
 
 Variants (bf16 unless said):
   raw_grouped_mm        torch._grouped_mm(x, w, offs=offs) on one contiguous [E, K, N] tensor: the baseline
@@ -15,7 +17,7 @@ Variants (bf16 unless said):
   contiguous            dwdp_comm.kernels.grouped_gemm on that tensor, TokenGroups built beforehand
   contiguous_host_sizes the same with the counts as a Python list each call (host validation plus one
                         asynchronous upload of the offsets per call)
-  composite             grouped_gemm on the composite view (VMM)
+  composite             grouped_gemm on the composite view (VMM on a GPU)
   split                 grouped_gemm on the 4 pieces, backend "torch" (auto: segments_direct on CUDA:
                         piece 0 in place, experts with >= direct_min_rows (default 128) rows
                         torch.mm into the output rows, smaller ones grouped into temporaries + copies, on worker streams)
@@ -53,6 +55,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -69,6 +72,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import dwdp_comm.kernels as K  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
+from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
 from dwdp_comm.kernels import capabilities, reference  # noqa: E402
 
@@ -83,116 +87,35 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
-# ---- composite views with CUDA VMM ---------------------------------------------------------------
-class VmmUnavailable(RuntimeError):
-    """CUDA VMM cannot build the composite here (no cuda.bindings, no GPU, unaligned pieces, ...)."""
-
-
-class _Cai:
-    def __init__(self, ptr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 3, "strides": None}
-
-
-class VmmSplit:
-    """Weights ``w`` ``[E, ...]`` copied into one physical allocation per piece, mapped twice.
-
-    Attributes
-    ----------
-    segments : list of (int, torch.Tensor)
-        Each piece through its own virtual range: split weights in separate allocations.
-    composite : torch.Tensor
-        All pieces mapped back to back in one virtual range: one ``[E, ...]`` tensor, no copy.
-    """
-
-    def __init__(self, w: torch.Tensor, cuts: list[int]):
-        try:
-            from cuda.bindings import driver as cu
-        except ImportError as exc:
-            raise VmmUnavailable(f"cuda.bindings is not installed ({exc})") from None
-        if w.device.type != "cuda":
-            raise VmmUnavailable("needs CUDA tensors")
-        self._cu, self._maps, self._handles, self.segments, self.composite = cu, [], [], [], None
-        dev = w.device.index if w.device.index is not None else torch.cuda.current_device()
-        self._check(cu.cuInit(0), "cuInit")
-        prop = cu.CUmemAllocationProp()
-        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = dev
-        gran = int(self._check(cu.cuMemGetAllocationGranularity(
-            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM), "granularity"))
-        acc = cu.CUmemAccessDesc()
-        acc.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        acc.location.id = dev
-        acc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self._acc = acc
-        enb = w[0].numel() * w.element_size()
-        sizes = [(b - a) * enb for a, b in zip(cuts[:-1], cuts[1:])]
-        if any(s % gran for s in sizes):
-            raise VmmUnavailable(f"piece sizes {sizes} are not multiples of the VMM granularity {gran}")
-        self._init(w, cuts, cu, prop, gran, sizes)
-
-    def _init(self, w, cuts, cu, prop, gran, sizes):
-        try:
-            for s in sizes:
-                self._handles.append(self._check(cu.cuMemCreate(s, prop, 0), "cuMemCreate"))
-            base = self._map_range(list(zip(self._handles, sizes)))
-            for (a, b), h, s in zip(zip(cuts[:-1], cuts[1:]), self._handles, sizes):
-                p = self._map_range([(h, s)])
-                t = self._tensor(p, s, w, (b - a, *w.shape[1:]))
-                t.copy_(w[a:b])
-                self.segments.append((a, t))
-            self.composite = self._tensor(base, sum(sizes), w, tuple(w.shape))
-            torch.cuda.synchronize(w.device)
-        except Exception as exc:
-            try:
-                self.close()
-            except Exception:
-                pass
-            if isinstance(exc, VmmUnavailable):
-                raise
-            raise VmmUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-    def _check(self, res, what):
-        err, *rest = res if isinstance(res, tuple) else (res,)
-        if int(err) != 0:
-            raise VmmUnavailable(f"{what} failed: {err}")
-        return rest[0] if len(rest) == 1 else rest
-
-    def _map_range(self, pieces) -> int:
-        cu = self._cu
-        total = sum(s for _, s in pieces)
-        base = int(self._check(cu.cuMemAddressReserve(total, 0, 0, 0), "cuMemAddressReserve"))
-        self._maps.append((base, total, []))
-        off = 0
-        for h, s in pieces:
-            self._check(cu.cuMemMap(cu.CUdeviceptr(base + off), s, 0, h, 0), "cuMemMap")
-            self._maps[-1][2].append((base + off, s))
-            off += s
-        self._check(cu.cuMemSetAccess(cu.CUdeviceptr(base), total, [self._acc], 1), "cuMemSetAccess")
-        return base
-
-    @staticmethod
-    def _tensor(ptr: int, nbytes: int, like: torch.Tensor, shape) -> torch.Tensor:
-        raw = torch.as_tensor(_Cai(ptr, nbytes), device=like.device)
-        return raw.view(like.dtype).view(shape)
-
-    def close(self) -> None:
-        cu = self._cu
-        torch.cuda.synchronize()
-        self.segments, self.composite = [], None
-        for base, total, mapped in self._maps:
-            for p, s in mapped:
-                cu.cuMemUnmap(cu.CUdeviceptr(p), s)
-            cu.cuMemAddressFree(cu.CUdeviceptr(base), total)
-        for h in self._handles:
-            cu.cuMemRelease(h)
-        self._maps, self._handles = [], []
-
-
+# ---- split weights and composite views -----------------------------------------------------------
 def plain_split(w: torch.Tensor, cuts: list[int]) -> list[tuple[int, torch.Tensor]]:
     """Fallback split: each piece cloned into its own torch allocation."""
     return [(a, w[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def open_group(stack: contextlib.ExitStack, device: torch.device, unavailable: dict):
+    """The one-rank group whose backend makes the pieces and their composite view (cuda_ipc on a
+    GPU: VMM, as the prefetcher's slots; sim on CPU), or None (then cloned pieces, no composite)."""
+    backend = "cuda_ipc" if device.type == "cuda" else "sim"
+    try:
+        return stack.enter_context(single_rank_group(backend))
+    except Exception as exc:
+        unavailable.setdefault("composite", f"no one-rank {backend} group: {type(exc).__name__}: {exc}")
+        return None
+
+
+def split_views(group, w: torch.Tensor, cuts: list[int], unavailable: dict):
+    """``(segments, composite or None, SplitWeights or None)`` of ``w`` cut at ``cuts``."""
+    if group is None:
+        return plain_split(w, cuts), None, None
+    try:
+        sw = SplitWeights(group, w, cuts)
+    except Exception as exc:
+        unavailable.setdefault("composite", f"{type(exc).__name__}: {exc}")
+        return plain_split(w, cuts), None, None
+    if sw.composite is None:
+        unavailable.setdefault("composite", sw.why_not)
+    return sw.segments, sw.composite, sw
 
 
 # ---- routing -------------------------------------------------------------------------------------
@@ -228,7 +151,7 @@ def fp8_weights(w: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Te
 
 
 # ---- the bf16 / fp8 section ----------------------------------------------------------------------
-def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavailable):
+def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavailable, group):
     E = args.experts
     t_shape = time.perf_counter()
     log(f"\n# shape {name}: E={E} K={Kd} N={N}; building weights ...")
@@ -236,13 +159,7 @@ def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavai
     w = torch.randn(E, Kd, N, generator=g, device=device, dtype=torch.bfloat16).div_(math.sqrt(Kd))
     q = E // OWNERS
     cuts = [i * q for i in range(OWNERS)] + [E] if E >= OWNERS else [0, E]
-    vm, composite = None, None
-    try:
-        vm = VmmSplit(w, cuts)
-        split, composite = vm.segments, vm.composite
-    except VmmUnavailable as exc:
-        unavailable.setdefault("composite", str(exc))
-        split = plain_split(w, cuts)
+    split, composite, vm = split_views(group, w, cuts, unavailable)
     wq = sq = None
     why8 = capabilities.fp8_unavailable_reason(device)
     if why8:
@@ -250,7 +167,7 @@ def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavai
     elif not args.no_fp8:
         wq, sq = fp8_weights(w)
     log(f"  pieces (first expert, count): {[(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])]}"
-        f"; composite: {'yes (VMM)' if composite is not None else 'no'}; fp8: {'yes' if wq is not None else 'no'}")
+        f"; composite: {'yes (' + group.backend + ')' if composite is not None else 'no'}; fp8: {'yes' if wq is not None else 'no'}")
     for ti, tokens in enumerate(args.tokens):
         try:
             bench_size(name, Kd, N, tokens, ti == 0, args, device, timer, seed, g, w, cuts, split, composite,
@@ -430,7 +347,7 @@ def bench_host(args, device, rows_out, unavailable) -> list[dict]:
 
 
 # ---- the MoE MLP section -------------------------------------------------------------------------
-def bench_moe(args, device, timer, seed, rows_out, checks, unavailable):
+def bench_moe(args, device, timer, seed, rows_out, checks, unavailable, group):
     """moe_mlp (gate-up, SwiGLU, down) on contiguous, composite and split weights of both shapes."""
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     H, N13 = shapes["gate_up"]
@@ -444,18 +361,11 @@ def bench_moe(args, device, timer, seed, rows_out, checks, unavailable):
     w2 = torch.randn(E, I2, H, generator=g, device=device, dtype=torch.bfloat16).div_(math.sqrt(I2))
     q = E // OWNERS
     cuts = [i * q for i in range(OWNERS)] + [E] if E >= OWNERS else [0, E]
-    vms = []
-    try:
-        for w in (w13, w2):
-            vms.append(VmmSplit(w, cuts))
-        s13, s2 = vms[0].segments, vms[1].segments
-        c13, c2 = vms[0].composite, vms[1].composite
-    except VmmUnavailable as exc:
-        for vm in vms:
-            vm.close()
-        vms = []
-        unavailable.setdefault("composite", str(exc))
-        s13, s2, c13, c2 = plain_split(w13, cuts), plain_split(w2, cuts), None, None
+    s13, c13, vm13 = split_views(group, w13, cuts, unavailable)
+    s2, c2, vm2 = split_views(group, w2, cuts, unavailable)
+    if c13 is None or c2 is None:
+        c13 = c2 = None
+    vms = [vm for vm in (vm13, vm2) if vm is not None]
     try:
         for tokens in args.moe_tokens:
             sizes, stats = route(tokens, E, args.top_k, seed + 11 + tokens, device)
@@ -725,25 +635,27 @@ def main(argv=None) -> int:
             log(f"# host section FAILED {type(exc).__name__}: {exc}")
             traceback.print_exc()
             unavailable["host"] = f"section failed: {type(exc).__name__}: {str(exc)[:300]}"
-    for name in args.shapes.split(","):
-        Kd, N = shapes[name]
-        bench_shape(name, Kd, N, args, device, timer, seed, rows, checks, unavailable)
-    if not args.no_moe:
+    with contextlib.ExitStack() as stack:  # the one-rank group lives while the sections run
+        group = open_group(stack, device, unavailable)
+        for name in args.shapes.split(","):
+            Kd, N = shapes[name]
+            bench_shape(name, Kd, N, args, device, timer, seed, rows, checks, unavailable, group)
+        if not args.no_moe:
+            try:
+                bench_moe(args, device, timer, seed, rows, checks, unavailable, group)
+            except Exception as exc:
+                log(f"# moe section FAILED {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                checks.append(dict(shape="moe", tokens=0, variant="moe (section)", rel_err=math.inf, tol=0, ok=False,
+                                   error=f"{type(exc).__name__}: {str(exc)[:300]}"))
         try:
-            bench_moe(args, device, timer, seed, rows, checks, unavailable)
+            bench_numba(args, device, timer, seed, rows, checks, unavailable)
         except Exception as exc:
-            log(f"# moe section FAILED {type(exc).__name__}: {exc}")
+            log(f"# numba section FAILED {type(exc).__name__}: {exc}")
             traceback.print_exc()
-            checks.append(dict(shape="moe", tokens=0, variant="moe (section)", rel_err=math.inf, tol=0, ok=False,
-                               error=f"{type(exc).__name__}: {str(exc)[:300]}"))
-    try:
-        bench_numba(args, device, timer, seed, rows, checks, unavailable)
-    except Exception as exc:
-        log(f"# numba section FAILED {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        unavailable["numba"] = f"section failed: {type(exc).__name__}: {str(exc)[:300]}"
-        checks.append(dict(shape="down", tokens=args.numba_tokens, variant="numba (section)", rel_err=math.inf,
-                           tol=0, ok=False, error=unavailable["numba"]))
+            unavailable["numba"] = f"section failed: {type(exc).__name__}: {str(exc)[:300]}"
+            checks.append(dict(shape="down", tokens=args.numba_tokens, variant="numba (section)", rel_err=math.inf,
+                               tol=0, ok=False, error=unavailable["numba"]))
     ratios = summarize(rows)
     print_table(rows, ratios, checks, unavailable, host)
     elapsed = time.perf_counter() - t0

@@ -1,7 +1,8 @@
 """Where does the split-weight grouped GEMM lose time against one contiguous call? (exploration)
 
 Times, in the sustained-block method of ``bench_grouped_gemm.py`` (same Timer), the parts of the
-split path and candidate replacements, on DeepSeek-V3 shapes with 4 owner pieces (VMM pieces):
+split path and candidate replacements, on DeepSeek-V3 shapes with 4 owner pieces (VMM pieces
+of the cuda_ipc backend):
 
   raw / raw_again     torch._grouped_mm on the contiguous [E, K, N] tensor (baseline, noise floor)
   split               dwdp_comm.kernels.grouped_gemm on the pieces (auto: segments_async, the pieces
@@ -14,7 +15,7 @@ split path and candidate replacements, on DeepSeek-V3 shapes with 4 owner pieces
   copies_only         the 3 result copies of ``split`` alone (copy engine)
   cublas_grouped      candidate: cublasGemmGroupedBatchedEx (ctypes) with per-expert weight and
                       output pointers: split weights natively, results written in place
-  composite           grouped_gemm on the VMM composite view
+  composite           grouped_gemm on the VMM composite view (dwdp_comm.bench.split_weights)
   direct_<R>          grouped_gemm, method segments_direct with direct_min_rows=R: piece 0 in place,
                       in the other pieces experts with >= R rows as torch.mm into the output rows
                       (no temporary, no copy), runs of smaller ones grouped (temporary + copy)
@@ -44,9 +45,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import bench_grouped_gemm as B  # noqa: E402  (its workload: SHAPES, route, VmmSplit)
+import bench_grouped_gemm as B  # noqa: E402  (its workload: SHAPES, route)
 import dwdp_comm.kernels as K  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
+from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
 
 
@@ -131,15 +133,17 @@ def _direct(x, groups, split, min_rows):
     return K.grouped_gemm(x, groups, split, backend="torch:segments_direct", direct_min_rows=min_rows)
 
 
-def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
+def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks, group):
     dev = torch.device("cuda")
     E = args.experts
     g = torch.Generator(device=dev).manual_seed(seed)
     w = torch.randn(E, Kd, N, generator=g, device=dev, dtype=torch.bfloat16).div_(math.sqrt(Kd))
     q = E // 4
     cuts = [0, q, 2 * q, 3 * q, E]
-    vm = B.VmmSplit(w, cuts)
+    vm = SplitWeights(group, w, cuts)  # pieces in VMM allocations of the cuda_ipc backend, and their composite
     split, composite = vm.segments, vm.composite
+    if composite is None:
+        log(f"# no composite view: {vm.why_not}")
     cub = None
     if args.cublas:
         try:
@@ -172,8 +176,9 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
             "piece0_whole_x": lambda: torch._grouped_mm(x, split[0][1], offs=poffs[0]),
             "piece0_slice": lambda: torch._grouped_mm(x[:rows[0][1]], split[0][1], offs=poffs[0]),
             "copies_only": lambda: [outbuf[r0:r1].copy_(temps[j]) for j, (r0, r1) in enumerate(rows) if j > 0],
-            "composite": lambda: K.grouped_gemm(x, groups, composite, backend="torch"),
         }
+        if composite is not None:
+            v["composite"] = lambda: K.grouped_gemm(x, groups, composite, backend="torch")
         for r in (int(t) for t in args.direct_rows.split(",") if t):
             v[f"direct_{r}"] = (lambda r: lambda: _direct(x, groups, split, r))(r)
         v["per_expert"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:per_expert")
@@ -247,13 +252,14 @@ def main():
     timer = Timer(dev, block_ms=args.block_ms)
     rows, checks = [], []
     t0 = time.perf_counter()
-    for name in args.shapes.split(","):
-        Kd, N = B.SHAPES[name]
-        try:
-            probe(name, Kd, N, [int(t) for t in args.tokens.split(",")], args, timer, seed, rows, checks)
-        except Exception as exc:
-            log(f"# {name} FAILED {type(exc).__name__}: {exc}")
-            traceback.print_exc()
+    with single_rank_group("cuda_ipc") as group:  # its backend makes the pieces and the composite
+        for name in args.shapes.split(","):
+            Kd, N = B.SHAPES[name]
+            try:
+                probe(name, Kd, N, [int(t) for t in args.tokens.split(",")], args, timer, seed, rows, checks, group)
+            except Exception as exc:
+                log(f"# {name} FAILED {type(exc).__name__}: {exc}")
+                traceback.print_exc()
     log(f"# elapsed {time.perf_counter() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:

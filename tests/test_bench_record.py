@@ -60,3 +60,33 @@ def test_rel_err_and_pct():
     assert abs(timing.rel_err(a * 1.5, a) - 0.5) < 1e-6
     assert timing.pct([3.0, 1.0, 2.0], 0.5) == 2.0 and timing.pct([1.0, 2.0], 0.25) == 1.25
     assert timing.pct([], 0.5) != timing.pct([], 0.5)  # NaN
+
+
+def test_split_weights_on_sim_are_pieces_and_their_composite(seed):
+    """SplitWeights on a one-rank sim group: pieces in separate buffers, the composite the same
+    bytes mapped back to back (a grouped GEMM on either equals the contiguous one); pieces off
+    the map granularity get pieces only, with the reason; bad cuts name the argument."""
+    import dwdp_comm.kernels as K
+    from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group
+    g = torch.Generator().manual_seed(seed)
+    with single_rank_group("sim") as group:
+        w = torch.randn(8, 64, 32, generator=g).bfloat16()  # 4 KiB per expert: the sim page
+        x, sizes = torch.randn(50, 64, generator=g).bfloat16(), [7, 0, 9, 3, 11, 0, 15, 5]
+        sw = SplitWeights(group, w, [0, 2, 5, 8])
+        try:
+            assert sw.why_not is None and torch.equal(sw.composite, w)
+            assert [a for a, _ in sw.segments] == [0, 2, 5] and all(torch.equal(p, w[a:a + len(p)])
+                                                                     for a, p in sw.segments)
+            assert len({p.data_ptr() for _, p in sw.segments} | {sw.composite.data_ptr()}) == 4
+            want = K.grouped_gemm(x, sizes, w)
+            info = {}
+            assert torch.equal(K.grouped_gemm(x, sizes, sw.composite, info=info), want) and \
+                info["method"] == "grouped_mm"
+            assert timing.rel_err(K.grouped_gemm(x, sizes, sw.segments), want) < 1e-2
+        finally:
+            sw.close()
+        odd = SplitWeights(group, torch.randn(3, 10, 10), [0, 1, 3])
+        assert odd.composite is None and "granularity" in odd.why_not and len(odd.segments) == 2
+        odd.close()
+        with pytest.raises(InvalidArgumentError, match="cuts"):
+            SplitWeights(group, w, [0, 5, 5, 8])

@@ -299,28 +299,18 @@ def test_weights_on_another_device_are_refused(seed):
 # ---- composite view (VMM) ------------------------------------------------------------------------
 def composite_rank(group, seed: int) -> dict:
     """On one ``cuda_ipc`` rank: the experts of ``w`` copied into 3 buffers of the backend (one
-    physical allocation each), then those buffers mapped back to back by the backend's
-    ``compose``: one ``[E, K, N]`` view, no copy. Returns the errors against the reference of the
-    view, of the pieces and (where Numba runs) of the pieces on the Numba backend."""
-    impl = group.impl
-    if impl.map_granularity is None:
-        return {"skip": f"cuda_ipc composes no views here ({getattr(impl, 'mode_reason', impl.name)})"}
+    physical allocation each), mapped back to back by the backend's ``compose``
+    (:class:`dwdp_comm.bench.split_weights.SplitWeights`): one ``[E, K, N]`` view, no copy.
+    Returns the errors against the reference of the view, of the pieces and (where Numba runs)
+    of the pieces on the Numba backend."""
+    from dwdp_comm.bench.split_weights import SplitWeights
     E, Kd, N = 8, 1024, 1024  # one bf16 expert = 2 MiB, the VMM granularity on H100 / H200
     x, sizes, w = make_case(seed, E, Kd, N, 1000, torch.bfloat16, device=group.device)
-    expert_nbytes = w[0].numel() * w.element_size()
-    if expert_nbytes % impl.map_granularity:
-        return {"skip": f"an expert ({expert_nbytes} B) is not a multiple of the map granularity "
-                        f"{impl.map_granularity}"}
-    cuts, bufs, segments = [0, 2, 5, 8], [], []
-    for a, b in zip(cuts[:-1], cuts[1:]):
-        buf = impl.alloc_buffer((b - a) * expert_nbytes)
-        piece = buf.tensor().view(w.dtype).view(b - a, Kd, N)
-        piece.copy_(w[a:b])
-        bufs.append(buf)
-        segments.append((a, piece))
-    comp = impl.compose([(buf, 0, buf.nbytes) for buf in bufs])
+    sw = SplitWeights(group, w, [0, 2, 5, 8])
     try:
-        view = comp.tensor().view(w.dtype).view(E, Kd, N)
+        if sw.composite is None:
+            return {"skip": sw.why_not}
+        view, segments = sw.composite, sw.segments
         ref = ref64(x, sizes, w)
         info = {}
         out = {"composite": rel_err(K.grouped_gemm(x, sizes, view, info=info), ref), "method": info["method"],
@@ -328,13 +318,9 @@ def composite_rank(group, seed: int) -> dict:
                "zero_copy": all(view.data_ptr() != p.data_ptr() for _, p in segments) and torch.equal(view, w)}
         why = K.available_backends(group.device, reasons=True)["numba"]
         out["numba"] = why or rel_err(K.grouped_gemm(x, sizes, segments, backend="numba"), ref)
-        if group.device.type == "cuda":
-            torch.cuda.synchronize()
         return out
     finally:
-        comp.close()
-        for buf in bufs:
-            buf.close()
+        sw.close()
 
 
 def test_vmm_composite_view(seed):
