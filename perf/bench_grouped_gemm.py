@@ -74,9 +74,10 @@ import dwdp_comm.kernels as K  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
 from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
+from dwdp_comm.bench.workload import DEEPSEEK_V3_SHAPES, routed_counts  # noqa: E402
 from dwdp_comm.kernels import capabilities, reference  # noqa: E402
 
-SHAPES = {"gate_up": (7168, 4096), "down": (2048, 7168)}
+SHAPES = DEEPSEEK_V3_SHAPES
 SMOKE_SHAPES = {"gate_up": (64, 96), "down": (48, 64)}
 OWNERS = 4  # group size: pieces of the split layout
 TARGETS = {"split": 0.97, "composite": 0.99}  # issue 5: split / raw >= 0.97, composite / raw >= 0.99
@@ -116,24 +117,6 @@ def split_views(group, w: torch.Tensor, cuts: list[int], unavailable: dict):
     if sw.composite is None:
         unavailable.setdefault("composite", sw.why_not)
     return sw.segments, sw.composite, sw
-
-
-# ---- routing -------------------------------------------------------------------------------------
-def route(num_tokens: int, num_experts: int, top_k: int, seed: int, device) -> tuple[list[int], dict]:
-    """Per-expert row counts of ``num_tokens`` tokens routed top-k: lognormal popularity + Gumbel."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    pop = torch.exp(0.5 * torch.randn(num_experts, generator=g))  # expert popularity, sigma 0.5
-    counts = torch.zeros(num_experts, dtype=torch.int64)
-    chunk = 16384
-    for s in range(0, num_tokens, chunk):
-        n = min(chunk, num_tokens - s)
-        u = torch.rand(n, num_experts, generator=g).clamp_(1e-9, 1 - 1e-9)
-        ids = (pop.log()[None, :] - torch.log(-torch.log(u))).topk(top_k, dim=1).indices
-        counts += torch.bincount(ids.flatten(), minlength=num_experts)
-    c = counts.numpy()
-    stats = dict(rows=int(c.sum()), mean=float(c.mean()), max_over_mean=float(c.max() / c.mean()),
-                 min_over_mean=float(c.min() / c.mean()), cv=float(c.std() / c.mean()), empty=int((c == 0).sum()))
-    return c.tolist(), stats
 
 
 # ---- helpers -------------------------------------------------------------------------------------
@@ -191,7 +174,7 @@ def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts
                rows_out, checks):
     """Check, then time, every variant at one token count."""
     E = args.experts
-    sizes, stats = route(tokens, E, args.top_k, seed + tokens, device)
+    sizes, stats = routed_counts(tokens, E, args.top_k, seed + tokens)
     T = stats["rows"]
     groups = K.TokenGroups(sizes)
     offs = groups.device_offsets(device)
@@ -368,7 +351,7 @@ def bench_moe(args, device, timer, seed, rows_out, checks, unavailable, group):
     vms = [vm for vm in (vm13, vm2) if vm is not None]
     try:
         for tokens in args.moe_tokens:
-            sizes, stats = route(tokens, E, args.top_k, seed + 11 + tokens, device)
+            sizes, stats = routed_counts(tokens, E, args.top_k, seed + 11 + tokens)
             T = stats["rows"]
             groups = K.TokenGroups(sizes)
             x = torch.randn(T, H, generator=g, device=device, dtype=torch.bfloat16)
@@ -417,7 +400,7 @@ def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
     Kd, N = (SMOKE_SHAPES if args.smoke else SHAPES)[name]
     E = args.experts
     tokens = args.numba_tokens
-    sizes, stats = route(tokens, E, args.top_k, seed + 7, device)
+    sizes, stats = routed_counts(tokens, E, args.top_k, seed + 7)
     T = stats["rows"]
     groups = K.TokenGroups(sizes)
     log(f"\n# numba: shape {name} E={E} K={Kd} N={N} tokens={tokens} rows={T}; building float32 weights ...")

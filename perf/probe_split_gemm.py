@@ -42,14 +42,13 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import bench_grouped_gemm as B  # noqa: E402  (its workload: SHAPES, route)
 import dwdp_comm.kernels as K  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
 from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
+from dwdp_comm.bench.workload import DEEPSEEK_V3_SHAPES, routed_counts  # noqa: E402
 
 
 def log(*a) -> None:
@@ -152,7 +151,7 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks, group):
         except Exception as exc:
             log(f"# cuBLAS grouped unavailable: {exc}")
     for tokens in tokens_list:
-        sizes, stats = B.route(tokens, E, 8, seed + tokens, dev)
+        sizes, stats = routed_counts(tokens, E, 8, seed + tokens)
         T = stats["rows"]
         groups = K.TokenGroups(sizes)
         offs = groups.device_offsets(dev)
@@ -254,7 +253,7 @@ def main():
     t0 = time.perf_counter()
     with single_rank_group("cuda_ipc") as group:  # its backend makes the pieces and the composite
         for name in args.shapes.split(","):
-            Kd, N = B.SHAPES[name]
+            Kd, N = DEEPSEEK_V3_SHAPES[name]
             try:
                 probe(name, Kd, N, [int(t) for t in args.tokens.split(",")], args, timer, seed, rows, checks, group)
             except Exception as exc:

@@ -90,3 +90,11 @@ def test_split_weights_on_sim_are_pieces_and_their_composite(seed):
         odd.close()
         with pytest.raises(InvalidArgumentError, match="cuts"):
             SplitWeights(group, w, [0, 5, 5, 8])
+
+
+def test_routed_counts_are_deterministic_top_k_counts(seed):
+    from dwdp_comm.bench.workload import routed_counts
+    counts, stats = routed_counts(3000, 64, 8, seed)
+    assert len(counts) == 64 and sum(counts) == 3000 * 8 == stats["rows"]
+    assert max(counts) <= 3000 and routed_counts(3000, 64, 8, seed) == (counts, stats)
+    assert stats["max_over_mean"] > 1.2  # uneven, as real routing
