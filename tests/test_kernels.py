@@ -788,8 +788,8 @@ def test_numba_gpu_kernel_compiles_to_ptx(config, bf16):
     from numba import types
     from numba.core.errors import LoweringError, TypingError
     from dwdp_comm.kernels import numba_grouped as ng
-    cuda = ng._load()
-    kern = ng._build(ng.CONFIGS[config], bf16, bf16)
+    cuda = ng.numba_cuda()
+    kern = ng.build_kernel(ng.CONFIGS[config], bf16, bf16)
     i64, arr = types.int64, types.Array
     sig = (i64, i64, i64, arr(i64, 1, "C"), arr(i64, 1, "C"), arr(i64, 1, "C"), arr(types.int32, 1, "C"),
            arr(i64, 1, "C"), arr(i64, 1, "C"), i64, arr(types.float32, 2, "C"), i64, i64)
