@@ -43,7 +43,8 @@ import torch
 from ..errors import BackendUnavailableError, bad_arg
 from .problem import Problem
 
-__all__ = ["run", "TileConfig", "CONFIGS", "DEFAULT_CONFIG", "unavailable_reason", "numba_cuda", "build_kernel", "MAX_GRID_Y"]
+__all__ = ["run", "TileConfig", "CONFIGS", "DEFAULT_CONFIG", "unavailable_reason", "numba_cuda", "build_kernel",
+           "MAX_GRID_Y"]
 
 cuda = None  # numba.cuda (or its simulator), bound by numba_cuda(); the simulator swaps this global
 _lock = threading.Lock()

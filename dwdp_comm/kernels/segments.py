@@ -18,7 +18,8 @@ from .capabilities import fp8_operand_ok, operand_ok
 from .problem import Problem
 from .workers import WorkerStreams
 
-__all__ = ["run_segments", "split_piece", "balanced_chunks", "per_expert", "per_expert_piece", "piece_bounds", "new_output"]
+__all__ = ["run_segments", "split_piece", "balanced_chunks", "per_expert", "per_expert_piece", "piece_bounds",
+           "new_output"]
 
 
 def new_output(p: Problem) -> torch.Tensor:

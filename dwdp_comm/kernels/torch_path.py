@@ -285,8 +285,9 @@ def run_rows(p: Problem, consume, info: dict | None = None, overlap: bool | None
     :func:`dwdp_comm.kernels.moe_mlp` to apply SwiGLU straight from each piece's gate-up result.
 
     Streams: with ``overlap`` (default: on CUDA) each piece's GEMM and ``consume`` are enqueued
-    on a worker stream (:class:`~dwdp_comm.kernels.workers.WorkerStreams`: pieces run concurrently), forked from the current
-    stream before the first piece and joined back before returning; ``consume`` must enqueue its
+    on a worker stream (:class:`~dwdp_comm.kernels.workers.WorkerStreams`: pieces run
+    concurrently), forked from the current stream before the first piece and joined back before
+    returning; ``consume`` must enqueue its
     work on the stream current when it is called and write only rows ``[r0, r1)`` of buffers
     allocated before the call. ``y`` belongs to the worker stream's pool: use it
     inside ``consume`` only (keep a copy, not ``y``, for later use on other streams). Without
