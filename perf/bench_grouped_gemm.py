@@ -6,8 +6,10 @@ popularity, Gumbel top-k) spread:
   gate_up  K=7168 N=4096   (w13: [256, 7168, 4096])
   down     K=2048 N=7168   (w2:  [256, 2048, 7168])
 Split layout: a DWDP rank of a group of 4 (rank 1): 4 owner shards of 64 experts, the local one
-[64, 128) and the three prefetched ones, each in its own physical allocation (CUDA VMM; plain
-torch clones without VMM). The composite view maps the 4 allocations back to back: one tensor.
+[64, 128) and the three prefetched ones, each in its own physical allocation, made by the library's
+backend as the prefetcher's slots are (dwdp_comm.bench.split_weights on a one-rank group: cuda_ipc
+VMM on a GPU, sim on CPU; plain torch clones where that cannot run). The composite view maps the 4
+allocations back to back: one tensor.
 
 Variants (bf16 unless said):
   raw_grouped_mm        torch._grouped_mm(x, w, offs=offs) on one contiguous [E, K, N] tensor: the baseline
@@ -15,10 +17,10 @@ Variants (bf16 unless said):
   contiguous            dwdp_comm.kernels.grouped_gemm on that tensor, TokenGroups built beforehand
   contiguous_host_sizes the same with the counts as a Python list each call (host validation plus one
                         asynchronous upload of the offsets per call)
-  composite             grouped_gemm on the composite view (VMM)
+  composite             grouped_gemm on the composite view (VMM on a GPU)
   split                 grouped_gemm on the 4 pieces, backend "torch" (auto: segments_direct on CUDA:
-                        piece 0 in place, experts with >= DIRECT_MIN_ROWS rows torch.mm into the output
-                        rows, smaller ones grouped into temporaries + copies, on worker streams)
+                        piece 0 in place, experts with >= direct_min_rows (default 128) rows
+                        torch.mm into the output rows, smaller ones grouped into temporaries + copies, on worker streams)
   split_async           method "segments_async" (each piece one grouped call, results copied, on
                         worker streams: the default before segments_direct)
   split_serial          method "segments" (as split_async, in order on the current stream)
@@ -53,17 +55,14 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import platform
-import random
 import statistics
-import subprocess
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big, varying outputs
 import torch  # noqa: E402
@@ -72,9 +71,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import dwdp_comm.kernels as K  # noqa: E402
-from dwdp_comm.kernels import reference, torch_grouped  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
+from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
+from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
+from dwdp_comm.bench.workload import DEEPSEEK_V3_SHAPES, routed_counts  # noqa: E402
+from dwdp_comm.kernels import capabilities, reference  # noqa: E402
 
-SHAPES = {"gate_up": (7168, 4096), "down": (2048, 7168)}
+SHAPES = DEEPSEEK_V3_SHAPES
 SMOKE_SHAPES = {"gate_up": (64, 96), "down": (48, 64)}
 OWNERS = 4  # group size: pieces of the split layout
 TARGETS = {"split": 0.97, "composite": 0.99}  # issue 5: split / raw >= 0.97, composite / raw >= 0.99
@@ -85,256 +88,38 @@ def log(*a) -> None:
     print(*a, flush=True)
 
 
-# ---- composite views with CUDA VMM ---------------------------------------------------------------
-class VmmUnavailable(RuntimeError):
-    """CUDA VMM cannot build the composite here (no cuda.bindings, no GPU, unaligned pieces, ...)."""
-
-
-class _Cai:
-    def __init__(self, ptr: int, nbytes: int):
-        self.__cuda_array_interface__ = {"shape": (nbytes,), "typestr": "|u1", "data": (ptr, False),
-                                         "version": 3, "strides": None}
-
-
-class VmmSplit:
-    """Weights ``w`` ``[E, ...]`` copied into one physical allocation per piece, mapped twice.
-
-    Attributes
-    ----------
-    segments : list of (int, torch.Tensor)
-        Each piece through its own virtual range: split weights in separate allocations.
-    composite : torch.Tensor
-        All pieces mapped back to back in one virtual range: one ``[E, ...]`` tensor, no copy.
-    """
-
-    def __init__(self, w: torch.Tensor, cuts: list[int]):
-        try:
-            from cuda.bindings import driver as cu
-        except ImportError as exc:
-            raise VmmUnavailable(f"cuda.bindings is not installed ({exc})") from None
-        if w.device.type != "cuda":
-            raise VmmUnavailable("needs CUDA tensors")
-        self._cu, self._maps, self._handles, self.segments, self.composite = cu, [], [], [], None
-        dev = w.device.index if w.device.index is not None else torch.cuda.current_device()
-        self._check(cu.cuInit(0), "cuInit")
-        prop = cu.CUmemAllocationProp()
-        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
-        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        prop.location.id = dev
-        gran = int(self._check(cu.cuMemGetAllocationGranularity(
-            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_MINIMUM), "granularity"))
-        acc = cu.CUmemAccessDesc()
-        acc.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
-        acc.location.id = dev
-        acc.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
-        self._acc = acc
-        enb = w[0].numel() * w.element_size()
-        sizes = [(b - a) * enb for a, b in zip(cuts[:-1], cuts[1:])]
-        if any(s % gran for s in sizes):
-            raise VmmUnavailable(f"piece sizes {sizes} are not multiples of the VMM granularity {gran}")
-        self._init(w, cuts, cu, prop, gran, sizes)
-
-    def _init(self, w, cuts, cu, prop, gran, sizes):
-        try:
-            for s in sizes:
-                self._handles.append(self._check(cu.cuMemCreate(s, prop, 0), "cuMemCreate"))
-            base = self._map_range(list(zip(self._handles, sizes)))
-            for (a, b), h, s in zip(zip(cuts[:-1], cuts[1:]), self._handles, sizes):
-                p = self._map_range([(h, s)])
-                t = self._tensor(p, s, w, (b - a, *w.shape[1:]))
-                t.copy_(w[a:b])
-                self.segments.append((a, t))
-            self.composite = self._tensor(base, sum(sizes), w, tuple(w.shape))
-            torch.cuda.synchronize(w.device)
-        except Exception as exc:
-            try:
-                self.close()
-            except Exception:
-                pass
-            if isinstance(exc, VmmUnavailable):
-                raise
-            raise VmmUnavailable(f"{type(exc).__name__}: {exc}") from exc
-
-    def _check(self, res, what):
-        err, *rest = res if isinstance(res, tuple) else (res,)
-        if int(err) != 0:
-            raise VmmUnavailable(f"{what} failed: {err}")
-        return rest[0] if len(rest) == 1 else rest
-
-    def _map_range(self, pieces) -> int:
-        cu = self._cu
-        total = sum(s for _, s in pieces)
-        base = int(self._check(cu.cuMemAddressReserve(total, 0, 0, 0), "cuMemAddressReserve"))
-        self._maps.append((base, total, []))
-        off = 0
-        for h, s in pieces:
-            self._check(cu.cuMemMap(cu.CUdeviceptr(base + off), s, 0, h, 0), "cuMemMap")
-            self._maps[-1][2].append((base + off, s))
-            off += s
-        self._check(cu.cuMemSetAccess(cu.CUdeviceptr(base), total, [self._acc], 1), "cuMemSetAccess")
-        return base
-
-    @staticmethod
-    def _tensor(ptr: int, nbytes: int, like: torch.Tensor, shape) -> torch.Tensor:
-        raw = torch.as_tensor(_Cai(ptr, nbytes), device=like.device)
-        return raw.view(like.dtype).view(shape)
-
-    def close(self) -> None:
-        cu = self._cu
-        torch.cuda.synchronize()
-        self.segments, self.composite = [], None
-        for base, total, mapped in self._maps:
-            for p, s in mapped:
-                cu.cuMemUnmap(cu.CUdeviceptr(p), s)
-            cu.cuMemAddressFree(cu.CUdeviceptr(base), total)
-        for h in self._handles:
-            cu.cuMemRelease(h)
-        self._maps, self._handles = [], []
-
-
+# ---- split weights and composite views -----------------------------------------------------------
 def plain_split(w: torch.Tensor, cuts: list[int]) -> list[tuple[int, torch.Tensor]]:
     """Fallback split: each piece cloned into its own torch allocation."""
     return [(a, w[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-# ---- routing -------------------------------------------------------------------------------------
-def route(num_tokens: int, num_experts: int, top_k: int, seed: int, device) -> tuple[list[int], dict]:
-    """Per-expert row counts of ``num_tokens`` tokens routed top-k: lognormal popularity + Gumbel."""
-    g = torch.Generator(device="cpu").manual_seed(seed)
-    pop = torch.exp(0.5 * torch.randn(num_experts, generator=g))  # expert popularity, sigma 0.5
-    counts = torch.zeros(num_experts, dtype=torch.int64)
-    chunk = 16384
-    for s in range(0, num_tokens, chunk):
-        n = min(chunk, num_tokens - s)
-        u = torch.rand(n, num_experts, generator=g).clamp_(1e-9, 1 - 1e-9)
-        ids = (pop.log()[None, :] - torch.log(-torch.log(u))).topk(top_k, dim=1).indices
-        counts += torch.bincount(ids.flatten(), minlength=num_experts)
-    c = counts.numpy()
-    stats = dict(rows=int(c.sum()), mean=float(c.mean()), max_over_mean=float(c.max() / c.mean()),
-                 min_over_mean=float(c.min() / c.mean()), cv=float(c.std() / c.mean()), empty=int((c == 0).sum()))
-    return c.tolist(), stats
+def open_group(stack: contextlib.ExitStack, device: torch.device, unavailable: dict):
+    """The one-rank group whose backend makes the pieces and their composite view (cuda_ipc on a
+    GPU: VMM, as the prefetcher's slots; sim on CPU), or None (then cloned pieces, no composite)."""
+    backend = "cuda_ipc" if device.type == "cuda" else "sim"
+    try:
+        return stack.enter_context(single_rank_group(backend))
+    except Exception as exc:
+        unavailable.setdefault("composite", f"no one-rank {backend} group: {type(exc).__name__}: {exc}")
+        return None
 
 
-# ---- timing --------------------------------------------------------------------------------------
-class Timer:
-    """Sustained blocks of back-to-back calls, interleaved by variant, timed with CUDA events.
-
-    Why blocks: an H200 running bf16 GEMMs sits at its power cap (~690 of 700 W, SM clock
-    1.3-1.6 GHz of 1.98, moving with the power controller). Single calls of a few ms timed one
-    by one (with sleeps and L2 flushes between them, the previous method) saw identical calls
-    differ by 5-10 %. Here every variant runs ``n`` calls back to back (``n`` chosen so a block
-    lasts about ``block_ms``) with no sync, sleep or flush in between: the GPU stays busy and at
-    its steady state, as in inference, and a block averages over the controller's swings. Each
-    timed block is preceded by ``lead`` x ``n`` untimed calls of the same variant: without them,
-    a block after a light one (fp8 with quantization, copies) started with power headroom and
-    ran ~3 % fast (seen as raw 3 % faster than the identical raw_again right after it). Blocks
-    of all variants alternate within a round (a fresh random order each round); the ratio to the
-    baseline is taken within each round, so slow drift cancels. Weights of several GB dwarf the
-    50 MB L2, so back-to-back calls get no cache advantage. On CPU: wall clock per block.
-    """
-
-    def __init__(self, device: torch.device, block_ms: float = 150.0, warmup_ms: float = 600.0,
-                 lead: float = 0.5, order: str = "random", order_seed: int = 0):
-        if order not in ("random", "rotate"):
-            raise ValueError(f"order={order!r}: expected 'random' or 'rotate'")
-        self.order, self.order_seed = order, order_seed
-        self.cuda = device.type == "cuda"
-        self.block_ms = block_ms
-        self.warmup_ms = warmup_ms
-        self.lead = lead
-
-    def sync(self):
-        if self.cuda:
-            torch.cuda.synchronize()
-
-    def _once_ms(self, fn) -> float:
-        """One call's time (after one untimed call): sizes the blocks."""
-        fn()
-        self.sync()
-        t0 = time.perf_counter()
-        fn()
-        self.sync()
-        return (time.perf_counter() - t0) * 1e3
-
-    def rounds(self, fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]:
-        """Milliseconds per call of every variant, one value per round: ``{variant: [...]}``.
-
-        ``reps`` rounds; in each, every variant runs one block. ``warmup`` untimed rounds first,
-        at least ``warmup_ms`` of GPU work in all (to reach the steady clock). Attribute
-        :attr:`calls` then holds the calls per block of each variant.
-        """
-        names = list(fns)
-        self.calls = {k: max(1, round(self.block_ms / max(self._once_ms(fns[k]), 1e-3))) for k in names}
-        per_round = len(names) * self.block_ms * (1 + self.lead)
-        warm_rounds = max(warmup, math.ceil(self.warmup_ms / per_round)) if self.cuda else warmup
-        times = {k: [] for k in names}
-        marks = []
-        rng = random.Random(self.order_seed)
-        for r in range(warm_rounds + reps):
-            # A new random order each round: the GPU's power state carries over from one block to
-            # the next, so each variant must follow different variants in different rounds (rotating
-            # one fixed order keeps every variant behind the same neighbour: a bias that never averages out).
-            order = rng.sample(names, len(names)) if self.order == "random" else \
-                names[r % len(names):] + names[:r % len(names)]
-            for k in order:
-                n, fn = self.calls[k], fns[k]
-                for _ in range(math.ceil(self.lead * n) if self.cuda else 0):
-                    fn()
-                if self.cuda:
-                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    e0.record()
-                    for _ in range(n):
-                        fn()
-                    e1.record()
-                    if r >= warm_rounds:
-                        marks.append((k, n, e0, e1))
-                else:
-                    t0 = time.perf_counter()
-                    for _ in range(n):
-                        fn()
-                    if r >= warm_rounds:
-                        times[k].append((time.perf_counter() - t0) * 1e3 / n)
-        self.sync()
-        for k, n, e0, e1 in marks:
-            times[k].append(e0.elapsed_time(e1) / n)
-        return times
-
-
-def pct(v: list[float], q: float) -> float:
-    s = sorted(v)
-    if not s:
-        return math.nan
-    i = (len(s) - 1) * q
-    lo, hi = int(math.floor(i)), int(math.ceil(i))
-    return s[lo] + (s[hi] - s[lo]) * (i - lo)
-
-
-def summarize_times(times: dict[str, list[float]], base: str, flops: float, common: dict, section: str,
-                    calls: dict | None = None) -> list[dict]:
-    """One row per variant: median ms, TFLOP/s, and the per-round ratio t_base / t_variant."""
-    calls = calls or {}
-    rows = []
-    for k, v in times.items():
-        ratios = [b / t for b, t in zip(times[base], v) if t > 0]
-        ms = statistics.median(v)
-        rows.append(dict(section=section, **common, variant=k, ms=ms, ms_p10=pct(v, 0.1), ms_p90=pct(v, 0.9),
-                         tflops=flops / ms / 1e9 if ms > 0 else math.nan, base=base,
-                         ratio=statistics.median(ratios), ratio_p10=pct(ratios, 0.1), ratio_p90=pct(ratios, 0.9),
-                         rounds=len(v), calls_per_block=calls.get(k), ms_rounds=[round(t, 5) for t in v]))
-    return rows
+def split_views(group, w: torch.Tensor, cuts: list[int], unavailable: dict):
+    """``(segments, composite or None, SplitWeights or None)`` of ``w`` cut at ``cuts``."""
+    if group is None:
+        return plain_split(w, cuts), None, None
+    try:
+        sw = SplitWeights(group, w, cuts)
+    except Exception as exc:
+        unavailable.setdefault("composite", f"{type(exc).__name__}: {exc}")
+        return plain_split(w, cuts), None, None
+    if sw.composite is None:
+        unavailable.setdefault("composite", sw.why_not)
+    return sw.segments, sw.composite, sw
 
 
 # ---- helpers -------------------------------------------------------------------------------------
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    if tuple(out.shape) != tuple(ref.shape):
-        return math.inf
-    o, r = out.float(), ref.float()
-    if not bool(torch.isfinite(o).all()):
-        return math.inf
-    den = r.norm().item()
-    return (o - r).norm().item() / den if den else (o - r).norm().item()
-
-
 def fp8_weights(w: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     """e4m3 copy of ``w`` [E, K, N] stored [E, N, K] (K-contiguous), and float32 scales [E, N]."""
     E, Kd, N = w.shape
@@ -348,37 +133,8 @@ def fp8_weights(w: torch.Tensor, chunk: int = 8) -> tuple[torch.Tensor, torch.Te
     return q.transpose(1, 2), s
 
 
-def git_commit() -> dict:
-    def run(*a):
-        try:
-            return subprocess.run(["git", *a], cwd=HERE, capture_output=True, text=True, timeout=10).stdout.strip()
-        except Exception:
-            return ""
-    if os.environ.get("DWDP_GIT_COMMIT"):  # the device machine gets the tree without .git
-        return {"commit": os.environ["DWDP_GIT_COMMIT"], "dirty": False}
-    return {"commit": run("rev-parse", "HEAD"), "dirty": bool(run("status", "--porcelain", "--", "dwdp_comm", "perf"))}
-
-
-def env_info(device: torch.device) -> dict:
-    info = {"host": platform.node(), "python": platform.python_version(), "torch": torch.__version__,
-            "torch_cuda": torch.version.cuda, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "git": git_commit(), "device": str(device)}
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info.update(gpu=p.name, sm=f"{p.major}.{p.minor}", gpu_mem_gib=round(p.total_memory / 2**30, 1),
-                    num_sms=p.multi_processor_count)
-    else:
-        info["gpu"] = None
-    try:
-        import numba
-        info["numba"] = numba.__version__
-    except ImportError:
-        info["numba"] = None
-    return info
-
-
 # ---- the bf16 / fp8 section ----------------------------------------------------------------------
-def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavailable):
+def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavailable, group):
     E = args.experts
     t_shape = time.perf_counter()
     log(f"\n# shape {name}: E={E} K={Kd} N={N}; building weights ...")
@@ -386,21 +142,15 @@ def bench_shape(name, Kd, N, args, device, timer, seed, rows_out, checks, unavai
     w = torch.randn(E, Kd, N, generator=g, device=device, dtype=torch.bfloat16).div_(math.sqrt(Kd))
     q = E // OWNERS
     cuts = [i * q for i in range(OWNERS)] + [E] if E >= OWNERS else [0, E]
-    vm, composite = None, None
-    try:
-        vm = VmmSplit(w, cuts)
-        split, composite = vm.segments, vm.composite
-    except VmmUnavailable as exc:
-        unavailable.setdefault("composite", str(exc))
-        split = plain_split(w, cuts)
+    split, composite, vm = split_views(group, w, cuts, unavailable)
     wq = sq = None
-    why8 = torch_grouped.fp8_unavailable_reason(device)
+    why8 = capabilities.fp8_unavailable_reason(device)
     if why8:
         unavailable.setdefault("fp8", why8)
     elif not args.no_fp8:
         wq, sq = fp8_weights(w)
     log(f"  pieces (first expert, count): {[(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])]}"
-        f"; composite: {'yes (VMM)' if composite is not None else 'no'}; fp8: {'yes' if wq is not None else 'no'}")
+        f"; composite: {'yes (' + group.backend + ')' if composite is not None else 'no'}; fp8: {'yes' if wq is not None else 'no'}")
     for ti, tokens in enumerate(args.tokens):
         try:
             bench_size(name, Kd, N, tokens, ti == 0, args, device, timer, seed, g, w, cuts, split, composite,
@@ -424,7 +174,7 @@ def bench_size(name, Kd, N, tokens, first, args, device, timer, seed, g, w, cuts
                rows_out, checks):
     """Check, then time, every variant at one token count."""
     E = args.experts
-    sizes, stats = route(tokens, E, args.top_k, seed + tokens, device)
+    sizes, stats = routed_counts(tokens, E, args.top_k, seed + tokens)
     T = stats["rows"]
     groups = K.TokenGroups(sizes)
     offs = groups.device_offsets(device)
@@ -580,7 +330,7 @@ def bench_host(args, device, rows_out, unavailable) -> list[dict]:
 
 
 # ---- the MoE MLP section -------------------------------------------------------------------------
-def bench_moe(args, device, timer, seed, rows_out, checks, unavailable):
+def bench_moe(args, device, timer, seed, rows_out, checks, unavailable, group):
     """moe_mlp (gate-up, SwiGLU, down) on contiguous, composite and split weights of both shapes."""
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     H, N13 = shapes["gate_up"]
@@ -594,21 +344,14 @@ def bench_moe(args, device, timer, seed, rows_out, checks, unavailable):
     w2 = torch.randn(E, I2, H, generator=g, device=device, dtype=torch.bfloat16).div_(math.sqrt(I2))
     q = E // OWNERS
     cuts = [i * q for i in range(OWNERS)] + [E] if E >= OWNERS else [0, E]
-    vms = []
-    try:
-        for w in (w13, w2):
-            vms.append(VmmSplit(w, cuts))
-        s13, s2 = vms[0].segments, vms[1].segments
-        c13, c2 = vms[0].composite, vms[1].composite
-    except VmmUnavailable as exc:
-        for vm in vms:
-            vm.close()
-        vms = []
-        unavailable.setdefault("composite", str(exc))
-        s13, s2, c13, c2 = plain_split(w13, cuts), plain_split(w2, cuts), None, None
+    s13, c13, vm13 = split_views(group, w13, cuts, unavailable)
+    s2, c2, vm2 = split_views(group, w2, cuts, unavailable)
+    if c13 is None or c2 is None:
+        c13 = c2 = None
+    vms = [vm for vm in (vm13, vm2) if vm is not None]
     try:
         for tokens in args.moe_tokens:
-            sizes, stats = route(tokens, E, args.top_k, seed + 11 + tokens, device)
+            sizes, stats = routed_counts(tokens, E, args.top_k, seed + 11 + tokens)
             T = stats["rows"]
             groups = K.TokenGroups(sizes)
             x = torch.randn(T, H, generator=g, device=device, dtype=torch.bfloat16)
@@ -657,7 +400,7 @@ def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
     Kd, N = (SMOKE_SHAPES if args.smoke else SHAPES)[name]
     E = args.experts
     tokens = args.numba_tokens
-    sizes, stats = route(tokens, E, args.top_k, seed + 7, device)
+    sizes, stats = routed_counts(tokens, E, args.top_k, seed + 7)
     T = stats["rows"]
     groups = K.TokenGroups(sizes)
     log(f"\n# numba: shape {name} E={E} K={Kd} N={N} tokens={tokens} rows={T}; building float32 weights ...")
@@ -672,10 +415,10 @@ def bench_numba(args, device, timer, seed, rows_out, checks, unavailable):
         split32 = [(0, w32[:q]), (q, w32[q:2 * q]), (2 * q, w32[2 * q:])] if E >= 4 else w32
         flops = 2.0 * T * Kd * N
         base32 = {"torch_fp32_per_expert": lambda: K.grouped_gemm(x32, groups, w32, backend="torch:per_expert")}
-        if torch_grouped.grouped_mm_supported(device, torch.float32):
+        if capabilities.grouped_mm_supported(device, torch.float32):
             base32["torch_fp32_grouped_mm"] = lambda: K.grouped_gemm(x32, groups, w32, backend="torch:grouped_mm")
         else:
-            unavailable["torch_fp32_grouped_mm"] = torch_grouped._probe(device.type, device.index, torch.float32)
+            unavailable["torch_fp32_grouped_mm"] = capabilities.grouped_mm_unavailable_reason(device, torch.float32)
         dense = (torch.randn(T, Kd, device=device), torch.randn(Kd, N, device=device))
         base32["torch_fp32_dense_mm"] = lambda: torch.mm(*dense)  # same flops, one GEMM: an upper bound
         configs = args.numba_configs if not args.smoke else ["8x8x4"]
@@ -856,7 +599,7 @@ def main(argv=None) -> int:
     args.moe_tokens = [int(t) for t in str(args.moe_tokens).split(",")]
     args.numba_configs = args.numba_configs.split(",")
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little") % 2**31
-    info = env_info(device)
+    info = record.env_info(device)
     log(f"# bench_grouped_gemm  {info['date']}  host={info['host']}  gpu={info.get('gpu')}  torch={info['torch']}  "
         f"numba={info['numba']}  commit={info['git']['commit'][:12]}{'+dirty' if info['git']['dirty'] else ''}")
     log(f"# experts={args.experts} top_k={args.top_k} tokens={args.tokens} shapes={args.shapes} owners={OWNERS} "
@@ -875,25 +618,27 @@ def main(argv=None) -> int:
             log(f"# host section FAILED {type(exc).__name__}: {exc}")
             traceback.print_exc()
             unavailable["host"] = f"section failed: {type(exc).__name__}: {str(exc)[:300]}"
-    for name in args.shapes.split(","):
-        Kd, N = shapes[name]
-        bench_shape(name, Kd, N, args, device, timer, seed, rows, checks, unavailable)
-    if not args.no_moe:
+    with contextlib.ExitStack() as stack:  # the one-rank group lives while the sections run
+        group = open_group(stack, device, unavailable)
+        for name in args.shapes.split(","):
+            Kd, N = shapes[name]
+            bench_shape(name, Kd, N, args, device, timer, seed, rows, checks, unavailable, group)
+        if not args.no_moe:
+            try:
+                bench_moe(args, device, timer, seed, rows, checks, unavailable, group)
+            except Exception as exc:
+                log(f"# moe section FAILED {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+                checks.append(dict(shape="moe", tokens=0, variant="moe (section)", rel_err=math.inf, tol=0, ok=False,
+                                   error=f"{type(exc).__name__}: {str(exc)[:300]}"))
         try:
-            bench_moe(args, device, timer, seed, rows, checks, unavailable)
+            bench_numba(args, device, timer, seed, rows, checks, unavailable)
         except Exception as exc:
-            log(f"# moe section FAILED {type(exc).__name__}: {exc}")
+            log(f"# numba section FAILED {type(exc).__name__}: {exc}")
             traceback.print_exc()
-            checks.append(dict(shape="moe", tokens=0, variant="moe (section)", rel_err=math.inf, tol=0, ok=False,
-                               error=f"{type(exc).__name__}: {str(exc)[:300]}"))
-    try:
-        bench_numba(args, device, timer, seed, rows, checks, unavailable)
-    except Exception as exc:
-        log(f"# numba section FAILED {type(exc).__name__}: {exc}")
-        traceback.print_exc()
-        unavailable["numba"] = f"section failed: {type(exc).__name__}: {str(exc)[:300]}"
-        checks.append(dict(shape="down", tokens=args.numba_tokens, variant="numba (section)", rel_err=math.inf,
-                           tol=0, ok=False, error=unavailable["numba"]))
+            unavailable["numba"] = f"section failed: {type(exc).__name__}: {str(exc)[:300]}"
+            checks.append(dict(shape="down", tokens=args.numba_tokens, variant="numba (section)", rel_err=math.inf,
+                               tol=0, ok=False, error=unavailable["numba"]))
     ratios = summarize(rows)
     print_table(rows, ratios, checks, unavailable, host)
     elapsed = time.perf_counter() - t0

@@ -7,40 +7,45 @@ DeepSeek-V3). Variants, all on the same weights and routing:
   hf            transformers.integrations.moe.grouped_mm_experts_forward(module, ...)   (the baseline)
   hf_again      the same call timed as its own variant: the noise floor of every ratio
   ours          experts_forward on the module's weights (contiguous [E, N, K], weight_layout="nk")
-  ours_vmm      experts_forward on 4 pieces in 4 physical allocations mapped back to back in one virtual
-                range (VMM), passed as slices as a composite prefetch handle's weight_segments gives them
+  ours_vmm      experts_forward on 4 pieces in 4 backend buffers composed into one virtual range
+                (dwdp_comm.bench.split_weights on a one-rank cuda_ipc group, VMM), passed as slices,
+                as a composite prefetch handle's weight_segments gives them: the DWDP case
   ours_split    experts_forward on 4 pieces (4 owners, each piece its own allocation)
   ours_notriton experts_forward with the Triton kernels off (torch fallbacks)
   old           the library path before: permute_tokens + moe_mlp (kn weights made once) + unpermute_tokens
 Correctness: every variant against hf before timing (relative Frobenius error, bf16 tolerance).
-Timing: perf/bench_grouped_gemm.py's Timer (sustained blocks, random order per round, ratios within
-a round). Ratio = t_hf / t_variant (>= 1: as fast as HF).
+Timing: dwdp_comm.bench.timing.Timer, as perf/bench_grouped_gemm.py (sustained blocks, random order
+per round, ratios within a round). Ratio = t_hf / t_variant (>= 1: as fast as HF).
 Usage: python3 perf/bench_hf_experts.py [--json FILE]   (default $OUT/hf_experts.json)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
-import statistics
 import sys
-import time
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import bench_grouped_gemm as B  # noqa: E402
 import dwdp_comm.kernels as K  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
+from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
+from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
 from dwdp_comm import moe  # noqa: E402
 from dwdp_comm.kernels import triton_moe  # noqa: E402
 
 OWNERS = 4
 VARIANTS = ("hf_again", "ours", "ours_vmm", "ours_split", "ours_notriton", "old")  # the summary's columns
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
 
 
 def build(family: str, device, smoke: bool):
@@ -88,13 +93,19 @@ def main(argv=None) -> int:
     if args.smoke:
         args.qwen3_tokens, args.deepseek_tokens, args.rounds, args.block_ms = "64", "48", 2, 2.0
     import transformers
-    info = B.env_info(device)
+    info = record.env_info(device)
     info["transformers"] = transformers.__version__
-    B.log(f"# bench_hf_experts {info['date']} gpu={info.get('gpu')} torch={info['torch']} "
+    log(f"# bench_hf_experts {info['date']} gpu={info.get('gpu')} torch={info['torch']} "
           f"transformers={transformers.__version__} commit={info['git']['commit'][:12]}")
-    timer = B.Timer(device, block_ms=args.block_ms, warmup_ms=300.0)
+    timer = Timer(device, block_ms=args.block_ms, warmup_ms=300.0)
     rows, checks = [], []
     seed = int.from_bytes(os.urandom(4), "little") % 2**31
+    stack = contextlib.ExitStack()
+    try:  # the backend's own buffers and composite views, as the prefetcher's slots
+        group = stack.enter_context(single_rank_group("cuda_ipc" if device.type == "cuda" else "sim"))
+    except Exception as exc:
+        group = None
+        log(f"# no one-rank group ({type(exc).__name__}: {exc}): ours_vmm skipped")
     for family, toks in (("qwen3", args.qwen3_tokens), ("deepseek", args.deepseek_tokens)):
         m, hf_fwd, rdt = build(family, device, args.smoke)
         E, k = m.num_experts, 8
@@ -102,13 +113,18 @@ def main(argv=None) -> int:
         cuts = [round(i * E / OWNERS) for i in range(OWNERS + 1)]
         s_gu = [(a, gu[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
         s_dn = [(a, dn[a:b].clone()) for a, b in zip(cuts[:-1], cuts[1:])]
+        vmm, v_gu, v_dn = [], None, None
+        if group is not None:
+            try:
+                vmm = [SplitWeights(group, gu, cuts), SplitWeights(group, dn, cuts)]
+                why = next((v.why_not for v in vmm if v.composite is None), None)
+            except Exception as exc:
+                why = f"{type(exc).__name__}: {exc}"
+            if why is None:
+                v_gu, v_dn = ([(a, v.composite[a:b]) for a, b in zip(cuts[:-1], cuts[1:])] for v in vmm)
+            else:
+                log(f"# {family}: no composite ({why}): ours_vmm skipped")
         w13_kn, w2_kn = gu.transpose(1, 2).contiguous(), dn.transpose(1, 2).contiguous()  # the old path's layout
-        try:  # the prefetcher's composite view: separate physical pieces, one virtual range
-            vmm = [B.VmmSplit(gu, cuts), B.VmmSplit(dn, cuts)]
-            v_gu, v_dn = ([(a, v.composite[a:b]) for a, b in zip(cuts[:-1], cuts[1:])] for v in vmm)
-        except B.VmmUnavailable as exc:
-            B.log(f"# {family}: no VMM composite ({exc}): ours_vmm skipped")
-            vmm, v_gu, v_dn = [], None, None
         for t in [int(v) for v in toks.split(",")]:
             x = torch.randn(t, m.hidden_dim, device=device, dtype=torch.bfloat16)
             idx, w = routing(t, E, k, rdt, device, seed + t)
@@ -128,46 +144,47 @@ def main(argv=None) -> int:
                    "ours": lambda: moe.experts_forward(x, idx, w, gu, dn),
                    "ours_split": lambda: moe.experts_forward(x, idx, w, s_gu, s_dn),
                    "ours_notriton": notriton, "old": old}
-            if vmm:
+            if v_gu is not None:
                 fns["ours_vmm"] = lambda: moe.experts_forward(x, idx, w, v_gu, v_dn)
             ref = fns["hf"]()
             for name, fn in fns.items():
                 try:
-                    err = B.rel_err(fn(), ref)
+                    err = rel_err(fn(), ref)
                 except Exception as exc:  # a failed variant is reported, not timed
                     err = float("inf")
-                    B.log(f"# {family} {t} {name} FAILED {type(exc).__name__}: {exc}")
+                    log(f"# {family} {t} {name} FAILED {type(exc).__name__}: {exc}")
                 ok = err < 2e-2
                 checks.append(dict(family=family, tokens=t, variant=name, rel_err=err, ok=ok))
-                B.log(f"check {family:8s} T={t:6d} {name:14s} rel_err={err:.2e} {'ok' if ok else 'WRONG'}")
+                log(f"check {family:8s} T={t:6d} {name:14s} rel_err={err:.2e} {'ok' if ok else 'WRONG'}")
             good = {n: f for n, f in fns.items() if all(c["ok"] for c in checks if c["variant"] == n
                                                          and c["tokens"] == t and c["family"] == family)}
             if "hf" not in good:
                 continue
             times = timer.rounds(good, args.rounds)
             flops = 2 * t * k * (m.hidden_dim * 2 * m.intermediate_dim + m.intermediate_dim * m.hidden_dim)
-            res = B.summarize_times(times, "hf", flops, dict(family=family, tokens=t), "experts", timer.calls)
+            res = summarize_times(times, "hf", flops, dict(family=family, tokens=t), "experts", timer.calls)
             rows.extend(res)
-            B.log(f"{family:8s} T={t:6d} " + "  ".join(f"{r['variant']}={r['ms']:.3f}ms x{r['ratio']:.3f}" for r in res))
+            log(f"{family:8s} T={t:6d} " + "  ".join(f"{r['variant']}={r['ms']:.3f}ms x{r['ratio']:.3f}" for r in res))
         for v in vmm:
             v.close()
         del m, gu, dn, s_gu, s_dn, w13_kn, w2_kn, vmm, v_gu, v_dn
         torch.cuda.empty_cache() if device.type == "cuda" else None
-    B.log("\n# ratio = t_hf / t_variant (median over rounds), >= 1 means as fast as HF")
-    B.log(f"{'family':9s} {'tokens':>7s} " + " ".join(f"{v:>14s}" for v in VARIANTS))
+    log("\n# ratio = t_hf / t_variant (median over rounds), >= 1 means as fast as HF")
+    log(f"{'family':9s} {'tokens':>7s} " + " ".join(f"{v:>14s}" for v in VARIANTS))
     for fam in ("qwen3", "deepseek"):
         for t in sorted({r["tokens"] for r in rows if r["family"] == fam}):
             rr = {r["variant"]: r for r in rows if r["family"] == fam and r["tokens"] == t}
-            B.log(f"{fam:9s} {t:7d} " + " ".join(f"{rr[v]['ratio']:14.3f}" if v in rr else f"{'-':>14s}"
+            log(f"{fam:9s} {t:7d} " + " ".join(f"{rr[v]['ratio']:14.3f}" if v in rr else f"{'-':>14s}"
                                                   for v in VARIANTS))
-    result = dict(env=info, args=vars(args), seed=seed, method="perf/bench_grouped_gemm.py Timer: sustained blocks, "
+    result = dict(env=info, args=vars(args), seed=seed, method="dwdp_comm.bench.timing.Timer: sustained blocks, "
                   "random order per round, ratio t_hf / t_variant within a round, median over rounds",
                   results=rows, checks=checks)
     path = args.json or (os.path.join(os.environ["OUT"], "hf_experts.json") if os.environ.get("OUT") else None)
     if path:
         with open(path, "w") as f:
             json.dump(result, f, indent=1, default=str)
-        B.log(f"# wrote {path}")
+        log(f"# wrote {path}")
+    stack.close()
     return 1 if any(not c["ok"] for c in checks) else 0
 
 

@@ -20,11 +20,10 @@ import json
 import os
 import platform
 import random
-import subprocess
 import time
-from datetime import datetime, timezone
 
 from dwdp_comm import CopyRange, ExpertLayout, make_plan, policies
+from dwdp_comm.bench import record
 
 E = 256
 TENSORS = {"w13": 7168 * 4096 * 2, "w2": 2048 * 7168 * 2, "scale": 56 * 32 * 4}  # bytes per expert
@@ -62,14 +61,8 @@ def rate(fn, seconds: float) -> tuple[float, int]:
 
 def _commit() -> str:
     """HEAD's short hash, with "+dirty" when the code measured here differs from it."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=root).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "dwdp_comm/planner.py", "dwdp_comm/layout.py",
-                                "perf/bench_planner.py"], cwd=root).returncode != 0
-    except OSError:
-        return ""
+    head = record.commit(short=True) or ""
+    dirty = record.is_dirty(("dwdp_comm/planner.py", "dwdp_comm/layout.py", "perf/bench_planner.py"))
     return head + ("+dirty" if dirty and head else "")
 
 
@@ -100,9 +93,9 @@ def main() -> int:
                           f"{per_s:>9.1f} {1e3 / per_s:>8.2f}", flush=True)
     if args.json:
         commit = _commit()
-        meta = dict(benchmark="planner", machine=platform.node(), cpu=platform.processor() or platform.machine(),
+        meta = dict(benchmark="planner", machine=record.host(), cpu=platform.processor() or platform.machine(),
                     cores=os.cpu_count(), python=platform.python_version(), commit=commit,
-                    date=datetime.now(timezone.utc).isoformat(timespec="seconds"), experts=E,
+                    date=record.utc_date(), experts=E,
                     tensors=len(TENSORS), seconds_per_case=args.seconds)
         with open(args.json, "w") as f:
             json.dump(dict(meta=meta, rows=rows), f, indent=1)

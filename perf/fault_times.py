@@ -18,23 +18,13 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 
 import dwdp_comm as dc  # noqa: E402
 import rankfns  # noqa: E402
-from dwdp_comm.bench.report import machine_lines  # noqa: E402
-
-
-def _commit() -> str:
-    if os.environ.get("DWDP_GIT_COMMIT"):
-        return os.environ["DWDP_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return "unknown"
+from dwdp_comm.bench import record  # noqa: E402
 
 
 def _case(name, fn, *args, **kw):
@@ -99,8 +89,8 @@ def main() -> int:
         rows.append({"case": "kill -9 of the launching parent (2 ranks)", "ranks_gone_after_s":
                      round(time.perf_counter() - t0, 3)})
 
-    doc = {"schema": "dwdp/fault_times/v1", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "commit": _commit(), "machine": machine_lines(), "backend": "sim", "rows": rows}
+    doc = {"schema": "dwdp/fault_times/v1", "date": record.utc_date(),
+           "commit": record.commit() or "unknown", "machine": record.machine_lines(), "backend": "sim", "rows": rows}
     os.makedirs(os.path.dirname(args.json), exist_ok=True)
     with open(args.json, "w") as f:
         json.dump(doc, f, indent=1)

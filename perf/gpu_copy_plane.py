@@ -26,15 +26,11 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +44,7 @@ import torch  # noqa: E402
 
 import dwdp_comm as dc  # noqa: E402
 from dwdp_comm import backends as dc_backends  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -78,22 +75,22 @@ def _timed_prefetch(pf, layer: int, experts, stream, gate_cycles: int) -> tuple[
 
 
 def _timed_raw(dst: int, src: int, nbytes: int, chunk: int, stream, gate_cycles: int) -> float:
-    """GPU ms of raw cudaMemcpyAsync of ``nbytes`` (in ``chunk`` pieces) on a fresh non-blocking
-    copy stream gated exactly like the library's."""
-    from dwdp_comm.backends import _cuda
-    rt, _ = _cuda.load()
-    copy = _cuda.CudaStream()
+    """GPU ms of raw cudaMemcpyAsync of ``nbytes`` (in ``chunk`` pieces) on a non-blocking copy
+    stream (torch's) gated exactly like the library's: it waits for ``stream``, which waits for it."""
+    from cuda.bindings import runtime as rt
+    copy = torch.cuda.Stream()
     t0 = _gate(stream, gate_cycles)
     t1 = torch.cuda.Event(enable_timing=True)
-    _cuda.CudaEvent().record(stream.cuda_stream).wait(copy.handle)
+    copy.wait_stream(stream)
+    raw = rt.cudaStream_t(copy.cuda_stream)
     for off in range(0, nbytes, chunk):
         n = min(chunk, nbytes - off)
-        _cuda.check(rt.cudaMemcpyAsync(dst + off, src + off, n, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, copy.raw),
-                    "cudaMemcpyAsync")
-    _cuda.CudaEvent().record(copy.handle).wait(stream)
+        err = rt.cudaMemcpyAsync(dst + off, src + off, n, rt.cudaMemcpyKind.cudaMemcpyDeviceToDevice, raw)[0]
+        if err != rt.cudaError_t.cudaSuccess:
+            raise RuntimeError(f"cudaMemcpyAsync failed: {err}")
+    stream.wait_stream(copy)
     t1.record(stream)
     t1.synchronize()
-    copy.close()
     return t0.elapsed_time(t1)
 
 
@@ -102,9 +99,7 @@ def _stats(xs):
 
 
 def _mem_info():
-    from dwdp_comm.backends import _cuda
-    rt, _ = _cuda.load()
-    free, total = _cuda.check(rt.cudaMemGetInfo(), "cudaMemGetInfo")
+    free, total = torch.cuda.mem_get_info()  # cudaMemGetInfo on the current device
     return int(free), int(total)
 
 
@@ -135,7 +130,7 @@ def single_pair(group, iters: int, chunks, apis):
 
 def _single_pair_rank0(st, out, wanted, stream, gate, iters, chunks, apis, expert):
     """The measurements of :func:`single_pair` (rank 0 only; the peers wait in a barrier)."""
-    e = st._entry(0, "w")
+    e = st.entries(0)["w"]
     for api in apis:
         for chunk in chunks:
             with dc.Prefetcher(st, depth=1, chunk_nbytes=chunk, engine_options={"api": api}) as pf:
@@ -313,29 +308,9 @@ def rank_main(group, args: dict):
     return out
 
 
-def _git_commit() -> str:
-    if os.environ.get("DWDP_GIT_COMMIT"):
-        return os.environ["DWDP_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def _versions() -> dict:
-    v = {"python": platform.python_version(), "torch": torch.__version__, "torch_cuda": torch.version.cuda}
-    for mod in ("cuda.bindings", "cuda.core", "cupy", "nvshmem"):
-        try:
-            m = __import__(mod, fromlist=["x"])
-            v[mod] = getattr(m, "__version__", "?")
-        except Exception as exc:
-            v[mod] = f"unavailable ({type(exc).__name__})"
-    try:
-        v["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                     capture_output=True, text=True, timeout=20).stdout.split("\n")[0].strip()
-    except Exception:
-        v["driver"] = "unknown"
+    v = record.versions("cuda.bindings", "cuda.core", "cupy", "nvshmem")
+    v["driver"] = record.driver_version() or "unknown"
     return v
 
 
@@ -394,10 +369,10 @@ def main() -> int:
                 ("memcpy/8MiB/3streams", {"chunk_nbytes": 8 * MiB, "engine_options": {"api": "memcpy", "streams": 3}}),
                 ("memcpy/256MiB/3streams", {"chunk_nbytes": 256 * MiB, "engine_options": {"api": "memcpy", "streams": 3}}),
                 ("batch/64MiB/3streams", {"chunk_nbytes": 64 * MiB, "engine_options": {"api": "batch", "streams": 3}})]
-    report = {"benchmark": "gpu_copy_plane", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-              "git_commit": _git_commit(), "machine": {"hostname": socket.gethostname(),
-                                                         "kind": os.environ.get("DWDP_DEVICE_KIND", "unknown"),
-                                                         "gpus": [torch.cuda.get_device_name(i) for i in range(n)]},
+    report = {"benchmark": "gpu_copy_plane", "date": record.utc_date(timespec="auto"),
+              "git_commit": record.commit() or "unknown", "machine": {"hostname": record.host(),
+                                                                      "kind": os.environ.get("DWDP_DEVICE_KIND", "unknown"),
+                                                                      "gpus": record.gpu_names(n)},
               "versions": _versions(), "world_size": a.world_size, "backends": {},
               "env": {k: os.environ.get(k) for k in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
                                                       "NVSHMEM_DISABLE_NVLS", "NVSHMEM_SYMMETRIC_SIZE")}}

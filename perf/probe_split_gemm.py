@@ -1,7 +1,8 @@
 """Where does the split-weight grouped GEMM lose time against one contiguous call? (exploration)
 
 Times, in the sustained-block method of ``bench_grouped_gemm.py`` (same Timer), the parts of the
-split path and candidate replacements, on DeepSeek-V3 shapes with 4 owner pieces (VMM pieces):
+split path and candidate replacements, on DeepSeek-V3 shapes with 4 owner pieces (VMM pieces
+of the cuda_ipc backend):
 
   raw / raw_again     torch._grouped_mm on the contiguous [E, K, N] tensor (baseline, noise floor)
   split               dwdp_comm.kernels.grouped_gemm on the pieces (auto: segments_async, the pieces
@@ -14,8 +15,8 @@ split path and candidate replacements, on DeepSeek-V3 shapes with 4 owner pieces
   copies_only         the 3 result copies of ``split`` alone (copy engine)
   cublas_grouped      candidate: cublasGemmGroupedBatchedEx (ctypes) with per-expert weight and
                       output pointers: split weights natively, results written in place
-  composite           grouped_gemm on the VMM composite view
-  direct_<R>          grouped_gemm, method segments_direct with DIRECT_MIN_ROWS=R: piece 0 in place,
+  composite           grouped_gemm on the VMM composite view (dwdp_comm.bench.split_weights)
+  direct_<R>          grouped_gemm, method segments_direct with direct_min_rows=R: piece 0 in place,
                       in the other pieces experts with >= R rows as torch.mm into the output rows
                       (no temporary, no copy), runs of smaller ones grouped (temporary + copy)
   per_expert          grouped_gemm, method per_expert: torch.mm per expert into the output, in
@@ -41,12 +42,17 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-import bench_grouped_gemm as B  # noqa: E402
 import dwdp_comm.kernels as K  # noqa: E402
-from dwdp_comm.kernels import torch_grouped as TG  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
+from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
+from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
+from dwdp_comm.bench.workload import DEEPSEEK_V3_SHAPES, routed_counts  # noqa: E402
+
+
+def log(*a) -> None:
+    print(*a, flush=True)
 
 
 # ---- cuBLAS grouped GEMM through ctypes -----------------------------------------------------------
@@ -122,32 +128,30 @@ class Cublas:
 
 
 def _direct(x, groups, split, min_rows):
-    """segments_direct at ``min_rows``; the default is restored so "split" (auto) keeps its own."""
-    default, TG.DIRECT_MIN_ROWS = TG.DIRECT_MIN_ROWS, min_rows
-    try:
-        return K.grouped_gemm(x, groups, split, backend="torch:segments_direct")
-    finally:
-        TG.DIRECT_MIN_ROWS = default
+    """segments_direct at ``min_rows`` ("split", auto, keeps the default)."""
+    return K.grouped_gemm(x, groups, split, backend="torch:segments_direct", direct_min_rows=min_rows)
 
 
-def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
+def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks, group):
     dev = torch.device("cuda")
     E = args.experts
     g = torch.Generator(device=dev).manual_seed(seed)
     w = torch.randn(E, Kd, N, generator=g, device=dev, dtype=torch.bfloat16).div_(math.sqrt(Kd))
     q = E // 4
     cuts = [0, q, 2 * q, 3 * q, E]
-    vm = B.VmmSplit(w, cuts)
+    vm = SplitWeights(group, w, cuts)  # pieces in VMM allocations of the cuda_ipc backend, and their composite
     split, composite = vm.segments, vm.composite
+    if composite is None:
+        log(f"# no composite view: {vm.why_not}")
     cub = None
     if args.cublas:
         try:
             cub = Cublas()
-            B.log(f"# cuBLAS version {cub.version}")
+            log(f"# cuBLAS version {cub.version}")
         except Exception as exc:
-            B.log(f"# cuBLAS grouped unavailable: {exc}")
+            log(f"# cuBLAS grouped unavailable: {exc}")
     for tokens in tokens_list:
-        sizes, stats = B.route(tokens, E, 8, seed + tokens, dev)
+        sizes, stats = routed_counts(tokens, E, 8, seed + tokens)
         T = stats["rows"]
         groups = K.TokenGroups(sizes)
         offs = groups.device_offsets(dev)
@@ -171,8 +175,9 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
             "piece0_whole_x": lambda: torch._grouped_mm(x, split[0][1], offs=poffs[0]),
             "piece0_slice": lambda: torch._grouped_mm(x[:rows[0][1]], split[0][1], offs=poffs[0]),
             "copies_only": lambda: [outbuf[r0:r1].copy_(temps[j]) for j, (r0, r1) in enumerate(rows) if j > 0],
-            "composite": lambda: K.grouped_gemm(x, groups, composite, backend="torch"),
         }
+        if composite is not None:
+            v["composite"] = lambda: K.grouped_gemm(x, groups, composite, backend="torch")
         for r in (int(t) for t in args.direct_rows.split(",") if t):
             v[f"direct_{r}"] = (lambda r: lambda: _direct(x, groups, split, r))(r)
         v["per_expert"] = lambda: K.grouped_gemm(x, groups, split, backend="torch:per_expert")
@@ -187,13 +192,13 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
             if k not in v:
                 continue
             try:
-                e = B.rel_err(v[k](), base)
+                e = rel_err(v[k](), base)
                 checks.append(dict(shape=name, tokens=tokens, variant=k, rel_err=e, ok=bool(e < 1e-2)))
-                B.log(f"  check {k}: {e:.2e}")
+                log(f"  check {k}: {e:.2e}")
                 if not e < 1e-2:
                     v.pop(k)
             except Exception as exc:
-                B.log(f"  {k} FAILED: {type(exc).__name__}: {exc}")
+                log(f"  {k} FAILED: {type(exc).__name__}: {exc}")
                 checks.append(dict(shape=name, tokens=tokens, variant=k, rel_err=None, ok=False, error=str(exc)[:300]))
                 v.pop(k)
         base = None
@@ -210,13 +215,13 @@ def probe(name, Kd, N, tokens_list, args, timer, seed, rows_out, checks):
         times = timer.rounds(v, args.rounds, 1)
         flops = 2.0 * T * Kd * N
         common = dict(shape=name, K=Kd, N=N, tokens=tokens, rows=T, row_split=[r1 - r0 for r0, r1 in rows])
-        res = B.summarize_times(times, "raw", flops, common, "probe", timer.calls)
+        res = summarize_times(times, "raw", flops, common, "probe", timer.calls)
         for r in res:
             r["host_us"] = host[r["variant"]]
         rows_out.extend(res)
-        B.log(f"# {name} tokens={tokens} rows={T} pieces' rows {common['row_split']}")
+        log(f"# {name} tokens={tokens} rows={T} pieces' rows {common['row_split']}")
         for r in res:
-            B.log(f"    {r['variant']:>18}: {r['ms']:9.3f} ms  {r['tflops']:7.1f} TFLOP/s  x{r['ratio']:.3f} "
+            log(f"    {r['variant']:>18}: {r['ms']:9.3f} ms  {r['tflops']:7.1f} TFLOP/s  x{r['ratio']:.3f} "
                   f"[{r['ratio_p10']:.3f}, {r['ratio_p90']:.3f}] ({r['calls_per_block']} calls/block, host "
                   f"{r['host_us']:.0f} us/call)")
         x = temps = outbuf = None
@@ -237,23 +242,24 @@ def main():
     ap.add_argument("--json", default=None)
     ap.add_argument("--cublas", action="store_true", help="also time cublasGemmGroupedBatchedEx (ctypes)")
     ap.add_argument("--variants", default="", help="comma-separated subset (raw is always kept)")
-    ap.add_argument("--direct-rows", default="0,256,1024", help="DIRECT_MIN_ROWS values for direct_<R> variants")
+    ap.add_argument("--direct-rows", default="0,256,1024", help="direct_min_rows values for direct_<R> variants")
     args = ap.parse_args()
     dev = torch.device("cuda")
     seed = int.from_bytes(os.urandom(4), "little") % 2**31
-    info = B.env_info(dev)
-    B.log(f"# probe_split_gemm {info['date']} gpu={info.get('gpu')} torch={info['torch']} commit={info['git']['commit']}")
-    timer = B.Timer(dev, block_ms=args.block_ms)
+    info = record.env_info(dev)
+    log(f"# probe_split_gemm {info['date']} gpu={info.get('gpu')} torch={info['torch']} commit={info['git']['commit']}")
+    timer = Timer(dev, block_ms=args.block_ms)
     rows, checks = [], []
     t0 = time.perf_counter()
-    for name in args.shapes.split(","):
-        Kd, N = B.SHAPES[name]
-        try:
-            probe(name, Kd, N, [int(t) for t in args.tokens.split(",")], args, timer, seed, rows, checks)
-        except Exception as exc:
-            B.log(f"# {name} FAILED {type(exc).__name__}: {exc}")
-            traceback.print_exc()
-    B.log(f"# elapsed {time.perf_counter() - t0:.1f} s")
+    with single_rank_group("cuda_ipc") as group:  # its backend makes the pieces and the composite
+        for name in args.shapes.split(","):
+            Kd, N = DEEPSEEK_V3_SHAPES[name]
+            try:
+                probe(name, Kd, N, [int(t) for t in args.tokens.split(",")], args, timer, seed, rows, checks, group)
+            except Exception as exc:
+                log(f"# {name} FAILED {type(exc).__name__}: {exc}")
+                traceback.print_exc()
+    log(f"# elapsed {time.perf_counter() - t0:.1f} s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(env=info, args=vars(args), seed=seed, results=rows, checks=checks), f, indent=1, default=str)

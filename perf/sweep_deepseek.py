@@ -25,13 +25,10 @@ import argparse
 import importlib.util
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
 
 import torch
 
@@ -40,6 +37,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 import dwdp_comm as dc  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
 
 
 def _example():
@@ -177,11 +175,9 @@ def _break_even(cfg, remote_bytes: float, prefetch_Bps: float, tflops: float) ->
 
 
 def _meta(gpus: int) -> dict:
-    commit = os.environ.get("DWDP_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip()
-    return {"machine": platform.node(), "device_kind": os.environ.get("DWDP_DEVICE_KIND"),
-            "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)], "torch": torch.__version__,
-            "commit": commit, "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return {"machine": record.host(), "device_kind": os.environ.get("DWDP_DEVICE_KIND"),
+            "gpus": record.gpu_names(gpus), "torch": torch.__version__,
+            "commit": record.commit(short=True) or "", "date": record.utc_date()}
 
 
 def _rows(args, runs: dict, points: list, cfg) -> tuple[list, dict]:

@@ -24,24 +24,21 @@ import os
 import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
 from dwdp_comm.bench import advise as A  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
 from dwdp_comm.bench.contention import BenchConfig, run_model  # noqa: E402
 from dwdp_comm.bench.patterns import make_plans, parse_schedule  # noqa: E402
 from dwdp_comm.bench import model as M  # noqa: E402
 
 
 def _meta() -> dict:
-    from dwdp_comm.bench.report import machine_lines
-    commit = os.environ.get("DWDP_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT).stdout.strip() or None
-    return {"machine": machine_lines(), "commit": commit,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": sys.argv}
+    return {"machine": record.machine_lines(), "commit": record.commit(short=True),
+            "date": record.utc_date(), "command": sys.argv}
 
 
 # ---- copy plane (CPU) ------------------------------------------------------------------------------

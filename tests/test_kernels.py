@@ -23,7 +23,7 @@ except ImportError:
 
 import dwdp_comm.kernels as K
 from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
-from dwdp_comm.kernels import reference, torch_grouped
+from dwdp_comm.kernels import capabilities, reference, segments, token_groups, torch_path
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -241,7 +241,7 @@ def test_host_forms_of_m_sizes(seed):
 def test_has_device_kernel_off_cuda():
     for dev in ("cpu", "meta"):
         for dt in (torch.float32, torch.bfloat16):
-            assert torch_grouped.has_device_kernel(torch.device(dev), dt)
+            assert capabilities.has_device_kernel(torch.device(dev), dt)
 
 
 def test_token_groups_piece_offsets_are_relative_and_cached():
@@ -263,15 +263,14 @@ def test_repeated_calls_reuse_device_offsets(seed, monkeypatch):
     """With a TokenGroups reused, a call uploads nothing: the contiguous path is exactly one
     torch._grouped_mm on the cached offsets; split weights one per piece with tokens (relative
     offsets cached)."""
-    from dwdp_comm.kernels import _inputs
     x, sizes, w = make_case(seed, 8, 16, 32, 80, torch.bfloat16, empty_frac=0.0)
     g = K.TokenGroups(sizes)
     pieces = [(0, w[:2]), (2, w[2:4]), (4, w[4:6]), (6, w[6:])]
     for form in (w, pieces):  # warm the caches
         K.grouped_gemm(x, g, form)
     uploads, calls = [], []
-    real_upload, real_mm = _inputs.upload_ints, torch._grouped_mm
-    monkeypatch.setattr(_inputs, "upload_ints", lambda *a: uploads.append(a) or real_upload(*a))
+    real_upload, real_mm = token_groups.upload_ints, torch._grouped_mm
+    monkeypatch.setattr(token_groups, "upload_ints", lambda *a: uploads.append(a) or real_upload(*a))
     monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append((a, k)) or real_mm(*a, **k))
     out = K.grouped_gemm(x, g, w)
     assert len(calls) == 1 and calls[0][1]["offs"] is g.device_offsets("cpu") and calls[0][0][0] is x
@@ -286,7 +285,7 @@ def test_repeated_calls_reuse_device_offsets(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_segments_direct_matches_reference_at_every_threshold(seed, dtype, monkeypatch):
+def test_segments_direct_matches_reference_at_every_threshold(seed, dtype):
     """segments_direct: every mix of direct experts and grouped runs gives the reference result,
     with and without out=, and nothing falls back (aligned shapes)."""
     rng = np.random.default_rng(seed)
@@ -297,10 +296,10 @@ def test_segments_direct_matches_reference_at_every_threshold(seed, dtype, monke
         pieces = [w[a:b] for a, b in zip(c[:-1], c[1:])]
         ref = ref64(x, sizes, w)
         for min_rows in (0, 1, 5, 20, 10**9):
-            monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", min_rows)
             for out in (None, torch.full((x.shape[0], N), float("nan"), dtype=dtype)):
                 info = {}
-                got = K.grouped_gemm(x, sizes, pieces, out=out, backend="torch:segments_direct", info=info)
+                got = K.grouped_gemm(x, sizes, pieces, out=out, backend="torch:segments_direct", info=info,
+                                     direct_min_rows=min_rows)
                 want = "empty" if not x.shape[0] else "grouped_mm" if len(pieces) == 1 else "segments_direct"
                 assert info["method"] == want and "fallback" not in info, info
                 assert out is None or got is out
@@ -310,7 +309,7 @@ def test_segments_direct_matches_reference_at_every_threshold(seed, dtype, monke
 
 def test_segments_direct_writes_big_experts_straight_into_the_output(seed, monkeypatch):
     """Piece 0 first, on all of x (it allocates the output); then, in the other pieces, one
-    torch.mm(out=rows of out) per expert with >= DIRECT_MIN_ROWS rows, and one grouped call per
+    torch.mm(out=rows of out) per expert with >= direct_min_rows rows, and one grouped call per
     run of smaller experts (a lone busy expert in a run: torch.mm too)."""
     x, _, w = make_case(seed, 10, 16, 16, 0, torch.float32)
     sizes = [4, 4, 9, 1, 2, 0, 8, 1, 0, 3]
@@ -321,8 +320,7 @@ def test_segments_direct_writes_big_experts_straight_into_the_output(seed, monke
                         real_gmm(a, b, **k))
     monkeypatch.setattr(torch, "mm", lambda a, b, out=None: mms.append((a.shape[0], out is not None)) or
                         real_mm(a, b, out=out))
-    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 5)
-    out = K.grouped_gemm(x, sizes, [w[:2], w[2:]], backend="torch:segments_direct")
+    out = K.grouped_gemm(x, sizes, [w[:2], w[2:]], backend="torch:segments_direct", direct_min_rows=5)
     # piece 0 (experts 0-1) on all 32 rows; piece 1: e2 direct (9), run e3-e5 (1+2+0 rows, grouped),
     # e6 direct (8), run e7-e9 (1+0+3: two busy experts, grouped)
     assert grouped == [(32, 2), (3, 3), (4, 3)], grouped
@@ -331,7 +329,7 @@ def test_segments_direct_writes_big_experts_straight_into_the_output(seed, monke
 
 
 def test_split_piece_units_cover_exactly_the_busy_rows(seed):
-    """_split_piece: units in row order, disjoint, covering every row of the piece; "mm" units
+    """split_piece: units in row order, disjoint, covering every row of the piece; "mm" units
     hold one expert with rows, at least min_rows of them unless alone in a run."""
     rng = np.random.default_rng(seed)
     for _ in range(200):
@@ -342,7 +340,7 @@ def test_split_piece_units_cover_exactly_the_busy_rows(seed):
         n = int(rng.integers(1, E - first + 1))
         w = torch.zeros(n, 1, 1)
         min_rows = int(rng.integers(0, 10))
-        units = torch_grouped._split_piece(g, first, w, min_rows)
+        units = segments.split_piece(g, first, w, min_rows)
         r0, r1 = g.rows(first, first + n)
         covered = [(u[-2], u[-1]) for u in units]
         busy = [(int(g.starts[e]), int(g.ends[e])) for e in range(first, first + n) if sizes[e]]
@@ -360,7 +358,7 @@ def test_split_piece_units_cover_exactly_the_busy_rows(seed):
 
 
 def test_chunks_are_contiguous_and_balanced(seed):
-    """_chunks: the units in order, in at most n chunks, none empty, no chunk past its share by
+    """balanced_chunks: the units in order, in at most n chunks, none empty, no chunk past its share by
     more than its last unit."""
     rng = np.random.default_rng(seed)
     for _ in range(300):
@@ -368,7 +366,7 @@ def test_chunks_are_contiguous_and_balanced(seed):
         ends = np.cumsum(rows)
         units = [("mm", i, None, int(e - r), int(e)) for i, (r, e) in enumerate(zip(rows, ends))]
         n = int(rng.integers(1, 6))
-        chunks = torch_grouped._chunks(units, n)
+        chunks = segments.balanced_chunks(units, n)
         assert [u for c in chunks for u in c] == units
         assert len(chunks) <= max(n, 0) and all(chunks)
         total = int(rows.sum())
@@ -397,16 +395,17 @@ def test_split_runs_the_first_piece_last_and_in_place(seed, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["auto", "segments", "segments_async", "segments_direct", "grouped_mm"])
-def test_out_is_written_in_place(seed, method, monkeypatch):
+def test_out_is_written_in_place(seed, method):
     """out= receives every row, including a row-slice view of a larger buffer whose other rows stay intact."""
     x, sizes, w = make_case(seed, 6, 16, 24, 57, torch.float32)
-    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 10)  # some experts direct, some grouped
+    min_rows = 10  # segments_direct: some experts direct, some grouped
     ref = ref64(x, sizes, w)
     forms = [w] if method == "grouped_mm" else [w, [(0, w[:1]), (1, w[1:4]), (4, w[4:])], [w[:3], w[3:]]]
     for form in forms:
         buf = torch.full((57 + 6, 24), float("nan"))
         out = buf[3:60]
-        got = K.grouped_gemm(x, sizes, form, out=out, backend=f"torch:{method}" if method != "auto" else "torch")
+        got = K.grouped_gemm(x, sizes, form, out=out, backend=f"torch:{method}" if method != "auto" else "torch",
+                             direct_min_rows=min_rows)
         assert got is out and got.data_ptr() == buf[3].data_ptr()
         assert rel_err(buf[3:60], ref) < 1e-5
         assert torch.isnan(buf[:3]).all() and torch.isnan(buf[60:]).all()
@@ -440,6 +439,60 @@ def test_meta_device_fast_paths_never_read_device_data(seed):
         K.grouped_gemm(x, lazy, pieces)
     with pytest.raises(InvalidArgumentError, match="7 entries"):
         K.grouped_gemm(x, K.TokenGroups(counts[:7], validate=False), w)
+
+
+def test_choose_method_names_what_runs(seed):
+    """torch_path.choose_method(p, m) is exactly what run() reports as info["method"] (or raises the
+    same error class), for every method, dtype, weights form and a strided x."""
+    rng = np.random.default_rng(seed)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, sizes, w = make_case(int(rng.integers(2**31)), 6, 16, 24, 70, dtype)
+        forms = [w, [w[:2], w[2:]], [(0, w[:1]), (1, w[1:4]), (4, w[4:])], w.transpose(-1, -2).contiguous()
+                 .transpose(-1, -2)]
+        for xx, form in [(x, f) for f in forms] + [(x[:, ::2].repeat(1, 2), [w[:3], w[3:]]), (x[:0], w)]:
+            sz = sizes if xx.shape[0] else [0] * 6
+            for m in torch_path.METHODS:
+                backend = "torch" if m == "auto" else f"torch:{m}"
+                try:
+                    want = torch_path.choose_method(K.make_problem(xx, sz, form), m)
+                except (InvalidArgumentError, BackendUnavailableError) as exc:
+                    with pytest.raises(type(exc)):
+                        K.grouped_gemm(xx, sz, form, backend=backend)
+                    continue
+                info = {}
+                out = K.grouped_gemm(xx, sz, form, backend=backend, info=info)
+                assert info["method"] == want, (m, want, info)
+                if xx.shape[0]:
+                    assert rel_err(out, ref64(xx, sz, w)) < TOL[dtype], (m, info)
+
+
+def test_split_strategy_table():
+    """How split weights run: direct (auto on CUDA, segments_direct), async (fp8, segments_async),
+    serial (CPU auto, segments); an unknown method names the argument."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    table = {("auto", cpu, False): "serial", ("auto", cuda, False): "direct", ("auto", cuda, True): "async",
+             ("segments", cuda, False): "serial", ("segments_async", cpu, False): "async",
+             ("segments_direct", cpu, False): "direct", ("segments_direct", cuda, True): "async",
+             ("grouped_mm", cuda, False): "serial", ("per_expert", cuda, False): "serial"}
+    for (m, dev, fp8), want in table.items():
+        assert torch_path.split_strategy(m, dev, fp8=fp8) == want, (m, dev, fp8)
+    assert set(table.values()) == set(torch_path.SPLIT_STRATEGIES)
+    with pytest.raises(InvalidArgumentError, match="method"):
+        torch_path.split_strategy("direct", cpu)
+
+
+def test_direct_min_rows_is_checked_and_only_an_argument(seed):
+    """A bad direct_min_rows names the argument (grouped_gemm, moe_mlp, on any backend); its
+    default is documented."""
+    x, sizes, w = make_case(seed, 4, 16, 16, 40, torch.float32)
+    for bad in (-1, 1.5, True, "8", None):
+        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+            K.grouped_gemm(x, sizes, [w[:2], w[2:]], direct_min_rows=bad)
+        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+            K.grouped_gemm(x, sizes, w, backend="reference", direct_min_rows=bad)
+        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+            K.moe_mlp(x, sizes, torch.randn(4, 16, 8), torch.randn(4, 4, 16), direct_min_rows=bad)
+    assert "direct_min_rows" in K.grouped_gemm.__doc__ and torch_path.DIRECT_MIN_ROWS == 128
 
 
 def test_bench_smoke_runs_end_to_end(tmp_path):
@@ -587,7 +640,7 @@ def test_fp8_reference_is_close_to_real_weights(seed):
     x, sizes, wq, scales, w_real = fp8_case(seed)
     info = {}
     out = K.grouped_gemm(x, sizes, wq, weight_scales=scales, info=info)
-    if torch_grouped.fp8_unavailable_reason(x.device):
+    if capabilities.fp8_unavailable_reason(x.device):
         assert info["backend"] == "reference" and "fallback" in info
     assert out.dtype == torch.bfloat16
     real = ref64(x.float(), sizes, w_real.float().contiguous())
@@ -618,7 +671,7 @@ def test_fp8_prequantized_x(seed):
 
 def test_fp8_torch_backend_reports_unavailable_on_cpu(seed):
     x, sizes, wq, scales, _ = fp8_case(seed)
-    why = torch_grouped.fp8_unavailable_reason("cpu")
+    why = capabilities.fp8_unavailable_reason("cpu")
     assert why and "_scaled_grouped_mm" in why
     with pytest.raises(BackendUnavailableError, match="fp8"):
         K.grouped_gemm(x, sizes, wq, weight_scales=scales, backend="torch")
@@ -735,8 +788,8 @@ def test_numba_gpu_kernel_compiles_to_ptx(config, bf16):
     from numba import types
     from numba.core.errors import LoweringError, TypingError
     from dwdp_comm.kernels import numba_grouped as ng
-    cuda = ng._load()
-    kern = ng._build(ng.CONFIGS[config], bf16, bf16)
+    cuda = ng.numba_cuda()
+    kern = ng.build_kernel(ng.CONFIGS[config], bf16, bf16)
     i64, arr = types.int64, types.Array
     sig = (i64, i64, i64, arr(i64, 1, "C"), arr(i64, 1, "C"), arr(i64, 1, "C"), arr(types.int32, 1, "C"),
            arr(i64, 1, "C"), arr(i64, 1, "C"), i64, arr(types.float32, 2, "C"), i64, i64)
@@ -764,7 +817,7 @@ def _run_py(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_import_does_not_import_numba():
-    r = _run_py("import sys, dwdp_comm, dwdp_comm.kernels as K, dwdp_comm.kernels.torch_grouped, "
+    r = _run_py("import sys, dwdp_comm, dwdp_comm.kernels as K, dwdp_comm.kernels.torch_path, "
                 "dwdp_comm.kernels.reference\n"
                 "assert 'numba' not in sys.modules, sorted(m for m in sys.modules if 'numba' in m)\nprint('ok')")
     assert r.returncode == 0 and "ok" in r.stdout, r.stderr

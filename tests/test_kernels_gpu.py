@@ -8,9 +8,7 @@ Run: ``python -m pytest tests/test_kernels_gpu.py -q -rs``
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 
 import numpy as np
 import pytest
@@ -18,12 +16,13 @@ import torch
 
 import dwdp_comm.kernels as K
 from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError
-from dwdp_comm.kernels import torch_grouped
+from dwdp_comm.kernels import capabilities
+from dwdp_comm.kernels.token_groups import upload_ints
+from dwdp_comm.kernels.workers import WorkerStreams
 from test_kernels import TOL, make_case, random_sizes, ref64, rel_err, split_forms
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 SHAPES = {  # (E, K, N, T)
     "aligned": (16, 256, 384, 1500),
@@ -68,16 +67,18 @@ def test_torch_path_every_form(seed, dtype, shape):
 
 @pytest.mark.parametrize("method", ["segments", "segments_async", "segments_direct", "per_expert"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_torch_split_methods(seed, method, dtype, monkeypatch):
-    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 100)  # segments_direct: a mix of both kinds
+def test_torch_split_methods(seed, method, dtype):
+    min_rows = 100  # segments_direct: a mix of both kinds
     x, sizes, w = make_case(seed, 12, 128, 256, 900, dtype, device=DEV, empty_frac=0.4)
     ref = ref64(x, sizes, w)
     for name in ("dwdp_3_pieces", "per_owner", "per_expert"):
-        out = K.grouped_gemm(x, sizes, split_forms(w, seed)[name], backend=f"torch:{method}")
+        out = K.grouped_gemm(x, sizes, split_forms(w, seed)[name], backend=f"torch:{method}",
+                             direct_min_rows=min_rows)
         assert rel_err(out, ref) < TOL[dtype], name
     # back-to-back calls, results read on the current stream only: the async copies must be waited for
     forms = split_forms(w, seed)["dwdp_3_pieces"]
-    outs = [K.grouped_gemm(x, sizes, forms, backend=f"torch:{method}") for _ in range(4)]
+    outs = [K.grouped_gemm(x, sizes, forms, backend=f"torch:{method}", direct_min_rows=min_rows)
+            for _ in range(4)]
     sums = [o.float().sum() for o in outs]
     torch.cuda.synchronize()
     assert all(rel_err(o, ref) < TOL[dtype] for o in outs) and all(torch.isfinite(s) for s in sums)
@@ -150,7 +151,7 @@ def test_float32_avoids_torchs_syncing_fallback(seed, _sync_is_an_error):
     torch.cuda.set_sync_debug_mode(0)
     x, sizes, w = make_case(seed, 8, 96, 80, 500, torch.float32, device=DEV)
     ref = ref64(x, sizes, w)
-    assert not torch_grouped.has_device_kernel(torch.device(DEV), torch.float32)
+    assert not capabilities.has_device_kernel(torch.device(DEV), torch.float32)
     K.grouped_gemm(x, sizes, w)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -181,7 +182,6 @@ def test_validated_device_counts_sync_once_and_are_correct(seed):
 
 
 def test_upload_is_asynchronous_and_correct(_sync_is_an_error):
-    from dwdp_comm.kernels._inputs import upload_ints
     vals = np.arange(1000, dtype=np.int64) * 3
     ts = [upload_ints(vals + i, torch.device(DEV)) for i in range(50)]  # the staging blocks get reused
     torch.cuda.set_sync_debug_mode(0)
@@ -190,10 +190,10 @@ def test_upload_is_asynchronous_and_correct(_sync_is_an_error):
 
 
 @pytest.mark.parametrize("method", ["segments", "segments_async", "segments_direct"])
-def test_split_out_and_stream_safety(seed, method, monkeypatch):
+def test_split_out_and_stream_safety(seed, method):
     """Many calls back to back on one stream, results kept and dropped at random, out= buffers
     reused: the side-stream copies never read freed temporaries nor write after the join."""
-    monkeypatch.setattr(torch_grouped, "DIRECT_MIN_ROWS", 150)  # segments_direct: some direct, some runs
+    min_rows = 150  # segments_direct: some direct, some runs
     x, sizes, w = make_case(seed, 16, 256, 512, 3000, torch.bfloat16, device=DEV, empty_frac=0.2)
     pieces = [(0, w[:4]), (4, w[4:8].clone()), (8, w[8:12].clone()), (12, w[12:].clone())]
     ref = ref64(x, sizes, w)
@@ -202,11 +202,11 @@ def test_split_out_and_stream_safety(seed, method, monkeypatch):
     kept, out = [], torch.empty(3000, 512, dtype=torch.bfloat16, device=DEV)
     for i in range(30):
         if i % 3 == 0:
-            r = K.grouped_gemm(x, g, pieces, out=out, backend=f"torch:{method}")
+            r = K.grouped_gemm(x, g, pieces, out=out, backend=f"torch:{method}", direct_min_rows=min_rows)
             assert r is out
             kept.append(r.clone())
         else:
-            r = K.grouped_gemm(x, g, pieces, backend=f"torch:{method}")
+            r = K.grouped_gemm(x, g, pieces, backend=f"torch:{method}", direct_min_rows=min_rows)
             junk = torch.randn(int(rng.integers(1, 2000)), 512, device=DEV).bfloat16()  # reuse freed blocks
             if rng.random() < 0.5:
                 kept.append(r)
@@ -282,7 +282,7 @@ def test_worker_streams_follow_the_caller_stream(seed):
     torch.cuda.synchronize()
     assert all(rel_err(o, ref) < 1e-2 for o in outs)
     for s in callers:
-        pool = torch_grouped._Workers._pools[(s.device_index, s.stream_id)]
+        pool = WorkerStreams.pool_of(s)
         assert pool and all(wk.priority == s.priority for wk in pool), (s.priority, [wk.priority for wk in pool])
     assert callers[0].priority != callers[1].priority
 
@@ -297,34 +297,45 @@ def test_weights_on_another_device_are_refused(seed):
 
 
 # ---- composite view (VMM) ------------------------------------------------------------------------
-def _bench_module():
-    path = os.path.join(REPO, "perf", "bench_grouped_gemm.py")
-    spec = importlib.util.spec_from_file_location("bench_grouped_gemm", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def composite_rank(group, seed: int) -> dict:
+    """On one ``cuda_ipc`` rank: the experts of ``w`` copied into 3 buffers of the backend (one
+    physical allocation each), mapped back to back by the backend's ``compose``
+    (:class:`dwdp_comm.bench.split_weights.SplitWeights`): one ``[E, K, N]`` view, no copy.
+    Returns the errors against the reference of the view, of the pieces and (where Numba runs)
+    of the pieces on the Numba backend."""
+    from dwdp_comm.bench.split_weights import SplitWeights
+    E, Kd, N = 8, 1024, 1024  # one bf16 expert = 2 MiB, the VMM granularity on H100 / H200
+    x, sizes, w = make_case(seed, E, Kd, N, 1000, torch.bfloat16, device=group.device)
+    sw = SplitWeights(group, w, [0, 2, 5, 8])
+    try:
+        if sw.composite is None:
+            return {"skip": sw.why_not}
+        view, segments = sw.composite, sw.segments
+        ref = ref64(x, sizes, w)
+        info = {}
+        out = {"composite": rel_err(K.grouped_gemm(x, sizes, view, info=info), ref), "method": info["method"],
+               "segments": rel_err(K.grouped_gemm(x, sizes, segments), ref),
+               "zero_copy": all(view.data_ptr() != p.data_ptr() for _, p in segments) and torch.equal(view, w)}
+        why = K.available_backends(group.device, reasons=True)["numba"]
+        out["numba"] = why or rel_err(K.grouped_gemm(x, sizes, segments, backend="numba"), ref)
+        return out
+    finally:
+        sw.close()
 
 
 def test_vmm_composite_view(seed):
-    """Pieces in separate physical allocations, mapped back to back: one [E, K, N] tensor."""
-    bench = _bench_module()
-    E, Kd, N = 8, 1024, 1024  # one bf16 expert = 2 MiB, the VMM granularity
-    x, sizes, w = make_case(seed, E, Kd, N, 1000, torch.bfloat16, device=DEV)
-    try:
-        vm = bench.VmmSplit(w, [0, 2, 5, 8])
-    except bench.VmmUnavailable as exc:
-        pytest.skip(f"VMM composite unavailable: {exc}")
-    try:
-        ref = ref64(x, sizes, w)
-        info = {}
-        assert rel_err(K.grouped_gemm(x, sizes, vm.composite, info=info), ref) < 1e-2
-        assert info["method"] == "grouped_mm"
-        assert rel_err(K.grouped_gemm(x, sizes, vm.segments), ref) < 1e-2
-        _numba_or_skip()
-        assert rel_err(K.grouped_gemm(x, sizes, vm.segments, backend="numba"), ref) < 1e-2
-    finally:
-        torch.cuda.synchronize()
-        vm.close()
+    """Pieces in separate physical allocations, mapped back to back by the library's own VMM
+    composite (cuda_ipc ``compose``, one rank): one [E, K, N] tensor, one torch._grouped_mm."""
+    import dwdp_comm as dc
+    res = dc.testing.launch(composite_rank, 1, seed, backend="cuda_ipc", timeout=180)[0]
+    if "skip" in res:
+        pytest.skip(f"VMM composite unavailable: {res['skip']}")
+    assert res["zero_copy"], res
+    assert res["composite"] < 1e-2 and res["method"] == "grouped_mm", res
+    assert res["segments"] < 1e-2, res
+    if isinstance(res["numba"], str):
+        pytest.skip(f"numba backend unavailable: {res['numba']}")
+    assert res["numba"] < 1e-2, res
 
 
 # ---- Numba kernel on the GPU ---------------------------------------------------------------------
@@ -369,7 +380,7 @@ def test_numba_kernel_edges(seed):
 
 # ---- fp8 -----------------------------------------------------------------------------------------
 def _fp8_or_skip():
-    why = torch_grouped.fp8_unavailable_reason(torch.device(DEV))
+    why = capabilities.fp8_unavailable_reason(torch.device(DEV))
     if why:
         pytest.skip(f"fp8 grouped GEMM unavailable here: {why}")
 

@@ -104,13 +104,8 @@ def _child(seed: int) -> dict:
         return {"err": 0.0 if ok else math.inf, "tol": 1.0}
 
     def several_launches():
-        old = numba_grouped._MAX_GRID_Y
-        numba_grouped._MAX_GRID_Y = 2  # force tiles over several launches
-        try:
-            x, sizes, w = make_case(seed, 4, 8, 8, 30, torch.float32, empty_frac=0.0)
-            out = K.grouped_gemm(x, sizes, w, backend="numba:8x8x4")
-        finally:
-            numba_grouped._MAX_GRID_Y = old
+        x, sizes, w = make_case(seed, 4, 8, 8, 30, torch.float32, empty_frac=0.0)
+        out = numba_grouped.run(K.make_problem(x, sizes, w), config="8x8x4", max_grid_y=2)  # several launches
         return {"err": rel_err(out, ref64(x, sizes, w)), "tol": 1e-5}
 
     def moe_mlp():
@@ -182,8 +177,8 @@ if __name__ == "__main__":
     if os.environ.get("NUMBA_ENABLE_CUDASIM") != "1":
         sys.exit("set NUMBA_ENABLE_CUDASIM=1 (before numba is imported)")
     try:
-        from dwdp_comm.kernels._numba_compat import import_numba_cuda
-        import_numba_cuda()
+        from dwdp_comm.kernels.numba_grouped import numba_cuda
+        numba_cuda()
     except ImportError as exc:
         print(f"numba-cuda unavailable: {exc}")
         sys.exit(3)

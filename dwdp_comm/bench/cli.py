@@ -27,6 +27,7 @@ import sys
 from typing import Sequence
 
 from ..errors import InvalidArgumentError, InvalidTypeError, bad_arg
+from . import record
 from . import report as R
 from .contention import BenchConfig, run_model, run_rank
 from .patterns import SCHEDULES, canonical_pattern, parse_option, parse_schedule
@@ -263,7 +264,7 @@ def _schedule_width(cfg: BenchConfig) -> int:
 def _print_preamble(rep: R.Reporter, cfg: BenchConfig, backend: str, backend_line: str, launcher: str,
                     extra=()) -> None:
     rep.comment("dwdp-bench contention: copy-plane contention (dwdp_comm)")
-    for line in R.machine_lines():
+    for line in record.machine_lines():
         rep.comment(line)
     rep.comment(backend_line)
     for line in list(extra) + _settings_lines(cfg, launcher, backend):
@@ -363,31 +364,12 @@ def _torchrun(cfg: BenchConfig):
     return res, launcher, rank
 
 
-def _now() -> str:
-    import datetime
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def _commit() -> str | None:
-    """The dwdp_comm commit measured: ``DWDP_GIT_COMMIT`` (set it where the tree has no .git), else git's."""
-    import os
-    import subprocess
-    if os.environ.get("DWDP_GIT_COMMIT"):
-        return os.environ["DWDP_GIT_COMMIT"]
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
-                             cwd=os.path.dirname(os.path.abspath(__file__)))
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def _finish(args, cfg: BenchConfig, res: dict, launcher: str, argv) -> int:
     rows = res["rows"]
     wrong = sum(r["wrong"] or 0 for r in rows)
     skipped = sum(r["status"] != "ok" for r in rows)
-    doc = {"schema": R.SCHEMA, "command": ["dwdp-bench", *argv], "date": _now(), "commit": _commit(),
-           "machine": R.machine_lines(),
+    doc = {"schema": R.SCHEMA, "command": ["dwdp-bench", *argv], "date": record.utc_date(), "commit": record.commit(short=True),
+           "machine": record.machine_lines(),
            "launcher": launcher, "backend": res["backend"], "backend_reason": res["backend_reason"],
            "group_size": res["group_size"], "config": cfg.as_dict(),
            "pair_reference_GBps": res["pair_reference"], "rows": rows, "wrong_total": wrong,

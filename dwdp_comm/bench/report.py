@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import platform
-import shutil
-import socket
-import subprocess
 import sys
 from typing import IO
 
 SCHEMA = "dwdp-bench/contention/v1"
 
-__all__ = ["SCHEMA", "Reporter", "machine_lines", "format_size", "to_json"]
+__all__ = ["SCHEMA", "Reporter", "format_size", "to_json"]
 
 _COLS = [("pattern", "", 12), ("schedule", "", 0), ("chunk", "(B)", 10), ("size", "(B)", 11),
          ("time", "(us)", 11), ("rank-bw", "(GB/s)", 9), ("agg-bw", "(GB/s)", 9), ("ideal", "(GB/s)", 9),
@@ -26,36 +21,6 @@ def format_size(n: int) -> str:
         if n >= 1 << shift and n % (1 << shift) == 0:
             return f"{n >> shift}{unit}"
     return str(n)
-
-
-def _nvidia_smi(*args: str) -> str | None:
-    exe = shutil.which("nvidia-smi")
-    if not exe:
-        return None
-    try:
-        out = subprocess.run([exe, *args], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
-
-
-def machine_lines() -> list[str]:
-    """Machine, GPUs and topology, one preamble line each (without the leading ``#``)."""
-    import torch
-    from .. import __version__
-    lines = [f"machine: {socket.gethostname()} ({platform.platform()}, {os.cpu_count()} CPUs), "
-             f"python {platform.python_version()}, torch {torch.__version__}, dwdp_comm {__version__}"]
-    gpus = _nvidia_smi("--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader")
-    if gpus:
-        for g in gpus.splitlines():
-            lines.append(f"GPU {g.strip()}")
-        topo = _nvidia_smi("topo", "-m")
-        if topo:
-            lines.append("topology (nvidia-smi topo -m):")
-            lines.extend("  " + t for t in topo.splitlines() if t.strip())
-    else:
-        lines.append("GPUs: none found (no nvidia-smi)")
-    return lines
 
 
 class Reporter:

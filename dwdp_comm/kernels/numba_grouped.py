@@ -41,15 +41,16 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, bad_arg
-from ._inputs import Problem
+from .problem import Problem
 
-__all__ = ["run", "TileConfig", "CONFIGS", "DEFAULT_CONFIG", "unavailable_reason"]
+__all__ = ["run", "TileConfig", "CONFIGS", "DEFAULT_CONFIG", "unavailable_reason", "numba_cuda", "build_kernel",
+           "MAX_GRID_Y"]
 
-cuda = None  # numba.cuda (or its simulator), bound by _load(); the simulator swaps this global
+cuda = None  # numba.cuda (or its simulator), bound by numba_cuda(); the simulator swaps this global
 _lock = threading.Lock()
 _kernels: dict = {}
 _SIM_MEM: dict[int, np.ndarray] = {}  # simulator only: address -> flat host view
-_MAX_GRID_Y = 65535  # tiles per launch (gridDim.y limit); more tiles take several launches
+MAX_GRID_Y = 65535  # tiles per launch (gridDim.y limit); more tiles take several launches
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ def unavailable_reason() -> str | None:
     return why()
 
 
-def _load():
+def numba_cuda():
+    """``numba.cuda`` (the simulator with ``NUMBA_ENABLE_CUDASIM=1``), imported on first call."""
     global cuda
     if cuda is None:
         from ._numba_compat import import_numba_cuda
@@ -111,7 +113,7 @@ def _load():
 
 def _is_sim() -> bool:
     from ._numba_compat import is_simulator
-    return is_simulator(_load())
+    return is_simulator(numba_cuda())
 
 
 # ---- loads ---------------------------------------------------------------------------------------
@@ -163,13 +165,18 @@ def _kernel(cfg: TileConfig, x_bf16: bool, w_bf16: bool):
     with _lock:
         k = _kernels.get(key)
         if k is None:
-            k = _kernels[key] = _build(cfg, x_bf16, w_bf16)
+            k = _kernels[key] = build_kernel(cfg, x_bf16, w_bf16)
         return k
 
 
-def _build(cfg: TileConfig, x_bf16: bool, w_bf16: bool):
+def build_kernel(cfg: TileConfig, x_bf16: bool, w_bf16: bool):
+    """A fresh (uncached) kernel for tile shape ``cfg`` and bf16 / float32 ``x`` and weights.
+
+    Imports numba. :func:`run` uses a per-process cache of these; the kernel's ``py_func`` can
+    be compiled on its own (``numba_cuda().compile_ptx``) to inspect the code without a GPU.
+    """
     cfg.check()
-    _load()
+    numba_cuda()
     ld_f32, ld_bf16 = _loads()
     ldx = ld_bf16 if x_bf16 else ld_f32
     ldw = ld_bf16 if w_bf16 else ld_f32
@@ -310,7 +317,8 @@ def _sim_register(p: Problem) -> list[int]:
     return keys
 
 
-def run(p: Problem, config: str | TileConfig | None = None, info: dict | None = None) -> torch.Tensor:
+def run(p: Problem, config: str | TileConfig | None = None, info: dict | None = None, *,
+        max_grid_y: int = MAX_GRID_Y) -> torch.Tensor:
     """Run ``p`` with the Numba kernel.
 
     Parameters
@@ -322,6 +330,9 @@ def run(p: Problem, config: str | TileConfig | None = None, info: dict | None = 
         A key of :data:`CONFIGS` or a :class:`TileConfig` (default :data:`DEFAULT_CONFIG`).
     info : dict, optional
         Receives ``method`` ("numba-sim" or "numba") and ``config``.
+    max_grid_y : int
+        Tiles per launch (default :data:`MAX_GRID_Y`, CUDA's ``gridDim.y`` limit); more tiles
+        take several launches. Smaller values only exercise that path (tests).
 
     Returns
     -------
@@ -332,6 +343,8 @@ def run(p: Problem, config: str | TileConfig | None = None, info: dict | None = 
     if cfg is None:
         raise bad_arg("config", config, f"one of {sorted(CONFIGS)} or a TileConfig")
     cfg.check()
+    if isinstance(max_grid_y, bool) or not isinstance(max_grid_y, int) or not 1 <= max_grid_y <= MAX_GRID_Y:
+        raise bad_arg("max_grid_y", repr(max_grid_y), f"an int in [1, {MAX_GRID_Y}]")
     if p.is_fp8:
         raise BackendUnavailableError("the numba backend supports bf16 and float32 weights, not fp8; "
                                       "use backend='torch' (torch._scaled_grouped_mm) or 'reference'")
@@ -355,7 +368,7 @@ def run(p: Problem, config: str | TileConfig | None = None, info: dict | None = 
         if K == 0:
             out32.zero_()
         else:
-            _launch(p, cfg, out32, sim)
+            _launch(p, cfg, out32, sim, max_grid_y)
     if p.out_dtype == torch.float32:
         return out32
     if p.out is not None:
@@ -363,7 +376,7 @@ def run(p: Problem, config: str | TileConfig | None = None, info: dict | None = 
     return out32.to(p.out_dtype)
 
 
-def _launch(p: Problem, cfg: TileConfig, out32: torch.Tensor, sim: bool) -> None:
+def _launch(p: Problem, cfg: TileConfig, out32: torch.Tensor, sim: bool, max_y: int) -> None:
     addr, sk, sn, tile_e, tile_r0, tile_r1 = _tables(p, cfg)
     if tile_e.size == 0:
         out32.zero_()
@@ -373,7 +386,6 @@ def _launch(p: Problem, cfg: TileConfig, out32: torch.Tensor, sim: bool) -> None
     grid_x = math.ceil(p.N / cfg.bn)
     block = cfg.threads
     scal = (np.int64(x.data_ptr()), np.int64(x.stride(0)), np.int64(x.stride(1)))
-    max_y = _MAX_GRID_Y
     if sim:
         keys = _sim_register(p)
         out_np = out32.numpy()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from ._inputs import FP8_DTYPE, Problem
+from .problem import FP8_DTYPE, Problem
 
 __all__ = ["run", "quantize_rowwise", "FP8_MAX"]
 
@@ -55,7 +55,7 @@ def run(p: Problem, *, acc_dtype: torch.dtype = torch.float64, out_dtype: torch.
     Parameters
     ----------
     p : Problem
-        From :func:`dwdp_comm.kernels._inputs.make_problem`.
+        From :func:`dwdp_comm.kernels.problem.make_problem`.
     acc_dtype : torch.dtype
         Dtype of the math (float64 default; float32 for large GPU checks, with TF32 as the caller
         set it).

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..errors import bad_arg, bad_type
-from ..kernels.torch_grouped import WorkerStreams
+from ..kernels.workers import WorkerStreams
 from .tokens import combine_rows, gather_tokens, sort_by_expert
 
 __all__ = ["experts_forward", "experts_forward_reference", "GATES", "WEIGHT_LAYOUTS"]
