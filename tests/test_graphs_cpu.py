@@ -136,3 +136,14 @@ def test_capture_id_and_invalidated_capture(fake):
     fake.seq[cid].invalid = True
     with pytest.raises(dc.GraphCaptureError, match="invalidated"):
         _cuda.stream_capture_id(s.handle)
+
+
+# ---- the prefetcher and the pipeline under capture: sim heaps of 2 ranks, fake runtime -----------------
+def test_pipeline_captured_replayed_and_mixed_with_eager(seed):
+    import helpers.graph_rankfns as gfns
+    res = dc.testing.launch(gfns.captured_pipeline, 2, seed, backend="sim", timeout=180)
+    for r in res:
+        assert r["ok"]
+        assert r["eager_batch_calls"] > 0, "the eager path should use the batch call (default api)"
+        assert r["captured_batch_calls"] == 0
+        assert r["captured_copies"] > 0 and r["forks"] >= 2  # peer lane and local lane forked
