@@ -255,7 +255,9 @@ class DwdpPipeline:
         self._handles.clear()
 
     def close(self) -> None:
-        """Release the handles still held (prefetches issued ahead for a next iteration)."""
+        """Release the handles still held (prefetches issued ahead for a next iteration). A later
+        :meth:`begin` starts again from the first layer."""
         self._drop_handles()
         self._started = False
         self._capture = None
+        self._next = self._acquired = 0  # else begin() after close() prefetched from mid-sequence
