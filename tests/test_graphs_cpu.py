@@ -147,3 +147,16 @@ def test_pipeline_captured_replayed_and_mixed_with_eager(seed):
         assert r["eager_batch_calls"] > 0, "the eager path should use the batch call (default api)"
         assert r["captured_batch_calls"] == 0
         assert r["captured_copies"] > 0 and r["forks"] >= 2  # peer lane and local lane forked
+
+
+def test_example_cuda_graph_flag_refused_without_gpu():
+    import os
+    import subprocess
+    import sys
+    if dc.testing.gpu_count():
+        pytest.skip("checks the refusal on machines without GPUs")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    run = subprocess.run([sys.executable, os.path.join(root, "examples", "deepseek_layer.py"), "--size", "toy",
+                          "--cuda-graph"], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=root))
+    assert run.returncode != 0 and "--cuda-graph needs a GPU and --mode dwdp" in run.stderr
