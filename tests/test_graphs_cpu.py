@@ -147,6 +147,7 @@ def test_pipeline_captured_replayed_and_mixed_with_eager(seed):
         assert r["eager_batch_calls"] > 0, "the eager path should use the batch call (default api)"
         assert r["captured_batch_calls"] == 0
         assert r["captured_copies"] > 0 and r["forks"] >= 2  # peer lane and local lane forked
+        assert r["sync_refused_cleanly"]
 
 
 def test_example_cuda_graph_flag_refused_without_gpu():

@@ -49,9 +49,17 @@ class FakeCudaOverSim:
 
     def copy_engine(self, heap, **options):
         self._views = [np.frombuffer(m.mm, dtype=np.uint8) for m in heap.peers]  # keep the addresses alive
+        opts = _cuda.parse_engine_options(options, self.name)
+        flags = None
+        if opts["sync"] != "none":  # local flag words: enough to build the engine (no job is submitted)
+            G = self.comm.size
+            self._words = np.zeros(_cuda.SyncFlags.num_words(opts["sync"], G, opts["streams"]), dtype=np.uint64)
+            flags = _cuda.SyncFlags(mode=opts["sync"], rank=self.comm.rank, group_size=G, num_lanes=opts["streams"],
+                                    distribute=opts["distribute"], bits=64, local_ptr=int(self._words.ctypes.data),
+                                    peer_ptrs=[int(self._words.ctypes.data)] * G)
         return _cuda.CopyExecutor(device=0, rank=self.comm.rank, group_size=self.comm.size,
                                   src_ptrs=[int(v.ctypes.data) for v in self._views], src_nbytes=heap.nbytes,
-                                  **_cuda.parse_engine_options(options, self.name))
+                                  flags=flags, **opts)
 
     def alloc_buffer(self, nbytes, boundaries=()):
         self.slots.append(_HostSlot(nbytes))
@@ -190,8 +198,17 @@ def captured_pipeline(group, seed):
     with pytest.raises(dc.GraphCaptureError, match="recorded in a capture"):
         h.wait()
     h.release()  # outside its capture: allowed (an abandoned capture), records nothing
-    out["ok"] = True
     pf.close()
+    # Time division under capture: refused at prefetch(), naming the option, before anything is queued.
+    pfs = dc.Prefetcher(st, depth=2, engine_options={"sync": "slot", "api": "memcpy"})  # collective engine
+    cid = fake.begin_graph(C)
+    fake.log.clear()
+    with pytest.raises(dc.GraphCaptureError, match=r"sync='slot'.*not supported under CUDA graph capture"):
+        pfs.prefetch(layers[0])
+    out["sync_refused_cleanly"] = not any(e[0] == "copy" for e in fake.log)
+    fake.end_graph(C)
+    pfs.close()  # collective: every rank submitted the same (zero) jobs
+    out["ok"] = True
     st.close()
     group.impl = be.sim
     return out
