@@ -612,7 +612,8 @@ class Prefetcher:
         slot.views.clear()
 
     def synchronize(self) -> None:
-        """Block the host until every submitted copy of this prefetcher completed. Local."""
+        """Block the host until every submitted eager copy of this prefetcher completed. Local.
+        Copies recorded in a CUDA graph capture run at replay: synchronize the replay's stream."""
         self._check_open()
         self._wait_all()
 
@@ -637,6 +638,9 @@ class Prefetcher:
         releases the copy streams left waiting (and then raises
         :class:`~dwdp_comm.errors.CollectiveMismatchError`); waiting on the handles before that
         would block forever. The first error is raised after the slots were freed.
+
+        A CUDA graph that captured prefetches of this prefetcher reads its slots and the peers'
+        heaps at every replay: synchronize the replays and drop the graph before closing.
         """
         if self._closed:
             return
