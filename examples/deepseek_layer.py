@@ -233,7 +233,8 @@ class Runner:
         if len(plan) < n_batches:
             raise RuntimeError("not enough requests for the iterations asked")
         graph = None
-        if args.cuda_graph:
+        use_graph = getattr(args, "cuda_graph", False)  # callers that build their own args (perf/sweep_deepseek.py)
+        if use_graph:
             plan = [plan[0]] * n_batches  # one static shape: the first batch's requests, new inputs each time
         gen = torch.Generator(device=device).manual_seed(args.seed * 31 + self.rank)
         inputs = [torch.randn(sum(b), cfg.hidden, generator=gen, device=device, dtype=torch.float32).to(self.dtype)
@@ -247,7 +248,7 @@ class Runner:
         for i, (x, seq) in enumerate(zip(inputs, plan)):
             for b in self.blocks:
                 b.active = record and i == 0
-            if args.cuda_graph and i == warmup:  # warm-up done eagerly: capture once, replay from now on
+            if use_graph and i == warmup:  # warm-up done eagerly: capture once, replay from now on
                 graph, static_x, static_y = self._capture(x, seq)
             self._sync()
             t0 = time.perf_counter()
@@ -290,7 +291,7 @@ class Runner:
                 "backend": self.group.backend if self.group else None,
                 "slot_nbytes": pf.slot_nbytes if pf else 0,
                 "remote_nbytes_per_layer": store.remote_nbytes(self.layers[0]) if store else 0,
-                "cuda_graph": bool(args.cuda_graph), "graph_vs_eager_rel_error": graph_err}
+                "cuda_graph": bool(use_graph), "graph_vs_eager_rel_error": graph_err}
 
     def _capture(self, x, seq_lens):
         """Capture one forward of every layer (prefetches, waits and releases included) in a CUDA graph.
