@@ -827,3 +827,12 @@ def test_build_sync_program_source_mode_targets():
     # slot 1 reads 2: wait for rank 1's key-2 word >= V(0); rank 2 never reads itself
     assert steps[1][2] == [(4, (1 << 20) + 8 * f.word(2, 1, 0), 1)]
     assert steps[3][3] == [((t + 1 << 20) + 8 * f.word(2, 0, 0), f.end) for t in (0, 1)]
+
+
+def test_cuda_error_survives_pickling():
+    """A CudaError raised in a rank crosses testing.launch's pipe: it must unpickle (it did not)."""
+    import pickle
+    err = _cuda.CudaError("cudaStreamEndCapture", 904, "streams [3] were not joined back")
+    got = pickle.loads(pickle.dumps(err))
+    assert type(got) is _cuda.CudaError and str(got) == str(err)
+    assert (got.api, got.code, got.name) == (err.api, err.code, err.name)

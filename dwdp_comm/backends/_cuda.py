@@ -81,12 +81,17 @@ class CudaError(DwdpError, RuntimeError):
         The ``cudaError_t`` / ``CUresult`` value; ``name`` is its name.
     """
 
-    def __init__(self, api: str, err: Any, context: str = ""):
+    def __init__(self, api: str, err: Any, context: str = "", name: str | None = None):
         self.api = api
         self.code = int(err)
-        self.name = getattr(err, "name", None) or str(err)
+        self.name = name or getattr(err, "name", None) or str(err)
+        self.context = context
         msg = f"{api} failed: {self.name} ({self.code})"
         super().__init__(msg + (f": {context}" if context else ""))
+
+    def __reduce__(self):
+        # Rebuilt from its fields, so that it crosses process boundaries (testing.launch's pipe).
+        return (type(self), (self.api, self.code, self.context, self.name))
 
 
 def check(result: Any, api: str, context: str = ""):
