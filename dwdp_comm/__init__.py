@@ -18,7 +18,7 @@ Importing needs only torch and numpy; GPU backends import their packages when ch
 
 from .errors import (BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError,
                      InvalidArgumentError, InvalidTypeError, MissingDependencyError, PeerAccessError, RankFailedError,
-                     SlotStillHeldError)
+                     SlotStillHeldError, GraphCaptureError)
 from .group import Group, init
 from .layout import ExpertLayout
 from .planner import CopyPlan, CopyRange, make_plan, policies, register_policy
@@ -33,4 +33,5 @@ __all__ = [
     "CopyPlan", "CopyRange", "make_plan", "policies", "register_policy", "testing",
     "DwdpError", "InvalidArgumentError", "InvalidTypeError", "ClosedError", "CollectiveMismatchError",
     "BackendUnavailableError", "MissingDependencyError", "PeerAccessError", "SlotStillHeldError", "RankFailedError",
+    "GraphCaptureError",
 ]

@@ -19,6 +19,7 @@ __all__ = [
     "TransportError",
     "BackendUnavailableError",
     "SlotStillHeldError",
+    "GraphCaptureError",
     "PeerAccessError",
     "RankFailedError",
     "MissingDependencyError",
@@ -105,6 +106,11 @@ class PeerAccessError(BackendUnavailableError):
 
 class SlotStillHeldError(DwdpError, RuntimeError):
     """Waiting on a prefetch that cannot start because its slot's previous handle is unreleased."""
+
+
+class GraphCaptureError(DwdpError, RuntimeError):
+    """A call that a CUDA graph capture cannot contain (or that mixes work from inside and outside a
+    capture): the message names the call and what to do instead."""
 
 
 class MissingDependencyError(DwdpError, ImportError):

@@ -20,6 +20,14 @@ Prefetched views are read-only by contract. On ``sim`` a write never reaches the
 views map the heap pages copy-on-write and are rebuilt for every handle, so a write stays in that
 handle's view and is gone at the next prefetch into the slot. On GPU backends a composite view's
 local rows are the heap pages that peers read: writing them would change the expert for every rank.
+
+CUDA graphs: a prefetch issued while its stream is capturing (``stream``, or the current torch
+stream) is recorded into that capture: the copy streams fork from the capturing stream, the copies
+become memcpy nodes, ``wait`` and ``release`` record the joins. Each such handle belongs to its
+capture: waiting on it outside, or waiting inside a capture on a handle issued outside, raises
+:class:`~dwdp_comm.errors.GraphCaptureError`. :meth:`Prefetcher.prepare_capture` (host-blocking)
+makes the prefetcher ready for a capture; what a replay assumes is in ``docs/design.md``
+("CUDA graphs").
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 
 import logging
 
-from .errors import ClosedError, DwdpError, SlotStillHeldError, bad_arg, bad_type
+from .errors import ClosedError, DwdpError, GraphCaptureError, SlotStillHeldError, bad_arg, bad_type
 from .group import describe
 from .planner import PlanCache, make_plan, policies
 from .store import WeightStore, _typed
@@ -62,10 +70,12 @@ class PrefetchHandle:
         Index of the ring slot it occupies.
     """
 
-    def __init__(self, pf: "Prefetcher", layer: int, slot: _Slot, fetched: tuple[int, ...], after: list):
+    def __init__(self, pf: "Prefetcher", layer: int, slot: _Slot, fetched: tuple[int, ...], after: list,
+                 capture: int | None = None):
         self._pf, self.layer, self._slot, self.slot = pf, layer, slot, slot.index
         self._fetched = fetched
         self._after = after
+        self._capture = capture
         self._ready = None  # completion event, set when the copy job is submitted
         self._release_event = None
         self._waited = False
@@ -79,8 +89,17 @@ class PrefetchHandle:
 
     @property
     def is_done(self) -> bool:
-        """True once every copy of this prefetch completed. Never blocks."""
+        """True once every copy of this prefetch completed. Never blocks. Refused (GraphCaptureError)
+        for a captured handle, whose copies run only when the graph replays."""
+        if self._capture is not None:
+            raise GraphCaptureError(f"is_done of the prefetch of layer {self.layer}: it was recorded in a CUDA "
+                                    "graph capture and runs only when the graph replays")
         return self._ready is not None and self._ready.is_done
+
+    @property
+    def capture(self) -> int | None:
+        """The id of the CUDA graph capture this prefetch was recorded in (None: eager)."""
+        return self._capture
 
     @property
     def released(self) -> bool:
@@ -125,8 +144,13 @@ class PrefetchHandle:
             has not started and never would.
         DwdpError
             The copy engine failed (the cause is chained), or the handle was released.
+        GraphCaptureError
+            ``stream`` is capturing a CUDA graph and this prefetch was not issued inside that
+            capture (its copies would not be in the graph), or this prefetch was recorded in a
+            capture and ``stream`` is not part of it.
         """
         self._check_usable("wait")
+        self._check_same_capture(stream, "wait")
         if self._ready is None:
             holder = self._slot.queue[0]
             raise SlotStillHeldError(
@@ -142,6 +166,9 @@ class PrefetchHandle:
         :class:`~dwdp_comm.errors.SlotStillHeldError` as :meth:`wait` does.
         """
         self._check_usable("synchronize")
+        if self._capture is not None:
+            raise GraphCaptureError(f"synchronize() of the prefetch of layer {self.layer}: it was recorded in a CUDA "
+                                    "graph capture; synchronize the stream the graph replays on instead")
         if self._ready is None:
             self.wait()  # raises SlotStillHeldError
         self._ready.synchronize()
@@ -165,11 +192,27 @@ class PrefetchHandle:
             The handle was already released.
         ClosedError
             The prefetcher was closed.
+        GraphCaptureError
+            ``stream`` is capturing a CUDA graph and this prefetch was issued outside it.
+
+        Notes
+        -----
+        A captured handle released outside its capture (a capture that raised half-way) records
+        nothing: the slot's next eager prefetch is ordered after the current stream instead.
         """
         self._pf._check_open()
         if self._released:
             raise DwdpError(f"handle of layer {self.layer} released twice")
-        self._release_event = self._pf._backend.record_event(stream)
+        cap = self._pf.capture_id(stream)
+        if cap is not None and cap != self._capture:
+            raise GraphCaptureError(
+                f"release() of the prefetch of layer {self.layer} inside a CUDA graph capture, but it was "
+                f"{'issued outside any capture' if self._capture is None else 'recorded in another capture'}; "
+                "release it outside (DwdpPipeline.prepare_capture() releases a pipeline's handles before capturing)")
+        if self._capture is not None and cap is None:
+            self._release_event = None  # abandoned capture: nothing eager to order after
+        else:
+            self._release_event = self._pf._backend.record_event(stream)
         self._released = True
         self._pf._pump(self._slot)
 
@@ -219,6 +262,22 @@ class PrefetchHandle:
         return list(self._pf._view(self._slot, self.layer, name)[1])
 
     # ---- helpers -------------------------------------------------------------------------------
+    def _check_same_capture(self, stream: Any, what: str) -> None:
+        cap = self._pf.capture_id(stream)
+        if cap == self._capture:
+            return
+        if self._capture is None:
+            raise GraphCaptureError(
+                f"{what}() inside a CUDA graph capture on the prefetch of layer {self.layer}, which was issued "
+                "before the capture: its copies are not in the graph, so a replay would read whatever the slot "
+                "holds. Issue the prefetch inside the capture (DwdpPipeline.begin() does, after prepare_capture())")
+        if cap is None:
+            raise GraphCaptureError(
+                f"{what}() outside a CUDA graph capture on the prefetch of layer {self.layer}, which was recorded "
+                "in a capture: its copies run only when the graph replays; wait on it inside the capture")
+        raise GraphCaptureError(f"{what}() on the prefetch of layer {self.layer} inside CUDA graph capture {cap}, "
+                                f"but it was recorded in capture {self._capture}")
+
     def _check_usable(self, what: str) -> None:
         self._pf._check_open()
         if self._released:
@@ -250,9 +309,14 @@ class PrefetchHandle:
             self.release()
 
     def __repr__(self) -> str:
-        state = ("released" if self._released else "done" if self.is_done else
-                 "in flight" if self.is_submitted else "waiting for its slot")
+        state = ("released" if self._released else "captured" if self._capture is not None else
+                 "done" if self.is_done else "in flight" if self.is_submitted else "waiting for its slot")
         return f"PrefetchHandle(layer={self.layer}, slot={self.slot}, {state})"
+
+
+def _capture_of(event: Any) -> int | None:
+    """The capture an event was recorded in (backends without graphs have no such attribute)."""
+    return getattr(event, "capture", None)
 
 
 def _expert_list(experts: Any, num_experts: int) -> list[int]:
@@ -297,6 +361,10 @@ class Prefetcher:
     -----
     Local (not collective), except on ``nvshmem`` across nodes, where slots are symmetric memory
     and construction is collective. ``prefetch`` never blocks the host.
+
+    Under CUDA graph capture (detected per call from the stream), see the module docstring and
+    :meth:`prepare_capture`; ``nbytes_prefetched`` and the plan cache count a captured prefetch
+    once, at capture (not per replay).
     """
 
     def __init__(self, store: WeightStore, depth: int = 2, schedule: str = "round_robin",
@@ -397,11 +465,18 @@ class Prefetcher:
             ``layer`` is not a committed layer, or an expert is outside ``[0, num_experts)``.
         ClosedError
             The prefetcher or its store was closed.
+        GraphCaptureError
+            ``stream`` (or the current stream) is capturing a CUDA graph and the prefetch cannot be
+            recorded: the copy engine cannot capture (``sync`` time division, unmapped peers), or
+            the slot still holds a prefetch from outside the capture (call :meth:`prepare_capture`
+            before capturing). Nothing was queued.
 
         Notes
         -----
         Never blocks the host: the copy plan comes from :attr:`plan_cache` (built once per layer
-        shape and expert set) and is handed to the backend's copy engine.
+        shape and expert set) and is handed to the backend's copy engine. Under capture the
+        copies fork from the capturing stream at this call (``stream`` is then always a fork
+        point) and are recorded as graph nodes.
         """
         self._check_open()
         self.store._layer(layer)  # raises for an unregistered layer
@@ -410,31 +485,97 @@ class Prefetcher:
             fetched = tuple(lay.remote_experts)
         else:
             fetched = tuple(sorted({e for e in _expert_list(experts, lay.num_experts) if not lay.is_local(e)}))
-        after = [self._backend.record_event(stream)] if stream is not None else []
+        cap = self.capture_id(stream)
         slot = self._slots[self._count % self.depth]
+        if cap is not None:
+            self._check_capturable(slot, int(layer), cap)
+        after = [self._backend.record_event(stream)] if stream is not None or cap is not None else []
         self._count += 1
-        handle = PrefetchHandle(self, int(layer), slot, fetched, after)
+        handle = PrefetchHandle(self, int(layer), slot, fetched, after, cap)
         slot.queue.append(handle)
         self._pump(slot)
         return handle
+
+    def capture_id(self, stream: Any = None) -> int | None:
+        """The id of the CUDA graph capture ``stream`` (None: the current stream) is part of, or
+        None (always None on ``sim``). Never blocks."""
+        return self._backend.capture_id(stream)
+
+    def _check_capturable(self, slot: _Slot, layer: int, cap: int) -> None:
+        refusal = getattr(self._engine, "capture_refusal", None)
+        problem = refusal() if refusal is not None else f"the {self._backend.name} copy engine cannot capture"
+        if problem is not None:
+            raise GraphCaptureError(f"prefetch({layer}) under CUDA graph capture: {problem}")
+        foreign = [h for h in slot.queue if h._capture != cap]
+        if foreign:
+            raise GraphCaptureError(
+                f"prefetch({layer}) under CUDA graph capture: slot {slot.index} is still held by the prefetch of layer "
+                f"{foreign[0].layer}, issued outside this capture; release every handle and call "
+                "Prefetcher.prepare_capture() (DwdpPipeline.prepare_capture()) before capturing")
+        if not slot.queue and any(_capture_of(ev) is None for ev in slot.fence):
+            raise GraphCaptureError(
+                f"prefetch({layer}) under CUDA graph capture: slot {slot.index} was last written or read by eager work "
+                "that the capture cannot wait for; call Prefetcher.prepare_capture() (host-blocking) before capturing")
+
+    def prepare_capture(self, layers: Iterable[int] | None = None) -> None:
+        """Make this prefetcher ready for a CUDA graph capture. Host-blocking, local.
+
+        Waits for every eager copy and release so far (the slots' fences are then retired: a
+        captured prefetch has nothing from outside its capture to wait for) and builds the
+        weight views of ``layers`` (default: every committed layer) in every slot, so that the
+        capture maps no memory. Call it after the eager forwards and before the capture, and
+        again before replaying after eager forwards of this prefetcher.
+
+        Raises
+        ------
+        DwdpError
+            A handle is still held or queued (release it first), or this is called during a capture.
+        """
+        self._check_open()
+        if self.capture_id() is not None:
+            raise GraphCaptureError("Prefetcher.prepare_capture() blocks the host: call it before the capture")
+        for slot in self._slots:
+            live = [h for h in slot.queue if not h._released]
+            if live:
+                raise DwdpError(f"Prefetcher.prepare_capture(): slot {slot.index} is still held by the prefetch of "
+                                f"layer {live[0].layer}; release every handle first")
+        self._wait_all()
+        for slot in self._slots:
+            slot.fence = []  # eager ones completed; captured ones order nothing outside their graph
+        if self._fresh_views:
+            return  # sim builds views per handle (copy-on-write); nothing to map ahead
+        layers = self.store.layers if layers is None else list(layers)
+        for slot in self._slots:
+            for layer in layers:
+                for name in self.store.names(layer):
+                    self._view(slot, layer, name)
 
     def _pump(self, slot: _Slot) -> None:
         """Drop released handles from the slot's front; submit the new front if it is waiting."""
         while slot.queue and slot.queue[0]._released:
             h = slot.queue.popleft()
             if h._ready is not None:
-                slot.fence = [h._ready, h._release_event]
+                slot.fence = [ev for ev in (h._ready, h._release_event) if ev is not None]
             # A handle released before it was submitted is cancelled: it never writes.
         if slot.queue and slot.queue[0]._ready is None:
             h = slot.queue[0]
+            fence = slot.fence
+            if h._capture is None and any(_capture_of(ev) is not None for ev in fence):
+                # The slot was last used by a captured graph: its events order nothing outside it. Replays
+                # are stream-ordered work, so order this eager copy after the current stream instead.
+                fence = [ev for ev in fence if _capture_of(ev) is None] + [self._backend.record_event()]
+            elif h._capture is not None:
+                # Events of earlier captures: those graphs' replays are ordered by their stream.
+                fence = [ev for ev in fence if _capture_of(ev) == h._capture]
             key = (self.store.layer_signature(h.layer), h._fetched, self.schedule, self.chunk_nbytes)
             plan = self._plans.get(key, lambda: make_plan(
                 self.store.copy_ranges(h.layer, h._fetched), rank=self.store.layout.rank,
                 group_size=self.store.layout.group_size, policy=self.schedule, chunk_nbytes=self.chunk_nbytes))
             if self._fresh_views:
                 self._drop_views(slot)  # copy-on-write views: the previous handle's writes stay in its views
+            extra = {"capture": h._capture} if h._capture is not None else {}
             h._ready = self._engine.submit(plan, src_base=self.store.layer_base(h.layer), dst=slot.buffer,
-                                           dst_base=0, after=slot.fence + h._after)
+                                           dst_base=0, after=fence + h._after, **extra)
             self.nbytes_prefetched += plan.total_nbytes
 
     def _view(self, slot: _Slot, layer: int, name: str) -> tuple[torch.Tensor, list]:
@@ -471,17 +612,20 @@ class Prefetcher:
         slot.views.clear()
 
     def synchronize(self) -> None:
-        """Block the host until every submitted copy of this prefetcher completed. Local."""
+        """Block the host until every submitted eager copy of this prefetcher completed. Local.
+        Copies recorded in a CUDA graph capture run at replay: synchronize the replay's stream."""
         self._check_open()
         self._wait_all()
 
     def _wait_all(self) -> None:
+        """Wait for every eager event (captured ones complete only with their graph's replays)."""
         for slot in self._slots:
             for h in slot.queue:
-                if h._ready is not None:
+                if h._ready is not None and h._capture is None:
                     h._ready.synchronize()
             for ev in slot.fence:
-                ev.synchronize()
+                if _capture_of(ev) is None:
+                    ev.synchronize()
 
     def close(self) -> None:
         """Wait for copies in flight (blocks the host), then free the slots.
@@ -494,6 +638,9 @@ class Prefetcher:
         releases the copy streams left waiting (and then raises
         :class:`~dwdp_comm.errors.CollectiveMismatchError`); waiting on the handles before that
         would block forever. The first error is raised after the slots were freed.
+
+        A CUDA graph that captured prefetches of this prefetcher reads its slots and the peers'
+        heaps at every replay: synchronize the replays and drop the graph before closing.
         """
         if self._closed:
             return

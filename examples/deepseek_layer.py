@@ -19,10 +19,17 @@ layer, on the very input the layer saw: through several layers, a rounding diffe
 token's top-k choice in a later layer, which says nothing about the weights being right (the
 end-to-end error is reported too, for information).
 
+``--cuda-graph`` (GPU, ``--mode dwdp``): every iteration has the first batch's shape (a graph has
+static shapes; new inputs each iteration); after the warm-up the whole forward of all layers (every
+prefetch, wait and release included) is captured once in a ``torch.cuda.graph`` and each timed
+iteration is one replay. The replayed output is checked against an eager forward of the same input
+(``graph_vs_eager_rel_error``, same ``--tolerance``).
+
 Examples::
 
     python examples/deepseek_layer.py --size toy --world-size 3               # CPU, sim backend
     python examples/deepseek_layer.py --mode dwdp --world-size 4 --prompt-mean 16384 --cv 0.2
+    python examples/deepseek_layer.py --mode dwdp --world-size 2 --layers 2 --prompt-mean 2048 --cuda-graph
 """
 
 from __future__ import annotations
@@ -67,6 +74,8 @@ def parse_args(argv=None):
     ap.add_argument("--tolerance", type=float, default=2e-2)
     ap.add_argument("--no-check", action="store_true", help="skip the reference check")
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="capture one forward of all layers in a CUDA graph and replay it (GPU, --mode dwdp)")
     return ap.parse_args(argv)
 
 
@@ -115,6 +124,9 @@ class Model:
         self.cfg, self.attn, self.moes, self.norms = cfg, attn, moes, norms
 
     def __call__(self, x, seq_lens):
+        pipe = getattr(self.moes[0].block, "pipeline", None)
+        if pipe is not None:
+            pipe.begin()  # start (or resync, or start a captured forward) before the first layer
         for att, block, (n1, n2) in zip(self.attn, self.moes, self.norms):
             x = x + att(moe.rms_norm(x, n1, self.cfg.rms_eps), seq_lens)
             x = x + block(moe.rms_norm(x, n2, self.cfg.rms_eps))
@@ -220,6 +232,10 @@ class Runner:
         plan = batches(lengths, max_num_tokens)[:n_batches]
         if len(plan) < n_batches:
             raise RuntimeError("not enough requests for the iterations asked")
+        graph = None
+        use_graph = getattr(args, "cuda_graph", False)  # callers that build their own args (perf/sweep_deepseek.py)
+        if use_graph:
+            plan = [plan[0]] * n_batches  # one static shape: the first batch's requests, new inputs each time
         gen = torch.Generator(device=device).manual_seed(args.seed * 31 + self.rank)
         inputs = [torch.randn(sum(b), cfg.hidden, generator=gen, device=device, dtype=torch.float32).to(self.dtype)
                   for b in plan]
@@ -232,10 +248,17 @@ class Runner:
         for i, (x, seq) in enumerate(zip(inputs, plan)):
             for b in self.blocks:
                 b.active = record and i == 0
+            if use_graph and i == warmup:  # warm-up done eagerly: capture once, replay from now on
+                graph, static_x, static_y = self._capture(x, seq)
             self._sync()
             t0 = time.perf_counter()
             with torch.no_grad():
-                y = self.model(x, seq)
+                if graph is not None:
+                    static_x.copy_(x)
+                    graph.replay()
+                    y = static_y
+                else:
+                    y = self.model(x, seq)
             self._sync()
             dt = time.perf_counter() - t0
             if record and i == 0:
@@ -246,6 +269,14 @@ class Runner:
                 times.append((dt, sum(seq)))
             if i == warmup - 1 and self.pipe:
                 self.pipe.exposed_seconds(reset=True)
+        graph_err = None
+        if graph is not None:  # the last replay against an eager forward of the same input
+            replayed = y.clone()
+            with torch.no_grad():
+                eager = self.model(static_x.clone(), plan[0])
+            graph_err = float((replayed.double() - eager.double()).norm() / eager.double().norm())
+            self.pipe.prepare_capture()  # the eager forward left prefetches in flight
+            del graph
         exposed = self.pipe.exposed_seconds() if self.pipe else 0.0
         total_t = sum(t for t, _ in times)
         total_tok = sum(n for _, n in times)
@@ -259,7 +290,20 @@ class Runner:
                 "torch_peak_nbytes": torch.cuda.max_memory_allocated(device) if self.on_gpu else 0,
                 "backend": self.group.backend if self.group else None,
                 "slot_nbytes": pf.slot_nbytes if pf else 0,
-                "remote_nbytes_per_layer": store.remote_nbytes(self.layers[0]) if store else 0}
+                "remote_nbytes_per_layer": store.remote_nbytes(self.layers[0]) if store else 0,
+                "cuda_graph": bool(use_graph), "graph_vs_eager_rel_error": graph_err}
+
+    def _capture(self, x, seq_lens):
+        """Capture one forward of every layer (prefetches, waits and releases included) in a CUDA graph.
+
+        The pipeline is drained first (``prepare_capture``: host-blocking); inside the capture
+        ``DwdpPipeline.begin()`` notices the capture and records a self-contained forward."""
+        self.pipe.prepare_capture()
+        static_x = x.clone()
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad(), torch.cuda.graph(graph):
+            static_y = self.model(static_x, seq_lens)
+        return graph, static_x, static_y
 
     def close_pipeline(self) -> None:
         """Stop prefetching and free the slots (before :meth:`check`, which needs the memory)."""
@@ -337,6 +381,10 @@ def main(argv=None) -> int:
     args.max_num_tokens = args.max_num_tokens or 2 * args.prompt_mean
     if args.world_size < 1 or args.layers < 1 or args.iters < 1 or args.cv < 0:
         raise SystemExit("--world-size, --layers and --iters must be >= 1 and --cv >= 0")
+    if args.cuda_graph and (not gpus or args.mode != "dwdp"):
+        raise SystemExit("--cuda-graph needs a GPU and --mode dwdp")
+    if args.cuda_graph and args.warmup < 1:
+        raise SystemExit("--cuda-graph needs --warmup >= 1 (the warm-up runs eagerly before the capture)")
     backend = args.backend if args.mode == "dwdp" else None
     print(f"# deepseek_layer: mode={args.mode} size={args.size} layers={args.layers} weights={args.weights} "
           f"world={args.world_size} prompt_mean={args.prompt_mean} cv={args.cv} max_num_tokens={args.max_num_tokens} "
@@ -359,6 +407,10 @@ def main(argv=None) -> int:
         ok &= err is None or err <= args.tolerance
         if err is not None:
             errors.append(err)
+        gerr = r.get("graph_vs_eager_rel_error")
+        if gerr is not None:
+            ok &= gerr <= args.tolerance
+            print(f"# rank {r['rank']}: CUDA graph replay vs eager forward, relative error {gerr:.2e}")
         print(f"{r['rank']:>4} {lat:>17.2f} {r['tokens_per_s']:>10.0f} {100 * r['exposed_fraction']:>9.2f} "
               f"{r['prefetch_nbytes'] / scale:>12.2f} {mem(r['weights_nbytes'], 11)} "
               f"{mem(r['device_used_nbytes'], 9)} {'-' if err is None else f'{err:.2e}':>9}")

@@ -14,6 +14,7 @@ import torch
 
 import dwdp_comm as dc
 import rankfns
+from helpers import fake_cuda
 from dwdp_comm.backends import _cuda
 from dwdp_comm.interop.streams import resolve_stream
 
@@ -159,296 +160,13 @@ def test_pidfd_getfd_duplicates_a_descriptor():
 
 
 # ---- the executor's logic on a fake CUDA runtime (host memory, in-order streams) -----------------------
-class _FakeGPU:
-    """Just enough of cuda.bindings.runtime (plus the ctypes driver calls) for CopyExecutor, on host
-    memory, with real stream semantics: every stream is a FIFO of operations that run in order; an
-    event wait or a flag wait (cuStreamBatchMemOp, cyclic >=) holds its stream until satisfied;
-    ``progress()`` runs whatever can run. Several fake ranks (executors) share one fake GPU, so
-    flag writes of one rank release waits of another. Thread-safe (ranks may run in threads).
-
-    ``log`` is host (enqueue) order: ("wait", stream, event), ("record", event, stream), ("copy",
-    stream, n), ("batch", stream, count), ("memop", stream, op, addr, value), ("launch", stream,
-    exec), ("capture", stream, ncopies). ``done`` is execution order: ("copy", stream, dst, src, n),
-    ("write", stream, addr, value, bits), ("wait", stream, addr, value, bits).
-    """
-
-    class cudaError_t:
-        cudaSuccess, cudaErrorNotReady = 0, 600
-
-    class cudaMemcpyKind:
-        cudaMemcpyDeviceToHost, cudaMemcpyDeviceToDevice = 2, 3
-
-    class cudaStreamCaptureMode:
-        cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed = 0, 1, 2
-
-    cudaStreamNonBlocking, cudaEventDisableTiming = 1, 2
-
-    def __init__(self, hang_timeout=10.0):
-        import threading
-        self.lock = threading.RLock()
-        self.log, self.done, self._next, self._mem = [], [], 1000, {}
-        self.streams, self.events = {}, {}  # handle -> deque / [recorded, completed]
-        self.capturing, self.graphs, self.execs = {}, {}, {}
-        self.hang_timeout = hang_timeout
-
-    def _handle(self):
-        self._next += 1
-        return self._next
-
-    # -- the engine of the fake --------------------------------------------------------------------------
-    def enqueue(self, stream, op):
-        import collections
-        with self.lock:
-            s = int(stream)
-            if s in self.capturing:
-                assert op[0] == "copy", f"only copies may be captured, got {op[0]}"
-                self.capturing[s].append(op)
-                return
-            self.streams.setdefault(s, collections.deque()).append(op)
-            self.progress()
-
-    @staticmethod
-    def _read(addr, bits):
-        import ctypes
-        return (ctypes.c_uint64 if bits == 64 else ctypes.c_uint32).from_address(addr).value
-
-    @staticmethod
-    def _ge(cur, value, bits):  # CU_STREAM_WAIT_VALUE_GEQ: (intN_t)(*addr - value) >= 0
-        return ((cur - value) & ((1 << bits) - 1)) < (1 << (bits - 1))
-
-    def _ready(self, op):
-        if op[0] == "waitev":
-            return self.events[op[1]][1] >= op[2]
-        if op[0] == "wait":
-            return self._ge(self._read(op[1], op[3]), op[2], op[3])
-        return True
-
-    def _run(self, s, op):
-        import ctypes
-        kind = op[0]
-        if kind == "copy":
-            ctypes.memmove(op[1], op[2], op[3])
-            self.done.append(("copy", s, op[1], op[2], op[3]))
-        elif kind == "graph":
-            for sub in op[1]:
-                self._run(s, sub)
-        elif kind == "record":
-            self.events[op[1]][1] = max(self.events[op[1]][1], op[2])
-        elif kind == "write":
-            (ctypes.c_uint64 if op[3] == 64 else ctypes.c_uint32).from_address(op[1]).value = op[2]
-            self.done.append(("write", s, op[1], op[2], op[3]))
-        elif kind == "wait":
-            self.done.append(("wait", s, op[1], op[2], op[3]))
-        elif kind == "memset":
-            ctypes.memset(op[1], op[2], op[3])
-
-    def progress(self):
-        with self.lock:
-            moved = True
-            while moved:
-                moved = False
-                for s, q in list(self.streams.items()):
-                    while q and self._ready(q[0]):
-                        self._run(s, q.popleft())
-                        moved = True
-
-    def pending(self, stream=None):
-        with self.lock:
-            self.progress()
-            if stream is None:
-                return sum(len(q) for q in self.streams.values())
-            return len(self.streams.get(int(stream), ()))
-
-    # -- runtime API ----------------------------------------------------------------------------------------
-    def cudaStreamCreateWithPriority(self, flags, priority):
-        import collections
-        with self.lock:
-            h = self._handle()
-            self.streams[h] = collections.deque()
-            return 0, h
-
-    def cudaStreamSynchronize(self, s):
-        import time
-        t0 = time.monotonic()
-        while self.pending(s):
-            if time.monotonic() - t0 > self.hang_timeout:
-                raise AssertionError(f"fake stream {int(s)} would hang: {list(self.streams[int(s)])[:3]}")
-            time.sleep(1e-3)
-        return (0,)
-
-    def cudaStreamQuery(self, s):
-        return (600,) if self.pending(s) else (0,)
-
-    def cudaStreamDestroy(self, s):
-        with self.lock:
-            assert not self.streams.get(int(s)), "destroying a stream with work left"
-            self.streams.pop(int(s), None)
-        return (0,)
-
-    def cudaEventCreateWithFlags(self, flags):
-        with self.lock:
-            h = self._handle()
-            self.events[h] = [0, 0]
-            return 0, h
-
-    def cudaEventDestroy(self, ev):
-        return (0,)
-
-    def cudaEventRecord(self, ev, s):
-        with self.lock:
-            e = self.events[int(ev)]
-            e[0] += 1
-            self.log.append(("record", int(ev), int(s)))
-            self.enqueue(s, ("record", int(ev), e[0]))
-        return (0,)
-
-    def cudaStreamWaitEvent(self, s, ev, flags):
-        with self.lock:
-            self.log.append(("wait", int(s), int(ev)))
-            seq = self.events[int(ev)][0]
-            if seq:
-                self.enqueue(s, ("waitev", int(ev), seq))
-        return (0,)
-
-    def cudaMemcpyAsync(self, d, s, n, kind, stream):
-        with self.lock:
-            self.log.append(("copy", int(stream), n))
-            self.enqueue(stream, ("copy", int(d), int(s), int(n)))
-        return (0,)
-
-    def cudaMemsetAsync(self, p, value, n, stream):
-        self.enqueue(stream, ("memset", int(p), int(value), int(n)))
-        return (0,)
-
-    def cudaMalloc(self, n):
-        import ctypes
-        buf = ctypes.create_string_buffer(n)
-        self._mem[ctypes.addressof(buf)] = buf
-        return 0, ctypes.addressof(buf)
-
-    def cudaFree(self, p):
-        self._mem.pop(int(p), None)
-        return (0,)
-
-    def cudaStreamBeginCapture(self, s, mode):
-        assert mode == self.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed
-        with self.lock:
-            assert int(s) not in self.capturing
-            self.capturing[int(s)] = []
-        return (0,)
-
-    def cudaStreamEndCapture(self, s):
-        with self.lock:
-            ops = self.capturing.pop(int(s))
-            h = self._handle()
-            self.graphs[h] = ops
-            self.log.append(("capture", int(s), len(ops)))
-            return 0, h
-
-    def cudaGraphInstantiate(self, g, flags):
-        assert flags == 0
-        with self.lock:
-            h = self._handle()
-            self.execs[h] = list(self.graphs[int(g)])
-            return 0, h
-
-    def cudaGraphDestroy(self, g):
-        with self.lock:
-            del self.graphs[int(g)]
-        return (0,)
-
-    def cudaGraphExecDestroy(self, e):
-        with self.lock:
-            del self.execs[int(e)]
-        return (0,)
-
-    def cudaGraphLaunch(self, e, s):
-        with self.lock:
-            self.log.append(("launch", int(s), int(e)))
-            self.enqueue(s, ("graph", list(self.execs[int(e)])))
-        return (0,)
-
-    # -- driver (cuda.bindings.driver) ------------------------------------------------------------------
-    class CUdevice_attribute:
-        CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS = 122
-
-    bits64 = 1
-
-    def cuDeviceGet(self, ordinal):
-        return 0, ordinal
-
-    def cuDeviceGetAttribute(self, attr, dev):
-        assert attr == 122
-        return 0, self.bits64
-
-
-class _FakeDriverCalls:
-    """DriverCopyCalls on the fake GPU: the same calls, in the same log."""
-
-    def __init__(self, fake: _FakeGPU, memops=True):
-        self.fake = fake
-        if not memops:
-            self.memops = None
-
-    def memcpy(self, d, s, n, stream):
-        with self.fake.lock:
-            self.fake.log.append(("copy", int(stream), n, int(d)))
-            self.fake.enqueue(stream, ("copy", int(d), int(s), int(n)))
-        return 0
-
-    def batch(self, dptr, sptr, nptr, count, attrs_ptr, idx_ptr, nattrs, stream):
-        import ctypes
-        import numpy as np
-        assert nattrs == 1 and attrs_ptr == 12345
-        arr = lambda p: np.ctypeslib.as_array(ctypes.cast(p, ctypes.POINTER(ctypes.c_uint64)), (count,))  # noqa: E731
-        with self.fake.lock:
-            self.fake.log.append(("batch", int(stream), count))
-            for d, s, n in zip(arr(dptr).tolist(), arr(sptr).tolist(), arr(nptr).tolist()):
-                self.fake.enqueue(stream, ("copy", d, s, n))
-        return 0
-
-    def memops(self, stream, count, ptr, flags):
-        import ctypes
-        import numpy as np
-        assert flags == 0 and 0 < count < 256
-        ops = np.frombuffer((ctypes.c_char * (48 * count)).from_address(ptr), dtype=_cuda.MEMOP_DTYPE).copy()
-        with self.fake.lock:
-            for op in ops:
-                code, addr, value = int(op["operation"]), int(op["address"]), int(op["value"])
-                self.fake.log.append(("memop", int(stream), code, addr, value))
-                assert int(op["flags"]) == 0, "GEQ waits and default (fenced) writes only"
-                if code in (_cuda.OP_WAIT_VALUE_32, _cuda.OP_WAIT_VALUE_64):
-                    bits = 64 if code == _cuda.OP_WAIT_VALUE_64 else 32
-                    self.fake.enqueue(stream, ("wait", addr, value & ((1 << bits) - 1), bits))
-                else:
-                    assert code in (_cuda.OP_WRITE_VALUE_32, _cuda.OP_WRITE_VALUE_64), code
-                    bits = 64 if code == _cuda.OP_WRITE_VALUE_64 else 32
-                    self.fake.enqueue(stream, ("write", addr, value & ((1 << bits) - 1), bits))
-        return 0
-
-    def batch_attributes(self, overlap_hint):
-        return object(), 12345
-
-    def error(self, code, api, context):
-        return _cuda.CudaError(api, code, context)
+# FakeGPU (the fake runtime) lives in tests/helpers/fake_cuda.py, shared with test_graphs_cpu.py.
+_FakeGPU, _FakeDriverCalls, _HostAlloc = fake_cuda.FakeGPU, fake_cuda.FakeDriverCalls, fake_cuda.HostAlloc
 
 
 @pytest.fixture
 def fake(monkeypatch):
-    gpu = _FakeGPU()
-    monkeypatch.setattr(_cuda, "_rt", gpu)
-    monkeypatch.setattr(_cuda, "_dr", gpu)
-    monkeypatch.setattr(_cuda.DriverCopyCalls, "_instance", _FakeDriverCalls(gpu))
-    return gpu
-
-
-class _HostAlloc(_cuda._Alloc):
-    def __init__(self, data):
-        self.data = data
-        super().__init__(data.ctypes.data, data.nbytes, 0)
-
-    def _free(self):
-        pass
+    return fake_cuda.install(monkeypatch)
 
 
 def _first_copy_index(log, stream, kinds=("copy", "batch", "launch")):
@@ -1109,3 +827,12 @@ def test_build_sync_program_source_mode_targets():
     # slot 1 reads 2: wait for rank 1's key-2 word >= V(0); rank 2 never reads itself
     assert steps[1][2] == [(4, (1 << 20) + 8 * f.word(2, 1, 0), 1)]
     assert steps[3][3] == [((t + 1 << 20) + 8 * f.word(2, 0, 0), f.end) for t in (0, 1)]
+
+
+def test_cuda_error_survives_pickling():
+    """A CudaError raised in a rank crosses testing.launch's pipe: it must unpickle (it did not)."""
+    import pickle
+    err = _cuda.CudaError("cudaStreamEndCapture", 904, "streams [3] were not joined back")
+    got = pickle.loads(pickle.dumps(err))
+    assert type(got) is _cuda.CudaError and str(got) == str(err)
+    assert (got.api, got.code, got.name) == (err.api, err.code, err.name)

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from ..engine_options import ENGINE_OPTIONS, SYNC_MODES, parse_engine_options  # noqa: F401 (one rule, also the model's)
-from ..errors import (gathered_error, BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError, InvalidArgumentError,
-                      PeerAccessError, bad_arg)
+from ..errors import (gathered_error, BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError,
+                      GraphCaptureError, InvalidArgumentError, PeerAccessError, bad_arg)
 from ..interop import MissingDependencyError
 from ..interop.streams import resolve_stream
 from ..interop.torch import tensor_from_ptr
@@ -39,7 +39,8 @@ from .base import Backend, Buffer, Composite, CopyEngine, Event
 __all__ = ["load", "check", "CudaError", "CudaEvent", "CudaStream", "DeviceBuffer", "MallocAlloc", "VmmAlloc",
            "ForeignAlloc", "CudaComposite", "CopyExecutor", "CudaBackendBase", "parse_engine_options",
            "peer_access_problems", "pidfd_getfd", "bindings_reason", "agree", "raise_gathered", "SyncFlags",
-           "create_sync_flags", "build_sync_program", "SyncProgram", "MEMOP_DTYPE", "SYNC_MODES", "ENGINE_OPTIONS"]
+           "create_sync_flags", "build_sync_program", "SyncProgram", "MEMOP_DTYPE", "SYNC_MODES", "ENGINE_OPTIONS",
+           "stream_capture_id"]
 
 log = logging.getLogger("dwdp_comm")
 
@@ -80,12 +81,17 @@ class CudaError(DwdpError, RuntimeError):
         The ``cudaError_t`` / ``CUresult`` value; ``name`` is its name.
     """
 
-    def __init__(self, api: str, err: Any, context: str = ""):
+    def __init__(self, api: str, err: Any, context: str = "", name: str | None = None):
         self.api = api
         self.code = int(err)
-        self.name = getattr(err, "name", None) or str(err)
+        self.name = name or getattr(err, "name", None) or str(err)
+        self.context = context
         msg = f"{api} failed: {self.name} ({self.code})"
         super().__init__(msg + (f": {context}" if context else ""))
+
+    def __reduce__(self):
+        # Rebuilt from its fields, so that it crosses process boundaries (testing.launch's pipe).
+        return (type(self), (self.api, self.code, self.context, self.name))
 
 
 def check(result: Any, api: str, context: str = ""):
@@ -111,6 +117,41 @@ def set_device(index: int) -> None:
     check(rt.cudaFree(0), "cudaFree(0)", "creating the primary context")
 
 
+# ---- stream capture ---------------------------------------------------------------------------------
+_CAPTURE_NONE, _CAPTURE_ACTIVE, _CAPTURE_INVALIDATED = 0, 1, 2  # cudaStreamCaptureStatus
+
+
+def stream_capture_id(stream: int) -> int | None:
+    """The id of the CUDA graph capture sequence ``stream`` takes part in, None when it is not
+    capturing (``cudaStreamGetCaptureInfo``; ids are unique over the process's lifetime).
+
+    Raises
+    ------
+    GraphCaptureError
+        The capture was invalidated by an earlier failed call inside it, or ``stream`` is the legacy
+        default stream while another stream captures (``cudaErrorStreamCaptureImplicit``).
+    """
+    rt, _ = load()
+    res = rt.cudaStreamGetCaptureInfo(stream)
+    if int(res[0]) != 0:
+        err = CudaError("cudaStreamGetCaptureInfo", res[0], f"stream 0x{stream:x}")
+        raise GraphCaptureError(f"{err}; the legacy default stream cannot be used while another stream captures a "
+                                "CUDA graph: pass the capturing stream") from err
+    status = int(res[1])
+    if status == _CAPTURE_NONE:
+        return None
+    if status == _CAPTURE_INVALIDATED:
+        raise GraphCaptureError(f"the CUDA graph capture of stream 0x{stream:x} was invalidated by an earlier error "
+                                "inside it; end the capture (it fails) and capture again")
+    return int(res[2])
+
+
+def _refuse_captured(ev: "CudaEvent", what: str) -> None:
+    if ev.capture is not None:
+        raise GraphCaptureError(f"{what} on an event recorded during a CUDA graph capture: it completes only when the "
+                                "graph replays; synchronize the stream the graph replays on instead")
+
+
 # ---- events and streams ---------------------------------------------------------------------------
 class CudaEvent(Event):
     """A CUDA event (``cudaEventDisableTiming``). ``wait`` never blocks the host.
@@ -119,18 +160,24 @@ class CudaEvent(Event):
     ----------
     handle : int
         The raw ``cudaEvent_t``, for use with other libraries.
+    capture : int or None
+        The id of the CUDA graph capture it was recorded in (None: recorded eagerly). A captured
+        event only orders work inside its capture: ``synchronize`` and ``is_done`` refuse it.
     """
 
-    __slots__ = ("_ev", "handle")
+    __slots__ = ("_ev", "handle", "capture")
 
     def __init__(self):
         rt, _ = load()
         self._ev = check(rt.cudaEventCreateWithFlags(rt.cudaEventDisableTiming), "cudaEventCreateWithFlags")
         self.handle = int(self._ev)
+        self.capture = None
 
-    def record(self, stream: int) -> "CudaEvent":
+    def record(self, stream: int, capture: int | None = None) -> "CudaEvent":
+        """Record on ``stream``; ``capture`` is the id of the capture ``stream`` is part of (the caller knows it)."""
         rt, _ = load()
         check(rt.cudaEventRecord(self._ev, stream), "cudaEventRecord", f"on stream 0x{stream:x}")
+        self.capture = capture
         return self
 
     def wait(self, stream: Any = None) -> None:
@@ -142,12 +189,14 @@ class CudaEvent(Event):
 
     def synchronize(self) -> None:
         """Block the host until the event completed; a failed copy raises :class:`CudaError`."""
+        _refuse_captured(self, "synchronize()")
         rt, _ = load()
         check(rt.cudaEventSynchronize(self._ev), "cudaEventSynchronize",
               "a copy or kernel before this event failed")
 
     @property
     def is_done(self) -> bool:
+        _refuse_captured(self, "is_done")
         rt, _ = load()
         err = rt.cudaEventQuery(self._ev)[0]
         if err == rt.cudaError_t.cudaSuccess:
@@ -1227,6 +1276,12 @@ class CopyExecutor(CopyEngine):
     per lane after the ``after`` waits. Executable graphs are cached (``graph_cache_size`` entries,
     least recently used dropped) and destroyed at close.
 
+    **Inside a caller's CUDA graph capture** (``submit(capture=id)``, what the prefetcher passes
+    when the consumer stream is capturing): the lanes fork from the capture through the ``after``
+    events, every copy is a ``cuMemcpyAsync`` memcpy node (never the batch call, never a graph of
+    the engine's own), and the done event joins them back. ``sync`` engines and unmapped sources
+    refuse (:meth:`capture_refusal`).
+
     Parameters
     ----------
     device : int
@@ -1305,6 +1360,7 @@ class CopyExecutor(CopyEngine):
         self._graphs: "OrderedDict[tuple, tuple[CopyPlan, dict]]" = OrderedDict()
         self.graph_cache_size = int(graph_cache_size)
         self.graphs_captured = 0
+        self.captured_jobs = 0  # jobs recorded into a caller's CUDA graph capture (submit(capture=...))
         self.jobs = 0
 
     @property
@@ -1340,8 +1396,18 @@ class CopyExecutor(CopyEngine):
 
     # -- submit ---------------------------------------------------------------------------------------
     def submit(self, plan: CopyPlan, *, src_base: int, dst: Buffer, dst_base: int,
-               after: Sequence[Event] = ()) -> CudaEvent:
+               after: Sequence[Event] = (), capture: int | None = None) -> CudaEvent:
         """Enqueue ``plan`` on the copy streams; return its done event at once (host never blocks).
+
+        Parameters
+        ----------
+        capture : int, optional
+            The id of the CUDA graph capture this job belongs to (see
+            :func:`stream_capture_id`). Then every ``after`` event must have been recorded in that
+            capture (at least one: the fork point), the copy streams join the capture by waiting on
+            them, and every copy becomes a memcpy node (one ``cuMemcpyAsync`` each, whatever
+            ``api`` and ``graph`` say: the batch call has no graph-node form). The done event is
+            recorded in the capture; the consumer's wait on it joins the copy streams back.
 
         Raises
         ------
@@ -1349,6 +1415,9 @@ class CopyExecutor(CopyEngine):
             ``dst`` is not a buffer of this backend, an ``after`` entry is not a CUDA event, a copy
             would leave the source heap or the destination buffer, or (``sync``) the plan was made
             for another rank or group size or has too many slots (all checked before any copy).
+        GraphCaptureError
+            ``capture`` is given and this engine cannot capture (:meth:`capture_refusal`), an
+            ``after`` event is not from that capture, or a copy stream failed to join it.
         """
         if self._closed:
             raise ClosedError("copy engine used after close()")
@@ -1358,6 +1427,18 @@ class CopyExecutor(CopyEngine):
         for ev in after:
             if not isinstance(ev, CudaEvent):
                 raise bad_arg("after", type(ev).__name__, "CUDA events of this backend")
+        if capture is not None:
+            problem = self.capture_refusal()
+            if problem is not None:
+                raise GraphCaptureError(problem)
+            if not after or any(ev.capture != capture for ev in after):
+                raise GraphCaptureError(
+                    f"a copy job inside CUDA graph capture {capture} needs 'after' events recorded in that capture "
+                    f"(the fork point), got captures {[ev.capture for ev in after]}: copies ordered by nothing from the "
+                    "capture would run outside the graph")
+        elif any(ev.capture is not None for ev in after):
+            raise GraphCaptureError("an eager copy job cannot wait on events recorded during a CUDA graph capture "
+                                    f"(captures {sorted({ev.capture for ev in after if ev.capture is not None})})")
         if self._flags is not None:
             if plan.rank != self.rank or plan.group_size != self.group_size:
                 raise bad_arg("plan", repr(plan), f"a plan made for rank {self.rank} of a group of {self.group_size} "
@@ -1378,7 +1459,10 @@ class CopyExecutor(CopyEngine):
         lanes = np.where(src_rank == self.rank, self.local_lane, lanes)
         c = _Copies(self._base[src_rank] + src_off, dst.ptr + dst_off, nbytes, src_rank, src_off,
                     ~self._mapped[src_rank], lanes)
-        if self._flags is not None:
+        if capture is not None:
+            done = self._submit_captured(c, after, capture)
+            self.captured_jobs += 1
+        elif self._flags is not None:
             done = self._submit_sync(plan, slots, c, after)
         elif self.graph:
             done = self._submit_graph(plan, (int(src_base), int(dst.ptr), int(dst_base)), c, after)
@@ -1399,14 +1483,42 @@ class CopyExecutor(CopyEngine):
                 check(rt.cudaStreamWaitEvent(self._streams[lane].raw, ev._ev, 0), "cudaStreamWaitEvent",
                       f"copy stream {lane} waiting for an 'after' event")
 
-    def _join(self, lanes: Sequence[int]) -> CudaEvent:
+    def _join(self, lanes: Sequence[int], capture: int | None = None) -> CudaEvent:
         """Record the done event on the first of ``lanes`` after it waited for the others."""
         rt, _ = load()
         join = self._streams[lanes[0]]
         for lane in lanes[1:]:
-            ev = CudaEvent().record(self._streams[lane].handle)
+            ev = CudaEvent().record(self._streams[lane].handle, capture)
             check(rt.cudaStreamWaitEvent(join.raw, ev._ev, 0), "cudaStreamWaitEvent", "joining copy streams")
-        return CudaEvent().record(join.handle)
+        return CudaEvent().record(join.handle, capture)
+
+    # -- CUDA graph capture -------------------------------------------------------------------------------
+    def capture_refusal(self) -> str | None:
+        """Why this engine cannot run a job inside a CUDA graph capture, or None when it can."""
+        if self._flags is not None:
+            return (f"copy engine option sync={self.sync!r} (time division) is not supported under CUDA graph "
+                    "capture: its flag values change with every job, so a replay would wait on stale values; "
+                    "use sync='none' for the prefetcher of a captured forward")
+        if not self._mapped.all():
+            return ("copies from peers without a peer mapping (NVSHMEM gets, other nodes) are not supported under "
+                    "CUDA graph capture; capture only groups whose heaps are all peer-mapped")
+        return None
+
+    def _submit_captured(self, c: "_Copies", after: Sequence[CudaEvent], capture: int) -> CudaEvent:
+        """Fork every used lane from the capture (waits on ``after``), check that it joined, issue
+        its copies as memcpy nodes, and join the lanes into the done event (recorded in the capture)."""
+        used = self._used(c)
+        self._wait_after(used, after)
+        for lane in used:
+            got = stream_capture_id(self._streams[lane].handle)
+            if got != capture:
+                raise GraphCaptureError(f"copy stream {lane} did not join CUDA graph capture {capture} (it reports "
+                                        f"{got}): its copies would run outside the graph")
+        for lane in used:
+            idx = np.flatnonzero(c.lane == lane)
+            if idx.size:
+                self._issue(self._streams[lane], c.take(idx), api="memcpy")
+        return self._join(sorted(used), capture)
 
     def _submit_plain(self, c: "_Copies", after: Sequence[CudaEvent]) -> CudaEvent:
         used = self._used(c)
@@ -1708,8 +1820,18 @@ class CudaBackendBase(Backend):
             raise ClosedError(f"{self.name} backend used after close()")
 
     def record_event(self, stream: Any = None) -> CudaEvent:
-        """A CUDA event recorded now on ``stream`` (None: the current torch stream). Non-blocking."""
-        return CudaEvent().record(resolve_stream(stream))
+        """A CUDA event recorded now on ``stream`` (None: the current torch stream). Non-blocking.
+        Its ``capture`` says which CUDA graph capture, if any, it was recorded in."""
+        capture = self.capture_id(stream)  # before resolving: None takes the fast path
+        return CudaEvent().record(resolve_stream(stream), capture)
+
+    def capture_id(self, stream: Any = None) -> int | None:
+        """The id of the CUDA graph capture ``stream`` (None: the current torch stream) is part of,
+        or None. Never blocks; a capture invalidated by an earlier error raises
+        :class:`~dwdp_comm.errors.GraphCaptureError`."""
+        if stream is None and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
+            return None  # the common eager case without a cuda.bindings call
+        return stream_capture_id(resolve_stream(stream))
 
     def alloc_buffer(self, nbytes: int, boundaries: Sequence[int] = ()) -> DeviceBuffer:
         """A local ``cudaMalloc`` buffer of ``nbytes`` on this rank's GPU (not collective)."""

@@ -170,6 +170,11 @@ class Backend(abc.ABC):
     def record_event(self, stream: Any = None) -> Event:
         """An event that completes when the work enqueued so far on ``stream`` did."""
 
+    def capture_id(self, stream: Any = None) -> int | None:
+        """The id of the CUDA graph capture ``stream`` is part of, or None when it is not capturing
+        (always None on backends without streams)."""
+        return None
+
     def compose(self, pieces: Sequence[tuple[Buffer, int, int]]) -> Composite:
         """Join ``(buffer, offset, nbytes)`` pieces into one virtual range, zero copy. Offsets and
         sizes are multiples of ``map_granularity`` and lie on the buffers' ``boundaries``."""

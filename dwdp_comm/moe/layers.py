@@ -120,7 +120,8 @@ class DwdpMoE(torch.nn.Module):
         cfg = self.cfg
         ids, wts = _route(cfg, x, self.router)
         xs, m_sizes, order = permute_tokens(x, ids, cfg.num_experts)
-        groups = kernels.TokenGroups(m_sizes)
+        # Under CUDA graph capture no host sync may run: trust the device counts (permute_tokens made them).
+        groups = kernels.TokenGroups(m_sizes, validate=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         shared = _shared(x, self.shared)  # runs while the prefetch may still be in flight
         h = self.pipeline.acquire(self.layer)
         w = {n: h.weights(n) for n in EXPERT_NAMES[self.fmt]}

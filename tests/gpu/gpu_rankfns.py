@@ -407,3 +407,118 @@ def pid_and_sleep(group, pid_dir: str):
     with open(os.path.join(pid_dir, f"rank{group.rank}.pid"), "w") as f:
         f.write(str(os.getpid()))
     time.sleep(120)
+
+
+# ---- CUDA graphs (tests/gpu/test_graphs_gpu.py) -------------------------------------------------------
+def _graph_weights(w13: torch.Tensor) -> torch.Tensor:
+    """Finite float32 matrices from random bf16 bytes (NaN patterns included): the int16 pattern, scaled."""
+    return w13.view(torch.int16).float() * (2.0 ** -15 / 8)
+
+
+def _graph_layer(x: torch.Tensor, w13: torch.Tensor, experts: int) -> torch.Tensor:
+    """The test model's layer: mean over experts of tanh(x @ W_e), float32 ``[T, 1024]``."""
+    w = _graph_weights(w13[:experts])
+    return torch.tanh(torch.matmul(x.unsqueeze(0), w)).mean(0)
+
+
+def graph_replay(group, num_experts: int, num_layers: int, depth: int, replays: int, seed: int,
+                 engine_options: dict, refresh_every: int):
+    """A DWDP forward over ``num_layers`` layers captured in one torch.cuda.graph, replayed
+    ``replays`` times with new inputs, and the source weights rewritten on every rank every
+    ``refresh_every`` replays. Every replay checks every byte each layer's prefetch delivered (the
+    forward copies ``weights(name)`` into static buffers) and the output against an eager reference
+    computed from the seeded truth. Eager forwards of the same pipeline run before, in between and
+    after, and must agree too."""
+    from dwdp_comm.moe import DwdpPipeline
+    layers = list(range(num_layers))
+    dev = group.device
+    st = build_store(group, num_experts, layers, seed)
+    lay = st.layout
+    pf = dc.Prefetcher(st, depth=depth, chunk_nbytes=1 << 20, engine_options=engine_options)
+    pipe = DwdpPipeline(pf, layers)
+    T, H, X = 48, 1024, min(num_experts, 3)  # tokens; hidden = w13's rows; experts the model multiplies
+    static_x = torch.zeros(T, H, device=dev)
+    dumps = {l: {n: torch.empty_like(full_truth(seed, l, n, num_experts), device=dev) for n in SPECS} for l in layers}
+
+    def forward(x):
+        pipe.begin()
+        for l in layers:
+            h = pipe.acquire(l)
+            for n in SPECS:
+                dumps[l][n].copy_(h.weights(n))
+            x = x + _graph_layer(x, h.weights("w13"), X)
+            pipe.release(h)
+        return x
+
+    version = [seed]
+    truth = {}
+
+    def load_truth():
+        truth.clear()
+        for l in layers:
+            for n in SPECS:
+                truth[(l, n)] = full_truth(version[0], l, n, num_experts).to(dev)
+
+    def reference(x):
+        for l in layers:
+            x = x + _graph_layer(x, truth[(l, "w13")], X)
+        return x
+
+    def check(y, x, what):
+        torch.cuda.current_stream().synchronize()
+        wrong = sum(int((dumps[l][n].view(torch.uint8) != truth[(l, n)].view(torch.uint8)).sum().item())
+                    for l in layers for n in SPECS)
+        ref = reference(x)
+        err = float((y - ref).abs().max().item())
+        return {"what": what, "wrong_bytes": wrong, "max_abs_err": err, "bitwise": bool(torch.equal(y, ref))}
+
+    def refresh():
+        """Every rank rewrites its experts (new seed): no peer's graph may read a heap meanwhile."""
+        torch.cuda.synchronize()
+        group.barrier()
+        version[0] += 1
+        for l in layers:
+            for n, (shape, dtype) in SPECS.items():
+                if lay.num_local_experts:
+                    new = torch.stack([expert_tensor(version[0], l, n, e, shape, dtype) for e in lay.local_experts])
+                    st.local(l, n).copy_(new.to(dev))
+        torch.cuda.synchronize()
+        group.barrier()
+        load_truth()
+
+    gen = torch.Generator(device=dev).manual_seed(seed + group.rank)
+    load_truth()
+    checks = []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # eager warm-up on a side stream, as torch.cuda.graph advises
+        for _ in range(2):
+            static_x.copy_(torch.randn(T, H, generator=gen, device=dev))
+            checks.append(check(forward(static_x), static_x, "eager warm-up"))
+    torch.cuda.current_stream().wait_stream(side)
+    pipe.prepare_capture()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_y = forward(static_x)
+    captured_jobs = pf._engine.captured_jobs  # noqa: SLF001 (test introspection)
+    for i in range(replays):
+        if refresh_every and i and i % refresh_every == 0:
+            refresh()
+        static_x.copy_(torch.randn(T, H, generator=gen, device=dev))
+        graph.replay()
+        c = check(static_y, static_x, f"replay {i}")
+        if i == replays // 2:  # eager forwards of the same pipeline in between, then replays again
+            x = torch.randn(T, H, generator=gen, device=dev)
+            checks.append(check(forward(x), x, "eager between replays"))
+            pipe.prepare_capture()
+        checks.append(c)
+    x = torch.randn(T, H, generator=gen, device=dev)
+    checks.append(check(forward(x), x, "eager after replays"))
+    torch.cuda.synchronize()
+    group.barrier()
+    out = {"checks": checks, "captured_jobs": captured_jobs, "api": pf._engine.api,  # noqa: SLF001
+           "modes": {n: st.slot_mode(0, n) for n in SPECS}, "versions": version[0] - seed, **_backend_desc(group)}
+    del graph
+    pipe.close()
+    st.close()
+    return out
