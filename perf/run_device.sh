@@ -100,6 +100,12 @@ elif [ "$PART" = session ]; then
         --backend cuda_ipc --world-size 2 --json "$OUT/hf_moe_h200.json"
     [ -f perf/bench_hf_experts.py ] && TAILN=40 step hf_experts "${T_HFX:-240}" python3 perf/bench_hf_experts.py \
         --json "$OUT/hf_experts_h200.json"
+    # advise's predictions with compute measured on this GPU (prefetch and all-to-all still modelled)
+    TAILN=30 step advise_measured "${T_ADVM:-200}" bash -c 'for g in 4 8; do for w in bf16 fp8; do
+        '"$BENCH"' advise -m deepseek-v3 -g $g --weights $w -t 8192 --cvs 0,0.2,0.4 --sweep 4096,8192,16384,32768 \
+            --measure yes --fabric h200 --json "$OUT/advise_measured_h200x${g}_$w.json" || exit 1; done; done
+        for w in bf16 fp8; do '"$BENCH"' advise -m deepseek-v3 -g 72 --weights $w -t 8192 --cvs 0,0.2,0.4 \
+            --sweep 4096,8192,16384,32768 --measure yes --fabric nvl72 --json "$OUT/advise_measured_nvl72_$w.json" || exit 1; done'
     [ -f perf/validate_advise.py ] && TAILN=30 step advise_validate "${T_ADV:-240}" python3 perf/validate_advise.py \
         compute --means 2048,4096,8192 --json "$OUT/advise_compute_h200.json"
 else
