@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import dwdp_comm as dc
-from dwdp_comm.backends import _cuda
+from dwdp_comm import engine_options
+from dwdp_comm.backends.cuda import driver, executor, memory, streams, time_division
 from dwdp_comm.planner import CopyRange, make_plan
 from helpers import fake_cuda
 
@@ -25,14 +26,14 @@ class _World:
         self.rng = np.random.default_rng(seed)
         self.heaps = [self.rng.integers(0, 256, n, dtype=np.uint8) for _ in range(G)]
         self.dst_data = np.zeros(n, dtype=np.uint8)
-        self.dst = _cuda.DeviceBuffer(fake_cuda.HostAlloc(self.dst_data))
-        self.eng = _cuda.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in self.heaps],
-                                      src_nbytes=n, **_cuda.parse_engine_options(opts, "test"))
+        self.dst = memory.DeviceBuffer(fake_cuda.HostAlloc(self.dst_data))
+        self.eng = executor.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in self.heaps],
+                                      src_nbytes=n, **engine_options.parse_engine_options(opts, "test"))
         # remote ranges from both peers and a local one (gather mode), chunked over several slots
         self.ranges = [CopyRange(0, 0, 0, 5000), CopyRange(2, 100, 6000, 7000), CopyRange(rank, 300, 20000, 3000),
                        CopyRange(2, 9000, 24000, 1234)]
         self.plan = make_plan(self.ranges, rank=rank, group_size=G, chunk_nbytes=1024)
-        self.compute = _cuda.CudaStream()
+        self.compute = streams.CudaStream()
 
     def check(self):
         for r in self.ranges:
@@ -48,7 +49,7 @@ def test_captured_job_is_memcpy_nodes_forked_and_joined(fake, seed, opts):
     C = w.compute.handle
     cid = fake.begin_graph(C)
     fake.log.clear()
-    fork = _cuda.CudaEvent().record(C, cid)
+    fork = streams.CudaEvent().record(C, cid)
     done = w.eng.submit(w.plan, src_base=0, dst=w.dst, dst_base=0, after=[fork], capture=cid)
     assert done.capture == cid and w.eng.captured_jobs == 1
     assert not any(e[0] in ("batch", "batch-refused", "launch", "capture") for e in fake.log), \
@@ -83,15 +84,15 @@ def test_a_lane_left_unjoined_fails_the_capture(fake, seed):
     w = _World(fake, seed, streams=1, api="memcpy")
     C = w.compute.handle
     cid = fake.begin_graph(C)
-    w.eng.submit(w.plan, src_base=0, dst=w.dst, dst_base=0, after=[_cuda.CudaEvent().record(C, cid)], capture=cid)
-    with pytest.raises(_cuda.CudaError, match="not joined back"):
+    w.eng.submit(w.plan, src_base=0, dst=w.dst, dst_base=0, after=[streams.CudaEvent().record(C, cid)], capture=cid)
+    with pytest.raises(driver.CudaError, match="not joined back"):
         fake.end_graph(C)
 
 
 def test_captured_job_needs_events_of_its_capture(fake, seed):
     w = _World(fake, seed, streams=1)
     C = w.compute.handle
-    eager = _cuda.CudaEvent().record(C)
+    eager = streams.CudaEvent().record(C)
     cid = fake.begin_graph(C)
     with pytest.raises(dc.GraphCaptureError, match="fork point"):
         w.eng.submit(w.plan, src_base=0, dst=w.dst, dst_base=0, after=[], capture=cid)
@@ -99,9 +100,9 @@ def test_captured_job_needs_events_of_its_capture(fake, seed):
         w.eng.submit(w.plan, src_base=0, dst=w.dst, dst_base=0, after=[eager], capture=cid)
     assert not any(e[0] == "copy" for e in fake.log), "a refused job issued copies"
     with pytest.raises(dc.GraphCaptureError, match="did not join"):  # an event of another capture: no fork
-        other = _cuda.CudaStream()
+        other = streams.CudaStream()
         cid2 = fake.begin_graph(other.handle)
-        ev = _cuda.CudaEvent().record(other.handle, cid2)
+        ev = streams.CudaEvent().record(other.handle, cid2)
         ev.capture = cid  # lie about it: the executor checks that the lanes really joined
         w.eng.submit(w.plan, src_base=0, dst=w.dst, dst_base=0, after=[ev], capture=cid)
 
@@ -109,33 +110,33 @@ def test_captured_job_needs_events_of_its_capture(fake, seed):
 def test_sync_engine_and_unmapped_peers_refuse_capture(fake, seed):
     G = 2
     heaps = [np.zeros(1 << 12, dtype=np.uint8) for _ in range(G)]
-    words = [np.zeros(_cuda.SyncFlags.num_words("slot", G, 1), dtype=np.uint64) for _ in range(G)]
-    flags = _cuda.SyncFlags(mode="slot", rank=0, group_size=G, num_lanes=1, distribute="source", bits=64,
+    words = [np.zeros(time_division.SyncFlags.num_words("slot", G, 1), dtype=np.uint64) for _ in range(G)]
+    flags = time_division.SyncFlags(mode="slot", rank=0, group_size=G, num_lanes=1, distribute="source", bits=64,
                             local_ptr=int(words[0].ctypes.data), peer_ptrs=[int(x.ctypes.data) for x in words])
-    eng = _cuda.CopyExecutor(device=0, rank=0, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
+    eng = executor.CopyExecutor(device=0, rank=0, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
                              src_nbytes=1 << 12, sync="slot", flags=flags, api="memcpy")
     assert "sync='slot'" in eng.capture_refusal() and "not supported under CUDA graph capture" in eng.capture_refusal()
-    dst = _cuda.DeviceBuffer(fake_cuda.HostAlloc(np.zeros(1 << 12, dtype=np.uint8)))
+    dst = memory.DeviceBuffer(fake_cuda.HostAlloc(np.zeros(1 << 12, dtype=np.uint8)))
     plan = make_plan([CopyRange(1, 0, 0, 1024)], rank=0, group_size=G)
-    s = _cuda.CudaStream()
+    s = streams.CudaStream()
     cid = fake.begin_graph(s.handle)
     with pytest.raises(dc.GraphCaptureError, match="sync='slot'.*not supported under CUDA graph capture"):
-        eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[_cuda.CudaEvent().record(s.handle, cid)],
+        eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[streams.CudaEvent().record(s.handle, cid)],
                    capture=cid)
-    nv = _cuda.CopyExecutor(device=0, rank=0, group_size=G, src_ptrs=[int(heaps[0].ctypes.data), None],
+    nv = executor.CopyExecutor(device=0, rank=0, group_size=G, src_ptrs=[int(heaps[0].ctypes.data), None],
                             src_nbytes=1 << 12, remote_get=lambda *a: None, sym_ptr=int(heaps[0].ctypes.data),
                             api="memcpy")
     assert "NVSHMEM" in nv.capture_refusal()
 
 
 def test_capture_id_and_invalidated_capture(fake):
-    s = _cuda.CudaStream()
-    assert _cuda.stream_capture_id(s.handle) is None
+    s = streams.CudaStream()
+    assert streams.stream_capture_id(s.handle) is None
     cid = fake.begin_graph(s.handle)
-    assert _cuda.stream_capture_id(s.handle) == cid
+    assert streams.stream_capture_id(s.handle) == cid
     fake.seq[cid].invalid = True
     with pytest.raises(dc.GraphCaptureError, match="invalidated"):
-        _cuda.stream_capture_id(s.handle)
+        streams.stream_capture_id(s.handle)
 
 
 # ---- the prefetcher and the pipeline under capture: sim heaps of 2 ranks, fake runtime -----------------

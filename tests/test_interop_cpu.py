@@ -15,7 +15,8 @@ import torch
 import dwdp_comm as dc
 import rankfns
 from helpers import fake_cuda
-from dwdp_comm.backends import _cuda
+from dwdp_comm import engine_options
+from dwdp_comm.backends.cuda import copies, driver, executor, fd_passing, memory, peers, streams, time_division
 from dwdp_comm.interop.streams import resolve_stream
 
 
@@ -62,11 +63,16 @@ def test_resolve_stream_rejects(bad, err):
 
 
 # ---- imports stay lazy ---------------------------------------------------------------------------------
+CUDA_MODULES = ["driver", "streams", "memory", "vmm", "fd_passing", "peers", "copies", "time_division", "executor",
+                "backend"]
+
+
 def test_import_needs_no_gpu_package():
     # torch itself may import cuda.bindings (some builds do): count only what dwdp_comm adds.
     code = ("import sys, torch, numpy; before = set(sys.modules); "
             "import dwdp_comm, dwdp_comm.interop, dwdp_comm.interop.streams, dwdp_comm.interop.torch, "
-            "dwdp_comm.interop.cupy, dwdp_comm.backends.cuda_ipc, dwdp_comm.backends.nvshmem, dwdp_comm.backends._cuda; "
+            "dwdp_comm.interop.cupy, dwdp_comm.backends.cuda_ipc, dwdp_comm.backends.nvshmem, "
+            + ", ".join("dwdp_comm.backends.cuda." + m for m in CUDA_MODULES) + "; "
             "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('cupy', 'cuda', 'nvshmem')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -104,18 +110,18 @@ def test_gpu_backend_unavailable_on_every_rank(backend):
 
 
 def test_engine_options():
-    assert _cuda.parse_engine_options({}, "x") == {"streams": 1, "api": "batch", "distribute": "source",
+    assert engine_options.parse_engine_options({}, "x") == {"streams": 1, "api": "batch", "distribute": "source",
                                                     "overlap_hint": False, "sync": "none", "graph": False}
     with pytest.raises(dc.InvalidArgumentError, match="streamz"):
-        _cuda.parse_engine_options({"streamz": 2}, "cuda_ipc")
+        engine_options.parse_engine_options({"streamz": 2}, "cuda_ipc")
     with pytest.raises(dc.InvalidArgumentError, match="streams"):
-        _cuda.parse_engine_options({"streams": 0}, "cuda_ipc")
+        engine_options.parse_engine_options({"streams": 0}, "cuda_ipc")
     with pytest.raises(dc.InvalidTypeError, match="streams"):
-        _cuda.parse_engine_options({"streams": True}, "cuda_ipc")
+        engine_options.parse_engine_options({"streams": True}, "cuda_ipc")
     with pytest.raises(dc.InvalidArgumentError, match="api"):
-        _cuda.parse_engine_options({"api": "fast"}, "cuda_ipc")
+        engine_options.parse_engine_options({"api": "fast"}, "cuda_ipc")
     with pytest.raises(dc.InvalidArgumentError, match="distribute"):
-        _cuda.parse_engine_options({"distribute": "random"}, "cuda_ipc")
+        engine_options.parse_engine_options({"distribute": "random"}, "cuda_ipc")
 
 
 def test_peer_access_problems_name_the_pair():
@@ -123,24 +129,24 @@ def test_peer_access_problems_name_the_pair():
     infos.append({"host": "other", "device": 0, "pci": "0000:00:00.0"})  # another host: not checked
     visible = {i["pci"]: i["device"] for i in infos[:3]}
     no_pair = {(0, 2), (2, 0)}
-    probs = _cuda.peer_access_problems(infos, 0, visible, lambda a, b: (a, b) not in no_pair)
+    probs = peers.peer_access_problems(infos, 0, visible, lambda a, b: (a, b) not in no_pair)
     assert probs == ["rank 0 (GPU 0, 0000:00:00.0) cannot access the memory of rank 2 (GPU 2, 0000:02:00.0)"]
-    assert _cuda.peer_access_problems(infos, 1, visible, lambda a, b: (a, b) not in no_pair) == []
+    assert peers.peer_access_problems(infos, 1, visible, lambda a, b: (a, b) not in no_pair) == []
 
 
 def test_raise_gathered_lists_every_rank():
     with pytest.raises(dc.PeerAccessError, match=r"(?s)failed on 2 of 3 ranks.*rank 0: a.*rank 2: b.*use sim"):
-        _cuda.raise_gathered(["a", None, "b"], "opening", dc.PeerAccessError, "use sim")
-    _cuda.raise_gathered([None, None], "opening")
+        peers.raise_gathered(["a", None, "b"], "opening", dc.PeerAccessError, "use sim")
+    peers.raise_gathered([None, None], "opening")
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cuda.bindings") is None, reason="cuda-python is not installed")
 def test_check_names_api_and_error():
     from cuda.bindings import runtime
-    assert _cuda.check((runtime.cudaError_t.cudaSuccess, 5), "x") == 5
-    assert _cuda.check((runtime.cudaError_t.cudaSuccess,), "x") is None
-    with pytest.raises(_cuda.CudaError, match=r"cudaMemcpyAsync failed: cudaErrorInvalidValue \(1\): ctx"):
-        _cuda.check((runtime.cudaError_t.cudaErrorInvalidValue,), "cudaMemcpyAsync", "ctx")
+    assert driver.check((runtime.cudaError_t.cudaSuccess, 5), "x") == 5
+    assert driver.check((runtime.cudaError_t.cudaSuccess,), "x") is None
+    with pytest.raises(driver.CudaError, match=r"cudaMemcpyAsync failed: cudaErrorInvalidValue \(1\): ctx"):
+        driver.check((runtime.cudaError_t.cudaErrorInvalidValue,), "cudaMemcpyAsync", "ctx")
 
 
 def test_pidfd_getfd_duplicates_a_descriptor():
@@ -148,7 +154,7 @@ def test_pidfd_getfd_duplicates_a_descriptor():
         f.write(b"dwdp")
         f.flush()
         try:
-            fd = _cuda.pidfd_getfd(os.getpid(), f.fileno())
+            fd = fd_passing.pidfd_getfd(os.getpid(), f.fileno())
         except OSError as exc:  # old kernel (ENOSYS) or a sandbox that forbids it (EPERM)
             pytest.skip(f"pidfd_getfd unavailable here: {exc}")
         try:
@@ -156,7 +162,7 @@ def test_pidfd_getfd_duplicates_a_descriptor():
         finally:
             os.close(fd)
     with pytest.raises(OSError, match="pidfd_getfd"):
-        _cuda.pidfd_getfd(os.getpid(), 987654)
+        fd_passing.pidfd_getfd(os.getpid(), 987654)
 
 
 # ---- the executor's logic on a fake CUDA runtime (host memory, in-order streams) -----------------------
@@ -184,7 +190,7 @@ def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
     rng = np.random.default_rng(0)
     heaps = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(G)]
     dst_data = np.zeros(n, dtype=np.uint8)
-    dst = _cuda.DeviceBuffer(_HostAlloc(dst_data))
+    dst = memory.DeviceBuffer(_HostAlloc(dst_data))
     ptrs = [int(h.ctypes.data) for h in heaps]
     gets = []
 
@@ -193,10 +199,10 @@ def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
         fake.enqueue(stream, ("copy", d, ptrs[pe] + (sym_src - ptrs[rank]), nbytes))
 
     src_ptrs = [None if r == remote_rank else p for r, p in enumerate(ptrs)]
-    eng = _cuda.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=src_ptrs, src_nbytes=n,
+    eng = executor.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=src_ptrs, src_nbytes=n,
                              remote_get=remote_get if remote_rank is not None else None,
                              sym_ptr=ptrs[rank] if remote_rank is not None else None,
-                             **_cuda.parse_engine_options(opts, "test"))
+                             **engine_options.parse_engine_options(opts, "test"))
     assert eng.api == opts.get("api", "memcpy" if opts.get("graph") else "batch")  # the batch probe passed
     assert len(eng.streams) == eng.num_streams + 1 and eng.local_lane == eng.num_streams
     src_base, dst_base = 4096, 512
@@ -204,10 +210,10 @@ def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
     ranges = [CopyRange(0, 0, 0, 5000), CopyRange(2, 100, 6000, 7000), CopyRange(1, 300, 20000, 3000),
               CopyRange(0, 9000, 30000, 1234)]
     plan = make_plan(ranges, rank=rank, group_size=G, chunk_nbytes=1024)
-    gate = _cuda.CudaStream()
+    gate = streams.CudaStream()
     hold = np.zeros(1, dtype=np.uint64)  # a "compute stream" held until the test lets it go
     fake.enqueue(gate.handle, ("wait", hold.ctypes.data, 1, 64))
-    after = _cuda.CudaEvent().record(gate.handle)
+    after = streams.CudaEvent().record(gate.handle)
     for job in range(2):  # the second job of a graph engine replays the captured graphs
         fake.log.clear()
         dst_data[:] = 0
@@ -266,8 +272,8 @@ def test_local_copies_overlap_peer_copies(fake):
     G, rank, n = 2, 0, 1 << 14
     heaps = [np.full(n, r + 1, dtype=np.uint8) for r in range(G)]
     dst_data = np.zeros(2 * n, dtype=np.uint8)
-    dst = _cuda.DeviceBuffer(_HostAlloc(dst_data))
-    eng = _cuda.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
+    dst = memory.DeviceBuffer(_HostAlloc(dst_data))
+    eng = executor.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
                              src_nbytes=n, streams=1, api="memcpy")
     plan = make_plan([CopyRange(1, 0, 0, n), CopyRange(0, 0, n, n)], rank=rank, group_size=G, chunk_nbytes=n)
     peer = eng.streams[0]
@@ -289,8 +295,8 @@ def test_graph_cache_keys_and_eviction(fake):
     G, rank, n = 2, 0, 1 << 14
     heaps = [np.random.default_rng(r).integers(0, 256, n, dtype=np.uint8) for r in range(G)]
     dst_data = np.zeros(4 * n, dtype=np.uint8)
-    dst = _cuda.DeviceBuffer(_HostAlloc(dst_data))
-    eng = _cuda.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
+    dst = memory.DeviceBuffer(_HostAlloc(dst_data))
+    eng = executor.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
                              src_nbytes=n, graph=True, api="memcpy", graph_cache_size=2)
     p1 = make_plan([CopyRange(1, 0, 0, n)], rank=rank, group_size=G, chunk_nbytes=4096)
     p2 = make_plan([CopyRange(1, 0, 0, n), CopyRange(0, 0, n, n)], rank=rank, group_size=G, chunk_nbytes=4096)
@@ -317,14 +323,14 @@ class _SyncWorld:
 
     def __init__(self, fake, G, opts, *, n=1 << 13, jobs_room=4, bits=64, unmapped=(), start_job=0):
         import numpy as np
-        self.fake, self.G, self.n, self.opts = fake, G, n, _cuda.parse_engine_options(opts, "test")
+        self.fake, self.G, self.n, self.opts = fake, G, n, engine_options.parse_engine_options(opts, "test")
         rng = np.random.default_rng(G)
         self.heaps = [rng.integers(0, 256, n, dtype=np.uint8) for _ in range(G)]
         self.stride = G * n  # destination bytes per job
         self.dst_data = [np.zeros(jobs_room * self.stride, dtype=np.uint8) for _ in range(G)]
-        self.dsts = [_cuda.DeviceBuffer(_HostAlloc(d)) for d in self.dst_data]
+        self.dsts = [memory.DeviceBuffer(_HostAlloc(d)) for d in self.dst_data]
         L, mode = self.opts["streams"], self.opts["sync"]
-        nwords = _cuda.SyncFlags.num_words(mode, G, L)
+        nwords = time_division.SyncFlags.num_words(mode, G, L)
         self.words = [np.zeros(nwords, dtype=np.uint64) for _ in range(G)]
         self.flags, self.engines = [], []
         for r in range(G):
@@ -336,10 +342,10 @@ class _SyncWorld:
                 self.signals.append((r, pe))
                 fake.enqueue(stream, ("write", int(self.words[pe].ctypes.data) + off, value, 64))
 
-            f = _cuda.SyncFlags(mode=mode, rank=r, group_size=G, num_lanes=L, distribute=self.opts["distribute"],
+            f = time_division.SyncFlags(mode=mode, rank=r, group_size=G, num_lanes=L, distribute=self.opts["distribute"],
                                 bits=bits, local_ptr=peers[r], peer_ptrs=peers, sym_ptr=peers[r], remote_signal=signal)
             self.flags.append(f)
-            self.engines.append(_cuda.CopyExecutor(device=0, rank=r, group_size=G,
+            self.engines.append(executor.CopyExecutor(device=0, rank=r, group_size=G,
                                                    src_ptrs=[int(h.ctypes.data) for h in self.heaps], src_nbytes=n,
                                                    flags=f, **self.opts))
         self.signals = []
@@ -431,10 +437,10 @@ def test_sync_flags_on_fake_ranks(fake, opts, G):
     import numpy as np
     w = _SyncWorld(fake, G, opts)
     late = G - 1
-    gate = _cuda.CudaStream()
+    gate = streams.CudaStream()
     hold = np.zeros(1, dtype=np.uint64)
     fake.enqueue(gate.handle, ("wait", hold.ctypes.data, 1, 64))
-    held = _cuda.CudaEvent().record(gate.handle)
+    held = streams.CudaEvent().record(gate.handle)
     jobs = []
     for job in range(3):
         for r in range(G):
@@ -580,14 +586,14 @@ def test_sync_submit_checks(fake):
     w = _SyncWorld(fake, 2, {"sync": "slot"})
     with pytest.raises(dc.InvalidArgumentError, match="rank 0 of a group of 2"):
         w.engines[0].submit(w.plan(1, 0), src_base=0, dst=w.dsts[0], dst_base=0)
-    f32 = _cuda.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=32,
+    f32 = time_division.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=32,
                           local_ptr=1, peer_ptrs=[1, 2])
     assert f32.max_slots == (1 << 16) - 2 and f32.value(1, 5) == (1 << 16) + 5
     assert f32.value(1 << 16, 1) == 1  # wraps modulo 2**32
     with pytest.raises(dc.InvalidArgumentError, match="flags"):
-        _cuda.CopyExecutor(device=0, rank=0, group_size=2, src_ptrs=[1, 2], src_nbytes=1, sync="slot")
+        executor.CopyExecutor(device=0, rank=0, group_size=2, src_ptrs=[1, 2], src_nbytes=1, sync="slot")
     with pytest.raises(dc.InvalidArgumentError, match="remote_signal"):
-        _cuda.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=64,
+        time_division.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=64,
                         local_ptr=1, peer_ptrs=[1, None])
     empty = make_plan([], rank=0, group_size=2)
     ev, _ = w.submit(0, 0, empty)
@@ -640,7 +646,7 @@ class _FakeSymHeap:
         shared["arrays"][comm.rank] = data
         self._scratch = np.zeros_like(data)
         comm.barrier()
-        self.local = _cuda.DeviceBuffer(_HostAlloc(data))
+        self.local = memory.DeviceBuffer(_HostAlloc(data))
         self.peer_ptrs = [int((self._scratch if (comm.rank, t) in lost else shared["arrays"][t]).ctypes.data)
                           for t in range(comm.size)]
         self.peer_ptrs[comm.rank] = int(data.ctypes.data)
@@ -681,7 +687,7 @@ def test_create_sync_flags_handshake(fake, bits64):
         def alloc(n):
             heaps[comm.rank] = _FakeSymHeap(shared, comm, n)
             return heaps[comm.rank]
-        f = _cuda.create_sync_flags(comm, 0, sync="source", streams=2, distribute="source", alloc=alloc, timeout_s=10)
+        f = time_division.create_sync_flags(comm, 0, sync="source", streams=2, distribute="source", alloc=alloc, timeout_s=10)
         words = shared["arrays"][comm.rank]
         return f, [int(x) for x in words[:f.nbytes // 8]]
 
@@ -703,7 +709,7 @@ def test_create_sync_flags_failures_raise_on_every_rank(fake):
         def alloc(n):
             heaps[comm.rank] = _FakeSymHeap(shared, comm, n, lost={(1, 0)})
             return heaps[comm.rank]
-        return _cuda.create_sync_flags(comm, 0, sync="slot", streams=1, distribute="source", alloc=alloc,
+        return time_division.create_sync_flags(comm, 0, sync="slot", streams=1, distribute="source", alloc=alloc,
                                        timeout_s=0.3)
 
     _, errs = _run_threads(2, rank)
@@ -713,12 +719,12 @@ def test_create_sync_flags_failures_raise_on_every_rank(fake):
     assert all(h.closed for h in heaps.values()), "the flags were not freed after the failed handshake"
     assert fake.pending() == 0, "a handshake stream was left waiting"
     # 2. ranks disagree on the options
-    _, errs = _run_threads(2, lambda comm, shared: _cuda.create_sync_flags(
+    _, errs = _run_threads(2, lambda comm, shared: time_division.create_sync_flags(
         comm, 0, sync="slot", streams=1 + comm.rank, distribute="source", alloc=None))
     assert all(isinstance(e, dc.CollectiveMismatchError) and "streams" in str(e) for e in errs), errs
     # 3. no cuStreamBatchMemOp in the driver
-    _cuda.DriverCopyCalls._instance = _FakeDriverCalls(fake, memops=False)
-    _, errs = _run_threads(2, lambda comm, shared: _cuda.create_sync_flags(
+    copies.DriverCopyCalls.instance = _FakeDriverCalls(fake, memops=False)
+    _, errs = _run_threads(2, lambda comm, shared: time_division.create_sync_flags(
         comm, 0, sync="source", streams=1, distribute="source", alloc=None))
     assert all(isinstance(e, dc.InvalidArgumentError) and "cuStreamBatchMemOp" in str(e) and "sync='source'" in str(e)
                for e in errs), errs
@@ -752,7 +758,7 @@ def test_sync_close_with_missing_jobs_releases_and_raises(fake):
 
 # ---- engine options -----------------------------------------------------------------------------------------
 def test_engine_options_sync_and_graph():
-    p = _cuda.parse_engine_options
+    p = engine_options.parse_engine_options
     assert p({}, "x") == {"streams": 1, "api": "batch", "distribute": "source", "overlap_hint": False,
                           "sync": "none", "graph": False}
     assert p({"graph": True}, "x")["api"] == "memcpy"
@@ -779,25 +785,25 @@ def test_memop_layout_matches_cuda_bindings():
     import numpy as np
     from cuda.bindings import driver as d
     T = d.CUstreamBatchMemOpType
-    assert (_cuda.OP_WAIT_VALUE_32, _cuda.OP_WRITE_VALUE_32, _cuda.OP_WAIT_VALUE_64, _cuda.OP_WRITE_VALUE_64) == (
+    assert (copies.OP_WAIT_VALUE_32, copies.OP_WRITE_VALUE_32, copies.OP_WAIT_VALUE_64, copies.OP_WRITE_VALUE_64) == (
         int(T.CU_STREAM_MEM_OP_WAIT_VALUE_32), int(T.CU_STREAM_MEM_OP_WRITE_VALUE_32),
         int(T.CU_STREAM_MEM_OP_WAIT_VALUE_64), int(T.CU_STREAM_MEM_OP_WRITE_VALUE_64))
-    assert _cuda.WAIT_VALUE_GEQ == int(d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
-    assert _cuda.WRITE_VALUE_DEFAULT == int(d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
-    assert _cuda.MEMOP_DTYPE.itemsize == 8 * len(d.CUstreamBatchMemOpParams().pad) == 48
-    for member, op, value in (("waitValue", _cuda.OP_WAIT_VALUE_64, 0xAABBCCDDEEFF0011),
-                              ("writeValue", _cuda.OP_WRITE_VALUE_32, 0x12345678)):
+    assert copies.WAIT_VALUE_GEQ == int(d.CUstreamWaitValue_flags.CU_STREAM_WAIT_VALUE_GEQ)
+    assert copies.WRITE_VALUE_DEFAULT == int(d.CUstreamWriteValue_flags.CU_STREAM_WRITE_VALUE_DEFAULT)
+    assert copies.MEMOP_DTYPE.itemsize == 8 * len(d.CUstreamBatchMemOpParams().pad) == 48
+    for member, op, value in (("waitValue", copies.OP_WAIT_VALUE_64, 0xAABBCCDDEEFF0011),
+                              ("writeValue", copies.OP_WRITE_VALUE_32, 0x12345678)):
         ref = d.CUstreamBatchMemOpParams()
         m = getattr(ref, member)
         m.operation = T(op)
         m.address = 0x1122334455667788
-        if op == _cuda.OP_WRITE_VALUE_32:
+        if op == copies.OP_WRITE_VALUE_32:
             m.value = value
         else:
             m.value64 = value
         m.flags = 0x7
         m.alias = 0x99
-        mine = np.zeros(1, dtype=_cuda.MEMOP_DTYPE)
+        mine = np.zeros(1, dtype=copies.MEMOP_DTYPE)
         mine["operation"], mine["address"], mine["value"], mine["flags"], mine["alias"] = (
             op, 0x1122334455667788, value, 0x7, 0x99)
         assert ctypes.string_at(ref.getPtr(), 40) == mine.tobytes()[:40], member
@@ -808,10 +814,10 @@ def test_build_sync_program_source_mode_targets():
     key 2 starts at V(0) (no key-2 copy in slot 0), is never written to rank 2 itself, and waits name
     only readers of the same source."""
     import numpy as np
-    f = _cuda.SyncFlags(mode="source", rank=0, group_size=3, num_lanes=1, distribute="source", bits=64,
+    f = time_division.SyncFlags(mode="source", rank=0, group_size=3, num_lanes=1, distribute="source", bits=64,
                         local_ptr=1 << 20, peer_ptrs=[1 << 20, 2 << 20, 3 << 20])
     slot, src = np.array([0, 1, 2, 3]), np.array([1, 2, 1, 2])
-    prog = _cuda.build_sync_program(f, slot, src, np.zeros(4, dtype=np.int64))
+    prog = time_division.build_sync_program(f, slot, src, np.zeros(4, dtype=np.int64))
     ops = prog.ops
     (ln, (a, b), sig), = prog.init
     assert [(int(o["operation"]), int(o["address"])) for o in ops[a:b]] == [
@@ -832,7 +838,7 @@ def test_build_sync_program_source_mode_targets():
 def test_cuda_error_survives_pickling():
     """A CudaError raised in a rank crosses testing.launch's pipe: it must unpickle (it did not)."""
     import pickle
-    err = _cuda.CudaError("cudaStreamEndCapture", 904, "streams [3] were not joined back")
+    err = driver.CudaError("cudaStreamEndCapture", 904, "streams [3] were not joined back")
     got = pickle.loads(pickle.dumps(err))
-    assert type(got) is _cuda.CudaError and str(got) == str(err)
+    assert type(got) is driver.CudaError and str(got) == str(err)
     assert (got.api, got.code, got.name) == (err.api, err.code, err.name)

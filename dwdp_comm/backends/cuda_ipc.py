@@ -45,9 +45,15 @@ import os
 from typing import Any, Sequence
 
 from ..errors import BackendUnavailableError, ClosedError, DwdpError, PeerAccessError, bad_arg, bad_type
-from . import _cuda
-from ._cuda import (CopyExecutor, CudaBackendBase, CudaComposite, DeviceBuffer, MallocAlloc, VmmAlloc, _Alloc,
-                    agree, check, load, raise_gathered)
+from ..engine_options import parse_engine_options
+from .cuda.backend import CudaBackendBase, cuda_probe
+from .cuda.driver import check, load
+from .cuda.executor import CopyExecutor
+from .cuda.fd_passing import pidfd_getfd
+from .cuda.memory import Alloc, DeviceBuffer, MallocAlloc
+from .cuda.peers import agree, check_peer_access, device_info, raise_gathered
+from .cuda.time_division import create_sync_flags
+from .cuda.vmm import CudaComposite, VmmAlloc, vmm_granularity, vmm_reserve, vmm_set_access
 from .base import Buffer, SymmetricHeap
 
 __all__ = ["CudaIpcBackend", "probe"]
@@ -66,7 +72,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class _IpcImport(_Alloc):
+class _IpcImport(Alloc):
     """A peer's ``cudaMalloc`` memory opened with ``cudaIpcOpenMemHandle``."""
 
     kind = "imported IPC memory"
@@ -78,7 +84,7 @@ class _IpcImport(_Alloc):
         ptr = check(rt.cudaIpcOpenMemHandle(h, rt.cudaIpcMemLazyEnablePeerAccess), "cudaIpcOpenMemHandle")
         super().__init__(int(ptr), nbytes, device)
 
-    def _free(self) -> None:
+    def release(self) -> None:
         rt, _ = load()
         check(rt.cudaIpcCloseMemHandle(self.ptr), "cudaIpcCloseMemHandle")
 
@@ -121,7 +127,7 @@ class CudaIpcHeap(SymmetricHeap):
         everyone = comm.all_gather_object((err, payload))
         try:
             raise_gathered([e for e, _ in everyone], "cuda_ipc: allocating the symmetric heap")
-            self._peers: list[_Alloc | None] = [None] * comm.size
+            self._peers: list[Alloc | None] = [None] * comm.size
             problems = []
             for r, (_, p) in enumerate(everyone):
                 if r == comm.rank:
@@ -142,18 +148,18 @@ class CudaIpcHeap(SymmetricHeap):
         self.local = DeviceBuffer(alloc, self.nbytes, tracker=backend)
         for p in self._peers:
             if p is not None:
-                backend._live.add(p)
+                backend.track(p)
         self.peer_ptrs = [alloc.ptr if r == comm.rank else self._peers[r].ptr for r in range(comm.size)]
         self._closed = False
 
     @staticmethod
-    def _open(payload, dev: int, backend: "CudaIpcBackend") -> _Alloc:
+    def _open(payload, dev: int, backend: "CudaIpcBackend") -> Alloc:
         if payload[0] == "vmm":
             _, pid, fds, sizes = payload
             local_fds = []
             try:
                 for fd in fds:
-                    local_fds.append(_cuda.pidfd_getfd(pid, fd))
+                    local_fds.append(pidfd_getfd(pid, fd))
                 return VmmAlloc.import_fds(local_fds, sizes, dev, backend.granularity)
             finally:
                 for fd in local_fds:
@@ -228,7 +234,7 @@ class CudaIpcBackend(CudaBackendBase):
         err, info = None, None
         try:
             super().__init__(comm)
-            info = _cuda.device_info(self.device_index)
+            info = device_info(self.device_index)
         except Exception as exc:
             err = _describe(exc)
         everyone = comm.all_gather_object((err, info))
@@ -238,7 +244,7 @@ class CudaIpcBackend(CudaBackendBase):
         if len(hosts) > 1:
             raise BackendUnavailableError(f"backend 'cuda_ipc' works within one host, but the group spans hosts "
                                           f"{hosts}; use backend='nvshmem' across hosts")
-        _cuda.check_peer_access(comm, self.infos, "cuda_ipc", _ALTERNATIVES)
+        check_peer_access(comm, self.infos, "cuda_ipc", _ALTERNATIVES)
         self.granularity = None
         self.mode, self.mode_reason = self._choose_mode(vmm)
         if self.mode == "vmm":
@@ -307,7 +313,7 @@ class CudaIpcBackend(CudaBackendBase):
             cu_dev = check(dr.cuDeviceGet(dev), "cuDeviceGet")
             if not check(dr.cuDeviceGetAttribute(getattr(attr, a), cu_dev), "cuDeviceGetAttribute", a):
                 raise DwdpError(f"GPU {dev} does not support {a.removeprefix('CU_DEVICE_ATTRIBUTE_')}")
-        gran = _cuda.vmm_granularity(dev)
+        gran = vmm_granularity(dev)
         test = VmmAlloc.create(2 * gran, dev, gran, exportable=True, boundaries=[gran])  # two segments
         for k in range(2):
             check(rt.cudaMemset(test.ptr + k * gran, _marker(self.comm.rank, k), gran), "cudaMemset")
@@ -323,7 +329,7 @@ class CudaIpcBackend(CudaBackendBase):
                 local_fds = []
                 try:
                     for f in e["fd"]:
-                        local_fds.append(_cuda.pidfd_getfd(e["pid"], f))
+                        local_fds.append(pidfd_getfd(e["pid"], f))
                     a = VmmAlloc.import_fds(local_fds, [gran, gran], self.device_index, gran)
                 finally:
                     for f in local_fds:
@@ -341,10 +347,10 @@ class CudaIpcBackend(CudaBackendBase):
         _, dr = load()
         va = 0
         try:
-            va = _cuda.vmm_reserve(gran, gran)
+            va = vmm_reserve(gran, gran)
             check(dr.cuMemMap(va, gran, 0, test.segments[1][2], 0), "cuMemMap", "a segment mapped a second time")
             try:
-                _cuda.vmm_set_access(va, gran, self.device_index)
+                vmm_set_access(va, gran, self.device_index)
                 got = _read_byte(va)
                 if got != _marker(self.comm.rank, 1):
                     raise DwdpError(f"read {got} through the second mapping, expected {_marker(self.comm.rank, 1)}")
@@ -378,7 +384,7 @@ class CudaIpcBackend(CudaBackendBase):
         """The copy-engine executor over ``heap``.
 
         Options: ``streams``, ``api``, ``distribute``, ``overlap_hint``, ``sync``, ``graph`` (see
-        :func:`dwdp_comm.backends._cuda.parse_engine_options` and :class:`~._cuda.CopyExecutor`);
+        :func:`dwdp_comm.engine_options.parse_engine_options` and :class:`~.cuda.executor.CopyExecutor`);
         an unknown option or a bad value raises ``InvalidArgumentError`` naming it.
 
         Notes
@@ -389,12 +395,12 @@ class CudaIpcBackend(CudaBackendBase):
         a handshake, and ``close()`` of the engine is collective too.
         """
         self._check_open()
-        opts = _cuda.parse_engine_options(options, self.name)
+        opts = parse_engine_options(options, self.name)
         if not isinstance(heap, CudaIpcHeap):
             raise bad_arg("heap", type(heap).__name__, "a heap of this cuda_ipc backend")
         flags = None
         if opts["sync"] != "none":
-            flags = _cuda.create_sync_flags(self.comm, self.device_index, sync=opts["sync"], streams=opts["streams"],
+            flags = create_sync_flags(self.comm, self.device_index, sync=opts["sync"], streams=opts["streams"],
                                             distribute=opts["distribute"],
                                             alloc=lambda n: CudaIpcHeap(self, max(n, 2 << 20)))  # a whole allocation
         return CopyExecutor(device=self.device_index, rank=self.comm.rank, group_size=self.comm.size,
@@ -426,4 +432,4 @@ def _read_byte(ptr: int) -> int:
 
 def probe() -> str | None:
     """None when cuda.bindings imports and torch sees a CUDA device, else why not."""
-    return _cuda.cuda_probe()
+    return cuda_probe()

@@ -50,8 +50,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import BackendUnavailableError, ClosedError, bad_arg
-from . import _cuda
-from ._cuda import CopyExecutor, CudaBackendBase, DeviceBuffer, ForeignAlloc, agree, raise_gathered
+from ..engine_options import parse_engine_options
+from .cuda.backend import CudaBackendBase, cuda_probe
+from .cuda.executor import CopyExecutor
+from .cuda.memory import DeviceBuffer, ForeignAlloc
+from .cuda.peers import agree, raise_gathered
+from .cuda.time_division import create_sync_flags
 from .base import SymmetricHeap
 
 __all__ = ["NvshmemBackend", "probe"]
@@ -244,7 +248,7 @@ class NvshmemBackend(CudaBackendBase):
         unmapped PEs.
 
         Options: ``streams``, ``api``, ``distribute``, ``overlap_hint``, ``sync``, ``graph`` (see
-        :func:`dwdp_comm.backends._cuda.parse_engine_options` and :class:`~._cuda.CopyExecutor`);
+        :func:`dwdp_comm.engine_options.parse_engine_options` and :class:`~.cuda.executor.CopyExecutor`);
         an unknown option or a bad value raises ``InvalidArgumentError`` naming it. ``graph=True``
         needs every PE mapped (NVSHMEM gets are not captured).
 
@@ -257,7 +261,7 @@ class NvshmemBackend(CudaBackendBase):
         ``close()`` of the engine is collective too.
         """
         self._check_open()
-        opts = _cuda.parse_engine_options(options, self.name)
+        opts = parse_engine_options(options, self.name)
         if not isinstance(heap, NvshmemHeap):
             raise bad_arg("heap", type(heap).__name__, "a heap of this nvshmem backend")
         if opts["graph"] and not all(p is not None for p in heap.peer_ptrs):
@@ -275,7 +279,7 @@ class NvshmemBackend(CudaBackendBase):
                 # Only PEs without a peer mapping (other nodes) take this path.
                 nvb.signal_op_on_stream(sym_addr, value, int(nvb.Signal_op.SIGNAL_SET), pe, stream)
 
-            flags = _cuda.create_sync_flags(self.comm, self.device_index, sync=opts["sync"], streams=opts["streams"],
+            flags = create_sync_flags(self.comm, self.device_index, sync=opts["sync"], streams=opts["streams"],
                                             distribute=opts["distribute"], alloc=lambda n: NvshmemHeap(self, n),
                                             remote_signal=remote_signal)
         return CopyExecutor(device=self.device_index, rank=self.comm.rank, group_size=self.comm.size,
@@ -310,4 +314,4 @@ def probe() -> str | None:
             return f"cannot import nvshmem.core (nvshmem4py): {_describe(exc)}; {_INSTALL}; or use {_ALTERNATIVES}"
         return None
     # The package first: its absence is the more specific reason (and testable without a GPU).
-    return package() or _cuda.cuda_probe()
+    return package() or cuda_probe()

@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import dwdp_comm as dc
+from dwdp_comm import engine_options
+from dwdp_comm.backends.cuda import copies, driver, executor, memory, streams, time_division, vmm
 from dwdp_comm.planner import CopyRange, make_plan
 
 pytestmark = pytest.mark.gpu
@@ -15,13 +17,14 @@ MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
-def cu():
-    from dwdp_comm.backends import _cuda
-    _cuda.set_device(torch.cuda.current_device())
-    return _cuda
+def cuda_device():
+    """This process's GPU, current for cuda.bindings (its primary context made)."""
+    index = torch.cuda.current_device()
+    driver.set_device(index)
+    return index
 
 
-def test_resolve_stream_torch_and_cuda_core(cu):
+def test_resolve_stream_torch_and_cuda_core(cuda_device):
     from dwdp_comm.interop.streams import resolve_stream
     s = torch.cuda.Stream()
     assert resolve_stream(s) == s.cuda_stream
@@ -39,7 +42,7 @@ def test_resolve_stream_torch_and_cuda_core(cu):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("cupy") is None, reason="CuPy is not installed")
-def test_cupy_views_and_streams(cu):
+def test_cupy_views_and_streams(cuda_device):
     import cupy as cp
     from dwdp_comm.interop import cupy as dcp
     from dwdp_comm.interop.streams import resolve_stream
@@ -57,13 +60,13 @@ def test_cupy_views_and_streams(cu):
     with pytest.raises(dc.InvalidArgumentError, match="bits=True"):
         dcp.as_cupy(b)
     assert dcp.as_cupy(b, bits=True).dtype == cp.uint16
-    ev = cu.CudaEvent().record(resolve_stream(s))
+    ev = streams.CudaEvent().record(resolve_stream(s))
     dcp.stream_wait(ev, cp.cuda.Stream(non_blocking=True))
     ev.synchronize()
     assert ev.is_done
 
 
-def test_tensor_from_ptr_is_zero_copy(cu):
+def test_tensor_from_ptr_is_zero_copy(cuda_device):
     from dwdp_comm.interop.torch import tensor_from_ptr
     base = torch.arange(256, dtype=torch.uint8, device="cuda")
     v = tensor_from_ptr(base.data_ptr() + 16, 32, torch.cuda.current_device(), owner=base)
@@ -73,9 +76,9 @@ def test_tensor_from_ptr_is_zero_copy(cu):
     assert tensor_from_ptr(0, 0, torch.cuda.current_device()).numel() == 0
 
 
-def test_events(cu):
+def test_events(cuda_device):
     s = torch.cuda.Stream()
-    ev = cu.CudaEvent()
+    ev = streams.CudaEvent()
     with torch.cuda.stream(s):
         torch.cuda._sleep(50_000_000)
     ev.record(s.cuda_stream)
@@ -88,23 +91,23 @@ def test_events(cu):
 @pytest.mark.parametrize("opts", [{}, {"api": "batch"}, {"streams": 3, "distribute": "slot"},
                                   {"streams": 2, "api": "batch", "distribute": "source", "overlap_hint": True},
                                   {"graph": True}, {"graph": True, "streams": 2, "distribute": "slot"}])
-def test_executor_local_plan(cu, opts):
+def test_executor_local_plan(cuda_device, opts):
     """The executor on one rank (group of 1): local copies, scattered ranges, several chunk sizes."""
     dev = torch.cuda.current_device()
     n = 8 * MiB
-    src = cu.DeviceBuffer(cu.MallocAlloc(n, dev))
-    dst = cu.DeviceBuffer(cu.MallocAlloc(n, dev))
+    src = memory.DeviceBuffer(memory.MallocAlloc(n, dev))
+    dst = memory.DeviceBuffer(memory.MallocAlloc(n, dev))
     data = torch.randint(0, 256, (n,), dtype=torch.uint8, device="cuda")
     src.tensor().copy_(data)
     dst.tensor().zero_()
     torch.cuda.synchronize()
     ranges = [CopyRange(0, 0, 4 * MiB, 3 * MiB), CopyRange(0, 3 * MiB + 17, 2 * MiB + 17, MiB), CopyRange(0, 6 * MiB, MiB, 2048)]
     plan = make_plan(ranges, rank=0, group_size=1, chunk_nbytes=512 * 1024)
-    eng = cu.CopyExecutor(device=dev, rank=0, group_size=1, src_ptrs=[src.ptr], src_nbytes=n,
-                          **cu.parse_engine_options(opts, "test"))
+    eng = executor.CopyExecutor(device=dev, rank=0, group_size=1, src_ptrs=[src.ptr], src_nbytes=n,
+                          **engine_options.parse_engine_options(opts, "test"))
     for job in range(2):  # with graph=True: capture, then replay
         dst.tensor().zero_()
-        gate = cu.CudaEvent().record(torch.cuda.current_stream().cuda_stream)
+        gate = streams.CudaEvent().record(torch.cuda.current_stream().cuda_stream)
         done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[gate])
         done.wait(torch.cuda.current_stream())
         out = dst.tensor()
@@ -119,25 +122,25 @@ def test_executor_local_plan(cu, opts):
     print(opts, "api used:", eng.api, eng.api_reason)
 
 
-def test_stream_memops_on_device(cu):
+def test_stream_memops_on_device(cuda_device):
     """The ctypes cuStreamBatchMemOp path on device memory: a one-rank flag handshake, and a
     wait-value (cyclic >=) that holds a stream until another stream writes the word."""
     import time
 
     import numpy as np
     dev = torch.cuda.current_device()
-    bits = cu.stream_memop_bits(dev)
-    mem = cu.MallocAlloc(4096, dev)
-    f = cu.SyncFlags(mode="slot", rank=0, group_size=1, num_lanes=1, distribute="source", bits=bits,
+    bits = time_division.stream_memop_bits(dev)
+    mem = memory.MallocAlloc(4096, dev)
+    f = time_division.SyncFlags(mode="slot", rank=0, group_size=1, num_lanes=1, distribute="source", bits=bits,
                      local_ptr=mem.ptr, peer_ptrs=[mem.ptr])
     f.zero()
     assert f.handshake(timeout_s=10) is None
-    a, b = cu.CudaStream(), cu.CudaStream()
+    a, b = streams.CudaStream(), streams.CudaStream()
     word = f.word(0, 0, 0)
-    wait = np.zeros(1, dtype=cu.MEMOP_DTYPE)
+    wait = np.zeros(1, dtype=copies.MEMOP_DTYPE)
     wait["operation"], wait["address"], wait["value"] = f.wait_op, mem.ptr + 8 * word, f.value(3, 7)
-    cu.issue_memops(a.handle, wait, "test wait")
-    ev = cu.CudaEvent().record(a.handle)
+    copies.issue_memops(a.handle, wait, "test wait")
+    ev = streams.CudaEvent().record(a.handle)
     time.sleep(0.05)
     assert not ev.is_done, "the wait-value did not hold the stream"
     f._write_local([word], f.value(3, 7), b)
@@ -150,25 +153,25 @@ def test_stream_memops_on_device(cu):
     print(f"stream memory operations: {bits}-bit")
 
 
-def test_vmm_composite_maps_pages_at_offsets(cu):
+def test_vmm_composite_maps_pages_at_offsets(cuda_device):
     """Segments of two VMM ranges (at non-zero offsets of the ranges) mapped back to back: one
     zero-copy view; a piece that does not end on a segment boundary is refused."""
     dev = torch.cuda.current_device()
-    g = cu.vmm_granularity(dev)
-    a = cu.DeviceBuffer(cu.VmmAlloc.create(4 * g, dev, g, exportable=True, boundaries=[g, 3 * g]))
-    b = cu.DeviceBuffer(cu.VmmAlloc.create(3 * g, dev, g, exportable=False, boundaries=[g]))
+    g = vmm.vmm_granularity(dev)
+    a = memory.DeviceBuffer(vmm.VmmAlloc.create(4 * g, dev, g, exportable=True, boundaries=[g, 3 * g]))
+    b = memory.DeviceBuffer(vmm.VmmAlloc.create(3 * g, dev, g, exportable=False, boundaries=[g]))
     with pytest.raises(dc.InvalidArgumentError, match="segment boundaries"):
-        cu.CudaComposite([(a, 0, 2 * g)], dev, g)
+        vmm.CudaComposite([(a, 0, 2 * g)], dev, g)
     a.tensor().copy_(torch.randint(0, 256, (4 * g,), dtype=torch.uint8, device="cuda"))
     b.tensor().copy_(torch.randint(0, 256, (3 * g,), dtype=torch.uint8, device="cuda"))
-    comp = cu.CudaComposite([(b, g, 2 * g), (a, 0, g), (a, 3 * g, g)], dev, g)
+    comp = vmm.CudaComposite([(b, g, 2 * g), (a, 0, g), (a, 3 * g, g)], dev, g)
     t = comp.tensor()
     want = torch.cat([b.tensor(g, 2 * g), a.tensor(0, g), a.tensor(3 * g, g)])
     assert torch.equal(t, want)
     t[g * 2] = (int(t[g * 2].item()) + 1) % 256  # writes land in a's page 0
     assert a.tensor(0, 1).item() == t[g * 2].item()
     with pytest.raises(dc.InvalidArgumentError):
-        cu.CudaComposite([(a, 1, g)], dev, g)
+        vmm.CudaComposite([(a, 1, g)], dev, g)
     comp.close()
     a.close()
     b.close()

@@ -16,7 +16,7 @@ ended capture (``cudaErrorCapturedEvent``), a batch copy under capture
 (``cudaErrorStreamCaptureUnsupported``: the call has no graph-node form).
 """
 
-from dwdp_comm.backends import _cuda
+from dwdp_comm.backends.cuda import copies, driver, memory
 
 __all__ = ["FakeGPU", "FakeDriverCalls", "FakeGraph", "HostAlloc", "install"]
 
@@ -112,7 +112,7 @@ class FakeGPU:
                 self.in_capture.pop(t, None)
             cap.ended = True
             if unjoined:
-                raise _cuda.CudaError("cudaStreamEndCapture", UNJOINED, f"streams {unjoined} were not joined back")
+                raise driver.CudaError("cudaStreamEndCapture", UNJOINED, f"streams {unjoined} were not joined back")
             return FakeGraph(self, cap.ops)
 
     def _capture_of_stream(self, s):
@@ -403,18 +403,18 @@ class FakeDriverCalls:
         import ctypes
         import numpy as np
         assert flags == 0 and 0 < count < 256
-        ops = np.frombuffer((ctypes.c_char * (48 * count)).from_address(ptr), dtype=_cuda.MEMOP_DTYPE).copy()
+        ops = np.frombuffer((ctypes.c_char * (48 * count)).from_address(ptr), dtype=copies.MEMOP_DTYPE).copy()
         with self.fake.lock:
             for op in ops:
                 code, addr, value = int(op["operation"]), int(op["address"]), int(op["value"])
                 self.fake.log.append(("memop", int(stream), code, addr, value))
                 assert int(op["flags"]) == 0, "GEQ waits and default (fenced) writes only"
-                if code in (_cuda.OP_WAIT_VALUE_32, _cuda.OP_WAIT_VALUE_64):
-                    bits = 64 if code == _cuda.OP_WAIT_VALUE_64 else 32
+                if code in (copies.OP_WAIT_VALUE_32, copies.OP_WAIT_VALUE_64):
+                    bits = 64 if code == copies.OP_WAIT_VALUE_64 else 32
                     self.fake.enqueue(stream, ("wait", addr, value & ((1 << bits) - 1), bits))
                 else:
-                    assert code in (_cuda.OP_WRITE_VALUE_32, _cuda.OP_WRITE_VALUE_64), code
-                    bits = 64 if code == _cuda.OP_WRITE_VALUE_64 else 32
+                    assert code in (copies.OP_WRITE_VALUE_32, copies.OP_WRITE_VALUE_64), code
+                    bits = 64 if code == copies.OP_WRITE_VALUE_64 else 32
                     self.fake.enqueue(stream, ("write", addr, value & ((1 << bits) - 1), bits))
         return 0
 
@@ -422,24 +422,25 @@ class FakeDriverCalls:
         return object(), 12345
 
     def error(self, code, api, context):
-        return _cuda.CudaError(api, code, context)
+        return driver.CudaError(api, code, context)
 
 
-class HostAlloc(_cuda._Alloc):
+class HostAlloc(memory.Alloc):
     def __init__(self, data):
         self.data = data
         super().__init__(data.ctypes.data, data.nbytes, 0)
 
-    def _free(self):
+    def release(self):
         pass
 
 
 
 
 def install(monkeypatch, gpu=None):
-    """Put a :class:`FakeGPU` in place of cuda.bindings for ``_cuda`` (and its driver calls); return it."""
+    """Put a :class:`FakeGPU` in place of cuda.bindings for ``dwdp_comm.backends.cuda`` (and its
+    driver calls) until the test ends; return it."""
     gpu = gpu or FakeGPU()
-    monkeypatch.setattr(_cuda, "_rt", gpu)
-    monkeypatch.setattr(_cuda, "_dr", gpu)
-    monkeypatch.setattr(_cuda.DriverCopyCalls, "_instance", FakeDriverCalls(gpu))
+    monkeypatch.setattr(driver.bindings, "rt", gpu)
+    monkeypatch.setattr(driver.bindings, "dr", gpu)
+    monkeypatch.setattr(copies.DriverCopyCalls, "instance", FakeDriverCalls(gpu))
     return gpu

@@ -15,14 +15,15 @@ import torch
 
 import dwdp_comm as dc
 from dwdp_comm.moe import DwdpPipeline
-from dwdp_comm.backends import _cuda
+from dwdp_comm import engine_options
+from dwdp_comm.backends.cuda import copies, driver, executor, memory, streams, time_division
 from dwdp_comm.interop.streams import resolve_stream
 from helpers import fake_cuda
 
 SPECS = {"w13": ((10, 7), torch.float32), "w2": ((3, 5), torch.bfloat16)}  # not page multiples: gather mode
 
 
-class _HostSlot(_cuda.DeviceBuffer):
+class _HostSlot(memory.DeviceBuffer):
     """A slot in host memory: the executor sees a DeviceBuffer, ``tensor()`` gives CPU views."""
 
     def __init__(self, nbytes: int):
@@ -43,21 +44,21 @@ class FakeCudaOverSim:
     def __init__(self, sim, fake):
         self.sim, self.fake, self.device, self.alloc_alignment = sim, fake, sim.device, sim.alloc_alignment
         self.comm = sim.comm
-        self.current = _cuda.CudaStream()
+        self.current = streams.CudaStream()
         self.slots = []  # the prefetcher's slots, in allocation (= slot index) order
-        _cuda.resolve_stream = lambda s=None: self.current.handle if s is None else resolve_stream(s)
+        streams.resolve_stream = lambda s=None: self.current.handle if s is None else resolve_stream(s)
 
     def copy_engine(self, heap, **options):
         self._views = [np.frombuffer(m.mm, dtype=np.uint8) for m in heap.peers]  # keep the addresses alive
-        opts = _cuda.parse_engine_options(options, self.name)
+        opts = engine_options.parse_engine_options(options, self.name)
         flags = None
         if opts["sync"] != "none":  # local flag words: enough to build the engine (no job is submitted)
             G = self.comm.size
-            self._words = np.zeros(_cuda.SyncFlags.num_words(opts["sync"], G, opts["streams"]), dtype=np.uint64)
-            flags = _cuda.SyncFlags(mode=opts["sync"], rank=self.comm.rank, group_size=G, num_lanes=opts["streams"],
+            self._words = np.zeros(time_division.SyncFlags.num_words(opts["sync"], G, opts["streams"]), dtype=np.uint64)
+            flags = time_division.SyncFlags(mode=opts["sync"], rank=self.comm.rank, group_size=G, num_lanes=opts["streams"],
                                     distribute=opts["distribute"], bits=64, local_ptr=int(self._words.ctypes.data),
                                     peer_ptrs=[int(self._words.ctypes.data)] * G)
-        return _cuda.CopyExecutor(device=0, rank=self.comm.rank, group_size=self.comm.size,
+        return executor.CopyExecutor(device=0, rank=self.comm.rank, group_size=self.comm.size,
                                   src_ptrs=[int(v.ctypes.data) for v in self._views], src_nbytes=heap.nbytes,
                                   flags=flags, **opts)
 
@@ -66,11 +67,11 @@ class FakeCudaOverSim:
         return self.slots[-1]
 
     def capture_id(self, stream=None):
-        return _cuda.stream_capture_id(_cuda.resolve_stream(stream))
+        return streams.stream_capture_id(streams.resolve_stream(stream))
 
     def record_event(self, stream=None):
-        s = _cuda.resolve_stream(stream)
-        return _cuda.CudaEvent().record(s, _cuda.stream_capture_id(s))
+        s = streams.resolve_stream(stream)
+        return streams.CudaEvent().record(s, streams.stream_capture_id(s))
 
     def synchronize(self):
         self.fake.progress()
@@ -87,8 +88,8 @@ def _truth(seed, layer, name, expert):
 
 def _setup(group, seed, num_experts, layers):
     fake = fake_cuda.FakeGPU()
-    _cuda._rt = _cuda._dr = fake
-    _cuda.DriverCopyCalls._instance = fake_cuda.FakeDriverCalls(fake)
+    driver.bindings.rt = driver.bindings.dr = fake  # a rank process of its own: nothing to restore
+    copies.DriverCopyCalls.instance = fake_cuda.FakeDriverCalls(fake)
     lay = dc.ExpertLayout(num_experts, group.size, group.rank)
     st = dc.WeightStore(group, lay)
     for l in layers:
@@ -193,7 +194,7 @@ def captured_pipeline(group, seed):
     pf.prepare_capture()
     cid = fake.begin_graph(C)
     h = pf.prefetch(layers[1])
-    with pytest.raises(_cuda.CudaError, match="not joined back"):  # never waited: the capture fails, as CUDA's
+    with pytest.raises(driver.CudaError, match="not joined back"):  # never waited: the capture fails, as CUDA's
         fake.end_graph(C)
     with pytest.raises(dc.GraphCaptureError, match="recorded in a capture"):
         h.wait()
