@@ -43,7 +43,7 @@ import logging
 from .errors import ClosedError, DwdpError, GraphCaptureError, SlotStillHeldError, bad_arg, bad_type
 from .group import describe
 from .planner import PlanCache, make_plan, policies
-from .store import WeightStore, _typed
+from .store import WeightStore
 
 log = logging.getLogger("dwdp_comm")
 
@@ -371,7 +371,7 @@ class Prefetcher:
                  chunk_nbytes: int = 8 << 20, engine_options: dict | None = None):
         if not isinstance(store, WeightStore):
             raise bad_type("store", store, "a dwdp_comm.WeightStore")
-        store._check_committed()
+        store.check_committed()
         if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)):
             raise bad_type("depth", depth, "an int")
         if depth < 1:
@@ -408,7 +408,7 @@ class Prefetcher:
         elif cause is not None:
             self._free(collective=False)
             raise cause
-        store._prefetchers.append(self)
+        store.attach(self)
 
     def _free(self, collective: bool) -> None:
         """Release the engine (collectively or not) and the slots of a prefetcher being given up."""
@@ -432,6 +432,36 @@ class Prefetcher:
     def plan_cache(self) -> PlanCache:
         """The cache of copy plans (``hits``, ``misses``)."""
         return self._plans
+
+    @property
+    def engine(self):
+        """The backend's copy engine this prefetcher submits to (read it, e.g. ``engine.api`` or
+        ``engine.captured_jobs`` on GPU backends; do not submit to it)."""
+        return self._engine
+
+    @property
+    def engine_api(self) -> str | None:
+        """The copy API the engine runs (``"batch"`` / ``"memcpy"`` on GPU backends; None where the
+        engine has no such choice, as on ``sim``)."""
+        return getattr(self._engine, "api", None)
+
+    def slot_ptr(self, index: int) -> int:
+        """Device address of byte 0 of prefetch slot ``index`` (``0 <= index < depth``), for raw
+        copies and measurements at the very addresses the library uses. Local, non-blocking.
+
+        Raises
+        ------
+        InvalidArgumentError
+            ``index`` is not a slot index, or the backend's slots have no device address (``sim``).
+        """
+        self._check_open()
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.depth:
+            raise bad_arg("index", index, f"a slot index in [0, {self.depth})")
+        buffer = self._slots[int(index)].buffer
+        if not hasattr(buffer, "ptr"):
+            raise bad_arg("index", index, f"a slot of a GPU backend (backend {self._backend.name!r} slots have no "
+                          "device address)")
+        return buffer.ptr
 
     @property
     def slot_nbytes(self) -> int:
@@ -479,7 +509,7 @@ class Prefetcher:
         point) and are recorded as graph nodes.
         """
         self._check_open()
-        self.store._layer(layer)  # raises for an unregistered layer
+        self.store.names(layer)  # raises for an unregistered layer
         lay = self.store.layout
         if experts is None:
             fetched = tuple(lay.remote_experts)
@@ -584,23 +614,18 @@ class Prefetcher:
         hit = slot.views.get(key)
         if hit is not None:
             return hit
-        st, lay = self.store, self.store.layout
-        e = st._entry(layer, name)
-        nb, E = e.spec.expert_nbytes, lay.num_experts
-        first, nl = lay.first_expert(lay.rank), lay.num_local_experts
-        if e.mode == "gather":
-            full = _typed(slot.buffer.tensor(e.slot_offset, E * nb), e.spec, E)
+        view = self.store.slot_view(layer, name)  # the store owns placement: it says which pieces
+        if view.mode == "gather":
+            (piece,) = view.pieces
+            full = view.typed(slot.buffer.tensor(piece.offset, piece.nbytes))
             segments = [(0, full)]
         else:
-            parts = [(0, slot.buffer, e.slot_offset, first),
-                     (first, st.heap.local, e.heap_offset, nl),
-                     (first + nl, slot.buffer, e.slot_offset + first * nb, E - first - nl)]
-            parts = [p for p in parts if p[3]]
-            comp = self._backend.compose([(buf, off, n * nb) for _, buf, off, n in parts])
+            buffers = {"slot": slot.buffer, "heap": self.store.heap.local}
+            comp = self._backend.compose([(buffers[p.source], p.offset, p.nbytes) for p in view.pieces])
             slot.composites.append(comp)
-            full = _typed(comp.tensor(), e.spec, E)
+            full = view.typed(comp.tensor())
             # Slices of the composite: the local piece is never the heap tensor itself.
-            segments = [(start, full[start:start + n]) for start, _, _, n in parts]
+            segments = [(p.first, full[p.first:p.first + p.count]) for p in view.pieces]
         slot.views[key] = (full, segments)
         return full, segments
 

@@ -32,7 +32,7 @@ from .group import Group, describe
 from .layout import ExpertLayout
 from .planner import CopyRange
 
-__all__ = ["TensorSpec", "WeightStore"]
+__all__ = ["TensorSpec", "WeightStore", "SlotView", "ViewPiece", "as_experts"]
 
 log = logging.getLogger("dwdp_comm")
 
@@ -63,6 +63,38 @@ class _Entry:
     heap_offset: int
     slot_offset: int
     mode: str  # "composite" or "gather"
+
+
+@dataclass(frozen=True)
+class ViewPiece:
+    """One piece of a :class:`SlotView`: experts ``[first, first + count)`` at bytes
+    ``[offset, offset + nbytes)`` of ``source``: ``"slot"`` (the prefetch slot's buffer) or
+    ``"heap"`` (this rank's part of the heap, ``store.heap.local``)."""
+
+    first: int
+    count: int
+    source: str
+    offset: int
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class SlotView:
+    """Which view a prefetch slot gives for one (layer, name): the answer of :meth:`WeightStore.slot_view`.
+
+    ``mode="gather"``: one piece, the slot holds all ``num_experts`` experts. ``mode="composite"``:
+    the pieces (non-empty, in expert order) are mapped back to back into one range, the local
+    experts being the heap pages themselves.
+    """
+
+    mode: str
+    spec: TensorSpec
+    num_experts: int
+    pieces: tuple[ViewPiece, ...]
+
+    def typed(self, raw: torch.Tensor) -> torch.Tensor:
+        """``raw`` (``uint8``, the bytes of all the pieces back to back) as ``[num_experts, *expert_shape]``."""
+        return as_experts(raw, self.spec, self.num_experts)
 
 
 def _as_tensor(shard: Any) -> torch.Tensor:
@@ -280,7 +312,7 @@ class WeightStore:
     def slot_boundaries(self) -> list[int]:
         """Where composite views cut a prefetch slot (the pieces before and after the local block
         of each composite entry, over every layer)."""
-        self._check_committed()
+        self.check_committed()
         lay = self.layout
         first, nl = lay.first_expert(lay.rank), lay.num_local_experts
         return sorted({b for ents in self._entries.values() for e in ents.values() if e.mode == "composite"
@@ -296,7 +328,7 @@ class WeightStore:
     @property
     def layers(self) -> tuple[int, ...]:
         """Committed layers, ascending."""
-        self._check_committed()
+        self.check_committed()
         return tuple(sorted(self._entries))
 
     def names(self, layer: int) -> tuple[str, ...]:
@@ -314,13 +346,13 @@ class WeightStore:
     @property
     def slot_nbytes(self) -> int:
         """Bytes one prefetch slot needs (the largest layer)."""
-        self._check_committed()
+        self.check_committed()
         return max(self._slot_nbytes.values())
 
     @property
     def heap_nbytes(self) -> int:
         """Bytes of this rank's part of the symmetric heap."""
-        self._check_committed()
+        self.check_committed()
         return self._heap_nbytes
 
     def remote_nbytes(self, layer: int) -> int:
@@ -342,7 +374,7 @@ class WeightStore:
         """
         e = self._entry(layer, name)
         nb = self.layout.num_local_experts * e.spec.expert_nbytes
-        return _typed(self.heap.local.private_tensor(e.heap_offset, nb), e.spec, self.layout.num_local_experts)
+        return as_experts(self.heap.local.private_tensor(e.heap_offset, nb), e.spec, self.layout.num_local_experts)
 
     # ---- what the prefetcher needs ---------------------------------------------------------------
     def copy_ranges(self, layer: int, experts: tuple[int, ...]) -> list[CopyRange]:
@@ -384,6 +416,24 @@ class WeightStore:
         """Heap offset where ``layer``'s region starts (plans are relative to it)."""
         self._layer(layer)
         return self._layer_base[layer]
+
+    def slot_view(self, layer: int, name: str) -> SlotView:
+        """Which view a prefetch slot gives for ``name`` of ``layer``: the pieces of the slot and of
+        this rank's heap part that make its ``[num_experts, ...]`` tensor (see :class:`SlotView`).
+        Not collective; raises for an unregistered layer or name."""
+        e, lay = self._entry(layer, name), self.layout
+        nb, E = e.spec.expert_nbytes, lay.num_experts
+        if e.mode == "gather":
+            return SlotView("gather", e.spec, E, (ViewPiece(0, E, "slot", e.slot_offset, E * nb),))
+        first, nl = lay.first_expert(lay.rank), lay.num_local_experts
+        pieces = [ViewPiece(0, first, "slot", e.slot_offset, first * nb),
+                  ViewPiece(first, nl, "heap", e.heap_offset, nl * nb),
+                  ViewPiece(first + nl, E - first - nl, "slot", e.slot_offset + first * nb, (E - first - nl) * nb)]
+        return SlotView("composite", e.spec, E, tuple(p for p in pieces if p.count))
+
+    def attach(self, prefetcher: Any) -> None:
+        """Register ``prefetcher`` (made over this store): :meth:`close` and :meth:`abort` close it first."""
+        self._prefetchers.append(prefetcher)
 
     def entries(self, layer: int) -> dict[str, _Entry]:
         """Placement of every name of ``layer``: spec, heap offset, slot offset, slot mode."""
@@ -460,13 +510,13 @@ class WeightStore:
             raise ClosedError("WeightStore used after close()")
         self.group.check_open()
 
-    def _check_committed(self) -> None:
+    def check_committed(self) -> None:
         self._check_open()
         if not self._committed:
             raise DwdpError("WeightStore is not committed: call the collective commit() first")
 
     def _layer(self, layer: int) -> dict[str, _Entry]:
-        self._check_committed()
+        self.check_committed()
         ents = self._entries.get(layer) if isinstance(layer, (int, np.integer)) else None
         if ents is None:
             raise bad_arg("layer", layer, f"a registered layer, one of {sorted(self._entries)}")
@@ -494,7 +544,7 @@ def _shard_bytes(t: torch.Tensor) -> torch.Tensor:
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
 
 
-def _typed(raw: torch.Tensor, spec: TensorSpec, count: int) -> torch.Tensor:
+def as_experts(raw: torch.Tensor, spec: TensorSpec, count: int) -> torch.Tensor:
     """View ``raw`` bytes as ``[count, *expert_shape]`` of the spec's dtype."""
     return raw.view(spec.dtype).view(count, *spec.expert_shape)
 

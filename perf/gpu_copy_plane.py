@@ -148,11 +148,11 @@ def _single_pair_rank0(st, out, wanted, stream, gate, iters, chunks, apis, exper
                 out["lib"][f"{api}/{chunk // MiB}MiB"] = {
                     "ms": _stats(ms), "GBps_best": 2 * expert / min(ms) / 1e6, "GBps_median":
                     2 * expert / statistics.median(ms) / 1e6, "host_issue_ms": statistics.median(issue),
-                    "api_used": pf._engine.api, "bytes_per_prefetch": nb}
+                    "api_used": pf.engine_api, "bytes_per_prefetch": nb}
                 if chunk == chunks[0] and api == apis[0]:
                     # Raw copies between the very addresses the library uses.
                     src = st.heap.peer_ptrs[1] + e.heap_offset
-                    dst = pf._slots[0].buffer.ptr + e.slot_offset + st.slot_index(e, wanted[0]) * e.spec.expert_nbytes
+                    dst = pf.slot_ptr(0) + e.slot_offset + st.slot_index(e, wanted[0]) * e.spec.expert_nbytes
                     for rchunk in sorted({2 * expert, *chunks}, reverse=True):
                         _timed_raw(dst, src, 2 * expert, rchunk, stream, gate)
                         ms = [_timed_raw(dst, src, 2 * expert, rchunk, stream, gate) for _ in range(iters)]
@@ -226,7 +226,7 @@ def deepseek(group, num_layers: int, depth: int, variants, reps: int, mm: int):
     for vi, (name, kw) in enumerate(variants):
         if vi:
             pf = dc.Prefetcher(st, depth=depth, **kw)
-        res = {"options": {k: v for k, v in kw.items()}, "api_used": pf._engine.api}
+        res = {"options": {k: v for k, v in kw.items()}, "api_used": pf.engine_api}
         li = iter(layer_cycle)
         group.barrier()
         _timed_prefetch(pf, next(li), None, side, gate)  # warm-up

@@ -774,3 +774,52 @@ def _check_handle(out, c, seed, cfg, lay, layer, subset, h):
                     if not same_bytes(t[i], _integrity_tensor(seed + c, layer, n, start + i, shape, dtype)):
                         out["wrong"].append((c, layer, n, start + i, "segment"))
     h.release()
+
+
+# ---- placement: the store says which view a slot gives ---------------------------------------------
+def slot_views(group, num_experts: int, seed: int):
+    """WeightStore.slot_view agrees with the placement and with what the prefetcher hands out; the
+    prefetcher's public accessors (engine, engine_api, slot_ptr) answer on sim."""
+    st = build_store(group, num_experts, [0], seed)
+    lay, out = st.layout, {}
+    with dc.Prefetcher(st, depth=1) as pf:
+        h = pf.prefetch(0)
+        h.wait()
+        for n, (shape, dtype) in SPECS.items():
+            v = st.slot_view(0, n)
+            e = st.entries(0)[n]
+            nb = e.spec.expert_nbytes
+            assert v.mode == st.slot_mode(0, n) and v.num_experts == num_experts and v.spec == st.spec(0, n)
+            assert [p.first for p in v.pieces] == sorted(p.first for p in v.pieces)
+            assert sum(p.count for p in v.pieces) == num_experts and all(p.nbytes == p.count * nb for p in v.pieces)
+            if v.mode == "gather":
+                assert [(p.source, p.offset) for p in v.pieces] == [("slot", e.slot_offset)]
+            else:
+                heap = [p for p in v.pieces if p.source == "heap"]
+                assert [(p.first, p.count, p.offset) for p in heap] == [
+                    (lay.first_expert(lay.rank), lay.num_local_experts, e.heap_offset)]
+            # The view's pieces are the handle's segments, and typed() is the registered dtype and shape.
+            assert [s for s, _ in h.weight_segments(n)] == [p.first for p in v.pieces]
+            assert v.typed(torch.zeros(num_experts * nb, dtype=torch.uint8)).shape == (num_experts, *shape)
+            assert same_bytes(h.weights(n), full_truth(seed, 0, n, num_experts))
+            out[n] = v.mode
+        h.release()
+        assert pf.engine is not None and pf.engine_api is None  # sim's engine has no copy-API choice
+        for bad in (-1, 1, True):
+            try:
+                pf.slot_ptr(bad)
+                raise AssertionError(f"slot_ptr({bad!r}) did not raise")
+            except dc.InvalidArgumentError as exc:
+                assert str(exc).startswith("index: "), exc
+        try:
+            pf.slot_ptr(0)
+            raise AssertionError("slot_ptr on sim did not raise")
+        except dc.InvalidArgumentError as exc:
+            assert "no device address" in str(exc), exc
+    try:
+        st.slot_view(0, "nope")
+        raise AssertionError("slot_view of an unknown name did not raise")
+    except dc.InvalidArgumentError as exc:
+        assert str(exc).startswith("name: "), exc
+    st.close()
+    return out

@@ -109,7 +109,7 @@ def pipeline(group, num_experts: int, num_layers: int, depth: int, schedule: str
         group.barrier()
         h.release()
     out = {"modes": modes, "checked": checked, "remote": sum(st.remote_nbytes(l) for l in layers),
-           "prefetched": pf.nbytes_prefetched, "api": pf._engine.api, "zero_copy": zero_copy,
+           "prefetched": pf.nbytes_prefetched, "api": pf.engine_api, "zero_copy": zero_copy,
            "plan_cache": (pf.plan_cache.hits, pf.plan_cache.misses), **_backend_desc(group)}
     st.close()
     return out
@@ -500,7 +500,7 @@ def graph_replay(group, num_experts: int, num_layers: int, depth: int, replays: 
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         static_y = forward(static_x)
-    captured_jobs = pf._engine.captured_jobs  # noqa: SLF001 (test introspection)
+    captured_jobs = pf.engine.captured_jobs
     for i in range(replays):
         if refresh_every and i and i % refresh_every == 0:
             refresh()
@@ -516,7 +516,7 @@ def graph_replay(group, num_experts: int, num_layers: int, depth: int, replays: 
     checks.append(check(forward(x), x, "eager after replays"))
     torch.cuda.synchronize()
     group.barrier()
-    out = {"checks": checks, "captured_jobs": captured_jobs, "api": pf._engine.api,  # noqa: SLF001
+    out = {"checks": checks, "captured_jobs": captured_jobs, "api": pf.engine_api,
            "modes": {n: st.slot_mode(0, n) for n in SPECS}, "versions": version[0] - seed, **_backend_desc(group)}
     del graph
     pipe.close()
