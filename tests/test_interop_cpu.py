@@ -310,7 +310,7 @@ def test_graph_cache_keys_and_eviction(fake):
     # captures: (p1, 0), (p1, 2n), [hit (p1, 0): now the most recent], (p2, 0) evicts (p1, 2n),
     # (p1, 2n) again evicts (p1, 0)
     assert eng.graphs_captured == 4
-    assert len(eng._graphs) == 2 and len(fake.execs) == 2 + 1  # p2@0: peer + local lane; p1@2n: one lane
+    assert eng.graphs_cached == 2 and len(fake.execs) == 2 + 1  # p2@0: peer + local lane; p1@2n: one lane
     assert sum(1 for e in fake.log if e[0] == "capture") == 1 + 1 + 2 + 1
     eng.close()
     assert not fake.execs

@@ -143,10 +143,10 @@ def test_stream_memops_on_device(cuda_device):
     ev = streams.CudaEvent().record(a.handle)
     time.sleep(0.05)
     assert not ev.is_done, "the wait-value did not hold the stream"
-    f._write_local([word], f.value(3, 7), b)
+    f.write_local([word], f.value(3, 7), b)
     b.synchronize()
     ev.synchronize()
-    assert int(f._read_local(word, 1, b)[0]) == f.value(3, 7)
+    assert int(f.read_local(word, 1, b)[0]) == f.value(3, 7)
     a.close()
     b.close()
     mem.free()

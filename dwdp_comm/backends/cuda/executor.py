@@ -516,6 +516,11 @@ class CopyExecutor(CopyEngine):
         return [s.handle for s in self._streams]
 
     @property
+    def graphs_cached(self) -> int:
+        """Executable-graph cache entries held now (at most ``graph_cache_size``)."""
+        return len(self._graphs)
+
+    @property
     def collective(self) -> bool:
         """True with ``sync``: creation and ``close`` are collective."""
         return self._flags is not None

@@ -155,7 +155,9 @@ class SyncFlags:
         finally:
             s.close()
 
-    def _read_local(self, word: int, count: int, stream: "CudaStream") -> np.ndarray:
+    def read_local(self, word: int, count: int, stream: "CudaStream") -> np.ndarray:
+        """Words ``[word, word + count)`` of this rank's array, masked to the flag width (blocks the
+        host on ``stream``)."""
         rt, _ = load()
         out = np.zeros(count, dtype=np.uint64)
         check(rt.cudaMemcpyAsync(out.ctypes.data, self.local_ptr + self.WORD * word, self.WORD * count,
@@ -164,7 +166,7 @@ class SyncFlags:
         stream.synchronize()
         return out & np.uint64(self.mask)
 
-    def _write_local(self, words: Sequence[int], value: int, stream: "CudaStream") -> None:
+    def write_local(self, words: Sequence[int], value: int, stream: "CudaStream") -> None:
         """Enqueue writes of ``value`` into this rank's own ``words`` on ``stream``."""
         ops = self._ops(len(words))
         ops["operation"] = self.write_op
@@ -208,8 +210,8 @@ class SyncFlags:
                 if time.monotonic() > deadline:
                     side = CudaStream()
                     try:
-                        seen = self._read_local(self.probe_word(0), G, side)
-                        self._write_local([self.probe_word(w) for w in range(G)], 1, side)
+                        seen = self.read_local(self.probe_word(0), G, side)
+                        self.write_local([self.probe_word(w) for w in range(G)], 1, side)
                         side.synchronize()
                         s.synchronize()
                     finally:
@@ -218,7 +220,7 @@ class SyncFlags:
                     return (f"rank {me} waited {timeout_s:.0f} s for the handshake flags of ranks {missing}: stream "
                             "writes to peer memory did not arrive (or a rank never got here)")
                 time.sleep(poll_s)
-            got = self._read_local(self.probe_word(0), G, s)
+            got = self.read_local(self.probe_word(0), G, s)
             if any(int(v) != 1 for v in got):
                 return f"rank {me} read back handshake flags {got.tolist()}, expected all 1"
         except DwdpError as exc:
@@ -248,7 +250,7 @@ class SyncFlags:
             side = CudaStream()
             try:
                 if words and c > 0:
-                    self._write_local(words, self.value(c - 1, self.end), side)
+                    self.write_local(words, self.value(c - 1, self.end), side)
                 side.synchronize()
             finally:
                 side.close()
