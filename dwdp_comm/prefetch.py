@@ -8,9 +8,9 @@ How one prefetch flows::
                      ▼ yes                                           │ previous handle's release()
     plan = PlanCache[(layer shape, experts)]  <──────────────────────┘
     copy engine: wait(previous copy done, previous release, caller's stream) ─> chunk copies ─> ready
-    handle.wait(stream)      consumer stream waits on `ready` (the host, on sim)
+    handle.wait(stream=s)    consumer stream waits on `ready` (the host, on sim)
     handle.weights(name)     [num_experts, ...] view: local experts + slot pages
-    handle.release(stream)   records the consume event the next copy into the slot waits on
+    handle.release(stream=s) records the consume event the next copy into the slot waits on
 
 A slot is never overwritten before the handle that owns it was released: the next handle for the
 slot is not even submitted until then. Waiting on such a deferred handle raises
@@ -125,7 +125,7 @@ class PrefetchHandle:
         return s
 
     # ---- synchronisation -----------------------------------------------------------------------
-    def wait(self, stream: Any = None) -> None:
+    def wait(self, *, stream: Any = None) -> None:
         """Make ``stream`` wait until the prefetched bytes are in the slot.
 
         On GPU backends the stream waits (the host does not block); on ``sim`` the host blocks
@@ -156,7 +156,7 @@ class PrefetchHandle:
             raise SlotStillHeldError(
                 f"prefetch of layer {self.layer} cannot start: slot {self.slot} is still held by the handle of "
                 f"layer {holder.layer}; release() that handle first (or use a larger depth)")
-        self._ready.wait(stream)
+        self._ready.wait(stream=stream)
         self._waited = True
 
     def synchronize(self) -> None:
@@ -173,7 +173,7 @@ class PrefetchHandle:
             self.wait()  # raises SlotStillHeldError
         self._ready.synchronize()
 
-    def release(self, stream: Any = None) -> None:
+    def release(self, *, stream: Any = None) -> None:
         """Declare the slot free once the work enqueued so far on ``stream`` completes.
 
         Call it after the kernels that read :meth:`weights` were enqueued on ``stream``. The next
@@ -203,7 +203,7 @@ class PrefetchHandle:
         self._pf._check_open()
         if self._released:
             raise DwdpError(f"handle of layer {self.layer} released twice")
-        cap = self._pf.capture_id(stream)
+        cap = self._pf.capture_id(stream=stream)
         if cap is not None and cap != self._capture:
             raise GraphCaptureError(
                 f"release() of the prefetch of layer {self.layer} inside a CUDA graph capture, but it was "
@@ -212,7 +212,7 @@ class PrefetchHandle:
         if self._capture is not None and cap is None:
             self._release_event = None  # abandoned capture: nothing eager to order after
         else:
-            self._release_event = self._pf._backend.record_event(stream)
+            self._release_event = self._pf._backend.record_event(stream=stream)
         self._released = True
         self._pf._pump(self._slot)
 
@@ -263,7 +263,7 @@ class PrefetchHandle:
 
     # ---- helpers -------------------------------------------------------------------------------
     def _check_same_capture(self, stream: Any, what: str) -> None:
-        cap = self._pf.capture_id(stream)
+        cap = self._pf.capture_id(stream=stream)
         if cap == self._capture:
             return
         if self._capture is None:
@@ -286,7 +286,7 @@ class PrefetchHandle:
     def _check_readable(self) -> None:
         self._check_usable("weights")
         if not self._waited:
-            raise DwdpError(f"weights() of layer {self.layer} before wait(): call handle.wait(stream) first")
+            raise DwdpError(f"weights() of layer {self.layer} before wait(): call handle.wait(stream=...) first")
 
     def _check_present(self, experts: Iterable[int] | None) -> None:
         lay = self._pf.store.layout
@@ -515,21 +515,21 @@ class Prefetcher:
             fetched = tuple(lay.remote_experts)
         else:
             fetched = tuple(sorted({e for e in _expert_list(experts, lay.num_experts) if not lay.is_local(e)}))
-        cap = self.capture_id(stream)
+        cap = self.capture_id(stream=stream)
         slot = self._slots[self._count % self.depth]
         if cap is not None:
             self._check_capturable(slot, int(layer), cap)
-        after = [self._backend.record_event(stream)] if stream is not None or cap is not None else []
+        after = [self._backend.record_event(stream=stream)] if stream is not None or cap is not None else []
         self._count += 1
         handle = PrefetchHandle(self, int(layer), slot, fetched, after, cap)
         slot.queue.append(handle)
         self._pump(slot)
         return handle
 
-    def capture_id(self, stream: Any = None) -> int | None:
+    def capture_id(self, *, stream: Any = None) -> int | None:
         """The id of the CUDA graph capture ``stream`` (None: the current stream) is part of, or
         None (always None on ``sim``). Never blocks."""
-        return self._backend.capture_id(stream)
+        return self._backend.capture_id(stream=stream)
 
     def _check_capturable(self, slot: _Slot, layer: int, cap: int) -> None:
         refusal = getattr(self._engine, "capture_refusal", None)

@@ -67,10 +67,10 @@ def _timed_prefetch(pf, layer: int, experts, stream, gate_cycles: int) -> tuple[
     h0 = time.perf_counter()
     h = pf.prefetch(layer, experts=experts, stream=stream)  # copies wait for the gate
     issue_ms = (time.perf_counter() - h0) * 1e3
-    h.wait(stream)
+    h.wait(stream=stream)
     t1.record(stream)
     t1.synchronize()
-    h.release(stream)
+    h.release(stream=stream)
     return t0.elapsed_time(t1), issue_ms, pf.nbytes_prefetched - before
 
 
@@ -259,11 +259,11 @@ def deepseek(group, num_layers: int, depth: int, variants, reps: int, mm: int):
                 for _ in range(n_mm):
                     torch.matmul(a, b, out=c)
                 t1.record(compute)
-            h.wait(side)
+            h.wait(stream=side)
             tp.record(side)
             t1.synchronize()
             tp.synchronize()
-            h.release(side)
+            h.release(stream=side)
             mm_over.append(t0.elapsed_time(t1))
             pf_over.append(t0.elapsed_time(tp))
         res["overlap"] = {"matmuls": n_mm, "matmul_alone_ms": _stats(mm_alone), "matmul_overlapped_ms": _stats(mm_over),

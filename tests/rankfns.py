@@ -300,8 +300,8 @@ class _HeldEvent:
     def __init__(self, ev, released):
         self.ev, self.released = ev, released
 
-    def wait(self, stream=None):
-        self.ev.wait(stream)
+    def wait(self, *, stream=None):
+        self.ev.wait(stream=stream)
 
     @property
     def is_done(self):
@@ -823,3 +823,33 @@ def slot_views(group, num_experts: int, seed: int):
         assert str(exc).startswith("name: "), exc
     st.close()
     return out
+
+
+# ---- stream is keyword-only everywhere, and accepted (ignored) on sim --------------------------------
+def stream_keyword(group, num_experts: int, seed: int):
+    """The GPU idiom (``wait(stream=s)``, ``release(stream=s)``, ``record_event(stream=s)``,
+    ``prefetch(..., stream=s)``) runs unchanged on sim; ``stream`` given positionally is a TypeError."""
+    st = build_store(group, num_experts, [0, 1], seed)
+    s = object()  # stands for a torch / CuPy stream: sim never looks at it
+    positional = []
+    with dc.Prefetcher(st, depth=1) as pf:
+        assert pf.capture_id(stream=s) is None
+        h = pf.prefetch(0, stream=s)
+        h.wait(stream=s)
+        assert same_bytes(h.weights("w13"), full_truth(seed, 0, "w13", num_experts))
+        nxt = pf.prefetch(1, stream=s)  # deferred until the release below frees the slot
+        h.release(stream=s)
+        for call in (lambda: nxt.wait(s), lambda: nxt.release(s), lambda: group.impl.record_event(s),
+                     lambda: group.impl.capture_id(s), lambda: pf.capture_id(s)):
+            try:
+                call()
+                positional.append(None)
+            except TypeError as exc:
+                positional.append(str(exc))
+        nxt.wait(stream=s)
+        assert same_bytes(nxt.weights("w2"), full_truth(seed, 1, "w2", num_experts))
+        ev = group.impl.record_event(stream=s)
+        ev.wait(stream=s)
+        nxt.release(stream=s)
+    st.close()
+    return {"positional": positional, "done": ev.is_done}

@@ -60,7 +60,7 @@ def test_captured_job_is_memcpy_nodes_forked_and_joined(fake, seed, opts):
         first = next(i for i, e in enumerate(fake.log) if e[0] == "copy" and e[1] == lane)
         assert ("wait", lane, fork.handle) in fake.log[:first]
     assert not w.dst_data.any(), "a captured copy ran at capture time"
-    done.wait(C)  # the consumer's wait joins every lane back
+    done.wait(stream=C)  # the consumer's wait joins every lane back
     graph = fake.end_graph(C)  # raises cudaErrorStreamCaptureUnjoined if a lane was left out
     assert len(graph.ops) == sum(1 for c in w.plan.copies() if c[4])
     for _ in range(3):  # every replay reads the sources as they are now

@@ -31,8 +31,10 @@ class Event(abc.ABC):
     """A completion signal recorded by a backend."""
 
     @abc.abstractmethod
-    def wait(self, stream: Any = None) -> None:
-        """Make ``stream`` wait for this event (non-blocking for the host on GPU backends)."""
+    def wait(self, *, stream: Any = None) -> None:
+        """Make ``stream`` wait for this event (non-blocking for the host on GPU backends; on
+        ``sim``, where the host is the only stream, ``stream`` is accepted and ignored and the host
+        waits)."""
 
     @abc.abstractmethod
     def synchronize(self) -> None:
@@ -167,10 +169,11 @@ class Backend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def record_event(self, stream: Any = None) -> Event:
-        """An event that completes when the work enqueued so far on ``stream`` did."""
+    def record_event(self, *, stream: Any = None) -> Event:
+        """An event that completes when the work enqueued so far on ``stream`` did (keyword-only;
+        accepted and ignored on backends without streams, ``sim``)."""
 
-    def capture_id(self, stream: Any = None) -> int | None:
+    def capture_id(self, *, stream: Any = None) -> int | None:
         """The id of the CUDA graph capture ``stream`` is part of, or None when it is not capturing
         (always None on backends without streams)."""
         return None

@@ -44,12 +44,6 @@ _PROT_NONE = getattr(mmap, "PROT_NONE", 0)
 _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)  # Linux value; Python < 3.13 lacks the constant
 
 
-def _check_stream(stream: Any) -> None:
-    if stream is not None:
-        raise bad_arg("stream", stream, "None on the sim backend",
-                      "compute is host-synchronous there; the host is the only stream")
-
-
 class SimEvent(Event):
     """A host completion signal (``threading.Event``) that can carry the copy thread's error."""
 
@@ -63,8 +57,9 @@ class SimEvent(Event):
         self._error = error
         self._flag.set()
 
-    def wait(self, stream: Any = None) -> None:
-        _check_stream(stream)
+    def wait(self, *, stream: Any = None) -> None:
+        """Block the host until done: the host is the only stream here, so ``stream`` (any value,
+        accepted so that GPU code runs unchanged) is ignored."""
         self.synchronize()
 
     def synchronize(self) -> None:
@@ -400,8 +395,9 @@ class SimBackend(Backend):
             raise bad_arg("copy engine options", sorted(options), "none on the sim backend except corrupt_copy")
         return SimCopyEngine(heap, self.comm.rank, self.copy_bandwidth, corrupt_copy)
 
-    def record_event(self, stream: Any = None) -> SimEvent:
-        _check_stream(stream)
+    def record_event(self, *, stream: Any = None) -> SimEvent:
+        """A completed event: host work before this call has finished already. ``stream`` (any
+        value, accepted so that GPU code runs unchanged) is ignored."""
         return SimEvent(done=True)  # host work before this call has finished already
 
     def compose(self, pieces: Sequence[tuple[Buffer, int, int]]) -> SimComposite:

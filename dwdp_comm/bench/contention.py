@@ -296,10 +296,10 @@ class _CudaClock:
             if delay_s > 0:
                 torch.cuda._sleep(max(1, int(delay_s * self.cycles_per_s)))
             e0.record(self.side)
-        return e0, [self.group.impl.record_event(self.side)]
+        return e0, [self.group.impl.record_event(stream=self.side)]
 
     def end(self, done):
-        done.wait(self.side)
+        done.wait(stream=self.side)
         e1 = torch.cuda.Event(enable_timing=True)
         e1.record(self.side)
         return e1

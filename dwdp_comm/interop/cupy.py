@@ -7,14 +7,14 @@ A CuPy-only program needs nothing else from torch than the process group:
 >>> store.register(layer=0, name="w13", shard=cp_shard)        # CuPy array: read through __dlpack__
 >>> s = cp.cuda.Stream(non_blocking=True)
 >>> h = pf.prefetch(layer=0)
->>> h.wait(s)                                                  # CuPy streams are accepted anywhere
+>>> h.wait(stream=s)                                                # CuPy streams are accepted anywhere
 >>> w13 = dcp.weights(h, "w13")                                 # cupy.ndarray [num_experts, ...]
 >>> with s: y = w13[e] @ x                                      # your kernels on s
->>> h.release(s)
+>>> h.release(stream=s)
 
 Streams: every ``stream=`` argument of the library takes a CuPy ``Stream`` (see
-:func:`dwdp_comm.interop.streams.resolve_stream`). Events: ``handle.wait(stream)`` makes a CuPy
-stream wait on the copy engine; ``handle.release(stream)`` records on it. :func:`stream_wait`
+:func:`dwdp_comm.interop.streams.resolve_stream`). Events: ``handle.wait(stream=s)`` makes a CuPy
+stream wait on the copy engine; ``handle.release(stream=s)`` records on it. :func:`stream_wait`
 does the same for any event the library returns.
 
 dtypes: CuPy has no bfloat16 / float8. Weights of such dtypes raise unless ``bits=True``, which
@@ -86,7 +86,7 @@ def as_cupy(tensor: Any, *, bits: bool = False):
 def weights(handle, name: str, experts: Iterable[int] | None = None, *, bits: bool = False):
     """``handle.weights(name, experts)`` as a ``cupy.ndarray`` ``[num_experts, *expert_shape]``.
 
-    Call ``handle.wait(stream)`` first, as for the torch view. Valid until ``handle.release()``.
+    Call ``handle.wait(stream=s)`` first, as for the torch view. Valid until ``handle.release()``.
     """
     return as_cupy(handle.weights(name, experts), bits=bits)
 
@@ -96,13 +96,13 @@ def local(store, layer: int, name: str, *, bits: bool = False):
     return as_cupy(store.local(layer, name), bits=bits)
 
 
-def stream_wait(event, stream: Any = None) -> None:
+def stream_wait(event, *, stream: Any = None) -> None:
     """Make ``stream`` (a CuPy stream, or anything :func:`resolve_stream` takes) wait for ``event``.
 
     ``event`` is a library event (e.g. a copy job's) or a :class:`~dwdp_comm.PrefetchHandle`.
     Never blocks the host.
     """
-    event.wait(stream)
+    event.wait(stream=stream)
 
 
 def cupy_stream(stream: Any = None):

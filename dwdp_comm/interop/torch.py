@@ -101,7 +101,7 @@ def current_stream() -> int:
     return resolve_stream(None)
 
 
-def stream_wait(event: Any, stream: Any = None) -> None:
+def stream_wait(event: Any, *, stream: Any = None) -> None:
     """Make a torch stream (or any stream :func:`resolve_stream` takes; None: the current one) wait
     for a library event or a :class:`~dwdp_comm.PrefetchHandle`. Never blocks the host."""
-    event.wait(stream)
+    event.wait(stream=stream)

@@ -84,14 +84,14 @@ def pipeline(group, num_experts: int, num_layers: int, depth: int, schedule: str
     checked, zero_copy = 0, None
     for i, l in enumerate(layers):
         h = handles.pop(l)
-        h.wait(compute)  # the compute stream waits; the host does not
+        h.wait(stream=compute)  # the compute stream waits; the host does not
         with torch.cuda.stream(compute):
             got = {n: h.weights(n).clone() for n in SPECS}
             segs = {n: [(s, t.clone()) for s, t in h.weight_segments(n)] for n in SPECS}
         # Issue the next prefetch before releasing, as a MoE layer does (deferred if same slot).
         if i + depth < len(layers):
             handles[layers[i + depth]] = pf.prefetch(layers[i + depth])
-        h.release(compute)
+        h.release(stream=compute)
         compute.synchronize()
         for n in SPECS:
             truth = full_truth(seed, l, n, num_experts)
@@ -150,7 +150,7 @@ def race(group, seed: int, sleep_cycles: int):
     pf = dc.Prefetcher(st, depth=2, chunk_nbytes=1 * MiB)
     compute = torch.cuda.Stream()
     h0, h1 = pf.prefetch(0), pf.prefetch(1)
-    h0.wait(compute)
+    h0.wait(stream=compute)
     kernel_done = torch.cuda.Event()
     with torch.cuda.stream(compute):
         torch.cuda._sleep(sleep_cycles)  # a long kernel ahead of the reads of slot 0
@@ -159,23 +159,23 @@ def race(group, seed: int, sleep_cycles: int):
     t0 = time.perf_counter()
     h2 = pf.prefetch(2)  # slot 0 again: deferred until h0 is released
     out["deferred"] = not h2.is_submitted
-    h0.release(compute)  # submits h2's copies now; they must wait for the release event
+    h0.release(stream=compute)  # submits h2's copies now; they must wait for the release event
     out["host_issue_s"] = time.perf_counter() - t0
     out["submitted"] = h2.is_submitted
     out["kernel_still_running"] = not kernel_done.query()
     out["h2_done_early"] = h2.is_done
-    h2.wait(compute)
+    h2.wait(stream=compute)
     with torch.cuda.stream(compute):
         got2 = {n: h2.weights(n).clone() for n in RACE_SPECS}
     compute.synchronize()
     out["read_layer0"] = all(same_bytes(got[n], full_truth(seed, 0, n, num_experts, RACE_SPECS)) for n in RACE_SPECS)
     out["read_layer2"] = all(same_bytes(got2[n], full_truth(seed, 2, n, num_experts, RACE_SPECS)) for n in RACE_SPECS)
-    h1.wait(compute)
+    h1.wait(stream=compute)
     compute.synchronize()
     out["read_layer1"] = all(same_bytes(h1.weights(n), full_truth(seed, 1, n, num_experts, RACE_SPECS))
                              for n in RACE_SPECS)
-    h1.release(compute)
-    h2.release(compute)
+    h1.release(stream=compute)
+    h2.release(stream=compute)
     st.close()
     return out
 
@@ -209,12 +209,12 @@ def cupy_only(group, num_experts: int, seed: int):
         handles = [pf.prefetch(layers[0], stream=s), pf.prefetch(layers[1], stream=s)]
         for i, l in enumerate(layers):
             h = handles[i]
-            h.wait(s)
+            h.wait(stream=s)
             with s:
                 got = {n: dcp.weights(h, n).copy() for n in CUPY_SPECS}
             if i + 2 < len(layers):
                 handles.append(pf.prefetch(layers[i + 2], stream=s))
-            h.release(s)
+            h.release(stream=s)
             s.synchronize()
             for n in CUPY_SPECS:
                 truth = np.stack([_np_expert(seed, l, n, e) for e in range(num_experts)])
@@ -283,11 +283,11 @@ def exchange(group, engines: list, nbytes: int, chunk_nbytes: int, jobs: int, se
                 e0.record(side)
                 if delay:
                     torch.cuda._sleep(delay)
-            after = [impl.record_event(side)]
+            after = [impl.record_event(stream=side)]
             t0 = time.perf_counter()
             done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=after)
             out["issue_ms"].append((time.perf_counter() - t0) * 1e3)
-            done.wait(side)
+            done.wait(stream=side)
             e1.record(side)
             e1.synchronize()
             out["times_ms"].append(e0.elapsed_time(e1))

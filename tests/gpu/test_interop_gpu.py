@@ -61,7 +61,7 @@ def test_cupy_views_and_streams(cuda_device):
         dcp.as_cupy(b)
     assert dcp.as_cupy(b, bits=True).dtype == cp.uint16
     ev = streams.CudaEvent().record(resolve_stream(s))
-    dcp.stream_wait(ev, cp.cuda.Stream(non_blocking=True))
+    dcp.stream_wait(ev, stream=cp.cuda.Stream(non_blocking=True))
     ev.synchronize()
     assert ev.is_done
 
@@ -83,7 +83,7 @@ def test_events(cuda_device):
         torch.cuda._sleep(50_000_000)
     ev.record(s.cuda_stream)
     other = torch.cuda.Stream()
-    ev.wait(other)  # non-blocking for the host
+    ev.wait(stream=other)  # non-blocking for the host
     ev.synchronize()
     assert ev.is_done
 
@@ -109,7 +109,7 @@ def test_executor_local_plan(cuda_device, opts):
         dst.tensor().zero_()
         gate = streams.CudaEvent().record(torch.cuda.current_stream().cuda_stream)
         done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[gate])
-        done.wait(torch.cuda.current_stream())
+        done.wait(stream=torch.cuda.current_stream())
         out = dst.tensor()
         for r in ranges:
             assert torch.equal(out[r.dst_offset:r.dst_offset + r.nbytes], data[r.src_offset:r.src_offset + r.nbytes])

@@ -66,10 +66,10 @@ class FakeCudaOverSim:
         self.slots.append(_HostSlot(nbytes))
         return self.slots[-1]
 
-    def capture_id(self, stream=None):
+    def capture_id(self, *, stream=None):
         return streams.stream_capture_id(streams.resolve_stream(stream))
 
-    def record_event(self, stream=None):
+    def record_event(self, *, stream=None):
         s = streams.resolve_stream(stream)
         return streams.CudaEvent().record(s, streams.stream_capture_id(s))
 

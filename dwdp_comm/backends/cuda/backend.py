@@ -60,13 +60,13 @@ class CudaBackendBase(Backend):
         if self._closed:
             raise ClosedError(f"{self.name} backend used after close()")
 
-    def record_event(self, stream: Any = None) -> CudaEvent:
+    def record_event(self, *, stream: Any = None) -> CudaEvent:
         """A CUDA event recorded now on ``stream`` (None: the current torch stream). Non-blocking.
         Its ``capture`` says which CUDA graph capture, if any, it was recorded in."""
-        capture = self.capture_id(stream)  # before resolving: None takes the fast path
+        capture = self.capture_id(stream=stream)  # before resolving: None takes the fast path
         return CudaEvent().record(resolve_stream(stream), capture)
 
-    def capture_id(self, stream: Any = None) -> int | None:
+    def capture_id(self, *, stream: Any = None) -> int | None:
         """The id of the CUDA graph capture ``stream`` (None: the current torch stream) is part of,
         or None. Never blocks; a capture invalidated by an earlier error raises
         :class:`~dwdp_comm.errors.GraphCaptureError`."""

@@ -80,7 +80,7 @@ class CudaEvent(Event):
         self.capture = capture
         return self
 
-    def wait(self, stream: Any = None) -> None:
+    def wait(self, *, stream: Any = None) -> None:
         """Make ``stream`` (any kind :func:`~dwdp_comm.interop.streams.resolve_stream` takes;
         None: the current torch stream) wait for this event. Returns at once."""
         rt, _ = load()
