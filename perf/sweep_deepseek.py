@@ -22,7 +22,6 @@ On CPU (``--size toy``) it runs the same machinery on the sim backend (tests use
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import shutil
@@ -38,13 +37,8 @@ sys.path.insert(0, ROOT)
 
 import dwdp_comm as dc  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("deepseek_layer", os.path.join(ROOT, "examples", "deepseek_layer.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from dwdp_comm.moe.runner import (Runner, device_used_bytes, log_point, partial_points,  # noqa: E402
+                                  tokens_per_s_per_gpu)
 
 
 def _csv(kind):
@@ -102,28 +96,25 @@ def _rank(args_dict: dict, mode: str, fmt: str, points: list, partial_dir: str) 
     Each finished point is also appended to ``partial_dir/rank<r>.jsonl`` so that a launch cut
     short (time-out, out of memory at a large point) still reports the points it finished.
     """
-    ex = _example()
     a = argparse.Namespace(**args_dict)
     a.mode, a.weights = mode, fmt
     t0 = time.perf_counter()
-    runner = ex.Runner(a)
+    runner = Runner(a)
     rank = runner.rank
     out = {"points": [], "check": None, "rates": _rates(runner.device), "build_s": time.perf_counter() - t0}
     if runner.on_gpu:
         out["memory_after_build"] = {"torch_allocated": torch.cuda.memory_allocated(),
                                      "torch_reserved": torch.cuda.memory_reserved(),
-                                     "device_used": ex.device_used_bytes(runner.device) - runner.mem0}
+                                     "device_used": device_used_bytes(runner.device) - runner.mem0}
     if rank == 0:
         print(f"#   [{fmt} {mode}] built in {out['build_s']:.0f} s; {out.get('memory_after_build')}", flush=True)
-    path = os.path.join(partial_dir, f"rank{rank}.jsonl")
     try:
         for i, (mean, cv) in enumerate(points):
             t1 = time.perf_counter()
             r = runner.run(mean, cv, 2 * mean, a.iters, a.warmup, record=i == 0)
             r["wall_s"] = time.perf_counter() - t1
             out["points"].append(r)
-            with open(path, "a") as fh:
-                fh.write(json.dumps(r) + "\n")
+            log_point(partial_dir, rank, r)
             if rank == 0:
                 print(f"#   [{fmt} {mode}] mean {mean} cv {cv}: {r['wall_s']:.1f} s, rank 0 {r['tokens_per_s']:.0f} tok/s, "
                       f"exposed {100 * r['exposed_fraction']:.1f} %", flush=True)
@@ -131,30 +122,6 @@ def _rank(args_dict: dict, mode: str, fmt: str, points: list, partial_dir: str) 
     finally:
         runner.close()
     return out
-
-
-def _partial(partial_dir: str, world: int) -> list | None:
-    """The points every rank finished before a launch failed (same shape as a launch's result)."""
-    ranks = []
-    for r in range(world):
-        try:
-            with open(os.path.join(partial_dir, f"rank{r}.jsonl")) as fh:
-                ranks.append({"points": [json.loads(line) for line in fh if line.strip()], "check": None})
-        except OSError:
-            return None
-    n = min(len(r["points"]) for r in ranks)
-    if n == 0:
-        return None
-    for r in ranks:
-        r["points"] = r["points"][:n]
-    return ranks
-
-
-def _per_gpu(mode: str, ranks: list[dict]) -> float:
-    if mode == "dep":  # lock-step: bounded by the slowest rank's time
-        tok = sum(sum(r["tokens"]) for r in ranks)
-        return tok / max(sum(r["iter_latency_ms"]) / 1e3 for r in ranks) / len(ranks)
-    return sum(r["tokens_per_s"] for r in ranks) / len(ranks)
 
 
 def _break_even(cfg, remote_bytes: float, prefetch_Bps: float, tflops: float) -> float | None:
@@ -190,7 +157,7 @@ def _rows(args, runs: dict, points: list, cfg) -> tuple[list, dict]:
             for mode, run in (("dwdp", dw), ("dep", dp)):
                 if "ranks" in run and j < len(run["ranks"][0]["points"]):
                     pr = [r["points"][j] for r in run["ranks"]]
-                    row[f"{mode}_tok_s_gpu"] = _per_gpu(mode, pr)
+                    row[f"{mode}_tok_s_gpu"] = tokens_per_s_per_gpu(mode, pr)
                     row[f"{mode}_iter_ms_max"] = max(max(r["iter_latency_ms"]) for r in pr)
                     row[f"{mode}_tokens_per_iter"] = [r["tokens"] for r in pr]
                     if mode == "dwdp":
@@ -245,7 +212,7 @@ def main(argv=None) -> int:
                                         timeout=args.timeout)
             except Exception as exc:  # one failed launch (e.g. fp8 unsupported) must not lose the others
                 print(f"# {fmt} {mode}: FAILED: {type(exc).__name__}: {str(exc)[:2000]}", flush=True)
-                part = _partial(partial_dir, args.world_size)
+                part = partial_points(partial_dir, args.world_size)
                 runs[(fmt, mode)] = {"error": f"{type(exc).__name__}: {exc}", "partial": part is not None}
                 if part:
                     runs[(fmt, mode)]["ranks"] = part

@@ -29,12 +29,9 @@ def test_sweep_runs_both_modes_and_writes_rows(tmp_path):
 
 def test_partial_points_of_a_failed_launch(tmp_path):
     """A launch cut short still reports the points every rank finished (and only those)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sweep", SWEEP)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+    from dwdp_comm.moe.runner import partial_points
     (tmp_path / "rank0.jsonl").write_text(json.dumps({"p": 0}) + "\n" + json.dumps({"p": 1}) + "\n")
     (tmp_path / "rank1.jsonl").write_text(json.dumps({"p": 0}) + "\n")
-    got = mod._partial(str(tmp_path), 2)
+    got = partial_points(str(tmp_path), 2)
     assert [r["points"] for r in got] == [[{"p": 0}], [{"p": 0}]]
-    assert mod._partial(str(tmp_path), 3) is None  # rank 2 wrote nothing
+    assert partial_points(str(tmp_path), 3) is None  # rank 2 wrote nothing

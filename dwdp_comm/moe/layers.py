@@ -28,7 +28,7 @@ from .deepseek import DeepseekConfig, seeded_weight
 from .routing import permute_tokens, route_deepseek, unpermute_tokens
 
 __all__ = ["expert_weights", "EXPERT_NAMES", "DwdpPipeline", "DwdpMoE", "DepMoE", "shared_expert_weights",
-           "router_weights", "reference_moe"]
+           "router_weights", "reference_moe", "route_tokens", "shared_expert", "kernel_args"]
 
 EXPERT_NAMES = {"bf16": ("w13", "w2"), "fp8": ("w13", "w2", "w13_scale", "w2_scale")}
 _FP8_MAX = 448.0
@@ -82,11 +82,16 @@ def shared_expert_weights(cfg: DeepseekConfig, seed: int, layer: int, device="cp
             "w2": seeded_weight(seed, layer, "shared_w2", (s, h), fan_in=s, device=device, dtype=dtype)}
 
 
-def _shared(x: torch.Tensor, w: dict) -> torch.Tensor:
+def shared_expert(x: torch.Tensor, w: dict) -> torch.Tensor:
+    """The shared expert's SwiGLU MLP: ``x`` ``[T, H]`` with :func:`shared_expert_weights` ``w`` ->
+    ``[T, H]`` (x's dtype)."""
     return kernels.swiglu(x @ w["w13"]) @ w["w2"]
 
 
-def _route(cfg: DeepseekConfig, x: torch.Tensor, router: dict):
+def route_tokens(cfg: DeepseekConfig, x: torch.Tensor, router: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """DeepSeek-V3 routing of ``x`` ``[T, H]`` with :func:`router_weights` ``router``: float32
+    logits, then :func:`~.routing.route_deepseek`. Returns (expert ids ``[T, top_k]``, weights
+    ``[T, top_k]``)."""
     logits = F.linear(x.float(), router["gate"])
     return route_deepseek(logits, router["bias"], top_k=cfg.top_k, num_groups=cfg.num_groups,
                           topk_groups=cfg.topk_groups, routed_scaling=cfg.routed_scaling)
@@ -118,11 +123,11 @@ class DwdpMoE(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[num_tokens, hidden]`` (normed) -> ``[num_tokens, hidden]``, same dtype."""
         cfg = self.cfg
-        ids, wts = _route(cfg, x, self.router)
+        ids, wts = route_tokens(cfg, x, self.router)
         xs, m_sizes, order = permute_tokens(x, ids, cfg.num_experts)
         # Under CUDA graph capture no host sync may run: trust the device counts (permute_tokens made them).
         groups = kernels.TokenGroups(m_sizes, validate=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
-        shared = _shared(x, self.shared)  # runs while the prefetch may still be in flight
+        shared = shared_expert(x, self.shared)  # runs while the prefetch may still be in flight
         h = self.pipeline.acquire(self.layer)
         w = {n: h.weights(n) for n in EXPERT_NAMES[self.fmt]}
         y = kernels.moe_mlp(xs, groups, backend=self.kernel_backend, **kernel_args(w, self.fmt))
@@ -159,7 +164,7 @@ class DepMoE(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[num_tokens, hidden]`` (normed) -> same shape. Collective (all-to-all)."""
         cfg, lay, g = self.cfg, self.layout, self.layout.group_size
-        ids, wts = _route(cfg, x, self.router)
+        ids, wts = route_tokens(cfg, x, self.router)
         xs, m_sizes, order = permute_tokens(x, ids, cfg.num_experts)
         # Rows per (destination rank, local expert of it), sent so receivers can regroup.
         send_counts = torch.stack([m_sizes[self._bounds[r]:self._bounds[r + 1]].sum() for r in range(g)])
@@ -185,13 +190,13 @@ class DepMoE(torch.nn.Module):
         y_recv[regroup] = y_local
         y_sorted = xs.new_empty(xs.shape[0], y_recv.shape[1])
         dist.all_to_all_single(y_sorted, y_recv, send_split, recv_split, group=self.group)
-        return unpermute_tokens(y_sorted, order, wts) + _shared(x, self.shared)
+        return unpermute_tokens(y_sorted, order, wts) + shared_expert(x, self.shared)
 
 
 def reference_moe(cfg: DeepseekConfig, x: torch.Tensor, router: dict, shared: dict, experts: dict,
                   fmt: str = "bf16") -> torch.Tensor:
     """Oracle: the same block with all experts' weights in one place and the reference kernel."""
-    ids, wts = _route(cfg, x, router)
+    ids, wts = route_tokens(cfg, x, router)
     xs, m_sizes, order = permute_tokens(x, ids, cfg.num_experts)
     y = kernels.moe_mlp(xs, m_sizes, backend="reference", **kernel_args(experts, fmt))
-    return unpermute_tokens(y, order, wts) + _shared(x, shared)
+    return unpermute_tokens(y, order, wts) + shared_expert(x, shared)
