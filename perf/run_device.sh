@@ -95,6 +95,10 @@ elif [ "$PART" = session ]; then
     # Together they can outrun one 600 s call: steps past the deadline are skipped and listed.
     step pytest_gpu "${T_PYTEST:-200}" python3 -m pytest tests/gpu tests/test_kernels_gpu.py -q -rs -p no:cacheprovider \
         --timeout=180 --junitxml="$OUT/logs/pytest_gpu.xml"
+    # CUDA graphs: the example captured and replayed (checks itself), then eager vs graph timings
+    TAILN=20 step graphs_example "${T_GREX:-90}" python3 examples/deepseek_layer.py --size toy --world-size 2 --layers 3 \
+        --cuda-graph
+    TAILN=40 step graphs_bench "${T_GRB:-200}" python3 perf/bench_graphs.py --out "$OUT/bench_graphs_h200.json"
     [ -f perf/run_faults_gpu.sh ] && TAILN=20 step faults_gpu "${T_FAULTS:-120}" env OUT="$OUT" bash perf/run_faults_gpu.sh
     [ -f examples/hf_moe.py ] && TAILN=25 step hf_example "${T_HF:-90}" python3 examples/hf_moe.py --model mixtral \
         --backend cuda_ipc --world-size 2 --json "$OUT/hf_moe_h200.json"
