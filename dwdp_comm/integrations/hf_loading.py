@@ -272,8 +272,9 @@ def _check_expert_source(target: str, src: _ExpertSource | None, full: torch.Ten
         extra = sorted(set(keys) - set(range(num_experts)))
         if missing or extra:
             raise bad_arg("checkpoint_dir", ckpt.directory, f"experts 0..{num_experts - 1} of {target} "
-                          f"(pattern {pattern!r})", f"missing key: experts {missing} absent"
-                          if missing else f"experts {extra} beyond the config's {num_experts}")
+                          f"(pattern {pattern!r})", f"missing key: experts {missing} absent (no key like "
+                          f"{pattern.replace('*', str(missing[0]))!r})" if missing else
+                          f"experts {extra} beyond the config's {num_experts}")
         shapes = {ckpt.shape(k) for k in keys.values()}
         if len(shapes) != 1:
             raise bad_arg("checkpoint_dir", ckpt.directory, f"one shape for every expert of {pattern!r}",
