@@ -172,8 +172,9 @@ def load_compare(group, cases):
     torch.set_num_threads(1)
     results = []
     for directory, dtype, check_tokens in cases:
-        ref = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
-        ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1))
+        dev = group.device  # cpu on sim; the rank's GPU on cuda_ipc
+        ref = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(dev).eval()
+        ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1)).to(dev)
         with torch.no_grad():
             want = ref(ids).logits.float()
             want_tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
@@ -260,3 +261,12 @@ def load_errors(group, cases):
         except Exception as exc:
             out.append((label, type(exc).__name__, str(exc)))
     return out
+
+
+def many(group, calls):
+    """Several rank functions of this module in one launch: ``[(name, *args), ...]`` -> their results.
+
+    Spawning ranks costs far more than these tiny cases (a torch + transformers import per rank),
+    so each test file launches once per world size and its tests check their part.
+    """
+    return [globals()[name](group, *args) for name, *args in calls]
