@@ -317,6 +317,11 @@ def _set(model, key: str, value: torch.Tensor) -> None:
     setattr(module, name, value)
 
 
+def _set_buffer(model, key: str, value: torch.Tensor) -> None:
+    path, _, name = key.rpartition(".")
+    setattr(model.get_submodule(path) if path else model, name, value)
+
+
 def _load_local(checkpoint_dir, group: Group, layout, dtype, model_cls):
     """Everything of :func:`load_model` before the collective conversion (local, may raise)."""
     ckpt = Checkpoint(checkpoint_dir)
@@ -367,10 +372,13 @@ def _load_local(checkpoint_dir, group: Group, layout, dtype, model_cls):
     if still:
         raise bad_arg("checkpoint_dir", ckpt.directory, "a tensor for every model parameter",
                       f"missing key: {len(still)} absent and not tied, e.g. {still[:3]}")
-    for key, buf in non_persistent.items():  # as HF: allocate, then initialize_weights() computes them
-        path, _, name = key.rpartition(".")
-        setattr(model.get_submodule(path) if path else model, name, torch.empty_like(buf, device=dev))
+    # as HF: allocate, then initialize_weights() computes them; on the CPU and then moved, so they equal
+    # from_pretrained(...).to(device)'s bit for bit (rotary inv_freq computed on a GPU may differ in the last ulp)
+    for key, buf in non_persistent.items():
+        _set_buffer(model, key, torch.empty_like(buf, device="cpu"))
     model.initialize_weights()
+    for key in non_persistent:
+        _set_buffer(model, key, model.get_buffer(key).to(dev))
     model.eval()
     if model.can_generate() and os.path.isfile(os.path.join(ckpt.directory, "generation_config.json")):
         model.generation_config = transformers.GenerationConfig.from_pretrained(ckpt.directory)
