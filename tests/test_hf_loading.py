@@ -45,7 +45,8 @@ SPECS = {
         ("gpt_oss", {"dtype": torch.bfloat16, "max_shard_size": "20KB"}, None, False)]}
 ERRORS = {"dir": "checkpoint_dir", "no_key": "missing key", "more_experts": "experts [5] absent",
           "narrower": "config.json and the weights do not match", "unknown": "match no model tensor",
-          "ops": "does not keep experts on dim 0"}
+          "no_norm": "missing key: 1 absent and not tied, e.g. ['model.norm.weight']",
+          "quantized": "an unquantized checkpoint", "ops": "does not keep experts on dim 0"}
 
 
 def _rewrite(src, dst, drop=None, rename=None, config=None):
@@ -70,9 +71,12 @@ def _error_cases(tmp):
     more_experts = _rewrite(good, tmp / "six", config={"num_local_experts": 6})
     narrower = _rewrite(good, tmp / "narrow", config={"intermediate_size": 12})
     unknown = _rewrite(good, tmp / "unknown", rename=(".w1.weight", ".w_in.weight"))
+    no_norm = _rewrite(good, tmp / "nonorm", drop="model.norm.weight")
+    quantized = _rewrite(good, tmp / "fp8", config={"quantization_config": {"quant_method": "fp8"}})
     return [("dir", str(tmp / "nowhere"), good, False),  # rank 0 only: the others must not hang
             ("no_key", no_key, no_key, False), ("more_experts", more_experts, more_experts, False),
             ("narrower", narrower, narrower, False), ("unknown", unknown, unknown, False),
+            ("no_norm", no_norm, no_norm, False), ("quantized", quantized, quantized, False),
             ("ops", good, good, True)]  # a conversion rule that is not row-local (last: it changes HF's table)
 
 

@@ -167,6 +167,11 @@ def build_meta_model(checkpoint_dir, *, dtype=None, model_cls=None):
     if not os.path.isfile(os.path.join(os.fspath(checkpoint_dir), "config.json")):
         raise bad_arg("checkpoint_dir", os.fspath(checkpoint_dir), "a directory with config.json")
     config = transformers.AutoConfig.from_pretrained(checkpoint_dir)
+    quant = getattr(config, "quantization_config", None)
+    if quant:  # its scale tensors need HF's quantizer, which load_model does not run
+        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
+        raise bad_arg("checkpoint_dir", os.fspath(checkpoint_dir), "an unquantized checkpoint",
+                      f"config.json has quantization_config {str(method)!r}")
     dtype = _resolve_dtype(dtype, config, checkpoint_dir)
     model_cls = model_cls or transformers.AutoModelForCausalLM
     if not hasattr(model_cls, "from_config"):
