@@ -85,9 +85,11 @@ def compare(group, family: str, seed: int, num_experts: int = 5, method=None):
 def bad_convert(group, what: str):
     """convert() with bad input on one rank only: every rank must raise."""
     import transformers as tf
-    from dwdp_comm.integrations.transformers import convert
+    from dwdp_comm.integrations.transformers import convert, find_experts
     model = build("mixtral", 0)
     kwargs = {"free": "everything"} if what == "free" and group.rank == 1 else {}
+    if what == "local_rows" and group.rank == 0:  # rows of the wrong shape
+        kwargs = {"local_rows": {s.path: {n: torch.zeros(1) for n in s.names} for s in find_experts(model)}}
     if what == "dense":
         model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(
             vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
