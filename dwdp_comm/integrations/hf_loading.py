@@ -68,6 +68,7 @@ class Checkpoint:
         if not isinstance(directory, (str, os.PathLike)):
             raise bad_type("checkpoint_dir", directory, "a str or os.PathLike (a local checkpoint directory)")
         directory = os.fspath(directory)
+        self._handles: dict[str, object] = {}
         if not os.path.isdir(directory):
             raise bad_arg("checkpoint_dir", directory, "an existing local directory (save_pretrained output)")
         index = os.path.join(directory, INDEX_FILE)
@@ -86,18 +87,16 @@ class Checkpoint:
                           f"it holds {found}; only safetensors checkpoints are supported")
         self.directory = directory
         self.reads: list[tuple] = []
-        self._handles: dict[str, object] = {}
         for path in sorted(set(self._file_of.values())):
             if not os.path.isfile(path):
                 raise bad_arg("checkpoint_dir", directory, f"every file of {INDEX_FILE} present",
                               f"{os.path.basename(path)} is missing")
 
     def _open(self, path: str):
-        handles = self.__dict__.setdefault("_handles", {})
-        if path not in handles:
+        if path not in self._handles:
             # looked up at call time, so a test can watch every read through safetensors
-            handles[path] = safetensors.safe_open(path, framework="pt", device="cpu")
-        return handles[path]
+            self._handles[path] = safetensors.safe_open(path, framework="pt", device="cpu")
+        return self._handles[path]
 
     def keys(self) -> list[str]:
         """Every tensor key, sorted."""
@@ -116,8 +115,8 @@ class Checkpoint:
 
     def read(self, key: str, rows: range | None = None) -> torch.Tensor:
         """The whole tensor, or only its rows ``rows`` (first dimension; only those bytes are read)."""
-        sl = self._open(self._file_of[key]).get_slice(key)
-        t = sl[:] if rows is None else sl[rows.start:rows.stop]
+        f = self._open(self._file_of[key])
+        t = f.get_tensor(key) if rows is None else f.get_slice(key)[rows.start:rows.stop]
         self.reads.append((key, None if rows is None else (rows.start, rows.stop), t.numel() * t.element_size()))
         return t
 
