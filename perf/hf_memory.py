@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -136,7 +137,7 @@ def rank_main(group, jobs):
         torch.cuda.synchronize(dev)
         return torch.cuda.memory_allocated(dev)
 
-    out = []
+    out, model = [], None
     for name, path, config, dtype, depth, ckpt in jobs:
         if cuda:
             torch.cuda.empty_cache()
@@ -165,7 +166,8 @@ def rank_main(group, jobs):
             rec["expert_bytes_read"] = dm.loading["expert_bytes_read"]
             rec["other_bytes_read"] = dm.loading["other_bytes_read"]
         dm.close()
-        del dm
+        dm = model = None  # the next job's base must not include this model
+        gc.collect()
         out.append(rec)
     return out
 
