@@ -31,3 +31,22 @@ def test_hf_families_on_cuda_ipc():
             assert r["logits_max_diff"] <= TOL and r["after_abort_max_diff"] <= TOL, (case, rank, r)
             assert r["aborted"] and r["tokens_equal"], (case, rank)
             assert r["memory"]["local_bytes"] < r["memory"]["experts_bytes_before"]
+
+
+def test_hf_load_model_on_cuda_ipc(tmp_path):
+    """load_model on cuda_ipc: each rank reads only its experts; same checks as tests/test_hf_loading.py."""
+    import torch
+    specs = [("mixtral", {}, None, True), ("qwen3_moe", {"tie_word_embeddings": True, "max_shard_size": "20KB"},
+                                          None, True),
+             ("deepseek_v3", {}, torch.bfloat16, False), ("gpt_oss", {"dtype": torch.bfloat16}, None, False)]
+    cases = [(hf_rankfns.save_checkpoint(tmp_path / f"{f}{i}", f, 10 + i, **kw), dt, tok)
+             for i, (f, kw, dt, tok) in enumerate(specs)]
+    res = dc.testing.launch(hf_rankfns.load_compare, 2, cases, backend="cuda_ipc", timeout=TIMEOUT)
+    for i, (family, kw, dt, tokens) in enumerate(specs):
+        low = dt is not None or "dtype" in kw
+        for rank, per in enumerate(res):
+            r = per[i]
+            assert r["remote_rows_read"] == [] and r["local_rows_read"] == r["local"], (family, rank, r)
+            assert r["non_expert_diffs"] == [] and r["tied_same"] and r["bytes_exact"], (family, rank, r)
+            assert r["logits_max_diff"] <= (5e-2 if low else TOL), (family, rank, r)
+            assert not tokens or r["tokens_equal"], (family, rank)
