@@ -13,6 +13,11 @@ Examples::
     python examples/hf_moe.py --model mixtral --world-size 3                 # CPU, sim backend
     python examples/hf_moe.py --model gpt_oss --world-size 2 --backend cuda_ipc   # GPUs
     python examples/hf_moe.py --checkpoint /path/to/local/checkpoint --world-size 2 --backend cuda_ipc
+    python examples/hf_moe.py --model qwen3_moe --backend cuda_ipc --cuda-graph   # + one forward captured, replayed
+
+With ``--cuda-graph`` each rank also captures one DWDP forward (``use_cache=False``) in a CUDA graph
+after ``DwdpPipeline.prepare_capture()``, replays it ``--replays`` times on new inputs and checks
+every replay against an eager DWDP forward on the same input.
 
 On GPUs rank r uses device ``r % device_count``: with more ranks than GPUs several ranks share one
 GPU (a functional check only, the output says so). No hub access: ``--model`` is a family name
@@ -61,6 +66,49 @@ def _run(model, ids, new_tokens, device):
     return logits, tokens, ids.shape[0] * new_tokens / dt
 
 
+def _graph_check(dm, ids, eager_logits, replays, gen, vocab, tol):
+    """Capture one DWDP forward in a CUDA graph, replay it on new inputs, check each replay against eager.
+
+    Returns a dict: replays, max |replay - eager| (and for the first replay, on ``ids``, against
+    the eager logits given), host ms per forward eager vs replay (median), and whether all
+    replays were within ``tol``. Needs CUDA; blocking.
+    """
+    dev = ids.device
+    static = ids.clone()
+    with torch.no_grad():
+        side = torch.cuda.Stream(dev)  # warm-up on a side stream, as torch.cuda.graph asks
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                dm.model(static, use_cache=False)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        dm.pipeline.prepare_capture()  # host-blocking: an idle pipeline, eager copies done
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = dm.model(static, use_cache=False).logits
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        first = float((out.float() - eager_logits.float()).abs().max())
+        worst, t_eager, t_graph = first, [], []
+        for _ in range(replays):
+            new = torch.randint(0, vocab, tuple(ids.shape), generator=gen).to(dev)
+            static.copy_(new)
+            dm.pipeline.prepare_capture()  # after eager forwards, before a replay
+            t0 = time.perf_counter()
+            graph.replay()
+            t_graph.append(time.perf_counter() - t0)
+            torch.cuda.synchronize(dev)
+            got = out.clone()
+            t0 = time.perf_counter()
+            want = dm.model(new, use_cache=False).logits
+            t_eager.append(time.perf_counter() - t0)
+            worst = max(worst, float((got.float() - want.float()).abs().max()))
+        del graph
+    med = lambda v: sorted(v)[len(v) // 2] * 1e3 if v else float("nan")  # noqa: E731
+    return {"replays": replays, "first_replay_vs_eager": first, "max_replay_vs_eager": worst,
+            "host_ms_eager": med(t_eager), "host_ms_replay": med(t_graph), "ok": worst <= tol}
+
+
 def _to_dwdp(args, group):
     """A checkpoint through load_model (each rank reads only its experts); a tiny config through convert."""
     if args.checkpoint:
@@ -85,7 +133,12 @@ def rank_main(group, args):
         stats = dm.stats()
         diff = float((got_logits.float() - want_logits.float()).abs().max())
         loading = dm.loading and {k: v for k, v in dm.loading.items() if k != "expert_reads"}
-        return {"rank": group.rank, "backend": group.backend, "device": str(dev),
+        graph = None
+        if args.cuda_graph:
+            if dev.type != "cuda":
+                raise dc.InvalidArgumentError(f"--cuda-graph: needs CUDA devices; this rank runs on {dev}")
+            graph = _graph_check(dm, ids, got_logits, args.replays, gen, dm.model.config.vocab_size, args.tol)
+        return {"cuda_graph": graph, "rank": group.rank, "backend": group.backend, "device": str(dev),
                 "methods": sorted({s.method for s in dm.sites}), "logits_max_diff": diff,
                 "tokens_equal": bool(torch.equal(got_tokens, want_tokens)), "hf_tokens_per_s": hf_tps,
                 "dwdp_tokens_per_s": dwdp_tps, "exposed_prefetch_s": exposed, "memory": dm.memory,
@@ -116,11 +169,18 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=None, help="max |logits diff| (default: 1e-4 fp32, 5e-2 else)")
+    p.add_argument("--cuda-graph", action="store_true", help="also capture one DWDP forward in a CUDA graph and "
+                   "replay it on new inputs, each replay checked against an eager forward (CUDA only)")
+    p.add_argument("--replays", type=int, default=20, help="replays of --cuda-graph")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     if args.checkpoint is None and os.path.isdir(args.model):
         args.checkpoint = args.model
+    if args.cuda_graph and (args.backend == "sim" or not torch.cuda.is_available()):
+        raise SystemExit(f"--cuda-graph: needs CUDA GPUs and a GPU backend (got --backend {args.backend}, "
+                         f"torch.cuda.is_available() = {torch.cuda.is_available()})")
     tol = args.tolerance if args.tolerance is not None else (1e-4 if args.dtype == "float32" else 5e-2)
+    args.tol = tol
     res = dc.testing.launch(rank_main, args.world_size, args, backend=args.backend, timeout=600)
     if args.backend != "sim" and torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         print(f"note: {args.world_size} ranks share {torch.cuda.device_count()} GPU(s): a functional check, "
@@ -135,10 +195,16 @@ def main(argv=None) -> int:
                  if r["loading"] else "") + "); "
               f"pulled {_fmt_bytes(r['bytes_pulled'])}, exposed prefetch {r['exposed_prefetch_s'] * 1e3:.2f} ms; "
               f"max |logits diff| {r['logits_max_diff']:.2e}, greedy tokens {'equal' if r['tokens_equal'] else 'DIFFER'}")
+        gr = r["cuda_graph"]
+        if gr:
+            print(f"rank {r['rank']} CUDA graph: {gr['replays']} replays, max |replay - eager| "
+                  f"{gr['max_replay_vs_eager']:.2e}; host per forward eager {gr['host_ms_eager']:.2f} ms, "
+                  f"replay {gr['host_ms_replay']:.3f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "tolerance": tol, "per_rank": res}, f, indent=1)
-    ok = all(r["logits_max_diff"] <= tol and r["tokens_equal"] for r in res)
+    ok = all(r["logits_max_diff"] <= tol and r["tokens_equal"] and (r["cuda_graph"] or {"ok": True})["ok"]
+             for r in res)
     print(f"check {'passed' if ok else 'FAILED'} (tolerance {tol:g} on logits, greedy tokens equal)")
     return 0 if ok else 1
 

@@ -49,3 +49,9 @@ def test_hf_example_checkpoint(capsys, tmp_path, monkeypatch):
     assert "of experts read from the checkpoint" in printed
     for r in res["per_rank"]:  # each rank read exactly its local rows of the experts
         assert r["loading"]["expert_bytes_read"] == r["memory"]["local_bytes"]
+
+
+def test_hf_example_cuda_graph_needs_a_gpu_backend(monkeypatch):
+    monkeypatch.syspath_prepend(os.path.dirname(EXAMPLE))
+    with pytest.raises(SystemExit, match="--cuda-graph: needs CUDA GPUs"):
+        _example().main(["--model", "olmoe", "--cuda-graph"])

@@ -50,3 +50,24 @@ def test_hf_load_model_on_cuda_ipc(tmp_path):
             assert r["non_expert_diffs"] == [] and r["tied_same"] and r["bytes_exact"], (family, rank, r)
             assert r["logits_max_diff"] <= (5e-2 if low else TOL), (family, rank, r)
             assert not tokens or r["tokens_equal"], (family, rank)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_hf_example_cuda_graph_on_cuda_ipc(family, capsys, tmp_path, monkeypatch):
+    """examples/hf_moe.py --cuda-graph: a captured DWDP forward replayed on new inputs equals eager."""
+    import json
+    import torch
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+    monkeypatch.syspath_prepend(example)
+    import importlib
+    out = tmp_path / "r.json"
+    rc = importlib.import_module("hf_moe").main(["--model", family, "--backend", "cuda_ipc", "--world-size", "2",
+                                                 "--cuda-graph", "--replays", "10", "--json", str(out)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    for r in json.loads(out.read_text())["per_rank"]:
+        g = r["cuda_graph"]
+        assert g["replays"] == 10 and g["ok"] and g["max_replay_vs_eager"] <= 1e-4, g
