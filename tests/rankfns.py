@@ -774,3 +774,21 @@ def _check_handle(out, c, seed, cfg, lay, layer, subset, h):
                     if not same_bytes(t[i], _integrity_tensor(seed + c, layer, n, start + i, shape, dtype)):
                         out["wrong"].append((c, layer, n, start + i, "segment"))
     h.release()
+
+
+# ---- launch's reports (tests/test_init.py) ---------------------------------------------------------
+def finish_or_sleep(group, sleepers):
+    """Ranks in ``sleepers`` never finish; the others return at once."""
+    if group.rank in sleepers:
+        time.sleep(3600)
+    return group.rank
+
+
+def fail_some(group, first: int, later: int):
+    """Rank ``first`` raises at once, rank ``later`` 0.5 s after, the others never finish."""
+    if group.rank == first:
+        raise ValueError(f"first failure on rank {group.rank}")
+    if group.rank == later:
+        time.sleep(0.5)
+        raise RuntimeError(f"later failure on rank {group.rank}")
+    time.sleep(3600)

@@ -110,6 +110,35 @@ def test_launch_timeout_kills_everyone():
         dc.testing.launch(rankfns.sleep_forever, 2, timeout=8)
 
 
+def test_launch_is_a_public_module():
+    """The launcher is library code (the CLI uses it): dwdp_comm.launch; testing re-exports it."""
+    from dwdp_comm.launch import gpu_count, launch
+    assert dc.testing.launch is launch and dc.testing.gpu_count is gpu_count
+    assert launch.__module__ == "dwdp_comm.launch"
+
+
+def test_launch_timeout_names_unfinished_and_finished_ranks():
+    with pytest.raises(dc.RankFailedError) as ei:
+        dc.testing.launch(rankfns.finish_or_sleep, 3, [2], timeout=8)
+    err = ei.value
+    assert err.rank is None and err.unfinished == [2] and err.finished == [0, 1] and err.failed == {}, vars(err)
+    msg = str(err)
+    assert msg.startswith("timeout after 8 s") and "rank(s) [2] had not finished" in msg, msg
+    assert "rank(s) [0, 1] had finished" in msg, msg
+
+
+def test_launch_failure_lists_every_failed_and_unfinished_rank():
+    with pytest.raises(dc.RankFailedError) as ei:
+        dc.testing.launch(rankfns.fail_some, 3, 1, 2, timeout=90)
+    err = ei.value
+    assert err.rank == 1 and isinstance(err.__cause__, ValueError)
+    assert sorted(err.failed) == [1, 2] and err.unfinished == [0], vars(err)
+    assert "RuntimeError: later failure on rank 2" in err.failed[2]
+    msg = str(err).split("--- traceback")[0]
+    assert "rank 1 raised ValueError: first failure on rank 1" in msg
+    assert "rank 2: RuntimeError: later failure on rank 2" in msg and "rank(s) [0] had not finished" in msg, msg
+
+
 def test_launch_bad_arguments():
     with pytest.raises(dc.InvalidArgumentError, match="world_size: got 0"):
         dc.testing.launch(rankfns.rank_and_size, 0)
