@@ -792,3 +792,42 @@ def fail_some(group, first: int, later: int):
         time.sleep(0.5)
         raise RuntimeError(f"later failure on rank {group.rank}")
     time.sleep(3600)
+
+
+def board_report(store_kind: str, stuck_rank: int, stuck_s: float):
+    """dwdp_comm.init with an explicit store (``"tcp"``: a TCPStore rank 0 serves) or none
+    (``"none"``, and no MASTER_ADDR); rank ``stuck_rank`` is late, the others report their barrier's
+    error and whether the board's keys reached the store."""
+    import os
+    import torch.distributed as dist
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    store, server = None, None
+    if store_kind == "tcp":
+        port = [None]
+        if dist.get_rank() == 0:
+            server = dist.TCPStore("127.0.0.1", 0, dist.get_world_size(), is_master=True, wait_for_workers=False)
+            port = [server.port]
+        dist.broadcast_object_list(port, 0)
+        store = server or dist.TCPStore("127.0.0.1", port[0], is_master=False)
+    g = dc.init("sim", timeout=2, store=store)
+    out = None
+    if g.rank == stuck_rank:
+        time.sleep(stuck_s)
+    else:
+        try:
+            g.barrier()
+        except dc.DwdpError as exc:
+            out = _err(exc)
+        if store is not None:
+            out["board_keys"] = store.num_keys()
+    g.abort()
+    return out
+
+
+def store_type_error():
+    try:
+        dc.init("sim", store="tcp://localhost:1")
+    except dc.DwdpError as exc:
+        return _err(exc)
+    return None

@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -137,6 +138,36 @@ def test_launch_failure_lists_every_failed_and_unfinished_rank():
     msg = str(err).split("--- traceback")[0]
     assert "rank 1 raised ValueError: first failure on rank 1" in msg
     assert "rank 2: RuntimeError: later failure on rank 2" in msg and "rank(s) [0] had not finished" in msg, msg
+
+
+def test_no_private_torch_distributed_api():
+    """The library reaches torch.distributed through public names only (the arrival board used
+    torch's private _get_default_store)."""
+    root = os.path.dirname(dc.__file__)
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                text = open(os.path.join(dirpath, f)).read()
+                assert "distributed_c10d._" not in text and "_get_default_store" not in text, f
+
+
+def test_explicit_store_names_the_missing_rank():
+    res = dc.testing.launch(rankfns.board_report, 3, "tcp", 2, 6.0, backend=None, timeout=90)
+    for r in res[:2]:
+        assert r["type"] == "CollectiveTimeoutError" and r["missing"] == [2], r
+        assert "rank(s) [2] had not arrived" in r["msg"] and r["board_keys"] > 0, r
+
+
+def test_without_a_store_missing_ranks_are_unknown():
+    res = dc.testing.launch(rankfns.board_report, 2, "none", 1, 6.0, backend=None, timeout=90)
+    r = res[0]
+    assert r["type"] == "CollectiveTimeoutError" and r["missing"] is None, r
+    assert "which ranks arrived is unknown" in r["msg"], r
+
+
+def test_store_argument_is_checked():
+    for r in dc.testing.launch(rankfns.store_type_error, 2, backend=None):
+        assert r["type"] == "InvalidTypeError" and r["msg"].startswith("store: got an object of type str"), r
 
 
 def test_launch_bad_arguments():
