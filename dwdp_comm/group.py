@@ -230,8 +230,9 @@ def _cpu_group(pg, timeout_s: float):
 class Group:
     """A DWDP group: one rank per process, a heap backend, and the object exchange.
 
-    Made by :func:`init`. ``close()`` is local (unless stores are left open); use the group as a
-    context manager to close it on exit (:meth:`abort` when an exception unwinds).
+    Made by :func:`init`. ``close()`` is local on ``sim`` and ``cuda_ipc`` (unless stores are left
+    open) and collective on ``nvshmem``; use the group as a context manager to close it on exit
+    (:meth:`abort`, always local, when an exception unwinds).
 
     Attributes
     ----------
@@ -293,7 +294,7 @@ class Group:
         for s in self._stores:
             s.abort()
         try:
-            self.impl.close()
+            self.impl.abort()
         except Exception as exc:  # local cleanup must not mask the exception being handled
             log.warning("dwdp_comm: closing the backend during abort failed: %r", exc)
 

@@ -7,6 +7,7 @@ the bytes it prefetched. The run seed is fresh per test run.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import zlib
@@ -831,3 +832,133 @@ def store_type_error():
     except dc.DwdpError as exc:
         return _err(exc)
     return None
+
+
+# ---- nvshmem's local release, with a fake nvshmem4py (tests/test_faults.py) -------------------------
+class FakeNvshmem:
+    """Stands in for ``nvshmem.core`` and ``nvshmem.bindings`` in ``sys.modules``: records every call
+    that is collective inside real NVSHMEM (``buffer``, ``free``: a missing PE hangs them forever)."""
+
+    def __init__(self, rank: int):
+        import types
+        self.calls: list[str] = []
+        self._next = 0x7f0000000000 + rank * (1 << 32)
+        core, bindings, pkg = (types.ModuleType(n) for n in ("nvshmem.core", "nvshmem.bindings", "nvshmem"))
+        core.buffer, core.free = self.buffer, self.free
+        bindings.ptr = lambda ptr, pe: ptr + pe
+        pkg.core, pkg.bindings = core, bindings
+        self.modules = {"nvshmem": pkg, "nvshmem.core": core, "nvshmem.bindings": bindings}
+
+    def buffer(self, size):
+        import types
+        self.calls.append("buffer")
+        self._next += size
+        return types.SimpleNamespace(handle=self._next - size, size=size)
+
+    def free(self, buf):
+        self.calls.append("free")
+
+    def install(self):
+        sys.modules.update(self.modules)
+
+
+def _fake_nvshmem_backend(group):
+    import types
+    import weakref
+    return types.SimpleNamespace(comm=group.comm, device_index=0, _live=weakref.WeakSet())
+
+
+def nvshmem_heap_abort(group, failing_rank: int):
+    """Rank ``failing_rank`` aborts its NVSHMEM heap (an exception unwinds there); the others close
+    theirs. The failing rank must release locally (no group step, no NVSHMEM collective); the others
+    must raise naming it, without entering ``nvshmem_free`` (which would wait for it forever)."""
+    from dwdp_comm.backends.nvshmem import NvshmemHeap
+    fake = FakeNvshmem(group.rank)
+    fake.install()
+    heap = NvshmemHeap(_fake_nvshmem_backend(group), 5000)
+    fake.calls.clear()
+    out = {"error": None}
+    t0 = time.perf_counter()
+    if group.rank == failing_rank:
+        heap.abort()
+        heap.abort()
+        heap.close()  # after abort: nothing left to do
+        out["seconds"] = time.perf_counter() - t0
+        time.sleep(3 * group.comm.timeout_s)  # alive but never in the collective
+    else:
+        try:
+            heap.close()
+        except dc.DwdpError as exc:
+            out["error"] = _err(exc)
+        out["released"] = heap.local.closed
+        heap.close()  # idempotent, also after a failed close
+    out["calls"] = list(fake.calls)
+    return out
+
+
+def nvshmem_heap_late_rank(group, late_rank: int):
+    """Rank ``late_rank`` never allocates the heap; the others must raise naming it before entering
+    ``nvshmem.core.buffer`` (collective inside NVSHMEM: it would wait forever)."""
+    from dwdp_comm.backends.nvshmem import NvshmemHeap
+    fake = FakeNvshmem(group.rank)
+    fake.install()
+    if group.rank == late_rank:
+        time.sleep(3 * group.comm.timeout_s)
+        return None
+    try:
+        NvshmemHeap(_fake_nvshmem_backend(group), 5000)
+        err = None
+    except dc.DwdpError as exc:
+        err = _err(exc)
+    return {"error": err, "calls": list(fake.calls)}
+
+
+def group_abort_uses_backend_abort(group):
+    """Group.abort() releases the backend with its local abort(), never its (maybe collective) close()."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, impl):
+            self.impl = impl
+
+        def abort(self):
+            calls.append("abort")
+            self.impl.abort()
+
+        def close(self):
+            calls.append("close")
+            self.impl.close()
+
+    group.impl = Recorder(group.impl)
+    group.abort()
+    return calls
+
+
+def heap_write_detection(group, writer: int, seed: int):
+    """Writes that reach a rank's heap (as a write through a GPU composite view does) are found by
+    dwdp_comm.testing.check_local_unchanged on every rank; writes through sim's copy-on-write views
+    are not writes to the heap and pass the check."""
+    st = build_store(group, 7, [0, 1], seed)
+    digest = dc.testing.local_digest(st)
+    out = {"keys": sorted(map(list, digest))}
+    pf = dc.Prefetcher(st, depth=1)
+    h = pf.prefetch(0)
+    h.wait()
+    if group.rank == writer:  # through the views: copy-on-write on sim
+        for n in SPECS:
+            h.weights(n).view(torch.uint8).bitwise_not_()
+            st.local(0, n).view(torch.uint8).bitwise_not_()
+    h.release()
+    out["after_views"] = _error(lambda: dc.testing.check_local_unchanged(st, digest))
+    if group.rank == writer:  # straight into the heap: what a write through a GPU composite view does
+        e = st.entries(1)["w2"]
+        st.heap.local.tensor(e.heap_offset, 1).bitwise_not_()
+    try:
+        dc.testing.check_local_unchanged(st, digest)
+        out["after_heap_write"] = None
+    except dc.DwdpError as exc:
+        out["after_heap_write"] = _err(exc)
+    out["bad_digest"] = _error(lambda: dc.testing.check_local_unchanged(st, {"not": "a digest"}))
+    pf.close()
+    st.close()
+    return out
