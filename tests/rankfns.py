@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 import dwdp_comm as dc
+from dwdp_comm.backends.base import CopyEngine, Event
 
 # name -> (per-expert shape, dtype). On sim, mapping granularity is the 4 KiB page: "w13" (16x64
 # float32 = 4 KiB per expert) is served as a composite view, the others through gather mode.
@@ -962,3 +963,57 @@ def heap_write_detection(group, writer: int, seed: int):
     pf.close()
     st.close()
     return out
+
+
+def steps_mismatch(group):
+    """Rank 0 enters a barrier while the others commit: nobody may return normally; every rank
+    raises CollectiveMismatchError naming each rank's step."""
+    lay = dc.ExpertLayout(5, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    st.register(0, "w", torch.randn(lay.num_local_experts, 3))
+    try:
+        group.barrier() if group.rank == 0 else st.commit()
+    except dc.DwdpError as exc:
+        return _err(exc)
+    return None
+
+
+class _FailingEvent(Event):
+    def wait(self, stream=None):
+        self.synchronize()
+
+    def synchronize(self):
+        raise dc.DwdpError("injected copy failure (test)")
+
+    @property
+    def is_done(self):
+        return True
+
+
+class _FailingEngine(CopyEngine):
+    """A copy engine whose every job fails (fault injection through the public Backend interface)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def submit(self, plan, *, src_base, dst, dst_base, after=()):
+        return _FailingEvent()
+
+    def close(self):
+        self.inner.close()
+
+
+def close_with_failed_copy(group, bad_rank: int, seed: int):
+    """Rank ``bad_rank``'s prefetch copy fails and is found only when the store closes: every rank's
+    WeightStore.close() must raise the same CollectiveFailedError naming it."""
+    st = build_store(group, 5, [0], seed)
+    if group.rank == bad_rank:
+        make = group.impl.copy_engine
+        group.impl.copy_engine = lambda heap, **o: _FailingEngine(make(heap, **o))
+    pf = dc.Prefetcher(st, depth=1)
+    pf.prefetch(0)  # never waited: the failure surfaces in close()
+    try:
+        st.close()
+    except dc.DwdpError as exc:
+        return dict(_err(exc), closed=st.closed)
+    return None

@@ -195,3 +195,21 @@ def test_heap_writes_are_detected_on_every_rank(seed):
         assert "layer 1, 'w2'" in err["msg"] and "check_local_unchanged" in err["msg"], err
         assert r["bad_digest"][0] == "InvalidArgumentError" and r["bad_digest"][1].startswith("digest: got"), r
         assert r["keys"] == sorted([l, n] for l in (0, 1) for n in rankfns.SPECS), r["keys"]
+
+
+def test_ranks_in_different_steps_all_raise():
+    """Item 1's shape: one rank's barrier meets the others' commit; nobody returns normally."""
+    res = dc.testing.launch(rankfns.steps_mismatch, 3, options={"timeout": 20})
+    for r in res:
+        assert r and r["type"] == "CollectiveMismatchError", res
+        assert "rank 0: step 'Group.barrier'" in r["msg"] and "WeightStore.commit" in r["msg"], r
+
+
+def test_close_agrees_on_a_copy_failure_found_there(seed):
+    """A copy that failed on one rank, found only when the store closes, fails close() on every rank
+    with the same error naming that rank (the heap is freed anyway)."""
+    res = dc.testing.launch(rankfns.close_with_failed_copy, 3, 1, seed, options={"timeout": 20})
+    assert len({r["msg"] for r in res}) == 1, res
+    for r in res:
+        assert r["type"] == "CollectiveFailedError" and r["ranks"] == [1], r
+        assert "WeightStore.close" in r["msg"] and "injected copy failure" in r["msg"] and r["closed"], r
