@@ -12,7 +12,7 @@ import inspect
 import os
 import sys
 
-MODULES = ["dwdp_comm", "dwdp_comm.testing", "dwdp_comm.kernels", "dwdp_comm.moe", "dwdp_comm.interop.streams",
+MODULES = ["dwdp_comm", "dwdp_comm.launch", "dwdp_comm.testing", "dwdp_comm.kernels", "dwdp_comm.moe", "dwdp_comm.interop.streams",
            "dwdp_comm.interop.torch", "dwdp_comm.interop.cupy"]
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
 

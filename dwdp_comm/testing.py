@@ -13,7 +13,7 @@ import torch
 from .errors import bad_arg
 from .launch import gpu_count, launch
 
-__all__ = ["launch", "gpu_count", "local_digest", "check_local_unchanged"]
+__all__ = ["local_digest", "check_local_unchanged"]  # launch, gpu_count: documented in dwdp_comm.launch
 
 
 def local_digest(store) -> dict:
