@@ -412,11 +412,11 @@ def init(backend: str = "auto", group=None, *, timeout: float | None = None, sto
     try:
         comm.agree(err, f"init: creating the {chosen!r} backend", cause=cause)
     except BaseException:
-        if impl is not None:
+        if impl is not None:  # some ranks may have no backend to close with: release locally
             try:
-                impl.close()
+                impl.abort()
             except Exception as exc:
-                log.warning("dwdp_comm: closing the backend after a failed init failed: %r", exc)
+                log.warning("dwdp_comm: releasing the backend after a failed init failed: %r", exc)
         raise
     log.info("dwdp_comm: rank %d/%d uses backend %r (%s)", comm.rank, comm.size, chosen, reason)
     return Group(comm, impl, reason)
