@@ -58,7 +58,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ClosedError, bad_arg
+from ..errors import BackendUnavailableError, bad_arg
 from . import _cuda
 from ._cuda import CopyExecutor, CudaBackendBase, DeviceBuffer, ForeignAlloc, agree, raise_gathered
 from .base import SymmetricHeap
