@@ -649,10 +649,11 @@ def exit_during_exception(group, bad_rank: int):
         out["closed"] = st.closed
         time.sleep(3 * group.comm.timeout_s)  # alive but never in the collective: the others time out
         return out
+    t0 = time.perf_counter()
     try:
         st.close()
     except dc.DwdpError as exc:
-        out["error"] = _err(exc)
+        out["error"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
     return out
 
 
@@ -890,7 +891,7 @@ def nvshmem_heap_abort(group, failing_rank: int):
         try:
             heap.close()
         except dc.DwdpError as exc:
-            out["error"] = _err(exc)
+            out["error"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
         out["released"] = heap.local.closed
         heap.close()  # idempotent, also after a failed close
     out["calls"] = list(fake.calls)
@@ -906,11 +907,12 @@ def nvshmem_heap_late_rank(group, late_rank: int):
     if group.rank == late_rank:
         time.sleep(3 * group.comm.timeout_s)
         return None
+    t0 = time.perf_counter()
     try:
         NvshmemHeap(_fake_nvshmem_backend(group), 5000)
         err = None
     except dc.DwdpError as exc:
-        err = _err(exc)
+        err = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
     return {"error": err, "calls": list(fake.calls)}
 
 
@@ -954,11 +956,12 @@ def heap_write_detection(group, writer: int, seed: int):
     if group.rank == writer:  # straight into the heap: what a write through a GPU composite view does
         e = st.entries(1)["w2"]
         st.heap.local.tensor(e.heap_offset, 1).bitwise_not_()
+    t0 = time.perf_counter()
     try:
         dc.testing.check_local_unchanged(st, digest)
         out["after_heap_write"] = None
     except dc.DwdpError as exc:
-        out["after_heap_write"] = _err(exc)
+        out["after_heap_write"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
     out["bad_digest"] = _error(lambda: dc.testing.check_local_unchanged(st, {"not": "a digest"}))
     pf.close()
     st.close()
@@ -971,11 +974,14 @@ def steps_mismatch(group):
     lay = dc.ExpertLayout(5, group.size, group.rank)
     st = dc.WeightStore(group, lay)
     st.register(0, "w", torch.randn(lay.num_local_experts, 3))
+    t0 = time.perf_counter()
+    out = None
     try:
         group.barrier() if group.rank == 0 else st.commit()
     except dc.DwdpError as exc:
-        return _err(exc)
-    return None
+        out = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    st.abort()
+    return out
 
 
 class _FailingEvent(Event):
@@ -1012,8 +1018,9 @@ def close_with_failed_copy(group, bad_rank: int, seed: int):
         group.impl.copy_engine = lambda heap, **o: _FailingEngine(make(heap, **o))
     pf = dc.Prefetcher(st, depth=1)
     pf.prefetch(0)  # never waited: the failure surfaces in close()
+    t0 = time.perf_counter()
     try:
         st.close()
     except dc.DwdpError as exc:
-        return dict(_err(exc), closed=st.closed)
+        return dict(_err(exc), closed=st.closed, time_to_error_s=time.perf_counter() - t0)
     return None
