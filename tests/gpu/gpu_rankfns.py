@@ -425,15 +425,18 @@ def exception_on_one_rank(group, bad_rank: int, engine: dict):
             out["exit_s"] = time.perf_counter() - t0
         out["closed"] = st.closed
         time.sleep(3 * group.comm.timeout_s)  # alive but never in the collective: the others time out
+        group.abort()  # the group lost a rank: no collective close (nvshmem's would time out)
         return out
     pf = dc.Prefetcher(st, depth=1, engine_options=engine)
     pf.prefetch(0).wait()
     t0 = time.perf_counter()
-    try:
-        pf.close()
-        st.close()
-    except dc.DwdpError as exc:
-        out["error"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    for step in (pf.close, st.close):  # the first error is the one that names the rank
+        try:
+            step()
+        except dc.DwdpError as exc:
+            if out["error"] is None:
+                out["error"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    group.abort()
     return out
 
 
