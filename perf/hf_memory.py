@@ -28,10 +28,8 @@ import argparse
 import gc
 import json
 import os
-import subprocess
 import sys
 import tempfile
-from datetime import datetime, timezone
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -39,7 +37,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import dwdp_comm as dc  # noqa: E402
-from dwdp_comm.bench.report import machine_lines  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
 
 MODELS = ("qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b")
 GIB = 1 << 30
@@ -53,15 +51,6 @@ def fmt(n: float | None) -> str:
         if abs(n) >= size:
             return f"{n / size:.2f} {unit}"
     return f"{int(n)} B"
-
-
-def _commit() -> str:
-    if os.environ.get("DWDP_GIT_COMMIT"):
-        return os.environ["DWDP_GIT_COMMIT"]
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except Exception:
-        return "unknown"
 
 
 def make_config(name: str, layers: int | None, smoke: bool):
@@ -240,8 +229,8 @@ def main(argv=None) -> int:
     if shared:
         print(f"note: {args.world_size} ranks share {torch.cuda.device_count()} GPU(s): per-process torch figures "
               "are per rank; the GPU's total is shared")
-    doc = {"schema": "dwdp/hf_memory/v1", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "commit": _commit(), "machine": machine_lines(), "backend": backend, "world_size": args.world_size,
+    doc = {"schema": "dwdp/hf_memory/v1", "date": record.utc_date(),
+           "commit": record.commit() or "unknown", "machine": record.machine_lines(), "backend": backend, "world_size": args.world_size,
            "ranks_share_gpus": shared, "args": {k: v for k, v in vars(args).items()}, "byte_counts": counts,
            "skipped": skipped, "rows": rows,
            "notes": ["reduced model: --layers MoE layers (DeepSeek-V3 without its dense layers); full figures "
