@@ -75,17 +75,24 @@ def _graph_check(dm, ids, eager_logits, replays, gen, vocab, tol):
     """
     dev = ids.device
     static = ids.clone()
+    # HF builds its causal mask on the host side of a capture (is_tracing() is True while a stream
+    # captures, and mask creation then copies a host scalar: refused under capture). A 4-D additive
+    # mask made here, before capture, is used as given: the same input for graph and eager.
+    b, t = ids.shape
+    dtype = dm.model.dtype
+    mask = torch.full((t, t), torch.finfo(dtype).min, device=dev, dtype=dtype).triu(1)[None, None].expand(b, 1, t, t)
+    fwd = lambda inp: dm.model(inp, attention_mask=mask, use_cache=False).logits  # noqa: E731
     with torch.no_grad():
         side = torch.cuda.Stream(dev)  # warm-up on a side stream, as torch.cuda.graph asks
         side.wait_stream(torch.cuda.current_stream(dev))
         with torch.cuda.stream(side):
             for _ in range(2):
-                dm.model(static, use_cache=False)
+                fwd(static)
         torch.cuda.current_stream(dev).wait_stream(side)
         dm.pipeline.prepare_capture()  # host-blocking: an idle pipeline, eager copies done
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = dm.model(static, use_cache=False).logits
+            out = fwd(static)
         graph.replay()
         torch.cuda.synchronize(dev)
         first = float((out.float() - eager_logits.float()).abs().max())
@@ -100,7 +107,7 @@ def _graph_check(dm, ids, eager_logits, replays, gen, vocab, tol):
             torch.cuda.synchronize(dev)
             got = out.clone()
             t0 = time.perf_counter()
-            want = dm.model(new, use_cache=False).logits
+            want = fwd(new)
             t_eager.append(time.perf_counter() - t0)
             worst = max(worst, float((got.float() - want.float()).abs().max()))
         del graph
