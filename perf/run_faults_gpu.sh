@@ -29,7 +29,7 @@ else
 fi
 T2=$(date +%s)
 python3 - "$OUT" "$RC" "$SAN_RC" "$((T1 - T0))" "$((T2 - T1))" <<'PY'
-import json, re, subprocess, sys, datetime
+import json, os, re, subprocess, sys, datetime
 out, rc, san_rc, t_tests, t_san = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 def counts(path):
     text = open(path, errors="replace").read()
@@ -38,10 +38,12 @@ def counts(path):
 tests, _ = counts(f"{out}/faults_gpu.log")
 san, stext = counts(f"{out}/faults_gpu_sanitizer.log")
 m = re.findall(r"ERROR SUMMARY: (\d+) error", stext)
-try:
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-except Exception:
-    commit = ""
+commit = os.environ.get("DWDP_GIT_COMMIT")  # the device tree's .git may be stale: the caller names the commit
+if not commit:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    except Exception:
+        commit = ""
 doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "commit": commit,
        "tests": {"rc": rc, "counts": tests, "seconds": t_tests},
        "sanitizer": {"rc": san_rc, "counts": san, "seconds": t_san, "error_summaries": [int(x) for x in m]}}
