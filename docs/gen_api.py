@@ -12,7 +12,7 @@ import inspect
 import os
 import sys
 
-MODULES = ["dwdp_comm", "dwdp_comm.testing", "dwdp_comm.kernels", "dwdp_comm.kernels.torch_path", "dwdp_comm.moe",
+MODULES = ["dwdp_comm", "dwdp_comm.launch", "dwdp_comm.testing", "dwdp_comm.kernels", "dwdp_comm.kernels.torch_path", "dwdp_comm.moe",
            "dwdp_comm.bench.timing", "dwdp_comm.bench.record", "dwdp_comm.bench.split_weights",
            "dwdp_comm.bench.workload", "dwdp_comm.interop.streams",
            "dwdp_comm.interop.torch", "dwdp_comm.interop.cupy"]

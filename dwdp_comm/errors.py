@@ -118,20 +118,31 @@ class MissingDependencyError(DwdpError, ImportError):
 
 
 class RankFailedError(DwdpError, RuntimeError):
-    """A rank launched by :func:`dwdp_comm.testing.launch` raised, died or timed out.
+    """A rank launched by :func:`dwdp_comm.launch.launch` raised, died or timed out.
 
     Attributes
     ----------
     rank : int or None
-        The rank that failed first (None for a timeout of the whole group).
+        The rank that failed first (None for a timeout of the whole run).
     remote_traceback : str
         The child's formatted traceback, when it raised.
+    failed : dict[int, str]
+        Every rank that failed, with one line saying how (``"ValueError: ..."``, ``"died with exit
+        code 3 ..."``).
+    finished : list of int
+        Ranks that had returned normally.
+    unfinished : list of int
+        Ranks still running when the launch gave up (then killed).
     """
 
-    def __init__(self, message: str, rank: int | None = None, remote_traceback: str = ""):
+    def __init__(self, message: str, rank: int | None = None, remote_traceback: str = "",
+                 failed: dict | None = None, finished: list | None = None, unfinished: list | None = None):
         super().__init__(message)
         self.rank = rank
         self.remote_traceback = remote_traceback
+        self.failed = dict(failed or {})
+        self.finished = list(finished or [])
+        self.unfinished = list(unfinished or [])
 
 
 def bad_arg(name: str, got: object, expected: str, hint: str = "") -> InvalidArgumentError:

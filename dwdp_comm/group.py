@@ -29,9 +29,9 @@ import torch.distributed as dist
 
 from . import backends as _backends
 from .errors import (BackendUnavailableError, ClosedError, CollectiveMismatchError, CollectiveTimeoutError, DwdpError,
-                     TransportError, bad_arg, gathered_error)
+                     TransportError, bad_arg, bad_type, gathered_error)
 
-__all__ = ["Comm", "Group", "init", "resolve_timeout", "ENV_BACKEND", "ENV_TIMEOUT", "DEFAULT_TIMEOUT_S"]
+__all__ = ["Comm", "Group", "init", "resolve_timeout", "board_store", "ENV_BACKEND", "ENV_TIMEOUT", "DEFAULT_TIMEOUT_S"]
 
 log = logging.getLogger("dwdp_comm")
 ENV_BACKEND = "DWDP_COMM_BACKEND"
@@ -57,13 +57,24 @@ def resolve_timeout(timeout: float | None = None) -> float:
     return float(value)
 
 
-def _default_store():
-    """The rendezvous store of torch.distributed (file or TCP), or None where torch hides it.
+def board_store(store=None, timeout_s: float = DEFAULT_TIMEOUT_S):
+    """The store the arrival board uses: ``store`` if given, else a ``torch.distributed.TCPStore``
+    client of the rendezvous at ``MASTER_ADDR:MASTER_PORT`` when both are set (torchrun and the
+    ``env://`` init method serve one there), else None (missing ranks are then reported as unknown).
 
-    torch has no public accessor; only the arrival board uses it, to name missing ranks."""
+    Local; never raises: the board is best effort, the collective steps work without it.
+    """
+    if store is not None:
+        return store
+    addr, port = os.environ.get("MASTER_ADDR"), os.environ.get("MASTER_PORT")
+    if not addr or not port:
+        return None
     try:
-        return dist.distributed_c10d._get_default_store()
-    except Exception:
+        return dist.TCPStore(addr, int(port), is_master=False, wait_for_workers=False,
+                             timeout=datetime.timedelta(seconds=min(timeout_s, 30.0)))
+    except Exception as exc:
+        log.info("dwdp_comm: no arrival board (cannot reach the store at %s:%s: %r); a timeout will not name "
+                 "the missing ranks", addr, port, exc)
         return None
 
 
@@ -219,8 +230,9 @@ def _cpu_group(pg, timeout_s: float):
 class Group:
     """A DWDP group: one rank per process, a heap backend, and the object exchange.
 
-    Made by :func:`init`. ``close()`` is local (unless stores are left open); use the group as a
-    context manager to close it on exit (:meth:`abort` when an exception unwinds).
+    Made by :func:`init`. ``close()`` is local on ``sim`` and ``cuda_ipc`` (unless stores are left
+    open) and collective on ``nvshmem``; use the group as a context manager to close it on exit
+    (:meth:`abort`, always local, when an exception unwinds).
 
     Attributes
     ----------
@@ -282,7 +294,7 @@ class Group:
         for s in self._stores:
             s.abort()
         try:
-            self.impl.close()
+            self.impl.abort()
         except Exception as exc:  # local cleanup must not mask the exception being handled
             log.warning("dwdp_comm: closing the backend during abort failed: %r", exc)
 
@@ -304,7 +316,7 @@ class Group:
         return f"Group(rank={self.rank}, size={self.size}, backend={self.backend!r}, device={self.device})"
 
 
-def init(backend: str = "auto", group=None, *, timeout: float | None = None, **options) -> Group:
+def init(backend: str = "auto", group=None, *, timeout: float | None = None, store=None, **options) -> Group:
     """Create a DWDP group over a torch.distributed process group. Collective.
 
     Parameters
@@ -322,6 +334,12 @@ def init(backend: str = "auto", group=None, *, timeout: float | None = None, **o
         steps, barriers) waits for every rank before raising
         :class:`~dwdp_comm.errors.CollectiveTimeoutError` naming the ranks that did not arrive.
         Default: the ``DWDP_COMM_TIMEOUT`` environment variable, else 300 s.
+    store : torch.distributed.Store, optional
+        Where ranks record their arrival at each step, so that a timeout or a dead peer is reported
+        with the ranks that had not arrived: every rank must pass the same store (the one given to
+        ``init_process_group(store=...)``, say; :func:`dwdp_comm.launch.launch` passes its
+        ``FileStore``). Default: a ``TCPStore`` client of ``MASTER_ADDR:MASTER_PORT`` when both are
+        set (torchrun, ``env://``), else none (the error then says the missing ranks are unknown).
     **options
         Passed to the backend: ``sim``: ``copy_bandwidth`` (bytes/s the copy thread may move);
         ``cuda_ipc``: ``vmm`` (None: VMM when it works, else legacy IPC; True/False: force) and
@@ -341,6 +359,8 @@ def init(backend: str = "auto", group=None, *, timeout: float | None = None, **o
     InvalidArgumentError
         Unknown backend name, as argument or in ``DWDP_COMM_BACKEND`` (the message lists the
         valid ones); a bad ``timeout`` or ``DWDP_COMM_TIMEOUT``.
+    InvalidTypeError
+        ``store`` is not a ``torch.distributed.Store``.
     CollectiveMismatchError
         Ranks asked for different backends.
     DwdpError
@@ -359,17 +379,19 @@ def init(backend: str = "auto", group=None, *, timeout: float | None = None, **o
     else:
         _backends.check_name(backend)
     timeout_s = resolve_timeout(timeout)
+    if store is not None and not isinstance(store, dist.Store):
+        raise bad_type("store", store, "None or a torch.distributed.Store (FileStore, TCPStore, ...)")
     if not dist.is_available() or not dist.is_initialized():
         raise DwdpError("torch.distributed is not initialized: call torch.distributed.init_process_group() "
                         "first (torchrun only sets RANK/WORLD_SIZE/MASTER_ADDR; the script must still call it), "
-                        "or run the function on spawned ranks with dwdp_comm.testing.launch")
+                        "or run the function on spawned ranks with dwdp_comm.launch.launch")
     pg = group if group is not None else dist.group.WORLD
     try:
         cpu = _cpu_group(pg, timeout_s)
     except Exception as exc:
         raise TransportError(f"dwdp_comm.init on global rank {dist.get_rank()}: creating the gloo group failed: "
                              f"{describe(exc)}", "init: creating the gloo group", dist.get_rank(), None) from exc
-    comm = Comm(cpu, dist.get_rank(cpu), dist.get_world_size(cpu), timeout_s, _default_store())
+    comm = Comm(cpu, dist.get_rank(cpu), dist.get_world_size(cpu), timeout_s, board_store(store, timeout_s))
 
     # One exchange decides the backend: every rank's request, host and probe results.
     candidates = _backends.BACKENDS if backend == "auto" else (backend,)
@@ -390,11 +412,11 @@ def init(backend: str = "auto", group=None, *, timeout: float | None = None, **o
     try:
         comm.agree(err, f"init: creating the {chosen!r} backend", cause=cause)
     except BaseException:
-        if impl is not None:
+        if impl is not None:  # some ranks may have no backend to close with: release locally
             try:
-                impl.close()
+                impl.abort()
             except Exception as exc:
-                log.warning("dwdp_comm: closing the backend after a failed init failed: %r", exc)
+                log.warning("dwdp_comm: releasing the backend after a failed init failed: %r", exc)
         raise
     log.info("dwdp_comm: rank %d/%d uses backend %r (%s)", comm.rank, comm.size, chosen, reason)
     return Group(comm, impl, reason)

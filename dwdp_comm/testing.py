@@ -1,234 +1,83 @@
-"""Multi-process helpers for tests and examples.
+"""Helpers for tests and debugging.
 
-:func:`launch` spawns one process per rank (never fork: CUDA and threads do not survive a fork),
-sets up torch.distributed over gloo with a file rendezvous (no ports to collide on), creates the
-DWDP group and runs ``fn(group, *args)`` on every rank. A child's exception comes back tagged with
-its rank; if a rank dies or the timeout passes, the other ranks are killed, so nothing hangs.
+* :func:`local_digest` / :func:`check_local_unchanged`: a debug check that no rank wrote into its
+  heap through a view (views are read-only by contract, not enforced on GPU backends).
+* :func:`launch` and :func:`gpu_count` live in :mod:`dwdp_comm.launch` (library code: the CLI uses
+  them); they are re-exported here for compatibility.
 """
 
 from __future__ import annotations
 
-import datetime
-import multiprocessing as mp
-import os
-import pickle
-import tempfile
-import time
-import traceback
-from multiprocessing.connection import wait as _wait_conns
-from typing import Any, Callable
+import torch
 
-from .errors import RankFailedError, bad_arg
+from .errors import bad_arg
+from .launch import gpu_count, launch
 
-__all__ = ["launch", "gpu_count"]
+__all__ = ["local_digest", "check_local_unchanged"]  # launch, gpu_count: documented in dwdp_comm.launch
 
 
-def gpu_count() -> int:
-    """CUDA devices visible to torch (0 without CUDA); never initialises CUDA in the parent."""
-    try:
-        import torch
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:
-        return 0
+def local_digest(store) -> dict:
+    """A checksum of this rank's shard of every tensor of a committed store, as the heap holds it.
 
-
-def _die_with_parent(parent_pid: int) -> None:
-    """Make this rank die with the launching process, however that one dies (kill -9 included):
-    ``PR_SET_PDEATHSIG`` (Linux) kills it at once, and a watchdog thread that sees it reparented
-    covers systems without prctl."""
-    import ctypes
-    import signal
-    import threading
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-    if os.getppid() != parent_pid:  # the parent died before prctl took effect
-        os._exit(1)
-
-    def watch():
-        while True:
-            time.sleep(0.5)
-            if os.getppid() != parent_pid:
-                os._exit(1)
-
-    threading.Thread(target=watch, name="dwdp-parent-watchdog", daemon=True).start()
-
-
-def _child(rank: int, world_size: int, init_file: str, backend: str | None, fn: Callable, args: tuple,
-           kwargs: dict, options: dict, timeout: float, conn, parent_pid: int | None = None) -> None:
-    if parent_pid is not None:
-        _die_with_parent(parent_pid)
-    try:
-        import torch
-        import torch.distributed as dist
-
-        if backend != "sim" and torch.cuda.is_available():
-            torch.cuda.set_device(rank % torch.cuda.device_count())
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout))
-        try:
-            if backend is None:
-                result = fn(*args, **kwargs)
-            else:
-                from .group import init, resolve_timeout
-                options = dict(options)
-                # Collective steps give up before the whole run does, so that their error (naming
-                # the ranks that did not arrive) is what comes back, not a bare launch timeout.
-                options.setdefault("timeout", min(resolve_timeout(), max(1.0, 0.75 * timeout)))
-                group = init(backend, **options)
-                with group:  # closes it, or aborts it (no collective) when fn raised
-                    result = fn(group, *args, **kwargs)
-        finally:
-            dist.destroy_process_group()
-        conn.send(("ok", _picklable(result)))
-    except BaseException as exc:  # report everything, SystemExit included
-        tb = traceback.format_exc()
-        try:
-            conn.send(("err", _picklable(exc), tb, time.time()))
-        except Exception:
-            pass
-        raise SystemExit(1)
-    finally:
-        conn.close()
-
-
-def _picklable(obj: Any) -> Any:
-    try:
-        pickle.dumps(obj)
-        return obj
-    except Exception:
-        return repr(obj)
-
-
-def launch(fn: Callable, world_size: int, *args: Any, backend: str | None = "sim", timeout: float = 120.0,
-           options: dict | None = None, **kwargs: Any) -> list:
-    """Run ``fn`` on ``world_size`` spawned ranks; return the per-rank results.
-
-    Each rank is a fresh process (the ``spawn`` start method, never ``fork``) that initialises
-    torch.distributed over ``gloo`` (file rendezvous) and, unless ``backend`` is None, calls
-    :func:`dwdp_comm.init`. Blocks the caller until every rank returned, one failed, or
-    ``timeout`` passed; on a failure or a timeout the remaining ranks are killed at once. Ranks
-    also die with the caller, however it dies (``kill -9`` included: ``PR_SET_PDEATHSIG`` plus a
-    watchdog thread), so none is left holding memory or GPUs.
+    Local. Copies every local shard to the host once (a debug check: not for a hot path).
 
     Parameters
     ----------
-    fn : callable
-        A module-level (picklable) function. Called as ``fn(group, *args, **kwargs)`` with the
-        rank's :class:`~dwdp_comm.group.Group`, or ``fn(*args, **kwargs)`` when ``backend`` is None
-        (torch.distributed is then initialised, dwdp_comm is not).
-    world_size : int
-        Ranks to spawn (>= 1). With GPU backends rank r uses device ``r % device_count``.
-    backend : str or None
-        Passed to :func:`dwdp_comm.init`.
-    timeout : float
-        Seconds for the whole run, and the torch.distributed collective timeout. The library's
-        collective steps get ``min(DWDP_COMM_TIMEOUT or 300, 0.75 * timeout)`` unless ``options``
-        has ``timeout``, so a stuck rank is named by its peers' error before the run times out.
-    options : dict, optional
-        Options passed to :func:`dwdp_comm.init` (``timeout`` and the backend's).
+    store : WeightStore
+        Committed, open.
 
     Returns
     -------
-    list
-        ``fn``'s return value per rank (its ``repr`` when it cannot be pickled).
+    dict[(int, str), int]
+        ``(layer, name) -> CRC-32`` of the bytes of ``store.local(layer, name)``; give it to
+        :func:`check_local_unchanged`.
+    """
+    return {(layer, name): _crc(store.local(layer, name)) for layer in store.layers for name in store.names(layer)}
+
+
+def check_local_unchanged(store, digest: dict) -> None:
+    """Collective: raise on every rank if the heap of any rank changed since :func:`local_digest`.
+
+    Prefetched views and ``local()`` are read-only by contract, but on GPU backends the rows of
+    composite-mode names in ``weights()`` and ``local()`` *are* the heap pages that peers read, so
+    a write through them would silently change that expert for every rank (``sim`` maps them
+    copy-on-write instead). Run this in a debug mode, between steps, to catch such writes.
+
+    Parameters
+    ----------
+    store : WeightStore
+        The store ``digest`` was taken of; every rank of its group calls this.
+    digest : dict
+        This rank's :func:`local_digest` of ``store``.
 
     Raises
     ------
-    RankFailedError
-        A rank raised (its exception is the ``__cause__`` and its traceback is in the message), died
-        without a word, or the timeout passed. The other ranks are killed first.
+    CollectiveFailedError
+        Some rank's heap changed: every rank raises the same error, naming each such rank and its
+        changed ``(layer, name)``.
+    InvalidArgumentError
+        ``digest`` is not a digest of this store (raised on every rank).
+    CollectiveTimeoutError, TransportError
+        A rank did not arrive in time, or died.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise bad_arg("world_size", world_size, "an int >= 1")
-    if not timeout > 0:
-        raise bad_arg("timeout", timeout, "a number of seconds > 0")
-    ctx = mp.get_context("spawn")
-    fd, init_file = tempfile.mkstemp(prefix="dwdp-rdzv-")
-    os.close(fd)
-    os.unlink(init_file)  # the file store creates it
-    procs, conns = [], {}
+    from .group import describe
+    err, cause = None, None
     try:
-        for rank in range(world_size):
-            parent, child = ctx.Pipe(duplex=False)
-            p = ctx.Process(target=_child, name=f"dwdp-rank{rank}",
-                            args=(rank, world_size, init_file, backend, fn, args, kwargs, options or {}, timeout,
-                                  child, os.getpid()), daemon=True)
-            p.start()
-            child.close()
-            procs.append(p)
-            conns[parent] = rank
-        return _collect(procs, conns, world_size, timeout)
-    finally:
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-        for p in procs:
-            p.join(timeout=10)
-        for c in conns:
-            c.close()
-        if os.path.exists(init_file):
-            os.unlink(init_file)
+        now = local_digest(store)
+        if not isinstance(digest, dict) or set(digest) != set(now):
+            got = sorted(digest)[:4] if isinstance(digest, dict) else type(digest).__name__
+            raise bad_arg("digest", got, "the dict local_digest(store) returned for this store")
+        changed = [k for k in sorted(now) if now[k] != digest[k]]
+        if changed:
+            err = "local shard changed since local_digest(): " + ", ".join(f"layer {l}, {n!r}" for l, n in changed)
+    except Exception as exc:
+        err, cause = describe(exc), exc
+    store.group.comm.agree(err, "testing.check_local_unchanged", cause=cause,
+                           hint="views from weights(), weight_segments() and local() are read-only: "
+                                "copy a tensor before changing it")
 
 
-def _collect(procs, conns: dict, world_size: int, timeout: float) -> list:
-    results: list = [None] * world_size
-    pending = dict(conns)
-    failures: dict[int, tuple] = {}  # rank -> ("died", exitcode) or ("raised", exc, traceback)
-    deadline = time.monotonic() + timeout
-    while pending and not failures:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise RankFailedError(f"timeout after {timeout:.0f} s: rank(s) {sorted(pending.values())} did not finish; "
-                                  "all ranks were killed")
-        _poll(procs, pending, results, failures, min(left, 1.0))
-    if failures:
-        # A dead rank makes its peers fail too (closed connections): wait a moment so the root
-        # cause, not a consequence, is reported.
-        grace = time.monotonic() + 2.0
-        while pending and time.monotonic() < grace:
-            _poll(procs, pending, results, failures, 0.2)
-        _raise_failure(failures)
-    return results
-
-
-def _poll(procs, pending: dict, results: list, failures: dict, wait_s: float) -> None:
-    for conn in _wait_conns(list(pending), timeout=wait_s):
-        rank = pending.pop(conn)
-        try:
-            msg = conn.recv()
-        except EOFError:
-            procs[rank].join(5)
-            failures[rank] = ("died", procs[rank].exitcode)
-            continue
-        if msg[0] == "ok":
-            results[rank] = msg[1]
-        else:
-            failures[rank] = ("raised", msg[1], msg[2], msg[3])
-    # A process can die (segfault, kill) without its pipe reporting EOF yet: check exit codes too.
-    for conn, rank in list(pending.items()):
-        code = procs[rank].exitcode
-        if code not in (None, 0) and not conn.poll():
-            pending.pop(conn)
-            failures[rank] = ("died", code)
-
-
-def _raise_failure(failures: dict) -> None:
-    died = sorted(r for r, f in failures.items() if f[0] == "died")
-    # The root cause: a rank that died silently, else the rank that raised first.
-    rank = died[0] if died else min(failures, key=lambda r: failures[r][3])
-    others = sorted(r for r in failures if r != rank)
-    also = f" (rank(s) {others} failed after it)" if others else ""
-    f = failures[rank]
-    if f[0] == "died":
-        raise RankFailedError(f"rank {rank} died with exit code {f[1]} without reporting{also}; "
-                              "all ranks were killed", rank=rank)
-    exc, tb = f[1], f[2]
-    kind = type(exc).__name__ if isinstance(exc, BaseException) else "an error"
-    err = RankFailedError(f"rank {rank} raised {kind}: {exc}{also}\n--- traceback of rank {rank} ---\n{tb}",
-                          rank=rank, remote_traceback=tb)
-    if isinstance(exc, BaseException):
-        raise err from exc
-    raise err
+def _crc(t) -> int:
+    import zlib
+    raw = t.detach().reshape(-1).view(torch.uint8) if t.numel() else t.new_empty(0, dtype=torch.uint8)
+    return zlib.crc32(raw.cpu().numpy().tobytes())

@@ -1,8 +1,10 @@
 """A Hugging Face transformers MoE model on DWDP, checked against the unmodified HF model.
 
-Every rank builds the same model (a tiny random config of a family, or a local checkpoint
-directory), runs the unmodified HF model, then converts it with
-:func:`dwdp_comm.integrations.transformers.convert` and runs the same inputs: logits and greedy
+Every rank builds the unmodified HF model (a tiny random config of a family, or ``from_pretrained``
+of a local checkpoint directory) and runs it, then builds the DWDP model (the tiny config through
+:func:`dwdp_comm.integrations.transformers.convert`; a checkpoint through
+:func:`dwdp_comm.integrations.hf_loading.load_model`, each rank reading only its own experts) and
+runs the same inputs: logits and greedy
 ``generate`` tokens must match ("check passed (tolerance ...)"; exit status 1 otherwise). It prints
 tokens/s of both, expert memory per rank before/after, and the exposed prefetch time.
 
@@ -10,7 +12,12 @@ Examples::
 
     python examples/hf_moe.py --model mixtral --world-size 3                 # CPU, sim backend
     python examples/hf_moe.py --model gpt_oss --world-size 2 --backend cuda_ipc   # GPUs
-    python examples/hf_moe.py --model /path/to/local/checkpoint --world-size 2 --backend cuda_ipc
+    python examples/hf_moe.py --checkpoint /path/to/local/checkpoint --world-size 2 --backend cuda_ipc
+    python examples/hf_moe.py --model qwen3_moe --backend cuda_ipc --cuda-graph   # + one forward captured, replayed
+
+With ``--cuda-graph`` each rank also captures one DWDP forward (``use_cache=False``) in a CUDA graph
+after ``DwdpPipeline.prepare_capture()``, replays it ``--replays`` times on new inputs and checks
+every replay against an eager DWDP forward on the same input.
 
 On GPUs rank r uses device ``r % device_count``: with more ranks than GPUs several ranks share one
 GPU (a functional check only, the output says so). No hub access: ``--model`` is a family name
@@ -28,47 +35,20 @@ import time
 import torch
 
 import dwdp_comm as dc
-
-FAMILIES = ("mixtral", "qwen3_moe", "deepseek_v3", "gpt_oss", "olmoe", "qwen2_moe")
-TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64)
-
-
-def tiny_config(family: str, num_experts: int, layers: int):
-    import transformers as tf
-    base = dict(TINY, num_hidden_layers=layers)
-    if family == "mixtral":
-        return tf.MixtralConfig(**base, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=2)
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**base, intermediate_size=24, moe_intermediate_size=16, num_experts=num_experts,
-                                 num_experts_per_tok=2, head_dim=8, decoder_sparse_step=1, mlp_only_layers=[])
-    if family == "deepseek_v3":
-        return tf.DeepseekV3Config(**base, intermediate_size=24, moe_intermediate_size=16, n_routed_experts=num_experts,
-                                   num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
-                                   n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
-                                   qk_nope_head_dim=4, v_head_dim=8)
-    if family == "gpt_oss":
-        return tf.GptOssConfig(**base, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=2,
-                               head_dim=8, sliding_window=16,
-                               layer_types=["sliding_attention", "full_attention"] * (layers // 2) +
-                               ["sliding_attention"] * (layers % 2))
-    if family == "olmoe":
-        return tf.OlmoeConfig(**base, intermediate_size=16, num_experts=num_experts, num_experts_per_tok=2)
-    if family == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**base, intermediate_size=24, moe_intermediate_size=16, num_experts=num_experts,
-                                 num_experts_per_tok=2, shared_expert_intermediate_size=16, decoder_sparse_step=1,
-                                 mlp_only_layers=[])
-    raise ValueError(f"--model: {family!r} is neither a local checkpoint directory nor one of {FAMILIES}")
+from dwdp_comm.integrations.hf_configs import FAMILIES, tiny_config
 
 
 def build(args, device):
+    """The unmodified HF model: from_pretrained of the checkpoint, or a seeded tiny random config."""
     import transformers as tf
     dtype = getattr(torch, args.dtype)
-    if os.path.isdir(args.model):
-        return tf.AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    if args.checkpoint:
+        return tf.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(device).eval()
+    if args.model not in FAMILIES:
+        raise SystemExit(f"--model: {args.model!r} is neither a local checkpoint directory nor one of {FAMILIES}")
     torch.manual_seed(args.seed)
-    return tf.AutoModelForCausalLM.from_config(tiny_config(args.model, args.experts, args.layers),
-                                               dtype=dtype).to(device).eval()
+    cfg = tiny_config(args.model, num_experts=args.experts, num_layers=args.layers)
+    return tf.AutoModelForCausalLM.from_config(cfg, dtype=dtype).to(device).eval()
 
 
 def _run(model, ids, new_tokens, device):
@@ -86,8 +66,66 @@ def _run(model, ids, new_tokens, device):
     return logits, tokens, ids.shape[0] * new_tokens / dt
 
 
-def rank_main(group, args):
+def _graph_check(dm, ids, eager_logits, replays, gen, vocab, tol):
+    """Capture one DWDP forward in a CUDA graph, replay it on new inputs, check each replay against eager.
+
+    Returns a dict: replays, max |replay - eager| (and for the first replay, on ``ids``, against
+    the eager logits given), host ms per forward eager vs replay (median), and whether all
+    replays were within ``tol``. Needs CUDA; blocking.
+    """
+    dev = ids.device
+    static = ids.clone()
+    # HF builds its causal mask on the host side of a capture (is_tracing() is True while a stream
+    # captures, and mask creation then copies a host scalar: refused under capture). A 4-D additive
+    # mask made here, before capture, is used as given: the same input for graph and eager.
+    b, t = ids.shape
+    dtype = dm.model.dtype
+    mask = torch.full((t, t), torch.finfo(dtype).min, device=dev, dtype=dtype).triu(1)[None, None].expand(b, 1, t, t)
+    fwd = lambda inp: dm.model(inp, attention_mask=mask, use_cache=False).logits  # noqa: E731
+    with torch.no_grad():
+        side = torch.cuda.Stream(dev)  # warm-up on a side stream, as torch.cuda.graph asks
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                fwd(static)
+        torch.cuda.current_stream(dev).wait_stream(side)
+        dm.pipeline.prepare_capture()  # host-blocking: an idle pipeline, eager copies done
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = fwd(static)
+        graph.replay()
+        torch.cuda.synchronize(dev)
+        first = float((out.float() - eager_logits.float()).abs().max())
+        worst, t_eager, t_graph = first, [], []
+        for _ in range(replays):
+            new = torch.randint(0, vocab, tuple(ids.shape), generator=gen).to(dev)
+            static.copy_(new)
+            dm.pipeline.prepare_capture()  # after eager forwards, before a replay
+            t0 = time.perf_counter()
+            graph.replay()
+            t_graph.append(time.perf_counter() - t0)
+            torch.cuda.synchronize(dev)
+            got = out.clone()
+            t0 = time.perf_counter()
+            want = fwd(new)
+            t_eager.append(time.perf_counter() - t0)
+            worst = max(worst, float((got.float() - want.float()).abs().max()))
+        del graph
+    med = lambda v: sorted(v)[len(v) // 2] * 1e3 if v else float("nan")  # noqa: E731
+    return {"replays": replays, "first_replay_vs_eager": first, "max_replay_vs_eager": worst,
+            "host_ms_eager": med(t_eager), "host_ms_replay": med(t_graph), "ok": worst <= tol}
+
+
+def _to_dwdp(args, group):
+    """A checkpoint through load_model (each rank reads only its experts); a tiny config through convert."""
+    if args.checkpoint:
+        from dwdp_comm.integrations.hf_loading import load_model
+        return load_model(args.checkpoint, group, dtype=getattr(torch, args.dtype), depth=args.depth)
     from dwdp_comm.integrations.transformers import convert
+    return convert(build(args, group.device), group, depth=args.depth)
+
+
+def rank_main(group, args):
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // group.size))
     dev = group.device
     ref = build(args, dev)
@@ -95,18 +133,23 @@ def rank_main(group, args):
     ids = torch.randint(0, ref.config.vocab_size, (args.batch, args.prompt), generator=gen).to(dev)
     want_logits, want_tokens, hf_tps = _run(ref, ids, args.new_tokens, dev)
     del ref
-    model = build(args, dev)
-    with convert(model, group, depth=args.depth) as dm:
+    with _to_dwdp(args, group) as dm:
         dm.pipeline.exposed_seconds(reset=True)
-        got_logits, got_tokens, dwdp_tps = _run(model, ids, args.new_tokens, dev)
+        got_logits, got_tokens, dwdp_tps = _run(dm.model, ids, args.new_tokens, dev)
         exposed = dm.pipeline.exposed_seconds()
         stats = dm.stats()
         diff = float((got_logits.float() - want_logits.float()).abs().max())
-        return {"rank": group.rank, "backend": group.backend, "device": str(dev),
+        loading = dm.loading and {k: v for k, v in dm.loading.items() if k != "expert_reads"}
+        graph = None
+        if args.cuda_graph:
+            if dev.type != "cuda":
+                raise dc.InvalidArgumentError(f"--cuda-graph: needs CUDA devices; this rank runs on {dev}")
+            graph = _graph_check(dm, ids, got_logits, args.replays, gen, dm.model.config.vocab_size, args.tol)
+        return {"cuda_graph": graph, "rank": group.rank, "backend": group.backend, "device": str(dev),
                 "methods": sorted({s.method for s in dm.sites}), "logits_max_diff": diff,
                 "tokens_equal": bool(torch.equal(got_tokens, want_tokens)), "hf_tokens_per_s": hf_tps,
                 "dwdp_tokens_per_s": dwdp_tps, "exposed_prefetch_s": exposed, "memory": dm.memory,
-                "bytes_pulled": sum(s["bytes_pulled"] for s in stats.values())}
+                "loading": loading, "bytes_pulled": sum(s["bytes_pulled"] for s in stats.values())}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -118,7 +161,10 @@ def _fmt_bytes(n: float) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mixtral", help=f"a family ({', '.join(FAMILIES)}) or a local checkpoint dir")
+    p.add_argument("--model", default="mixtral", help=f"a family ({', '.join(FAMILIES)}) or a local checkpoint dir "
+                   "(same as --checkpoint)")
+    p.add_argument("--checkpoint", default=None, help="a local safetensors checkpoint dir: DWDP loads it with "
+                   "load_model (each rank reads only its own experts), the reference with from_pretrained")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--backend", default="sim", help="sim (CPU), cuda_ipc, auto, ...")
     p.add_argument("--experts", type=int, default=5, help="routed experts of a tiny config")
@@ -130,9 +176,18 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tolerance", type=float, default=None, help="max |logits diff| (default: 1e-4 fp32, 5e-2 else)")
+    p.add_argument("--cuda-graph", action="store_true", help="also capture one DWDP forward in a CUDA graph and "
+                   "replay it on new inputs, each replay checked against an eager forward (CUDA only)")
+    p.add_argument("--replays", type=int, default=20, help="replays of --cuda-graph")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.checkpoint is None and os.path.isdir(args.model):
+        args.checkpoint = args.model
+    if args.cuda_graph and (args.backend == "sim" or not torch.cuda.is_available()):
+        raise SystemExit(f"--cuda-graph: needs CUDA GPUs and a GPU backend (got --backend {args.backend}, "
+                         f"torch.cuda.is_available() = {torch.cuda.is_available()})")
     tol = args.tolerance if args.tolerance is not None else (1e-4 if args.dtype == "float32" else 5e-2)
+    args.tol = tol
     res = dc.testing.launch(rank_main, args.world_size, args, backend=args.backend, timeout=600)
     if args.backend != "sim" and torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         print(f"note: {args.world_size} ranks share {torch.cuda.device_count()} GPU(s): a functional check, "
@@ -142,13 +197,21 @@ def main(argv=None) -> int:
         print(f"rank {r['rank']} [{r['backend']} {r['device']}] experts via {','.join(r['methods'])}: "
               f"HF {r['hf_tokens_per_s']:.1f} tok/s, DWDP {r['dwdp_tokens_per_s']:.1f} tok/s; expert memory "
               f"{_fmt_bytes(m['experts_bytes_before'])} -> {_fmt_bytes(m['experts_bytes_after'])} "
-              f"(local {_fmt_bytes(m['local_bytes'])} + slots {_fmt_bytes(m['slot_bytes'])}); "
+              f"(local {_fmt_bytes(m['local_bytes'])} + slots {_fmt_bytes(m['slot_bytes'])}"
+              + (f", {_fmt_bytes(r['loading']['expert_bytes_read'])} of experts read from the checkpoint"
+                 if r["loading"] else "") + "); "
               f"pulled {_fmt_bytes(r['bytes_pulled'])}, exposed prefetch {r['exposed_prefetch_s'] * 1e3:.2f} ms; "
               f"max |logits diff| {r['logits_max_diff']:.2e}, greedy tokens {'equal' if r['tokens_equal'] else 'DIFFER'}")
+        gr = r["cuda_graph"]
+        if gr:
+            print(f"rank {r['rank']} CUDA graph: {gr['replays']} replays, max |replay - eager| "
+                  f"{gr['max_replay_vs_eager']:.2e}; host per forward eager {gr['host_ms_eager']:.2f} ms, "
+                  f"replay {gr['host_ms_replay']:.3f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "tolerance": tol, "per_rank": res}, f, indent=1)
-    ok = all(r["logits_max_diff"] <= tol and r["tokens_equal"] for r in res)
+    ok = all(r["logits_max_diff"] <= tol and r["tokens_equal"] and (r["cuda_graph"] or {"ok": True})["ok"]
+             for r in res)
     print(f"check {'passed' if ok else 'FAILED'} (tolerance {tol:g} on logits, greedy tokens equal)")
     return 0 if ok else 1
 

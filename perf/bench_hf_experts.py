@@ -11,6 +11,7 @@ DeepSeek-V3). Variants, all on the same weights and routing:
                 (dwdp_comm.bench.split_weights on a one-rank cuda_ipc group, VMM), passed as slices,
                 as a composite prefetch handle's weight_segments gives them: the DWDP case
   ours_split    experts_forward on 4 pieces (4 owners, each piece its own allocation)
+  ours_split_mlp the same 4 pieces through one moe_mlp call (split_path="moe_mlp")
   ours_notriton experts_forward with the Triton kernels off (torch fallbacks)
   old           the library path before: permute_tokens + moe_mlp (kn weights made once) + unpermute_tokens
 Correctness: every variant against hf before timing (relative Frobenius error, bf16 tolerance).
@@ -41,7 +42,7 @@ from dwdp_comm import moe  # noqa: E402
 from dwdp_comm.kernels import triton_moe  # noqa: E402
 
 OWNERS = 4
-VARIANTS = ("hf_again", "ours", "ours_vmm", "ours_split", "ours_notriton", "old")  # the summary's columns
+VARIANTS = ("hf_again", "ours", "ours_vmm", "ours_split", "ours_split_mlp", "ours_notriton", "old")  # the summary's columns
 
 
 def log(*a) -> None:
@@ -143,6 +144,7 @@ def main(argv=None) -> int:
             fns = {"hf": lambda: hf_fwd(m, x, idx, w), "hf_again": lambda: hf_fwd(m, x, idx, w),
                    "ours": lambda: moe.experts_forward(x, idx, w, gu, dn),
                    "ours_split": lambda: moe.experts_forward(x, idx, w, s_gu, s_dn),
+                   "ours_split_mlp": lambda: moe.experts_forward(x, idx, w, s_gu, s_dn, split_path="moe_mlp"),
                    "ours_notriton": notriton, "old": old}
             if v_gu is not None:
                 fns["ours_vmm"] = lambda: moe.experts_forward(x, idx, w, v_gu, v_dn)

@@ -1,6 +1,6 @@
 """Time-to-error of each fault case of issue 13 on the sim backend (CPU).
 
-Runs the rank functions of tests/rankfns.py through dwdp_comm.testing.launch and records, per case,
+Runs the rank functions of tests/rankfns.py through dwdp_comm.launch.launch and records, per case,
 what the surviving ranks raised and how long after the fault they raised it (measured inside the
 ranks), plus the wall time of the whole launch. Writes perf/results/fault_times_cpu.json with the
 machine, date and commit.
@@ -25,16 +25,28 @@ sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
 import dwdp_comm as dc  # noqa: E402
 import rankfns  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
+from dwdp_comm.launch import launch  # noqa: E402
 
 
 def _case(name, fn, *args, **kw):
     t0 = time.perf_counter()
     try:
-        res = dc.testing.launch(fn, *args, **kw)
+        res = launch(fn, *args, **kw)
         launch_error = None
     except dc.RankFailedError as exc:
         res, launch_error = None, str(exc).splitlines()[0]
     return {"case": name, "wall_s": round(time.perf_counter() - t0, 3), "results": res, "launch_error": launch_error}
+
+
+def _errors_row(r, errors) -> dict:
+    """A row from the errors the ranks raised (dicts with type, missing and time_to_error_s)."""
+    errors = [e for e in errors if e]
+    row = {"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({e["type"] for e in errors}),
+           "time_to_error_s": max(e["time_to_error_s"] for e in errors) if errors else None}
+    missing = [e.get("missing") for e in errors if e.get("missing")]
+    if missing:
+        row["missing"] = missing[0]
+    return row
 
 
 def main() -> int:
@@ -69,13 +81,49 @@ def main() -> int:
 
     r = _case("exception inside `with store` on one rank, timeout 2 s (3 ranks)", rankfns.exit_during_exception, 3, 0,
               options={"timeout": 2}, timeout=60)
-    rows.append({"case": r["case"], "wall_s": r["wall_s"], "exit_s_on_failing_rank": r["results"][0]["exit_s"],
-                 "raised": sorted({x["error"]["type"] for x in r["results"][1:]}),
-                 "time_to_error_s": None})
+    row = _errors_row(r, [x["error"] for x in r["results"][1:]])
+    row["exit_s_on_failing_rank"] = r["results"][0]["exit_s"]
+    rows.append(row)
+
+    r = _case("ranks in different steps: a barrier meets a commit (3 ranks)", rankfns.steps_mismatch, 3,
+              options={"timeout": 20}, timeout=60)
+    rows.append(_errors_row(r, r["results"]))
+
+    r = _case("a copy failure on one rank found in WeightStore.close (3 ranks)", rankfns.close_with_failed_copy, 3, 1,
+              1, options={"timeout": 20}, timeout=60)
+    rows.append(_errors_row(r, r["results"]))
+
+    r = _case("a write into one rank's heap, found by testing.check_local_unchanged (3 ranks)",
+              rankfns.heap_write_detection, 3, 2, 1, timeout=60)
+    rows.append(_errors_row(r, [x["after_heap_write"] for x in r["results"]]))
+
+    r = _case("nvshmem (fake nvshmem4py): one rank aborts its heap, the others close, timeout 2 s (3 ranks)",
+              rankfns.nvshmem_heap_abort, 3, 1, options={"timeout": 2}, timeout=60)
+    row = _errors_row(r, [x["error"] for x in r["results"]])
+    row["abort_s_on_failing_rank"] = r["results"][1]["seconds"]
+    row["nvshmem_collectives_entered"] = sorted({c for x in r["results"] for c in x["calls"]})
+    rows.append(row)
+
+    r = _case("nvshmem (fake nvshmem4py): one rank never reaches heap creation, timeout 2 s (2 ranks)",
+              rankfns.nvshmem_heap_late_rank, 2, 1, options={"timeout": 2}, timeout=60)
+    row = _errors_row(r, [x["error"] for x in r["results"] if x])
+    row["nvshmem_collectives_entered"] = sorted({c for x in r["results"] if x for c in x["calls"]})
+    rows.append(row)
+
+    t0 = time.perf_counter()
+    try:
+        launch(rankfns.finish_or_sleep, 3, [2], timeout=20)
+        msg = None
+    except dc.RankFailedError as exc:
+        msg = str(exc).splitlines()[0]
+        unfinished = exc.unfinished
+    rows.append({"case": "launch's own timeout (20 s): rank 2 never finishes (3 ranks)",
+                 "wall_s": round(time.perf_counter() - t0, 3), "raised": ["RankFailedError"] if msg else [],
+                 "unfinished": unfinished if msg else None, "message": msg})
 
     with tempfile.TemporaryDirectory() as d:
         code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]; import dwdp_comm as dc, "
-                f"rankfns; dc.testing.launch(rankfns.pid_and_sleep, 2, {d!r}, timeout=300)")
+                f"rankfns; dc.launch.launch(rankfns.pid_and_sleep, 2, {d!r}, timeout=300)")
         p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
         while len(glob.glob(os.path.join(d, "*.pid"))) < 2:
             time.sleep(0.05)

@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     val, idx = torch.randn(T, E, device=dev).softmax(-1).topk(k, dim=-1)
     w = (val / val.sum(-1, keepdim=True)).to(bf)
     variants = {"whole": lambda: moe.experts_forward(x, idx, w, gu, dn),
-                "split": lambda: moe.experts_forward(x, idx, w, s_gu, s_dn)}
+                "split": lambda: moe.experts_forward(x, idx, w, s_gu, s_dn),
+                "split_moe_mlp": lambda: moe.experts_forward(x, idx, w, s_gu, s_dn, split_path="moe_mlp")}
     lines = [f"# profile_experts E={E} H={H} I={I} T={T} k={k} pieces={a.pieces} gpu={torch.cuda.get_device_name()}"]
     for name, fn in variants.items():
         for _ in range(5):
@@ -63,8 +64,9 @@ def main(argv=None) -> int:
         e1.record()
         e1.synchronize()
         info: dict = {}
-        moe.experts_forward(x, idx, w, *(([gu, dn]) if name == "whole" else [s_gu, s_dn]), info=info)
-        lines.append(f"{name:6s} host {host * 1e3:7.3f} ms/call (launch)  wall {wall * 1e3:7.3f} ms/call  "
+        moe.experts_forward(x, idx, w, *(([gu, dn]) if name == "whole" else [s_gu, s_dn]), info=info,
+                            split_path="moe_mlp" if name == "split_moe_mlp" else "per_piece")
+        lines.append(f"{name:13s} host {host * 1e3:7.3f} ms/call (launch)  wall {wall * 1e3:7.3f} ms/call  "
                      f"gpu {e0.elapsed_time(e1) / a.calls:7.3f} ms/call  info={info}")
     from torch.profiler import ProfilerActivity, profile
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:

@@ -93,13 +93,22 @@ elif [ "$PART" = session ]; then
     # One H200 is enough: the GPU suite (multi-rank tests share the GPU), the fault tests under
     # compute-sanitizer, the HF example on cuda_ipc, the HF experts benchmark and the advisor validation.
     # Together they can outrun one 600 s call: steps past the deadline are skipped and listed.
-    step pytest_gpu "${T_PYTEST:-200}" python3 -m pytest tests/gpu tests/test_kernels_gpu.py -q -rs -p no:cacheprovider \
-        --timeout=180 --junitxml="$OUT/logs/pytest_gpu.xml"
+    step pytest_gpu "${T_PYTEST:-200}" python3 -m pytest ${GPU_TESTS:-tests/gpu tests/test_kernels_gpu.py} -q -rs \
+        -p no:cacheprovider --timeout=180 --junitxml="$OUT/logs/pytest_gpu.xml"
+    # CUDA graphs: the example captured and replayed (checks itself), then eager vs graph timings
+    TAILN=20 step graphs_example "${T_GREX:-90}" python3 examples/deepseek_layer.py --size toy --world-size 2 --layers 3 \
+        --cuda-graph
+    TAILN=40 step graphs_bench "${T_GRB:-200}" python3 perf/bench_graphs.py --out "$OUT/bench_graphs_h200.json"
     [ -f perf/run_faults_gpu.sh ] && TAILN=20 step faults_gpu "${T_FAULTS:-120}" env OUT="$OUT" bash perf/run_faults_gpu.sh
     [ -f examples/hf_moe.py ] && TAILN=25 step hf_example "${T_HF:-90}" python3 examples/hf_moe.py --model mixtral \
         --backend cuda_ipc --world-size 2 --json "$OUT/hf_moe_h200.json"
+    TAILN=25 step hf_graph "${T_HFG:-90}" python3 examples/hf_moe.py --model qwen3_moe --backend cuda_ipc --world-size 2 \
+        --cuda-graph --json "$OUT/hf_moe_graph_h200.json"
+    TAILN=40 step hf_memory "${T_HFM:-240}" python3 perf/hf_memory.py --world-size 2 --layers 2 \
+        --json "$OUT/hf_memory_cuda_ipc_h200.json"
+    TAILN=12 step profile_experts "${T_PROF:-60}" python3 perf/profile_experts.py --out "$OUT/profile_experts.txt"
     [ -f perf/bench_hf_experts.py ] && TAILN=40 step hf_experts "${T_HFX:-240}" python3 perf/bench_hf_experts.py \
-        --json "$OUT/hf_experts_h200.json"
+        --json "$OUT/hf_experts_h200.json" ${HFX_ARGS:-}
     # advise's predictions with compute measured on this GPU (prefetch and all-to-all still modelled)
     TAILN=30 step advise_measured "${T_ADVM:-200}" bash -c 'for g in 4 8; do for w in bf16 fp8; do
         '"$BENCH"' advise -m deepseek-v3 -g $g --weights $w -t 8192 --cvs 0,0.2,0.4 --sweep 4096,8192,16384,32768 \

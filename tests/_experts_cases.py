@@ -15,7 +15,7 @@ def rel(a, b):
 
 
 def case(device, dtype, *, E=8, T=53, H=32, I=24, k=3, layout="nk", gate="swiglu", bias=False, form="whole",
-         sentinels=True, seed=0):
+         sentinels=True, seed=0, split_path="per_piece"):
     g = torch.Generator(device="cpu").manual_seed(seed)
     gate = GATE_FNS[gate]
     N = I if gate is None else 2 * I
@@ -53,7 +53,7 @@ def case(device, dtype, *, E=8, T=53, H=32, I=24, k=3, layout="nk", gate="swiglu
         gu_a, dn_a, b1_a = gu, dn, b1
     info = {}
     got = moe.experts_forward(x, idx, w, gu_a, dn_a, gate_up_bias=b1_a, down_bias=b2, weight_layout=layout,
-                              gate=gate, info=info)
+                              gate=gate, info=info, split_path=split_path)
     assert got.shape == (T, H) and got.dtype == dtype
     if sentinels:
         assert torch.all(got[7 % T] == 0)

@@ -4,40 +4,14 @@ from __future__ import annotations
 
 import torch
 
-TINY = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-            max_position_embeddings=64)
-
-
-def tiny_config(family: str, num_experts: int = 5):
-    """A tiny random config of an HF MoE family (no hub access)."""
-    import transformers as tf
-    if family == "mixtral":
-        return tf.MixtralConfig(**TINY, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=2)
-    if family == "qwen3_moe":
-        return tf.Qwen3MoeConfig(**TINY, intermediate_size=24, moe_intermediate_size=16, num_experts=num_experts,
-                                 num_experts_per_tok=2, head_dim=8, decoder_sparse_step=1, mlp_only_layers=[])
-    if family == "deepseek_v3":
-        return tf.DeepseekV3Config(**TINY, intermediate_size=24, moe_intermediate_size=16, n_routed_experts=num_experts,
-                                   num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0,
-                                   n_shared_experts=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
-                                   qk_nope_head_dim=4, v_head_dim=8)
-    if family == "gpt_oss":
-        return tf.GptOssConfig(**TINY, intermediate_size=16, num_local_experts=num_experts, num_experts_per_tok=2,
-                               head_dim=8, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
-    if family == "olmoe":
-        return tf.OlmoeConfig(**TINY, intermediate_size=16, num_experts=num_experts, num_experts_per_tok=2)
-    if family == "qwen2_moe":
-        return tf.Qwen2MoeConfig(**TINY, intermediate_size=24, moe_intermediate_size=16, num_experts=num_experts,
-                                 num_experts_per_tok=2, shared_expert_intermediate_size=16, decoder_sparse_step=1,
-                                 mlp_only_layers=[])
-    raise ValueError(family)
+from dwdp_comm.integrations.hf_configs import tiny_config  # the one home of the tiny configs
 
 
 def build(family: str, seed: int, num_experts: int = 5):
     """The same random float32 model on every rank (seeded)."""
     import transformers as tf
     torch.manual_seed(seed)
-    cfg = tiny_config(family, num_experts)
+    cfg = tiny_config(family, num_experts=num_experts)
     model = tf.AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
     with torch.no_grad():  # HF zero-initialises some expert biases: make them random so they are tested
         for n, p in model.named_parameters():
@@ -111,11 +85,15 @@ def compare(group, family: str, seed: int, num_experts: int = 5, method=None):
 def bad_convert(group, what: str):
     """convert() with bad input on one rank only: every rank must raise."""
     import transformers as tf
-    from dwdp_comm.integrations.transformers import convert
+    from dwdp_comm.integrations.transformers import convert, find_experts
     model = build("mixtral", 0)
     kwargs = {"free": "everything"} if what == "free" and group.rank == 1 else {}
+    if what == "local_rows" and group.rank == 0:  # rows of the wrong shape
+        kwargs = {"local_rows": {s.path: {n: torch.zeros(1) for n in s.names} for s in find_experts(model)}}
     if what == "dense":
-        model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(**TINY, intermediate_size=16))
+        model = tf.AutoModelForCausalLM.from_config(tf.LlamaConfig(
+            vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=16))
     try:
         convert(model, group, **kwargs)
     except Exception as exc:
@@ -126,3 +104,171 @@ def bad_convert(group, what: str):
 def compare_many(group, cases):
     """:func:`compare` for several ``(family, seed, num_experts, method)`` cases in one launch (saves spawns)."""
     return [compare(group, *case) for case in cases]
+
+
+# ---- load_model (dwdp_comm.integrations.hf_loading) ------------------------------------------------------------
+
+def save_checkpoint(directory, family: str, seed: int, *, num_experts: int = 5, dtype=torch.float32,
+                    max_shard_size=None, **overrides) -> str:
+    """save_pretrained of a tiny random model (random expert biases too) into ``directory``; returns it."""
+    import transformers as tf
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, num_experts=num_experts, **overrides),
+                                                dtype=torch.float32)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "experts" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    model.to(dtype).save_pretrained(str(directory), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return str(directory)
+
+
+class _SliceSpy:
+    def __init__(self, real, key, log):
+        self._real, self._key, self._log = real, key, log
+
+    def __getitem__(self, idx):
+        self._log.append((self._key, idx))
+        return self._real[idx]
+
+    def __getattr__(self, name):  # get_shape, get_dtype: headers only
+        return getattr(self._real, name)
+
+
+class _FileSpy:
+    """A safetensors file handle that records every tensor read (key, index) into ``log``."""
+
+    def __init__(self, real, log):
+        self._real, self._log = real, log
+
+    def get_slice(self, key):
+        return _SliceSpy(self._real.get_slice(key), key, self._log)
+
+    def get_tensor(self, key):
+        self._log.append((key, slice(None)))
+        return self._real.get_tensor(key)
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+def _expert_rows_read(log, num_experts: int) -> dict[str, set]:
+    """Per expert checkpoint key read: the global experts its read covered (told from the key names alone)."""
+    import re
+    out: dict[str, set] = {}
+    for key, idx in log:
+        m = re.search(r"\.experts\.(\d+)\.", key)
+        if m:  # one expert's tensor: the whole read is that expert
+            out.setdefault(key, set()).add(int(m.group(1)))
+        elif re.search(r"\.experts\.[a-z_]+$", key):  # fused [E, ...]: the rows of the slice
+            sl = idx[0] if isinstance(idx, tuple) else idx
+            out.setdefault(key, set()).update(range(num_experts)[sl])
+    return out
+
+
+def load_compare(group, cases):
+    """load_model vs from_pretrained + unmodified HF, for each ``(checkpoint dir, load dtype, check_tokens)``."""
+    import safetensors
+    import transformers as tf
+    from dwdp_comm.integrations.hf_loading import load_model
+    torch.set_num_threads(1)
+    results = []
+    for directory, dtype, check_tokens in cases:
+        dev = group.device  # cpu on sim; the rank's GPU on cuda_ipc
+        ref = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(dev).eval()
+        ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1)).to(dev)
+        with torch.no_grad():
+            want = ref(ids).logits.float()
+            want_tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                       do_sample=False) if check_tokens else None
+        log: list = []
+        real_open = safetensors.safe_open
+        safetensors.safe_open = lambda *a, **k: _FileSpy(real_open(*a, **k), log)
+        try:
+            dm = load_model(directory, group, dtype=dtype, depth=2, chunk_nbytes=512)
+        finally:
+            safetensors.safe_open = real_open
+        model, out = dm.model, {"dir": directory}
+        with dm, torch.no_grad():
+            local = set(dm.store.layout.local_experts)
+            rows = _expert_rows_read(log, dm.store.layout.num_experts)
+            out["expert_keys_read"] = len(rows)
+            out["remote_rows_read"] = sorted({e for r in rows.values() for e in r} - local)
+            out["local_rows_read"] = sorted({e for r in rows.values() for e in r} & local)
+            out["local"] = sorted(local)
+            out["reported_reads_match"] = len(dm.loading["expert_reads"]) == sum(
+                1 for k, _ in log if k in rows)
+            experts = {f"{s.path}.{n}" for s in dm.sites for n in s.names}
+            ref_sd, got_sd = ref.state_dict(), model.state_dict()
+            diffs = []
+            for k, v in ref_sd.items():
+                if k in experts:
+                    continue
+                g = got_sd.get(k)
+                if g is None or g.dtype != v.dtype or g.device != v.device or not torch.equal(g, v):
+                    diffs.append(k)
+            for k, v in ref.named_buffers():  # non-persistent ones too (rotary inv_freq, ...)
+                g = model.get_buffer(k)
+                if g.dtype != v.dtype or not torch.equal(g, v):
+                    diffs.append(k)
+            for k, p in ref.named_parameters():
+                if k not in experts and model.get_parameter(k).requires_grad != p.requires_grad:
+                    diffs.append(k + " requires_grad")
+            out["non_expert_diffs"] = diffs
+            out["tied_same"] = (ref.get_output_embeddings().weight is ref.get_input_embeddings().weight) == \
+                (model.get_output_embeddings().weight is model.get_input_embeddings().weight)
+            out["tied"] = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+            out["generation_config_same"] = model.generation_config.to_dict() == ref.generation_config.to_dict()
+            out["dtypes"] = sorted({str(v.dtype) for v in got_sd.values()})
+            out["logits_max_diff"] = float((model(ids).logits.float() - want).abs().max())
+            if check_tokens:
+                got_tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
+                                            min_new_tokens=4, do_sample=False)
+                out["tokens_equal"] = bool(torch.equal(got_tokens, want_tokens))
+            exact = True
+            dm.pipeline.begin()
+            for s in dm.sites:
+                h = dm.pipeline.acquire(s.layer)
+                for n in s.names:
+                    full = ref.get_submodule(s.path).get_parameter(n)
+                    w = h.weights(n)
+                    exact &= w.dtype == full.dtype and bool(torch.equal(w.view(torch.uint8), full.view(torch.uint8)))
+                dm.pipeline.release(h)
+            out["bytes_exact"] = exact
+            out["memory"] = dm.memory
+            out["expert_bytes_read"] = dm.loading["expert_bytes_read"]
+        results.append(out)
+    return results
+
+
+def load_errors(group, cases):
+    """load_model on bad checkpoints: each ``(label, dir on rank 0, dir on the others, conversion override)``."""
+    from dwdp_comm.integrations.hf_loading import load_model
+    torch.set_num_threads(1)
+    out = []
+    for label, dir0, dir_other, override in cases:
+        if override:
+            from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+            from transformers.core_model_loading import Concatenate, MergeModulelist, WeightConverter, WeightRenaming
+            # experts merged along dim 1: rows of the result are not experts, load_model must refuse it
+            register_checkpoint_conversion_mapping("mixtral", [
+                WeightRenaming(".block_sparse_moe.", ".mlp."),
+                WeightConverter([".experts.*.w1.weight", ".experts.*.w3.weight"], ".experts.gate_up_proj",
+                                operations=[MergeModulelist(dim=1), Concatenate(dim=1)]),
+                WeightConverter([".experts.*.w2.weight"], ".experts.down_proj", operations=[MergeModulelist(dim=0)])],
+                overwrite=True)
+        try:
+            load_model(dir0 if group.rank == 0 else dir_other, group)
+            out.append((label, None, ""))
+        except Exception as exc:
+            out.append((label, type(exc).__name__, str(exc)))
+    return out
+
+
+def many(group, calls):
+    """Several rank functions of this module in one launch: ``[(name, *args), ...]`` -> their results.
+
+    Spawning ranks costs far more than these tiny cases (a torch + transformers import per rank),
+    so each test file launches once per world size and its tests check their part.
+    """
+    return [globals()[name](group, *args) for name, *args in calls]

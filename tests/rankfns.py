@@ -7,6 +7,7 @@ the bytes it prefetched. The run seed is fresh per test run.
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
 import zlib
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 import dwdp_comm as dc
+from dwdp_comm.backends.base import CopyEngine, Event
 
 # name -> (per-expert shape, dtype). On sim, mapping granularity is the 4 KiB page: "w13" (16x64
 # float32 = 4 KiB per expert) is served as a composite view, the others through gather mode.
@@ -647,10 +649,11 @@ def exit_during_exception(group, bad_rank: int):
         out["closed"] = st.closed
         time.sleep(3 * group.comm.timeout_s)  # alive but never in the collective: the others time out
         return out
+    t0 = time.perf_counter()
     try:
         st.close()
     except dc.DwdpError as exc:
-        out["error"] = _err(exc)
+        out["error"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
     return out
 
 
@@ -821,6 +824,194 @@ def slot_views(group, num_experts: int, seed: int):
         raise AssertionError("slot_view of an unknown name did not raise")
     except dc.InvalidArgumentError as exc:
         assert str(exc).startswith("name: "), exc
+
+
+# ---- launch's reports (tests/test_init.py) ---------------------------------------------------------
+def finish_or_sleep(group, sleepers):
+    """Ranks in ``sleepers`` never finish; the others return at once."""
+    if group.rank in sleepers:
+        time.sleep(3600)
+    return group.rank
+
+
+def fail_some(group, first: int, later: int):
+    """Rank ``first`` raises at once, rank ``later`` 0.5 s after, the others never finish."""
+    if group.rank == first:
+        raise ValueError(f"first failure on rank {group.rank}")
+    if group.rank == later:
+        time.sleep(0.5)
+        raise RuntimeError(f"later failure on rank {group.rank}")
+    time.sleep(3600)
+
+
+def board_report(store_kind: str, stuck_rank: int, stuck_s: float):
+    """dwdp_comm.init with an explicit store (``"tcp"``: a TCPStore rank 0 serves) or none
+    (``"none"``, and no MASTER_ADDR); rank ``stuck_rank`` is late, the others report their barrier's
+    error and whether the board's keys reached the store."""
+    import os
+    import torch.distributed as dist
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        os.environ.pop(k, None)
+    store, server = None, None
+    if store_kind == "tcp":
+        port = [None]
+        if dist.get_rank() == 0:
+            server = dist.TCPStore("127.0.0.1", 0, dist.get_world_size(), is_master=True, wait_for_workers=False)
+            port = [server.port]
+        dist.broadcast_object_list(port, 0)
+        store = server or dist.TCPStore("127.0.0.1", port[0], is_master=False)
+    g = dc.init("sim", timeout=2, store=store)
+    out = None
+    if g.rank == stuck_rank:
+        time.sleep(stuck_s)
+    else:
+        try:
+            g.barrier()
+        except dc.DwdpError as exc:
+            out = _err(exc)
+        if store is not None:
+            out["board_keys"] = store.num_keys()
+    g.abort()
+    return out
+
+
+def store_type_error():
+    try:
+        dc.init("sim", store="tcp://localhost:1")
+    except dc.DwdpError as exc:
+        return _err(exc)
+    return None
+
+
+# ---- nvshmem's local release, with a fake nvshmem4py (tests/test_faults.py) -------------------------
+class FakeNvshmem:
+    """Stands in for ``nvshmem.core`` and ``nvshmem.bindings`` in ``sys.modules``: records every call
+    that is collective inside real NVSHMEM (``buffer``, ``free``: a missing PE hangs them forever)."""
+
+    def __init__(self, rank: int):
+        import types
+        self.calls: list[str] = []
+        self._next = 0x7f0000000000 + rank * (1 << 32)
+        core, bindings, pkg = (types.ModuleType(n) for n in ("nvshmem.core", "nvshmem.bindings", "nvshmem"))
+        core.buffer, core.free = self.buffer, self.free
+        bindings.ptr = lambda ptr, pe: ptr + pe
+        pkg.core, pkg.bindings = core, bindings
+        self.modules = {"nvshmem": pkg, "nvshmem.core": core, "nvshmem.bindings": bindings}
+
+    def buffer(self, size):
+        import types
+        self.calls.append("buffer")
+        self._next += size
+        return types.SimpleNamespace(handle=self._next - size, size=size)
+
+    def free(self, buf):
+        self.calls.append("free")
+
+    def install(self):
+        sys.modules.update(self.modules)
+
+
+def _fake_nvshmem_backend(group):
+    import types
+    import weakref
+    live = weakref.WeakSet()
+    return types.SimpleNamespace(comm=group.comm, device_index=0, live=live, track=live.add)
+
+
+def nvshmem_heap_abort(group, failing_rank: int):
+    """Rank ``failing_rank`` aborts its NVSHMEM heap (an exception unwinds there); the others close
+    theirs. The failing rank must release locally (no group step, no NVSHMEM collective); the others
+    must raise naming it, without entering ``nvshmem_free`` (which would wait for it forever)."""
+    from dwdp_comm.backends.nvshmem import NvshmemHeap
+    fake = FakeNvshmem(group.rank)
+    fake.install()
+    heap = NvshmemHeap(_fake_nvshmem_backend(group), 5000)
+    fake.calls.clear()
+    out = {"error": None}
+    t0 = time.perf_counter()
+    if group.rank == failing_rank:
+        heap.abort()
+        heap.abort()
+        heap.close()  # after abort: nothing left to do
+        out["seconds"] = time.perf_counter() - t0
+        time.sleep(3 * group.comm.timeout_s)  # alive but never in the collective
+    else:
+        try:
+            heap.close()
+        except dc.DwdpError as exc:
+            out["error"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+        out["released"] = heap.local.closed
+        heap.close()  # idempotent, also after a failed close
+    out["calls"] = list(fake.calls)
+    return out
+
+
+def nvshmem_heap_late_rank(group, late_rank: int):
+    """Rank ``late_rank`` never allocates the heap; the others must raise naming it before entering
+    ``nvshmem.core.buffer`` (collective inside NVSHMEM: it would wait forever)."""
+    from dwdp_comm.backends.nvshmem import NvshmemHeap
+    fake = FakeNvshmem(group.rank)
+    fake.install()
+    if group.rank == late_rank:
+        time.sleep(3 * group.comm.timeout_s)
+        return None
+    t0 = time.perf_counter()
+    try:
+        NvshmemHeap(_fake_nvshmem_backend(group), 5000)
+        err = None
+    except dc.DwdpError as exc:
+        err = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    return {"error": err, "calls": list(fake.calls)}
+
+
+def group_abort_uses_backend_abort(group):
+    """Group.abort() releases the backend with its local abort(), never its (maybe collective) close()."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, impl):
+            self.impl = impl
+
+        def abort(self):
+            calls.append("abort")
+            self.impl.abort()
+
+        def close(self):
+            calls.append("close")
+            self.impl.close()
+
+    group.impl = Recorder(group.impl)
+    group.abort()
+    return calls
+
+
+def heap_write_detection(group, writer: int, seed: int):
+    """Writes that reach a rank's heap (as a write through a GPU composite view does) are found by
+    dwdp_comm.testing.check_local_unchanged on every rank; writes through sim's copy-on-write views
+    are not writes to the heap and pass the check."""
+    st = build_store(group, 7, [0, 1], seed)
+    digest = dc.testing.local_digest(st)
+    out = {"keys": sorted(map(list, digest))}
+    pf = dc.Prefetcher(st, depth=1)
+    h = pf.prefetch(0)
+    h.wait()
+    if group.rank == writer:  # through the views: copy-on-write on sim
+        for n in SPECS:
+            h.weights(n).view(torch.uint8).bitwise_not_()
+            st.local(0, n).view(torch.uint8).bitwise_not_()
+    h.release()
+    out["after_views"] = _error(lambda: dc.testing.check_local_unchanged(st, digest))
+    if group.rank == writer:  # straight into the heap: what a write through a GPU composite view does
+        e = st.entries(1)["w2"]
+        st.heap.local.tensor(e.heap_offset, 1).bitwise_not_()
+    t0 = time.perf_counter()
+    try:
+        dc.testing.check_local_unchanged(st, digest)
+        out["after_heap_write"] = None
+    except dc.DwdpError as exc:
+        out["after_heap_write"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    out["bad_digest"] = _error(lambda: dc.testing.check_local_unchanged(st, {"not": "a digest"}))
+    pf.close()
     st.close()
     return out
 
@@ -853,3 +1044,61 @@ def stream_keyword(group, num_experts: int, seed: int):
         nxt.release(stream=s)
     st.close()
     return {"positional": positional, "done": ev.is_done}
+
+
+def steps_mismatch(group):
+    """Rank 0 enters a barrier while the others commit: nobody may return normally; every rank
+    raises CollectiveMismatchError naming each rank's step."""
+    lay = dc.ExpertLayout(5, group.size, group.rank)
+    st = dc.WeightStore(group, lay)
+    st.register(0, "w", torch.randn(lay.num_local_experts, 3))
+    t0 = time.perf_counter()
+    out = None
+    try:
+        group.barrier() if group.rank == 0 else st.commit()
+    except dc.DwdpError as exc:
+        out = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    st.abort()
+    return out
+
+
+class _FailingEvent(Event):
+    def wait(self, stream=None):
+        self.synchronize()
+
+    def synchronize(self):
+        raise dc.DwdpError("injected copy failure (test)")
+
+    @property
+    def is_done(self):
+        return True
+
+
+class _FailingEngine(CopyEngine):
+    """A copy engine whose every job fails (fault injection through the public Backend interface)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def submit(self, plan, *, src_base, dst, dst_base, after=()):
+        return _FailingEvent()
+
+    def close(self):
+        self.inner.close()
+
+
+def close_with_failed_copy(group, bad_rank: int, seed: int):
+    """Rank ``bad_rank``'s prefetch copy fails and is found only when the store closes: every rank's
+    WeightStore.close() must raise the same CollectiveFailedError naming it."""
+    st = build_store(group, 5, [0], seed)
+    if group.rank == bad_rank:
+        make = group.impl.copy_engine
+        group.impl.copy_engine = lambda heap, **o: _FailingEngine(make(heap, **o))
+    pf = dc.Prefetcher(st, depth=1)
+    pf.prefetch(0)  # never waited: the failure surfaces in close()
+    t0 = time.perf_counter()
+    try:
+        st.close()
+    except dc.DwdpError as exc:
+        return dict(_err(exc), closed=st.closed, time_to_error_s=time.perf_counter() - t0)
+    return None

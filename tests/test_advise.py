@@ -272,10 +272,11 @@ def test_plot_written_when_matplotlib_present(tmp_path):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("weights", ["bf16", "fp8"])
 @pytest.mark.parametrize("shape", [TINY_MLA, TINY_GQA])
-def test_advise_measures_on_gpu(shape):
-    res = A.advise(shape, 2, measure="yes", mean_tokens=64, cv=0.2, seq_len=32, sweep=[32, 128], chunks=[0],
-                   schedules=["parallel"])
+def test_advise_measures_on_gpu(shape, weights):
+    res = A.advise(shape, 2, weights=weights, measure="yes", mean_tokens=64, cv=0.2, seq_len=32, sweep=[32, 128],
+                   chunks=[0], schedules=["parallel"])
     assert res["sources"]["compute"].startswith("measured")
     assert res["interference"] >= 1.0
     for p in res["compute_points"].values():

@@ -63,3 +63,10 @@ def test_commit_mismatch_on_every_rank(case, text):
     assert all(r is not None for r in res), res
     assert len(set(res)) == 1  # the same message on every rank
     assert text in res[0], res[0]
+
+
+def test_rank_failed_error_records_every_rank():
+    err = dc.RankFailedError("rank 1 raised ...", rank=1, failed={1: "ValueError: x"}, finished=[0], unfinished=[2])
+    assert (err.rank, err.failed, err.finished, err.unfinished) == (1, {1: "ValueError: x"}, [0], [2])
+    bare = dc.RankFailedError("timeout")
+    assert (bare.rank, bare.failed, bare.finished, bare.unfinished, bare.remote_traceback) == (None, {}, [], [], "")

@@ -18,6 +18,16 @@ def test_fast_path_matches_reference(dtype, tol, form, gate, bias, layout, seed)
     assert info["method"] == ("pieces" if form == "split" else "grouped")
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+@pytest.mark.parametrize("gate", ["swiglu", "interleaved", "relu_glu"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("layout", ["nk", "kn"])
+def test_split_pieces_through_one_moe_mlp(dtype, tol, gate, bias, layout, seed):
+    err, info = C.case("cpu", dtype, gate=gate, bias=bias, form="split", layout=layout, seed=seed, split_path="moe_mlp")
+    assert err < tol, (err, info)
+    assert info["method"] == "pieces_moe_mlp"
+
+
 def test_matches_hf_grouped_mm_fp32(seed):
     transformers = pytest.importorskip("transformers")
     from transformers.integrations import moe as hfmoe
@@ -46,6 +56,8 @@ def test_bad_arguments():
         moe.experts_forward(x, idx, w, gu, dn, gate="geglu")
     with pytest.raises(dc.InvalidArgumentError, match="down"):
         moe.experts_forward(x, idx, w, gu, dn[:2])
+    with pytest.raises(dc.InvalidArgumentError, match="split_path"):
+        moe.experts_forward(x, idx, w, gu, dn, split_path="merged")
     with pytest.raises(dc.InvalidArgumentError, match="top_k_weights"):
         moe.experts_forward(x, idx, w[:, :1], gu, dn)
     with pytest.raises(dc.InvalidArgumentError, match="gate_up"):

@@ -154,3 +154,62 @@ def test_stuck_rank_under_torchrun():
     lines = [l for l in (out.stdout + out.stderr).splitlines() if "RESULT" in l]
     assert lines and "CollectiveTimeoutError missing=[1]" in lines[0], out.stdout[-3000:] + out.stderr[-3000:]
     assert out.returncode == 0, out.stderr[-3000:]
+
+
+def test_nvshmem_heap_abort_is_local_and_peers_raise():
+    """Item 5 on nvshmem (fake nvshmem4py): abort() of a heap releases it locally, with no group
+    step and no NVSHMEM collective (nvshmem_free); the peers' close() raises naming the rank and
+    never enters nvshmem_free, which would wait for it forever."""
+    res = dc.testing.launch(rankfns.nvshmem_heap_abort, 3, 1, options={"timeout": 2}, timeout=90)
+    bad = res[1]
+    assert bad["calls"] == [] and bad["seconds"] < 1.0, bad
+    for r in (res[0], res[2]):
+        assert r["error"] and r["error"]["type"] == "CollectiveTimeoutError" and r["error"]["missing"] == [1], r
+        assert "nvshmem: closing the heap" in r["error"]["msg"] and r["calls"] == [] and r["released"], r
+
+
+def test_nvshmem_heap_creation_waits_for_every_rank_first():
+    """A rank that never reaches heap creation is named by the others' CollectiveTimeoutError, raised
+    before they enter nvshmem.core.buffer (collective inside NVSHMEM, no timeout)."""
+    res = dc.testing.launch(rankfns.nvshmem_heap_late_rank, 2, 1, options={"timeout": 2}, timeout=90)
+    r = res[0]
+    assert r["error"] and r["error"]["type"] == "CollectiveTimeoutError" and r["error"]["missing"] == [1], r
+    assert r["calls"] == [], r
+
+
+def test_group_abort_releases_the_backend_locally():
+    assert dc.testing.launch(rankfns.group_abort_uses_backend_abort, 2) == [["abort"]] * 2
+
+
+def test_heap_writes_are_detected_on_every_rank(seed):
+    """Item 3: a write that reaches a rank's heap (through a GPU composite view; here straight into
+    the heap) is found by testing.check_local_unchanged, which raises on every rank naming the rank
+    and the tensor. sim's copy-on-write views keep the heap clean. A bad digest names the argument."""
+    res = dc.testing.launch(rankfns.heap_write_detection, 3, 2, seed)
+    msgs = {r["after_heap_write"]["msg"] for r in res}
+    assert len(msgs) == 1, msgs
+    for r in res:
+        assert r["after_views"] is None, r
+        err = r["after_heap_write"]
+        assert err["type"] == "CollectiveFailedError" and err["ranks"] == [2], r
+        assert "layer 1, 'w2'" in err["msg"] and "check_local_unchanged" in err["msg"], err
+        assert r["bad_digest"][0] == "InvalidArgumentError" and r["bad_digest"][1].startswith("digest: got"), r
+        assert r["keys"] == sorted([l, n] for l in (0, 1) for n in rankfns.SPECS), r["keys"]
+
+
+def test_ranks_in_different_steps_all_raise():
+    """Item 1's shape: one rank's barrier meets the others' commit; nobody returns normally."""
+    res = dc.testing.launch(rankfns.steps_mismatch, 3, options={"timeout": 20})
+    for r in res:
+        assert r and r["type"] == "CollectiveMismatchError", res
+        assert "rank 0: step 'Group.barrier'" in r["msg"] and "WeightStore.commit" in r["msg"], r
+
+
+def test_close_agrees_on_a_copy_failure_found_there(seed):
+    """A copy that failed on one rank, found only when the store closes, fails close() on every rank
+    with the same error naming that rank (the heap is freed anyway)."""
+    res = dc.testing.launch(rankfns.close_with_failed_copy, 3, 1, seed, options={"timeout": 20})
+    assert len({r["msg"] for r in res}) == 1, res
+    for r in res:
+        assert r["type"] == "CollectiveFailedError" and r["ranks"] == [1], r
+        assert "WeightStore.close" in r["msg"] and "injected copy failure" in r["msg"] and r["closed"], r

@@ -1,4 +1,8 @@
-"""Hugging Face MoE models on DWDP (sim backend, several ranks, uneven expert splits) vs the unmodified HF model."""
+"""Hugging Face MoE models on DWDP (sim backend, several ranks, uneven expert splits) vs the unmodified HF model.
+
+One launch per world size runs every case (spawning ranks costs far more than the cases); the
+tests below check their part of the shared results.
+"""
 
 import pytest
 
@@ -10,6 +14,25 @@ import hf_rankfns  # noqa: E402
 
 
 TOL = 1e-5
+
+# world sizes chosen so every split is uneven (5 experts over 2 or 3 ranks)
+CASES = {
+    3: [("mixtral", 7, 5, None, "swiglu"), ("deepseek_v3", 7, 5, None, "swiglu")],
+    2: [("qwen3_moe", 7, 5, None, "swiglu"), ("gpt_oss", 7, 5, None, "<bound method GptOss"),
+        # HF's own grouped_mm experts code fed with the prefetched tensors (the fallback path)
+        ("gpt_oss", 3, 5, "hf_grouped_mm", "<bound method GptOss")]}
+BAD = [("free", "free"), ("dense", "experts modules"), ("local_rows", "local_rows")]  # run on 2 ranks, after the cases
+
+
+@pytest.fixture(scope="module")
+def results():
+    out = {}
+    for world_size, cases in CASES.items():
+        calls = [("compare_many", [c[:4] for c in cases])]
+        if world_size == 2:
+            calls += [("bad_convert", what) for what, _ in BAD]
+        out[world_size] = dc.testing.launch(hf_rankfns.many, world_size, calls, timeout=300)
+    return out
 
 
 def _check(res, family):
@@ -25,21 +48,17 @@ def _check(res, family):
         assert all(st["bytes_pulled"] > 0 and st["acquires"] > 0 for st in r["stats"].values())
 
 
-# world sizes chosen so every split is uneven (5 experts over 2 or 3 ranks); one launch per world size
-@pytest.mark.parametrize("world_size,cases", [
-    (3, [("mixtral", 7, 5, None, "swiglu"), ("deepseek_v3", 7, 5, None, "swiglu")]),
-    (2, [("qwen3_moe", 7, 5, None, "swiglu"), ("gpt_oss", 7, 5, None, "<bound method GptOss"),
-         # HF's own grouped_mm experts code fed with the prefetched tensors (the fallback path)
-         ("gpt_oss", 3, 5, "hf_grouped_mm", "<bound method GptOss")])])
-def test_families_match_hf(world_size, cases):
-    res = dc.testing.launch(hf_rankfns.compare_many, world_size, [c[:4] for c in cases], timeout=300)
-    for i, (family, _, _, method, gate) in enumerate(cases):
+@pytest.mark.parametrize("world_size", sorted(CASES))
+def test_families_match_hf(results, world_size):
+    res = [per_rank[0] for per_rank in results[world_size]]
+    for i, (family, _, _, method, gate) in enumerate(CASES[world_size]):
         _check([r[i] for r in res], family)
         assert res[0][i]["methods"] == [method or "experts_forward"] and res[0][i]["gates"] == [gate]
 
 
-@pytest.mark.parametrize("what,message", [("free", "free"), ("dense", "experts modules")])
-def test_bad_convert_raises_on_every_rank(what, message):
-    res = dc.testing.launch(hf_rankfns.bad_convert, 2, what, timeout=120)
-    for r in res:  # every rank raised the same collective error, naming the argument
+@pytest.mark.parametrize("index", range(len(BAD)), ids=[b[0] for b in BAD])
+def test_bad_convert_raises_on_every_rank(results, index):
+    message = BAD[index][1]
+    for per_rank in results[2]:  # every rank raised the same collective error, naming the argument
+        r = per_rank[1 + index]
         assert r is not None and r[0] in ("CollectiveMismatchError", "CollectiveFailedError") and message in r[1], r

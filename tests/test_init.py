@@ -1,3 +1,4 @@
+import os
 import time
 
 import pytest
@@ -108,6 +109,65 @@ def test_launch_kills_the_rest_when_a_rank_dies():
 def test_launch_timeout_kills_everyone():
     with pytest.raises(dc.RankFailedError, match="timeout after 8 s"):
         dc.testing.launch(rankfns.sleep_forever, 2, timeout=8)
+
+
+def test_launch_is_a_public_module():
+    """The launcher is library code (the CLI uses it): dwdp_comm.launch; testing re-exports it."""
+    from dwdp_comm.launch import gpu_count, launch
+    assert dc.testing.launch is launch and dc.testing.gpu_count is gpu_count
+    assert launch.__module__ == "dwdp_comm.launch"
+
+
+def test_launch_timeout_names_unfinished_and_finished_ranks():
+    with pytest.raises(dc.RankFailedError) as ei:
+        dc.testing.launch(rankfns.finish_or_sleep, 3, [2], timeout=40)  # ranks start slowly on a loaded machine
+    err = ei.value
+    assert err.rank is None and err.unfinished == [2] and err.finished == [0, 1] and err.failed == {}, vars(err)
+    msg = str(err)
+    assert msg.startswith("timeout after 40 s") and "rank(s) [2] had not finished" in msg, msg
+    assert "rank(s) [0, 1] had finished" in msg, msg
+
+
+def test_launch_failure_lists_every_failed_and_unfinished_rank():
+    with pytest.raises(dc.RankFailedError) as ei:
+        dc.testing.launch(rankfns.fail_some, 3, 1, 2, timeout=90)
+    err = ei.value
+    assert err.rank == 1 and isinstance(err.__cause__, ValueError)
+    assert sorted(err.failed) == [1, 2] and err.unfinished == [0], vars(err)
+    assert "RuntimeError: later failure on rank 2" in err.failed[2]
+    msg = str(err).split("--- traceback")[0]
+    assert "rank 1 raised ValueError: first failure on rank 1" in msg
+    assert "rank 2: RuntimeError: later failure on rank 2" in msg and "rank(s) [0] had not finished" in msg, msg
+
+
+def test_no_private_torch_distributed_api():
+    """The library reaches torch.distributed through public names only (the arrival board used
+    torch's private _get_default_store)."""
+    root = os.path.dirname(dc.__file__)
+    for dirpath, _, files in os.walk(root):
+        for f in files:
+            if f.endswith(".py"):
+                text = open(os.path.join(dirpath, f)).read()
+                assert "distributed_c10d._" not in text and "_get_default_store" not in text, f
+
+
+def test_explicit_store_names_the_missing_rank():
+    res = dc.testing.launch(rankfns.board_report, 3, "tcp", 2, 6.0, backend=None, timeout=90)
+    for r in res[:2]:
+        assert r["type"] == "CollectiveTimeoutError" and r["missing"] == [2], r
+        assert "rank(s) [2] had not arrived" in r["msg"] and r["board_keys"] > 0, r
+
+
+def test_without_a_store_missing_ranks_are_unknown():
+    res = dc.testing.launch(rankfns.board_report, 2, "none", 1, 6.0, backend=None, timeout=90)
+    r = res[0]
+    assert r["type"] == "CollectiveTimeoutError" and r["missing"] is None, r
+    assert "which ranks arrived is unknown" in r["msg"], r
+
+
+def test_store_argument_is_checked():
+    for r in dc.testing.launch(rankfns.store_type_error, 2, backend=None):
+        assert r["type"] == "InvalidTypeError" and r["msg"].startswith("store: got an object of type str"), r
 
 
 def test_launch_bad_arguments():

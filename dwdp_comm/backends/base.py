@@ -190,3 +190,9 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def close(self) -> None:
         """Release the backend (collective where the backend's library requires it)."""
+
+    def abort(self) -> None:
+        """Release this rank's part of the backend without any collective step (an exception unwinds
+        on this rank only; :meth:`dwdp_comm.group.Group.abort`). Backends whose ``close`` is local
+        just close. Idempotent."""
+        self.close()

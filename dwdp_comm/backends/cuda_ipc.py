@@ -44,7 +44,7 @@ import logging
 import os
 from typing import Any, Sequence
 
-from ..errors import BackendUnavailableError, ClosedError, DwdpError, PeerAccessError, bad_arg, bad_type
+from ..errors import BackendUnavailableError, DwdpError, PeerAccessError, bad_arg, bad_type
 from ..engine_options import parse_engine_options
 from .cuda.backend import CudaBackendBase, cuda_probe
 from .cuda.driver import check, load

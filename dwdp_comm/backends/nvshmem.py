@@ -25,6 +25,15 @@ Slots
     ``Prefetcher`` is collective (every rank must create its prefetchers in the same order, as any
     symmetric program does).
 
+Failures
+    NVSHMEM's own collectives (``nvshmem_malloc``, ``nvshmem_free``, ``nvshmem_finalize``) have no
+    timeout: a PE that never arrives hangs the others forever. So every one of them is entered only
+    after a step of the group (:class:`~dwdp_comm.group.Comm`, bounded by its timeout) saw every PE
+    arrive; a missing PE makes the others raise :class:`~dwdp_comm.errors.CollectiveTimeoutError`
+    naming it instead. ``abort()`` (heap and backend; what ``__exit__`` runs while an exception
+    unwinds) is local: it never enters a collective, and gives its symmetric buffers up (kept
+    referenced until the process exits: freeing them is collective).
+
 Running across nodes (one process per GPU; e.g. 2 nodes x 8 GPUs)::
 
     # on every node, same MASTER_ADDR/PORT; torchrun sets RANK, LOCAL_RANK, WORLD_SIZE
@@ -49,7 +58,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BackendUnavailableError, ClosedError, bad_arg
+from ..errors import BackendUnavailableError, bad_arg
 from ..engine_options import parse_engine_options
 from .cuda.backend import CudaBackendBase, cuda_probe
 from .cuda.executor import CopyExecutor
@@ -67,6 +76,7 @@ _INSTALL = ("install nvshmem4py (pip install nvshmem4py-cu13, or nvshmem4py-cu12
 _ALTERNATIVES = "backend='cuda_ipc' (one host) or backend='sim' (CPU)"
 _ALIGN = 2 << 20  # keep symmetric allocations granule-aligned
 _state = {"initialized_by_us": False, "users": 0}
+_LEAKED_ON_ABORT: list = []  # symmetric buffers given up by abort(): nvshmem_free is collective
 
 
 def _align(n: int, a: int) -> int:
@@ -116,7 +126,9 @@ class NvshmemHeap(SymmetricHeap):
         comm = backend.comm
         self.nbytes, self._comm, self._backend = int(nbytes), comm, backend
         size = _align(max(self.nbytes, 1), _ALIGN)
-        err = None
+        self._closed = True  # until built: nothing to release
+        self._buf, err = None, None
+        comm.barrier("nvshmem: allocating the symmetric heap")  # nvshmem_malloc waits for every PE, forever
         try:
             self._buf = nvc.buffer(size)  # collective inside NVSHMEM
             ptr = int(self._buf.handle)
@@ -124,24 +136,49 @@ class NvshmemHeap(SymmetricHeap):
             self.peer_ptrs[comm.rank] = ptr
         except Exception as exc:
             err = f"nvshmem.core.buffer({size}): {_describe(exc)}"
-        agree(comm, err, "nvshmem: allocating the symmetric heap", BackendUnavailableError,
-              "is NVSHMEM_SYMMETRIC_SIZE large enough for the heap and symmetric slots?")
+        try:
+            agree(comm, err, "nvshmem: allocating the symmetric heap", BackendUnavailableError,
+                  "is NVSHMEM_SYMMETRIC_SIZE large enough for the heap and symmetric slots?")
+        except BaseException:
+            if self._buf is not None:  # allocated here but not everywhere: freeing it is collective
+                _LEAKED_ON_ABORT.append(self._buf)
+            raise
         self._alloc = ForeignAlloc(ptr, size, backend.device_index, keepalive=self._buf)
         self.local = DeviceBuffer(self._alloc, self.nbytes, tracker=backend)
         self.sym_ptr = ptr
         self._closed = False
 
     def close(self) -> None:
-        """Collective: wait until no PE reads this heap, then ``nvshmem.core.free`` it. Views of the
-        heap must not be used afterwards."""
+        """Collective: wait until no PE reads this heap, then ``nvshmem.core.free`` it. Idempotent.
+
+        Every PE first meets in a step of the group (bounded by its timeout): if one does not come
+        (it aborted, died or is stuck), the heap is released locally as by :meth:`abort` and the
+        step's :class:`~dwdp_comm.errors.CollectiveTimeoutError` / ``TransportError`` naming it is
+        raised, instead of entering ``nvshmem_free``, which would wait for it forever. Views of the
+        heap must not be used afterwards (the memory returns to NVSHMEM's heap)."""
         if self._closed:
-            raise ClosedError("symmetric heap closed twice")
-        self._closed = True
+            return
         nvc, _ = _nvshmem()
-        self._comm.barrier()
+        try:
+            self._comm.barrier("nvshmem: closing the heap")
+        except BaseException:
+            self.abort()
+            raise
+        self._closed = True
         self.local.close()
         self._alloc.free()
-        nvc.free(self._buf)  # collective
+        buf, self._buf = self._buf, None
+        nvc.free(buf)  # collective; every PE is here
+
+    def abort(self) -> None:
+        """Local release, no collective step: this PE stops using the heap; the symmetric buffer is
+        given up, not freed (``nvshmem_free`` is collective), and stays allocated until the process
+        exits, so peers still reading it read valid memory. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.local.close()
+        _LEAKED_ON_ABORT.append(self._buf)
         self._buf = None
 
 
@@ -238,7 +275,19 @@ class NvshmemBackend(CudaBackendBase):
             return super().alloc_buffer(nbytes)
         nvc, _ = _nvshmem()
         size = _align(max(int(nbytes), 1), _ALIGN)
-        buf = nvc.buffer(size)  # collective
+        self.comm.barrier("nvshmem: allocating a symmetric slot")  # nvshmem_malloc waits for every PE, forever
+        buf, err = None, None
+        try:
+            buf = nvc.buffer(size)  # collective
+        except Exception as exc:
+            err = f"nvshmem.core.buffer({size}): {_describe(exc)}"
+        try:
+            agree(self.comm, err, "nvshmem: allocating a symmetric slot", BackendUnavailableError,
+                  "is NVSHMEM_SYMMETRIC_SIZE large enough for the heap and symmetric slots?")
+        except BaseException:
+            if buf is not None:
+                _LEAKED_ON_ABORT.append(buf)
+            raise
         alloc = _SymmetricSlot(int(buf.handle), size, self.device_index, keepalive=buf)
         self._slots.append(buf)
         return DeviceBuffer(alloc, nbytes, tracker=self)
@@ -287,20 +336,40 @@ class NvshmemBackend(CudaBackendBase):
                             sym_ptr=heap.sym_ptr, flags=flags, **opts)
 
     def close(self) -> None:
-        """Collective: free symmetric slots, report leaks, finalise NVSHMEM if this backend started it."""
+        """Collective: free symmetric slots, report leaks, finalise NVSHMEM if this backend started it.
+        Idempotent.
+
+        Every PE first meets in a step of the group (bounded by its timeout); if one does not come,
+        the backend is released locally as by :meth:`abort` and that step's error, naming it, is
+        raised (``nvshmem_free`` and ``nvshmem_finalize`` would wait for it forever)."""
         if self._closed:
-            raise ClosedError("backend closed twice")
+            return
         nvc, _ = _nvshmem()
-        self.synchronize()
+        try:
+            self.synchronize()
+            self.comm.barrier("nvshmem: closing the backend")
+        except BaseException:
+            self.abort()
+            raise
         for buf in self._slots:
-            nvc.free(buf)  # collective, like their allocation
+            nvc.free(buf)  # collective, like their allocation; every PE is here
         self._slots = []
         super().close()
         _state["users"] -= 1
         if _state["users"] == 0 and _state["initialized_by_us"]:
-            self.comm.barrier()
-            nvc.finalize()
+            nvc.finalize()  # collective; every PE passed the step above
             _state["initialized_by_us"] = False
+
+    def abort(self) -> None:
+        """Local release, no collective step and no device synchronisation (a copy may wait for a
+        peer that never comes): symmetric slots are given up (kept allocated until the process
+        exits), NVSHMEM stays initialised (``nvshmem_finalize`` is collective). Idempotent."""
+        if self._closed:
+            return
+        _LEAKED_ON_ABORT.extend(self._slots)
+        self._slots = []
+        _state["users"] -= 1
+        super().close()
 
 
 def probe() -> str | None:

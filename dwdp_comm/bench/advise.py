@@ -367,8 +367,10 @@ def measure_compute(shape: MoEShape, token_counts: Sequence[int], load: Load, we
     kw = {}
     if weights == "fp8":
         kw = dict(w13_scales=w13.float().abs().amax(1) / 448, w2_scales=w2.float().abs().amax(1) / 448)
-        w13 = (w13.float() / kw["w13_scales"][:, None, :]).to(torch.float8_e4m3fn)
-        w2 = (w2.float() / kw["w2_scales"][:, None, :]).to(torch.float8_e4m3fn)
+        # stored [E, N, K] (K-contiguous, as torch._scaled_grouped_mm needs), passed as [E, K, N] views
+        w13 = (w13.float() / kw["w13_scales"][:, None, :]).to(torch.float8_e4m3fn).transpose(1, 2).contiguous()
+        w2 = (w2.float() / kw["w2_scales"][:, None, :]).to(torch.float8_e4m3fn).transpose(1, 2).contiguous()
+        w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
     if shape.attention == "mla":
         dcfg = moe.DEEPSEEK_V3.scaled(hidden=H, q_lora_rank=shape.q_lora_rank, kv_lora_rank=shape.kv_lora_rank,
                                       num_heads=shape.num_heads, qk_nope_dim=shape.qk_nope_dim,

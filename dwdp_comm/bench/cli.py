@@ -9,7 +9,7 @@ Usage (nccl-tests style flags)::
     dwdp-bench calibrate      # the model against the 4 x H200 table, every row with its error
     dwdp-bench predict [-g 8] # model predictions for larger groups
 
-``contention`` launches one process per rank itself (``dwdp_comm.testing.launch``), or, under
+``contention`` launches one process per rank itself (``dwdp_comm.launch``), or, under
 ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set), runs as the rank torchrun made. Rank 0 prints.
 Without GPUs, ``--backend auto`` runs the ``sim`` backend (CPU processes) and says so. The exit
 status is 1 when any byte was wrong, 2 for bad arguments, 3 when nothing was produced (every row
@@ -177,7 +177,7 @@ def _under_torchrun() -> bool:
 
 
 def _gpus() -> int:
-    from ..testing import gpu_count
+    from ..launch import gpu_count
     return gpu_count()
 
 
@@ -336,8 +336,8 @@ def _contention(args) -> int:
         if rank != 0:  # rank 0 reports; every rank has the same rows
             return 1 if any(r["wrong"] for r in res["rows"]) else 0
     else:
-        from ..testing import launch
-        launcher = f"{cfg.group_size} processes spawned by dwdp_comm.testing.launch"
+        from ..launch import launch
+        launcher = f"{cfg.group_size} processes spawned by dwdp_comm.launch"
         sys.stdout.flush()
         res = launch(_rank_main, cfg.group_size, cfg, launcher, backend=args.backend, timeout=args.timeout)[0]
     return _finish(args, cfg, res, launcher, argv)

@@ -178,11 +178,14 @@ class DwdpModel:
         ``experts_bytes_before`` (the model's expert tensors before conversion),
         ``experts_bytes_after`` (local rows in the heap + the prefetch slots),
         ``local_bytes``, ``slot_bytes``.
+    loading : dict or None
+        What :func:`~dwdp_comm.integrations.hf_loading.load_model` read (None after :func:`convert`).
     """
 
     def __init__(self, model, store, prefetcher, pipeline, sites, memory, previous_impl, hook):
         self.model, self.store, self.prefetcher, self.pipeline, self.sites = model, store, prefetcher, pipeline, sites
         self.memory = memory
+        self.loading: dict | None = None
         self._previous_impl, self._hook = previous_impl, hook
         self._closed = False
 
@@ -229,9 +232,25 @@ def _free(module: torch.nn.Module, name: str) -> None:
         setattr(module, name, meta)
 
 
+def _check_local_rows(local_rows, sites: list[ExpertsSite], layout: ExpertLayout) -> None:
+    if not isinstance(local_rows, dict):
+        raise bad_type("local_rows", local_rows, "a dict {site path: {tensor name: rows}} or None")
+    for s in sites:
+        for n in s.names:
+            full = getattr(s.module, n)
+            rows = local_rows.get(s.path, {}).get(n)
+            want = (layout.num_local_experts, *full.shape[1:])
+            if not isinstance(rows, torch.Tensor):
+                raise bad_arg("local_rows", f"no tensor for {s.path}.{n}", f"a {full.dtype} tensor of shape {want}")
+            if tuple(rows.shape) != want or rows.dtype != full.dtype:
+                raise bad_arg("local_rows", f"{s.path}.{n} of shape {tuple(rows.shape)}, {rows.dtype}",
+                              f"shape {want}, {full.dtype} (this rank's rows)")
+
+
 def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None = None, depth: int = 2,
             schedule: str = "round_robin", chunk_nbytes: int = 8 << 20, free: str = "local",
-            engine_options: dict | None = None, method: str | None = None) -> DwdpModel:
+            engine_options: dict | None = None, method: str | None = None,
+            local_rows: dict[str, dict[str, torch.Tensor]] | None = None) -> DwdpModel:
     """Collective: run ``model``'s routed experts on DWDP over ``group``.
 
     Registers each experts module's local rows (HF names, rows ``layout.local_experts``), commits,
@@ -243,7 +262,8 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
     ----------
     model : torch.nn.Module
         A transformers MoE model with the same weights on every rank (at least the local rows;
-        rows this rank does not own are never read, see :func:`load_local_experts`).
+        rows this rank does not own are never read). With ``local_rows`` its expert tensors may
+        be on the meta device (see :func:`dwdp_comm.integrations.hf_loading.load_model`).
     group : Group
     layout : ExpertLayout, optional
         Default: experts split evenly (contiguous, the first ``E % size`` ranks one more).
@@ -253,6 +273,10 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
         ``"none"`` keeps the module tensors (debugging only; memory does not drop).
     method : {"experts_forward", "hf_grouped_mm"}, optional
         Force one experts path on every site (default: per site, see :class:`ExpertsSite`).
+    local_rows : dict, optional
+        ``{site path: {tensor name: rows}}``: this rank's rows ``[layout.num_local_experts, ...]``
+        of every expert tensor (same dtype as the module's), registered instead of slicing the
+        module's tensors, which are then never read.
 
     Returns
     -------
@@ -289,11 +313,14 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
             raise bad_type("layout", layout, "a dwdp_comm.ExpertLayout or None")
         elif layout.num_experts != num_experts:
             raise bad_arg("layout", f"num_experts={layout.num_experts}", f"num_experts={num_experts} (the model's)")
-        for s in sites:
-            for n in s.names:
-                if getattr(s.module, n).device.type == "meta":
-                    raise bad_arg("model", f"{s.path}.{n} on the meta device",
-                                  "materialised local expert rows (see load_local_experts)")
+        if local_rows is None:
+            for s in sites:
+                for n in s.names:
+                    if getattr(s.module, n).device.type == "meta":
+                        raise bad_arg("model", f"{s.path}.{n} on the meta device",
+                                      "materialised expert tensors, or their local rows as local_rows=")
+        else:
+            _check_local_rows(local_rows, sites, layout)
     except Exception as exc:  # report on every rank, not only this one
         error = f"{type(exc).__name__}: {exc}"
     group.comm.agree(error, "convert(model, group)")
@@ -305,10 +332,11 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
     for s in sites:
         for n in s.names:
             t = getattr(s.module, n).detach()
-            before += _nbytes(t)
-            store.register(s.layer, n, t[local.start:local.stop].to(dev))
+            before += _nbytes(t)  # meta tensors know their size too
+            rows = t[local.start:local.stop] if local_rows is None else local_rows[s.path][n]
+            store.register(s.layer, n, rows.to(dev))
     store.commit()
-    if free == "local":
+    if free == "local" and local_rows is None:
         for s in sites:
             for n in s.names:
                 _free(s.module, n)

@@ -38,10 +38,11 @@ from ..errors import bad_arg, bad_type
 from ..kernels.workers import WorkerStreams
 from .tokens import combine_rows, gather_tokens, sort_by_expert
 
-__all__ = ["experts_forward", "experts_forward_reference", "GATES", "WEIGHT_LAYOUTS"]
+__all__ = ["experts_forward", "experts_forward_reference", "GATES", "WEIGHT_LAYOUTS", "SPLIT_PATHS"]
 
 GATES = ("swiglu", "swiglu_interleaved")
 WEIGHT_LAYOUTS = ("nk", "kn")
+SPLIT_PATHS = ("per_piece", "moe_mlp")
 
 
 def _expert_getter(w: Any, arg: str) -> tuple[Callable[[int], torch.Tensor], int]:
@@ -204,7 +205,7 @@ def _row_bounds(offsets: torch.Tensor) -> tuple[Callable[[], list[int]], Any]:
 def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
                     gate_up: Any, down: Any, *, gate_up_bias: Any = None, down_bias: Any = None,
                     weight_layout: str = "nk", gate: Any = "swiglu", act_fn: Callable | None = None,
-                    info: dict | None = None, backend: str = "auto") -> torch.Tensor:
+                    info: dict | None = None, backend: str = "auto", split_path: str = "per_piece") -> torch.Tensor:
     """Routed experts: ``sum_k w[t, k] * down(gate(gate_up(x[t])))`` over each token's top-k experts.
 
     Parameters
@@ -236,6 +237,12 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     backend : str
         Grouped GEMM backend (:func:`dwdp_comm.kernels.grouped_gemm`); ``"reference"`` runs
         :func:`experts_forward_reference`.
+    split_path : {"per_piece", "moe_mlp"}
+        Separate pieces only (not adjacent in one storage): ``"per_piece"`` runs one
+        :func:`~dwdp_comm.kernels.moe_mlp` per piece on its rows, pieces concurrently on worker
+        streams, the first queued before the host waits for the row bounds; ``"moe_mlp"`` waits
+        for the bounds, then one :func:`~dwdp_comm.kernels.moe_mlp` over all pieces (its own
+        split-weight engine; fewer host calls).
 
     Returns
     -------
@@ -250,6 +257,8 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     in the weights' dtype (bf16), the activation in float32 rounded once, the k rows of a token
     summed in float32: Hugging Face's numerics class, not its bits.
     """
+    if split_path not in SPLIT_PATHS:
+        raise bad_arg("split_path", repr(split_path), f"one of {SPLIT_PATHS}")
     if backend == "reference":
         if info is not None:
             info["method"] = "reference"
@@ -298,6 +307,12 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
                             row_weights=w_rows, ignore_tail=True, info=sub, **mlp)
         res = combine_rows(y, order, out_dtype=hidden_states.dtype, info=sub)
         method, pieces = "grouped", 1
+    elif split_path == "moe_mlp":
+        groups = kernels.TokenGroups(wait(), offsets=True)  # host offsets: validated, uploaded without a sync
+        y = kernels.moe_mlp(xs, groups, p13, p2, w13_bias=_whole_bias(gate_up_bias), w2_bias=_whole_bias(down_bias),
+                            row_weights=w_rows, ignore_tail=True, info=sub, **mlp)
+        res = combine_rows(y, order, out_dtype=hidden_states.dtype, info=sub)
+        method, pieces = "pieces_moe_mlp", len(cuts)
     else:
         a13, a2 = _cut(p13, cuts), _cut(p2, cuts)
         b13, b2 = _whole_bias(gate_up_bias), _whole_bias(down_bias)

@@ -520,5 +520,58 @@ def graph_replay(group, num_experts: int, num_layers: int, depth: int, replays: 
            "modes": {n: st.slot_mode(0, n) for n in SPECS}, "versions": version[0] - seed, **_backend_desc(group)}
     del graph
     pipe.close()
+
+
+def exception_on_one_rank(group, bad_rank: int, engine: dict):
+    """Rank ``bad_rank`` raises inside ``with store, Prefetcher(store)``: its __exit__ must release
+    locally at once (no collective: on nvshmem none of NVSHMEM's own collectives either); the others'
+    close() must raise naming it."""
+    st = build_store(group, 5, [0], 1)
+    out = {"exit_s": None, "error": None}
+    if group.rank == bad_rank:
+        t0 = time.perf_counter()
+        try:
+            with st, dc.Prefetcher(st, depth=1, engine_options=engine) as pf:
+                pf.prefetch(0).wait()
+                raise ValueError("user code failed on one rank")
+        except ValueError:
+            out["exit_s"] = time.perf_counter() - t0
+        out["closed"] = st.closed
+        time.sleep(3 * group.comm.timeout_s)  # alive but never in the collective: the others time out
+        group.abort()  # the group lost a rank: no collective close (nvshmem's would time out)
+        return out
+    pf = dc.Prefetcher(st, depth=1, engine_options=engine)
+    pf.prefetch(0).wait()
+    t0 = time.perf_counter()
+    for step in (pf.close, st.close):  # the first error is the one that names the rank
+        try:
+            step()
+        except dc.DwdpError as exc:
+            if out["error"] is None:
+                out["error"] = dict(_err(exc), time_to_error_s=time.perf_counter() - t0)
+    group.abort()
+    return out
+
+
+def heap_write_detection(group, writer: int, seed: int):
+    """Rank ``writer`` writes through every prefetched view: where the view is a composite of the
+    heap (cuda_ipc VMM, composite-mode names) the write reaches the heap peers read, and
+    dwdp_comm.testing.check_local_unchanged must raise on every rank naming the writer."""
+    st = build_store(group, 5, [0], seed)
+    digest = dc.testing.local_digest(st)
+    modes = {n: st.slot_mode(0, n) for n in SPECS}
+    with dc.Prefetcher(st, depth=1) as pf:
+        h = pf.prefetch(0)
+        h.wait()
+        if group.rank == writer:
+            for n in SPECS:
+                h.weights(n).view(torch.uint8).bitwise_not_()
+        torch.cuda.synchronize()
+        h.release()
+    out = {"modes": modes, "error": None}
+    try:
+        dc.testing.check_local_unchanged(st, digest)
+    except dc.DwdpError as exc:
+        out["error"] = _err(exc)
     st.close()
     return out

@@ -79,3 +79,41 @@ def test_gpu_ranks_die_with_a_killed_parent(tmp_path):
     finally:
         if parent.poll() is None:
             parent.kill()
+
+
+def _need_backend(backend: str) -> None:
+    if backend == "nvshmem":
+        import importlib.util
+        if importlib.util.find_spec("nvshmem") is None:
+            pytest.skip("nvshmem4py is not installed (pip install nvshmem4py-cu13)")
+
+
+@pytest.mark.parametrize("backend, engine", [
+    ("cuda_ipc", {}),
+    ("cuda_ipc", {"sync": "slot"}),
+    pytest.param("nvshmem", {}, marks=pytest.mark.multigpu),
+    pytest.param("nvshmem", {"sync": "slot"}, marks=pytest.mark.multigpu),
+])
+def test_exception_on_one_rank_is_local_and_named(backend, engine):
+    """__exit__ during an exception on one rank: local release, fast (no collective, no NVSHMEM
+    free/finalize); the other rank's close() raises naming it instead of hanging."""
+    _need_backend(backend)
+    res = dc.testing.launch(fns.exception_on_one_rank, 2, 1, engine, backend=backend, options={"timeout": 5},
+                            timeout=TIMEOUT)
+    bad, other = res[1], res[0]
+    assert bad["closed"] and bad["exit_s"] < 3.0, bad
+    err = other["error"]
+    assert err and err["type"] in ("CollectiveTimeoutError", "TransportError") and err["missing"] == [1], other
+
+
+def test_writes_through_composite_views_are_detected(seed):
+    """Views are read-only by contract; on cuda_ipc (VMM) a write through a composite view reaches the
+    heap, and testing.check_local_unchanged finds it on every rank, naming the writer."""
+    res = dc.testing.launch(fns.heap_write_detection, 2, 0, seed, backend="cuda_ipc", timeout=TIMEOUT)
+    composite = [n for n, m in res[0]["modes"].items() if m == "composite"]
+    for r in res:
+        if composite:
+            assert r["error"] and r["error"]["type"] == "CollectiveFailedError" and r["error"]["ranks"] == [0], r
+            assert all(f"'{n}'" in r["error"]["msg"] for n in composite), r
+        else:  # legacy IPC: every view is a gathered copy, the heap stays clean
+            assert r["error"] is None, r
