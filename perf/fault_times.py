@@ -1,6 +1,6 @@
 """Time-to-error of each fault case of issue 13 on the sim backend (CPU).
 
-Runs the rank functions of tests/rankfns.py through dwdp_comm.launch.launch and records, per case,
+Runs the rank functions of tests/helpers/rankfns.py through dwdp_comm.launch.launch and records, per case,
 what the surviving ranks raised and how long after the fault they raised it (measured inside the
 ranks), plus the wall time of the whole launch. Writes perf/results/fault_times_cpu.json with the
 machine, date and commit.
@@ -20,11 +20,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]
+sys.path.insert(0, ROOT)  # this checkout's dwdp_comm and its tests package
 
 import dwdp_comm as dc  # noqa: E402
-import rankfns  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
+from tests.helpers import rankfns  # noqa: E402
 from dwdp_comm.launch import launch  # noqa: E402
 
 
@@ -122,8 +122,8 @@ def main() -> int:
                  "unfinished": unfinished if msg else None, "message": msg})
 
     with tempfile.TemporaryDirectory() as d:
-        code = (f"import sys; sys.path[:0] = [{ROOT!r}, {os.path.join(ROOT, 'tests')!r}]; import dwdp_comm as dc, "
-                f"rankfns; dc.launch.launch(rankfns.pid_and_sleep, 2, {d!r}, timeout=300)")
+        code = (f"import sys; sys.path.insert(0, {ROOT!r}); import dwdp_comm as dc; "
+                f"from tests.helpers import rankfns; dc.launch.launch(rankfns.pid_and_sleep, 2, {d!r}, timeout=300)")
         p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
         while len(glob.glob(os.path.join(d, "*.pid"))) < 2:
             time.sleep(0.05)

@@ -60,7 +60,7 @@ EOF
 head -40 "$OUT/logs/info.log"
 
 if [ "$PART" = copy ]; then
-    step pytest_gpu "${T_PYTEST:-230}" python3 -m pytest tests/gpu tests/test_kernels_gpu.py -q -rs -p no:cacheprovider \
+    step pytest_gpu "${T_PYTEST:-230}" python3 -m pytest tests/gpu -q -rs -p no:cacheprovider \
         --timeout=200 --junitxml="$OUT/logs/pytest_gpu.xml"
     TAILN=12 step copy_plane "${T_PERF:-150}" python3 perf/gpu_copy_plane.py --out "$OUT/gpu_copy_plane.json" \
         --world-size "$G" --timeout 130
@@ -93,7 +93,7 @@ elif [ "$PART" = session ]; then
     # One H200 is enough: the GPU suite (multi-rank tests share the GPU), the fault tests under
     # compute-sanitizer, the HF example on cuda_ipc, the HF experts benchmark and the advisor validation.
     # Together they can outrun one 600 s call: steps past the deadline are skipped and listed.
-    step pytest_gpu "${T_PYTEST:-200}" python3 -m pytest ${GPU_TESTS:-tests/gpu tests/test_kernels_gpu.py} -q -rs \
+    step pytest_gpu "${T_PYTEST:-200}" python3 -m pytest ${GPU_TESTS:-tests/gpu} -q -rs \
         -p no:cacheprovider --timeout=180 --junitxml="$OUT/logs/pytest_gpu.xml"
     # CUDA graphs: the example captured and replayed (checks itself), then eager vs graph timings
     TAILN=20 step graphs_example "${T_GREX:-90}" python3 examples/deepseek_layer.py --size toy --world-size 2 --layers 3 \

@@ -1,13 +1,10 @@
 """experts_forward's CUDA fast path (grouped GEMMs, Triton activation and combine, split pieces on worker
 streams) against the per-expert reference, on fresh random data."""
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import _experts_cases as C  # noqa: E402
+from tests.helpers import experts_cases as C  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 

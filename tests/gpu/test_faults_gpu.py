@@ -13,12 +13,12 @@ import time
 import pytest
 
 import dwdp_comm as dc
-import gpu_rankfns as fns
+from tests.helpers import gpu_rankfns as fns
 
 pytestmark = pytest.mark.gpu
 
 TIMEOUT = float(os.environ.get("DWDP_TEST_TIMEOUT", "180"))
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_commit_device_copy_failure_raises_on_every_rank(seed):
@@ -57,9 +57,9 @@ def test_dead_rank_in_commit_is_named(tmp_path):
 
 
 def test_gpu_ranks_die_with_a_killed_parent(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r); import dwdp_comm as dc, gpu_rankfns; "
+    code = ("import sys; sys.path.insert(0, %r); import dwdp_comm as dc; from tests.helpers import gpu_rankfns; "
             "dc.testing.launch(gpu_rankfns.pid_and_sleep, 2, %r, backend='cuda_ipc', timeout=300)"
-            % (HERE, str(tmp_path)))
+            % (ROOT, str(tmp_path)))
     parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
     try:
         deadline = time.monotonic() + TIMEOUT

@@ -14,7 +14,7 @@ import os
 import pytest
 
 import dwdp_comm as dc
-import gpu_rankfns as fns
+from tests.helpers import gpu_rankfns as fns
 
 pytestmark = pytest.mark.gpu
 

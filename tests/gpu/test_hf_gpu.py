@@ -1,6 +1,6 @@
 """Hugging Face MoE models on DWDP over cuda_ipc (2 ranks; they may share one GPU: rank r uses r % device_count).
 
-Same checks as tests/test_hf_integration.py: logits and generate() tokens vs the unmodified HF model,
+Same checks as tests/cpu/test_hf_integration.py: logits and generate() tokens vs the unmodified HF model,
 freed expert rows (poisoned before conversion), byte-exact delivered rows, aborted forward then a
 good one.
 """
@@ -13,7 +13,7 @@ import dwdp_comm as dc
 
 pytest.importorskip("transformers")
 
-import hf_rankfns  # noqa: E402  (tests/ is on sys.path through tests/conftest.py)
+from tests.helpers import hf_rankfns  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 TIMEOUT = float(os.environ.get("DWDP_TEST_TIMEOUT", "300"))
@@ -34,7 +34,7 @@ def test_hf_families_on_cuda_ipc():
 
 
 def test_hf_load_model_on_cuda_ipc(tmp_path):
-    """load_model on cuda_ipc: each rank reads only its experts; same checks as tests/test_hf_loading.py."""
+    """load_model on cuda_ipc: each rank reads only its experts; same checks as tests/cpu/test_hf_loading.py."""
     import torch
     specs = [("mixtral", {}, None, True), ("qwen3_moe", {"tie_word_embeddings": True, "max_shard_size": "20KB"},
                                           None, True),

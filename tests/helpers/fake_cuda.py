@@ -1,5 +1,5 @@
-"""A fake CUDA runtime on host memory for testing the GPU layer on CPUs (``tests/test_interop_cpu.py``,
-``tests/test_graphs_cpu.py``).
+"""A fake CUDA runtime on host memory for testing the GPU layer on CPUs (``tests/cpu/test_interop_cpu.py``,
+``tests/cpu/test_graphs_cpu.py``).
 
 :class:`FakeGPU` stands in for ``cuda.bindings.runtime`` and ``driver`` (the calls the copy executor
 makes), :class:`FakeDriverCalls` for the ctypes driver entry points, :class:`HostAlloc` for device

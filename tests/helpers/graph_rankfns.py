@@ -1,7 +1,7 @@
-"""Rank functions of tests/test_graphs_cpu.py: the prefetcher and the pipeline under (fake) CUDA
+"""Rank functions of tests/cpu/test_graphs_cpu.py: the prefetcher and the pipeline under (fake) CUDA
 graph capture, with real sim heaps of several ranks as the copy sources.
 
-Each rank installs its own :class:`~helpers.fake_cuda.FakeGPU` and swaps its group's backend for
+Each rank installs its own :class:`~tests.helpers.fake_cuda.FakeGPU` and swaps its group's backend for
 :class:`FakeCudaOverSim`: the committed sim heaps (every peer's mapped) are the sources, slots are
 host memory, the copy engine is the real ``CopyExecutor`` on the fake runtime. Every tensor is in
 gather mode (no composites), so a slot holds a layer's whole ``[num_experts, ...]`` tensors.
@@ -18,7 +18,7 @@ from dwdp_comm.moe import DwdpPipeline
 from dwdp_comm import engine_options
 from dwdp_comm.backends.cuda import copies, driver, executor, memory, streams, time_division
 from dwdp_comm.interop.streams import resolve_stream
-from helpers import fake_cuda
+from tests.helpers import fake_cuda
 
 SPECS = {"w13": ((10, 7), torch.float32), "w2": ((3, 5), torch.bfloat16)}  # not page multiples: gather mode
 

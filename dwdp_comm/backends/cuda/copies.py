@@ -77,7 +77,7 @@ class DriverCopyCalls:
 # ---- stream memory operations: the flags of time-division engines ------------------------------------
 # The wait / write members of the 48-byte union CUstreamBatchMemOpParams (cuda.h): operation at 0,
 # address at 8, value (32-bit value or 64-bit value64) at 16, flags at 24, alias (driver-internal) at
-# 32. tests/test_interop_cpu.py checks this layout against cuda.bindings' own struct.
+# 32. tests/cpu/test_interop_cpu.py checks this layout against cuda.bindings' own struct.
 MEMOP_DTYPE = np.dtype({"names": ["operation", "address", "value", "flags", "alias"],
                         "formats": ["<u4", "<u8", "<u8", "<u4", "<u8"],
                         "offsets": [0, 8, 16, 24, 32], "itemsize": 48})

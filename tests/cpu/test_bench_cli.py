@@ -158,7 +158,7 @@ def test_model_plot(tmp_path, capsys):
 
 
 # ---- sim backend (spawned ranks) ------------------------------------------------------------------
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cli(*argv, timeout=240):

@@ -2,7 +2,7 @@
 import pytest
 
 import dwdp_comm as dc
-import rankfns
+from tests.helpers import rankfns
 
 CASES = {
     "duplicate": ("InvalidArgumentError", "name: got 'w'"),

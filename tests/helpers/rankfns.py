@@ -495,7 +495,7 @@ def sleep_forever(group):
     time.sleep(3600)
 
 
-# ---- fault cases (tests/test_faults.py, perf/fault_times.py) ---------------------------------------
+# ---- fault cases (tests/cpu/test_faults.py, perf/fault_times.py) ---------------------------------------
 def _err(exc) -> dict:
     return {"type": type(exc).__name__, "msg": str(exc), "missing": getattr(exc, "missing", None),
             "ranks": sorted(getattr(exc, "ranks", {}) or {})}
@@ -693,7 +693,7 @@ if __name__ == "__main__":
     sys.exit(torchrun_main(sys.argv[1:]))
 
 
-# ---- randomized integrity (tests/test_integrity.py) ------------------------------------------------
+# ---- randomized integrity (tests/cpu/test_integrity.py) ------------------------------------------------
 INTEGRITY_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn,
                     torch.float8_e5m2, torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64, torch.bool,
                     torch.complex64]
@@ -826,7 +826,7 @@ def slot_views(group, num_experts: int, seed: int):
         assert str(exc).startswith("name: "), exc
 
 
-# ---- launch's reports (tests/test_init.py) ---------------------------------------------------------
+# ---- launch's reports (tests/cpu/test_init.py) ---------------------------------------------------------
 def finish_or_sleep(group, sleepers):
     """Ranks in ``sleepers`` never finish; the others return at once."""
     if group.rank in sleepers:
@@ -883,7 +883,7 @@ def store_type_error():
     return None
 
 
-# ---- nvshmem's local release, with a fake nvshmem4py (tests/test_faults.py) -------------------------
+# ---- nvshmem's local release, with a fake nvshmem4py (tests/cpu/test_faults.py) -------------------------
 class FakeNvshmem:
     """Stands in for ``nvshmem.core`` and ``nvshmem.bindings`` in ``sys.modules``: records every call
     that is collective inside real NVSHMEM (``buffer``, ``free``: a missing PE hangs them forever)."""

@@ -3,7 +3,7 @@
 Marked ``gpu``: skipped cleanly where torch sees no CUDA device. Fresh random data per test (the
 seed is printed on failure); the oracle is the float64 reference on the same device.
 
-Run: ``python -m pytest tests/test_kernels_gpu.py -q -rs``
+Run: ``python -m pytest tests/gpu/test_kernels_gpu.py -q -rs``
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError
 from dwdp_comm.kernels import capabilities
 from dwdp_comm.kernels.token_groups import upload_ints
 from dwdp_comm.kernels.workers import WorkerStreams
-from test_kernels import TOL, make_case, random_sizes, ref64, rel_err, split_forms
+from tests.helpers.kernel_cases import TOL, make_case, random_sizes, ref64, rel_err, split_forms
 
 pytestmark = pytest.mark.gpu
 DEV = "cuda"

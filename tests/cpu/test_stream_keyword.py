@@ -5,7 +5,7 @@ import inspect
 import pytest
 
 import dwdp_comm as dc
-import rankfns
+from tests.helpers import rankfns
 from dwdp_comm.backends import base, sim
 from dwdp_comm.backends.cuda import backend as cuda_backend
 from dwdp_comm.backends.cuda import streams as cuda_streams

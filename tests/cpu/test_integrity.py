@@ -8,7 +8,7 @@ import random
 import pytest
 
 import dwdp_comm as dc
-import rankfns
+from tests.helpers import rankfns
 
 CONFIGS = {2: 80, 3: 60, 4: 40, 5: 30}  # 210 configs
 

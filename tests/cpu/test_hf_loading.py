@@ -16,7 +16,7 @@ import dwdp_comm as dc
 pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-import hf_rankfns  # noqa: E402
+from tests.helpers import hf_rankfns  # noqa: E402
 
 TOL = 1e-5  # fp32: the experts sum may run in another order than HF's
 

@@ -2,7 +2,7 @@
 import pytest
 
 import dwdp_comm as dc
-import rankfns
+from tests.helpers import rankfns
 
 
 @pytest.mark.parametrize("world_size, num_experts", [(2, 6), (3, 8)])

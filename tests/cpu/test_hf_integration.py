@@ -10,7 +10,7 @@ import dwdp_comm as dc
 
 pytest.importorskip("transformers")
 
-import hf_rankfns  # noqa: E402
+from tests.helpers import hf_rankfns  # noqa: E402
 
 
 TOL = 1e-5

@@ -5,7 +5,7 @@ spawned child (this file run as a script): the rest of the test session keeps th
 numba.cuda (or none). The child runs every case once and prints a JSON report; each pytest test
 below checks one case of it. Skips cleanly when numba / numba-cuda are not installed.
 
-Run the child by hand: ``NUMBA_ENABLE_CUDASIM=1 python tests/test_kernels_numba_sim.py [seed]``.
+Run the child by hand: ``NUMBA_ENABLE_CUDASIM=1 python tests/cpu/test_kernels_numba_sim.py [seed]``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import sys
 import pytest
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(HERE)
+REPO = os.path.dirname(os.path.dirname(HERE))
 MARK = "@@SIM-REPORT@@"
 
 # name: (dtype, (E, K, N, T), weights form, tile config, weight layout)
@@ -43,13 +43,13 @@ EXTRA = ["one_expert_has_all_tokens", "no_tokens", "out_argument", "nan_stays_in
 
 # ---- child ---------------------------------------------------------------------------------------
 def _child(seed: int) -> dict:
-    sys.path[:0] = [HERE, REPO]
+    sys.path[:0] = [REPO]  # the child is run as a script: the repository root for tests.helpers
     import torch
 
     import dwdp_comm.kernels as K
     from dwdp_comm.errors import BackendUnavailableError
     from dwdp_comm.kernels import numba_grouped
-    from test_kernels import TOL, make_case, ref64, rel_err, split_forms
+    from tests.helpers.kernel_cases import TOL, make_case, ref64, rel_err, split_forms
 
     report: dict = {}
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import dwdp_comm as dc
-import rankfns
-from helpers import fake_cuda
+from tests.helpers import rankfns
+from tests.helpers import fake_cuda
 from dwdp_comm import engine_options
 from dwdp_comm.backends.cuda import copies, driver, executor, fd_passing, memory, peers, streams, time_division
 from dwdp_comm.interop.streams import resolve_stream
@@ -75,7 +75,7 @@ def test_import_needs_no_gpu_package():
             + ", ".join("dwdp_comm.backends.cuda." + m for m in CUDA_MODULES) + "; "
             "print(sorted(m for m in set(sys.modules) - before if m.split('.')[0] in ('cupy', 'cuda', 'nvshmem')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 

@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("transformers")
 
-PERF = os.path.join(os.path.dirname(__file__), "..", "perf")
+PERF = os.path.join(os.path.dirname(__file__), "..", "..", "perf")
 
 
 def test_hf_memory_smoke(tmp_path, monkeypatch, capsys):

@@ -5,7 +5,7 @@ acquired layer's weights are checked byte for byte against the seeded truth."""
 import pytest
 
 import dwdp_comm as dc
-import rankfns
+from tests.helpers import rankfns
 from dwdp_comm.moe import DwdpPipeline
 
 E = 5  # uneven over 2 ranks

@@ -4,7 +4,7 @@ import torch
 
 import dwdp_comm as dc
 from dwdp_comm import moe
-import _experts_cases as C
+from tests.helpers import experts_cases as C  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

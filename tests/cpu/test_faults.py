@@ -11,9 +11,9 @@ import time
 import pytest
 
 import dwdp_comm as dc
-import rankfns
+from tests.helpers import rankfns
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 @pytest.mark.parametrize("kind", ["meta", "sparse"])
@@ -109,8 +109,8 @@ def test_exit_during_exception_is_local():
 
 def test_launch_ranks_die_with_a_killed_parent(tmp_path):
     """Item 4: kill -9 of the launching process takes its rank processes with it."""
-    code = ("import sys; sys.path.insert(0, %r); import dwdp_comm as dc, rankfns; "
-            "dc.testing.launch(rankfns.pid_and_sleep, 2, %r, timeout=300)" % (HERE, str(tmp_path)))
+    code = ("import sys; sys.path.insert(0, %r); import dwdp_comm as dc; from tests.helpers import rankfns; "
+            "dc.testing.launch(rankfns.pid_and_sleep, 2, %r, timeout=300)" % (ROOT, str(tmp_path)))
     parent = subprocess.Popen([sys.executable, "-c", code], env=dict(os.environ), start_new_session=True)
     try:
         deadline = time.monotonic() + 60
@@ -148,9 +148,9 @@ def test_stuck_rank_under_torchrun():
     """Item 4 under torchrun: rank 0's barrier raises CollectiveTimeoutError naming rank 1 after the
     library's timeout (3 s here), not gloo's 30 minutes."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-           "-m", "rankfns", "stuck"]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([HERE, os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=120)
+           "-m", "tests.helpers.rankfns", "stuck"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]))
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     lines = [l for l in (out.stdout + out.stderr).splitlines() if "RESULT" in l]
     assert lines and "CollectiveTimeoutError missing=[1]" in lines[0], out.stdout[-3000:] + out.stderr[-3000:]
     assert out.returncode == 0, out.stderr[-3000:]

@@ -4,7 +4,7 @@ import torch
 
 import dwdp_comm as dc
 from dwdp_comm import moe
-import moe_rankfns
+from tests.helpers import moe_rankfns
 
 
 @pytest.mark.parametrize("world_size, fmt, dtype, tol", [

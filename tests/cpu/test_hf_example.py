@@ -13,9 +13,9 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import hf_rankfns  # noqa: E402
+from tests.helpers import hf_rankfns  # noqa: E402
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "hf_moe.py")
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "hf_moe.py")
 
 
 def _example():

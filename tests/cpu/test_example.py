@@ -9,7 +9,7 @@ import pytest
 
 from dwdp_comm.testing import gpu_count
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "examples", "deepseek_layer.py")
+EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "deepseek_layer.py")
 
 
 def run(*args):

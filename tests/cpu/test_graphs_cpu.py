@@ -10,7 +10,7 @@ import dwdp_comm as dc
 from dwdp_comm import engine_options
 from dwdp_comm.backends.cuda import driver, executor, memory, streams, time_division
 from dwdp_comm.planner import CopyRange, make_plan
-from helpers import fake_cuda
+from tests.helpers import fake_cuda
 
 
 @pytest.fixture
@@ -141,7 +141,7 @@ def test_capture_id_and_invalidated_capture(fake):
 
 # ---- the prefetcher and the pipeline under capture: sim heaps of 2 ranks, fake runtime -----------------
 def test_pipeline_captured_replayed_and_mixed_with_eager(seed):
-    import helpers.graph_rankfns as gfns
+    from tests.helpers import graph_rankfns as gfns
     res = dc.testing.launch(gfns.captured_pipeline, 2, seed, backend="sim", timeout=180)
     for r in res:
         assert r["ok"]
@@ -157,7 +157,7 @@ def test_example_cuda_graph_flag_refused_without_gpu():
     import sys
     if dc.testing.gpu_count():
         pytest.skip("checks the refusal on machines without GPUs")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     run = subprocess.run([sys.executable, os.path.join(root, "examples", "deepseek_layer.py"), "--size", "toy",
                           "--cuda-graph"], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, PYTHONPATH=root))

@@ -1,8 +1,8 @@
 """Grouped GEMM over split weights (CPU): reference, torch path, every weight form, validation.
 
 Every check compares against the float64 reference on fresh random data (seeded per test, the
-seed printed on failure). Helpers here (rel_err, make_case, split_forms) are reused by
-test_kernels_numba_sim.py and test_kernels_gpu.py.
+seed printed on failure); the cases (rel_err, make_case, split_forms, ...) are in
+tests/helpers/kernel_cases.py, shared with test_kernels_numba_sim.py and tests/gpu/test_kernels_gpu.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-try:  # optional: the GPU machine may lack it; test_kernels_gpu.py imports helpers from here
+try:  # optional: the GPU machine may lack it
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 except ImportError:
@@ -24,76 +24,12 @@ except ImportError:
 import dwdp_comm.kernels as K
 from dwdp_comm.errors import BackendUnavailableError, InvalidArgumentError, InvalidTypeError
 from dwdp_comm.kernels import capabilities, reference, segments, token_groups, torch_path
+from tests.helpers.kernel_cases import TOL, cuts, make_case, random_sizes, ref64, rel_err, split_forms
 
-TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 # ---- helpers (shared with the other kernel test files) ------------------------------------------
-def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """``||out - ref|| / ||ref||`` in float64; inf when out has a NaN/inf or shapes differ."""
-    if tuple(out.shape) != tuple(ref.shape):
-        return math.inf
-    o, r = out.detach().double().cpu(), ref.detach().double().cpu()
-    if not torch.isfinite(o).all():
-        return math.inf
-    num, den = (o - r).norm().item(), r.norm().item()
-    return num / den if den > 0 else num
-
-
-def random_sizes(rng: np.random.Generator, num_experts: int, num_tokens: int, empty_frac: float = 0.3) -> list[int]:
-    """Uneven token counts summing to num_tokens, with about empty_frac of experts empty."""
-    p = rng.gamma(0.7, size=num_experts) + 1e-3
-    p[rng.random(num_experts) < empty_frac] = 0
-    if p.sum() == 0:
-        p[rng.integers(num_experts)] = 1
-    return rng.multinomial(num_tokens, p / p.sum()).tolist()
-
-
-def make_case(seed: int, E: int, Kd: int, N: int, T: int, dtype: torch.dtype, device="cpu",
-              layout: str = "kn", empty_frac: float = 0.3):
-    """(x [T, K], sizes [E], w [E, K, N]) with fresh random data; layout "nk" stores [E, N, K]."""
-    rng = np.random.default_rng(seed)
-    g = torch.Generator().manual_seed(seed)
-    sizes = random_sizes(rng, E, T, empty_frac)
-    x = torch.randn(T, Kd, generator=g).to(dtype).to(device)
-    if layout == "kn":
-        w = (torch.randn(E, Kd, N, generator=g) / math.sqrt(max(Kd, 1))).to(dtype).to(device)
-    else:
-        w = (torch.randn(E, N, Kd, generator=g) / math.sqrt(max(Kd, 1))).to(dtype).to(device).transpose(1, 2)
-    return x, sizes, w
-
-
-def cuts(rng: np.random.Generator, E: int) -> list[int]:
-    """Random piece boundaries 0 = c0 < c1 < ... < E."""
-    inner = sorted(rng.choice(np.arange(1, E), size=rng.integers(0, E), replace=False).tolist()) if E > 1 else []
-    return [0] + inner + [E]
-
-
-def split_forms(w: torch.Tensor, seed: int) -> dict:
-    """Every accepted weights form of w, each reading w's data (views) or an equal copy."""
-    rng = np.random.default_rng(seed + 1)
-    E = w.shape[0]
-    c = cuts(rng, E)
-    forms = {
-        "tensor": w,
-        "segments": [(a, w[a:b]) for a, b in zip(c[:-1], c[1:])],
-        "per_owner": [w[a:b] for a, b in zip(c[:-1], c[1:])],
-        "per_expert": [w[e] for e in range(E)],
-        "mixed_2d_3d": [w[a] if b - a == 1 else w[a:b] for a, b in zip(c[:-1], c[1:])],
-        "separate_allocs": [w[a:b].clone() for a, b in zip(c[:-1], c[1:])],
-        "dwdp_3_pieces": [(0, w[:E // 3]), (E // 3, w[E // 3:2 * E // 3].clone()), (2 * E // 3, w[2 * E // 3:])],
-    }
-    forms["dwdp_3_pieces"] = [(f, t) for f, t in forms["dwdp_3_pieces"] if t.shape[0]]
-    return forms
-
-
-def ref64(x, sizes, w, **kw) -> torch.Tensor:
-    """The oracle: float64 result of the reference backend."""
-    return reference.run(K.make_problem(x, sizes, w, **kw), out_dtype=torch.float64)
-
-
-# ---- reference ---------------------------------------------------------------------------------
 def test_reference_matches_numpy_loop(seed):
     x, sizes, w = make_case(seed, 5, 19, 11, 40, torch.float32)
     got = ref64(x, sizes, w).numpy()

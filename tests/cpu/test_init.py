@@ -4,7 +4,7 @@ import time
 import pytest
 
 import dwdp_comm as dc
-import rankfns
+from tests.helpers import rankfns
 
 
 def test_unknown_backend_lists_valid():

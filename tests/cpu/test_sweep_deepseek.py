@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-SWEEP = os.path.join(os.path.dirname(__file__), "..", "perf", "sweep_deepseek.py")
+SWEEP = os.path.join(os.path.dirname(__file__), "..", "..", "perf", "sweep_deepseek.py")
 
 
 def test_sweep_runs_both_modes_and_writes_rows(tmp_path):

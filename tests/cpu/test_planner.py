@@ -210,7 +210,7 @@ def test_planner_benchmark_runs(tmp_path):
     import os
     import subprocess
     import sys
-    root = os.path.join(os.path.dirname(__file__), "..")
+    root = os.path.join(os.path.dirname(__file__), "..", "..")
     out = tmp_path / "planner.json"
     p = subprocess.run([sys.executable, os.path.join(root, "perf", "bench_planner.py"), "--seconds", "0.02",
                         "--json", str(out), "--min-plans-per-s", "5"], capture_output=True, text=True, timeout=240)

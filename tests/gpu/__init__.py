@@ -1,0 +1,1 @@
+"""GPU tests (marked gpu / multigpu): skip cleanly without a GPU (tests/conftest.py)."""
