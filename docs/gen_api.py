@@ -15,7 +15,9 @@ import sys
 MODULES = ["dwdp_comm", "dwdp_comm.launch", "dwdp_comm.testing", "dwdp_comm.kernels", "dwdp_comm.kernels.torch_path", "dwdp_comm.moe",
            "dwdp_comm.bench.timing", "dwdp_comm.bench.record", "dwdp_comm.bench.split_weights",
            "dwdp_comm.bench.workload", "dwdp_comm.interop.streams",
-           "dwdp_comm.interop.torch", "dwdp_comm.interop.cupy"]
+           "dwdp_comm.interop.torch", "dwdp_comm.interop.cupy", "dwdp_comm.store", "dwdp_comm.moe.runner",
+           *(f"dwdp_comm.backends.cuda.{m}" for m in ("driver", "streams", "memory", "vmm", "fd_passing", "peers",
+                                                       "copies", "time_division", "executor", "backend"))]
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
 
 

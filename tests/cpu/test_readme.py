@@ -54,3 +54,26 @@ def test_readme_benchmark_commands_exist():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert 'dwdp-bench = "dwdp_comm.bench.cli:main"' in pyproject
     assert (ROOT / "dwdp_comm" / "bench" / "__main__.py").is_file()
+
+
+def _design_map() -> str:
+    text = (ROOT / "docs" / "design.md").read_text()
+    assert "## Map of the repository" in text, "docs/design.md lost its map"
+    return text.split("## Map of the repository", 1)[1].split("\n## ", 1)[0]
+
+
+def test_design_map_names_every_file_and_only_files_that_exist():
+    """docs/design.md's map stays true: every file of the library, the tests, perf/ and examples/ is
+    named in it (library files by their path inside dwdp_comm/, the others by their file name), and
+    every file it names exists."""
+    listed = set(re.findall(r"`([A-Za-z0-9_./]+\.(?:py|sh|json))`", _design_map()))
+    files = [p for p in (ROOT / "dwdp_comm").rglob("*") if p.suffix in (".py", ".json")]
+    expected = {str(p.relative_to(ROOT / "dwdp_comm")) for p in files}
+    for folder in ("tests", "perf", "examples"):
+        expected |= {p.name for p in (ROOT / folder).rglob("*") if p.suffix in (".py", ".sh")
+                     and "results" not in p.parts and not (folder == "tests" and p.name == "__init__.py")}
+    assert not expected - listed, f"files missing from docs/design.md's map: {sorted(expected - listed)}"
+    everything = {str(p.relative_to(ROOT / "dwdp_comm")) for p in files} | {"docs/gen_api.py", "docs/design.md"} | {
+        p.name for folder in ("dwdp_comm", "tests", "perf", "examples", "docs") for p in (ROOT / folder).rglob("*")}
+    named_files = {n for n in listed if "/" not in n or not n.startswith(("docs/", "tests/", "perf/", "examples/"))}
+    assert not named_files - everything, f"docs/design.md's map names files that do not exist: {sorted(named_files - everything)}"

@@ -13,7 +13,7 @@ from typing import Any
 from ...errors import DwdpError
 from ...interop import MissingDependencyError
 
-__all__ = ["Bindings", "bindings", "bindings_reason", "load", "CudaError", "check", "set_device", "log"]
+__all__ = ["Bindings", "bindings", "bindings_reason", "load", "CudaError", "check", "set_device"]
 
 log = logging.getLogger("dwdp_comm")
 
