@@ -104,7 +104,7 @@ def test_executor_local_plan(cuda_device, opts):
     ranges = [CopyRange(0, 0, 4 * MiB, 3 * MiB), CopyRange(0, 3 * MiB + 17, 2 * MiB + 17, MiB), CopyRange(0, 6 * MiB, MiB, 2048)]
     plan = make_plan(ranges, rank=0, group_size=1, chunk_nbytes=512 * 1024)
     eng = executor.CopyExecutor(device=dev, rank=0, group_size=1, src_ptrs=[src.ptr], src_nbytes=n,
-                          **engine_options.parse_engine_options(opts, "test"))
+                                  **engine_options.parse_engine_options(opts, "test"))
     for job in range(2):  # with graph=True: capture, then replay
         dst.tensor().zero_()
         gate = streams.CudaEvent().record(torch.cuda.current_stream().cuda_stream)
@@ -132,7 +132,7 @@ def test_stream_memops_on_device(cuda_device):
     bits = time_division.stream_memop_bits(dev)
     mem = memory.MallocAlloc(4096, dev)
     f = time_division.SyncFlags(mode="slot", rank=0, group_size=1, num_lanes=1, distribute="source", bits=bits,
-                     local_ptr=mem.ptr, peer_ptrs=[mem.ptr])
+                                 local_ptr=mem.ptr, peer_ptrs=[mem.ptr])
     f.zero()
     assert f.handshake(timeout_s=10) is None
     a, b = streams.CudaStream(), streams.CudaStream()
