@@ -871,6 +871,7 @@ def board_report(store_kind: str, stuck_rank: int, stuck_s: float):
             out = _err(exc)
         if store is not None:
             out["board_keys"] = store.num_keys()
+    dist.barrier()  # rank 0 serves the TCPStore: it must not exit before the others have read it
     g.abort()
     return out
 
