@@ -824,6 +824,8 @@ def slot_views(group, num_experts: int, seed: int):
         raise AssertionError("slot_view of an unknown name did not raise")
     except dc.InvalidArgumentError as exc:
         assert str(exc).startswith("name: "), exc
+    st.close()
+    return out
 
 
 # ---- launch's reports (tests/cpu/test_init.py) ---------------------------------------------------------
