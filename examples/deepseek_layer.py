@@ -113,7 +113,6 @@ def main(argv=None) -> int:
         raise SystemExit("--cuda-graph needs a GPU and --mode dwdp")
     if args.cuda_graph and args.warmup < 1:
         raise SystemExit("--cuda-graph needs --warmup >= 1 (the warm-up runs eagerly before the capture)")
-    backend = args.backend if args.mode == "dwdp" else None
     print(f"# deepseek_layer: mode={args.mode} size={args.size} layers={args.layers} weights={args.weights} "
           f"world={args.world_size} prompt_mean={args.prompt_mean} cv={args.cv} max_num_tokens={args.max_num_tokens} "
           f"gpus={gpus}", flush=True)
