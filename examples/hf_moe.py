@@ -209,7 +209,9 @@ def main(argv=None) -> int:
                   f"replay {gr['host_ms_replay']:.3f} ms")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "tolerance": tol, "per_rank": res}, f, indent=1)
+            from dwdp_comm.bench import record
+            json.dump({"record": {"date": record.utc_date(), "commit": record.commit(), "machine": record.machine_lines()},
+                       "args": vars(args), "tolerance": tol, "per_rank": res}, f, indent=1)
     ok = all(r["logits_max_diff"] <= tol and r["tokens_equal"] and (r["cuda_graph"] or {"ok": True})["ok"]
              for r in res)
     print(f"check {'passed' if ok else 'FAILED'} (tolerance {tol:g} on logits, greedy tokens equal)")

@@ -30,6 +30,7 @@ def _run(capsys, tmp_path, *argv):
     assert "check passed (tolerance" in printed
     res = json.loads(out.read_text())
     assert len(res["per_rank"]) == 2
+    assert res["record"]["date"] and res["record"]["machine"]  # results carry where and when they were made
     for r in res["per_rank"]:
         assert r["backend"] == "sim" and r["tokens_equal"] and r["bytes_pulled"] > 0
         assert r["memory"]["local_bytes"] < r["memory"]["experts_bytes_before"]
