@@ -343,3 +343,7 @@ class PlanCache:
 
     def __len__(self) -> int:
         return len(self._d)
+
+    def plans(self) -> list[CopyPlan]:
+        """The cached plans, least recently used first (a snapshot; the plans are shared, not copies)."""
+        return list(self._d.values())

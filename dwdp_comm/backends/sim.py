@@ -53,7 +53,9 @@ class SimEvent(Event):
         if done:
             self._flag.set()
 
-    def _complete(self, error: BaseException | None = None) -> None:
+    def complete(self, error: BaseException | None = None) -> None:
+        """Mark the event done (its waiters wake; with ``error`` they raise it). The sim copy
+        engine calls this when a job ends; anything holding a host-side event may too."""
         self._error = error
         self._flag.set()
 
@@ -253,16 +255,16 @@ class SimCopyEngine(CopyEngine):
                 return
             plan, src_base, dst, dst_base, after, done = job
             if self._aborted:
-                done._complete(ClosedError("copy engine aborted before this job ran"))
+                done.complete(ClosedError("copy engine aborted before this job ran"))
                 continue
             try:
                 for ev in after:
                     ev.synchronize()
                 self._execute(plan, src_base, dst, dst_base)
             except BaseException as exc:  # report through the event, keep serving
-                done._complete(exc)
+                done.complete(exc)
             else:
-                done._complete()
+                done.complete()
 
     def _execute(self, plan: CopyPlan, src_base: int, dst: SimBuffer, dst_base: int) -> None:
         with memoryview(dst._map.mm) as out:

@@ -212,7 +212,7 @@ def custom_policy(group, num_experts: int, seed: int):
         for n in SPECS:
             assert same_bytes(h.weights(n), full_truth(seed, 0, n, num_experts)), n
         h.release()
-        (plan,) = pf.plan_cache._d.values()
+        (plan,) = pf.plan_cache.plans()
         remote = [s for s in plan.src_rank.tolist() if s != group.rank]
         out = {"policy": plan.policy, "sources": sorted(set(remote), key=remote.index)}
     st.close()
@@ -246,7 +246,7 @@ def engine_order(group, chunk: int):
     done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=[gate])
     time.sleep(0.3)
     gated = (not done.is_done, bool((out == 0).all()))
-    gate._complete()
+    gate.complete()
     states = []
     while True:
         fin = done.is_done
