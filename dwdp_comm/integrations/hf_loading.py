@@ -28,7 +28,7 @@ import torch
 from ..errors import DwdpError, MissingDependencyError, bad_arg, bad_type
 from ..group import Group, describe
 from ..layout import ExpertLayout
-from .transformers import DwdpModel, ExpertsSite, convert, find_experts
+from .transformers import DwdpModel, ExpertsSite, convert, find_experts, sites_layout
 
 try:
     import safetensors
@@ -334,16 +334,7 @@ def _load_local(checkpoint_dir, group: Group, layout, dtype, model_cls):
     if not sites:
         raise bad_arg("checkpoint_dir", ckpt.directory, "an MoE model (experts modules)",
                       f"{type(model).__name__} has none")
-    counts = {s.num_experts for s in sites}
-    if len(counts) != 1:
-        raise bad_arg("checkpoint_dir", ckpt.directory, "one expert count", f"experts modules with {sorted(counts)}")
-    num_experts = counts.pop()
-    if layout is None:
-        layout = ExpertLayout(num_experts, group.size, group.rank)
-    elif not isinstance(layout, ExpertLayout):
-        raise bad_type("layout", layout, "a dwdp_comm.ExpertLayout or None")
-    elif layout.num_experts != num_experts:
-        raise bad_arg("layout", f"num_experts={layout.num_experts}", f"num_experts={num_experts} (the config's)")
+    layout = sites_layout(sites, group, layout, arg="checkpoint_dir", source="the config's")
     plain, experts = _plan(model, sites, ckpt)
     meta_sd = model.state_dict()
     fp32 = _fp32_patterns(model, dtype)

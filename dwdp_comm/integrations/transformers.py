@@ -35,7 +35,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without transfor
     raise MissingDependencyError("dwdp_comm.integrations.transformers needs Hugging Face transformers: "
                                  "pip install 'dwdp_comm[hf]' (transformers>=5.17,<6, safetensors)") from exc
 
-__all__ = ["ExpertsSite", "DwdpModel", "find_experts", "convert", "IMPLEMENTATION"]
+__all__ = ["ExpertsSite", "DwdpModel", "find_experts", "sites_layout", "convert", "IMPLEMENTATION"]
 
 IMPLEMENTATION = "dwdp"
 _WEIGHT_NAMES = ("gate_up_proj", "up_proj", "down_proj")
@@ -247,6 +247,40 @@ def _check_local_rows(local_rows, sites: list[ExpertsSite], layout: ExpertLayout
                               f"shape {want}, {full.dtype} (this rank's rows)")
 
 
+def sites_layout(sites: list[ExpertsSite], group: Group, layout: ExpertLayout | None, *, arg: str = "model",
+                 source: str = "the model's") -> ExpertLayout:
+    """The expert layout for ``sites``: ``layout`` checked against their expert count, or the default split.
+
+    Parameters
+    ----------
+    sites : list of ExpertsSite
+        From :func:`find_experts`; every site must have the same number of experts.
+    group : Group
+    layout : ExpertLayout or None
+        None: ``ExpertLayout(num_experts, group.size, group.rank)``.
+    arg, source : str
+        How errors name the argument the sites came from, and whose expert count it is.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Sites with different expert counts, or a layout for another count.
+    InvalidTypeError
+        ``layout`` is not an ExpertLayout.
+    """
+    counts = {s.num_experts for s in sites}
+    if len(counts) != 1:
+        raise bad_arg(arg, f"experts modules with {sorted(counts)} experts", "one expert count")
+    num_experts = counts.pop()
+    if layout is None:
+        return ExpertLayout(num_experts, group.size, group.rank)
+    if not isinstance(layout, ExpertLayout):
+        raise bad_type("layout", layout, "a dwdp_comm.ExpertLayout or None")
+    if layout.num_experts != num_experts:
+        raise bad_arg("layout", f"num_experts={layout.num_experts}", f"num_experts={num_experts} ({source})")
+    return layout
+
+
 def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None = None, depth: int = 2,
             schedule: str = "round_robin", chunk_nbytes: int = 8 << 20, free: str = "local",
             engine_options: dict | None = None, method: str | None = None,
@@ -303,16 +337,7 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
         if not sites:
             raise bad_arg("model", type(model).__name__,
                           "a transformers MoE model with experts modules (@use_experts_implementation)")
-        counts = {s.num_experts for s in sites}
-        if len(counts) != 1:
-            raise bad_arg("model", f"experts modules with {sorted(counts)} experts", "one expert count")
-        num_experts = counts.pop()
-        if layout is None:
-            layout = ExpertLayout(num_experts, group.size, group.rank)
-        elif not isinstance(layout, ExpertLayout):
-            raise bad_type("layout", layout, "a dwdp_comm.ExpertLayout or None")
-        elif layout.num_experts != num_experts:
-            raise bad_arg("layout", f"num_experts={layout.num_experts}", f"num_experts={num_experts} (the model's)")
+        layout = sites_layout(sites, group, layout, arg="model", source="the model's")
         if local_rows is None:
             for s in sites:
                 for n in s.names:

@@ -374,6 +374,16 @@ class _SyncWorld:
         ev = self.engines[r].submit(plan, src_base=0, dst=self.dsts[r], dst_base=base, after=after)
         return ev, base
 
+    def run_job(self, job, plans=None):
+        """Submit ``job`` on every rank (``plans[r]``, default :meth:`plan`), run the fake GPU until
+        idle: nothing may stay pending (a deadlock), and every rank's bytes must be right."""
+        plans = plans or [self.plan(r, job) for r in range(self.G)]
+        evs = [(r, p, *self.submit(r, job, p)) for r, p in enumerate(plans)]
+        self.fake.progress()
+        assert self.fake.pending() == 0, f"job {job} deadlocked"
+        for r, plan, ev, base in evs:
+            self.check_bytes(r, plan, base)
+
     def check_bytes(self, r, plan, base):
         """The whole job region: the copied ranges hold their sources' bytes, the rest the poison."""
         import numpy as np
@@ -527,19 +537,15 @@ def test_sync_uneven_and_empty_plans_do_not_deadlock(fake, api):
     plan), in the same jobs: E(j) releases every later slot of job j."""
     w = _SyncWorld(fake, 3, {"sync": "slot", "api": api})
     for job in range(3):
-        evs = []
+        plans = []
         for r in range(3):
             if job == 1 and r == 2:
                 from dwdp_comm.planner import make_plan
-                plan = make_plan([], rank=2, group_size=3)
+                plans.append(make_plan([], rank=2, group_size=3))
             else:
                 nbytes = [w.n - 8, w.n // 2 + 40 if job == 2 else w.n - 1, w.n // 4 + 3]
-                plan = w.plan(r, job, nbytes=nbytes)
-            evs.append((r, plan, *w.submit(r, job, plan)))
-        fake.progress()
-        assert fake.pending() == 0, f"job {job} deadlocked"
-        for r, plan, ev, base in evs:
-            w.check_bytes(r, plan, base)
+                plans.append(w.plan(r, job, nbytes=nbytes))
+        w.run_job(job, plans)
     w.check_order()
     w.check_monotone()
     for r in range(3):
@@ -552,11 +558,7 @@ def test_sync_values_wrap_without_reset(fake, bits):
     sequence with 64-bit ones: order and bytes stay right, no word is ever reset."""
     w = _SyncWorld(fake, 3, {"sync": "source", "api": "memcpy"}, bits=bits, start_job=(1 << 16) - 2)
     for job in range(4):
-        evs = [(r, p, *w.submit(r, job, p)) for r in range(3) for p in [w.plan(r, job)]]
-        fake.progress()
-        assert fake.pending() == 0
-        for r, plan, ev, base in evs:
-            w.check_bytes(r, plan, base)
+        w.run_job(job)
     w.check_order()
     w.check_monotone(bits)
     assert any(e[0] == "write" and e[3] < 1 << 16 for e in fake.done) == (bits == 32), "32-bit values wrapped"
@@ -569,11 +571,7 @@ def test_sync_unmapped_peer_uses_signals(fake):
     NVSHMEM-signal callable, on the same stream, in the same place."""
     w = _SyncWorld(fake, 3, {"sync": "slot"}, unmapped={(0, 2)})
     for job in range(2):
-        evs = [(r, p, *w.submit(r, job, p)) for r in range(3) for p in [w.plan(r, job)]]
-        fake.progress()
-        assert fake.pending() == 0
-        for r, plan, ev, base in evs:
-            w.check_bytes(r, plan, base)
+        w.run_job(job)
     assert w.signals and set(w.signals) == {(0, 2)}
     w.check_order()
     w.check_monotone()
