@@ -241,13 +241,32 @@ def test_help_states_each_default_once_and_every_option_has_help(sub, capsys):
     text = capsys.readouterr().out
     assert "%%" not in text and "(default: None)" not in text
     assert not re.search(r"default[^()]*\(default", text), "a default stated twice"
-    from dwdp_comm.bench.cli import build_parser
-    ap = build_parser()
-    subparser = ap._subparsers._group_actions[0].choices[sub]  # argparse has no public accessor
-    for act in subparser._actions:
-        if act.help == "==SUPPRESS==" or act.dest == "help":
+    assert not _options_without_help(text), f"{sub}: options without help"
+
+
+def _options_without_help(text: str) -> list[str]:
+    """The options in an argparse help text's "options:" section that have no help text: an
+    option line with nothing after its invocation and no indented help line below it."""
+    lines = text.split("options:", 1)[1].splitlines()
+    bare = []
+    for i, line in enumerate(lines):
+        if not line.startswith("  -"):
             continue
-        assert act.help, f"{sub} {act.option_strings} has no help"
+        has_inline = re.match(r"  \S.*?\s{2,}\S", line) is not None
+        nxt = lines[i + 1] if i + 1 < len(lines) else ""
+        has_below = nxt.startswith(" " * 8) and not nxt.lstrip().startswith("-")
+        if not (has_inline or has_below):
+            bare.append(line.strip())
+    return bare
+
+
+def test_options_without_help_finds_a_bare_option():
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--with-help", help="some words")
+    ap.add_argument("--a-very-long-option-name-that-wraps", metavar="A_LONG_METAVAR", help="words below")
+    ap.add_argument("--bare")
+    assert _options_without_help(ap.format_help()) == ["--bare BARE"]
 
 
 @pytest.mark.parametrize("short, long_", [("-c", "--chunk"), ("-o", "--engine-option")])

@@ -290,6 +290,9 @@ class _HeldEngine:
     def __init__(self, inner):
         self.inner, self.released = inner, threading.Event()
 
+    def __getattr__(self, name):  # collective, abort, ...: the wrapped engine's
+        return getattr(self.inner, name)
+
     def submit(self, plan, **kw):
         return _HeldEvent(self.inner.submit(plan, **kw), self.released)
 
@@ -318,8 +321,10 @@ class _HeldEvent:
 def close_releases_engine_first(group, num_experts: int, seed: int):
     """Prefetcher.close() closes the engine before it waits on the handles' events."""
     st = build_store(group, num_experts, [0, 1], seed)
+    make = group.impl.copy_engine
+    group.impl.copy_engine = lambda heap, **o: _HeldEngine(make(heap, **o))
     pf = dc.Prefetcher(st, depth=2)
-    pf._engine = _HeldEngine(pf._engine)
+    group.impl.copy_engine = make
     h = pf.prefetch(0)
     error = None
     try:
@@ -328,7 +333,7 @@ def close_releases_engine_first(group, num_experts: int, seed: int):
         error = f"{type(exc).__name__}: {exc}"
     closed_twice = _error(pf.close)
     st.close()
-    return {"error": error, "released": pf._engine.released.is_set(), "handle_done": h.is_done,
+    return {"error": error, "released": pf.engine.released.is_set(), "handle_done": h.is_done,
             "closed_twice": closed_twice}
 
 
