@@ -16,9 +16,10 @@ its peers while it computes the previous layer. See ``docs/design.md``.
 Importing needs only torch and numpy; GPU backends import their packages when chosen.
 """
 
-from .errors import (BackendUnavailableError, ClosedError, CollectiveMismatchError, DwdpError,
-                     InvalidArgumentError, InvalidTypeError, MissingDependencyError, PeerAccessError, RankFailedError,
-                     SlotStillHeldError, GraphCaptureError)
+from .errors import (BackendUnavailableError, ClosedError, CollectiveError, CollectiveFailedError,
+                     CollectiveMismatchError, CollectiveTimeoutError, DwdpError, InvalidArgumentError, InvalidTypeError,
+                     MissingDependencyError, PeerAccessError, RankFailedError, SlotStillHeldError, GraphCaptureError,
+                     TransportError)
 from .group import Group, init
 from .layout import ExpertLayout
 from .planner import CopyPlan, CopyRange, make_plan, policies, register_policy
@@ -33,5 +34,5 @@ __all__ = [
     "CopyPlan", "CopyRange", "make_plan", "policies", "register_policy", "testing",
     "DwdpError", "InvalidArgumentError", "InvalidTypeError", "ClosedError", "CollectiveMismatchError",
     "BackendUnavailableError", "MissingDependencyError", "PeerAccessError", "SlotStillHeldError", "RankFailedError",
-    "GraphCaptureError",
+    "GraphCaptureError", "CollectiveError", "CollectiveFailedError", "CollectiveTimeoutError", "TransportError",
 ]

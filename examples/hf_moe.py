@@ -15,9 +15,12 @@ Examples::
     python examples/hf_moe.py --checkpoint /path/to/local/checkpoint --world-size 2 --backend cuda_ipc
     python examples/hf_moe.py --model qwen3_moe --backend cuda_ipc --cuda-graph   # + one forward captured, replayed
 
-With ``--cuda-graph`` each rank also captures one DWDP forward (``use_cache=False``) in a CUDA graph
-after ``DwdpPipeline.prepare_capture()``, replays it ``--replays`` times on new inputs and checks
-every replay against an eager DWDP forward on the same input.
+With ``--cuda-graph`` (bfloat16, the default dtype then) each rank also captures one DWDP forward
+(``use_cache=False``) in a CUDA graph after ``DwdpPipeline.prepare_capture()``, replays it
+``--replays`` times on new inputs and checks every replay against an eager DWDP forward on the
+same input. Under capture the experts need bf16 weights on sm90 / sm100 (``torch._grouped_mm``'s
+own kernel): float32 experts run per-expert GEMMs that read the token counts on the host, which a
+capture refuses (:class:`dwdp_comm.GraphCaptureError`).
 
 On GPUs rank r uses device ``r % device_count``: with more ranks than GPUs several ranks share one
 GPU (a functional check only, the output says so). No hub access: ``--model`` is a family name
@@ -169,7 +172,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="sim", help="sim (CPU), cuda_ipc, auto, ...")
     p.add_argument("--experts", type=int, default=5, help="routed experts of a tiny config")
     p.add_argument("--layers", type=int, default=2, help="decoder layers of a tiny config")
-    p.add_argument("--dtype", default="float32")
+    p.add_argument("--dtype", default=None, help="model dtype (default: float32; bfloat16 with --cuda-graph, "
+                   "which float32 experts cannot run under: their per-expert GEMMs read token counts on the host)")
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--prompt", type=int, default=8)
     p.add_argument("--new-tokens", type=int, default=4)
@@ -186,6 +190,11 @@ def main(argv=None) -> int:
     if args.cuda_graph and (args.backend == "sim" or not torch.cuda.is_available()):
         raise SystemExit(f"--cuda-graph: needs CUDA GPUs and a GPU backend (got --backend {args.backend}, "
                          f"torch.cuda.is_available() = {torch.cuda.is_available()})")
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.cuda_graph else "float32"
+    if args.cuda_graph and args.dtype != "bfloat16":
+        raise SystemExit(f"--cuda-graph: needs --dtype bfloat16 (got {args.dtype}): under capture the experts run "
+                         "torch._grouped_mm's bf16 kernel; other dtypes need token counts on the host")
     tol = args.tolerance if args.tolerance is not None else (1e-4 if args.dtype == "float32" else 5e-2)
     args.tol = tol
     res = dc.testing.launch(rank_main, args.world_size, args, backend=args.backend, timeout=600)

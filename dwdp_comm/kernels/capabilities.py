@@ -2,6 +2,8 @@
 
 Every probe runs a tiny ``torch._grouped_mm`` / ``torch._scaled_grouped_mm`` on the device the
 first time it is asked (one small host wait for the probe's value), then answers from a cache.
+A first question while a CUDA graph captures raises :class:`~dwdp_comm.errors.GraphCaptureError`
+(the probe's wait would break the capture): run the call once eagerly first, as warm-up.
 """
 
 from __future__ import annotations
@@ -10,13 +12,29 @@ import functools
 
 import torch
 
+from ..errors import GraphCaptureError
 from .problem import FP8_DTYPE
 
 __all__ = ["grouped_mm_unavailable_reason", "grouped_mm_supported", "has_device_kernel",
            "fp8_unavailable_reason", "operand_ok", "fp8_operand_ok"]
 
 
-@functools.lru_cache(maxsize=None)
+_ANSWERS: dict = {}  # (probe, device type, index, dtype) -> answer
+
+
+def _asked(probe, *key):
+    """``probe(*key)``, run once per key; never run while the current CUDA stream captures."""
+    full = (probe.__name__, *key)
+    if full not in _ANSWERS:
+        if key[0] == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise GraphCaptureError(
+                f"dwdp_comm.kernels: the first grouped GEMM on {key[0]}:{key[1]} with these weights ({probe.__name__}"
+                f"{key[2:]}) probes the device, a host wait that a CUDA graph capture cannot contain; run the "
+                "forward once eagerly before capturing (warm-up, as torch.cuda.graph asks)")
+        _ANSWERS[full] = probe(*key)
+    return _ANSWERS[full]
+
+
 def _probe(device_type: str, index: int | None, dtype: torch.dtype) -> str | None:
     if not hasattr(torch, "_grouped_mm"):
         return f"torch {torch.__version__} has no torch._grouped_mm"
@@ -36,7 +54,7 @@ def _probe(device_type: str, index: int | None, dtype: torch.dtype) -> str | Non
 def grouped_mm_unavailable_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """None when ``torch._grouped_mm`` runs for ``dtype`` on ``device``, else why not (probed once, cached)."""
     device = torch.device(device)
-    return _probe(device.type, device.index, dtype)
+    return _asked(_probe, device.type, device.index, dtype)
 
 
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -64,7 +82,6 @@ def has_device_kernel(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _cuda_capability(device.index)[0] in (9, 10)
 
 
-@functools.lru_cache(maxsize=None)
 def _fp8_probe(device_type: str, index: int | None) -> str | None:
     if not hasattr(torch, "_scaled_grouped_mm"):
         return f"torch {torch.__version__} has no torch._scaled_grouped_mm"
@@ -87,7 +104,7 @@ def _fp8_probe(device_type: str, index: int | None) -> str | None:
 def fp8_unavailable_reason(device: torch.device) -> str | None:
     """None when fp8 grouped GEMM (``torch._scaled_grouped_mm``) runs on ``device``, else why not."""
     device = torch.device(device)
-    return _fp8_probe(device.type, device.index if device.type == "cuda" else None)
+    return _asked(_fp8_probe, device.type, device.index if device.type == "cuda" else None)
 
 
 def operand_ok(t: torch.Tensor) -> bool:

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..errors import bad_arg, bad_type
+from ..errors import GraphCaptureError, bad_arg, bad_type
 
 __all__ = ["TokenGroups", "upload_ints"]
 
@@ -262,6 +262,13 @@ def _check_int_tensor(values: torch.Tensor, name: str) -> None:
 def _host_ints(values: Any, name: str) -> np.ndarray:
     if isinstance(values, torch.Tensor):
         _check_int_tensor(values, name)
+        if values.is_cuda and torch.cuda.is_current_stream_capturing():
+            # The copy would be refused (pageable) or recorded as a node that runs only at replay.
+            raise GraphCaptureError(
+                f"TokenGroups: reading {name} of a CUDA tensor on the host (a device-to-host copy) while a CUDA "
+                "graph captures; this runs where the grouped GEMM needs host row counts: per-expert GEMMs (float32 "
+                "weights on CUDA, bf16 below sm90) or separate weight pieces. Under capture use bf16 weights on "
+                "sm90/sm100 in one tensor or a composite view, or give host counts made before the capture")
         return values.detach().to("cpu", torch.int64).numpy()  # a device tensor: a sync
     if isinstance(values, np.ndarray):
         if values.ndim != 1 or values.dtype.kind not in "iu":

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import kernels
-from ..errors import bad_arg, bad_type
+from ..errors import GraphCaptureError, bad_arg, bad_type
 from ..kernels.workers import WorkerStreams
 from .tokens import combine_rows, gather_tokens, sort_by_expert
 
@@ -249,6 +249,15 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     torch.Tensor
         ``[T, H]`` in ``hidden_states``' dtype, on its device and current stream.
 
+    Raises
+    ------
+    InvalidArgumentError
+        A bad argument (named in the message).
+    GraphCaptureError
+        While a CUDA graph captures, on a path that needs the token counts on the host: separate
+        weight pieces, or per-expert GEMMs (float32 on CUDA, bf16 below sm90). Capture needs bf16
+        weights on sm90/sm100 in one tensor or a composite view.
+
     Notes
     -----
     One weight tensor per projection (contiguous or a composite view): no host synchronisation
@@ -294,6 +303,11 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     x = hidden_states if hidden_states.dtype == wdt else hidden_states.to(wdt)  # as HF: input cast to the weights'
     order = sort_by_expert(top_k_index, num_experts)
     cuts = sorted({f for f, _ in p13} | {f for f, _ in p2})
+    if len(cuts) > 1 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        raise GraphCaptureError(
+            f"experts_forward: {len(cuts)} separate weight pieces need their row bounds on the host (a wait), "
+            "which a CUDA graph capture cannot contain; under capture pass one tensor per projection (the "
+            "prefetch handle's composite view, weights(name), on a VMM heap)")
     wait = _row_bounds(order.offsets)[0] if len(cuts) > 1 else None
     xs = gather_tokens(x, order)
     w_rows = top_k_weights.reshape(-1)[order.order]

@@ -754,6 +754,44 @@ def test_sync_close_with_missing_jobs_releases_and_raises(fake):
         w.check_bytes(r, p, base)
 
 
+class _LostPeerComm:
+    """Rank 0's view of a group whose rank 1 never comes: every collective step times out."""
+    rank, size = 0, 2
+
+    def all_gather_object(self, obj):
+        raise dc.CollectiveTimeoutError("object exchange: rank(s) [1] did not arrive", "object exchange", 0, [1])
+
+    def barrier(self):
+        self.all_gather_object(None)
+
+
+class _BrokenTransportHeap:
+    """A symmetric allocation on a failed transport: its collective close raises, abort releases."""
+
+    def __init__(self):
+        self.closed = self.aborted = False
+
+    def close(self):
+        raise dc.TransportError("closing the heap: not started, the group's transport failed in an earlier step")
+
+    def abort(self):
+        self.aborted = True
+
+
+def test_sync_close_raises_the_first_error_and_frees_the_flags_locally(fake):
+    """close()'s job-count exchange times out (rank 1 never comes): close raises that error, naming
+    rank 1, and frees the flag words locally; the collective free would fail on the broken transport
+    and hide the rank's name (found on the H200: test_exception_on_one_rank_is_local_and_named)."""
+    w = _SyncWorld(fake, 2, {"sync": "slot", "api": "memcpy"})
+    w.run_job(0)
+    heap = _BrokenTransportHeap()
+    w.flags[0].comm, w.flags[0].owner = _LostPeerComm(), heap
+    with pytest.raises(dc.CollectiveTimeoutError) as e:
+        w.engines[0].close()
+    assert e.value.missing == [1], e.value
+    assert heap.aborted and w.flags[0].closed, "the flag words were not released locally"
+
+
 # ---- engine options -----------------------------------------------------------------------------------------
 def test_engine_options_sync_and_graph():
     p = engine_options.parse_engine_options

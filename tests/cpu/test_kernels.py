@@ -180,6 +180,22 @@ def test_has_device_kernel_off_cuda():
             assert capabilities.has_device_kernel(torch.device(dev), dt)
 
 
+def test_first_device_probe_under_capture_is_refused(monkeypatch):
+    """The capability probe waits on the host: its first run inside a CUDA graph capture would
+    break the capture (and cache the capture's error as the answer). It is refused, and nothing
+    is cached, so the eager warm-up afterwards still probes."""
+    import dwdp_comm as dc
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    ran = []
+    for ask in (lambda: capabilities.grouped_mm_unavailable_reason(torch.device("cuda", 7), torch.float16),
+                lambda: capabilities.fp8_unavailable_reason(torch.device("cuda", 7))):
+        with pytest.raises(dc.GraphCaptureError, match="once eagerly before capturing"):
+            ran.append(ask())
+    assert ran == []
+    # off CUDA there is no capture to break: CPU answers as before
+    assert capabilities.grouped_mm_unavailable_reason(torch.device("cpu"), torch.float32) is None
+
+
 def test_token_groups_piece_offsets_are_relative_and_cached():
     g = K.TokenGroups([2, 0, 3, 4, 1])
     a, b, c = g.piece_offsets("cpu", ((0, 2), (2, 1), (3, 2)))

@@ -520,6 +520,8 @@ def graph_replay(group, num_experts: int, num_layers: int, depth: int, replays: 
            "modes": {n: st.slot_mode(0, n) for n in SPECS}, "versions": version[0] - seed, **_backend_desc(group)}
     del graph
     pipe.close()
+    st.close()
+    return out
 
 
 def exception_on_one_rank(group, bad_rank: int, engine: dict):

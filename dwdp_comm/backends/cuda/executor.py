@@ -562,12 +562,17 @@ class CopyExecutor(CopyEngine):
             else:
                 for s in self._streams:
                     s.synchronize()
+        except BaseException:
+            # A peer missing from the job-count exchange broke the group: free the flag words
+            # locally (the collective free would fail too and hide which rank was missing).
+            self._closed = False
+            self.abort()
+            raise
+        try:
+            self._release_streams()
         finally:
-            try:
-                self._release_streams()
-            finally:
-                if self._flags is not None:
-                    self._flags.close()  # collective
+            if self._flags is not None:
+                self._flags.close()  # collective
         if mismatch:
             raise CollectiveMismatchError(mismatch)
 
