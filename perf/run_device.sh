@@ -115,6 +115,10 @@ elif [ "$PART" = session ]; then
             --measure yes --fabric h200 --json "$OUT/advise_measured_h200x${g}_$w.json" || exit 1; done; done
         for w in bf16 fp8; do '"$BENCH"' advise -m deepseek-v3 -g 72 --weights $w -t 8192 --cvs 0,0.2,0.4 \
             --sweep 4096,8192,16384,32768 --measure yes --fabric nvl72 --json "$OUT/advise_measured_nvl72_$w.json" || exit 1; done'
+    # the NVL72-like rows alone (advise_measured runs them last; this step fits a short call)
+    TAILN=20 step advise_nvl72 "${T_ADVN:-200}" bash -c 'for w in bf16 fp8; do '"$BENCH"' advise -m deepseek-v3 -g 72 \
+        --weights $w -t 8192 --cvs 0,0.2,0.4 --sweep 4096,8192,16384,32768 --measure yes --fabric nvl72 \
+        --json "$OUT/advise_measured_nvl72_$w.json" || exit 1; done'
     [ -f perf/validate_advise.py ] && TAILN=30 step advise_validate "${T_ADV:-240}" python3 perf/validate_advise.py \
         compute --means 2048,4096,8192 --json "$OUT/advise_compute_h200.json"
 else
