@@ -12,6 +12,7 @@ import sys
 
 from ..errors import bad_arg
 from . import advise as A
+from . import record
 
 __all__ = ["add_parser", "run", "EXIT_NO_MATPLOTLIB"]
 
@@ -84,7 +85,8 @@ def run(args) -> int:
                    fabric=args.fabric, measure=args.measure, tflops=args.tflops, interference=args.interference,
                    schedules=args.schedules, chunks=chunks, depths=args.depths, sweep=args.sweep,
                    a2a_efficiency=args.a2a_efficiency)
-    res["command"] = ["dwdp-bench", *sys.argv[1:]]
+    res.update(command=["dwdp-bench", *sys.argv[1:]], date=record.utc_date(), commit=record.commit(short=True),
+               machine=record.machine_lines())
     print(A.format_table(res))
     if args.json:
         from .report import to_json

@@ -226,6 +226,7 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert "compute: modelled" in text and "link: calibrated fabric h200x4" in text
     doc = json.loads(out.read_text())
     assert doc["schema"] == A.SCHEMA and doc["group_size"] == 4 and len(doc["sweep"]) == 4
+    assert doc["date"].startswith("20") and doc["machine"] and "commit" in doc  # the run record
 
 
 def test_cli_explicit_shape(capsys):
