@@ -8,8 +8,9 @@ Placement (computed identically on every rank from the registrations gathered at
   tensors therefore have the same relative offsets and share one copy plan.
 * Prefetch slot (per rank): for each name, where that name's experts land. Two modes:
 
-  ``composite`` (the backend can map views and an expert's bytes are a multiple of its mapping
-  granularity): the slot holds only the remote experts, packed in global order with this rank's
+  ``composite`` (the backend can map views and every rank's block of experts starts and ends on a
+  mapping page: e.g. every expert's bytes a multiple of the granularity, or Qwen3-30B-A3B's 64
+  experts of 3 MiB a rank on 2 MiB pages): the slot holds only the remote experts, packed in global order with this rank's
   block left out; ``weights()`` is one ``[num_experts, ...]`` range that maps the slot pages and
   the local heap pages back to back, zero copy.
 
@@ -290,7 +291,7 @@ class WeightStore:
                 t = self._shards[layer][name]
                 spec = TensorSpec(name, t.dtype, tuple(int(s) for s in t.shape[1:]))
                 nb = spec.expert_nbytes
-                mode = "composite" if gran and nb and nb % gran == 0 else "gather"
+                mode = "composite" if self._blocks_on_pages(nb, gran) else "gather"
                 off = _align(off, align)
                 slot_off = _align(slot_off, align)
                 entries[name] = _Entry(spec, off, slot_off, mode)
@@ -302,6 +303,15 @@ class WeightStore:
             self._signature[layer] = tuple((n, e.spec.expert_nbytes, e.heap_offset - base, e.slot_offset, e.mode)
                                            for n, e in entries.items())
         self._heap_nbytes = max(_align(off, align), align)
+
+    def _blocks_on_pages(self, expert_nbytes: int, gran: int | None) -> bool:
+        """True when every rank's block of experts starts and ends on a mapping page: what a
+        composite view needs (it maps whole pages of the slot and of the heap back to back). Every
+        rank decides the same from the layout."""
+        lay = self.layout
+        return bool(gran and expert_nbytes) and all(
+            (lay.first_expert(r) * expert_nbytes) % gran == 0 and (lay.num_experts_of(r) * expert_nbytes) % gran == 0
+            for r in range(lay.group_size))
 
     def _heap_boundaries(self) -> list[int]:
         """Where composite views cut the heap: around each composite entry's local block."""

@@ -11,7 +11,7 @@ Two ways to share memory, chosen collectively at creation (``backend.mode`` says
     user with ``kernel.yama.ptrace_scope = 0``, or root / CAP_SYS_PTRACE), imports it
     (``cuMemImportFromShareableHandle``), maps it into its own address space and grants its GPU
     access (``cuMemSetAccess``). ``alloc_alignment = map_granularity = G``, so the store serves every
-    tensor whose per-expert size is a multiple of G in ``composite`` mode: ``weights(name)`` is one
+    tensor whose ranks' expert blocks start and end on multiples of G in ``composite`` mode: ``weights(name)`` is one
     ``[num_experts, ...]`` range where the local experts are the heap pages themselves (zero copy)
     and the remote ones the prefetch slot's pages, mapped back to back with ``cuMemMap`` at
     again (the layout TensorRT-LLM PR 14453 moved to). The 580 driver refuses ``cuMemMap`` at a

@@ -785,15 +785,16 @@ def _check_handle(out, c, seed, cfg, lay, layer, subset, h):
 
 
 # ---- placement: the store says which view a slot gives ---------------------------------------------
-def slot_views(group, num_experts: int, seed: int):
+def slot_views(group, num_experts: int, seed: int, specs=SPECS):
     """WeightStore.slot_view agrees with the placement and with what the prefetcher hands out; the
-    prefetcher's public accessors (engine, engine_api, slot_ptr) answer on sim."""
-    st = build_store(group, num_experts, [0], seed)
+    prefetcher's public accessors (engine, engine_api, slot_ptr) answer on sim. Returns each name's
+    slot mode."""
+    st = build_store(group, num_experts, [0], seed, specs)
     lay, out = st.layout, {}
     with dc.Prefetcher(st, depth=1) as pf:
         h = pf.prefetch(0)
         h.wait()
-        for n, (shape, dtype) in SPECS.items():
+        for n, (shape, dtype) in specs.items():
             v = st.slot_view(0, n)
             e = st.entries(0)[n]
             nb = e.spec.expert_nbytes
@@ -809,7 +810,7 @@ def slot_views(group, num_experts: int, seed: int):
             # The view's pieces are the handle's segments, and typed() is the registered dtype and shape.
             assert [s for s, _ in h.weight_segments(n)] == [p.first for p in v.pieces]
             assert v.typed(torch.zeros(num_experts * nb, dtype=torch.uint8)).shape == (num_experts, *shape)
-            assert same_bytes(h.weights(n), full_truth(seed, 0, n, num_experts))
+            assert same_bytes(h.weights(n), full_truth(seed, 0, n, num_experts, specs))
             out[n] = v.mode
         h.release()
         assert pf.engine is not None and pf.engine_api is None  # sim's engine has no copy-API choice
