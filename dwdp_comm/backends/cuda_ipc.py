@@ -11,9 +11,9 @@ Two ways to share memory, chosen collectively at creation (``backend.mode`` says
     user with ``kernel.yama.ptrace_scope = 0``, or root / CAP_SYS_PTRACE), imports it
     (``cuMemImportFromShareableHandle``), maps it into its own address space and grants its GPU
     access (``cuMemSetAccess``). ``alloc_alignment = map_granularity = G``, so the store serves every
-    tensor whose ranks' expert blocks start and end on multiples of G in ``composite`` mode: ``weights(name)`` is one
-    ``[num_experts, ...]`` range where the local experts are the heap pages themselves (zero copy)
-    and the remote ones the prefetch slot's pages, mapped back to back with ``cuMemMap`` at
+    tensor whose ranks' expert blocks start and end on multiples of G in ``composite`` mode:
+    ``weights(name)`` is one ``[num_experts, ...]`` range where the local experts are the heap
+    pages themselves (zero copy) and the remote ones the prefetch slot's pages, mapped back to back with ``cuMemMap`` at
     again (the layout TensorRT-LLM PR 14453 moved to). The 580 driver refuses ``cuMemMap`` at a
     non-zero offset into an allocation, so heaps and slots are cut into one physical allocation per
     segment at the boundaries the store gives, and composites map whole segments.
