@@ -11,8 +11,8 @@ Placement (computed identically on every rank from the registrations gathered at
   ``composite`` (the backend can map views and every rank's block of experts starts and ends on a
   mapping page: e.g. every expert's bytes a multiple of the granularity, or Qwen3-30B-A3B's 64
   experts of 3 MiB a rank on 2 MiB pages): the slot holds only the remote experts, packed in
-  global order with this rank's block left out; ``weights()`` is one ``[num_experts, ...]`` range that maps the slot pages and
-  the local heap pages back to back, zero copy.
+  global order with this rank's block left out; ``weights()`` is one ``[num_experts, ...]``
+  range that maps the slot pages and the local heap pages back to back, zero copy.
 
   ``gather`` (otherwise): the slot holds all ``num_experts`` experts and the plan also copies the
   local ones in (a local copy, never on the fabric).
