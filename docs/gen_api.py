@@ -19,6 +19,9 @@ MODULES = ["dwdp_comm", "dwdp_comm.launch", "dwdp_comm.testing", "dwdp_comm.kern
            *(f"dwdp_comm.backends.cuda.{m}" for m in ("driver", "streams", "memory", "vmm", "fd_passing", "peers",
                                                        "copies", "time_division", "executor", "backend"))]
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
+# Document this checkout's package, not whichever one pip's editable install points at (a CI run
+# of another clone redirects it: the api.md written then was that clone's).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _sig(obj) -> str:
