@@ -13,6 +13,7 @@ import sys
 from ..errors import bad_arg
 from . import advise as A
 from . import record
+from .units import parse_size
 
 __all__ = ["add_parser", "run", "EXIT_NO_MATPLOTLIB"]
 
@@ -78,7 +79,6 @@ def _model(args):
 
 def run(args) -> int:
     """Run ``advise`` from parsed arguments; print the table, write JSON and the plot."""
-    from .cli import parse_size
     chunks = [parse_size(c, "-c/--chunks") for c in str(args.chunks).split(",") if c.strip()]
     res = A.advise(_model(args), args.group_size, weights=args.weights, mean_tokens=args.tokens, cv=args.cv,
                    cvs=args.cvs, tokens=args.token_list, seq_len=args.seq_len or None, link_GBps=args.link_gbps,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Sequence
 
@@ -31,13 +30,12 @@ from . import record
 from . import report as R
 from .contention import BenchConfig, run_model, run_rank
 from .patterns import SCHEDULES, canonical_pattern, parse_option, parse_schedule
+from .units import parse_size
 
-__all__ = ["main", "parse_size", "build_parser", "EXIT_NOTHING"]
+__all__ = ["main", "build_parser", "EXIT_NOTHING"]
 
 # Exit status when the run produced nothing it was asked for: every row skipped, or --plot not written.
 EXIT_NOTHING = 3
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 # Defaults per backend kind: (min bytes, max bytes, factor, chunks, schedules, iters, warmup)
 _DEFAULTS = {
@@ -45,14 +43,6 @@ _DEFAULTS = {
     "sim": ("64K", "1M", 4, "64K", "naive,rotated,round_robin", 3, 1),
     "model": ("8M", "1G", 2, "8M", "parallel,naive,rotated,round_robin,batch,tdm", 3, 0),
 }
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """``"8M"`` -> 8388608 (K, M, G, T are powers of 1024; an optional ``iB``/``B`` suffix)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
-    if not m:
-        raise bad_arg(what, text, "an integer with an optional K, M, G or T suffix, e.g. 8M")
-    return int(m.group(1)) * _UNITS[m.group(2)]
 
 
 def _sizes(lo: int, hi: int, factor: int) -> list[int]:

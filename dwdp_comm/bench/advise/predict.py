@@ -1,0 +1,273 @@
+"""DWDP against DEP for one load, the schedule/chunk/depth choice, and the whole ``advise`` answer."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict
+from typing import Sequence
+
+from ...errors import InvalidArgumentError, bad_arg
+from .. import model as M
+from ..patterns import make_plans, parse_schedule
+from ..units import chunk_text
+from .compute import H200_EFFECTIVE_TFLOPS, ComputeCosts, measure_compute, modelled_compute, time_cuda
+from .shape import Load, MoEShape, get_shape, load_from
+
+__all__ = ["SCHEMA", "measure_pair_GBps", "fabric_for", "prefetch_seconds", "predict_point", "advise"]
+
+SCHEMA = "dwdp-bench/advise/v1"
+
+
+# ---- links and prefetch ---------------------------------------------------------------------------
+def measure_pair_GBps(nbytes: int = 1 << 30) -> float | None:
+    """GB/s of one ``nbytes`` copy from GPU 1 to GPU 0, or None without two GPUs (blocking)."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    src = torch.empty(nbytes, dtype=torch.uint8, device="cuda:1")
+    dst = torch.empty(nbytes, dtype=torch.uint8, device="cuda:0")
+    with torch.cuda.device(0):
+        s = time_cuda(lambda: dst.copy_(src, non_blocking=True), iters=5)
+    return nbytes / s / 1e9
+
+
+def fabric_for(group_size: int, fabric: str = "auto", link_GBps: float | None = None) -> M.Fabric:
+    """The calibrated fabric (``h200`` up to 8 GPUs, ``nvl72`` above, unless named), with its pair
+    rate replaced by ``link_GBps`` when given (duplex scaled as calibrated: 386 / 394)."""
+    name = fabric if fabric != "auto" else ("h200" if group_size <= 8 else "nvl72")
+    if name not in ("h200", "nvl72"):
+        raise bad_arg("fabric", fabric, "'auto', 'h200' or 'nvl72'")
+    fab = M.h200(group_size) if name == "h200" else M.nvl72(group_size)
+    if link_GBps is not None:
+        if not link_GBps > 0:
+            raise bad_arg("link_GBps", link_GBps, "a rate in GB/s > 0")
+        e = link_GBps * 1e9
+        fab = fab.with_(egress_Bps=e, ingress_Bps=e, duplex_Bps=2 * e * 386.0 / 394.0,
+                        name=f"{fab.name}@{link_GBps:g}GB/s")
+    return fab
+
+
+def prefetch_seconds(fabric: M.Fabric, nbytes_per_source: int, schedule: str, chunk_nbytes: int,
+                     engine_options: dict | None = None) -> float:
+    """Time for every rank to pull ``nbytes_per_source`` from each peer (the contention model).
+
+    ``engine_options`` as the GPU engine takes them (``api`` defaults to ``"batch"`` there too).
+    """
+    G = fabric.group_size
+    if G < 2:
+        return 0.0
+    sch = parse_schedule(schedule)
+    plans = make_plans("full", sch, G, nbytes_per_source, chunk_nbytes)
+    base = dict(engine_options or {})
+    if "api" not in base and not base.get("graph"):
+        # the GPU engine's default api is batch (the model's is memcpy); a schedule that needs
+        # single copies (graph) keeps its own
+        try:
+            return M.simulate(plans, fabric, options=sch.engine_options(G, {"api": "batch", **base})).makespan
+        except InvalidArgumentError:
+            pass
+    return M.simulate(plans, fabric, options=sch.engine_options(G, base)).makespan
+
+
+# ---- prediction -----------------------------------------------------------------------------------
+def predict_point(shape: MoEShape, load: Load, costs: ComputeCosts, prefetch_s: float, link_Bps: float,
+                  a2a_efficiency: float = 0.75, a2a_latency_s: float = 30e-6, sync_s: float = 10e-6) -> dict:
+    """DWDP and DEP seconds per layer, per rank, and tokens/s/GPU, for one load.
+
+    ``prefetch_s``: DWDP's pull of one layer's remote experts; ``link_Bps``: the pair rate the
+    all-to-all runs at (times ``a2a_efficiency``), two all-to-alls (dispatch, combine) a layer.
+    """
+    G, T = len(load.tokens), load.tokens
+    dw_rank, dw_exposed = [], []
+    for t in T:
+        c = (costs.at(t, "attention_s") + costs.at(t, "experts_s") + costs.at(t, "other_s")) * costs.interference
+        dw_rank.append(max(c, prefetch_s) + sync_s)
+        dw_exposed.append(max(0.0, prefetch_s - c))
+    attn = [costs.at(t, "attention_s") + costs.at(t, "other_s") for t in T]
+    mean_t = sum(T) / G
+    experts = costs.at(mean_t, "experts_s")  # uniform routing: every rank gets the mean routed rows
+    if G > 1:
+        frac = (G - 1) / G
+        send = max(T) * shape.top_k * frac * shape.hidden * 2
+        recv = sum(T) * shape.top_k / G * frac * shape.hidden * 2
+        a2a = 2 * (max(send, recv) / (link_Bps * a2a_efficiency) + a2a_latency_s)
+    else:
+        a2a = 0.0
+    dep_layer = max(attn) + experts + a2a
+    wait = [max(attn) - a for a in attn]
+    dw_tps = sum(t / d for t, d in zip(T, dw_rank)) / G
+    dep_tps = sum(T) / G / dep_layer
+    return {"tokens": list(T), "mean_tokens": mean_t,
+            "dwdp_layer_s": dw_rank, "dwdp_exposed_s": dw_exposed, "prefetch_s": prefetch_s,
+            "dep_layer_s": dep_layer, "dep_all_to_all_s": a2a, "dep_wait_s": wait, "dep_experts_s": experts,
+            "dwdp_tokens_per_s_per_gpu": dw_tps, "dep_tokens_per_s_per_gpu": dep_tps,
+            "speedup": dw_tps / dep_tps}
+
+
+def _memory(shape: MoEShape, G: int, weights: str, depth: int) -> dict:
+    eb = shape.expert_nbytes(weights)
+    local = -(-shape.num_experts // G)
+    dep = local * eb * shape.num_layers
+    slots = depth * (shape.num_experts - local) * eb if G > 1 else 0
+    return {"expert_nbytes": eb, "local_experts": local, "dep_nbytes": dep, "dwdp_nbytes": dep + slots,
+            "dwdp_slot_nbytes": slots}
+
+
+def _breakeven(points: list[dict]) -> float | None:
+    """Smallest mean tokens per rank at which DWDP's speedup reaches 1 (log-linear interpolation)."""
+    for a, b in zip(points, points[1:]):
+        if a["speedup"] < 1 <= b["speedup"]:
+            la, lb = math.log(a["mean_tokens"]), math.log(b["mean_tokens"])
+            return math.exp(la + (lb - la) * (1 - a["speedup"]) / (b["speedup"] - a["speedup"]))
+    if points and points[0]["speedup"] >= 1:
+        return points[0]["mean_tokens"]
+    return None
+
+
+def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *, weights: str = "bf16",
+           mean_tokens: float | None = 8192, cv: float = 0.2, cvs: Sequence[float] | None = None,
+           tokens: Sequence[int] | None = None, seq_len: int | None = 8192,
+           link_GBps: float | None = None, fabric: str = "auto", measure: str = "auto",
+           tflops: float = H200_EFFECTIVE_TFLOPS, interference: float | None = None,
+           schedules: Sequence[str] = ("round_robin", "parallel", "batch"), chunks: Sequence[int] = (8 << 20, 0),
+           depths: Sequence[int] = (2, 3), sweep: Sequence[int] | None = None,
+           a2a_efficiency: float = 0.75, kernel_backend: str = "auto") -> dict:
+    """Predict DWDP against DEP (blocking; with ``measure`` it runs briefly on the local GPU).
+
+    Parameters
+    ----------
+    model : str, dict or MoEShape
+        A preset (:data:`PRESETS`), a HF ``config.json`` path, or :class:`MoEShape` fields.
+    group_size : int
+        Ranks of the DWDP group (= the DEP expert-parallel group).
+    weights : {"bf16", "fp8"}
+    mean_tokens, cv, tokens, seq_len
+        The load (:func:`load_from`): per-rank tokens of one iteration, as prompts of ``seq_len``
+        tokens (None: one prompt per rank).
+    cvs : sequence of float, optional
+        CVs of the sweep (default ``(0, cv)`` deduplicated).
+    link_GBps : float, optional
+        Pair copy rate; default: measured by a pair copy when two GPUs are visible (``measure``),
+        else the calibrated fabric's.
+    fabric : {"auto", "h200", "nvl72"}
+    measure : {"auto", "yes", "no", "cpu"}
+        Measure compute on the local GPU ("auto": when CUDA is available; "cpu": the same
+        measurement on the CPU, for tests of tiny shapes).
+    tflops, interference : modelled compute rate, and the DWDP compute slowdown under a prefetch
+        (given overrides measured; default when not measured: H200_INTERFERENCE, the committed 2 x H200 figure).
+    schedules, chunks, depths : candidates to choose from.
+    sweep : token counts per rank of the speedup curve (default 512 .. 64K, powers of 2).
+
+    Returns
+    -------
+    dict
+        ``schema``, ``inputs``, ``sources`` (what was measured, given or modelled), ``choice``
+        (schedule, chunk, depth, reason), ``point`` (the asked load, :func:`predict_point`),
+        ``memory``, ``sweep`` (rows per CV and token count), ``breakeven_tokens`` (per CV).
+    """
+    shape = get_shape(model)
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise bad_arg("group_size", group_size, "an int >= 1")
+    if weights not in ("bf16", "fp8"):
+        raise bad_arg("weights", weights, "'bf16' or 'fp8'")
+    if measure not in ("auto", "yes", "no", "cpu"):
+        raise bad_arg("measure", measure, "'auto', 'yes', 'no' or 'cpu'")
+    if not 0 < a2a_efficiency <= 1:
+        raise bad_arg("a2a_efficiency", a2a_efficiency, "a fraction in (0, 1]")
+    if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
+        raise bad_arg("depths", depths, "ints >= 1")
+    if not schedules or not chunks:
+        raise bad_arg("schedules/chunks", (schedules, chunks), "at least one of each")
+    for s in schedules:
+        parse_schedule(s)
+    G = group_size
+    load = load_from(G, mean_tokens, cv, tokens, seq_len)
+    cvs = list(dict.fromkeys([0.0, float(cv)] if cvs is None else [float(c) for c in cvs]))
+    sweep = sorted(set(int(s) for s in (sweep or [512 * 2 ** i for i in range(8)])))
+    sweep_loads = {(c, s): load_from(G, s, c, None, seq_len) for c in cvs for s in sweep}
+    counts = set(load.tokens)
+    for ld in sweep_loads.values():
+        counts.update(ld.tokens)
+    sources = {}
+    use_gpu = measure == "yes" or (measure == "auto" and _cuda())
+    if use_gpu or measure == "cpu":
+        # measure at a few anchors spanning every count; interpolate between them
+        lo, hi = min(counts), max(counts)
+        anchors = sorted({lo, hi, *load.tokens, *[a for a in sweep if lo <= a <= hi]})
+        costs = measure_compute(shape, anchors, load, weights, kernel_backend=kernel_backend,
+                                device="cpu" if measure == "cpu" else None)
+    else:
+        costs = modelled_compute(shape, sorted(counts), load, weights, tflops)
+    sources["compute"] = costs.source + ": " + "; ".join(costs.notes)
+    if interference is not None:
+        if not interference >= 1:
+            raise bad_arg("interference", interference, "a slowdown factor >= 1")
+        costs.interference, costs.interference_source = float(interference), "given"
+    sources["interference"] = f"{costs.interference:.3f} ({costs.interference_source})"
+    measured_link = measure_pair_GBps() if (link_GBps is None and use_gpu) else None
+    fab = fabric_for(G, fabric, link_GBps if link_GBps is not None else measured_link)
+    sources["link"] = (f"given: {link_GBps:g} GB/s" if link_GBps is not None else
+                       f"measured pair copy: {measured_link:.1f} GB/s" if measured_link else
+                       f"calibrated fabric {fab.name}: {fab.pair_Bps / 1e9:.0f} GB/s pair ({fab.notes})")
+    sources["prefetch"] = f"modelled: contention model (dwdp_comm.bench.model, per_stream executor) on {fab.name}"
+    sources["all_to_all"] = f"modelled: bytes / ({a2a_efficiency:g} x pair rate) + 30 us, twice a layer"
+    mem_any = _memory(shape, G, weights, 1)
+    # a rank pulls the experts it lacks, (E - E/G) on average: E/G experts' bytes from each peer
+    # (rounded down to 4 KiB; ceil(E/G) would over-count when G does not divide E)
+    per_source = max(4096, shape.num_experts * mem_any["expert_nbytes"] // G // 4096 * 4096)
+    cands = []
+    for s in schedules:
+        for c in chunks:
+            cands.append({"schedule": s, "chunk_nbytes": int(c),
+                          "prefetch_s": prefetch_seconds(fab, per_source, s, int(c))})
+    # the fastest; among ties (within 0.5 %), the fewest copies (whole copies, then larger chunks)
+    fastest = min(r["prefetch_s"] for r in cands)
+    best = min((r for r in cands if r["prefetch_s"] <= fastest * 1.005),
+               key=lambda r: (r["chunk_nbytes"] != 0, -r["chunk_nbytes"]))
+    others = [r for r in cands if r is not best]
+    pt = predict_point(shape, load, costs, best["prefetch_s"], fab.pair_Bps, a2a_efficiency)
+    compute_min = min(d - e for d, e in zip(pt["dwdp_layer_s"], pt["dwdp_exposed_s"]))
+    ratio = best["prefetch_s"] / compute_min
+    hidden = ratio <= 1.0
+    # a thin margin (ranks' compute varies by iteration) wants one more slot; a clear margin or a
+    # bandwidth deficit does not (more slots cannot raise the copy rate)
+    thin = 0.8 < ratio <= 1.0 and len(depths) > 1
+    depth = sorted(depths)[1] if thin else min(depths)
+    reason = (f"{best['schedule']} with {chunk_text(best['chunk_nbytes'])} chunks pulls a layer's "
+              f"{(G - 1) * per_source / 1e9:.2f} GB in {1e3 * best['prefetch_s']:.2f} ms"
+              + (" (the fastest, or tied with the fewest copies; others: "
+                 + ", ".join(f"{r['schedule']}/{chunk_text(r['chunk_nbytes'])} {1e3 * r['prefetch_s']:.2f}"
+                             for r in others) + " ms)" if others else " (the only candidate)") + "; "
+              + (f"it hides under the shortest rank's compute ({1e3 * compute_min:.2f} ms) with a thin margin "
+                 f"({100 * ratio:.0f} %), so depth {depth}: one more slot absorbs iteration-to-iteration jitter"
+                 if thin else
+                 f"it hides under the shortest rank's compute ({1e3 * compute_min:.2f} ms, {100 * ratio:.0f} %), so "
+                 f"depth {depth} (the fewest slots) suffices" if hidden else
+                 f"it exceeds the shortest rank's compute ({1e3 * compute_min:.2f} ms): exposed; depth {depth}, "
+                 "since more slots cannot hide a bandwidth deficit (only more tokens per rank can)"))
+    rows = []
+    for c in cvs:
+        for s in sweep:
+            p = predict_point(shape, sweep_loads[(c, s)], costs, best["prefetch_s"], fab.pair_Bps, a2a_efficiency)
+            rows.append({"cv": c, **p})
+    be = {str(c): _breakeven([r for r in rows if r["cv"] == c]) for c in cvs}
+    return {"schema": SCHEMA, "model": asdict(shape), "group_size": G, "weights": weights,
+            "inputs": {"tokens": list(load.tokens), "cv": cv, "mean_tokens": load.mean, "seq_len": seq_len,
+                       "fabric": fab.as_dict(), "a2a_efficiency": a2a_efficiency, "measure": measure},
+            "sources": sources, "compute_points": {str(k): v for k, v in costs.points.items()},
+            "interference": costs.interference, "candidates": cands,
+            "choice": {"schedule": best["schedule"], "chunk_nbytes": best["chunk_nbytes"], "depth": depth,
+                       "reason": reason},
+            "point": pt, "memory": _memory(shape, G, weights, depth), "sweep": rows, "breakeven_tokens": be}
+
+
+def _cuda() -> bool:
+    try:
+        import torch
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
