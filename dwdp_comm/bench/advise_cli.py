@@ -13,6 +13,7 @@ import sys
 from ..errors import bad_arg
 from . import advise as A
 from . import record
+from .fabric import PRESETS
 from .units import parse_size
 
 __all__ = ["add_parser", "run", "EXIT_NO_MATPLOTLIB"]
@@ -51,7 +52,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--seq-len", type=int, default=8192, help="prompt length (0: one prompt per rank)")
     a.add_argument("--sweep", type=_csv(int, "--sweep"), default=None, help="tokens per rank of the curve")
     a.add_argument("--link-gbps", type=float, default=None, help="pair copy GB/s (default: measured or calibrated)")
-    a.add_argument("--fabric", default="auto", choices=["auto", "h200", "nvl72"])
+    a.add_argument("--fabric", default="auto", metavar="auto|PRESET|FILE",
+                   help="auto: the preset of the GPU this process sees (h200 without one, nvl72 above 8 GPUs; "
+                        f"said when borrowed); a preset ({', '.join(PRESETS)}); or a fabric file measured by "
+                        "dwdp-bench calibrate --write FILE")
     a.add_argument("--measure", default="auto", choices=["auto", "yes", "no", "cpu"],
                    help="measure compute on the local GPU (auto: when CUDA is available)")
     a.add_argument("--tflops", type=float, default=A.H200_EFFECTIVE_TFLOPS, help="modelled compute rate")

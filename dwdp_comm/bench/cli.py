@@ -132,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="issue_fifo only: copies issued stream by stream, or slot by slot (default: stream)")
     c.set_defaults(func=_contention)
 
-    k = sub.add_parser("calibrate", help="the model against the 4 x H200 measurements, every row")
+    k = sub.add_parser("calibrate", help="the model against the 4 x H200 measurements, every row; or, with "
+                                         "--write FILE, this machine's fabric measured for advise --fabric FILE")
+    k.add_argument("--write", metavar="FILE", help="measure this machine's GPUs (a pair copy, a swap, chunked and "
+                                                   "local copies: a few seconds) and write a fabric file")
+    k.add_argument("--base", default="auto", help="with --write: the preset of the fields not measured (auto: "
+                                                  "this GPU's, else h200) (default: auto)")
+    k.add_argument("-b", "--bytes", default="1G", help="with --write: bytes of each whole copy (default: 1G)")
     k.set_defaults(func=_calibrate)
     p = sub.add_parser("predict", help="model predictions of the full exchange for a group size",
                        description="Predictions of the copy-plane model (dwdp_comm.bench.model), not measurements. "
@@ -390,8 +396,12 @@ def _finish(args, cfg: BenchConfig, res: dict, launcher: str, argv) -> int:
 
 # ---- model checks ---------------------------------------------------------------------------------
 def _calibrate(args) -> int:
-    from .calibrate import main as cal_main
-    return cal_main([])
+    from . import calibrate
+    if args.write:
+        calibrate.write_fabric(args.write, args.base, parse_size(args.bytes, "-b/--bytes"),
+                               command=["dwdp-bench", *sys.argv[1:]])
+        return 0
+    return calibrate.main([])
 
 
 def _predict(args) -> int:

@@ -8,12 +8,14 @@ from typing import Sequence
 
 from ...errors import InvalidArgumentError, bad_arg
 from .. import model as M
+from ..fabric import FabricChoice, choose_fabric
 from ..patterns import make_plans, parse_schedule
 from ..units import chunk_text
 from .compute import H200_EFFECTIVE_TFLOPS, ComputeCosts, measure_compute, modelled_compute, time_cuda
 from .shape import Load, MoEShape, get_shape, load_from
 
-__all__ = ["SCHEMA", "measure_pair_GBps", "fabric_for", "prefetch_seconds", "predict_point", "advise"]
+__all__ = ["SCHEMA", "measure_pair_GBps", "fabric_for", "choose_fabric_for", "prefetch_seconds", "predict_point",
+           "advise"]
 
 SCHEMA = "dwdp-bench/advise/v1"
 
@@ -34,20 +36,34 @@ def measure_pair_GBps(nbytes: int = 1 << 30) -> float | None:
     return nbytes / s / 1e9
 
 
-def fabric_for(group_size: int, fabric: str = "auto", link_GBps: float | None = None) -> M.Fabric:
-    """The calibrated fabric (``h200`` up to 8 GPUs, ``nvl72`` above, unless named), with its pair
-    rate replaced by ``link_GBps`` when given (duplex scaled as calibrated: 386 / 394)."""
-    name = fabric if fabric != "auto" else ("h200" if group_size <= 8 else "nvl72")
-    if name not in ("h200", "nvl72"):
-        raise bad_arg("fabric", fabric, "'auto', 'h200' or 'nvl72'")
-    fab = M.h200(group_size) if name == "h200" else M.nvl72(group_size)
-    if link_GBps is not None:
-        if not link_GBps > 0:
-            raise bad_arg("link_GBps", link_GBps, "a rate in GB/s > 0")
-        e = link_GBps * 1e9
-        fab = fab.with_(egress_Bps=e, ingress_Bps=e, duplex_Bps=2 * e * 386.0 / 394.0,
-                        name=f"{fab.name}@{link_GBps:g}GB/s")
-    return fab
+def fabric_for(group_size: int, fabric: str = "auto", link_GBps: float | None = None, *,
+               device_name: str | None = None, detect: bool = True) -> M.Fabric:
+    """The fabric ``advise`` models (:func:`choose_fabric_for`'s, without the reason)."""
+    return choose_fabric_for(group_size, fabric, link_GBps, device_name=device_name, detect=detect)[0]
+
+
+def choose_fabric_for(group_size: int, fabric: str = "auto", link_GBps: float | None = None, *,
+                      device_name: str | None = None, detect: bool = True) -> tuple[M.Fabric, FabricChoice]:
+    """The fabric for ``group_size`` GPUs and why (:func:`dwdp_comm.bench.fabric.choose_fabric`:
+    ``"auto"`` = this GPU kind's preset, a preset name, or a fabric file), with its pair rate
+    replaced by ``link_GBps`` when given (duplex scaled as calibrated: 386 / 394).
+
+    Returns
+    -------
+    (Fabric, FabricChoice)
+        The fabric to model (with the override) and the choice it came from.
+    """
+    choice = choose_fabric(fabric, group_size, device_name=device_name, detect=detect)
+    return _with_link(choice.fabric, link_GBps), choice
+
+
+def _with_link(fab: M.Fabric, link_GBps: float | None) -> M.Fabric:
+    if link_GBps is None:
+        return fab
+    if not link_GBps > 0:
+        raise bad_arg("link_GBps", link_GBps, "a rate in GB/s > 0")
+    e = link_GBps * 1e9
+    return fab.with_(egress_Bps=e, ingress_Bps=e, duplex_Bps=2 * e * 386.0 / 394.0, name=f"{fab.name}@{link_GBps:g}GB/s")
 
 
 def prefetch_seconds(fabric: M.Fabric, nbytes_per_source: int, schedule: str, chunk_nbytes: int,
@@ -134,7 +150,7 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
            tflops: float = H200_EFFECTIVE_TFLOPS, interference: float | None = None,
            schedules: Sequence[str] = ("round_robin", "parallel", "batch"), chunks: Sequence[int] = (8 << 20, 0),
            depths: Sequence[int] = (2, 3), sweep: Sequence[int] | None = None,
-           a2a_efficiency: float = 0.75, kernel_backend: str = "auto") -> dict:
+           a2a_efficiency: float = 0.75, kernel_backend: str = "auto", device_name: str | None = None) -> dict:
     """Predict DWDP against DEP (blocking; with ``measure`` it runs briefly on the local GPU).
 
     Parameters
@@ -150,9 +166,12 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
     cvs : sequence of float, optional
         CVs of the sweep (default ``(0, cv)`` deduplicated).
     link_GBps : float, optional
-        Pair copy rate; default: measured by a pair copy when two GPUs are visible (``measure``),
-        else the calibrated fabric's.
-    fabric : {"auto", "h200", "nvl72"}
+        Pair copy rate; default: measured by a pair copy when two GPUs are visible (``measure``)
+        and the fabric is not a file, else the fabric's.
+    fabric : str
+        ``"auto"`` (the preset of the GPU this process sees; said when borrowed), a preset of
+        :data:`dwdp_comm.bench.fabric.PRESETS` (``h200``, ``h100``, ``b200``, ``nvl72``), or a fabric
+        file written by ``dwdp-bench calibrate --write FILE`` (:func:`dwdp_comm.bench.fabric.choose_fabric`).
     measure : {"auto", "yes", "no", "cpu"}
         Measure compute on the local GPU ("auto": when CUDA is available; "cpu": the same
         measurement on the CPU, for tests of tiny shapes).
@@ -160,13 +179,16 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
         (given overrides measured; default when not measured: H200_INTERFERENCE, the committed 2 x H200 figure).
     schedules, chunks, depths : candidates to choose from.
     sweep : token counts per rank of the speedup curve (default 512 .. 64K, powers of 2).
+    device_name : str, optional
+        The GPU to choose the fabric for (default: the one torch sees, if any).
 
     Returns
     -------
     dict
         ``schema``, ``inputs``, ``sources`` (what was measured, given or modelled), ``choice``
         (schedule, chunk, depth, reason), ``point`` (the asked load, :func:`predict_point`),
-        ``memory``, ``sweep`` (rows per CV and token count), ``breakeven_tokens`` (per CV).
+        ``memory``, ``sweep`` (rows per CV and token count), ``breakeven_tokens`` (per CV);
+        ``inputs["fabric_choice"]``: the fabric's basis, whether it is borrowed, and why.
     """
     shape = get_shape(model)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -185,6 +207,7 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
         parse_schedule(s)
     G = group_size
     load = load_from(G, mean_tokens, cv, tokens, seq_len)
+    choice = choose_fabric(fabric, G, device_name=device_name, detect=device_name is None)
     cvs = list(dict.fromkeys([0.0, float(cv)] if cvs is None else [float(c) for c in cvs]))
     sweep = sorted(set(int(s) for s in (sweep or [512 * 2 ** i for i in range(8)])))
     sweep_loads = {(c, s): load_from(G, s, c, None, seq_len) for c in cvs for s in sweep}
@@ -207,11 +230,15 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
             raise bad_arg("interference", interference, "a slowdown factor >= 1")
         costs.interference, costs.interference_source = float(interference), "given"
     sources["interference"] = f"{costs.interference:.3f} ({costs.interference_source})"
-    measured_link = measure_pair_GBps() if (link_GBps is None and use_gpu) else None
-    fab = fabric_for(G, fabric, link_GBps if link_GBps is not None else measured_link)
+    # a fabric file carries its own measured pair rate (and more): no pair copy on top of it
+    measured_link = measure_pair_GBps() if (link_GBps is None and use_gpu and choice.basis != "file") else None
+    fab = _with_link(choice.fabric, link_GBps if link_GBps is not None else measured_link)
+    if costs.source == "modelled" and choice.device_name and "H200" not in choice.device_name:
+        sources["compute"] += f" (one H200's rate: this GPU is {choice.device_name!r}; --measure yes times it)"
+    sources["fabric"] = choice.text
     sources["link"] = (f"given: {link_GBps:g} GB/s" if link_GBps is not None else
                        f"measured pair copy: {measured_link:.1f} GB/s" if measured_link else
-                       f"calibrated fabric {fab.name}: {fab.pair_Bps / 1e9:.0f} GB/s pair ({fab.notes})")
+                       f"fabric {fab.name}: {fab.pair_Bps / 1e9:.0f} GB/s pair")
     sources["prefetch"] = f"modelled: contention model (dwdp_comm.bench.model, per_stream executor) on {fab.name}"
     sources["all_to_all"] = f"modelled: bytes / ({a2a_efficiency:g} x pair rate) + 30 us, twice a layer"
     mem_any = _memory(shape, G, weights, 1)
@@ -256,7 +283,9 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
     be = {str(c): _breakeven([r for r in rows if r["cv"] == c]) for c in cvs}
     return {"schema": SCHEMA, "model": asdict(shape), "group_size": G, "weights": weights,
             "inputs": {"tokens": list(load.tokens), "cv": cv, "mean_tokens": load.mean, "seq_len": seq_len,
-                       "fabric": fab.as_dict(), "a2a_efficiency": a2a_efficiency, "measure": measure},
+                       "fabric": fab.as_dict(),
+                       "fabric_choice": {k: v for k, v in choice.as_dict().items() if k != "fabric"},
+                       "a2a_efficiency": a2a_efficiency, "measure": measure},
             "sources": sources, "compute_points": {str(k): v for k, v in costs.points.items()},
             "interference": costs.interference, "candidates": cands,
             "choice": {"schedule": best["schedule"], "chunk_nbytes": best["chunk_nbytes"], "depth": depth,
