@@ -64,6 +64,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("-s", "--schedules", type=_csv(str, "--schedules"), default=["round_robin", "parallel", "batch"])
     a.add_argument("-c", "--chunks", default="8M,0", help="chunk candidates (0: one copy per source)")
     a.add_argument("--depths", type=_csv(int, "--depths"), default=[2, 3])
+    a.add_argument("--routing", metavar="FILE", default=None,
+                   help="routing histogram, per layer per expert routed-row counts: JSON as the telemetry records it "
+                        "(or a whole telemetry file), plain JSON {layer: [counts]}, or CSV (layer,expert,count rows, "
+                        "or one row per layer); adds the third answer, replicating only the hottest experts")
+    a.add_argument("--hot-experts", type=_csv(int, "--hot-experts"), default=None,
+                   help="with --routing: hot-set sizes to try (default: 1, 2, 4, ... up to half the experts)")
     a.add_argument("--json", metavar="FILE", help="write the result document")
     a.add_argument("--plot", metavar="FILE.png", help="speedup against tokens per rank, one line per CV (matplotlib)")
     a.set_defaults(func=run)
@@ -88,7 +94,7 @@ def run(args) -> int:
                    cvs=args.cvs, tokens=args.token_list, seq_len=args.seq_len or None, link_GBps=args.link_gbps,
                    fabric=args.fabric, measure=args.measure, tflops=args.tflops, interference=args.interference,
                    schedules=args.schedules, chunks=chunks, depths=args.depths, sweep=args.sweep,
-                   a2a_efficiency=args.a2a_efficiency)
+                   a2a_efficiency=args.a2a_efficiency, routing=args.routing, hot_experts=args.hot_experts)
     res.update(command=["dwdp-bench", *sys.argv[1:]], date=record.utc_date(), commit=record.commit(short=True),
                machine=record.machine_lines())
     print(A.format_table(res))

@@ -381,7 +381,8 @@ def load_fabric_file(path: str, group_size: int) -> tuple[Fabric, dict]:
                       f"schema {doc.get('schema') if isinstance(doc, dict) else None!r}")
     missing = [k for k in ("name", "gpu", "gpus_measured", "base", "values", "provenance") if k not in doc]
     if missing or set(doc["values"]) != set(_VALUE_FIELDS):
-        raise bad_arg("fabric", path, f"a fabric file with name, gpu, gpus_measured, base, provenance and values of "
-                                      f"{list(_VALUE_FIELDS)}", f"missing {missing or sorted(set(_VALUE_FIELDS) ^ set(doc['values']))}")
+        raise bad_arg("fabric", path, "a fabric file with name, gpu, gpus_measured, base, provenance and values of "
+                                      f"{list(_VALUE_FIELDS)}",
+                      f"missing or extra: {missing or sorted(set(_VALUE_FIELDS) ^ set(doc['values']))}")
     fab = _from_values(doc["values"], group_size, f"{doc['name']}x{group_size}", doc.get("notes", ""))
     return fab, doc

@@ -178,7 +178,8 @@ def test_fabric_presets_basis_and_numbers():
     assert F.h100(4).pair_Bps == h.pair_Bps and F.h100(4).local_Bps == pytest.approx(2.06e12 * 3.35 / 4.8, rel=0.01)
     # NVLink5: 1.8 TB/s bidirectional = 900 GB/s a direction, at H200's measured fraction of nominal
     for f in (F.b200(8), F.nvl72(72)):
-        assert f.pair_Bps == pytest.approx(900e9 * 394 / 478) and f.duplex_Bps == pytest.approx(2 * f.pair_Bps * 386 / 394)
+        assert f.pair_Bps == pytest.approx(900e9 * 394 / 478)
+        assert f.duplex_Bps == pytest.approx(2 * f.pair_Bps * 386 / 394)
     assert M.h200 is F.h200 and M.Fabric is F.Fabric  # the model still offers them
 
 
@@ -272,7 +273,8 @@ def test_calibrate_write_then_advise_fabric_file_round_trip(tmp_path, monkeypatc
     assert f"fabric: h100-measuredx4: measured on {H100!r} (2 GPUs) by dwdp-bench calibrate" in text
     assert "link: fabric h100-measuredx4: 350 GB/s pair" in text
     res = json.loads(out.read_text())
-    assert res["inputs"]["fabric"]["duplex_Bps"] == pytest.approx(600e9) and res["inputs"]["fabric_choice"]["basis"] == "file"
+    assert res["inputs"]["fabric"]["duplex_Bps"] == pytest.approx(600e9)
+    assert res["inputs"]["fabric_choice"]["basis"] == "file"
     # the file's fabric gives the prefetch the model gives the truth
     per_source = res["point"]["prefetch_s"]
     assert per_source == pytest.approx(A.prefetch_seconds(truth.with_(group_size=4), 128 * 768 * 2048 * 3 * 2 // 4,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict
 from typing import Sequence
 
@@ -11,11 +10,13 @@ from .. import model as M
 from ..fabric import FabricChoice, choose_fabric
 from ..patterns import make_plans, parse_schedule
 from ..units import chunk_text
-from .compute import H200_EFFECTIVE_TFLOPS, ComputeCosts, measure_compute, modelled_compute, time_cuda
-from .shape import Load, MoEShape, get_shape, load_from
+from .compute import H200_EFFECTIVE_TFLOPS, measure_compute, modelled_compute, time_cuda
+from .hot import dep_owner_shares, hot_replication
+from .layer import breakeven_tokens, memory_per_rank, predict_point
+from .routing import load_routing
+from .shape import MoEShape, get_shape, load_from
 
-__all__ = ["SCHEMA", "measure_pair_GBps", "fabric_for", "choose_fabric_for", "prefetch_seconds", "predict_point",
-           "advise"]
+__all__ = ["SCHEMA", "measure_pair_GBps", "fabric_for", "choose_fabric_for", "prefetch_seconds", "advise"]
 
 SCHEMA = "dwdp-bench/advise/v1"
 
@@ -63,7 +64,8 @@ def _with_link(fab: M.Fabric, link_GBps: float | None) -> M.Fabric:
     if not link_GBps > 0:
         raise bad_arg("link_GBps", link_GBps, "a rate in GB/s > 0")
     e = link_GBps * 1e9
-    return fab.with_(egress_Bps=e, ingress_Bps=e, duplex_Bps=2 * e * 386.0 / 394.0, name=f"{fab.name}@{link_GBps:g}GB/s")
+    return fab.with_(egress_Bps=e, ingress_Bps=e, duplex_Bps=2 * e * 386.0 / 394.0,
+                     name=f"{fab.name}@{link_GBps:g}GB/s")
 
 
 def prefetch_seconds(fabric: M.Fabric, nbytes_per_source: int, schedule: str, chunk_nbytes: int,
@@ -88,61 +90,6 @@ def prefetch_seconds(fabric: M.Fabric, nbytes_per_source: int, schedule: str, ch
     return M.simulate(plans, fabric, options=sch.engine_options(G, base)).makespan
 
 
-# ---- prediction -----------------------------------------------------------------------------------
-def predict_point(shape: MoEShape, load: Load, costs: ComputeCosts, prefetch_s: float, link_Bps: float,
-                  a2a_efficiency: float = 0.75, a2a_latency_s: float = 30e-6, sync_s: float = 10e-6) -> dict:
-    """DWDP and DEP seconds per layer, per rank, and tokens/s/GPU, for one load.
-
-    ``prefetch_s``: DWDP's pull of one layer's remote experts; ``link_Bps``: the pair rate the
-    all-to-all runs at (times ``a2a_efficiency``), two all-to-alls (dispatch, combine) a layer.
-    """
-    G, T = len(load.tokens), load.tokens
-    dw_rank, dw_exposed = [], []
-    for t in T:
-        c = (costs.at(t, "attention_s") + costs.at(t, "experts_s") + costs.at(t, "other_s")) * costs.interference
-        dw_rank.append(max(c, prefetch_s) + sync_s)
-        dw_exposed.append(max(0.0, prefetch_s - c))
-    attn = [costs.at(t, "attention_s") + costs.at(t, "other_s") for t in T]
-    mean_t = sum(T) / G
-    experts = costs.at(mean_t, "experts_s")  # uniform routing: every rank gets the mean routed rows
-    if G > 1:
-        frac = (G - 1) / G
-        send = max(T) * shape.top_k * frac * shape.hidden * 2
-        recv = sum(T) * shape.top_k / G * frac * shape.hidden * 2
-        a2a = 2 * (max(send, recv) / (link_Bps * a2a_efficiency) + a2a_latency_s)
-    else:
-        a2a = 0.0
-    dep_layer = max(attn) + experts + a2a
-    wait = [max(attn) - a for a in attn]
-    dw_tps = sum(t / d for t, d in zip(T, dw_rank)) / G
-    dep_tps = sum(T) / G / dep_layer
-    return {"tokens": list(T), "mean_tokens": mean_t,
-            "dwdp_layer_s": dw_rank, "dwdp_exposed_s": dw_exposed, "prefetch_s": prefetch_s,
-            "dep_layer_s": dep_layer, "dep_all_to_all_s": a2a, "dep_wait_s": wait, "dep_experts_s": experts,
-            "dwdp_tokens_per_s_per_gpu": dw_tps, "dep_tokens_per_s_per_gpu": dep_tps,
-            "speedup": dw_tps / dep_tps}
-
-
-def _memory(shape: MoEShape, G: int, weights: str, depth: int) -> dict:
-    eb = shape.expert_nbytes(weights)
-    local = -(-shape.num_experts // G)
-    dep = local * eb * shape.num_layers
-    slots = depth * (shape.num_experts - local) * eb if G > 1 else 0
-    return {"expert_nbytes": eb, "local_experts": local, "dep_nbytes": dep, "dwdp_nbytes": dep + slots,
-            "dwdp_slot_nbytes": slots}
-
-
-def _breakeven(points: list[dict]) -> float | None:
-    """Smallest mean tokens per rank at which DWDP's speedup reaches 1 (log-linear interpolation)."""
-    for a, b in zip(points, points[1:]):
-        if a["speedup"] < 1 <= b["speedup"]:
-            la, lb = math.log(a["mean_tokens"]), math.log(b["mean_tokens"])
-            return math.exp(la + (lb - la) * (1 - a["speedup"]) / (b["speedup"] - a["speedup"]))
-    if points and points[0]["speedup"] >= 1:
-        return points[0]["mean_tokens"]
-    return None
-
-
 def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *, weights: str = "bf16",
            mean_tokens: float | None = 8192, cv: float = 0.2, cvs: Sequence[float] | None = None,
            tokens: Sequence[int] | None = None, seq_len: int | None = 8192,
@@ -150,7 +97,8 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
            tflops: float = H200_EFFECTIVE_TFLOPS, interference: float | None = None,
            schedules: Sequence[str] = ("round_robin", "parallel", "batch"), chunks: Sequence[int] = (8 << 20, 0),
            depths: Sequence[int] = (2, 3), sweep: Sequence[int] | None = None,
-           a2a_efficiency: float = 0.75, kernel_backend: str = "auto", device_name: str | None = None) -> dict:
+           a2a_efficiency: float = 0.75, kernel_backend: str = "auto", device_name: str | None = None,
+           routing=None, hot_experts: Sequence[int] | None = None) -> dict:
     """Predict DWDP against DEP (blocking; with ``measure`` it runs briefly on the local GPU).
 
     Parameters
@@ -181,6 +129,13 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
     sweep : token counts per rank of the speedup curve (default 512 .. 64K, powers of 2).
     device_name : str, optional
         The GPU to choose the fabric for (default: the one torch sees, if any).
+    routing : str, dict or RoutingHistogram, optional
+        A routing histogram (:func:`~dwdp_comm.bench.advise.routing.load_routing`: a JSON or CSV
+        file, or the telemetry's record). With it DEP's busiest owner carries its skew (DEP's
+        contiguous split), and the result gains ``hot``: the third answer, replicating only the
+        hottest experts (:func:`~dwdp_comm.bench.advise.hot.hot_replication`).
+    hot_experts : sequence of int, optional
+        Hot-set sizes to try (default 1, 2, 4, ... up to half the experts).
 
     Returns
     -------
@@ -188,7 +143,8 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
         ``schema``, ``inputs``, ``sources`` (what was measured, given or modelled), ``choice``
         (schedule, chunk, depth, reason), ``point`` (the asked load, :func:`predict_point`),
         ``memory``, ``sweep`` (rows per CV and token count), ``breakeven_tokens`` (per CV);
-        ``inputs["fabric_choice"]``: the fabric's basis, whether it is borrowed, and why.
+        ``inputs["fabric_choice"]``: the fabric's basis, whether it is borrowed, and why; with
+        ``routing``: ``hot`` and ``routing`` (the histogram's summary).
     """
     shape = get_shape(model)
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
@@ -208,6 +164,15 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
     G = group_size
     load = load_from(G, mean_tokens, cv, tokens, seq_len)
     choice = choose_fabric(fabric, G, device_name=device_name, detect=device_name is None)
+    hist = shares = None
+    if routing is not None:
+        hist = load_routing(routing).padded(shape.num_experts)
+        if hist.top_k is not None and hist.top_k != shape.top_k:
+            raise bad_arg("routing top_k", hist.top_k, f"{shape.top_k} (the model's top_k)",
+                          "a histogram recorded on another model?")
+        if G < 2:
+            raise bad_arg("group_size", G, ">= 2 with a routing histogram (one rank has no expert parallelism)")
+        shares = dep_owner_shares(hist, G)
     cvs = list(dict.fromkeys([0.0, float(cv)] if cvs is None else [float(c) for c in cvs]))
     sweep = sorted(set(int(s) for s in (sweep or [512 * 2 ** i for i in range(8)])))
     sweep_loads = {(c, s): load_from(G, s, c, None, seq_len) for c in cvs for s in sweep}
@@ -241,7 +206,7 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
                        f"fabric {fab.name}: {fab.pair_Bps / 1e9:.0f} GB/s pair")
     sources["prefetch"] = f"modelled: contention model (dwdp_comm.bench.model, per_stream executor) on {fab.name}"
     sources["all_to_all"] = f"modelled: bytes / ({a2a_efficiency:g} x pair rate) + 30 us, twice a layer"
-    mem_any = _memory(shape, G, weights, 1)
+    mem_any = memory_per_rank(shape, G, weights, 1)
     # a rank pulls the experts it lacks, (E - E/G) on average: E/G experts' bytes from each peer
     # (rounded down to 4 KiB; ceil(E/G) would over-count when G does not divide E)
     per_source = max(4096, shape.num_experts * mem_any["expert_nbytes"] // G // 4096 * 4096)
@@ -255,7 +220,7 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
     best = min((r for r in cands if r["prefetch_s"] <= fastest * 1.005),
                key=lambda r: (r["chunk_nbytes"] != 0, -r["chunk_nbytes"]))
     others = [r for r in cands if r is not best]
-    pt = predict_point(shape, load, costs, best["prefetch_s"], fab.pair_Bps, a2a_efficiency)
+    pt = predict_point(shape, load, costs, best["prefetch_s"], fab.pair_Bps, a2a_efficiency, owner_shares=shares)
     compute_min = min(d - e for d, e in zip(pt["dwdp_layer_s"], pt["dwdp_exposed_s"]))
     ratio = best["prefetch_s"] / compute_min
     hidden = ratio <= 1.0
@@ -275,12 +240,26 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
                  f"depth {depth} (the fewest slots) suffices" if hidden else
                  f"it exceeds the shortest rank's compute ({1e3 * compute_min:.2f} ms): exposed; depth {depth}, "
                  "since more slots cannot hide a bandwidth deficit (only more tokens per rank can)"))
-    rows = []
+    rows, triples = [], []
     for c in cvs:
         for s in sweep:
-            p = predict_point(shape, sweep_loads[(c, s)], costs, best["prefetch_s"], fab.pair_Bps, a2a_efficiency)
+            p = predict_point(shape, sweep_loads[(c, s)], costs, best["prefetch_s"], fab.pair_Bps, a2a_efficiency,
+                              owner_shares=shares)
             rows.append({"cv": c, **p})
-    be = {str(c): _breakeven([r for r in rows if r["cv"] == c]) for c in cvs}
+            triples.append((c, sweep_loads[(c, s)], p))
+    be = {str(c): breakeven_tokens([r for r in rows if r["cv"] == c]) for c in cvs}
+    extra = {}
+    if hist is not None:
+        def pull(per_source: int) -> float:
+            return prefetch_seconds(fab, per_source, best["schedule"], best["chunk_nbytes"])
+        extra["hot"] = hot_replication(shape, load, costs, hist, prefetch=pull, link_Bps=fab.pair_Bps, weights=weights,
+                                       depth=depth, cv=float(cv), point=pt, sweep=triples,
+                                       a2a_efficiency=a2a_efficiency, candidates=hot_experts)
+        extra["routing"] = {"source": hist.source, "layers": list(hist.layers), "num_experts": hist.num_experts,
+                            "top_k": hist.top_k, "dep_owner_skew": pt["dep_owner_skew"]}
+        sources["routing"] = (f"histogram {hist.source}: {len(hist.layers)} layer(s), {hist.num_experts} experts; "
+                              f"DEP's busiest owner computes {pt['dep_owner_skew']:.2f}x the mean routed rows "
+                              "(contiguous split)")
     return {"schema": SCHEMA, "model": asdict(shape), "group_size": G, "weights": weights,
             "inputs": {"tokens": list(load.tokens), "cv": cv, "mean_tokens": load.mean, "seq_len": seq_len,
                        "fabric": fab.as_dict(),
@@ -290,7 +269,8 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
             "interference": costs.interference, "candidates": cands,
             "choice": {"schedule": best["schedule"], "chunk_nbytes": best["chunk_nbytes"], "depth": depth,
                        "reason": reason},
-            "point": pt, "memory": _memory(shape, G, weights, depth), "sweep": rows, "breakeven_tokens": be}
+            "point": pt, "memory": memory_per_rank(shape, G, weights, depth), "sweep": rows, "breakeven_tokens": be,
+            **extra}
 
 
 def _cuda() -> bool:
