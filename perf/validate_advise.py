@@ -282,7 +282,7 @@ def fabric(args) -> dict:
     runs = {}
     for spec in ("auto", path):
         res = A.advise(args.model, args.group_size, weights=args.weights, measure="yes", fabric=spec,
-                       mean_tokens=args.tokens, cv=args.cv)
+                       mean_tokens=args.tokens, cv=args.cv, sweep=args.sweep)
         fc = res["inputs"]["fabric_choice"]
         runs["auto" if spec == "auto" else "file"] = {
             "fabric": res["inputs"]["fabric"], "fabric_choice": fc, "sources": res["sources"], "point": res["point"],
@@ -347,6 +347,7 @@ def main(argv=None) -> int:
     f.add_argument("--weights", default="bf16", choices=["bf16", "fp8"])
     f.add_argument("--tokens", type=int, default=8192)
     f.add_argument("--cv", type=float, default=0.2)
+    f.add_argument("--sweep", type=ints, default=[4096, 8192, 16384], help="tokens per rank of the curve")
     f.add_argument("--bytes", type=int, default=1 << 30, help="bytes of each whole copy of the measurement")
     f.add_argument("--fabric-file", help="where to keep the measured fabric file (default: a temporary file)")
     f.add_argument("--json")

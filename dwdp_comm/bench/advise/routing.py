@@ -2,7 +2,7 @@
 
 Read from a file a user gives (``dwdp-bench advise --routing FILE``) in any of these forms:
 
-* JSON as the telemetry records it (``/work/notes``' contract, ``dwdp_comm.routing_histogram``):
+* JSON as the telemetry records it (``dwdp_comm.routing_histogram``'s version 1 form, issue 26):
   ``{"format": "dwdp-routing-histogram", "version": 1, "num_experts": E, "top_k": k | null,
   "ranks": [...], "layers": {"3": {"tokens": T, "counts": [E ints]}, ...}}``, alone or under the
   top-level key ``"routing"`` of a whole telemetry file;
