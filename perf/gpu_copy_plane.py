@@ -130,7 +130,7 @@ def single_pair(group, iters: int, chunks, apis):
 
 def _single_pair_rank0(st, out, wanted, stream, gate, iters, chunks, apis, expert):
     """The measurements of :func:`single_pair` (rank 0 only; the peers wait in a barrier)."""
-    e = st.entries(0)["w"]
+    e = st.placement(0, "w")
     for api in apis:
         for chunk in chunks:
             with dc.Prefetcher(st, depth=1, chunk_nbytes=chunk, engine_options={"api": api}) as pf:
@@ -152,7 +152,7 @@ def _single_pair_rank0(st, out, wanted, stream, gate, iters, chunks, apis, exper
                 if chunk == chunks[0] and api == apis[0]:
                     # Raw copies between the very addresses the library uses.
                     src = st.heap.peer_ptrs[1] + e.heap_offset
-                    dst = pf.slot_ptr(0) + e.slot_offset + st.slot_index(e, wanted[0]) * e.spec.expert_nbytes
+                    dst = pf.slot_ptr(0) + e.slot_offset + e.slot_row(wanted[0]) * e.spec.expert_nbytes
                     for rchunk in sorted({2 * expert, *chunks}, reverse=True):
                         _timed_raw(dst, src, 2 * expert, rchunk, stream, gate)
                         ms = [_timed_raw(dst, src, 2 * expert, rchunk, stream, gate) for _ in range(iters)]
