@@ -20,7 +20,7 @@ host time ``prefetch()`` took to issue is reported separately.
 
 Usage::
 
-    python perf/gpu_copy_plane.py --out $OUT/gpu_copy_plane.json [--world-size 4] [--backends cuda_ipc,nvshmem]
+    python3 -m perf.gpu_copy_plane --out $OUT/gpu_copy_plane.json [--world-size 4] [--backends cuda_ipc,nvshmem]
 """
 
 from __future__ import annotations
@@ -36,15 +36,11 @@ import tempfile
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import dwdp_comm as dc  # noqa: E402
-from dwdp_comm import backends as dc_backends  # noqa: E402
-from dwdp_comm.bench import record  # noqa: E402
+import dwdp_comm as dc
+from dwdp_comm import backends as dc_backends
+from dwdp_comm.bench import record
 
 GiB, MiB = 1 << 30, 1 << 20
 
