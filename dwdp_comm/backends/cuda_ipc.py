@@ -199,7 +199,7 @@ class CudaIpcBackend(CudaBackendBase):
 
     Parameters
     ----------
-    comm : dwdp_comm.group.Comm
+    comm : dwdp_comm.comm.Comm
     vmm : bool or None
         None (default): VMM when every rank passes the handshake, else legacy IPC (logged).
         True: VMM or an error. False: legacy IPC.

@@ -2,7 +2,7 @@
 
 Bootstrap
     Rank 0 makes an NVSHMEM unique id; it travels to every rank over the torch.distributed group
-    (:class:`~dwdp_comm.group.Comm`), and each rank calls ``nvshmem.core.init(device=...,
+    (:class:`~dwdp_comm.comm.Comm`), and each rank calls ``nvshmem.core.init(device=...,
     uid=..., rank=group rank, nranks=group size, initializer_method="uid")``, so NVSHMEM PE
     numbers equal group ranks. If NVSHMEM was already initialised in this process with the same
     rank and size, it is reused and not finalised on close.
@@ -28,7 +28,7 @@ Slots
 Failures
     NVSHMEM's own collectives (``nvshmem_malloc``, ``nvshmem_free``, ``nvshmem_finalize``) have no
     timeout: a PE that never arrives hangs the others forever. So every one of them is entered only
-    after a step of the group (:class:`~dwdp_comm.group.Comm`, bounded by its timeout) saw every PE
+    after a step of the group (:class:`~dwdp_comm.comm.Comm`, bounded by its timeout) saw every PE
     arrive; a missing PE makes the others raise :class:`~dwdp_comm.errors.CollectiveTimeoutError`
     naming it instead. ``abort()`` (heap and backend; what ``__exit__`` runs while an exception
     unwinds) is local: it never enters a collective, and gives its symmetric buffers up (kept
