@@ -1,6 +1,7 @@
 """The shape of the code, checked from the source (no import runs): the import graph of dwdp_comm has
 no cycle and no import from a lower layer into a higher one; nothing edits ``sys.path`` or imports a
-file by its path; no library file passes 600 lines.
+file by its path; no library file passes 600 lines; one integer check, one round-up, one
+``describe``.
 
 The layers, bottom first (docs/design.md, "Layers"). A module belongs to the layer of its longest
 matching prefix; it may import its own layer and the layers below.
@@ -193,3 +194,46 @@ def test_no_library_file_over_600_lines():
     long = {p for p, n in sizes.items() if n > MAX_LINES}
     assert not long - KNOWN_LONG, {p: sizes[p] for p in sorted(long - KNOWN_LONG)}
     assert not KNOWN_LONG - long, f"now under {MAX_LINES} lines (remove from KNOWN_LONG): {sorted(KNOWN_LONG - long)}"
+
+
+# ---- one helper per rule -------------------------------------------------------------------------------
+INLINE_INT_CHECK = re.compile(r"isinstance\([\w.]+, bool\) or not (isinstance\([\w.]+, (int|\(int, np\.integer\))\)"
+                              r"|hasattr\([\w.]+, \"__index__\"\))")
+ROUND_UP = re.compile(r"\(\s*\w+\s*\+\s*\w+\s*-\s*1\s*\)\s*//\s*\w+\s*\*\s*\w+|def _(align|round_up)\b")
+OWN_DESCRIBE = re.compile(r"^def _?describe\(", re.M)
+# Inline integer checks in files other changes of issue 25 edit; each becomes checks.check_int when merged.
+KNOWN_INLINE_INT_CHECKS = {"engine_options.py": 1, "kernels/token_groups.py": 1, "kernels/numba_grouped.py": 1,
+                           "kernels/problem.py": 1, "kernels/torch_path.py": 1, "moe/tokens.py": 1, "prefetch.py": 4,
+                           "bench/model.py": 2, "bench/advise.py": 3}
+KNOWN_OWN_DESCRIBE = {"backends/sim.py"}  # its _describe becomes comm.describe when merged
+
+
+def _library_texts():
+    return {str(p.relative_to(PKG)): p.read_text() for p in sorted(PKG.rglob("*.py"))}
+
+
+def test_one_integer_check():
+    """Integer arguments go through checks.check_int (one rule: bool is not an int; one message)."""
+    found = {f: len(INLINE_INT_CHECK.findall(t)) for f, t in _library_texts().items() if f != "checks.py"}
+    found = {f: n for f, n in found.items() if n}
+    assert found == KNOWN_INLINE_INT_CHECKS, (f"inline integer checks (use dwdp_comm.checks.check_int): {found}; "
+                                              f"update KNOWN_INLINE_INT_CHECKS when one goes")
+
+
+def test_one_round_up_and_one_describe():
+    texts = _library_texts()
+    assert not [f for f, t in texts.items() if f != "checks.py" and ROUND_UP.search(t)], \
+        "round-ups outside dwdp_comm.checks.align_up"
+    own = {f for f, t in texts.items() if f != "comm.py" and OWN_DESCRIBE.search(t)}
+    assert own == KNOWN_OWN_DESCRIBE, f"describe() outside dwdp_comm.comm: {own}"
+
+
+@pytest.mark.parametrize("line, flagged", [
+    ("if isinstance(v, bool) or not isinstance(v, (int, np.integer)):", True),
+    ("if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:", True),
+    ('if isinstance(rank, bool) or not hasattr(rank, "__index__"):', True),
+    ("if isinstance(value, bool) or not isinstance(value, (int, float)):", False),  # a number, not an int
+    ("if not isinstance(flag, bool):", False),
+])
+def test_the_int_check_pattern(line, flagged):
+    assert bool(INLINE_INT_CHECK.search(line)) == flagged
