@@ -16,6 +16,10 @@ Placement (computed identically on every rank from the registrations gathered at
 
   ``gather`` (otherwise): the slot holds all ``num_experts`` experts and the plan also copies the
   local ones in (a local copy, never on the fabric).
+
+:meth:`WeightStore.placement` answers where one (layer, name) lives with a
+:class:`~dwdp_comm.placement.Placement` (offsets, mode, slot rows); :meth:`WeightStore.slot_view`
+with the :class:`~dwdp_comm.placement.SlotView` a prefetch slot gives.
 """
 
 from __future__ import annotations
