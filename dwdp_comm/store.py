@@ -446,6 +446,8 @@ class WeightStore:
         self.group.check_open()
 
     def check_committed(self) -> None:
+        """Raise :class:`~dwdp_comm.errors.ClosedError` after :meth:`close` (or a failed commit),
+        :class:`~dwdp_comm.errors.DwdpError` before :meth:`commit`. Local."""
         self._check_open()
         if not self._committed:
             raise DwdpError("WeightStore is not committed: call the collective commit() first")
