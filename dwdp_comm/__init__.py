@@ -24,13 +24,13 @@ from .group import Group, init
 from .layout import ExpertLayout
 from .planner import CopyPlan, CopyRange, make_plan, policies, register_policy
 from .prefetch import PrefetchHandle, Prefetcher
-from .store import TensorSpec, WeightStore
+from .placement import Placement, TensorSpec
+from .store import WeightStore
+from .version import __version__
 from . import testing
 
-__version__ = "0.1.0"
-
 __all__ = [
-    "init", "Group", "ExpertLayout", "WeightStore", "TensorSpec", "Prefetcher", "PrefetchHandle",
+    "init", "Group", "ExpertLayout", "WeightStore", "TensorSpec", "Placement", "Prefetcher", "PrefetchHandle",
     "CopyPlan", "CopyRange", "make_plan", "policies", "register_policy", "testing",
     "DwdpError", "InvalidArgumentError", "InvalidTypeError", "ClosedError", "CollectiveMismatchError",
     "BackendUnavailableError", "MissingDependencyError", "PeerAccessError", "SlotStillHeldError", "RankFailedError",

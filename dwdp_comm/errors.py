@@ -42,7 +42,8 @@ class InvalidTypeError(DwdpError, TypeError):
 
 
 class ClosedError(DwdpError, RuntimeError):
-    """An object was used after ``close()``, or closed twice."""
+    """An object was used after ``close()`` (a second ``close()`` does nothing: every ``close`` of
+    the library is idempotent)."""
 
 
 class CollectiveError(DwdpError, RuntimeError):

@@ -23,6 +23,7 @@ import traceback
 from multiprocessing.connection import wait as _wait_conns
 from typing import Any, Callable
 
+from .checks import check_int
 from .errors import RankFailedError, bad_arg
 
 __all__ = ["launch", "gpu_count"]
@@ -81,7 +82,8 @@ def _child(rank: int, world_size: int, init_file: str, backend: str | None, fn: 
             if backend is None:
                 result = fn(*args, **kwargs)
             else:
-                from .group import init, resolve_timeout
+                from .comm import resolve_timeout
+                from .group import init
                 options = dict(options)
                 # Collective steps give up before the whole run does, so that their error (naming
                 # the ranks that did not arrive) is what comes back, not a bare launch timeout.
@@ -150,16 +152,17 @@ def launch(fn: Callable, world_size: int, *args: Any, backend: str | None = "sim
 
     Raises
     ------
+    InvalidTypeError
+        ``world_size`` is not an int.
     InvalidArgumentError
-        ``world_size`` is not an int >= 1, or ``timeout`` is not > 0.
+        ``world_size`` is < 1, or ``timeout`` is not a number > 0.
     RankFailedError
         A rank raised (its exception is the ``__cause__`` and its traceback is in the message), died
         without a word, or the timeout passed. The message and the attributes ``failed`` (rank ->
         error), ``finished`` and ``unfinished`` (ranks) say what every rank had done; the other
         ranks were killed first.
     """
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-        raise bad_arg("world_size", world_size, "an int >= 1")
+    world_size = check_int("world_size", world_size, low=1)
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise bad_arg("timeout", timeout, "a number of seconds > 0")
     ctx = mp.get_context("spawn")

@@ -9,18 +9,10 @@ owner's range at once and lets a composite view map each owner's block with a si
 
 from __future__ import annotations
 
-from .errors import bad_arg, bad_type
+from .checks import check_int
+from .errors import bad_arg
 
 __all__ = ["ExpertLayout"]
-
-
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if isinstance(value, bool) or not hasattr(value, "__index__"):
-        raise bad_type(name, value, "an int")
-    value = int(value.__index__())
-    if value < minimum:
-        raise bad_arg(name, value, f"an int >= {minimum}")
-    return value
 
 
 class ExpertLayout:
@@ -48,15 +40,12 @@ class ExpertLayout:
     """
 
     def __init__(self, num_experts: int, group_size: int, rank: int):
-        self.group_size = _check_int("group_size", group_size, 1)
-        self.num_experts = _check_int("num_experts", num_experts, 1)
+        self.group_size = check_int("group_size", group_size, low=1)
+        self.num_experts = check_int("num_experts", num_experts, low=1)
         if self.num_experts < self.group_size:
             raise bad_arg("num_experts", self.num_experts, f"at least group_size={self.group_size}",
                           "every rank must own at least one expert")
-        rank = _check_int("rank", rank, 0)
-        if rank >= self.group_size:
-            raise bad_arg("rank", rank, f"an int in [0, {self.group_size})")
-        self.rank = rank
+        self.rank = check_int("rank", rank, low=0, high=self.group_size - 1)
         base, extra = divmod(self.num_experts, self.group_size)
         self._base, self._extra = base, extra
         # first[r] = first global expert of rank r; first[G] = E.
@@ -65,17 +54,17 @@ class ExpertLayout:
     # ---- per rank ---------------------------------------------------------------------------
     def num_experts_of(self, rank: int) -> int:
         """Number of experts owned by ``rank``."""
-        self._check_rank(rank)
+        rank = self._check_rank(rank)
         return self._first[rank + 1] - self._first[rank]
 
     def first_expert(self, rank: int) -> int:
         """Global index of the first expert owned by ``rank``."""
-        self._check_rank(rank)
+        rank = self._check_rank(rank)
         return self._first[rank]
 
     def experts_of(self, rank: int) -> range:
         """Global experts owned by ``rank`` (a contiguous range)."""
-        self._check_rank(rank)
+        rank = self._check_rank(rank)
         return range(self._first[rank], self._first[rank + 1])
 
     @property
@@ -116,29 +105,22 @@ class ExpertLayout:
 
     def global_expert(self, rank: int, local_index: int) -> int:
         """Global index of the ``local_index``-th expert of ``rank``."""
-        n = self.num_experts_of(rank)
-        if isinstance(local_index, bool) or not hasattr(local_index, "__index__"):
-            raise bad_type("local_index", local_index, "an int")
-        if not 0 <= local_index < n:
-            raise bad_arg("local_index", local_index, f"an int in [0, {n}) for rank {rank}")
-        return self._first[rank] + int(local_index)
+        rank = self._check_rank(rank)
+        n = self._first[rank + 1] - self._first[rank]
+        local_index = check_int("local_index", local_index, low=0, high=n - 1,
+                                expected=f"an int in [0, {n}) for rank {rank}")
+        return self._first[rank] + local_index
 
     def is_local(self, expert: int) -> bool:
         """True when this rank owns global ``expert``."""
         return self.owner(expert) == self.rank
 
     # ---- helpers ----------------------------------------------------------------------------
-    def _check_rank(self, rank: int) -> None:
-        if isinstance(rank, bool) or not hasattr(rank, "__index__") or not 0 <= rank < self.group_size:
-            raise bad_arg("rank", rank, f"an int in [0, {self.group_size})")
+    def _check_rank(self, rank: int) -> int:
+        return check_int("rank", rank, low=0, high=self.group_size - 1)
 
     def _check_expert(self, expert: int) -> int:
-        if isinstance(expert, bool) or not hasattr(expert, "__index__"):
-            raise bad_type("expert", expert, "an int")
-        expert = int(expert.__index__())
-        if not 0 <= expert < self.num_experts:
-            raise bad_arg("expert", expert, f"an int in [0, {self.num_experts})")
-        return expert
+        return check_int("expert", expert, low=0, high=self.num_experts - 1)
 
     def for_rank(self, rank: int) -> "ExpertLayout":
         """The same layout seen from another rank."""

@@ -35,6 +35,7 @@ from typing import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from .checks import check_int
 from .errors import bad_arg, bad_type
 
 __all__ = ["CopyRange", "CopyPlan", "make_plan", "register_policy", "policies", "PlanCache"]
@@ -265,10 +266,7 @@ def make_plan(ranges: Iterable[CopyRange], *, rank: int, group_size: int, policy
     """
     if policy not in _POLICIES:
         raise bad_arg("policy", policy, f"one of {policies()}")
-    if isinstance(chunk_nbytes, bool) or not isinstance(chunk_nbytes, (int, np.integer)):
-        raise bad_type("chunk_nbytes", chunk_nbytes, "an int")
-    if chunk_nbytes <= 0:
-        raise bad_arg("chunk_nbytes", chunk_nbytes, "an int > 0")
+    chunk_nbytes = check_int("chunk_nbytes", chunk_nbytes, low=1, expected="an int > 0")
     ranges = list(ranges)
     for r in ranges:
         if not 0 <= r.src_rank < group_size:

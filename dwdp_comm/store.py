@@ -16,86 +16,31 @@ Placement (computed identically on every rank from the registrations gathered at
 
   ``gather`` (otherwise): the slot holds all ``num_experts`` experts and the plan also copies the
   local ones in (a local copy, never on the fabric).
+
+:meth:`WeightStore.placement` answers where one (layer, name) lives with a
+:class:`~dwdp_comm.placement.Placement` (offsets, mode, slot rows); :meth:`WeightStore.slot_view`
+with the :class:`~dwdp_comm.placement.SlotView` a prefetch slot gives.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 
+from .checks import align_up, check_int
+from .comm import describe
 from .errors import ClosedError, CollectiveError, CollectiveMismatchError, DwdpError, TransportError, bad_arg, bad_type
-from .group import Group, describe
+from .group import Group
 from .layout import ExpertLayout
+from .placement import COMPOSITE, GATHER, Placement, SlotView, TensorSpec, as_experts
 from .planner import CopyRange
 
-__all__ = ["TensorSpec", "WeightStore", "SlotView", "ViewPiece", "as_experts"]
+__all__ = ["WeightStore"]
 
 log = logging.getLogger("dwdp_comm")
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a registered name is: element dtype and the shape of one expert's tensor."""
-
-    name: str
-    dtype: torch.dtype
-    expert_shape: tuple[int, ...]
-
-    @property
-    def expert_nbytes(self) -> int:
-        """Bytes of one expert's tensor."""
-        return math.prod(self.expert_shape) * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """Where one (layer, name) lives: absolute heap offset, slot offset, and slot mode."""
-
-    spec: TensorSpec
-    heap_offset: int
-    slot_offset: int
-    mode: str  # "composite" or "gather"
-
-
-@dataclass(frozen=True)
-class ViewPiece:
-    """One piece of a :class:`SlotView`: experts ``[first, first + count)`` at bytes
-    ``[offset, offset + nbytes)`` of ``source``: ``"slot"`` (the prefetch slot's buffer) or
-    ``"heap"`` (this rank's part of the heap, ``store.heap.local``)."""
-
-    first: int
-    count: int
-    source: str
-    offset: int
-    nbytes: int
-
-
-@dataclass(frozen=True)
-class SlotView:
-    """Which view a prefetch slot gives for one (layer, name): the answer of :meth:`WeightStore.slot_view`.
-
-    ``mode="gather"``: one piece, the slot holds all ``num_experts`` experts. ``mode="composite"``:
-    the pieces (non-empty, in expert order) are mapped back to back into one range, the local
-    experts being the heap pages themselves.
-    """
-
-    mode: str
-    spec: TensorSpec
-    num_experts: int
-    pieces: tuple[ViewPiece, ...]
-
-    def typed(self, raw: torch.Tensor) -> torch.Tensor:
-        """``raw`` (``uint8``, the bytes of all the pieces back to back) as ``[num_experts, *expert_shape]``."""
-        return as_experts(raw, self.spec, self.num_experts)
 
 
 def _as_tensor(shard: Any) -> torch.Tensor:
@@ -138,7 +83,7 @@ class WeightStore:
         self.group, self.layout = group, layout
         self._backend = group.impl
         self._shards: dict[int, dict[str, torch.Tensor]] = {}
-        self._entries: dict[int, dict[str, _Entry]] = {}
+        self._entries: dict[int, dict[str, Placement]] = {}
         self._layer_base: dict[int, int] = {}
         self._slot_nbytes: dict[int, int] = {}
         self._signature: dict[int, tuple] = {}
@@ -180,17 +125,13 @@ class WeightStore:
         if self._committed:
             raise DwdpError(f"register(layer={layer!r}, name={name!r}) after commit(): register every tensor "
                             "before the collective commit()")
-        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)):
-            raise bad_type("layer", layer, "an int")
-        if layer < 0:
-            raise bad_arg("layer", layer, "an int >= 0")
+        layer = check_int("layer", layer, low=0)
         if not isinstance(name, str) or not name:
             raise bad_arg("name", name, "a non-empty str")
         t = _as_tensor(shard)
         if t.dim() < 1:
             raise bad_arg("shard", f"a tensor of shape {tuple(t.shape)}",
                           "a tensor with a leading expert dimension [num_local_experts, ...]")
-        layer = int(layer)
         if name in self._shards.get(layer, {}):
             raise bad_arg("name", name, f"a name not yet registered for layer {layer}")
         self._shards.setdefault(layer, {})[name] = t
@@ -284,25 +225,25 @@ class WeightStore:
         nl = lay.num_local_experts
         off = 0
         for layer in sorted(self._shards):
-            off = _align(off, align)
+            off = align_up(off, align)
             self._layer_base[layer] = off
             entries, slot_off = {}, 0
             for name in sorted(self._shards[layer]):
                 t = self._shards[layer][name]
                 spec = TensorSpec(name, t.dtype, tuple(int(s) for s in t.shape[1:]))
                 nb = spec.expert_nbytes
-                mode = "composite" if self._blocks_on_pages(nb, gran) else "gather"
-                off = _align(off, align)
-                slot_off = _align(slot_off, align)
-                entries[name] = _Entry(spec, off, slot_off, mode)
+                mode = COMPOSITE if self._blocks_on_pages(nb, gran) else GATHER
+                off = align_up(off, align)
+                slot_off = align_up(slot_off, align)
+                entries[name] = Placement(spec, mode, off, slot_off, lay.num_experts, lay.local_experts)
                 off += lay.max_local_experts * nb
-                slot_off += (lay.num_experts - (nl if mode == "composite" else 0)) * nb
+                slot_off += (lay.num_experts - (nl if mode == COMPOSITE else 0)) * nb
             self._entries[layer] = entries
-            self._slot_nbytes[layer] = _align(slot_off, align)
+            self._slot_nbytes[layer] = align_up(slot_off, align)
             base = self._layer_base[layer]
             self._signature[layer] = tuple((n, e.spec.expert_nbytes, e.heap_offset - base, e.slot_offset, e.mode)
                                            for n, e in entries.items())
-        self._heap_nbytes = max(_align(off, align), align)
+        self._heap_nbytes = max(align_up(off, align), align)
 
     def _blocks_on_pages(self, expert_nbytes: int, gran: int | None) -> bool:
         """True when every rank's block of experts starts and ends on a mapping page: what a
@@ -316,7 +257,7 @@ class WeightStore:
     def _heap_boundaries(self) -> list[int]:
         """Where composite views cut the heap: around each composite entry's local block."""
         nl = self.layout.num_local_experts
-        return sorted({b for ents in self._entries.values() for e in ents.values() if e.mode == "composite"
+        return sorted({b for ents in self._entries.values() for e in ents.values() if e.mode == COMPOSITE
                        for b in (e.heap_offset, e.heap_offset + nl * e.spec.expert_nbytes)})
 
     def slot_boundaries(self) -> list[int]:
@@ -325,7 +266,7 @@ class WeightStore:
         self.check_committed()
         lay = self.layout
         first, nl = lay.first_expert(lay.rank), lay.num_local_experts
-        return sorted({b for ents in self._entries.values() for e in ents.values() if e.mode == "composite"
+        return sorted({b for ents in self._entries.values() for e in ents.values() if e.mode == COMPOSITE
                        for b in (e.slot_offset, e.slot_offset + first * e.spec.expert_nbytes,
                                  e.slot_offset + (lay.num_experts - nl) * e.spec.expert_nbytes)})
 
@@ -399,23 +340,13 @@ class WeightStore:
         for e in self._layer(layer).values():
             nb = e.spec.expert_nbytes
             todo = runs
-            if e.mode == "gather":
+            if e.mode == GATHER:
                 todo = sorted(runs + [(lay.rank, lay.first_expert(lay.rank), lay.num_local_experts)],
                               key=lambda r: r[1])
             for owner, start, count in todo:
                 src = e.heap_offset - base + (start - lay.first_expert(owner)) * nb
-                out.append(CopyRange(owner, src, e.slot_offset + self.slot_index(e, start) * nb, count * nb))
+                out.append(CopyRange(owner, src, e.slot_offset + e.slot_row(start) * nb, count * nb))
         return out
-
-    def slot_index(self, entry: _Entry, expert: int) -> int:
-        """Row of global ``expert`` in the slot of ``entry``'s name."""
-        if entry.mode == "gather":
-            return expert
-        lay = self.layout
-        first = lay.first_expert(lay.rank)
-        if first <= expert < first + lay.num_local_experts:
-            raise bad_arg("expert", expert, "a remote expert (local experts are not in the slot)")
-        return expert if expert < first else expert - lay.num_local_experts
 
     def layer_signature(self, layer: int) -> tuple:
         """Hashable description of ``layer``'s placement relative to its base (plan cache key)."""
@@ -431,23 +362,17 @@ class WeightStore:
         """Which view a prefetch slot gives for ``name`` of ``layer``: the pieces of the slot and of
         this rank's heap part that make its ``[num_experts, ...]`` tensor (see :class:`SlotView`).
         Not collective; raises for an unregistered layer or name."""
-        e, lay = self._entry(layer, name), self.layout
-        nb, E = e.spec.expert_nbytes, lay.num_experts
-        if e.mode == "gather":
-            return SlotView("gather", e.spec, E, (ViewPiece(0, E, "slot", e.slot_offset, E * nb),))
-        first, nl = lay.first_expert(lay.rank), lay.num_local_experts
-        pieces = [ViewPiece(0, first, "slot", e.slot_offset, first * nb),
-                  ViewPiece(first, nl, "heap", e.heap_offset, nl * nb),
-                  ViewPiece(first + nl, E - first - nl, "slot", e.slot_offset + first * nb, (E - first - nl) * nb)]
-        return SlotView("composite", e.spec, E, tuple(p for p in pieces if p.count))
+        return self._entry(layer, name).view()
+
+    def placement(self, layer: int, name: str) -> Placement:
+        """Where ``name`` of ``layer`` lives on this rank: heap and slot offsets, slot mode, spec
+        (see :class:`~dwdp_comm.placement.Placement`). Not collective; raises for an unregistered
+        layer or name."""
+        return self._entry(layer, name)
 
     def attach(self, prefetcher: Any) -> None:
         """Register ``prefetcher`` (made over this store): :meth:`close` and :meth:`abort` close it first."""
         self._prefetchers.append(prefetcher)
-
-    def entries(self, layer: int) -> dict[str, _Entry]:
-        """Placement of every name of ``layer``: spec, heap offset, slot offset, slot mode."""
-        return dict(self._layer(layer))
 
     # ---- close ---------------------------------------------------------------------------------
     def close(self) -> None:
@@ -521,18 +446,20 @@ class WeightStore:
         self.group.check_open()
 
     def check_committed(self) -> None:
+        """Raise :class:`~dwdp_comm.errors.ClosedError` after :meth:`close` (or a failed commit),
+        :class:`~dwdp_comm.errors.DwdpError` before :meth:`commit`. Local."""
         self._check_open()
         if not self._committed:
             raise DwdpError("WeightStore is not committed: call the collective commit() first")
 
-    def _layer(self, layer: int) -> dict[str, _Entry]:
+    def _layer(self, layer: int) -> dict[str, Placement]:
         self.check_committed()
         ents = self._entries.get(layer) if isinstance(layer, (int, np.integer)) else None
         if ents is None:
             raise bad_arg("layer", layer, f"a registered layer, one of {sorted(self._entries)}")
         return ents
 
-    def _entry(self, layer: int, name: str) -> _Entry:
+    def _entry(self, layer: int, name: str) -> Placement:
         ents = self._layer(layer)
         if name not in ents:
             raise bad_arg("name", name, f"a name registered for layer {layer}, one of {sorted(ents)}")
@@ -552,11 +479,6 @@ def _shard_bytes(t: torch.Tensor) -> torch.Tensor:
     if t.is_conj() or t.is_neg():
         t = t.resolve_conj().resolve_neg()  # a lazy view: materialise its values
     return t.detach().contiguous().reshape(-1).view(torch.uint8)
-
-
-def as_experts(raw: torch.Tensor, spec: TensorSpec, count: int) -> torch.Tensor:
-    """View ``raw`` bytes as ``[count, *expert_shape]`` of the spec's dtype."""
-    return raw.view(spec.dtype).view(count, *spec.expert_shape)
 
 
 def _runs(experts: tuple[int, ...], lay: ExpertLayout) -> list[tuple[int, int, int]]:

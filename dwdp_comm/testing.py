@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from .comm import describe
 from .errors import bad_arg
 from .launch import gpu_count, launch
 
@@ -60,7 +61,6 @@ def check_local_unchanged(store, digest: dict) -> None:
     CollectiveTimeoutError, TransportError
         A rank did not arrive in time, or died.
     """
-    from .group import describe
     err, cause = None, None
     try:
         now = local_digest(store)

@@ -18,8 +18,8 @@ concurrently; with fewer GPUs than ranks they share GPUs (rank r on GPU r % n): 
 
 Usage::
 
-    python3 perf/bench_graphs.py [--tokens 1024,2048,4096,8192,16384] [--out FILE]   (default $OUT/bench_graphs.json)
-    python3 perf/bench_graphs.py --smoke --out FILE     # CPU: sim backend, toy sizes, eager only (no graphs)
+    python3 -m perf.bench_graphs [--tokens 1024,2048,4096,8192,16384] [--out FILE]   (default $OUT/bench_graphs.json)
+    python3 -m perf.bench_graphs --smoke --out FILE     # CPU: sim backend, toy sizes, eager only (no graphs)
 """
 
 from __future__ import annotations
@@ -34,14 +34,13 @@ import sys
 import time
 from datetime import datetime, timezone
 
-os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before torch is imported
 import torch  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import dwdp_comm as dc  # noqa: E402
 from dwdp_comm import moe  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):

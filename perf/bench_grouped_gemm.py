@@ -47,9 +47,9 @@ Ratio = t_raw / t_variant computed within each round (clock drift cancels), then
 rounds (p10-p90 given); ratio >= 1 means as fast as raw. Times are medians over rounds.
 
 Usage:
-  CUDA_VISIBLE_DEVICES=0 python3 perf/bench_grouped_gemm.py --json FILE   # full run, ~2 min on an H200
-  python3 perf/bench_grouped_gemm.py --smoke                              # tiny shapes; runs on CPU too
-  OUT=/some/dir python3 perf/bench_grouped_gemm.py                        # writes $OUT/grouped_gemm.json
+  CUDA_VISIBLE_DEVICES=0 python3 -m perf.bench_grouped_gemm --json FILE   # full run, ~2 min on an H200
+  python3 -m perf.bench_grouped_gemm --smoke                              # tiny shapes; runs on CPU too
+  OUT=/some/dir python3 -m perf.bench_grouped_gemm                        # writes $OUT/grouped_gemm.json
 """
 
 from __future__ import annotations
@@ -66,9 +66,6 @@ import traceback
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # big, varying outputs
 import torch  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import dwdp_comm.kernels as K  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402

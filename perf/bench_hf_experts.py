@@ -17,7 +17,7 @@ DeepSeek-V3). Variants, all on the same weights and routing:
 Correctness: every variant against hf before timing (relative Frobenius error, bf16 tolerance).
 Timing: dwdp_comm.bench.timing.Timer, as perf/bench_grouped_gemm.py (sustained blocks, random order
 per round, ratios within a round). Ratio = t_hf / t_variant (>= 1: as fast as HF).
-Usage: python3 perf/bench_hf_experts.py [--json FILE]   (default $OUT/hf_experts.json)
+Usage: python3 -m perf.bench_hf_experts [--json FILE]   (default $OUT/hf_experts.json)
 """
 
 from __future__ import annotations
@@ -31,14 +31,11 @@ import sys
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import torch  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
-
 import dwdp_comm.kernels as K  # noqa: E402
+from dwdp_comm import moe  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
 from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
-from dwdp_comm import moe  # noqa: E402
 from dwdp_comm.kernels import triton_moe  # noqa: E402
 
 OWNERS = 4

@@ -6,7 +6,7 @@ A layer has 256 routed experts and 3 tensors per expert (bf16 w13 [7168, 4096], 
 remote experts) and a partial one (a random half of the remote experts, which fragments the runs),
 for group sizes 4 and 8, every policy, chunk sizes 2 and 8 MiB.
 
-Usage: python perf/bench_planner.py [--json FILE] [--seconds S] [--min-plans-per-s R]
+Usage: python3 -m perf.bench_planner [--json FILE] [--seconds S] [--min-plans-per-s R]
 
 Prints one row per case; ``--json`` also writes them with the machine, date and commit (the
 committed result is perf/results/planner_cpu.json). ``--min-plans-per-s`` exits 1 when a case is

@@ -1,11 +1,11 @@
 """Time-to-error of each fault case of issue 13 on the sim backend (CPU).
 
-Runs the rank functions of tests/helpers/rankfns.py through dwdp_comm.launch.launch and records, per case,
+Runs the rank functions of perf/fault_cases.py through dwdp_comm.launch.launch and records, per case,
 what the surviving ranks raised and how long after the fault they raised it (measured inside the
 ranks), plus the wall time of the whole launch. Writes perf/results/fault_times_cpu.json with the
 machine, date and commit.
 
-Usage: python perf/fault_times.py [--json FILE]
+Usage: python3 -m perf.fault_times [--json FILE]   (from the repository root)
 """
 
 from __future__ import annotations
@@ -19,13 +19,12 @@ import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)  # this checkout's dwdp_comm and its tests package
+import dwdp_comm as dc
+from dwdp_comm.bench import record
+from dwdp_comm.launch import launch
+from perf import fault_cases as cases
 
-import dwdp_comm as dc  # noqa: E402
-from dwdp_comm.bench import record  # noqa: E402
-from tests.helpers import rankfns  # noqa: E402
-from dwdp_comm.launch import launch  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _case(name, fn, *args, **kw):
@@ -55,16 +54,16 @@ def main() -> int:
     args = ap.parse_args()
     rows = []
 
-    r = _case("commit: one rank's shard is a meta tensor (3 ranks)", rankfns.commit_local_failure, 3, 1, "meta", 1)
+    r = _case("commit: one rank's shard is a meta tensor (3 ranks)", cases.commit_local_failure, 3, 1, "meta", 1)
     rows.append({"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({x["error"]["type"] for x in r["results"]}),
                  "time_to_error_s": max(x["time_to_error_s"] for x in r["results"])})
 
-    r = _case("commit: one rank's shard is sparse (3 ranks)", rankfns.commit_local_failure, 3, 1, "sparse", 1)
+    r = _case("commit: one rank's shard is sparse (3 ranks)", cases.commit_local_failure, 3, 1, "sparse", 1)
     rows.append({"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({x["error"]["type"] for x in r["results"]}),
                  "time_to_error_s": max(x["time_to_error_s"] for x in r["results"])})
 
     for timeout in (2.0, 5.0):
-        r = _case(f"stuck rank at a barrier, timeout {timeout:g} s (3 ranks)", rankfns.stuck_rank, 3, 2, timeout + 6,
+        r = _case(f"stuck rank at a barrier, timeout {timeout:g} s (3 ranks)", cases.stuck_rank, 3, 2, timeout + 6,
                   options={"timeout": timeout}, timeout=60)
         got = [x for x in r["results"] if x]
         rows.append({"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({x["type"] for x in got}),
@@ -73,46 +72,46 @@ def main() -> int:
     for where in ("barrier", "commit"):
         with tempfile.TemporaryDirectory() as d:
             r = _case(f"rank dies (os._exit) {'before a barrier' if where == 'barrier' else 'inside commit heap step'} "
-                      "(3 ranks)", rankfns.dead_rank, 3, 1, where, d, timeout=60)
+                      "(3 ranks)", cases.dead_rank, 3, 1, where, d, timeout=60)
             got = [json.load(open(p)) for p in glob.glob(os.path.join(d, "*.json"))]
         rows.append({"case": r["case"], "wall_s": r["wall_s"], "raised": sorted({x["type"] for x in got}),
                      "missing": got[0]["missing"] if got else None, "launch_error": r["launch_error"],
                      "time_to_error_s": max(x["time_to_error_s"] for x in got) if got else None})
 
-    r = _case("exception inside `with store` on one rank, timeout 2 s (3 ranks)", rankfns.exit_during_exception, 3, 0,
+    r = _case("exception inside `with store` on one rank, timeout 2 s (3 ranks)", cases.exit_during_exception, 3, 0,
               options={"timeout": 2}, timeout=60)
     row = _errors_row(r, [x["error"] for x in r["results"][1:]])
     row["exit_s_on_failing_rank"] = r["results"][0]["exit_s"]
     rows.append(row)
 
-    r = _case("ranks in different steps: a barrier meets a commit (3 ranks)", rankfns.steps_mismatch, 3,
+    r = _case("ranks in different steps: a barrier meets a commit (3 ranks)", cases.steps_mismatch, 3,
               options={"timeout": 20}, timeout=60)
     rows.append(_errors_row(r, r["results"]))
 
-    r = _case("a copy failure on one rank found in WeightStore.close (3 ranks)", rankfns.close_with_failed_copy, 3, 1,
+    r = _case("a copy failure on one rank found in WeightStore.close (3 ranks)", cases.close_with_failed_copy, 3, 1,
               1, options={"timeout": 20}, timeout=60)
     rows.append(_errors_row(r, r["results"]))
 
     r = _case("a write into one rank's heap, found by testing.check_local_unchanged (3 ranks)",
-              rankfns.heap_write_detection, 3, 2, 1, timeout=60)
+              cases.heap_write_detection, 3, 2, 1, timeout=60)
     rows.append(_errors_row(r, [x["after_heap_write"] for x in r["results"]]))
 
     r = _case("nvshmem (fake nvshmem4py): one rank aborts its heap, the others close, timeout 2 s (3 ranks)",
-              rankfns.nvshmem_heap_abort, 3, 1, options={"timeout": 2}, timeout=60)
+              cases.nvshmem_heap_abort, 3, 1, options={"timeout": 2}, timeout=60)
     row = _errors_row(r, [x["error"] for x in r["results"]])
     row["abort_s_on_failing_rank"] = r["results"][1]["seconds"]
     row["nvshmem_collectives_entered"] = sorted({c for x in r["results"] for c in x["calls"]})
     rows.append(row)
 
     r = _case("nvshmem (fake nvshmem4py): one rank never reaches heap creation, timeout 2 s (2 ranks)",
-              rankfns.nvshmem_heap_late_rank, 2, 1, options={"timeout": 2}, timeout=60)
+              cases.nvshmem_heap_late_rank, 2, 1, options={"timeout": 2}, timeout=60)
     row = _errors_row(r, [x["error"] for x in r["results"] if x])
     row["nvshmem_collectives_entered"] = sorted({c for x in r["results"] if x for c in x["calls"]})
     rows.append(row)
 
     t0 = time.perf_counter()
     try:
-        launch(rankfns.finish_or_sleep, 3, [2], timeout=20)
+        launch(cases.finish_or_sleep, 3, [2], timeout=20)
         msg = None
     except dc.RankFailedError as exc:
         msg = str(exc).splitlines()[0]
@@ -122,9 +121,9 @@ def main() -> int:
                  "unfinished": unfinished if msg else None, "message": msg})
 
     with tempfile.TemporaryDirectory() as d:
-        code = (f"import sys; sys.path.insert(0, {ROOT!r}); import dwdp_comm as dc; "
-                f"from tests.helpers import rankfns; dc.launch.launch(rankfns.pid_and_sleep, 2, {d!r}, timeout=300)")
-        p = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        code = ("import dwdp_comm as dc; from perf import fault_cases; "
+                f"dc.launch.launch(fault_cases.pid_and_sleep, 2, {d!r}, timeout=300)")
+        p = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True)  # cwd: perf importable
         while len(glob.glob(os.path.join(d, "*.pid"))) < 2:
             time.sleep(0.05)
         pids = [int(open(f).read()) for f in glob.glob(os.path.join(d, "*.pid"))]

@@ -20,7 +20,7 @@ host time ``prefetch()`` took to issue is reported separately.
 
 Usage::
 
-    python perf/gpu_copy_plane.py --out $OUT/gpu_copy_plane.json [--world-size 4] [--backends cuda_ipc,nvshmem]
+    python3 -m perf.gpu_copy_plane --out $OUT/gpu_copy_plane.json [--world-size 4] [--backends cuda_ipc,nvshmem]
 """
 
 from __future__ import annotations
@@ -36,15 +36,11 @@ import tempfile
 import time
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import dwdp_comm as dc  # noqa: E402
-from dwdp_comm import backends as dc_backends  # noqa: E402
-from dwdp_comm.bench import record  # noqa: E402
+import dwdp_comm as dc
+from dwdp_comm import backends as dc_backends
+from dwdp_comm.bench import record
 
 GiB, MiB = 1 << 30, 1 << 20
 
@@ -130,7 +126,7 @@ def single_pair(group, iters: int, chunks, apis):
 
 def _single_pair_rank0(st, out, wanted, stream, gate, iters, chunks, apis, expert):
     """The measurements of :func:`single_pair` (rank 0 only; the peers wait in a barrier)."""
-    e = st.entries(0)["w"]
+    e = st.placement(0, "w")
     for api in apis:
         for chunk in chunks:
             with dc.Prefetcher(st, depth=1, chunk_nbytes=chunk, engine_options={"api": api}) as pf:
@@ -152,7 +148,7 @@ def _single_pair_rank0(st, out, wanted, stream, gate, iters, chunks, apis, exper
                 if chunk == chunks[0] and api == apis[0]:
                     # Raw copies between the very addresses the library uses.
                     src = st.heap.peer_ptrs[1] + e.heap_offset
-                    dst = pf.slot_ptr(0) + e.slot_offset + st.slot_index(e, wanted[0]) * e.spec.expert_nbytes
+                    dst = pf.slot_ptr(0) + e.slot_offset + e.slot_row(wanted[0]) * e.spec.expert_nbytes
                     for rchunk in sorted({2 * expert, *chunks}, reverse=True):
                         _timed_raw(dst, src, 2 * expert, rchunk, stream, gate)
                         ms = [_timed_raw(dst, src, 2 * expert, rchunk, stream, gate) for _ in range(iters)]

@@ -18,8 +18,8 @@ per-layer local/heap bytes. JSON with machine, date and commit.
 
 Usage::
 
-    python perf/hf_memory.py --world-size 2                    # GPU: cuda_ipc (ranks may share one GPU)
-    python perf/hf_memory.py --smoke --json /tmp/m.json        # CPU: sim backend, tiny sizes
+    python3 -m perf.hf_memory --world-size 2                    # GPU: cuda_ipc (ranks may share one GPU)
+    python3 -m perf.hf_memory --smoke --json /tmp/m.json        # CPU: sim backend, tiny sizes
 """
 
 from __future__ import annotations
@@ -31,13 +31,12 @@ import os
 import sys
 import tempfile
 
+import torch
+
+import dwdp_comm as dc
+from dwdp_comm.bench import record
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import torch  # noqa: E402
-
-import dwdp_comm as dc  # noqa: E402
-from dwdp_comm.bench import record  # noqa: E402
 
 MODELS = ("qwen3_30b_a3b", "deepseek_v3", "mixtral_8x7b")
 GIB = 1 << 30

@@ -22,7 +22,7 @@ of the cuda_ipc backend):
   per_expert          grouped_gemm, method per_expert: torch.mm per expert into the output, in
                       order on the current stream
 
-Usage: CUDA_VISIBLE_DEVICES=0 python3 perf/probe_split_gemm.py --json FILE
+Usage: CUDA_VISIBLE_DEVICES=0 python3 -m perf.probe_split_gemm --json FILE
 """
 
 from __future__ import annotations
@@ -40,9 +40,6 @@ import traceback
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.dirname(HERE))
 
 import dwdp_comm.kernels as K  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402

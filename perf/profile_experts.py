@@ -5,7 +5,7 @@ variant (whole weights; 4 pieces in separate allocations): host time per call (l
 sync), GPU time per call in a sustained run (CUDA events), and a torch.profiler table of the split
 variant (top ops by self CPU time, the host syncs it makes). A diagnosis tool, not a benchmark of
 record: bench_hf_experts.py is that.
-Usage: python3 perf/profile_experts.py [--tokens 4096] [--experts 128 --hidden 2048 --inter 768] [--out FILE]
+Usage: python3 -m perf.profile_experts [--tokens 4096] [--experts 128 --hidden 2048 --inter 768] [--out FILE]
 """
 from __future__ import annotations
 

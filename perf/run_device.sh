@@ -62,7 +62,7 @@ head -40 "$OUT/logs/info.log"
 if [ "$PART" = copy ]; then
     step pytest_gpu "${T_PYTEST:-230}" python3 -m pytest tests/gpu -q -rs -p no:cacheprovider \
         --timeout=200 --junitxml="$OUT/logs/pytest_gpu.xml"
-    TAILN=12 step copy_plane "${T_PERF:-150}" python3 perf/gpu_copy_plane.py --out "$OUT/gpu_copy_plane.json" \
+    TAILN=12 step copy_plane "${T_PERF:-150}" python3 -m perf.gpu_copy_plane --out "$OUT/gpu_copy_plane.json" \
         --world-size "$G" --timeout 130
     TAILN=40 step contention "${T_CONT:-110}" $BENCH contention --backend cuda_ipc -b 256M -e 1G -f 4 --chunk 0,8M,64M \
         -s parallel,naive,rotated,round_robin,batch,tdm,graph -p pair,full -n 5 -w 1 \
@@ -80,13 +80,13 @@ if [ "$PART" = copy ]; then
 elif [ "$PART" = compute ]; then
     export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
     sweep() {  # sweep NAME SECONDS WEIGHTS
-        TAILN=40 step "$1" "$2" python3 perf/sweep_deepseek.py --means "${MEANS:-4096,8192,16384,32768}" \
+        TAILN=40 step "$1" "$2" python3 -m perf.sweep_deepseek --means "${MEANS:-4096,8192,16384,32768}" \
             --cvs "${CVS:-0,0.2,0.4}" --weights "$3" --layers 4 --iters "${ITERS:-3}" \
             --prefetch-gbps "${PREFETCH_GBPS:-390}" --timeout "$(( $2 / 2 - 10 ))" \
             --json "$OUT/deepseek_sweep_$3.json" --plot "$OUT/deepseek_sweep_$3.png"
     }
     sweep sweep_bf16 "${T_SWEEP:-260}" bf16
-    TAILN=30 CUDA_VISIBLE_DEVICES=0 step grouped_gemm "${T_GEMM:-240}" python3 perf/bench_grouped_gemm.py \
+    TAILN=30 CUDA_VISIBLE_DEVICES=0 step grouped_gemm "${T_GEMM:-240}" python3 -m perf.bench_grouped_gemm \
         --json "$OUT/grouped_gemm.json" ${GEMM_ARGS:-}
     sweep sweep_fp8 "${T_SWEEP8:-260}" fp8
 elif [ "$PART" = session ]; then
@@ -98,16 +98,16 @@ elif [ "$PART" = session ]; then
     # CUDA graphs: the example captured and replayed (checks itself), then eager vs graph timings
     TAILN=20 step graphs_example "${T_GREX:-90}" python3 examples/deepseek_layer.py --size toy --world-size 2 --layers 3 \
         --cuda-graph
-    TAILN=40 step graphs_bench "${T_GRB:-200}" python3 perf/bench_graphs.py --out "$OUT/bench_graphs_h200.json"
+    TAILN=40 step graphs_bench "${T_GRB:-200}" python3 -m perf.bench_graphs --out "$OUT/bench_graphs_h200.json"
     [ -f perf/run_faults_gpu.sh ] && TAILN=20 step faults_gpu "${T_FAULTS:-120}" env OUT="$OUT" bash perf/run_faults_gpu.sh
     [ -f examples/hf_moe.py ] && TAILN=25 step hf_example "${T_HF:-90}" python3 examples/hf_moe.py --model mixtral \
         --backend cuda_ipc --world-size 2 --json "$OUT/hf_moe_h200.json"
     TAILN=25 step hf_graph "${T_HFG:-90}" python3 examples/hf_moe.py --model qwen3_moe --backend cuda_ipc --world-size 2 \
         --cuda-graph --json "$OUT/hf_moe_graph_h200.json"
-    TAILN=40 step hf_memory "${T_HFM:-240}" python3 perf/hf_memory.py --world-size 2 --layers 2 \
+    TAILN=40 step hf_memory "${T_HFM:-240}" python3 -m perf.hf_memory --world-size 2 --layers 2 \
         --json "$OUT/hf_memory_cuda_ipc_h200.json"
-    TAILN=12 step profile_experts "${T_PROF:-60}" python3 perf/profile_experts.py --out "$OUT/profile_experts.txt"
-    [ -f perf/bench_hf_experts.py ] && TAILN=40 step hf_experts "${T_HFX:-240}" python3 perf/bench_hf_experts.py \
+    TAILN=12 step profile_experts "${T_PROF:-60}" python3 -m perf.profile_experts --out "$OUT/profile_experts.txt"
+    [ -f perf/bench_hf_experts.py ] && TAILN=40 step hf_experts "${T_HFX:-240}" python3 -m perf.bench_hf_experts \
         --json "$OUT/hf_experts_h200.json" ${HFX_ARGS:-}
     # advise's predictions with compute measured on this GPU (prefetch and all-to-all still modelled)
     TAILN=30 step advise_measured "${T_ADVM:-200}" bash -c 'for g in 4 8; do for w in bf16 fp8; do
@@ -119,7 +119,7 @@ elif [ "$PART" = session ]; then
     TAILN=20 step advise_nvl72 "${T_ADVN:-200}" bash -c 'for w in bf16 fp8; do '"$BENCH"' advise -m deepseek-v3 -g 72 \
         --weights $w -t 8192 --cvs 0,0.2,0.4 --sweep 4096,8192,16384,32768 --measure yes --fabric nvl72 \
         --json "$OUT/advise_measured_nvl72_$w.json" || exit 1; done'
-    [ -f perf/validate_advise.py ] && TAILN=30 step advise_validate "${T_ADV:-240}" python3 perf/validate_advise.py \
+    [ -f perf/validate_advise.py ] && TAILN=30 step advise_validate "${T_ADV:-240}" python3 -m perf.validate_advise \
         compute --means 2048,4096,8192 --json "$OUT/advise_compute_h200.json"
 else
     echo "usage: bash perf/run_device.sh copy|compute|session"; exit 2

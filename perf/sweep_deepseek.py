@@ -13,7 +13,7 @@ the same run, compute at the bf16 rate measured by a dense matmul in the same ru
 
 Usage (repository root, on the GPU machine)::
 
-    python3 perf/sweep_deepseek.py --means 4096,8192,16384,32768 --cvs 0,0.2,0.4 --weights bf16,fp8 \\
+    python3 -m perf.sweep_deepseek --means 4096,8192,16384,32768 --cvs 0,0.2,0.4 --weights bf16,fp8 \\
         --json $OUT/deepseek_sweep.json --plot $OUT/deepseek_sweep.png
 
 On CPU (``--size toy``) it runs the same machinery on the sim backend (tests use that).
@@ -31,13 +31,9 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-
-import dwdp_comm as dc  # noqa: E402
-from dwdp_comm.bench import record  # noqa: E402
-from dwdp_comm.moe.runner import (Runner, device_used_bytes, log_point, partial_points,  # noqa: E402
+import dwdp_comm as dc
+from dwdp_comm.bench import record
+from dwdp_comm.moe.runner import (Runner, device_used_bytes, log_point, partial_points,
                                   tokens_per_s_per_gpu)
 
 

@@ -4,11 +4,11 @@ Two checks::
 
     # CPU, now: the copy-plane model (what advise uses for the prefetch) against the committed
     # 2 x H200 results (perf/results/contention_h200x2*.json, gpu_copy_plane_h200x2.json)
-    python3 perf/validate_advise.py copy-plane --json perf/results/advise_copy_plane_h200x2.json
+    python3 -m perf.validate_advise copy-plane --json perf/results/advise_copy_plane_h200x2.json
 
     # one H200 (~4 minutes): advise's compute (measured pieces, and the modelled FLOPs rate)
     # against the DeepSeek example's single-GPU iteration time at several token counts
-    python3 perf/validate_advise.py compute --means 2048,4096,8192 --json $OUT/advise_compute_h200.json
+    python3 -m perf.validate_advise compute --means 2048,4096,8192 --json $OUT/advise_compute_h200.json
 
     # one GPU of each kind (H100, H200; ~2 minutes): advise knows its GPU. Measures this machine's
     # fabric (calibrate --write), runs advise --measure yes --fabric auto, and again on the measured
@@ -34,15 +34,14 @@ import subprocess
 import sys
 import tempfile
 
+from dwdp_comm.bench import advise as A
+from dwdp_comm.bench import model as M
+from dwdp_comm.bench import record
+from dwdp_comm.bench.contention import BenchConfig, run_model
+from dwdp_comm.bench.patterns import make_plans, parse_schedule
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-sys.path.insert(0, ROOT)
-
-from dwdp_comm.bench import advise as A  # noqa: E402
-from dwdp_comm.bench import record  # noqa: E402
-from dwdp_comm.bench.contention import BenchConfig, run_model  # noqa: E402
-from dwdp_comm.bench.patterns import make_plans, parse_schedule  # noqa: E402
-from dwdp_comm.bench import model as M  # noqa: E402
 
 
 def _meta() -> dict:

@@ -44,6 +44,7 @@ import logging
 import os
 from typing import Any, Sequence
 
+from ..comm import describe
 from ..errors import BackendUnavailableError, DwdpError, PeerAccessError, bad_arg, bad_type
 from ..engine_options import parse_engine_options
 from .cuda.backend import CudaBackendBase, cuda_probe
@@ -62,14 +63,6 @@ log = logging.getLogger("dwdp_comm")
 
 _LEAKED_ON_ABORT: list = []  # legacy-IPC heaps given up by abort(): freed at process exit
 _ALTERNATIVES = "backend='nvshmem' (NVSHMEM reaches peers through its own transports) or backend='sim' (CPU)"
-
-
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class _IpcImport(Alloc):
@@ -123,7 +116,7 @@ class CudaIpcHeap(SymmetricHeap):
                 alloc = MallocAlloc(self.nbytes, dev)
                 payload = ("ipc", _ipc_handle_bytes(alloc.ptr), alloc.nbytes)
         except Exception as exc:
-            err = f"allocating {self.nbytes} bytes on GPU {dev}: {_describe(exc)}"
+            err = f"allocating {self.nbytes} bytes on GPU {dev}: {describe(exc)}"
         everyone = comm.all_gather_object((err, payload))
         try:
             raise_gathered([e for e, _ in everyone], "cuda_ipc: allocating the symmetric heap")
@@ -138,7 +131,7 @@ class CudaIpcHeap(SymmetricHeap):
                     self._peers[r] = self._open(p, dev, backend)
                 except Exception as exc:
                     problems.append(f"rank {comm.rank} (GPU {dev}) could not open the heap of rank {r} "
-                                    f"(GPU {backend.infos[r]['device']}, {backend.infos[r]['pci']}): {_describe(exc)}")
+                                    f"(GPU {backend.infos[r]['device']}, {backend.infos[r]['pci']}): {describe(exc)}")
             # Also the point after which every peer holds its own reference: exported fds can go.
             agree(comm, "; ".join(problems) or None, "cuda_ipc: opening peers' heaps", PeerAccessError,
                   f"try backend option vmm=False (legacy CUDA IPC) if the VMM import failed, or {_ALTERNATIVES}")
@@ -206,7 +199,7 @@ class CudaIpcBackend(CudaBackendBase):
 
     Parameters
     ----------
-    comm : dwdp_comm.group.Comm
+    comm : dwdp_comm.comm.Comm
     vmm : bool or None
         None (default): VMM when every rank passes the handshake, else legacy IPC (logged).
         True: VMM or an error. False: legacy IPC.
@@ -236,7 +229,7 @@ class CudaIpcBackend(CudaBackendBase):
             super().__init__(comm)
             info = device_info(self.device_index)
         except Exception as exc:
-            err = _describe(exc)
+            err = describe(exc)
         everyone = comm.all_gather_object((err, info))
         raise_gathered([e for e, _ in everyone], "cuda_ipc: setting up the GPU", hint=f"use {_ALTERNATIVES}")
         self.infos = [i for _, i in everyone]
@@ -263,7 +256,7 @@ class CudaIpcBackend(CudaBackendBase):
             gran, test = self._vmm_local_test()
             fd = test.export_fds()
         except Exception as exc:
-            err = _describe(exc)
+            err = describe(exc)
         try:
             everyone = comm.all_gather_object({"err": err, "pid": os.getpid(), "fd": fd, "gran": gran})
             failed = {r: e["err"] for r, e in enumerate(everyone) if e["err"]}
@@ -339,7 +332,7 @@ class CudaIpcBackend(CudaBackendBase):
                 if got != _marker(r, 1):
                     raise DwdpError(f"read {got} through the mapping, expected {_marker(r, 1)}")
             except Exception as exc:
-                problems.append(f"importing rank {r}'s memory: {_describe(exc)}")
+                problems.append(f"importing rank {r}'s memory: {describe(exc)}")
         return "; ".join(problems) or None
 
     def _offset_test(self, test: VmmAlloc, gran: int) -> str | None:
@@ -357,7 +350,7 @@ class CudaIpcBackend(CudaBackendBase):
             finally:
                 dr.cuMemUnmap(va, gran)
         except Exception as exc:
-            return _describe(exc)
+            return describe(exc)
         finally:
             if va:
                 dr.cuMemAddressFree(va, gran)

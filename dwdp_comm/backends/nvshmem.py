@@ -2,7 +2,7 @@
 
 Bootstrap
     Rank 0 makes an NVSHMEM unique id; it travels to every rank over the torch.distributed group
-    (:class:`~dwdp_comm.group.Comm`), and each rank calls ``nvshmem.core.init(device=...,
+    (:class:`~dwdp_comm.comm.Comm`), and each rank calls ``nvshmem.core.init(device=...,
     uid=..., rank=group rank, nranks=group size, initializer_method="uid")``, so NVSHMEM PE
     numbers equal group ranks. If NVSHMEM was already initialised in this process with the same
     rank and size, it is reused and not finalised on close.
@@ -28,7 +28,7 @@ Slots
 Failures
     NVSHMEM's own collectives (``nvshmem_malloc``, ``nvshmem_free``, ``nvshmem_finalize``) have no
     timeout: a PE that never arrives hangs the others forever. So every one of them is entered only
-    after a step of the group (:class:`~dwdp_comm.group.Comm`, bounded by its timeout) saw every PE
+    after a step of the group (:class:`~dwdp_comm.comm.Comm`, bounded by its timeout) saw every PE
     arrive; a missing PE makes the others raise :class:`~dwdp_comm.errors.CollectiveTimeoutError`
     naming it instead. ``abort()`` (heap and backend; what ``__exit__`` runs while an exception
     unwinds) is local: it never enters a collective, and gives its symmetric buffers up (kept
@@ -58,6 +58,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..checks import align_up
+from ..comm import describe
 from ..errors import BackendUnavailableError, bad_arg
 from ..engine_options import parse_engine_options
 from .cuda.backend import CudaBackendBase, cuda_probe
@@ -79,10 +81,6 @@ _state = {"initialized_by_us": False, "users": 0}
 _LEAKED_ON_ABORT: list = []  # symmetric buffers given up by abort(): nvshmem_free is collective
 
 
-def _align(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
-
-
 def _nvshmem():
     """``nvshmem.core`` and ``nvshmem.bindings``, imported on first use."""
     import nvshmem.bindings as nvb
@@ -96,10 +94,6 @@ def _device_cls():
     except ImportError:  # cuda.core < 0.4
         from cuda.core.experimental import Device
     return Device
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 def _is_initialized(nvc) -> bool:
@@ -125,7 +119,7 @@ class NvshmemHeap(SymmetricHeap):
         nvc, nvb = _nvshmem()
         comm = backend.comm
         self.nbytes, self._comm, self._backend = int(nbytes), comm, backend
-        size = _align(max(self.nbytes, 1), _ALIGN)
+        size = align_up(max(self.nbytes, 1), _ALIGN)
         self._closed = True  # until built: nothing to release
         self._buf, err = None, None
         comm.barrier("nvshmem: allocating the symmetric heap")  # nvshmem_malloc waits for every PE, forever
@@ -135,7 +129,7 @@ class NvshmemHeap(SymmetricHeap):
             self.peer_ptrs = [int(nvb.ptr(ptr, pe)) or None for pe in range(comm.size)]
             self.peer_ptrs[comm.rank] = ptr
         except Exception as exc:
-            err = f"nvshmem.core.buffer({size}): {_describe(exc)}"
+            err = f"nvshmem.core.buffer({size}): {describe(exc)}"
         try:
             agree(comm, err, "nvshmem: allocating the symmetric heap", BackendUnavailableError,
                   "is NVSHMEM_SYMMETRIC_SIZE large enough for the heap and symmetric slots?")
@@ -207,7 +201,7 @@ class NvshmemBackend(CudaBackendBase):
         except ImportError as exc:
             err = f"cannot import nvshmem4py ({exc}); {_INSTALL}"
         except Exception as exc:
-            err = _describe(exc)
+            err = describe(exc)
         agree(comm, err, "nvshmem: setting up", BackendUnavailableError, f"use {_ALTERNATIVES}")
         self._init_nvshmem(nvc)
         # Which peers can we read by address? Probe with a one-granule symmetric buffer.
@@ -220,7 +214,7 @@ class NvshmemBackend(CudaBackendBase):
             finally:
                 nvc.free(probe_buf)
         except Exception as exc:
-            err = f"probing peer mappings: {_describe(exc)}"
+            err = f"probing peer mappings: {describe(exc)}"
         agree(comm, err, "nvshmem: probing peer mappings")
         self.mapped = mapped
         self._slots: list = []
@@ -244,7 +238,7 @@ class NvshmemBackend(CudaBackendBase):
                 uid = nvc.get_unique_id()
                 uid_bytes = uid._data.view(np.int8).tobytes()
             except Exception as exc:
-                err = f"nvshmem.core.get_unique_id(): {_describe(exc)}"
+                err = f"nvshmem.core.get_unique_id(): {describe(exc)}"
         got = comm.all_gather_object((err, uid_bytes))
         raise_gathered([e for e, _ in got], "nvshmem: making the unique id")
         uid_bytes = got[0][1]
@@ -255,7 +249,7 @@ class NvshmemBackend(CudaBackendBase):
             nvc.init(device=_device_cls()(self.device_index), uid=uid, rank=comm.rank, nranks=comm.size,
                      initializer_method="uid")
         except Exception as exc:
-            err = (f"nvshmem.core.init(rank={comm.rank}, nranks={comm.size}): {_describe(exc)} (across hosts, set "
+            err = (f"nvshmem.core.init(rank={comm.rank}, nranks={comm.size}): {describe(exc)} (across hosts, set "
                    f"NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME to an interface every host reaches)")
         agree(comm, err, "nvshmem: initialising NVSHMEM", BackendUnavailableError, f"or use {_ALTERNATIVES}")
         _state["initialized_by_us"] = True
@@ -274,13 +268,13 @@ class NvshmemBackend(CudaBackendBase):
         if all(self.mapped):
             return super().alloc_buffer(nbytes)
         nvc, _ = _nvshmem()
-        size = _align(max(int(nbytes), 1), _ALIGN)
+        size = align_up(max(int(nbytes), 1), _ALIGN)
         self.comm.barrier("nvshmem: allocating a symmetric slot")  # nvshmem_malloc waits for every PE, forever
         buf, err = None, None
         try:
             buf = nvc.buffer(size)  # collective
         except Exception as exc:
-            err = f"nvshmem.core.buffer({size}): {_describe(exc)}"
+            err = f"nvshmem.core.buffer({size}): {describe(exc)}"
         try:
             agree(self.comm, err, "nvshmem: allocating a symmetric slot", BackendUnavailableError,
                   "is NVSHMEM_SYMMETRIC_SIZE large enough for the heap and symmetric slots?")
@@ -380,7 +374,7 @@ def probe() -> str | None:
         try:
             _nvshmem()
         except Exception as exc:
-            return f"cannot import nvshmem.core (nvshmem4py): {_describe(exc)}; {_INSTALL}; or use {_ALTERNATIVES}"
+            return f"cannot import nvshmem.core (nvshmem4py): {describe(exc)}; {_INSTALL}; or use {_ALTERNATIVES}"
         return None
     # The package first: its absence is the more specific reason (and testable without a GPU).
     return package() or cuda_probe()

@@ -2,7 +2,7 @@
 import pytest
 
 import dwdp_comm as dc
-from tests.helpers import rankfns
+from tests.helpers import usage_rankfns
 
 CASES = {
     "duplicate": ("InvalidArgumentError", "name: got 'w'"),
@@ -34,7 +34,7 @@ NO_OPS = ("close_twice", "store_close_twice", "group_close_twice")  # a second c
 
 
 def test_usage_errors(seed):
-    res = dc.testing.launch(rankfns.usage_errors, 2, seed)
+    res = dc.testing.launch(usage_rankfns.usage_errors, 2, seed)
     for rank_result in res:
         assert set(rank_result) == set(CASES) | set(NO_OPS)
         for case in NO_OPS:
@@ -59,7 +59,7 @@ def test_error_classes():
     ("nothing", "no tensors registered on any rank"),
 ])
 def test_commit_mismatch_on_every_rank(case, text):
-    res = dc.testing.launch(rankfns.mismatched_commit, 3, case)
+    res = dc.testing.launch(usage_rankfns.mismatched_commit, 3, case)
     assert all(r is not None for r in res), res
     assert len(set(res)) == 1  # the same message on every rank
     assert text in res[0], res[0]

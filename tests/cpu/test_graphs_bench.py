@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_bench_graphs_smoke(tmp_path):
     out = tmp_path / "bench_graphs.json"
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "perf", "bench_graphs.py"), "--smoke", "--out", str(out)],
-                         capture_output=True, text=True, timeout=600, env=env, cwd=str(tmp_path))
+    run = subprocess.run([sys.executable, "-m", "perf.bench_graphs", "--smoke", "--out", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert run.returncode == 0, run.stdout + run.stderr
     data = json.loads(out.read_text())
     meta = data["meta"]

@@ -5,9 +5,7 @@ through load_model(). The example's main() runs in this process (its ranks are s
 which spares a Python + torch + transformers start per run.
 """
 
-import importlib
 import json
-import os
 
 import pytest
 
@@ -15,11 +13,10 @@ pytest.importorskip("transformers")
 
 from tests.helpers import hf_rankfns  # noqa: E402
 
-EXAMPLE = os.path.join(os.path.dirname(__file__), "..", "..", "examples", "hf_moe.py")
-
 
 def _example():
-    return importlib.import_module("hf_moe")  # by name, so the spawned ranks unpickle the same rank_main
+    from examples import hf_moe  # a module of the package, so the spawned ranks unpickle the same rank_main
+    return hf_moe
 
 
 def _run(capsys, tmp_path, *argv):
@@ -37,14 +34,12 @@ def _run(capsys, tmp_path, *argv):
     return res, printed
 
 
-def test_hf_example_tiny_config(capsys, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.dirname(EXAMPLE))  # the spawned ranks import the example by name
+def test_hf_example_tiny_config(capsys, tmp_path):
     res, _ = _run(capsys, tmp_path, "--model", "olmoe", "--layers", "3")
     assert all(r["loading"] is None for r in res["per_rank"])
 
 
-def test_hf_example_checkpoint(capsys, tmp_path, monkeypatch):
-    monkeypatch.syspath_prepend(os.path.dirname(EXAMPLE))
+def test_hf_example_checkpoint(capsys, tmp_path):
     ckpt = hf_rankfns.save_checkpoint(tmp_path / "ckpt", "olmoe", 0, num_layers=3, max_shard_size="30KB")
     res, printed = _run(capsys, tmp_path, "--checkpoint", ckpt)
     assert "of experts read from the checkpoint" in printed
@@ -52,7 +47,6 @@ def test_hf_example_checkpoint(capsys, tmp_path, monkeypatch):
         assert r["loading"]["expert_bytes_read"] == r["memory"]["local_bytes"]
 
 
-def test_hf_example_cuda_graph_needs_a_gpu_backend(monkeypatch):
-    monkeypatch.syspath_prepend(os.path.dirname(EXAMPLE))
+def test_hf_example_cuda_graph_needs_a_gpu_backend():
     with pytest.raises(SystemExit, match="--cuda-graph: needs CUDA GPUs"):
         _example().main(["--model", "olmoe", "--cuda-graph"])

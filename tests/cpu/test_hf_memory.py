@@ -1,20 +1,16 @@
 """perf/hf_memory.py --smoke runs on CPU (sim backend) and its figures add up."""
 
-import importlib
 import json
-import os
 
 import pytest
 
 pytest.importorskip("transformers")
 
-PERF = os.path.join(os.path.dirname(__file__), "..", "..", "perf")
 
-
-def test_hf_memory_smoke(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(PERF)  # the spawned ranks import the script by name
+def test_hf_memory_smoke(tmp_path, capsys):
+    from perf import hf_memory  # the spawned ranks import it as perf.hf_memory
     out = tmp_path / "m.json"
-    assert importlib.import_module("hf_memory").main(["--smoke", "--model", "deepseek_v3", "--world-size", "2",
+    assert hf_memory.main(["--smoke", "--model", "deepseek_v3", "--world-size", "2",
                                                       "--json", str(out)]) == 0
     assert "full model (5 MoE layers) per rank" in capsys.readouterr().out
     doc = json.loads(out.read_text())

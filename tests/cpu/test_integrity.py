@@ -8,7 +8,7 @@ import random
 import pytest
 
 import dwdp_comm as dc
-from tests.helpers import rankfns
+from tests.helpers import integrity_rankfns
 
 CONFIGS = {2: 80, 3: 60, 4: 40, 5: 30}  # 210 configs
 
@@ -17,7 +17,7 @@ CONFIGS = {2: 80, 3: 60, 4: 40, 5: 30}  # 210 configs
 def test_random_configs_every_byte(group_size):
     seed = int(os.environ.get("DWDP_INTEGRITY_SEED", random.SystemRandom().randrange(2**31)))
     print(f"DWDP_INTEGRITY_SEED={seed}")
-    res = dc.testing.launch(rankfns.integrity, group_size, seed, CONFIGS[group_size], timeout=240)
+    res = dc.testing.launch(integrity_rankfns.integrity, group_size, seed, CONFIGS[group_size], timeout=240)
     for rank, r in enumerate(res):
         assert r["configs"] == CONFIGS[group_size]
         assert r["wrong"] == [], f"rank {rank}, seed {seed}: wrong bytes at {r['wrong'][:10]}"

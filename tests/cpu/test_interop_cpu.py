@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import dwdp_comm as dc
-from tests.helpers import rankfns
+from tests.helpers import launch_rankfns
 from tests.helpers import fake_cuda
 from dwdp_comm import engine_options
 from dwdp_comm.backends.cuda import copies, driver, executor, fd_passing, memory, peers, streams, time_division
@@ -102,7 +102,7 @@ def test_probe_names_missing_package(monkeypatch):
 @pytest.mark.skipif(dc.testing.gpu_count() > 0, reason="checks the error on machines without GPUs")
 @pytest.mark.parametrize("backend", ["cuda_ipc", "nvshmem"])
 def test_gpu_backend_unavailable_on_every_rank(backend):
-    res = dc.testing.launch(rankfns.init_report, 2, backend, backend=None, timeout=120)
+    res = dc.testing.launch(launch_rankfns.init_report, 2, backend, backend=None, timeout=120)
     for status, kind, msg in res:
         assert (status, kind) == ("error", "BackendUnavailableError")
         assert f"backend {backend!r} is unavailable" in msg and "rank 0" in msg and "rank 1" in msg

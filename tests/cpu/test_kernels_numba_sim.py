@@ -5,7 +5,8 @@ spawned child (this file run as a script): the rest of the test session keeps th
 numba.cuda (or none). The child runs every case once and prints a JSON report; each pytest test
 below checks one case of it. Skips cleanly when numba / numba-cuda are not installed.
 
-Run the child by hand: ``NUMBA_ENABLE_CUDASIM=1 python tests/cpu/test_kernels_numba_sim.py [seed]``.
+Run the child by hand, from the repository root: ``NUMBA_ENABLE_CUDASIM=1 python -m
+tests.cpu.test_kernels_numba_sim [seed]`` (the parent runs it with the root on ``PYTHONPATH``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ EXTRA = ["one_expert_has_all_tokens", "no_tokens", "out_argument", "nan_stays_in
 
 # ---- child ---------------------------------------------------------------------------------------
 def _child(seed: int) -> dict:
-    sys.path[:0] = [REPO]  # the child is run as a script: the repository root for tests.helpers
     import torch
 
     import dwdp_comm.kernels as K

@@ -5,7 +5,7 @@ acquired layer's weights are checked byte for byte against the seeded truth."""
 import pytest
 
 import dwdp_comm as dc
-from tests.helpers import rankfns
+from tests.helpers import stores
 from dwdp_comm.moe import DwdpPipeline
 
 E = 5  # uneven over 2 ranks
@@ -13,8 +13,8 @@ LAYERS = [3, 1, 4]  # forward order, neither sorted nor consecutive
 
 
 def _check(h, seed):
-    for name in rankfns.SPECS:
-        assert rankfns.same_bytes(h.weights(name), rankfns.full_truth(seed, h.layer, name, E)), (h.layer, name)
+    for name in stores.SPECS:
+        assert stores.same_bytes(h.weights(name), stores.full_truth(seed, h.layer, name, E)), (h.layer, name)
 
 
 def _forward(pipe, seed, layers=LAYERS):
@@ -35,12 +35,12 @@ def _err(fn):
 
 
 def order_and_recovery(group, seed):
-    st = rankfns.build_store(group, E, LAYERS, seed)
+    st = stores.build_store(group, E, LAYERS, seed)
     remote = {l: st.remote_nbytes(l) for l in LAYERS}
     lay = st.layout
     # what one prefetch copies: the remote experts, plus the local ones of gather-mode names
     copied = {l: remote[l] + sum(lay.num_local_experts * st.spec(l, n).expert_nbytes
-                                 for n in rankfns.SPECS if st.slot_mode(l, n) == "gather") for l in LAYERS}
+                                 for n in stores.SPECS if st.slot_mode(l, n) == "gather") for l in LAYERS}
     pf = dc.Prefetcher(st, depth=2, chunk_nbytes=4096)
     pipe = DwdpPipeline(pf, LAYERS)
     out = {"before_begin": _err(lambda: pipe.acquire(3))}

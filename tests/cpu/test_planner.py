@@ -212,8 +212,8 @@ def test_planner_benchmark_runs(tmp_path):
     import sys
     root = os.path.join(os.path.dirname(__file__), "..", "..")
     out = tmp_path / "planner.json"
-    p = subprocess.run([sys.executable, os.path.join(root, "perf", "bench_planner.py"), "--seconds", "0.02",
-                        "--json", str(out), "--min-plans-per-s", "5"], capture_output=True, text=True, timeout=240)
+    p = subprocess.run([sys.executable, "-m", "perf.bench_planner", "--seconds", "0.02", "--json", str(out),
+                        "--min-plans-per-s", "5"], capture_output=True, text=True, timeout=240, cwd=root)
     assert p.returncode == 0, p.stdout + p.stderr
     doc = json.loads(out.read_text())
     assert doc["meta"]["experts"] == 256 and doc["meta"]["tensors"] == 3

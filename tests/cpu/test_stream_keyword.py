@@ -5,7 +5,7 @@ import inspect
 import pytest
 
 import dwdp_comm as dc
-from tests.helpers import rankfns
+from tests.helpers import prefetch_rankfns
 from dwdp_comm.backends import base, sim
 from dwdp_comm.backends.cuda import backend as cuda_backend
 from dwdp_comm.backends.cuda import streams as cuda_streams
@@ -14,7 +14,7 @@ from dwdp_comm.interop import torch as dtorch
 
 
 def test_gpu_idiom_runs_on_sim(seed):
-    res = dc.testing.launch(rankfns.stream_keyword, 2, 6, seed, timeout=120)
+    res = dc.testing.launch(prefetch_rankfns.stream_keyword, 2, 6, seed, timeout=120)
     for r in res:
         assert r["done"] is True
         assert len(r["positional"]) == 5 and all(p is not None and "positional argument" in p

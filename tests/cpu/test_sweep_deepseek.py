@@ -4,14 +4,14 @@ import os
 import subprocess
 import sys
 
-SWEEP = os.path.join(os.path.dirname(__file__), "..", "..", "perf", "sweep_deepseek.py")
+ROOT = os.path.join(os.path.dirname(__file__), "..", "..")
 
 
 def test_sweep_runs_both_modes_and_writes_rows(tmp_path):
     out = tmp_path / "s.json"
-    p = subprocess.run([sys.executable, SWEEP, "--size", "toy", "--means", "16,24", "--cvs", "0.3",
+    p = subprocess.run([sys.executable, "-m", "perf.sweep_deepseek", "--size", "toy", "--means", "16,24", "--cvs", "0.3",
                         "--weights", "bf16", "--layers", "2", "--iters", "1", "--prefetch-gbps", "100",
-                        "--json", str(out)], capture_output=True, text=True, timeout=600)
+                        "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert p.returncode == 0, p.stdout + p.stderr
     res = json.loads(out.read_text())
     assert res["schema"] == "dwdp/deepseek_sweep/v1" and res["meta"]["commit"]

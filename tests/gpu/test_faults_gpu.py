@@ -57,10 +57,9 @@ def test_dead_rank_in_commit_is_named(tmp_path):
 
 
 def test_gpu_ranks_die_with_a_killed_parent(tmp_path):
-    code = ("import sys; sys.path.insert(0, %r); import dwdp_comm as dc; from tests.helpers import gpu_rankfns; "
-            "dc.testing.launch(gpu_rankfns.pid_and_sleep, 2, %r, backend='cuda_ipc', timeout=300)"
-            % (ROOT, str(tmp_path)))
-    parent = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+    code = ("import dwdp_comm as dc; from tests.helpers import gpu_rankfns; "
+            "dc.testing.launch(gpu_rankfns.pid_and_sleep, 2, %r, backend='cuda_ipc', timeout=300)" % str(tmp_path))
+    parent = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, start_new_session=True)  # cwd: tests importable
     try:
         deadline = time.monotonic() + TIMEOUT
         while len(glob.glob(str(tmp_path / "*.pid"))) < 2 and time.monotonic() < deadline:

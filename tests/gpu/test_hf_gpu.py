@@ -54,17 +54,15 @@ def test_hf_load_model_on_cuda_ipc(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_hf_example_cuda_graph_on_cuda_ipc(family, capsys, tmp_path, monkeypatch):
+def test_hf_example_cuda_graph_on_cuda_ipc(family, capsys, tmp_path):
     """examples/hf_moe.py --cuda-graph: a captured DWDP forward replayed on new inputs equals eager."""
     import json
     import torch
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    example = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
-    monkeypatch.syspath_prepend(example)
-    import importlib
+    from examples import hf_moe  # a module of the package: the spawned ranks unpickle its rank_main
     out = tmp_path / "r.json"
-    rc = importlib.import_module("hf_moe").main(["--model", family, "--backend", "cuda_ipc", "--world-size", "2",
+    rc = hf_moe.main(["--model", family, "--backend", "cuda_ipc", "--world-size", "2",
                                                  "--cuda-graph", "--replays", "10", "--json", str(out)])
     printed = capsys.readouterr().out
     assert rc == 0, printed

@@ -183,10 +183,10 @@ def test_expert_blocks_on_page_boundaries_compose_on_cuda_ipc(world_size, num_ex
     """1 MiB experts on the H200's 2 MiB VMM pages (as Qwen3-30B-A3B's 3 MiB down_proj): 2 experts a
     rank make 2 MiB blocks, so the slot view is a zero-copy composite; 3 a rank (3 MiB blocks) end
     off a page: gather. Every byte of the view checked (ranks may share one GPU)."""
-    from tests.helpers import rankfns
+    from tests.helpers import prefetch_rankfns, stores
     if dc.testing.gpu_count() < 1:
         pytest.skip("needs a CUDA GPU")
-    specs = {"half": ((1024, 512), torch.bfloat16), "w2": rankfns.SPECS["w2"]}
-    res = dc.testing.launch(rankfns.slot_views, world_size, num_experts, seed, specs, backend="cuda_ipc",
+    specs = {"half": ((1024, 512), torch.bfloat16), "w2": stores.SPECS["w2"]}
+    res = dc.testing.launch(prefetch_rankfns.slot_views, world_size, num_experts, seed, specs, backend="cuda_ipc",
                             timeout=180)
     assert [r["half"] for r in res] == [want] * world_size and all(r["w2"] == "gather" for r in res)

@@ -105,7 +105,7 @@ def _write_local(st, seed, layers):
     lay = st.layout
     for l in layers:
         for name in SPECS:
-            e = st.entries(l)[name]
+            e = st.placement(l, name)
             new = torch.stack([_truth(seed, l, name, x) for x in lay.local_experts])
             raw = new.contiguous().view(torch.uint8).reshape(-1)
             st.heap.local.tensor(e.heap_offset, raw.numel()).copy_(raw)
@@ -172,7 +172,7 @@ def captured_pipeline(group, seed):
         for h in handles[-depth:]:
             for name in SPECS:
                 want = torch.stack([_truth(seed + k + 1, h.layer, name, e) for e in range(E)]).view(torch.uint8)
-                got = be.slots[h.slot].tensor(st.entries(h.layer)[name].slot_offset, want.numel())
+                got = be.slots[h.slot].tensor(st.placement(h.layer, name).slot_offset, want.numel())
                 assert torch.equal(got, want.reshape(-1)), (k, h.layer, name)
         group.barrier()
     # Eager again after the capture: the slots' captured fences are replaced by the current stream.

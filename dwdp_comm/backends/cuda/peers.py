@@ -68,7 +68,7 @@ def raise_gathered(errors: Sequence[str | None], what: str, exc_type=BackendUnav
 
 def agree(comm, error: str | None, what: str, exc_type=BackendUnavailableError, hint: str = "") -> None:
     """Collective: raise ``exc_type`` on every rank, listing every rank's error, if any rank has one
-    (:meth:`dwdp_comm.group.Comm.agree` with this module's default error class)."""
+    (:meth:`dwdp_comm.comm.Comm.agree` with this module's default error class)."""
     comm.agree(error, what, exc_type, hint)
 
 

@@ -7,6 +7,7 @@ from typing import Any, Sequence
 
 import torch
 
+from ...checks import align_up
 from ...errors import ClosedError, DwdpError, bad_arg
 from ...interop.torch import tensor_from_ptr
 from ..base import Composite
@@ -53,17 +54,13 @@ def vmm_reserve(nbytes: int, alignment: int) -> int:
 def segment_sizes(nbytes: int, boundaries: Sequence[int], granularity: int) -> list[int]:
     """Sizes of the segments that ``boundaries`` (offsets, multiples of ``granularity``) cut
     ``[0, nbytes)`` into; ``nbytes`` is rounded up to the granularity first."""
-    total = max(_round_up(int(nbytes), granularity), granularity)
+    total = max(align_up(int(nbytes), granularity), granularity)
     cuts = sorted({int(b) for b in boundaries if 0 < int(b) < total})
     for b in cuts:
         if b % granularity:
             raise bad_arg("boundaries", b, f"offsets that are multiples of the VMM granularity {granularity}")
     edges = [0, *cuts, total]
     return [b - a for a, b in zip(edges, edges[1:])]
-
-
-def _round_up(n: int, a: int) -> int:
-    return (n + a - 1) // a * a
 
 
 class VmmAlloc(Alloc):
