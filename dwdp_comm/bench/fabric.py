@@ -23,9 +23,9 @@ from dataclasses import asdict, dataclass, replace
 from importlib import resources
 from typing import Any
 
-import numpy as np
 
 from ..errors import bad_arg
+from ..checks import check_int
 
 __all__ = ["Fabric", "FabricChoice", "PRESETS", "FILE_SCHEMA", "preset", "preset_info", "h200", "h100", "b200",
            "nvl72", "detect_preset", "local_gpu_name", "choose_fabric", "save_fabric", "load_fabric_file"]
@@ -85,15 +85,11 @@ class Fabric:
     notes: str = ""
 
     def __post_init__(self):
-        if isinstance(self.group_size, bool) or not isinstance(self.group_size, (int, np.integer)) \
-                or self.group_size < 1:
-            raise bad_arg("group_size", self.group_size, "an int >= 1")
+        check_int("group_size", self.group_size, low=1)
         for k in ("egress_Bps", "ingress_Bps", "local_Bps"):
             if not getattr(self, k) > 0:
                 raise bad_arg(k, getattr(self, k), "a rate in bytes/s > 0")
-        if isinstance(self.max_streams, bool) or not isinstance(self.max_streams, (int, np.integer)) \
-                or self.max_streams < 1:
-            raise bad_arg("max_streams", self.max_streams, "an int >= 1")
+        check_int("max_streams", self.max_streams, low=1)
         if self.duplex_Bps is not None and not self.duplex_Bps > 0:
             raise bad_arg("duplex_Bps", self.duplex_Bps, "None or a rate in bytes/s > 0")
         for k in ("copy_overhead_s", "batch_call_overhead_s", "batch_copy_overhead_s",
@@ -259,8 +255,7 @@ def choose_fabric(spec: str, group_size: int, *, device_name: str | None = None,
     InvalidArgumentError
         ``spec`` is none of these, or the file is not a fabric file.
     """
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise bad_arg("group_size", group_size, "an int >= 1")
+    group_size = check_int("group_size", group_size, low=1)
     if not isinstance(spec, str) or not spec:
         raise bad_arg("fabric", spec, f"'auto', a preset in {list(PRESETS)} or a fabric file path")
     dev = device_name if device_name is not None or not detect else local_gpu_name()

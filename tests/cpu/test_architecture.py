@@ -35,14 +35,12 @@ MAX_LINES = 600
 
 # Known offenders that another change of issue 25 removes; each entry must still be true (so the
 # list shrinks as they are fixed: delete an entry once its test says it no longer holds).
-KNOWN_CYCLES = [
-    {"dwdp_comm.bench.cli", "dwdp_comm.bench.advise_cli"},  # item 4: size parsing moves to bench/units.py
-]
+KNOWN_CYCLES: list = []
 KNOWN_UPWARD = {
     ("dwdp_comm.bench.record", "dwdp_comm"),  # `from .. import __version__`: use dwdp_comm.version
 }
 KNOWN_LONG = {  # being split by other items of issue 25
-    "bench/advise.py", "prefetch.py", "bench/model.py",
+    "prefetch.py",
 }
 
 
@@ -203,8 +201,7 @@ ROUND_UP = re.compile(r"\(\s*\w+\s*\+\s*\w+\s*-\s*1\s*\)\s*//\s*\w+\s*\*\s*\w+|d
 OWN_DESCRIBE = re.compile(r"^def _?describe\(", re.M)
 # Inline integer checks in files other changes of issue 25 edit; each becomes checks.check_int when merged.
 KNOWN_INLINE_INT_CHECKS = {"engine_options.py": 1, "kernels/token_groups.py": 1, "kernels/numba_grouped.py": 1,
-                           "kernels/problem.py": 1, "kernels/torch_path.py": 1, "moe/tokens.py": 1, "prefetch.py": 4,
-                           "bench/model.py": 2, "bench/advise.py": 3}
+                           "kernels/problem.py": 1, "kernels/torch_path.py": 1, "moe/tokens.py": 1, "prefetch.py": 4}
 KNOWN_OWN_DESCRIBE = {"backends/sim.py"}  # its _describe becomes comm.describe when merged
 
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 from ...errors import bad_arg
+from ...checks import check_int
 from ...layout import ExpertLayout
 from .compute import ComputeCosts
 from .layer import breakeven_tokens, expert_parallel_layer
@@ -81,8 +82,7 @@ def dep_owner_shares(hist: RoutingHistogram, G: int) -> list[list[float]]:
 
 def hot_layers(hist: RoutingHistogram, G: int, H: int) -> list[HotLayer]:
     """Each layer's ``H`` hottest experts (ties: the lower id), their share, and what stays expert parallel."""
-    if isinstance(H, bool) or not isinstance(H, int) or not 0 <= H <= hist.num_experts:
-        raise bad_arg("hot_experts", H, f"an int in [0, {hist.num_experts}]")
+    H = check_int("hot_experts", H, low=0, high=hist.num_experts)
     own = _owners(hist.num_experts, G)
     out = []
     for layer in hist.layers:

@@ -6,6 +6,7 @@ from dataclasses import asdict
 from typing import Sequence
 
 from ...errors import InvalidArgumentError, bad_arg
+from ...checks import check_int
 from .. import model as M
 from ..fabric import FabricChoice, choose_fabric
 from ..patterns import make_plans, parse_schedule
@@ -147,16 +148,16 @@ def advise(model: str | MoEShape | dict = "deepseek-v3", group_size: int = 4, *,
         ``routing``: ``hot`` and ``routing`` (the histogram's summary).
     """
     shape = get_shape(model)
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise bad_arg("group_size", group_size, "an int >= 1")
+    group_size = check_int("group_size", group_size, low=1)
     if weights not in ("bf16", "fp8"):
         raise bad_arg("weights", weights, "'bf16' or 'fp8'")
     if measure not in ("auto", "yes", "no", "cpu"):
         raise bad_arg("measure", measure, "'auto', 'yes', 'no' or 'cpu'")
     if not 0 < a2a_efficiency <= 1:
         raise bad_arg("a2a_efficiency", a2a_efficiency, "a fraction in (0, 1]")
-    if not depths or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in depths):
+    if not depths:
         raise bad_arg("depths", depths, "ints >= 1")
+    depths = [check_int("depths", d, low=1) for d in depths]
     if not schedules or not chunks:
         raise bad_arg("schedules/chunks", (schedules, chunks), "at least one of each")
     for s in schedules:

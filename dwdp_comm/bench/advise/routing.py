@@ -25,6 +25,7 @@ import os
 from dataclasses import dataclass
 
 from ...errors import bad_arg
+from ...checks import check_int
 
 __all__ = ["RoutingHistogram", "load_routing", "TELEMETRY_FORMAT"]
 
@@ -108,8 +109,7 @@ def _from_json(doc, source: str) -> RoutingHistogram:
         if doc.get("version") != 1:
             raise bad_arg("routing version", doc.get("version"), f"1 ({TELEMETRY_FORMAT})")
         E = doc.get("num_experts")
-        if isinstance(E, bool) or not isinstance(E, int) or E < 1:
-            raise bad_arg("routing num_experts", E, "an int >= 1")
+        E = check_int("routing num_experts", E, low=1)
         top_k = doc.get("top_k")
         layers = {}
         for key, v in (doc.get("layers") or {}).items():
@@ -133,8 +133,8 @@ def _from_json(doc, source: str) -> RoutingHistogram:
             E = len(c)
     if not layers:
         raise bad_arg("routing", source, "at least one layer of counts")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise bad_arg("routing top_k", top_k, "an int >= 1 or null")
+    if top_k is not None:
+        top_k = check_int("routing top_k", top_k, low=1, expected="an int >= 1 or null")
     return RoutingHistogram(len(next(iter(layers.values()))), dict(sorted(layers.items())), top_k, source)
 
 

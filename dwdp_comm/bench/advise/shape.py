@@ -9,6 +9,7 @@ from statistics import NormalDist
 from typing import Sequence
 
 from ...errors import bad_arg, bad_type
+from ...checks import check_int
 
 __all__ = ["MoEShape", "PRESETS", "shape_from_hf_config", "get_shape", "Load", "load_from"]
 
@@ -53,8 +54,7 @@ class MoEShape:
     def __post_init__(self):
         for k in ("hidden", "moe_intermediate", "num_experts", "top_k", "num_layers", "num_heads"):
             v = getattr(self, k)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise bad_arg(k, v, "an int >= 1")
+            check_int(k, v, low=1)
         if self.top_k > self.num_experts:
             raise bad_arg("top_k", self.top_k, f"<= num_experts ({self.num_experts})")
         if self.attention not in ("mla", "gqa"):
