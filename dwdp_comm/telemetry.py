@@ -29,14 +29,14 @@ import platform
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from .backends.base import JobTiming, Timer
 from .errors import bad_arg
 from .routing_histogram import RoutingHistogram
 
 __all__ = ["SourceCopy", "PrefetchRecord", "Telemetry", "PrefetchRecorder", "recording", "format_nbytes",
-           "empty_telemetry"]
+           "empty_telemetry", "run_document"]
 
 
 def format_nbytes(n: float) -> str:
@@ -360,6 +360,11 @@ class PrefetchRecorder:
         rec.released = True
         self.drain(block=False)
 
+    def finished(self, rec: _Open) -> None:
+        """A record without a consumer (a benchmark's copy job) is complete once submitted."""
+        rec.released = True
+        self.drain(block=False)
+
     # ---- reading back --------------------------------------------------------------------------
     def drain(self, block: bool) -> None:
         """Resolve released records. Without ``block``: oldest first, stopping at the first that is
@@ -368,7 +373,8 @@ class PrefetchRecorder:
         if not block:
             while self._pending and self._pending[0].released:
                 rec = self._pending[0]
-                if not (self.timer.is_done(rec.release) and (rec.ready is None or rec.ready.is_done)):
+                if not ((rec.release is None or self.timer.is_done(rec.release))
+                        and (rec.ready is None or rec.ready.is_done)):
                     return
                 self._pending.popleft()
                 self._keep(self._resolve(rec))
@@ -443,6 +449,16 @@ def empty_telemetry(rank: int, group_size: int, backend: str) -> Telemetry:
     """The telemetry of a prefetcher that never recorded: no records."""
     return Telemetry(rank=rank, group_size=group_size, backend=backend, host=platform.node(),
                      clock_offset_s=time.time() - time.perf_counter(), timed=False)
+
+
+def run_document(telemetries: Iterable[Telemetry | dict]) -> dict:
+    """A telemetry file of a whole run: every rank's :meth:`Telemetry.as_dict` and the ranks' routing
+    histograms merged (``"routing"``: the form :func:`dwdp_comm.routing_histogram.load` reads; None
+    when no rank recorded routing)."""
+    tels = [t if isinstance(t, Telemetry) else Telemetry.from_dict(t) for t in telemetries]
+    hists = [t.routing for t in tels if t.routing is not None]
+    return {"format": "dwdp-telemetry-run", "version": 1, "ranks": [t.as_dict() for t in tels],
+            "routing": RoutingHistogram.merge(hists).as_dict() if hists else None}
 
 
 @contextlib.contextmanager

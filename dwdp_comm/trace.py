@@ -129,8 +129,9 @@ def _record_events(r: PrefetchRecord, pid: int, off: float, origin: float, track
                               {"seq": r.seq, "exposed_wait_ms": _ms(r.exposed_wait_s)}))
     if r.start_s is None or r.end_s is None:
         return out  # untimed engine: no copy window
-    tid = tracks.place(pid, SLOT_TID + r.slot, f"prefetch slot {r.slot}", r.start_s, r.end_s)
-    out.append(_slice(f"prefetch {r.name}", "prefetch", pid, tid, r.start_s, r.end_s, o,
+    track = f"prefetch slot {r.slot}" if r.label is None else "copy jobs"  # labelled: a benchmark's jobs
+    tid = tracks.place(pid, SLOT_TID + r.slot, track, r.start_s, r.end_s)
+    out.append(_slice(f"prefetch {r.name}" if r.label is None else r.name, "prefetch", pid, tid, r.start_s, r.end_s, o,
                       {"seq": r.seq, "layer": r.layer, "slot": r.slot, "nbytes": r.nbytes,
                        "size": format_nbytes(r.nbytes), "copy_ms": _ms(r.copy_s), "GBps": _gbps(r.gbps),
                        "queued_ms": _ms(r.start_s - r.submit_s)}))
