@@ -561,6 +561,9 @@ class Prefetcher:
             The backend has no clock for telemetry (``Backend.timer()`` is None).
         """
         self._check_open()
+        if self.capture_id() is not None:
+            raise GraphCaptureError("Prefetcher.enable_telemetry() may synchronize the device: call it outside the "
+                                    "CUDA graph capture")
         if self._tel is None:
             timer = self._backend.timer()
             if timer is None:

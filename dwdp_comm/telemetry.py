@@ -112,6 +112,8 @@ class PrefetchRecord:
         was still held).
     start_s, end_s : float or None
         The copy job could start (its ``after`` events passed) / finished (None: untimed engine).
+    copy_s : float or None
+        The copy job's duration (``end_s - start_s``, read directly between its two points).
     wait_start_s, wait_end_s : float or None
         The consumer stream reached ``wait()`` (first call) / passed it (last call); None when
         never waited.
@@ -135,17 +137,13 @@ class PrefetchRecord:
     submit_s: float
     start_s: float | None = None
     end_s: float | None = None
+    copy_s: float | None = None
     wait_start_s: float | None = None
     wait_end_s: float | None = None
     exposed_wait_s: float | None = None
     release_s: float | None = None
     label: str | None = None
     error: str | None = None
-
-    @property
-    def copy_s(self) -> float | None:
-        """``end_s - start_s``: the copy job's duration (None when untimed)."""
-        return None if self.start_s is None or self.end_s is None else self.end_s - self.start_s
 
     @property
     def gbps(self) -> float | None:
@@ -403,21 +401,22 @@ class PrefetchRecorder:
             error = f"{type(exc).__name__}: {exc}"
         t = self.timer
         sec = (lambda p: None if p is None else t.seconds(p))
+        span = (lambda a, b: None if a is None or b is None else t.elapsed(a, b))  # durations: read directly
         times = rec.timing.sources if rec.timing is not None and error is None else {}
         sources = []
         for src, nbytes in sorted(rec.sources.items()):
             start, end, busy, lane = times.get(src, (None, None, None, None))
-            s0, s1 = sec(start), sec(end)
-            copy_s = busy if busy is not None else (None if s0 is None or s1 is None else s1 - s0)
-            sources.append(SourceCopy(src, nbytes, s0, s1, copy_s, lane))
-        waits = [(t.seconds(b), t.seconds(a)) for b, a in rec.waits]
+            sources.append(SourceCopy(src, nbytes, sec(start), sec(end), busy if busy is not None else span(start, end),
+                                      lane))
         timing = rec.timing if error is None else None
         out = PrefetchRecord(
             seq=rec.seq, layer=rec.layer, slot=rec.slot, rank=self.rank, nbytes=rec.nbytes, sources=tuple(sources),
             issue_s=rec.issue_s, submit_s=rec.submit_s,
             start_s=sec(timing.start) if timing else None, end_s=sec(timing.end) if timing else None,
-            wait_start_s=waits[0][0] if waits else None, wait_end_s=waits[-1][1] if waits else None,
-            exposed_wait_s=sum(max(0.0, a - b) for b, a in waits) if waits else None,
+            copy_s=span(timing.start, timing.end) if timing else None,
+            wait_start_s=sec(rec.waits[0][0]) if rec.waits else None,
+            wait_end_s=sec(rec.waits[-1][1]) if rec.waits else None,
+            exposed_wait_s=sum(max(0.0, t.elapsed(b, a)) for b, a in rec.waits) if rec.waits else None,
             release_s=sec(rec.release), label=rec.label, error=error)
         points = [rec.release, *(p for w in rec.waits for p in w)]
         if rec.timing is not None:

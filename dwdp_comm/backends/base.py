@@ -117,6 +117,11 @@ class Timer(abc.ABC):
     def seconds(self, point: Any) -> float:
         """The time ``point`` passed, in host ``perf_counter`` seconds. Blocks until it passed."""
 
+    def elapsed(self, a: Any, b: Any) -> float:
+        """Seconds from point ``a`` to point ``b`` (blocks until both passed); as precise as the
+        clock allows, also far from where it was anchored."""
+        return self.seconds(b) - self.seconds(a)
+
     def is_done(self, point: Any) -> bool:
         """True once ``point`` passed (never blocks)."""
         return True

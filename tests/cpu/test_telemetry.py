@@ -35,7 +35,7 @@ def _check_record(r, rank, expected, eps=1e-9):
     assert [s.src_rank for s in r.sources] == sorted(expected[r.layer])
     # times: issued, submitted, copied, waited for, released, in that order
     assert r.issue_s <= r.submit_s <= r.start_s + eps
-    assert r.start_s <= r.end_s and r.copy_s == r.end_s - r.start_s > 0
+    assert r.start_s <= r.end_s and r.copy_s == pytest.approx(r.end_s - r.start_s) and r.copy_s > 0
     assert r.gbps == pytest.approx(r.nbytes / r.copy_s / 1e9)
     for s in r.sources:
         assert r.start_s - eps <= s.start_s <= s.end_s <= r.end_s + eps  # inside the job's window
