@@ -335,7 +335,7 @@ class PrefetchRecorder:
         rec.sources, rec.nbytes = hit[1], plan.total_nbytes
         rec.submit_s = time.perf_counter()
         self.timed = self.timed or timed_engine
-        rec.timing = JobTiming() if timed_engine else None
+        rec.timing = JobTiming(self.timer) if timed_engine else None
         return rec.timing
 
     def submitted(self, rec: _Open, ready) -> None:
@@ -400,27 +400,37 @@ class PrefetchRecorder:
         except Exception as exc:  # the consumer saw it at wait(); keep the record, say why it has no times
             error = f"{type(exc).__name__}: {exc}"
         t = self.timer
+
+        def window(start, end) -> tuple:
+            """(start s, end s, duration s) of a window whose ends may be tuples of points: the earliest
+            start, the latest end; the duration read directly between those two points."""
+            if start is None or end is None:
+                return None, None, None
+            starts = [(t.seconds(p), i, p) for i, p in enumerate(_points(start))]
+            ends = [(t.seconds(p), i, p) for i, p in enumerate(_points(end))]
+            (s0, _, p0), (s1, _, p1) = min(starts), max(ends)
+            return s0, s1, t.elapsed(p0, p1)
+
         sec = (lambda p: None if p is None else t.seconds(p))
-        span = (lambda a, b: None if a is None or b is None else t.elapsed(a, b))  # durations: read directly
         times = rec.timing.sources if rec.timing is not None and error is None else {}
         sources = []
         for src, nbytes in sorted(rec.sources.items()):
             start, end, busy, lane = times.get(src, (None, None, None, None))
-            sources.append(SourceCopy(src, nbytes, sec(start), sec(end), busy if busy is not None else span(start, end),
-                                      lane))
+            s0, s1, span = window(start, end)
+            sources.append(SourceCopy(src, nbytes, s0, s1, busy if busy is not None else span, lane))
         timing = rec.timing if error is None else None
+        j0, j1, job = window(timing.start, timing.end) if timing else (None, None, None)
         out = PrefetchRecord(
             seq=rec.seq, layer=rec.layer, slot=rec.slot, rank=self.rank, nbytes=rec.nbytes, sources=tuple(sources),
-            issue_s=rec.issue_s, submit_s=rec.submit_s,
-            start_s=sec(timing.start) if timing else None, end_s=sec(timing.end) if timing else None,
-            copy_s=span(timing.start, timing.end) if timing else None,
+            issue_s=rec.issue_s, submit_s=rec.submit_s, start_s=j0, end_s=j1, copy_s=job,
             wait_start_s=sec(rec.waits[0][0]) if rec.waits else None,
             wait_end_s=sec(rec.waits[-1][1]) if rec.waits else None,
             exposed_wait_s=sum(max(0.0, t.elapsed(b, a)) for b, a in rec.waits) if rec.waits else None,
             release_s=sec(rec.release), label=rec.label, error=error)
         points = [rec.release, *(p for w in rec.waits for p in w)]
         if rec.timing is not None:
-            points += [rec.timing.start, rec.timing.end, *(p for v in rec.timing.sources.values() for p in v[:2])]
+            points += [*_points(rec.timing.start), *_points(rec.timing.end),
+                       *(q for v in rec.timing.sources.values() for p in v[:2] for q in _points(p))]
         for p in {id(p): p for p in points if p is not None}.values():  # sources may share a lane's points
             t.free(p)
         return out
@@ -436,6 +446,11 @@ class PrefetchRecorder:
             self._done.clear()
             self.dropped = self.cancelled = 0
         return out
+
+
+def _points(p: Any) -> tuple:
+    """A JobTiming point or tuple of points as a tuple (empty for None)."""
+    return () if p is None else p if isinstance(p, tuple) else (p,)
 
 
 def _check_max_records(n: int) -> int:

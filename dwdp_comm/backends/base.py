@@ -145,23 +145,29 @@ class JobTiming:
     """When the copies of one job ran, as a timed copy engine reports it (``submit(..., timing=t)``).
 
     The engine fills it before the job's done event completes; read it only after that event.
-    Points are those of the backend's :class:`Timer`.
+    Points are those of the backend's :class:`Timer`; an engine that records its own points on its
+    streams uses :attr:`timer` (the caller's clock). Where a window has several starts or ends (a
+    job or a source spread over several copy streams), the point is a tuple of points: the
+    earliest start and the latest end count.
 
     Attributes
     ----------
-    start, end : point or None
+    timer : Timer or None
+        The clock whose points the engine records (given by the caller).
+    start, end : point, tuple of points, or None
         The job's copies could begin (its ``after`` events passed) / every copy finished.
     sources : dict
         ``{src_rank: (start, end, busy_s, lane)}``: copies from ``src_rank`` ran between points
         ``start`` (before the first) and ``end`` (after the last); ``busy_s`` (float or None) is
         how long they were actually copying when the engine knows it (``sim``: the sum of their
         durations), else None (the window is the copy time); ``lane`` the copy stream (thread)
-        they ran on. Sources sharing a lane have overlapping windows.
+        they ran on (None: several). Sources sharing a lane have overlapping windows.
     """
 
-    __slots__ = ("start", "end", "sources")
+    __slots__ = ("timer", "start", "end", "sources")
 
-    def __init__(self):
+    def __init__(self, timer: Timer | None = None):
+        self.timer = timer
         self.start = self.end = None
         self.sources: dict[int, tuple[Any, Any, float | None, int | None]] = {}
 
