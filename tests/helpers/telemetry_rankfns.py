@@ -139,3 +139,66 @@ def off_and_toggles(group, num_experts: int, seed: int):
     pf.close()
     st.close()
     return out
+
+
+# ---- GPU backends ------------------------------------------------------------------------------------
+def gpu_pipeline(group, num_experts: int, seed: int, engine_options: dict):
+    """Two forwards of a pipeline on a GPU backend with telemetry and routing on; each layer's
+    "compute" is a matmul on the current stream, so the release comes after the wait."""
+    from tests.helpers import gpu_rankfns
+    st = gpu_rankfns.build_store(group, num_experts, LAYERS, seed)
+    pf = dc.Prefetcher(st, depth=2, chunk_nbytes=1 << 20, engine_options=engine_options)
+    pipe = DwdpPipeline(pf, LAYERS)
+    gen = torch.Generator().manual_seed(seed + group.rank)
+    routing = []
+    a = torch.randn(512, 512, device=group.device)
+    expected = {}
+    for l in LAYERS:
+        expected[l] = _expected_source_bytes(st, l)
+    with pipe.recording(routing=True):
+        for _ in range(2):
+            pipe.begin()
+            for l in LAYERS:
+                ids = torch.randint(-1, num_experts + 1, (16, 4), generator=gen)
+                routing.append((l, ids.tolist()))
+                h = pipe.acquire(l, expert_ids=ids.to(group.device))
+                for _ in range(8):
+                    a = torch.tanh(a @ a)
+                pipe.release(h)
+    pipe.close()
+    tel = pipe.telemetry()
+    out = {"tel": tel, "expected": expected, "routing_ids": routing, "nbytes_prefetched": pf.nbytes_prefetched,
+           "api": pf.engine_api}
+    pf.close()
+    st.close()
+    return out
+
+
+def gpu_held_copies(group, num_experts: int, seed: int):
+    """A prefetch whose copies are held back by a sleep kernel on a side stream (prefetch(...,
+    stream=side)) against one whose copies finished before the wait: the exposed wait of the first
+    covers the sleep, the second's is small."""
+    from tests.helpers import gpu_rankfns
+    st = gpu_rankfns.build_store(group, num_experts, [0, 1], seed)
+    pf = dc.Prefetcher(st, depth=2, chunk_nbytes=1 << 20, telemetry=True)
+    side = torch.cuda.Stream(device=group.device)
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    torch.cuda.synchronize()
+    group.barrier()
+    h0 = pf.prefetch(0)
+    h0.synchronize()  # its copies are done before the consumer reaches the wait
+    h0.wait()
+    h0.release()
+    with torch.cuda.stream(side):
+        e0.record(side)
+        torch.cuda._sleep(50_000_000)  # ~25 ms at ~2 GHz
+        e1.record(side)
+    h1 = pf.prefetch(1, stream=side)  # copies start after the sleep
+    h1.wait()
+    h1.release()
+    torch.cuda.synchronize()
+    tel = pf.telemetry()
+    out = {"tel": tel, "sleep_s": e0.elapsed_time(e1) / 1e3}
+    pf.close()
+    st.close()
+    return out
