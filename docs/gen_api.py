@@ -16,8 +16,10 @@ MODULES = ["dwdp_comm", "dwdp_comm.launch", "dwdp_comm.testing", "dwdp_comm.kern
            "dwdp_comm.bench.timing", "dwdp_comm.bench.record", "dwdp_comm.bench.split_weights",
            "dwdp_comm.bench.workload", "dwdp_comm.interop.streams",
            "dwdp_comm.interop.torch", "dwdp_comm.interop.cupy", "dwdp_comm.store", "dwdp_comm.moe.runner",
+           "dwdp_comm.telemetry", "dwdp_comm.trace", "dwdp_comm.routing_histogram",
            *(f"dwdp_comm.backends.cuda.{m}" for m in ("driver", "streams", "memory", "vmm", "fd_passing", "peers",
-                                                       "copies", "time_division", "executor", "backend"))]
+                                                       "copies", "time_division", "executor", "backend",
+                                                       "timing"))]
 OUT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "api.md")
 # Document this checkout's package, not whichever one pip's editable install points at (a CI run
 # of another clone redirects it: the api.md written then was that clone's).

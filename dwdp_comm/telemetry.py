@@ -152,6 +152,7 @@ class PrefetchRecord:
 
     @property
     def name(self) -> str:
+        """The name in traces and summaries: ``label``, else ``"L<layer>"``."""
         return self.label or f"L{self.layer}"
 
     def summary(self) -> str:
@@ -163,12 +164,14 @@ class PrefetchRecord:
                 + (f" | {peers}" if peers else "") + (f" | ERROR {self.error}" if self.error else ""))
 
     def as_dict(self) -> dict:
+        """JSON-ready form (sources as a list of dicts)."""
         d = asdict(self)
         d["sources"] = [asdict(s) for s in self.sources]
         return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "PrefetchRecord":
+        """The record of an :meth:`as_dict` form."""
         return cls(**{**d, "sources": tuple(SourceCopy(**s) for s in d["sources"])})
 
 
@@ -257,6 +260,7 @@ class Telemetry:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Telemetry":
+        """The telemetry of an :meth:`as_dict` form (raises InvalidArgumentError for anything else)."""
         if not isinstance(d, dict) or d.get("format") != "dwdp-telemetry":
             raise bad_arg("telemetry", type(d).__name__ if not isinstance(d, dict) else d.get("format"),
                           "a dict of format 'dwdp-telemetry' (Telemetry.as_dict())")
@@ -313,6 +317,7 @@ class PrefetchRecorder:
         self._offset = time.time() - time.perf_counter()
 
     def set_max_records(self, max_records: int) -> None:
+        """Keep at most ``max_records`` resolved records from now on (the oldest are dropped)."""
         self.max_records = _check_max_records(max_records)
         while len(self._done) > self.max_records:
             self._done.popleft()
@@ -320,6 +325,7 @@ class PrefetchRecorder:
 
     # ---- hooks of the prefetcher (hot path: no host synchronisation) ----------------------------
     def open(self, seq: int, layer: int, slot: int, label: str | None = None) -> _Open:
+        """At ``prefetch()``: a new record (host time of the call noted)."""
         rec = _Open(seq, layer, slot, label)
         self._pending.append(rec)
         return rec
@@ -339,6 +345,7 @@ class PrefetchRecorder:
         return rec.timing
 
     def submitted(self, rec: _Open, ready) -> None:
+        """After ``submit``: the job's done event (its completion tells when the times can be read)."""
         rec.ready = ready
 
     def mark(self, stream: Any = None) -> Any:
@@ -346,6 +353,7 @@ class PrefetchRecorder:
         return self.timer.mark(stream=stream)
 
     def waited(self, rec: _Open, before: Any, after: Any) -> None:
+        """The consumer's points around one ``wait()``."""
         rec.waits.append((before, after))
 
     def released(self, rec: _Open, stream: Any = None) -> None:

@@ -75,6 +75,7 @@ class CudaTimer(Timer):
         return self._elapsed_ms(a, b) / 1e3
 
     def is_done(self, point) -> bool:
+        """True once ``point`` passed (``cudaEventQuery``; never blocks)."""
         rt, _ = load()
         err = rt.cudaEventQuery(point)[0]
         if err == rt.cudaError_t.cudaSuccess:
