@@ -31,9 +31,12 @@ FORMAT = "dwdp-routing-histogram"
 VERSION = 1
 
 
-def _nonneg_int(value: Any, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise bad_arg(what, value, "an int >= 0")
+def _check_int(name: str, value: Any, low: int) -> int:
+    """``value`` if it is an int >= ``low``; the rule (and messages) of ``dwdp_comm.checks.check_int``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad_type(name, value, "an int")
+    if value < low:
+        raise bad_arg(name, value, f"an int >= {low}")
     return value
 
 
@@ -59,14 +62,13 @@ class RoutingHistogram:
     """
 
     def __init__(self, num_experts: int, layers: Mapping, top_k: int | None = None, ranks: Iterable[int] = ()):
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise bad_arg("num_experts", num_experts, "an int >= 1")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise bad_arg("top_k", top_k, "None or an int >= 1")
+        _check_int("num_experts", num_experts, 1)
+        if top_k is not None:
+            _check_int("top_k", top_k, 1)
         if not isinstance(layers, Mapping):
             raise bad_type("layers", layers, "a mapping {layer: {'tokens': int, 'counts': [ints]}}")
         self.num_experts, self.top_k = num_experts, top_k
-        self.ranks = tuple(sorted({_nonneg_int(r, "ranks") for r in ranks}))
+        self.ranks = tuple(sorted({_check_int("ranks", r, 0) for r in ranks}))
         self.layers: dict[int, dict] = {}
         for key, entry in layers.items():
             try:
@@ -78,8 +80,8 @@ class RoutingHistogram:
             counts = list(entry["counts"])
             if len(counts) != num_experts:
                 raise bad_arg(f"layers[{layer}].counts", f"{len(counts)} entries", f"{num_experts} (num_experts)")
-            counts = [_nonneg_int(c, f"layers[{layer}].counts") for c in counts]
-            self.layers[layer] = {"tokens": _nonneg_int(entry["tokens"], f"layers[{layer}].tokens"),
+            counts = [_check_int(f"layers[{layer}].counts", c, 0) for c in counts]
+            self.layers[layer] = {"tokens": _check_int(f"layers[{layer}].tokens", entry["tokens"], 0),
                                   "counts": counts}
 
     def total(self, layer: int | None = None) -> list[int]:
@@ -185,9 +187,7 @@ class RoutingCounter:
     """
 
     def __init__(self, num_experts: int):
-        if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-            raise bad_arg("num_experts", num_experts, "an int >= 1")
-        self.num_experts = num_experts
+        self.num_experts = _check_int("num_experts", num_experts, 1)
         self.top_k: int | None = None
         self._counts: dict[int, torch.Tensor] = {}  # layer -> int64 [num_experts + 1] (last: out of range)
         self._tokens: dict[int, int] = {}

@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .backends.base import JobTiming, Timer
-from .errors import bad_arg
+from .errors import bad_arg, bad_type
 from .routing_histogram import RoutingHistogram
 
 __all__ = ["SourceCopy", "PrefetchRecord", "Telemetry", "PrefetchRecorder", "recording", "format_nbytes",
@@ -462,7 +462,10 @@ def _points(p: Any) -> tuple:
 
 
 def _check_max_records(n: int) -> int:
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    """The rule (and messages) of ``dwdp_comm.checks.check_int(low=1)``."""
+    if isinstance(n, bool) or not isinstance(n, int):
+        raise bad_type("max_records", n, "an int")
+    if n < 1:
         raise bad_arg("max_records", n, "an int >= 1")
     return n
 

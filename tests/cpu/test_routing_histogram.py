@@ -42,6 +42,8 @@ def test_counter_rejects_bad_ids():
         c.add(0, [[1, 2]])
     with pytest.raises(dc.InvalidArgumentError, match="^num_experts: "):
         RoutingCounter(0)
+    with pytest.raises(dc.InvalidTypeError, match="^num_experts: "):
+        RoutingCounter(True)
 
 
 def test_json_round_trip_merge_and_telemetry_document(tmp_path):
@@ -73,9 +75,21 @@ def test_json_round_trip_merge_and_telemetry_document(tmp_path):
      "layers"),
     ({"format": FORMAT, "version": 1, "num_experts": 2, "layers": {"0": {"counts": [1, 1]}}}, r"layers\[0\]"),
     ({"format": FORMAT, "version": 1, "num_experts": 2, "top_k": 0, "layers": {}}, "top_k"),
+    ({"format": FORMAT, "version": 1, "num_experts": 2, "layers": {"0": {"tokens": -1, "counts": [1, 1]}}},
+     r"layers\[0\]\.tokens"),
 ])
 def test_load_names_the_bad_field(doc, field):
     with pytest.raises(dc.InvalidArgumentError, match=f"^{field}: "):
+        load(doc)
+
+
+@pytest.mark.parametrize("doc, field", [
+    ({"format": FORMAT, "version": 1, "num_experts": 2.0, "layers": {}}, "num_experts"),
+    ({"format": FORMAT, "version": 1, "num_experts": 2, "layers": {"0": {"tokens": 1, "counts": [1, 0.5]}}},
+     r"layers\[0\]\.counts"),
+])
+def test_load_names_a_field_of_the_wrong_type(doc, field):
+    with pytest.raises(dc.InvalidTypeError, match=f"^{field}: "):
         load(doc)
 
 

@@ -2,7 +2,6 @@
 examples/deepseek_layer.py and examples/hf_moe.py write valid traces of every rank, telemetry files
 whose routing histogram the advisor's loader reads, and print one line per layer and rank."""
 
-import importlib
 import json
 import os
 import subprocess
@@ -67,13 +66,12 @@ def test_deepseek_example_trace_and_telemetry(tmp_path):
     assert p.returncode != 0 and "need --mode dwdp" in p.stderr
 
 
-def test_hf_example_trace_and_telemetry(tmp_path, capsys, monkeypatch):
+def test_hf_example_trace_and_telemetry(tmp_path):
     pytest.importorskip("transformers")
-    monkeypatch.syspath_prepend(os.path.join(ROOT, "examples"))  # the spawned ranks import the example by name
     trace, tel = tmp_path / "t.json", tmp_path / "tel.json"
-    rc = importlib.import_module("hf_moe").main(["--model", "olmoe", "--layers", "2", "--world-size", "2",
-                                                 "--trace", str(trace), "--telemetry", str(tel)])
-    printed = capsys.readouterr().out
-    assert rc == 0, printed
-    assert sum(line.startswith("rank ") and " layer " in line for line in printed.splitlines()) == 2 * 2
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "hf_moe.py"), "--model", "olmoe", "--layers",
+                        "2", "--world-size", "2", "--trace", str(trace), "--telemetry", str(tel)],
+                       capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert sum(line.startswith("rank ") and " layer " in line for line in p.stdout.splitlines()) == 2 * 2
     _check_run(trace, tel, 2, json.loads(tel.read_text())["routing"]["top_k"])

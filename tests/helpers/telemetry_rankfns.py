@@ -128,8 +128,8 @@ def off_and_toggles(group, num_experts: int, seed: int):
     for bad in (0, -1, True, 2.5):
         try:
             pf.enable_telemetry(max_records=bad)
-        except dc.InvalidArgumentError as exc:
-            errors.append(str(exc))
+        except (dc.InvalidArgumentError, dc.InvalidTypeError) as exc:
+            errors.append((type(exc).__name__, str(exc)))
     out["errors"] = errors
     try:
         impl.copy_engine = make
