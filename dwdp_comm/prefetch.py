@@ -44,6 +44,7 @@ from .errors import ClosedError, DwdpError, GraphCaptureError, SlotStillHeldErro
 from .group import describe
 from .planner import PlanCache, make_plan, policies
 from .store import WeightStore
+from .telemetry import PrefetchRecorder, Telemetry, empty_telemetry, recording
 
 log = logging.getLogger("dwdp_comm")
 
@@ -80,6 +81,7 @@ class PrefetchHandle:
         self._release_event = None
         self._waited = False
         self._released = False
+        self._rec = None  # its telemetry record (PrefetchRecorder) while the prefetcher records
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -156,7 +158,13 @@ class PrefetchHandle:
             raise SlotStillHeldError(
                 f"prefetch of layer {self.layer} cannot start: slot {self.slot} is still held by the handle of "
                 f"layer {holder.layer}; release() that handle first (or use a larger depth)")
-        self._ready.wait(stream=stream)
+        if self._rec is None:
+            self._ready.wait(stream=stream)
+        else:  # time points on the consumer stream around the wait: the exposed wait
+            tel = self._pf._tel
+            before = tel.mark(stream)
+            self._ready.wait(stream=stream)
+            tel.waited(self._rec, before, tel.mark(stream))
         self._waited = True
 
     def synchronize(self) -> None:
@@ -214,6 +222,8 @@ class PrefetchHandle:
         else:
             self._release_event = self._pf._backend.record_event(stream=stream)
         self._released = True
+        if self._rec is not None:
+            self._pf._tel.released(self._rec, stream)
         self._pf._pump(self._slot)
 
     # ---- data ----------------------------------------------------------------------------------
@@ -355,7 +365,10 @@ class Prefetcher:
         Settings for the backend's copy engine. GPU backends: ``streams`` (copy streams, >= 1),
         ``api`` (``"memcpy"`` or ``"batch"``: one ``cudaMemcpyBatchAsync`` per job and stream),
         ``distribute`` (``"source"`` or ``"slot"``: how copies are spread over the streams),
-        ``overlap_hint``. ``sim``: ``corrupt_copy`` (fault injection) only.
+        ``overlap_hint``. ``sim``: ``corrupt_copy`` (fault injection) and ``source_bandwidth``
+        (slow peers, for tests).
+    telemetry : bool
+        Record telemetry from the start (:meth:`enable_telemetry`; default off).
 
     Notes
     -----
@@ -368,7 +381,7 @@ class Prefetcher:
     """
 
     def __init__(self, store: WeightStore, depth: int = 2, schedule: str = "round_robin",
-                 chunk_nbytes: int = 8 << 20, engine_options: dict | None = None):
+                 chunk_nbytes: int = 8 << 20, engine_options: dict | None = None, telemetry: bool = False):
         if not isinstance(store, WeightStore):
             raise bad_type("store", store, "a dwdp_comm.WeightStore")
         store.check_committed()
@@ -389,6 +402,8 @@ class Prefetcher:
         self._count = 0
         self.nbytes_prefetched = 0
         self._closed = False
+        self._tel: PrefetchRecorder | None = None
+        self._tel_on = False
         self._engine, self._slots = None, []
         err, cause = None, None
         try:
@@ -409,6 +424,8 @@ class Prefetcher:
             self._free(collective=False)
             raise cause
         store.attach(self)
+        if telemetry:
+            self.enable_telemetry()
 
     def _free(self, collective: bool) -> None:
         """Release the engine (collectively or not) and the slots of a prefetcher being given up."""
@@ -522,9 +539,68 @@ class Prefetcher:
         after = [self._backend.record_event(stream=stream)] if stream is not None or cap is not None else []
         self._count += 1
         handle = PrefetchHandle(self, int(layer), slot, fetched, after, cap)
+        if self._tel_on and cap is None:  # captured prefetches run at replay, without the host: not recorded
+            handle._rec = self._tel.open(self._count - 1, int(layer), slot.index)
         slot.queue.append(handle)
         self._pump(slot)
         return handle
+
+    # ---- telemetry --------------------------------------------------------------------------------
+    def enable_telemetry(self, *, max_records: int = 100_000) -> None:
+        """Record telemetry of the next prefetches (:mod:`dwdp_comm.telemetry`). Local, non-blocking.
+
+        Per prefetch: bytes per source rank, when the copy engine ran them (where it is timed), and
+        time points on the consumer stream around :meth:`PrefetchHandle.wait` and at ``release``.
+        Costs a few time points per prefetch (CUDA events on GPUs), none while disabled; at most
+        ``max_records`` records are kept (the oldest dropped). Prefetches inside a CUDA graph
+        capture are not recorded. Calling it again only updates ``max_records``.
+
+        Raises
+        ------
+        DwdpError
+            The backend has no clock for telemetry (``Backend.timer()`` is None).
+        """
+        self._check_open()
+        if self.capture_id() is not None:
+            raise GraphCaptureError("Prefetcher.enable_telemetry() may synchronize the device: call it outside the "
+                                    "CUDA graph capture")
+        if self._tel is None:
+            timer = self._backend.timer()
+            if timer is None:
+                raise DwdpError(f"telemetry: the {self._backend.name} backend has no clock (Backend.timer() is None)")
+            lay = self.store.layout
+            self._tel = PrefetchRecorder(timer, lay.rank, lay.group_size, self._backend.name, max_records)
+        else:
+            self._tel.set_max_records(max_records)
+        self._tel_on = True
+
+    def disable_telemetry(self) -> None:
+        """Stop recording new prefetches (those in flight finish their records; records are kept)."""
+        self._tel_on = False
+
+    @property
+    def telemetry_enabled(self) -> bool:
+        """True while new prefetches are recorded."""
+        return self._tel_on
+
+    def recording(self, **options: Any):
+        """Context manager: telemetry on inside (``options`` as :meth:`enable_telemetry`), back off after."""
+        return recording(self, **options)
+
+    def telemetry(self, *, reset: bool = False) -> Telemetry:
+        """The records of released prefetches so far (:class:`~dwdp_comm.telemetry.Telemetry`).
+
+        Host-blocking: waits until the recorded copies and consumer work finished (on GPUs) to read
+        their time points. Handles not yet released are reported by a later call. ``reset``
+        forgets the records returned. Local; refused during a CUDA graph capture. Never enabled:
+        a Telemetry with no records.
+        """
+        if self.capture_id() is not None:
+            raise GraphCaptureError("Prefetcher.telemetry() blocks the host: call it outside the CUDA graph capture")
+        lay = self.store.layout
+        if self._tel is None:
+            return empty_telemetry(lay.rank, lay.group_size, self._backend.name)
+        return self._tel.telemetry(reset=reset)
 
     def capture_id(self, *, stream: Any = None) -> int | None:
         """The id of the CUDA graph capture ``stream`` (None: the current stream) is part of, or
@@ -604,8 +680,14 @@ class Prefetcher:
             if self._fresh_views:
                 self._drop_views(slot)  # copy-on-write views: the previous handle's writes stay in its views
             extra = {"capture": h._capture} if h._capture is not None else {}
+            if h._rec is not None:
+                timing = self._tel.submitting(h._rec, plan, getattr(self._engine, "timed", False))
+                if timing is not None:
+                    extra["timing"] = timing
             h._ready = self._engine.submit(plan, src_base=self.store.layer_base(h.layer), dst=slot.buffer,
                                            dst_base=0, after=fence + h._after, **extra)
+            if h._rec is not None:
+                self._tel.submitted(h._rec, h._ready)
             self.nbytes_prefetched += plan.total_nbytes
 
     def _view(self, slot: _Slot, layer: int, name: str) -> tuple[torch.Tensor, list]:

@@ -25,6 +25,11 @@ prefetch, wait and release included) is captured once in a ``torch.cuda.graph`` 
 iteration is one replay. The replayed output is checked against an eager forward of the same input
 (``graph_vs_eager_rel_error``, same ``--tolerance``).
 
+``--trace FILE`` (``--mode dwdp``) records the prefetch telemetry of the run (eager forwards, warm-up
+included) and writes a Chrome-trace / Perfetto JSON of every rank's compute stream, prefetch jobs
+and copies per peer; ``--telemetry FILE`` writes the records themselves, with the routing
+histogram of every layer (``dwdp_comm.routing_histogram``). Both print one line per layer and rank.
+
 Examples::
 
     python examples/deepseek_layer.py --size toy --world-size 3               # CPU, sim backend
@@ -75,6 +80,9 @@ def parse_args(argv=None):
     ap.add_argument("--tolerance", type=float, default=2e-2)
     ap.add_argument("--no-check", action="store_true", help="skip the reference check")
     ap.add_argument("--json", help="write results to this file")
+    ap.add_argument("--trace", metavar="FILE", help="write a Chrome-trace / Perfetto JSON of the prefetches (--mode dwdp)")
+    ap.add_argument("--telemetry", metavar="FILE", help="write the prefetch telemetry and routing histogram as JSON "
+                    "(--mode dwdp)")
     ap.add_argument("--cuda-graph", action="store_true",
                     help="capture one forward of all layers in a CUDA graph and replay it (GPU, --mode dwdp)")
     return ap.parse_args(argv)
@@ -84,8 +92,12 @@ def rank_main(args_dict: dict):
     args = argparse.Namespace(**args_dict)
     runner = Runner(args)
     try:
+        if args.trace or args.telemetry:
+            runner.pipe.enable_telemetry(routing=bool(args.telemetry))
         res = runner.run(args.prompt_mean, args.cv, args.max_num_tokens, args.iters, args.warmup,
                          record=not args.no_check)
+        if args.trace or args.telemetry:
+            res["telemetry"] = runner.pipe.telemetry().as_dict()
         if not args.no_check:
             res.update(runner.check())
     finally:
@@ -111,12 +123,15 @@ def main(argv=None) -> int:
         raise SystemExit("--world-size, --layers and --iters must be >= 1 and --cv >= 0")
     if args.cuda_graph and (not gpus or args.mode != "dwdp"):
         raise SystemExit("--cuda-graph needs a GPU and --mode dwdp")
+    if (args.trace or args.telemetry) and args.mode != "dwdp":
+        raise SystemExit("--trace and --telemetry need --mode dwdp (they record the prefetches)")
     if args.cuda_graph and args.warmup < 1:
         raise SystemExit("--cuda-graph needs --warmup >= 1 (the warm-up runs eagerly before the capture)")
     print(f"# deepseek_layer: mode={args.mode} size={args.size} layers={args.layers} weights={args.weights} "
           f"world={args.world_size} prompt_mean={args.prompt_mean} cv={args.cv} max_num_tokens={args.max_num_tokens} "
           f"gpus={gpus}", flush=True)
     results = dc.testing.launch(_launched, args.world_size, vars(args), backend=None, timeout=3000)
+    _write_telemetry(args, [r.pop("telemetry") for r in results if "telemetry" in r])
     summary = summarize(args, results)
     # device memory (weights, used) is measured on GPUs only; '-' on CPU
     mem_keys = ("prefetch_nbytes", "weights_nbytes", "device_used_nbytes") if gpus else ("prefetch_nbytes",)
@@ -162,6 +177,23 @@ def main(argv=None) -> int:
     else:
         print("# no check ran (--no-check)")
     return 0
+
+
+def _write_telemetry(args, telemetries: list) -> None:
+    if not telemetries:
+        return
+    from dwdp_comm.telemetry import Telemetry, run_document
+    from dwdp_comm.trace import write_trace
+    for t in telemetries:
+        for line in Telemetry.from_dict(t).summary_lines():
+            print(f"# {line}")
+    if args.trace:
+        write_trace(args.trace, telemetries, title=f"deepseek_layer {args.size} x{args.world_size}")
+        print(f"# wrote trace {args.trace} (open it at https://ui.perfetto.dev)")
+    if args.telemetry:
+        with open(args.telemetry, "w") as fh:
+            json.dump(run_document(telemetries), fh)
+        print(f"# wrote telemetry {args.telemetry}")
 
 
 def _launched(args_dict):

@@ -22,6 +22,11 @@ same input. Under capture the experts need bf16 weights on sm90 / sm100 (``torch
 own kernel): float32 experts run per-expert GEMMs that read the token counts on the host, which a
 capture refuses (:class:`dwdp_comm.GraphCaptureError`).
 
+``--trace FILE`` records the prefetch telemetry of the DWDP run (logits, then ``generate``) and writes a
+Chrome-trace / Perfetto JSON of every rank's compute stream, prefetch jobs and copies per peer;
+``--telemetry FILE`` writes the records and every layer's routing histogram
+(``dwdp_comm.routing_histogram``). Both print one line per layer and rank.
+
 On GPUs rank r uses device ``r % device_count``: with more ranks than GPUs several ranks share one
 GPU (a functional check only, the output says so). No hub access: ``--model`` is a family name
 (``mixtral``, ``qwen3_moe``, ``deepseek_v3``, ``gpt_oss``, ``olmoe``, ``qwen2_moe``) or a local path.
@@ -137,9 +142,14 @@ def rank_main(group, args):
     want_logits, want_tokens, hf_tps = _run(ref, ids, args.new_tokens, dev)
     del ref
     with _to_dwdp(args, group) as dm:
+        record = bool(args.trace or args.telemetry)
+        if record:
+            dm.pipeline.enable_telemetry(routing=bool(args.telemetry))
         dm.pipeline.exposed_seconds(reset=True)
         got_logits, got_tokens, dwdp_tps = _run(dm.model, ids, args.new_tokens, dev)
         exposed = dm.pipeline.exposed_seconds()
+        telemetry = dm.pipeline.telemetry().as_dict() if record else None
+        dm.pipeline.disable_telemetry()
         stats = dm.stats()
         diff = float((got_logits.float() - want_logits.float()).abs().max())
         loading = dm.loading and {k: v for k, v in dm.loading.items() if k != "expert_reads"}
@@ -152,7 +162,8 @@ def rank_main(group, args):
                 "methods": sorted({s.method for s in dm.sites}), "logits_max_diff": diff,
                 "tokens_equal": bool(torch.equal(got_tokens, want_tokens)), "hf_tokens_per_s": hf_tps,
                 "dwdp_tokens_per_s": dwdp_tps, "exposed_prefetch_s": exposed, "memory": dm.memory,
-                "loading": loading, "bytes_pulled": sum(s["bytes_pulled"] for s in stats.values())}
+                "loading": loading, "bytes_pulled": sum(s["bytes_pulled"] for s in stats.values()),
+                "telemetry": telemetry}
 
 
 def _fmt_bytes(n: float) -> str:
@@ -160,6 +171,23 @@ def _fmt_bytes(n: float) -> str:
         if n < 1024 or unit == "GiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1024
+
+
+def _write_telemetry(args, telemetries: list) -> None:
+    if not telemetries:
+        return
+    from dwdp_comm.telemetry import Telemetry, run_document
+    from dwdp_comm.trace import write_trace
+    for t in telemetries:
+        for line in Telemetry.from_dict(t).summary_lines():
+            print(line)
+    if args.trace:
+        write_trace(args.trace, telemetries, title=f"hf_moe {args.checkpoint or args.model} x{args.world_size}")
+        print(f"wrote trace {args.trace} (open it at https://ui.perfetto.dev)")
+    if args.telemetry:
+        with open(args.telemetry, "w") as fh:
+            json.dump(run_document(telemetries), fh)
+        print(f"wrote telemetry {args.telemetry}")
 
 
 def main(argv=None) -> int:
@@ -184,6 +212,10 @@ def main(argv=None) -> int:
                    "replay it on new inputs, each replay checked against an eager forward (CUDA only)")
     p.add_argument("--replays", type=int, default=20, help="replays of --cuda-graph")
     p.add_argument("--json", default=None)
+    p.add_argument("--trace", metavar="FILE", default=None, help="write a Chrome-trace / Perfetto JSON of the "
+                   "DWDP run's prefetches (compute stream, prefetch jobs, copies per peer; every rank)")
+    p.add_argument("--telemetry", metavar="FILE", default=None, help="write the DWDP run's prefetch telemetry and "
+                   "routing histograms as JSON")
     args = p.parse_args(argv)
     if args.checkpoint is None and os.path.isdir(args.model):
         args.checkpoint = args.model
@@ -198,6 +230,7 @@ def main(argv=None) -> int:
     tol = args.tolerance if args.tolerance is not None else (1e-4 if args.dtype == "float32" else 5e-2)
     args.tol = tol
     res = dc.testing.launch(rank_main, args.world_size, args, backend=args.backend, timeout=600)
+    _write_telemetry(args, [r.pop("telemetry") for r in res if r.get("telemetry") is not None])
     if args.backend != "sim" and torch.cuda.is_available() and args.world_size > torch.cuda.device_count():
         print(f"note: {args.world_size} ranks share {torch.cuda.device_count()} GPU(s): a functional check, "
               "speed and memory are not representative")

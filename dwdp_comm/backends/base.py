@@ -10,6 +10,9 @@ A backend owns four kinds of objects, all made by factories on :class:`Backend`:
   asynchronously, after a list of events, and returns the event of its completion.
 * :class:`Event`: a completion signal. ``wait(stream)`` makes a consumer wait for it (a device
   stream on GPU backends; the calling host thread on ``sim``, where compute is host-synchronous).
+* :class:`Timer` (telemetry): marks time points on a stream without blocking and reads them back
+  later as seconds on the host clock; a copy engine with ``timed = True`` reports when the copies
+  of a job ran into a :class:`JobTiming` (``submit(..., timing=...)``).
 
 The store and the prefetcher are written against these classes only, so a new backend slots in
 without touching them.
@@ -18,13 +21,15 @@ without touching them.
 from __future__ import annotations
 
 import abc
+import time
 from typing import Any, Sequence
 
 import torch
 
 from ..planner import CopyPlan
 
-__all__ = ["Buffer", "SymmetricHeap", "Event", "CopyEngine", "Composite", "Backend"]
+__all__ = ["Buffer", "SymmetricHeap", "Event", "CopyEngine", "Composite", "Backend", "Timer", "HostTimer",
+           "JobTiming"]
 
 
 class Event(abc.ABC):
@@ -95,12 +100,91 @@ class Composite(abc.ABC):
         """Unmap the range."""
 
 
+class Timer(abc.ABC):
+    """Time points for telemetry: :meth:`mark` never blocks, :meth:`seconds` reads a point back later.
+
+    A point is opaque (a float on the host, a timing event on a GPU); every point of one backend
+    resolves to seconds on this host's ``time.perf_counter`` clock (``CLOCK_MONOTONIC`` on Linux:
+    one clock for every process of a host, so the ranks of a host line up).
+    """
+
+    @abc.abstractmethod
+    def mark(self, *, stream: Any = None) -> Any:
+        """A point that passes when the work enqueued so far on ``stream`` (None: the current
+        stream; the host on backends without streams) completed. Never blocks the host."""
+
+    @abc.abstractmethod
+    def seconds(self, point: Any) -> float:
+        """The time ``point`` passed, in host ``perf_counter`` seconds. Blocks until it passed."""
+
+    def elapsed(self, a: Any, b: Any) -> float:
+        """Seconds from point ``a`` to point ``b`` (blocks until both passed); as precise as the
+        clock allows, also far from where it was anchored."""
+        return self.seconds(b) - self.seconds(a)
+
+    def is_done(self, point: Any) -> bool:
+        """True once ``point`` passed (never blocks)."""
+        return True
+
+    def free(self, point: Any) -> None:
+        """Give the resources of a point that was read back (or is no longer wanted) back."""
+
+
+class HostTimer(Timer):
+    """The timer of host-synchronous backends (``sim``): a point is ``time.perf_counter()`` now."""
+
+    def mark(self, *, stream: Any = None) -> float:
+        """Now (``stream`` is accepted and ignored: host work before this call has finished)."""
+        return time.perf_counter()
+
+    def seconds(self, point: float) -> float:
+        return float(point)
+
+
+class JobTiming:
+    """When the copies of one job ran, as a timed copy engine reports it (``submit(..., timing=t)``).
+
+    The engine fills it before the job's done event completes; read it only after that event.
+    Points are those of the backend's :class:`Timer`; an engine that records its own points on its
+    streams uses :attr:`timer` (the caller's clock). Where a window has several starts or ends (a
+    job or a source spread over several copy streams), the point is a tuple of points: the
+    earliest start and the latest end count.
+
+    Attributes
+    ----------
+    timer : Timer or None
+        The clock whose points the engine records (given by the caller).
+    start, end : point, tuple of points, or None
+        The job's copies could begin (its ``after`` events passed) / every copy finished.
+    sources : dict
+        ``{src_rank: (start, end, busy_s, lane)}``: copies from ``src_rank`` ran between points
+        ``start`` (before the first) and ``end`` (after the last); ``busy_s`` (float or None) is
+        how long they were actually copying when the engine knows it (``sim``: the sum of their
+        durations), else None (the window is the copy time); ``lane`` the copy stream (thread)
+        they ran on (None: several). Sources sharing a lane have overlapping windows.
+    """
+
+    __slots__ = ("timer", "start", "end", "sources")
+
+    def __init__(self, timer: Timer | None = None):
+        self.timer = timer
+        self.start = self.end = None
+        self.sources: dict[int, tuple[Any, Any, float | None, int | None]] = {}
+
+    def add(self, src_rank: int, start: Any, end: Any, busy_s: float | None = None, lane: int | None = None) -> None:
+        """Record that the copies from ``src_rank`` ran between points ``start`` and ``end``."""
+        self.sources[int(src_rank)] = (start, end, busy_s, lane)
+
+
 class CopyEngine(abc.ABC):
     """Runs copy plans from a symmetric heap into local buffers, off the compute path.
 
-    ``collective`` is True for engines whose ``close`` every rank must call (GPU ``sync`` engines)."""
+    ``collective`` is True for engines whose ``close`` every rank must call (GPU ``sync`` engines).
+    ``timed`` is True for engines whose ``submit`` takes ``timing=`` (a :class:`JobTiming` it fills
+    with points of the backend's :meth:`Backend.timer`); callers pass it only then."""
 
     collective: bool = False
+    timed: bool = False
 
     @abc.abstractmethod
     def submit(self, plan: CopyPlan, *, src_base: int, dst: Buffer, dst_base: int,
@@ -111,7 +195,9 @@ class CopyEngine(abc.ABC):
         ``plan.src_rank[i]``'s heap and writes them at ``dst_base + plan.dst_offset[i]`` of ``dst``.
         No copy starts before every event of ``after`` completed. Copies run in plan order on each
         copy stream; GPU engines may spread a plan over several copy streams (``streams=``), and
-        the returned event joins them.
+        the returned event joins them. Engines with ``timed = True`` also take ``timing=`` (a
+        :class:`JobTiming`, or None): when given, they record into it when the copies ran, at a
+        cost of a few time points per job and source, and without changing the copies' order.
         """
 
     @abc.abstractmethod
@@ -176,6 +262,10 @@ class Backend(abc.ABC):
     def capture_id(self, *, stream: Any = None) -> int | None:
         """The id of the CUDA graph capture ``stream`` is part of, or None when it is not capturing
         (always None on backends without streams)."""
+        return None
+
+    def timer(self) -> Timer | None:
+        """The clock of this backend's telemetry (:class:`Timer`), or None when it has none."""
         return None
 
     def compose(self, pieces: Sequence[tuple[Buffer, int, int]]) -> Composite:

@@ -12,6 +12,9 @@ It models the GPU backends' semantics rather than short-cutting them:
 * Each rank has one copy thread, its copy engine. ``submit`` returns at once; the thread waits for
   the job's ``after`` events, then copies the plan chunk by chunk, in plan order, and completes the
   job's event. An optional ``copy_bandwidth`` (bytes/s) slows it down to make asynchrony visible.
+  ``source_bandwidth`` (an engine option) slows the copies from chosen source ranks only, to
+  make one slow peer visible to the telemetry. With ``submit(..., timing=...)`` the thread records
+  when the job and each source's copies ran (host ``perf_counter`` times: :class:`HostTimer`).
 * Compute is host-synchronous, so the host is the only "stream": ``Event.wait()`` blocks the host,
   and an event recorded on the host (a release) is complete at once.
 * Composite views map pieces of several shared-memory files into one reserved address range with
@@ -35,11 +38,12 @@ import torch
 
 from ..errors import ClosedError, DwdpError, bad_arg, gathered_error
 from ..planner import CopyPlan
-from .base import Backend, Buffer, Composite, CopyEngine, Event, SymmetricHeap
+from .base import Backend, Buffer, Composite, CopyEngine, Event, HostTimer, JobTiming, SymmetricHeap
 
 __all__ = ["SimBackend"]
 
 PAGE = mmap.PAGESIZE
+_HOST_TIMER = HostTimer()
 _PROT_NONE = getattr(mmap, "PROT_NONE", 0)
 _MAP_FIXED = getattr(mmap, "MAP_FIXED", 0x10)  # Linux value; Python < 3.13 lacks the constant
 
@@ -228,24 +232,30 @@ class SimHeap(SymmetricHeap):
 
 
 class SimCopyEngine(CopyEngine):
-    """One host thread per rank that executes plans in submission order."""
+    """One host thread per rank that executes plans in submission order (a timed engine: lane 0)."""
 
-    def __init__(self, heap: SimHeap, rank: int, copy_bandwidth: float | None, corrupt_copy: int | None = None):
+    timed = True
+
+    def __init__(self, heap: SimHeap, rank: int, copy_bandwidth: float | None, corrupt_copy: int | None = None,
+                 source_bandwidth: dict[int, float] | None = None):
         self._heap, self._rank, self._bw = heap, rank, copy_bandwidth
         self._corrupt = corrupt_copy
+        self._src_bw = dict(source_bandwidth or {})
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self._closed = self._aborted = False
         self._thread = threading.Thread(target=self._run, name=f"dwdp-sim-copy-r{rank}", daemon=True)
         self._thread.start()
 
     def submit(self, plan: CopyPlan, *, src_base: int, dst: Buffer, dst_base: int,
-               after: Sequence[Event] = ()) -> Event:
+               after: Sequence[Event] = (), timing: JobTiming | None = None) -> Event:
         if self._closed:
             raise ClosedError("copy engine used after close()")
         if not isinstance(dst, SimBuffer):
             raise bad_arg("dst", type(dst).__name__, "a SimBuffer")
+        if timing is not None and not isinstance(timing, JobTiming):
+            raise bad_arg("timing", type(timing).__name__, "None or a dwdp_comm.backends.base.JobTiming")
         done = SimEvent()
-        self._jobs.put((plan, src_base, dst, dst_base, tuple(after), done))
+        self._jobs.put((plan, src_base, dst, dst_base, tuple(after), done, timing))
         return done
 
     def _run(self) -> None:
@@ -253,20 +263,26 @@ class SimCopyEngine(CopyEngine):
             job = self._jobs.get()
             if job is None:
                 return
-            plan, src_base, dst, dst_base, after, done = job
+            plan, src_base, dst, dst_base, after, done, timing = job
             if self._aborted:
                 done.complete(ClosedError("copy engine aborted before this job ran"))
                 continue
             try:
                 for ev in after:
                     ev.synchronize()
-                self._execute(plan, src_base, dst, dst_base)
+                if timing is not None:
+                    timing.start = time.perf_counter()
+                self._execute(plan, src_base, dst, dst_base, timing)
+                if timing is not None:
+                    timing.end = time.perf_counter()
             except BaseException as exc:  # report through the event, keep serving
                 done.complete(exc)
             else:
                 done.complete()
 
-    def _execute(self, plan: CopyPlan, src_base: int, dst: SimBuffer, dst_base: int) -> None:
+    def _execute(self, plan: CopyPlan, src_base: int, dst: SimBuffer, dst_base: int,
+                 timing: JobTiming | None) -> None:
+        spans: dict[int, list[float]] = {}  # source -> [first start, last end, busy seconds]
         with memoryview(dst._map.mm) as out:
             srcs = [memoryview(m.mm) for m in self._heap.peers]
             try:
@@ -276,11 +292,20 @@ class SimCopyEngine(CopyEngine):
                     out[b:b + n] = srcs[s][a:a + n]
                     if i == self._corrupt and n:
                         out[b] = out[b] ^ 0xFF  # fault injection, for testing byte checkers
-                    if self._bw:
-                        time.sleep(max(0.0, n / self._bw - (time.perf_counter() - t0)))
+                    bw = min(self._bw or float("inf"), self._src_bw.get(s, float("inf")))
+                    if bw != float("inf"):
+                        time.sleep(max(0.0, n / bw - (time.perf_counter() - t0)))
+                    if timing is not None:
+                        t1 = time.perf_counter()
+                        span = spans.setdefault(s, [t0, t1, 0.0])
+                        span[1] = t1
+                        span[2] += t1 - t0
             finally:
                 for mv in srcs:
                     mv.release()
+        if timing is not None:
+            for s, (t0, t1, busy) in spans.items():
+                timing.add(s, t0, t1, busy, lane=0)
 
     def close(self) -> None:
         """Run the jobs submitted so far, then stop the copy thread. Idempotent."""
@@ -390,17 +415,31 @@ class SimBackend(Backend):
         return SimBuffer(f"dwdp-{self.session}-buf{self._next_id()}-r{self.comm.rank}", nbytes, boundaries=boundaries)
 
     def copy_engine(self, heap: SymmetricHeap, *, corrupt_copy: int | None = None,
-                    **options: Any) -> SimCopyEngine:
+                    source_bandwidth: dict[int, float] | None = None, **options: Any) -> SimCopyEngine:
         """The rank's copy thread. ``corrupt_copy=i`` flips one byte of copy ``i`` of every job
-        (fault injection, to test byte checkers); no other option exists on ``sim``."""
+        (fault injection, to test byte checkers); ``source_bandwidth={src_rank: bytes/s}`` slows
+        the copies from those ranks only (a slow peer, for telemetry tests); no other option
+        exists on ``sim``."""
         if options:
-            raise bad_arg("copy engine options", sorted(options), "none on the sim backend except corrupt_copy")
-        return SimCopyEngine(heap, self.comm.rank, self.copy_bandwidth, corrupt_copy)
+            raise bad_arg("copy engine options", sorted(options),
+                          "none on the sim backend except corrupt_copy and source_bandwidth")
+        if source_bandwidth is not None:
+            if not isinstance(source_bandwidth, dict) or not all(
+                    isinstance(r, int) and not isinstance(r, bool) and 0 <= r < self.comm.size
+                    and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                    for r, v in source_bandwidth.items()):
+                raise bad_arg("source_bandwidth", source_bandwidth,
+                              f"a dict {{src_rank in [0, {self.comm.size}): bytes/s > 0}}")
+        return SimCopyEngine(heap, self.comm.rank, self.copy_bandwidth, corrupt_copy, source_bandwidth)
 
     def record_event(self, *, stream: Any = None) -> SimEvent:
         """A completed event: host work before this call has finished already. ``stream`` (any
         value, accepted so that GPU code runs unchanged) is ignored."""
         return SimEvent(done=True)  # host work before this call has finished already
+
+    def timer(self) -> HostTimer:
+        """Host ``perf_counter`` time points (compute is host-synchronous here)."""
+        return _HOST_TIMER
 
     def compose(self, pieces: Sequence[tuple[Buffer, int, int]]) -> SimComposite:
         for buf, off, n in pieces:

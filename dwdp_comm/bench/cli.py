@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", metavar="FILE", help="write every row (and settings) as JSON")
     c.add_argument("--plot", metavar="FILE.png", help="bandwidth per schedule and a per-rank model timeline "
                                                       "(needs matplotlib: pip install 'dwdp-comm[plot]')")
+    c.add_argument("--trace", metavar="FILE", help="write a Chrome-trace / Perfetto JSON of every copy job, per rank "
+                   "and source (real backends whose copy engine times its copies)")
     c.add_argument("--inject-corruption", action="store_true",
                    help="sim only: flip one byte of the first copy of every job (shows #wrong and the exit status)")
     c.add_argument("--seed", type=int, default=0, help="seed of the byte patterns and the skew draws (default: 0)")
@@ -230,7 +232,9 @@ def _config(args) -> tuple[BenchConfig, str]:
                       iters=iters, warmup=warm, engine_options=opts, seed=args.seed,
                       inject_corruption=args.inject_corruption, backend=args.backend, fabric=args.fabric,
                       executor=args.executor, arbitration=args.arbitration, issue_order=args.issue_order,
-                      timeline=bool(args.plot) and args.backend == "model")
+                      timeline=bool(args.plot) and args.backend == "model", trace=bool(args.trace))
+    if args.trace and kind == "model":
+        raise bad_arg("--trace", args.trace, "a real backend (sim or GPU): the model moves no bytes")
     return cfg, kind
 
 
@@ -380,6 +384,8 @@ def _finish(args, cfg: BenchConfig, res: dict, launcher: str, argv) -> int:
         written, msg = plot(doc, args.plot)
         rep.comment(msg)
         plot_missing = None if written else msg
+    if args.trace:
+        rep.comment(_write_trace(args.trace, res.get("telemetry") or []))
     checked = "" if res["backend"] == "model" else f"; {wrong} wrong bytes"
     rep.comment(f"{len(rows)} rows, {skipped} skipped{checked}")
     if wrong:
@@ -392,6 +398,16 @@ def _finish(args, cfg: BenchConfig, res: dict, launcher: str, argv) -> int:
         print(f"dwdp-bench: error: {plot_missing}", file=sys.stderr)
         return EXIT_NOTHING
     return 0
+
+
+def _write_trace(path: str, telemetries: list) -> str:
+    from ..trace import write_trace
+    tels = [t for t in telemetries if t is not None]
+    if not tels or not any(t["prefetches"] for t in tels):
+        return f"no trace written to {path}: the copy engine does not time its copies"
+    write_trace(path, tels, title="dwdp-bench contention")
+    return (f"wrote trace {path} ({sum(len(t['prefetches']) for t in tels)} copy jobs, {len(tels)} ranks; "
+            "open it at https://ui.perfetto.dev)")
 
 
 # ---- model checks ---------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..errors import DwdpError, InvalidArgumentError, InvalidTypeError, bad_arg
+from ..telemetry import PrefetchRecorder
 from . import model as M
 from .patterns import (Schedule, canonical_pattern, make_plans, parse_schedule, pattern_ranges,
                        port_bound_time, recv_nbytes, sources)
@@ -71,6 +72,8 @@ class BenchConfig:
         Model backend only.
     timeline : bool
         Keep per-copy timelines (model) for the plot.
+    trace : bool
+        Record every copy job's telemetry (real backends with a timed engine) for a trace.
     """
 
     group_size: int
@@ -90,6 +93,7 @@ class BenchConfig:
     arbitration: str = "fair"
     issue_order: str = "stream"
     timeline: bool = False
+    trace: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -339,6 +343,8 @@ def run_rank(group, cfg: BenchConfig, on_row: Callable[[dict], None] | None = No
     dst = impl.alloc_buffer(max(G - 1, 1) * maxn)
     engines: dict[tuple, Any] = {}
     rows, refs = [], {}
+    timer = impl.timer() if cfg.trace else None
+    tel = PrefetchRecorder(timer, rank, G, group.backend) if timer is not None else None
     try:
         fill_pattern(heap.local.tensor(0, maxn), rank, cfg.seed)
         clock.sync()
@@ -353,7 +359,7 @@ def run_rank(group, cfg: BenchConfig, on_row: Callable[[dict], None] | None = No
                 refs[case.nbytes] = ref["nbytes"] * ref["iters"] / sum(ref["_times"])
                 if rank == 0 and on_reference:
                     on_reference(case.nbytes, refs[case.nbytes])
-            row = _measure(group, cfg, case, idx, engines, heap, dst, clock, refs[case.nbytes])
+            row = _measure(group, cfg, case, idx, engines, heap, dst, clock, refs[case.nbytes], tel=tel)
             row.pop("_times", None)
             if group.backend == "sim" and row["status"] == "ok":
                 without_ideal(row)
@@ -368,9 +374,12 @@ def run_rank(group, cfg: BenchConfig, on_row: Callable[[dict], None] | None = No
         group.barrier()
         dst.close()
         heap.close()
-    return {"rows": rows, "pair_reference": {str(k): v / 1e9 for k, v in refs.items()},
-            "backend": group.backend, "backend_reason": group.backend_reason, "group_size": G,
-            "device": str(group.device)}
+    out = {"rows": rows, "pair_reference": {str(k): v / 1e9 for k, v in refs.items()},
+           "backend": group.backend, "backend_reason": group.backend_reason, "group_size": G,
+           "device": str(group.device)}
+    if cfg.trace:  # collective: every rank's records, for rank 0's trace file
+        out["telemetry"] = group.comm.all_gather_object(tel.telemetry().as_dict() if tel else None)
+    return out
 
 
 def _engine(group, heap, opts: dict, cfg: BenchConfig, engines: dict):
@@ -390,7 +399,7 @@ def _engine(group, heap, opts: dict, cfg: BenchConfig, engines: dict):
 
 
 def _measure(group, cfg, case: Case, idx: int, engines, heap, dst, clock, pair_Bps, check=True,
-             base_options: dict | None = None) -> dict:
+             base_options: dict | None = None, tel: PrefetchRecorder | None = None) -> dict:
     G, rank = group.size, group.rank
     row = _row_base(case, G, cfg.engine_options if base_options is None else base_options)
     plan = case.schedule.plan(pattern_ranges(case.pattern, rank, G, case.nbytes), rank=rank, group_size=G,
@@ -416,9 +425,17 @@ def _measure(group, cfg, case: Case, idx: int, engines, heap, dst, clock, pair_B
             base = max(1e-3, 2.0 * max(max_issue, 20e-6 * len(plan) if it == 0 else 0.0))
         group.barrier()
         start, after = clock.begin(base + float(delays[it]))
+        rec = None
+        if tel is not None and getattr(eng, "timed", False):  # --trace: this job's telemetry
+            label = f"{case.pattern} {case.schedule.name} {case.nbytes}B #{it}{' warm-up' if it < cfg.warmup else ''}"
+            rec = tel.open(idx * n_iter + it, idx, 0, label=label)
+            timing = {"timing": tel.submitting(rec, plan, True)}
         h0 = time.perf_counter()
-        done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=after)
+        done = eng.submit(plan, src_base=0, dst=dst, dst_base=0, after=after, **(timing if rec else {}))
         max_issue = max(max_issue, time.perf_counter() - h0)
+        if rec is not None:
+            tel.submitted(rec, done)
+            tel.finished(rec)
         end = clock.end(done)
         t = clock.elapsed(start, end)
         if it >= cfg.warmup:

@@ -145,7 +145,7 @@ class _SiteRunner:
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
         s = self.site
-        h = self.pipeline.acquire(s.layer)
+        h = self.pipeline.acquire(s.layer, expert_ids=top_k_index)
         try:
             if s.method == "experts_forward":
                 seg = {n: h.weight_segments(n) for n in s.names}

@@ -128,7 +128,7 @@ class DwdpMoE(torch.nn.Module):
         # Under CUDA graph capture no host sync may run: trust the device counts (permute_tokens made them).
         groups = kernels.TokenGroups(m_sizes, validate=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         shared = shared_expert(x, self.shared)  # runs while the prefetch may still be in flight
-        h = self.pipeline.acquire(self.layer)
+        h = self.pipeline.acquire(self.layer, expert_ids=ids)
         w = {n: h.weights(n) for n in EXPERT_NAMES[self.fmt]}
         y = kernels.moe_mlp(xs, groups, backend=self.kernel_backend, **kernel_args(w, self.fmt))
         self.pipeline.release(h)

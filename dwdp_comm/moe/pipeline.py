@@ -24,6 +24,8 @@ import torch
 
 from ..errors import DwdpError, GraphCaptureError, bad_arg
 from ..prefetch import Prefetcher, PrefetchHandle
+from ..routing_histogram import RoutingCounter
+from ..telemetry import Telemetry, recording
 
 __all__ = ["DwdpPipeline"]
 
@@ -48,6 +50,11 @@ class DwdpPipeline:
     :meth:`prepare_capture` first. Stats (:meth:`layer_stats`, :meth:`exposed_seconds`) cover
     eager forwards only: a captured forward is neither timed nor counted (its replays run
     without the host).
+
+    **Telemetry** (off by default): :meth:`enable_telemetry` (or ``with pipe.recording():``) records
+    every prefetch's bytes, copy time and rate per source rank and the exposed wait of each layer
+    (:mod:`dwdp_comm.telemetry`), and with ``routing=True`` the experts each layer's tokens chose
+    (``acquire(layer, expert_ids=...)``, counted on the device); :meth:`telemetry` reads them.
 
     Parameters
     ----------
@@ -81,6 +88,8 @@ class DwdpPipeline:
         self._layer_wait_s: dict[int, float] = {}
         self._layer_bytes: dict[int, int] = {}
         self._layer_count: dict[int, int] = {}
+        self._routing: RoutingCounter | None = None  # made by the first enable_telemetry(routing=True)
+        self._routing_on = False
 
     @property
     def capturing(self) -> bool:
@@ -159,8 +168,16 @@ class DwdpPipeline:
         self._handles.setdefault(layer, []).append(self.pf.prefetch(layer))
         self._next += 1
 
-    def acquire(self, layer: int) -> PrefetchHandle:
+    def acquire(self, layer: int, *, expert_ids: torch.Tensor | None = None) -> PrefetchHandle:
         """Wait (on the current stream) for ``layer``'s prefetch; start the next one; return the handle.
+
+        Parameters
+        ----------
+        layer : int
+        expert_ids : torch.Tensor, optional
+            The layer's routing, ``[num_tokens, top_k]`` integer expert ids on the compute device:
+            counted into the routing histogram while telemetry records routing (no host sync),
+            ignored otherwise and in captured forwards.
 
         Raises
         ------
@@ -172,6 +189,8 @@ class DwdpPipeline:
             raise DwdpError(f"layer {layer} was not prefetched: call begin() first and run layers in the order "
                             f"{self.layers}")
         h = queue.pop(0)
+        if expert_ids is not None and self._routing_on and self.pf.telemetry_enabled and self._capture is None:
+            self._routing.add(layer, expert_ids)
         if self._capture is not None:
             h.wait()  # recorded once, replayed without the host: nothing to time or count
         elif self._gpu:
@@ -242,6 +261,44 @@ class DwdpPipeline:
             self._waits, self._host_wait_s, self._layer_wait_s = [], 0.0, {}
             self._layer_bytes, self._layer_count = {}, {}
         return out
+
+    # ---- telemetry --------------------------------------------------------------------------------
+    def enable_telemetry(self, *, routing: bool = False, max_records: int = 100_000) -> None:
+        """Record telemetry (the prefetcher's :meth:`Prefetcher.enable_telemetry`) and, with
+        ``routing``, the expert choices passed to :meth:`acquire`. Local, non-blocking."""
+        self.pf.enable_telemetry(max_records=max_records)
+        if routing and self._routing is None:
+            self._routing = RoutingCounter(self.pf.store.layout.num_experts)
+        self._routing_on = bool(routing)
+
+    def disable_telemetry(self) -> None:
+        """Stop recording (records and counts so far are kept until read with ``reset=True``)."""
+        self.pf.disable_telemetry()
+
+    @property
+    def telemetry_enabled(self) -> bool:
+        """True while prefetches are recorded."""
+        return self.pf.telemetry_enabled
+
+    def recording(self, *, routing: bool = False, max_records: int = 100_000):
+        """Context manager: telemetry on inside, back off after (records are kept)."""
+        return recording(self, routing=routing, max_records=max_records)
+
+    def telemetry(self, *, reset: bool = False) -> Telemetry:
+        """What was recorded (:class:`~dwdp_comm.telemetry.Telemetry`): the prefetcher's records and
+        this rank's routing histogram (None unless ``routing=True``). Host-blocking (reads the
+        device counts and time points back); ``reset`` forgets both. Local."""
+        self._check_not_capturing("telemetry")
+        tel = self.pf.telemetry(reset=reset)
+        if self._routing is not None:
+            tel.routing = self._routing.histogram(ranks=[tel.rank])
+            if reset:
+                self._routing.reset()
+        return tel
+
+    def summary_lines(self) -> list[str]:
+        """One line per layer of what was recorded so far (does not reset)."""
+        return self.telemetry().summary_lines()
 
     def _drop_handles(self) -> None:
         for h in self._held:

@@ -73,7 +73,7 @@ class FakeGPU:
     class cudaStreamCaptureMode:
         cudaStreamCaptureModeGlobal, cudaStreamCaptureModeThreadLocal, cudaStreamCaptureModeRelaxed = 0, 1, 2
 
-    cudaStreamNonBlocking, cudaEventDisableTiming = 1, 2
+    cudaStreamNonBlocking, cudaEventDisableTiming, cudaEventDefault = 1, 2, 0
 
     def __init__(self, hang_timeout=10.0):
         import threading
@@ -83,6 +83,7 @@ class FakeGPU:
         self.capturing, self.graphs, self.execs = {}, {}, {}  # the executor's own graphs (graph=True)
         self.seq, self.in_capture, self.event_capture = {}, {}, {}  # id -> _Capture; stream -> id; event -> (id, frontier)
         self.hang_timeout = hang_timeout
+        self.event_time = {}  # event -> host perf_counter when its last record ran (timing events)
 
     def _handle(self):
         self._next += 1
@@ -161,7 +162,9 @@ class FakeGPU:
             for sub in op[1]:
                 self._run(s, sub)
         elif kind == "record":
+            import time
             self.events[op[1]][1] = max(self.events[op[1]][1], op[2])
+            self.event_time[op[1]] = time.perf_counter()
         elif kind == "write":
             (ctypes.c_uint64 if op[3] == 64 else ctypes.c_uint32).from_address(op[1]).value = op[2]
             self.done.append(("write", s, op[1], op[2], op[3]))
@@ -296,6 +299,22 @@ class FakeGPU:
         self.progress()
         e = self.events[int(ev)]
         return (0,) if e[1] >= e[0] else (600,)
+
+    def cudaEventElapsedTime(self, a, b):
+        """Milliseconds between the last runs of two completed records (the host clock of the fake)."""
+        for ev in (a, b):
+            if self.cudaEventQuery(ev)[0] or int(ev) not in self.event_time:
+                return (600, None)
+        return 0, (self.event_time[int(b)] - self.event_time[int(a)]) * 1e3
+
+    def cudaDeviceSynchronize(self):
+        import time
+        t0 = time.monotonic()
+        while self.pending():
+            if time.monotonic() - t0 > self.hang_timeout:
+                raise AssertionError("the fake device would hang")
+            time.sleep(1e-3)
+        return (0,)
 
     def cudaMemcpyAsync(self, d, s, n, kind, stream):
         with self.lock:

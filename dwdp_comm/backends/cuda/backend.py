@@ -15,6 +15,7 @@ from ..base import Backend
 from .driver import bindings_reason, check, load, log, set_device
 from .memory import Alloc, DeviceBuffer, MallocAlloc
 from .streams import CudaEvent, stream_capture_id
+from .timing import CudaTimer
 
 __all__ = ["cuda_probe", "CudaBackendBase"]
 
@@ -73,6 +74,13 @@ class CudaBackendBase(Backend):
         if stream is None and torch.cuda.is_available() and not torch.cuda.is_current_stream_capturing():
             return None  # the common eager case without a cuda.bindings call
         return stream_capture_id(resolve_stream(stream))
+
+    def timer(self):
+        """The telemetry clock (:class:`~dwdp_comm.backends.cuda.timing.CudaTimer`), made on first use
+        (which synchronizes the device once)."""
+        if getattr(self, "_timer", None) is None:
+            self._timer = CudaTimer()
+        return self._timer
 
     def alloc_buffer(self, nbytes: int, boundaries: Sequence[int] = ()) -> DeviceBuffer:
         """A local ``cudaMalloc`` buffer of ``nbytes`` on this rank's GPU (not collective)."""

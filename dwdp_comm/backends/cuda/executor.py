@@ -11,12 +11,13 @@ import numpy as np
 from ...engine_options import SYNC_MODES
 from ...errors import ClosedError, CollectiveMismatchError, GraphCaptureError, bad_arg
 from ...planner import CopyPlan
-from ..base import Buffer, CopyEngine, Event
+from ..base import Buffer, CopyEngine, Event, JobTiming
 from .copies import MEMOP_DTYPE, MEMOP_MAX, DriverCopyCalls, issue_memops
 from .driver import CudaError, check, load, log
 from .memory import DeviceBuffer, MallocAlloc
 from .streams import CudaEvent, CudaStream, stream_capture_id
 from .time_division import SyncFlags, SyncProgram, build_sync_program
+from .timing import LaneTimes
 
 __all__ = ["CopyExecutor"]
 
@@ -117,6 +118,8 @@ class CopyExecutor(CopyEngine):
         Executable graphs kept (keys: plan, src_base, dst, dst_base).
     """
 
+    timed, _lane_times = True, None  # submit(timing=): the LaneTimes of the eager job being submitted
+
     def __init__(self, *, device: int, rank: int, group_size: int, src_ptrs: Sequence[int | None], src_nbytes: int,
                  remote_get: Callable | None = None, sym_ptr: int | None = None, streams: int = 1,
                  api: str = "batch", distribute: str = "source", overlap_hint: bool = False, sync: str = "none",
@@ -195,11 +198,13 @@ class CopyExecutor(CopyEngine):
 
     # -- submit ---------------------------------------------------------------------------------------
     def submit(self, plan: CopyPlan, *, src_base: int, dst: Buffer, dst_base: int,
-               after: Sequence[Event] = (), capture: int | None = None) -> CudaEvent:
+               after: Sequence[Event] = (), capture: int | None = None, timing: JobTiming | None = None) -> CudaEvent:
         """Enqueue ``plan`` on the copy streams; return its done event at once (host never blocks).
 
         Parameters
         ----------
+        timing : JobTiming, optional
+            Eager jobs: lane windows into it (:class:`~dwdp_comm.backends.cuda.timing.LaneTimes`).
         capture : int, optional
             The id of the CUDA graph capture this job belongs to (see
             :func:`stream_capture_id`). Then every ``after`` event must have been recorded in that
@@ -258,6 +263,7 @@ class CopyExecutor(CopyEngine):
         lanes = np.where(src_rank == self.rank, self.local_lane, lanes)
         c = _Copies(self._base[src_rank] + src_off, dst.ptr + dst_off, nbytes, src_rank, src_off,
                     ~self._mapped[src_rank], lanes)
+        self._lane_times = LaneTimes(timing, self._streams, src_rank, lanes) if timing and capture is None else None
         if capture is not None:
             done = self._submit_captured(c, after, capture)
             self.captured_jobs += 1
@@ -267,7 +273,7 @@ class CopyExecutor(CopyEngine):
             done = self._submit_graph(plan, (int(src_base), int(dst.ptr), int(dst_base)), c, after)
         else:
             done = self._submit_plain(c, after)
-        self.jobs += 1
+        self.jobs, self._lane_times = self.jobs + 1, None
         return done
 
     def _used(self, c: "_Copies") -> list[int]:
@@ -281,10 +287,14 @@ class CopyExecutor(CopyEngine):
             for ev in after:
                 check(rt.cudaStreamWaitEvent(self._streams[lane].raw, ev.raw, 0), "cudaStreamWaitEvent",
                       f"copy stream {lane} waiting for an 'after' event")
+        if self._lane_times is not None:
+            self._lane_times.started(lanes)
 
     def _join(self, lanes: Sequence[int], capture: int | None = None) -> CudaEvent:
         """Record the done event on the first of ``lanes`` after it waited for the others."""
         rt, _ = load()
+        if self._lane_times is not None:
+            self._lane_times.ended(lanes)
         join = self._streams[lanes[0]]
         for lane in lanes[1:]:
             ev = CudaEvent().record(self._streams[lane].handle, capture)
