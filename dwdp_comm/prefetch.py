@@ -41,7 +41,8 @@ import torch
 import logging
 
 from .errors import ClosedError, DwdpError, GraphCaptureError, SlotStillHeldError, bad_arg, bad_type
-from .group import describe
+from .checks import check_int
+from .comm import describe
 from .planner import PlanCache, make_plan, policies
 from .store import WeightStore
 from .telemetry import PrefetchRecorder, Telemetry, empty_telemetry, recording
@@ -137,7 +138,7 @@ class PrefetchHandle:
         ----------
         stream : optional
             The consumer stream (a ``torch.cuda.Stream``, a CuPy stream or a raw handle; None:
-            the current stream). Must be None on ``sim``.
+            the current stream). Any value is accepted and ignored on ``sim`` (the host is the only stream).
 
         Raises
         ------
@@ -342,9 +343,7 @@ def _expert_list(experts: Any, num_experts: int) -> list[int]:
         raise bad_type("experts", experts, "an iterable of ints") from None
     out = []
     for e in items:
-        if isinstance(e, bool) or not isinstance(e, (int, np.integer)) or not 0 <= e < num_experts:
-            raise bad_arg("experts", e, f"ints in [0, {num_experts})")
-        out.append(int(e))
+        out.append(check_int("experts", e, low=0, high=num_experts - 1, expected=f"ints in [0, {num_experts})"))
     return out
 
 
@@ -385,16 +384,10 @@ class Prefetcher:
         if not isinstance(store, WeightStore):
             raise bad_type("store", store, "a dwdp_comm.WeightStore")
         store.check_committed()
-        if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)):
-            raise bad_type("depth", depth, "an int")
-        if depth < 1:
-            raise bad_arg("depth", depth, "an int >= 1")
+        depth = check_int("depth", depth, low=1)
         if schedule not in policies():
             raise bad_arg("schedule", schedule, f"one of {policies()}")
-        if isinstance(chunk_nbytes, bool) or not isinstance(chunk_nbytes, (int, np.integer)):
-            raise bad_type("chunk_nbytes", chunk_nbytes, "an int")
-        if chunk_nbytes <= 0:
-            raise bad_arg("chunk_nbytes", chunk_nbytes, "an int > 0 (bytes per chunk)")
+        chunk_nbytes = check_int("chunk_nbytes", chunk_nbytes, low=1, expected="an int > 0 (bytes per chunk)")
         self.store, self.depth, self.schedule, self.chunk_nbytes = store, int(depth), schedule, int(chunk_nbytes)
         self._backend = store.group.impl
         self._fresh_views = bool(getattr(self._backend, "private_composites", False))
@@ -472,8 +465,7 @@ class Prefetcher:
             ``index`` is not a slot index, or the backend's slots have no device address (``sim``).
         """
         self._check_open()
-        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.depth:
-            raise bad_arg("index", index, f"a slot index in [0, {self.depth})")
+        index = check_int("index", index, low=0, high=self.depth - 1, expected=f"a slot index in [0, {self.depth})")
         buffer = self._slots[int(index)].buffer
         if not hasattr(buffer, "ptr"):
             raise bad_arg("index", index, f"a slot of a GPU backend (backend {self._backend.name!r} slots have no "

@@ -19,25 +19,17 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping
+from typing import Iterable, Mapping
 
 import torch
 
 from .errors import bad_arg, bad_type
+from .checks import check_int
 
 __all__ = ["FORMAT", "VERSION", "RoutingHistogram", "RoutingCounter", "load"]
 
 FORMAT = "dwdp-routing-histogram"
 VERSION = 1
-
-
-def _check_int(name: str, value: Any, low: int) -> int:
-    """``value`` if it is an int >= ``low``; the rule (and messages) of ``dwdp_comm.checks.check_int``."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise bad_type(name, value, "an int")
-    if value < low:
-        raise bad_arg(name, value, f"an int >= {low}")
-    return value
 
 
 class RoutingHistogram:
@@ -62,13 +54,13 @@ class RoutingHistogram:
     """
 
     def __init__(self, num_experts: int, layers: Mapping, top_k: int | None = None, ranks: Iterable[int] = ()):
-        _check_int("num_experts", num_experts, 1)
+        check_int("num_experts", num_experts, low=1)
         if top_k is not None:
-            _check_int("top_k", top_k, 1)
+            check_int("top_k", top_k, low=1)
         if not isinstance(layers, Mapping):
             raise bad_type("layers", layers, "a mapping {layer: {'tokens': int, 'counts': [ints]}}")
         self.num_experts, self.top_k = num_experts, top_k
-        self.ranks = tuple(sorted({_check_int("ranks", r, 0) for r in ranks}))
+        self.ranks = tuple(sorted({check_int("ranks", r, low=0) for r in ranks}))
         self.layers: dict[int, dict] = {}
         for key, entry in layers.items():
             try:
@@ -80,8 +72,8 @@ class RoutingHistogram:
             counts = list(entry["counts"])
             if len(counts) != num_experts:
                 raise bad_arg(f"layers[{layer}].counts", f"{len(counts)} entries", f"{num_experts} (num_experts)")
-            counts = [_check_int(f"layers[{layer}].counts", c, 0) for c in counts]
-            self.layers[layer] = {"tokens": _check_int(f"layers[{layer}].tokens", entry["tokens"], 0),
+            counts = [check_int(f"layers[{layer}].counts", c, low=0) for c in counts]
+            self.layers[layer] = {"tokens": check_int(f"layers[{layer}].tokens", entry["tokens"], low=0),
                                   "counts": counts}
 
     def total(self, layer: int | None = None) -> list[int]:
@@ -187,7 +179,7 @@ class RoutingCounter:
     """
 
     def __init__(self, num_experts: int):
-        self.num_experts = _check_int("num_experts", num_experts, 1)
+        self.num_experts = check_int("num_experts", num_experts, low=1)
         self.top_k: int | None = None
         self._counts: dict[int, torch.Tensor] = {}  # layer -> int64 [num_experts + 1] (last: out of range)
         self._tokens: dict[int, int] = {}

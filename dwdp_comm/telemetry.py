@@ -32,7 +32,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable, Iterator
 
 from .backends.base import JobTiming, Timer
-from .errors import bad_arg, bad_type
+from .errors import bad_arg
+from .checks import check_int
 from .routing_histogram import RoutingHistogram
 
 __all__ = ["SourceCopy", "PrefetchRecord", "Telemetry", "PrefetchRecorder", "recording", "format_nbytes",
@@ -308,7 +309,7 @@ class PrefetchRecorder:
         if not isinstance(timer, Timer):
             raise bad_arg("timer", type(timer).__name__, "a dwdp_comm.backends.base.Timer")
         self.timer, self.rank, self.group_size, self.backend = timer, rank, group_size, backend
-        self.max_records = _check_max_records(max_records)
+        self.max_records = check_int("max_records", max_records, low=1)
         self.timed = False
         self._pending: deque[_Open] = deque()
         self._done: deque[PrefetchRecord] = deque()
@@ -318,7 +319,7 @@ class PrefetchRecorder:
 
     def set_max_records(self, max_records: int) -> None:
         """Keep at most ``max_records`` resolved records from now on (the oldest are dropped)."""
-        self.max_records = _check_max_records(max_records)
+        self.max_records = check_int("max_records", max_records, low=1)
         while len(self._done) > self.max_records:
             self._done.popleft()
             self.dropped += 1
@@ -459,15 +460,6 @@ class PrefetchRecorder:
 def _points(p: Any) -> tuple:
     """A JobTiming point or tuple of points as a tuple (empty for None)."""
     return () if p is None else p if isinstance(p, tuple) else (p,)
-
-
-def _check_max_records(n: int) -> int:
-    """The rule (and messages) of ``dwdp_comm.checks.check_int(low=1)``."""
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise bad_type("max_records", n, "an int")
-    if n < 1:
-        raise bad_arg("max_records", n, "an int >= 1")
-    return n
 
 
 def empty_telemetry(rank: int, group_size: int, backend: str) -> Telemetry:

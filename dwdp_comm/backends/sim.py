@@ -37,6 +37,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ClosedError, DwdpError, bad_arg, gathered_error
+from ..comm import describe
 from ..planner import CopyPlan
 from .base import Backend, Buffer, Composite, CopyEngine, Event, HostTimer, JobTiming, SymmetricHeap
 
@@ -76,10 +77,6 @@ class SimEvent(Event):
     @property
     def is_done(self) -> bool:
         return self._flag.is_set()
-
-
-def _describe(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
 
 
 class _Mapping:
@@ -186,7 +183,7 @@ class SimHeap(SymmetricHeap):
                                    boundaries=boundaries, private_views=True)
             mine = (os.getpid(), self.local._map.fd)
         except Exception as exc:
-            err, cause = f"creating a {nbytes}-byte shared-memory heap: {_describe(exc)}", exc
+            err, cause = f"creating a {nbytes}-byte shared-memory heap: {describe(exc)}", exc
         try:
             everyone = comm.all_gather_object((err, mine), "sim: exchanging heap handles")
             failed = gathered_error([e for e, _ in everyone], "sim: creating the symmetric heap")
@@ -197,7 +194,7 @@ class SimHeap(SymmetricHeap):
                 for r, (_, (pid, fd)) in enumerate(everyone):
                     self.peers.append(self.local._map if r == comm.rank else _Mapping.open_peer(pid, fd, nbytes))
             except Exception as exc:
-                err, cause = f"mapping rank {r}'s heap (pid {pid}, fd {fd}): {_describe(exc)}", exc
+                err, cause = f"mapping rank {r}'s heap (pid {pid}, fd {fd}): {describe(exc)}", exc
             # Also the point after which every rank holds its own descriptor of every file.
             comm.agree(err, "sim: mapping peers' heaps", cause=cause,
                        hint="the sim backend opens peers' memory through /proc/<pid>/fd (same user, Linux)")
@@ -383,7 +380,7 @@ class SimBackend(Backend):
 
     Parameters
     ----------
-    comm : dwdp_comm.group.Comm
+    comm : dwdp_comm.comm.Comm
         The group's object exchange (collective calls go through it).
     copy_bandwidth : float, optional
         Bytes per second the copy thread may move (None: as fast as memcpy).

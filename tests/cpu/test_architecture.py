@@ -18,17 +18,17 @@ PKG = ROOT / "dwdp_comm"
 LAYERS = [
     ("base", ["dwdp_comm.errors", "dwdp_comm.checks", "dwdp_comm.version"]),
     ("foundation", ["dwdp_comm.comm", "dwdp_comm.interop", "dwdp_comm.layout", "dwdp_comm.placement",
-                    "dwdp_comm.planner", "dwdp_comm.engine_options"]),
+                    "dwdp_comm.planner", "dwdp_comm.engine_options", "dwdp_comm.routing_histogram"]),
     ("backend interface", ["dwdp_comm.backends.base"]),
     ("GPU layer", ["dwdp_comm.backends.cuda"]),
     ("backends", ["dwdp_comm.backends"]),
     ("group", ["dwdp_comm.group"]),
     ("store", ["dwdp_comm.store"]),
-    ("prefetch", ["dwdp_comm.prefetch"]),
+    ("prefetch", ["dwdp_comm.prefetch", "dwdp_comm.telemetry"]),
     ("kernels", ["dwdp_comm.kernels"]),
     ("moe", ["dwdp_comm.moe"]),
     ("integrations", ["dwdp_comm.integrations"]),
-    ("tools", ["dwdp_comm.launch", "dwdp_comm.testing", "dwdp_comm.bench"]),
+    ("tools", ["dwdp_comm.launch", "dwdp_comm.testing", "dwdp_comm.bench", "dwdp_comm.trace"]),
     ("package", ["dwdp_comm"]),
 ]
 MAX_LINES = 600
@@ -201,8 +201,8 @@ ROUND_UP = re.compile(r"\(\s*\w+\s*\+\s*\w+\s*-\s*1\s*\)\s*//\s*\w+\s*\*\s*\w+|d
 OWN_DESCRIBE = re.compile(r"^def _?describe\(", re.M)
 # Inline integer checks in files other changes of issue 25 edit; each becomes checks.check_int when merged.
 KNOWN_INLINE_INT_CHECKS = {"engine_options.py": 1, "kernels/token_groups.py": 1, "kernels/numba_grouped.py": 1,
-                           "kernels/problem.py": 1, "kernels/torch_path.py": 1, "moe/tokens.py": 1, "prefetch.py": 4}
-KNOWN_OWN_DESCRIBE = {"backends/sim.py"}  # its _describe becomes comm.describe when merged
+                           "kernels/problem.py": 1, "kernels/torch_path.py": 1, "moe/tokens.py": 1}
+KNOWN_OWN_DESCRIBE = {"kernels/quant.py"}  # its _describe becomes comm.describe when merged
 
 
 def _library_texts():

@@ -338,11 +338,11 @@ def slot_views(group, num_experts: int, seed: int, specs=SPECS):
             st.close()
             return out
         assert pf.engine is not None and pf.engine_api is None  # sim's engine has no copy-API choice
-        for bad in (-1, 1, True):
+        for bad, err in ((-1, dc.InvalidArgumentError), (1, dc.InvalidArgumentError), (True, dc.InvalidTypeError)):
             try:
                 pf.slot_ptr(bad)
                 raise AssertionError(f"slot_ptr({bad!r}) did not raise")
-            except dc.InvalidArgumentError as exc:
+            except err as exc:
                 assert str(exc).startswith("index: "), exc
         try:
             pf.slot_ptr(0)

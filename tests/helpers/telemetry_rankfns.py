@@ -10,7 +10,7 @@ import torch
 
 import dwdp_comm as dc
 from dwdp_comm.moe import DwdpPipeline
-from tests.helpers import rankfns
+from tests.helpers import stores
 
 LAYERS = [2, 0, 5]  # forward order, neither sorted nor consecutive
 
@@ -40,7 +40,7 @@ def _forwards(pipe, layers, num_experts: int, forwards: int, gen, routing: list)
 def fields(group, num_experts: int, seed: int, slow_bw: float | None = None):
     """Two forwards with telemetry and routing on. With ``slow_bw``, the copies from rank
     ``(rank + 1) % G`` run at ``slow_bw`` bytes/s (sim engine option ``source_bandwidth``)."""
-    st = rankfns.build_store(group, num_experts, LAYERS, seed)
+    st = stores.build_store(group, num_experts, LAYERS, seed)
     slow = (group.rank + 1) % group.size
     opts = {"source_bandwidth": {slow: slow_bw}} if slow_bw else None
     pf = dc.Prefetcher(st, depth=2, chunk_nbytes=4096, engine_options=opts)
@@ -57,7 +57,7 @@ def fields(group, num_experts: int, seed: int, slow_bw: float | None = None):
     late = pipe.telemetry()
     out = {"tel": tel, "late": late, "expected": {l: _expected_source_bytes(st, l) for l in LAYERS},
            "nbytes_prefetched": pf.nbytes_prefetched - before, "routing_ids": routing, "inside": inside,
-           "after": pipe.telemetry_enabled, "slow": slow, "modes": {n: st.slot_mode(LAYERS[0], n) for n in rankfns.SPECS}}
+           "after": pipe.telemetry_enabled, "slow": slow, "modes": {n: st.slot_mode(LAYERS[0], n) for n in stores.SPECS}}
     pf.close()
     st.close()
     return out
@@ -83,7 +83,7 @@ class _Spy:
 def off_and_toggles(group, num_experts: int, seed: int):
     """Telemetry never enabled: no timing asked of the engine, no clock used, no records; then
     enable / disable / recording() / max_records / cancelled prefetches / bad arguments."""
-    st = rankfns.build_store(group, num_experts, LAYERS, seed)
+    st = stores.build_store(group, num_experts, LAYERS, seed)
     impl = group.impl
     kwargs, timers = [], []
     make, timer = impl.copy_engine, impl.timer
