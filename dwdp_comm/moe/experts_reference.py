@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from ..errors import bad_arg
 from ..kernels import quant
+from ..kernels.moe_mlp import is_silu
 from ..kernels.reference import quantize_groupwise, quantize_rowwise
 from .projections import Projection, bias_table
 
@@ -50,8 +51,9 @@ def experts_forward_reference(hidden_states: torch.Tensor, top_k_index: torch.Te
     """Per-expert loop with the semantics of :func:`~dwdp_comm.moe.experts_forward` (the oracle).
 
     Arguments as :func:`~dwdp_comm.moe.experts_forward`. Plain weights: each GEMM in the hidden
-    states' dtype (the weights cast to it). Quantized weights: dequantized
-    (:func:`dwdp_comm.kernels.quant.dequantize`), every GEMM in float32 on float32 activations.
+    states' dtype (the weights cast to it). Quantized weights: dequantized to bf16
+    (:func:`dwdp_comm.kernels.quant.dequantize`), then the same loop in bf16 (the hidden states
+    cast), as the fast path's numerics class.
     ``quantize_activations`` (fp8 formats): both GEMMs' inputs go through the fp8 activation
     quantization the fast path's kernels apply (per row for ``fp8_channel``, per row and ``bk``
     columns for ``fp8_block``), so the comparison isolates the kernels from that rounding.
@@ -69,12 +71,12 @@ def experts_forward_reference(hidden_states: torch.Tensor, top_k_index: torch.Te
     fmt0 = p13.fmt
     quantized = fmt0 != "bf16"
     if quantized:
-        p13, p2 = p13.dequantized(torch.float32), p2.dequantized(torch.float32)
+        p13, p2 = p13.dequantized(torch.bfloat16), p2.dequantized(torch.bfloat16)
     fq = quantize_activations and fmt0 in ("fp8_channel", "fp8_block")
     b1, b2 = bias_table(gate_up_bias, "gate_up_bias"), bias_table(down_bias, "down_bias")
     w1, w2 = p13.pieces[0][1] if len(p13.pieces) == 1 else torch.cat([t for _, t in p13.pieces]), \
         p2.pieces[0][1] if len(p2.pieces) == 1 else torch.cat([t for _, t in p2.pieces])
-    cdt = torch.float32 if quantized else hidden_states.dtype
+    cdt = torch.bfloat16 if quantized else hidden_states.dtype
     t = top_k_index.shape[0]
     out = torch.zeros(t, hidden_states.shape[1], dtype=torch.float32, device=hidden_states.device)
     for e in range(p13.num_experts):
@@ -83,14 +85,17 @@ def experts_forward_reference(hidden_states: torch.Tensor, top_k_index: torch.Te
             continue
         x = hidden_states[tok].to(cdt)
         if fq:
-            x = _fake_quant(x.float(), fmt0, p13.block_size)
+            x = _fake_quant(x.float(), fmt0, p13.block_size).to(cdt)
         a = w1[e]
         h = x @ (a.transpose(0, 1) if weight_layout == "nk" else a).to(cdt)
         if b1 is not None:
             h = h + b1[e].to(cdt)
-        h = apply_gate(h, gate, act_fn)
+        if gate in GATES and is_silu(act_fn):  # as the fast path: SwiGLU in float32, rounded once
+            h = apply_gate(h.float(), gate, act_fn).to(h.dtype)
+        else:
+            h = apply_gate(h, gate, act_fn)
         if fq:
-            h = _fake_quant(h.to(torch.bfloat16).float(), fmt0, p13.block_size)  # the kernels see bf16 rows
+            h = _fake_quant(h.float(), fmt0, p13.block_size).to(cdt)
         d = w2[e]
         y = h @ (d.transpose(0, 1) if weight_layout == "nk" else d).to(h.dtype)
         if b2 is not None:
