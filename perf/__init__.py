@@ -1,0 +1,1 @@
+"""Benchmarks and device scripts (run as modules from the repository root: ``python3 -m perf.<name>``)."""
