@@ -230,7 +230,7 @@ def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, config
                 checks.append(dict(model=name, tokens=t, variant="ours_vs_kernel_numerics", rel_err=err, ok=err < TOL))
                 log(f"check {name:8s} T={t:6d} {'ours (act-quantized ref)':26s} rel_err={err:.2e} "
                     f"{'ok' if err < TOL else 'WRONG'}")
-                del strict
+                strict = None
             except torch.cuda.OutOfMemoryError as exc:
                 log(f"# strict check skipped: out of memory ({exc})")
             torch.cuda.empty_cache() if device.type == "cuda" else None
@@ -261,7 +261,7 @@ def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, config
                                                          if v == "ours" else ""))
             if err < bound:
                 good[v] = fn
-        del ref
+        ref = None
         if "ours" not in good:
             continue
         times = timer.rounds(good, args.rounds)
@@ -276,12 +276,9 @@ def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, config
                 time_configs(name, cfg, gu, s1, x, idx, timer, max(2, args.rounds - 1), configs)
             except Exception as exc:
                 log(f"# configs {name} T={t} FAILED: {type(exc).__name__}: {exc}")
-        del x, idx, w
     for s in split or []:
         s.close()
-    del gu, s1, dn, s2, gu_b, dn_b, hf_fn, hf_mod, extra, quant_args, split
-    gc.collect()
-    torch.cuda.empty_cache() if device.type == "cuda" else None
+    # the weights (tens of GB) go when this frame does: the caller collects and empties the cache
 
 
 def table(rows, notes) -> None:
@@ -341,13 +338,15 @@ def main(argv=None) -> int:
         for name in args.models.split(","):
             run_model(name, (SMOKE if smoke else MODELS)[name], sizes, args, device, timer, group, rows, checks,
                       configs, notes)
+            gc.collect()  # free one model's weights before the next is built
+            torch.cuda.empty_cache() if device.type == "cuda" else None
     finally:
         stack.close()
     table(rows, notes)
-    bad = [c for c in checks if not c["ok"]]
-    for c in bad:
-        log(f"# WRONG: {c['model']} T={c['tokens']} {c['variant']}: relative error {c['rel_err']:.3e} "
-            f"above {c.get('bound', TOL)} (not timed)")
+    bad = [c for c in checks if not c["ok"] and c["variant"] != "hf"]  # (b) failing is reported, not ours
+    for c in (c for c in checks if not c["ok"]):
+        log(f"# {'WRONG' if c in bad else 'baseline (b) not usable'}: {c['model']} T={c['tokens']} {c['variant']}: "
+            f"relative error {c['rel_err']:.3e} above {c.get('bound', TOL)} (not timed)")
     result = dict(env=info, args=vars(args), method="dwdp_comm.bench.timing.Timer: sustained blocks, random order "
                   "per round, ratio within a round, median over rounds", results=rows, configs=configs,
                   checks=checks, notes=notes, mxfp4_dequant_min_rows=quant_gemm.MXFP4_DEQUANT_MIN_ROWS)
