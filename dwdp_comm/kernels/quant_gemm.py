@@ -106,9 +106,12 @@ def run(p: Problem, requested: str = "auto", info: dict | None = None, *, config
     path, why = choose_path(p.fmt, p.device, p.num_tokens / max(1, p.num_experts), p.block_size, requested)
     if why and path == "dequantize" and requested == "auto":
         info["fallback"] = why
-    if path == "dequantize" or p.num_tokens == 0 or p.fmt != "fp8_block":
+    if p.num_tokens == 0:  # nothing to compute (e.g. a DEP rank that received no rows)
+        info.update(backend="none", method="empty")
+        return p.out if p.out is not None else torch.empty(0, p.N, dtype=p.out_dtype, device=p.device)
+    if path == "dequantize" or p.fmt != "fp8_block":
         p = p.gathered()  # the fused gather: the block-FP8 quantizer only
-    if path == "dequantize" or p.num_tokens == 0:
+    if path == "dequantize":
         q = dequantized_problem(p)
         res = torch_path.run(q, "auto", info, direct_min_rows=direct_min_rows)
         info.update(backend="torch", method="dequantize+" + info.get("method", "?"))
