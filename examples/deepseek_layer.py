@@ -33,6 +33,7 @@ histogram of every layer (``dwdp_comm.routing_histogram``). Both print one line 
 Examples::
 
     python examples/deepseek_layer.py --size toy --world-size 3               # CPU, sim backend
+    python examples/deepseek_layer.py --size toy --weights fp8-block          # block-FP8 experts, CPU
     python examples/deepseek_layer.py --mode dwdp --world-size 4 --prompt-mean 16384 --cv 0.2
     python examples/deepseek_layer.py --mode dwdp --world-size 2 --layers 2 --prompt-mean 2048 --cuda-graph
 
@@ -61,7 +62,9 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mode", choices=("dwdp", "dep", "single"), default="dwdp")
     ap.add_argument("--layers", type=int, default=4, help="MoE decoder layers (default 4)")
-    ap.add_argument("--weights", choices=("bf16", "fp8"), default="bf16", help="routed-expert weight format")
+    ap.add_argument("--weights", choices=("bf16", "fp8", "fp8-block"), default="bf16",
+                    help="routed-expert weight format: bf16, fp8 (per-channel scales) or fp8-block (DeepSeek-V3's "
+                         "128 x 128 block scales, prefetched with the weights)")
     ap.add_argument("--size", choices=("full", "toy"), default=None,
                     help="model size (default: full on GPUs, toy on CPU)")
     ap.add_argument("--world-size", type=int, default=None, help="ranks to launch (default: GPUs, or 2 on CPU)")
@@ -111,6 +114,7 @@ def summarize(args, results) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    args.weights = args.weights.replace("-", "_")  # the library's format names (dwdp_comm.moe.EXPERT_NAMES)
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     args.size = args.size or ("full" if gpus else "toy")
     args.world_size = args.world_size or (gpus or 2)

@@ -23,8 +23,11 @@ Backends (``backend=``):
     A Numba CUDA kernel reading per-expert weight pointers (split weights natively), on a GPU or
     in the CUDA simulator. ``"numba:<config>"`` picks a tile shape
     (:data:`dwdp_comm.kernels.numba_grouped.CONFIGS`). bf16 and float32 only.
+``"triton"``
+    ``fp8_block`` / ``mxfp4`` weights only: their Triton kernels (:mod:`dwdp_comm.kernels.quant_gemm`).
 ``"auto"`` (default)
-    ``"torch"``; for fp8 where ``torch._scaled_grouped_mm`` cannot run, ``"reference"``.
+    ``"torch"``; for per-channel fp8 where ``torch._scaled_grouped_mm`` cannot run, ``"reference"``;
+    for ``fp8_block`` / ``mxfp4`` the Triton kernel where it runs, else dequantize + ``"torch"``.
 
 Pass ``info={}`` to learn what ran: ``info["backend"]``, ``info["method"]`` and, where a fallback
 happened, ``info["fallback"]`` (why).
@@ -50,18 +53,23 @@ Modules (this package only re-exports their public names):
 ``reference``              the float64 oracle, ``quantize_rowwise``
 ``numba_grouped``          the Numba CUDA kernel (imported on first use)
 ``triton_moe``             fused Triton activation and row combine
+``quant``                  quantized weight formats (``WEIGHT_FORMATS``), checks, ``dequantize``
+``quant_gemm``             the ``fp8_block`` / ``mxfp4`` GEMM: path rule, Triton or dequantize
+``triton_quant``           the Triton block-FP8 / MXFP4 grouped GEMMs (imported on first use)
 =========================  ==================================================================
 """
 
 from __future__ import annotations
 
-from . import triton_moe  # noqa: F401  (dwdp_comm.kernels.triton_moe, used by dwdp_comm.moe)
+from . import quant, triton_moe  # noqa: F401  (dwdp_comm.kernels.quant / triton_moe, used by dwdp_comm.moe)
 from .dispatch import BACKENDS, available_backends, grouped_gemm
 from .moe_mlp import GATES, WEIGHT_LAYOUTS, is_silu, moe_mlp, swiglu
 from .problem import Problem, make_problem, normalize_weights  # noqa: F401
+from .quant import WEIGHT_FORMATS, UnsupportedFormatError, dequantize
 from .reference import quantize_rowwise
 from .token_groups import TokenGroups
 from .torch_path import DIRECT_MIN_ROWS  # noqa: F401
 
 __all__ = ["grouped_gemm", "moe_mlp", "swiglu", "available_backends", "TokenGroups", "make_problem",
-           "quantize_rowwise", "is_silu", "BACKENDS", "GATES", "WEIGHT_LAYOUTS"]
+           "quantize_rowwise", "is_silu", "BACKENDS", "GATES", "WEIGHT_LAYOUTS", "normalize_weights", "WEIGHT_FORMATS",
+           "UnsupportedFormatError", "dequantize"]

@@ -144,6 +144,8 @@ def run_problem(p: Problem, backend: str = "auto", info: dict | None = None, *,
     if not isinstance(info, dict):
         raise bad_type("info", info, "a dict or None")
     info.clear()
+    if p.x_rows is not None and not (p.fmt == "fp8_block" and name in ("auto", "triton")):
+        p = p.gathered()  # only the block-FP8 quantizer fuses the gather (quant_gemm gathers for its fallback)
     if p.fmt in ("fp8_block", "mxfp4") and name != "reference":
         if name == "numba":
             raise BackendUnavailableError(f"backend 'numba' does not run {p.fmt} weights; use 'auto', 'triton', "

@@ -154,7 +154,8 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
             w13_bias: Any = None, w2_bias: Any = None, weight_layout: str = "kn",
             row_weights: torch.Tensor | None = None, ignore_tail: bool = False, backend: str = "auto",
             info: dict | None = None, direct_min_rows: int = DIRECT_MIN_ROWS, weight_format: str | None = None,
-            block_size: Any = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
+            block_size: Any = DEFAULT_BLOCK_SIZE, x_rows: torch.Tensor | None = None, x_top_k: int = 1
+            ) -> torch.Tensor:
     """Routed-expert MLP over split weights: gate-up grouped GEMM, gate, down grouped GEMM.
 
     Parameters
@@ -181,6 +182,11 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
     weight_format, block_size : optional
         As :func:`~dwdp_comm.kernels.dispatch.grouped_gemm` (both projections share the format).
         Quantized weights take ``weight_layout="nk"`` storage and bf16 ``x``; the result is bf16.
+    x_rows, x_top_k : optional
+        The token permutation fused into the gate-up GEMM: its row ``r`` is
+        ``x[x_rows[r] // x_top_k]`` (``x`` the un-permuted tokens; ``x_rows`` int64, e.g.
+        :class:`dwdp_comm.moe.TokenOrder`'s ``order``). The block-FP8 quantizer reads the rows
+        in place; other paths gather first (one ``index_select``).
     gate : {"swiglu", "swiglu_interleaved"}, callable or None
         ``"swiglu"``: ``act_fn(h[:, :I]) * h[:, I:]``; ``"swiglu_interleaved"``: gate in even,
         up in odd columns; a callable maps gate-up rows ``[R, N]`` to ``[R, I]``; None applies
@@ -238,7 +244,7 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
         TokenGroups(m_sizes_or_offsets, offsets=offsets)
     i1, i2 = {}, {}
     p13 = make_problem(x, groups, w13, weight_scales=w13_scales, ignore_tail=ignore_tail,
-                       weight_format=weight_format, block_size=block_size)
+                       weight_format=weight_format, block_size=block_size, x_rows=x_rows, x_top_k=x_top_k)
     rows = p13.num_tokens
     if row_weights is not None:
         if not isinstance(row_weights, torch.Tensor) or tuple(row_weights.shape) != (rows,) or \
@@ -270,6 +276,7 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
         # Split weights, no direct writes: the activation straight from each piece's gate-up rows
         # (no [T, N] assembly copy). With segments_direct (auto on CUDA) the gate-up result lands
         # in place anyway: one [T, N] result, then the activation, as on one tensor.
+        p13 = p13.gathered()
         width = p13.N if gate is None else p13.N // 2
         a = torch.empty(rows, width, dtype=x.dtype, device=x.device)  # before the workers fork
 

@@ -19,6 +19,7 @@ Conventions
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -160,6 +161,11 @@ class Problem:
         ``fp8_block`` only: the scale blocks ``(bn, bk)``.
     x_scales : torch.Tensor or None
         Pre-quantized fp8 x only: float32 ``[T]`` per-row scales.
+    x_rows : torch.Tensor or None
+        A gather fused into the GEMM: row ``r`` of the input is ``x[x_rows[r] // x_top_k]``
+        (``x`` then holds the tokens, ``[num_tokens_in, K]``). Paths that cannot fuse it call
+        :meth:`gathered` first.
+    x_top_k : int
     """
 
     x: torch.Tensor
@@ -174,11 +180,20 @@ class Problem:
     x_scales: torch.Tensor | None = None
     fmt: str = "bf16"
     block_size: tuple = DEFAULT_BLOCK_SIZE
+    x_rows: torch.Tensor | None = None
+    x_top_k: int = 1
 
     @property
     def num_tokens(self) -> int:
-        """Total rows (as :attr:`sizes`)."""
-        return int(self.x.shape[0])
+        """Total rows of the GEMM (``len(x_rows)`` with a fused gather)."""
+        return int(self.x.shape[0] if self.x_rows is None else self.x_rows.shape[0])
+
+    def gathered(self) -> "Problem":
+        """This problem with the fused gather done (one ``index_select``); itself without one."""
+        if self.x_rows is None:
+            return self
+        x = self.x.index_select(0, torch.div(self.x_rows, self.x_top_k, rounding_mode="floor"))
+        return dataclasses.replace(self, x=x, x_rows=None, x_top_k=1)
 
     @property
     def wdtype(self) -> torch.dtype:
@@ -210,8 +225,12 @@ class Problem:
 def make_problem(x: Any, m_sizes_or_offsets: Any, weights: Any, *, offsets: bool = False,
                  weight_scales: Any = None, x_scales: Any = None, out: Any = None,
                  ignore_tail: bool = False, weight_format: str | None = None,
-                 block_size: Any = DEFAULT_BLOCK_SIZE) -> Problem:
-    """Validate every argument of :func:`dwdp_comm.kernels.grouped_gemm`; see it for their meaning."""
+                 block_size: Any = DEFAULT_BLOCK_SIZE, x_rows: Any = None, x_top_k: int = 1) -> Problem:
+    """Validate every argument of :func:`dwdp_comm.kernels.grouped_gemm`; see it for their meaning.
+
+    ``x_rows`` (optional, with ``x_top_k``): the GEMM's rows are ``x[x_rows[r] // x_top_k]``, an
+    int64 ``[rows]`` device tensor (a token order, :class:`dwdp_comm.moe.TokenOrder`'s ``order``).
+    """
     if not isinstance(x, torch.Tensor):
         raise bad_type("x", x, "a torch.Tensor [num_tokens, K]")
     if x.dim() != 2:
@@ -256,11 +275,22 @@ def make_problem(x: Any, m_sizes_or_offsets: Any, weights: Any, *, offsets: bool
         raise bad_arg("x", f"dtype {dt}", f"the weights' dtype {wdt}", "cast x or the weights; no mixed dtypes")
     if int(x.shape[1]) != K:
         raise bad_arg("x", f"shape {tuple(x.shape)}", f"[num_tokens, K={K}] (K from the weights)")
+    rows = int(x.shape[0])
+    if x_rows is not None:
+        if not isinstance(x_rows, torch.Tensor) or x_rows.dim() != 1 or x_rows.dtype != torch.int64 or \
+                x_rows.device != dev:
+            raise bad_arg("x_rows", _shape_of(x_rows), f"an int64 [rows] tensor on {dev} (row r reads "
+                          "x[x_rows[r] // x_top_k])")
+        if isinstance(x_top_k, bool) or not isinstance(x_top_k, int) or x_top_k < 1:
+            raise bad_arg("x_top_k", repr(x_top_k), "an int >= 1")
+        if dt == FP8_DTYPE:
+            raise bad_arg("x_rows", "a gather", "None for a pre-quantized fp8 x")
+        rows = int(x_rows.shape[0])
     groups = m_sizes_or_offsets if isinstance(m_sizes_or_offsets, TokenGroups) else \
         TokenGroups(m_sizes_or_offsets, offsets=offsets)
     if not isinstance(ignore_tail, bool):
         raise bad_type("ignore_tail", ignore_tail, "a bool")
-    groups.check(E, int(x.shape[0]), ignore_tail=ignore_tail)
+    groups.check(E, rows, ignore_tail=ignore_tail)
     scales = normalize_scales(weight_scales, pieces, fmt, bs) if fmt != "bf16" else None
     if fmt == "bf16" and weight_scales is not None:
         raise bad_arg("weight_scales", "scales", f"None for {wdt} weights (scales are for quantized weights only)")
@@ -268,13 +298,18 @@ def make_problem(x: Any, m_sizes_or_offsets: Any, weights: Any, *, offsets: bool
     if out is not None:
         if not isinstance(out, torch.Tensor):
             raise bad_type("out", out, "a torch.Tensor or None")
-        want = (int(x.shape[0]), N)
+        want = (rows, N)
         if tuple(out.shape) != want or out.dtype != odt or out.device != dev:
             raise bad_arg("out", f"{tuple(out.shape)} {out.dtype} on {out.device}", f"{want} {odt} on {dev}")
         if not out.is_contiguous():
             raise bad_arg("out", f"strides {out.stride()}", "a contiguous tensor")
     return Problem(x=x, groups=groups, pieces=pieces, scales=scales, out=out, out_dtype=odt,
-                   num_experts=E, K=K, N=N, x_scales=x_scales, fmt=fmt, block_size=bs)
+                   num_experts=E, K=K, N=N, x_scales=x_scales, fmt=fmt, block_size=bs,
+                   x_rows=x_rows, x_top_k=int(x_top_k) if x_rows is not None else 1)
+
+
+def _shape_of(t: Any) -> str:
+    return f"{t.dtype} {list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
 
 
 def _weight_format(pieces: list, scales: Any, weight_format: str | None) -> str:

@@ -106,7 +106,12 @@ def run(p: Problem, requested: str = "auto", info: dict | None = None, *, config
     path, why = choose_path(p.fmt, p.device, p.num_tokens / max(1, p.num_experts), p.block_size, requested)
     if why and path == "dequantize" and requested == "auto":
         info["fallback"] = why
-    if path == "dequantize" or p.num_tokens == 0:
+    if p.num_tokens == 0:  # nothing to compute (e.g. a DEP rank that received no rows)
+        info.update(backend="none", method="empty")
+        return p.out if p.out is not None else torch.empty(0, p.N, dtype=p.out_dtype, device=p.device)
+    if path == "dequantize" or p.fmt != "fp8_block":
+        p = p.gathered()  # the fused gather: the block-FP8 quantizer only
+    if path == "dequantize":
         q = dequantized_problem(p)
         res = torch_path.run(q, "auto", info, direct_min_rows=direct_min_rows)
         info.update(backend="torch", method="dequantize+" + info.get("method", "?"))
@@ -116,7 +121,8 @@ def run(p: Problem, requested: str = "auto", info: dict | None = None, *, config
     offs = p.groups.device_offsets(p.device)
     nk = [(first, t.transpose(-1, -2)) for first, t in p.pieces]
     if p.fmt == "fp8_block":
-        xq, xs = triton_quant.quantize_act(p.x, p.block_size[1], limit=offs[-1:])
+        xq, xs = triton_quant.quantize_act(p.x, p.block_size[1], rows=p.x_rows, num_rows=p.num_tokens,
+                                           top_k=p.x_top_k, limit=offs[-1:])
         return triton_quant.fp8_block_gemm(xq, xs, nk, _one_scale(p), offs, block_size=p.block_size, out=p.out,
                                            config=config, info=info)
     return triton_quant.mxfp4_gemm(p.x, nk, _one_scale(p), offs, out=p.out, config=config, info=info)

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import BackendUnavailableError
+from ..errors import BackendUnavailableError, GraphCaptureError
 
 __all__ = ["Config", "CANDIDATES", "choose_config", "unavailable_reason", "tile_ends", "quantize_act",
            "fp8_block_gemm", "mxfp4_gemm", "expert_table"]
@@ -125,12 +125,17 @@ def unavailable_reason(device: torch.device, kind: str = "fp8_block") -> str | N
     if isinstance(got, str):
         return got
     if device.type == "cuda" and not interp:
-        cap = torch.cuda.get_device_capability(device)
+        cap = _capability(device.index if device.index is not None else torch.cuda.current_device())
         if kind == "fp8_block" and cap < (8, 9):
             return f"fp8 tensor cores need sm89 or newer (this GPU is sm{cap[0]}{cap[1]})"
         if cap < (8, 0):
             return f"bf16 tensor cores need sm80 or newer (this GPU is sm{cap[0]}{cap[1]})"
     return None
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple:
+    return torch.cuda.get_device_capability(index)
 
 
 def _kernels():
@@ -198,12 +203,17 @@ def expert_table(pieces: list, device: torch.device) -> torch.Tensor:
     """``[E]`` int64 device table of each expert's base address in ``pieces`` (cached per layout).
 
     The host builds it once per set of pieces (addresses, counts, expert strides) and uploads it
-    from pinned memory without a sync (a memcpy node when a CUDA graph captures; the pinned copy is
-    kept with it, so a replay reads the same bytes).
+    from pinned memory without a sync; later calls (and CUDA graph captures, which need the eager
+    warm-up call to have built it: GraphCaptureError otherwise) reuse the device table.
     """
     key = (str(device),) + tuple((t.data_ptr(), int(t.shape[0]), t.stride(0), t.element_size()) for _, t in pieces)
     hit = _TABLES.get(key)
     if hit is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise GraphCaptureError(
+                "dwdp_comm.kernels.triton_quant: the first call on these weight pieces builds their expert "
+                "address table (pinned host memory), which a CUDA graph capture cannot contain; run the "
+                "forward once eagerly before capturing (warm-up, as torch.cuda.graph asks)")
         addrs = [t.data_ptr() + i * t.stride(0) * t.element_size() for _, t in pieces for i in range(t.shape[0])]
         host = torch.tensor(addrs, dtype=torch.int64, pin_memory=device.type == "cuda")
         hit = (host, host.to(device, non_blocking=True))

@@ -34,8 +34,10 @@ def quant_kernel(x_ptr, rows_ptr, xq_ptr, xs_ptr, limit_ptr, M, K, x_stride, top
     m = (cols < K) & ok
     v = tl.load(x_ptr + src * x_stride + cols, mask=m, other=0.0).to(tl.float32)
     amax = tl.max(tl.abs(v), axis=1)
-    s = tl.where(amax > 0, amax / 448.0, 1.0)
-    q = tl.minimum(tl.maximum(v / s[:, None], -448.0), 448.0)
+    # IEEE divisions (div_rn; Triton's '/' on float32 may be approximate): the same bits as
+    # dwdp_comm.kernels.reference.quantize_groupwise
+    s = tl.where(amax > 0, tl.math.div_rn(amax, 448.0), 1.0)
+    q = tl.minimum(tl.maximum(tl.math.div_rn(v, s[:, None]), -448.0), 448.0)
     tl.store(xq_ptr + r * K + cols, q.to(tl.float8e4nv), mask=m)
     tl.store(xs_ptr + g.to(tl.int64) * M + r, s, mask=(g * GROUP < K) & ok)
 
@@ -72,33 +74,32 @@ def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr,
     n_tiles = tl.cdiv(N, BN)
     e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
                                             BM, GROUP_M, LOG_E)
-    if valid:
-        rows = r0 + tl.arange(0, BM)
-        rmask = rows < r_end
-        rows64 = rows.to(tl.int64)
-        n = pid_n * BN + tl.arange(0, BN)
-        nmask = n < N
-        k = tl.arange(0, BK)
-        if USE_TABLE:
-            wb = tl.load(wtab_ptr + e).to(tl.pointer_type(tl.float8e4nv))
-        else:
-            wb = w_ptr + e * stride_we
-        a_ptrs = a_ptr + rows64[:, None] * K + k[None, :]
-        b_ptrs = wb + n[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
-        as_ptrs = as_ptr + rows64
-        ws_ptrs = ws_ptr + e * ws_se + (n // block_n) * ws_sn
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BK)):
-            kmask = k < K - kb * BK
-            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
-            a_s = tl.load(as_ptrs + kb * M, mask=rmask, other=0.0)
-            b_s = tl.load(ws_ptrs + kb * ws_sk, mask=nmask, other=0.0)
-            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-            a_ptrs += BK
-            b_ptrs += BK * stride_wk
-        o = out_ptr + rows64[:, None] * out_stride + n[None, :]
-        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+    rows = r0 + tl.arange(0, BM)
+    rmask = (rows < r_end) & valid  # programs past the last tile (grid upper bound) do no work
+    rows64 = rows.to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < N
+    k = tl.arange(0, BK)
+    if USE_TABLE:
+        wb = tl.load(wtab_ptr + e).to(tl.pointer_type(tl.float8e4nv))
+    else:
+        wb = w_ptr + e * stride_we
+    a_ptrs = a_ptr + rows64[:, None] * K + k[None, :]
+    b_ptrs = wb + n[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
+    as_ptrs = as_ptr + rows64
+    ws_ptrs = ws_ptr + e * ws_se + (n // block_n) * ws_sn
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, tl.where(valid, tl.cdiv(K, BK), 0)):
+        kmask = k < K - kb * BK
+        a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+        a_s = tl.load(as_ptrs + kb * M, mask=rmask, other=0.0)
+        b_s = tl.load(ws_ptrs + kb * ws_sk, mask=nmask, other=0.0)
+        acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+        a_ptrs += BK
+        b_ptrs += BK * stride_wk
+    o = out_ptr + rows64[:, None] * out_stride + n[None, :]
+    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 @triton.jit
 def e2m1_f32(c):
@@ -119,39 +120,38 @@ def mxfp4_kernel(a_ptr, a_stride, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, o
     n_tiles = tl.cdiv(N, BN)
     e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
                                            BM, GROUP_M, LOG_E)
-    if valid:
-        rows = r0 + tl.arange(0, BM)
-        rmask = rows < r_end
-        rows64 = rows.to(tl.int64)
-        n = pid_n * BN + tl.arange(0, BN)
-        nmask = n < N
-        n64 = n.to(tl.int64)
-        kp = tl.arange(0, BK // 2)
-        if USE_TABLE:
-            wb = tl.load(wtab_ptr + e).to(tl.pointer_type(tl.uint8))
-        else:
-            wb = w_ptr + e * stride_we
-        a_ptrs = a_ptr + rows64[:, None] * a_stride + 2 * kp[None, :]
-        w_ptrs = wb + n64[:, None] * stride_wn + kp[None, :] * stride_wk
-        s_ptrs = ws_ptr + e * ws_se + n64[:, None] * ws_sn + (kp[None, :] // 16) * ws_sk
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for kb in range(0, tl.cdiv(K, BK)):
-            kpm = kp < (K - kb * BK) // 2
-            am = rmask[:, None] & kpm[None, :]
-            a_even = tl.load(a_ptrs, mask=am, other=0.0)
-            a_odd = tl.load(a_ptrs + 1, mask=am, other=0.0)
-            wm = nmask[:, None] & kpm[None, :]
-            p = tl.load(w_ptrs, mask=wm, other=0).to(tl.uint32)
-            s = tl.load(s_ptrs, mask=wm, other=127).to(tl.uint32)
-            scale = (s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); s = 0 reads as 0
-            # exact in bf16 (e2m1 x 2^k); the MMA runs in the activations' dtype (bf16; float32 in
-            # the CPU interpreter tests, whose bf16 arithmetic is not reliable)
-            lo = (e2m1_f32(p & 15) * scale).to(a_ptr.dtype.element_ty)
-            hi = (e2m1_f32(p >> 4) * scale).to(a_ptr.dtype.element_ty)
-            acc = tl.dot(a_even, tl.trans(lo), acc)
-            acc = tl.dot(a_odd, tl.trans(hi), acc)
-            a_ptrs += BK
-            w_ptrs += (BK // 2) * stride_wk
-            s_ptrs += (BK // 32) * ws_sk
-        o = out_ptr + rows64[:, None] * out_stride + n[None, :]
-        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+    rows = r0 + tl.arange(0, BM)
+    rmask = (rows < r_end) & valid  # programs past the last tile (grid upper bound) do no work
+    rows64 = rows.to(tl.int64)
+    n = pid_n * BN + tl.arange(0, BN)
+    nmask = n < N
+    n64 = n.to(tl.int64)
+    kp = tl.arange(0, BK // 2)
+    if USE_TABLE:
+        wb = tl.load(wtab_ptr + e).to(tl.pointer_type(tl.uint8))
+    else:
+        wb = w_ptr + e * stride_we
+    a_ptrs = a_ptr + rows64[:, None] * a_stride + 2 * kp[None, :]
+    w_ptrs = wb + n64[:, None] * stride_wn + kp[None, :] * stride_wk
+    s_ptrs = ws_ptr + e * ws_se + n64[:, None] * ws_sn + (kp[None, :] // 16) * ws_sk
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for kb in range(0, tl.where(valid, tl.cdiv(K, BK), 0)):
+        kpm = kp < (K - kb * BK) // 2
+        am = rmask[:, None] & kpm[None, :]
+        a_even = tl.load(a_ptrs, mask=am, other=0.0)
+        a_odd = tl.load(a_ptrs + 1, mask=am, other=0.0)
+        wm = nmask[:, None] & kpm[None, :]
+        p = tl.load(w_ptrs, mask=wm, other=0).to(tl.uint32)
+        s = tl.load(s_ptrs, mask=wm, other=127).to(tl.uint32)
+        scale = (s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); s = 0 reads as 0
+        # exact in bf16 (e2m1 x 2^k); the MMA runs in the activations' dtype (bf16; float32 in
+        # the CPU interpreter tests, whose bf16 arithmetic is not reliable)
+        lo = (e2m1_f32(p & 15) * scale).to(a_ptr.dtype.element_ty)
+        hi = (e2m1_f32(p >> 4) * scale).to(a_ptr.dtype.element_ty)
+        acc = tl.dot(a_even, tl.trans(lo), acc)
+        acc = tl.dot(a_odd, tl.trans(hi), acc)
+        a_ptrs += BK
+        w_ptrs += (BK // 2) * stride_wk
+        s_ptrs += (BK // 32) * ws_sk
+    o = out_ptr + rows64[:, None] * out_stride + n[None, :]
+    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])

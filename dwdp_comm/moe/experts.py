@@ -123,14 +123,16 @@ def _mlp_args(p13: Projection, gate, act_fn, backend) -> dict:
 
 
 def _run_whole(xs, order: TokenOrder, w_rows, p13: Projection, p2: Projection, b13, b2, mlp: dict, sub: dict,
-               groups=None) -> torch.Tensor:
+               groups=None, fused_gather: bool = False) -> torch.Tensor:
     """One :func:`~dwdp_comm.kernels.moe_mlp` over all rows: one tensor per projection, or pieces the
-    engine reads in place. Device offsets, no host wait (``groups``: host-validated ones instead)."""
+    engine reads in place. Device offsets, no host wait (``groups``: host-validated ones instead).
+    ``fused_gather``: ``xs`` are the un-permuted tokens, permuted inside the first GEMM's quantizer."""
     if groups is None:
         groups = kernels.TokenGroups(order.offsets, offsets=True, validate=xs.device.type == "cpu")
     (w13, s13), (w2, s2) = p13.kernel_weights(), p2.kernel_weights()
+    gather = dict(x_rows=order.order, x_top_k=order.top_k) if fused_gather else {}
     return kernels.moe_mlp(xs, groups, w13, w2, w13_scales=s13, w2_scales=s2, w13_bias=b13, w2_bias=b2,
-                           row_weights=w_rows, ignore_tail=True, info=sub, **mlp)
+                           row_weights=w_rows, ignore_tail=True, info=sub, **gather, **mlp)
 
 
 def _run_pieces(xs, order: TokenOrder, w_rows, p13: Projection, p2: Projection, b13, b2, mlp: dict, sub: dict,
@@ -295,13 +297,15 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
             "which a CUDA graph capture cannot contain; under capture pass one tensor per projection (the "
             "prefetch handle's composite view, weights(name), on a VMM heap)")
     wait = _row_bounds(order.offsets) if separate else None
-    xs = gather_tokens(x, order)
+    # the block-FP8 kernel's activation quantizer reads the token rows in place: no gathered copy
+    fused = not separate and native_split and p13.fmt == "fp8_block" and backend in ("auto", "triton")
+    xs = x if fused else gather_tokens(x, order)
     w_rows = top_k_weights.reshape(-1)[order.order]
     mlp = _mlp_args(p13, gate, act_fn, backend)
     b13, b2 = bias_table(gate_up_bias, "gate_up_bias"), bias_table(down_bias, "down_bias")
     sub: dict = {}
     if not separate:
-        y = _run_whole(xs, order, w_rows, p13, p2, b13, b2, mlp, sub)
+        y = _run_whole(xs, order, w_rows, p13, p2, b13, b2, mlp, sub, fused_gather=fused)
         method, pieces = "grouped", len(cuts)
     elif split_path == "moe_mlp":
         groups = kernels.TokenGroups(wait(), offsets=True)  # host offsets: validated, uploaded without a sync

@@ -1,15 +1,20 @@
 """MoE layers on the library: DWDP (prefetched weights, no collective) and the DEP baseline.
 
-Both share routing (:mod:`.routing`), the expert MLP (:func:`dwdp_comm.kernels.moe_mlp`) and the
-shared expert; they differ only in where the routed experts' weights come from.
+Both share routing (:mod:`.routing`), the routed experts (:func:`dwdp_comm.moe.experts_forward`,
+the function Hugging Face users get too, for every weight format) and the shared expert; they
+differ only in where the routed experts' weights come from.
 
-Expert weight formats (``ExpertWeights``):
+Expert weight formats (:func:`expert_weights`; the store names of each in :data:`EXPERT_NAMES`):
 
-* ``bf16``: ``w13`` ``[E, H, 2I]`` (gate columns first, then up) and ``w2`` ``[E, I, H]``.
+* ``bf16``: ``w13`` ``[E, H, 2I]`` (gate columns first, then up) and ``w2`` ``[E, I, H]``
+  (``weight_layout="kn"``).
 * ``fp8``: ``w13`` stored ``[E, 2I, H]`` and ``w2`` ``[E, H, I]`` in float8_e4m3fn, with float32
-  per-output-channel scales ``w13_scale`` ``[E, 2I]`` and ``w2_scale`` ``[E, H]``; the kernels get
-  ``w.transpose(-1, -2)`` (the layout ``torch._scaled_grouped_mm`` needs). fp8 halves what DWDP
-  must prefetch.
+  per-output-channel scales ``w13_scale`` ``[E, 2I]`` and ``w2_scale`` ``[E, H]`` (weight format
+  ``fp8_channel``). fp8 halves what DWDP must prefetch.
+* ``fp8_block``: the same fp8 storage with DeepSeek-V3's 128 x 128 block scales ``w13_scale``
+  ``[E, 2I/128, H/128]`` and ``w2_scale`` ``[E, H/128, I/128]`` (float32, Hugging Face's
+  ``weight_scale_inv``): the format of the real checkpoints. The scales are prefetched with their
+  weights (their own store names).
 """
 
 from __future__ import annotations
@@ -22,16 +27,23 @@ import torch.nn.functional as F
 
 from .. import kernels
 from ..errors import bad_arg
+from ..kernels import quant, quant_gemm
 from ..layout import ExpertLayout
-from .pipeline import DwdpPipeline
 from .deepseek import DeepseekConfig, seeded_weight
-from .routing import permute_tokens, route_deepseek, unpermute_tokens
+from .experts import experts_forward
+from .experts_reference import experts_forward_reference
+from .pipeline import DwdpPipeline
+from .routing import route_deepseek
+from .tokens import combine_rows, gather_tokens, sort_by_expert
 
-__all__ = ["expert_weights", "EXPERT_NAMES", "DwdpPipeline", "DwdpMoE", "DepMoE", "shared_expert_weights",
-           "router_weights", "reference_moe", "route_tokens", "shared_expert", "kernel_args"]
+__all__ = ["expert_weights", "EXPERT_NAMES", "WEIGHT_FORMAT", "DwdpPipeline", "DwdpMoE", "DepMoE",
+           "shared_expert_weights", "router_weights", "reference_moe", "route_tokens", "shared_expert", "kernel_args",
+           "expert_args", "routed_experts"]
 
-EXPERT_NAMES = {"bf16": ("w13", "w2"), "fp8": ("w13", "w2", "w13_scale", "w2_scale")}
-_FP8_MAX = 448.0
+EXPERT_NAMES = {"bf16": ("w13", "w2"), "fp8": ("w13", "w2", "w13_scale", "w2_scale"),
+                "fp8_block": ("w13", "w2", "w13_scale", "w2_scale")}
+#: The weight format (:mod:`dwdp_comm.kernels.quant`) of each format of :func:`expert_weights`.
+WEIGHT_FORMAT = {"bf16": "bf16", "fp8": "fp8_channel", "fp8_block": "fp8_block"}
 
 
 def expert_weights(cfg: DeepseekConfig, seed: int, layer: int, experts: Sequence[int], *, fmt: str = "bf16",
@@ -39,7 +51,8 @@ def expert_weights(cfg: DeepseekConfig, seed: int, layer: int, experts: Sequence
     """Seeded routed-expert weights of ``experts`` (stacked in the given order).
 
     Returns a dict name -> tensor with a leading ``len(experts)`` dimension (formats above).
-    fp8 weights are the bf16 weights quantized per output channel.
+    fp8 weights are the bf16 weights quantized per output channel (``fp8``) or per 128 x 128
+    block (``fp8_block``) by :func:`dwdp_comm.kernels.quant.quantize`.
     """
     if fmt not in EXPERT_NAMES:
         raise bad_arg("fmt", fmt, f"one of {list(EXPERT_NAMES)}")
@@ -48,22 +61,36 @@ def expert_weights(cfg: DeepseekConfig, seed: int, layer: int, experts: Sequence
     w2 = [seeded_weight(seed, layer, "w2", (i, h), fan_in=i, device=device, expert=e) for e in experts]
     if fmt == "bf16":
         return {"w13": torch.stack(w13), "w2": torch.stack(w2)}
-    out: dict[str, list] = {"w13": [], "w2": [], "w13_scale": [], "w2_scale": []}
-    for name, ws in (("w13", w13), ("w2", w2)):
-        for w in ws:  # [K, N] -> fp8 [N, K] with a scale per output channel n
-            wt = w.float().t()
-            scale = (wt.abs().amax(dim=1) / _FP8_MAX).clamp_min(1e-12)
-            out[name].append((wt / scale[:, None]).to(torch.float8_e4m3fn))
-            out[name + "_scale"].append(scale)
-    return {k: torch.stack(v) for k, v in out.items()}
+    out = {}
+    for name, ws in (("w13", w13), ("w2", w2)):  # [K, N] -> [N, K] storage, quantized
+        q, scale = quant.quantize(torch.stack([w.float().t() for w in ws]), WEIGHT_FORMAT[fmt])
+        out[name], out[name + "_scale"] = q, scale
+    return out
+
+
+def expert_args(weights: dict[str, Any], fmt: str) -> dict[str, Any]:
+    """Keyword arguments of :func:`dwdp_comm.moe.experts_forward` for :func:`expert_weights` in ``fmt``
+    (whole tensors, or a prefetch handle's views by the same names)."""
+    if fmt == "bf16":
+        return {"gate_up": weights["w13"], "down": weights["w2"], "weight_layout": "kn"}
+    return {"gate_up": weights["w13"], "down": weights["w2"], "gate_up_scale": weights["w13_scale"],
+            "down_scale": weights["w2_scale"], "weight_format": WEIGHT_FORMAT[fmt], "weight_layout": "nk"}
 
 
 def kernel_args(weights: dict[str, Any], fmt: str) -> dict[str, Any]:
-    """Arguments of :func:`kernels.moe_mlp` for weights in format ``fmt``."""
+    """Arguments of :func:`kernels.moe_mlp` for weights in format ``fmt`` (``[E, N, K]`` storage of
+    the quantized formats passed transposed)."""
     if fmt == "bf16":
         return {"w13": weights["w13"], "w2": weights["w2"]}
     return {"w13": weights["w13"].transpose(-1, -2), "w2": weights["w2"].transpose(-1, -2),
-            "w13_scales": weights["w13_scale"], "w2_scales": weights["w2_scale"]}
+            "w13_scales": weights["w13_scale"], "w2_scales": weights["w2_scale"], "weight_format": WEIGHT_FORMAT[fmt]}
+
+
+def routed_experts(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, weights: dict[str, Any], fmt: str,
+                   backend: str = "auto") -> torch.Tensor:
+    """The routed experts of one DeepSeek block: :func:`dwdp_comm.moe.experts_forward` on
+    :func:`expert_weights`-shaped ``weights`` (``[T, H]`` in x's dtype, weighted and summed)."""
+    return experts_forward(x, ids, wts, backend=backend, **expert_args(weights, fmt))
 
 
 def router_weights(cfg: DeepseekConfig, seed: int, layer: int, device="cpu") -> dict[str, torch.Tensor]:
@@ -108,10 +135,10 @@ class DwdpMoE(torch.nn.Module):
     router, shared : dict
         From :func:`router_weights` and :func:`shared_expert_weights` (replicated).
     pipeline : DwdpPipeline
-    fmt : {"bf16", "fp8"}
-        Format of the stored expert weights.
+    fmt : {"bf16", "fp8", "fp8_block"}
+        Format of the stored expert weights (:data:`EXPERT_NAMES`).
     kernel_backend : str
-        Passed to :func:`dwdp_comm.kernels.moe_mlp`.
+        Passed to :func:`dwdp_comm.moe.experts_forward` as ``backend``.
     """
 
     def __init__(self, cfg: DeepseekConfig, layer: int, router: dict, shared: dict, pipeline: DwdpPipeline,
@@ -124,15 +151,12 @@ class DwdpMoE(torch.nn.Module):
         """``x`` ``[num_tokens, hidden]`` (normed) -> ``[num_tokens, hidden]``, same dtype."""
         cfg = self.cfg
         ids, wts = route_tokens(cfg, x, self.router)
-        xs, m_sizes, order = permute_tokens(x, ids, cfg.num_experts)
-        # Under CUDA graph capture no host sync may run: trust the device counts (permute_tokens made them).
-        groups = kernels.TokenGroups(m_sizes, validate=not (x.is_cuda and torch.cuda.is_current_stream_capturing()))
         shared = shared_expert(x, self.shared)  # runs while the prefetch may still be in flight
         h = self.pipeline.acquire(self.layer, expert_ids=ids)
-        w = {n: h.weights(n) for n in EXPERT_NAMES[self.fmt]}
-        y = kernels.moe_mlp(xs, groups, backend=self.kernel_backend, **kernel_args(w, self.fmt))
+        y = routed_experts(x, ids, wts, {n: h.weights(n) for n in EXPERT_NAMES[self.fmt]}, self.fmt,
+                           self.kernel_backend)
         self.pipeline.release(h)
-        return unpermute_tokens(y, order, wts) + shared
+        return y + shared
 
 
 class DepMoE(torch.nn.Module):
@@ -165,8 +189,9 @@ class DepMoE(torch.nn.Module):
         """``x`` ``[num_tokens, hidden]`` (normed) -> same shape. Collective (all-to-all)."""
         cfg, lay, g = self.cfg, self.layout, self.layout.group_size
         ids, wts = route_tokens(cfg, x, self.router)
-        xs, m_sizes, order = permute_tokens(x, ids, cfg.num_experts)
-        # Rows per (destination rank, local expert of it), sent so receivers can regroup.
+        order = sort_by_expert(ids, cfg.num_experts)
+        xs, m_sizes = gather_tokens(x, order), order.m_sizes()
+        # Rows per (destination rank, local expert of it), sent so receivers know each row's expert.
         send_counts = torch.stack([m_sizes[self._bounds[r]:self._bounds[r + 1]].sum() for r in range(g)])
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.group)
@@ -179,24 +204,28 @@ class DepMoE(torch.nn.Module):
         send_split, recv_split = send_counts.tolist(), recv_counts.tolist()  # host sync, as DEP needs
         x_recv = xs.new_empty(sum(recv_split), xs.shape[1])
         dist.all_to_all_single(x_recv, xs, recv_split, send_split, group=self.group)
-        # x_recv is ordered by (source rank, local expert): regroup by local expert.
+        # x_recv is ordered by (source rank, local expert): each row is one routed copy of its local
+        # expert, weight 1 (the routing weights are applied at the combine, on the token's rank).
         nl = lay.num_local_experts
-        counts = recv_per_expert[:, :nl]  # [G, nl]
-        src_expert = torch.arange(nl, device=x.device).repeat(g).repeat_interleave(counts.reshape(-1))
-        regroup = torch.sort(src_expert, stable=True).indices
-        y_local = kernels.moe_mlp(x_recv[regroup], kernels.TokenGroups(counts.sum(0)), backend=self.kernel_backend,
-                                  **kernel_args(self.local, self.fmt))
-        y_recv = torch.empty_like(y_local)
-        y_recv[regroup] = y_local
+        local_ids = torch.arange(nl, device=x.device).repeat(g).repeat_interleave(
+            recv_per_expert[:, :nl].reshape(-1))
+        y_recv = experts_forward(x_recv, local_ids[:, None], torch.ones(local_ids.shape[0], 1, device=x.device),
+                                 backend=self.kernel_backend, **expert_args(self.local, self.fmt))
         y_sorted = xs.new_empty(xs.shape[0], y_recv.shape[1])
         dist.all_to_all_single(y_sorted, y_recv, send_split, recv_split, group=self.group)
-        return unpermute_tokens(y_sorted, order, wts) + shared_expert(x, self.shared)
+        return combine_rows(y_sorted, order, wts, out_dtype=x.dtype) + shared_expert(x, self.shared)
 
 
 def reference_moe(cfg: DeepseekConfig, x: torch.Tensor, router: dict, shared: dict, experts: dict,
-                  fmt: str = "bf16") -> torch.Tensor:
-    """Oracle: the same block with all experts' weights in one place and the reference kernel."""
+                  fmt: str = "bf16", quantize_activations: bool | None = None) -> torch.Tensor:
+    """Oracle: the same block with all experts' weights in one place and the per-expert reference.
+
+    ``quantize_activations`` (fp8 formats): the reference quantizes each GEMM's input as the fast
+    path's fp8 kernels do; None: where those kernels run for ``x`` (CUDA), so the check compares
+    like with like (on CPU the fast path dequantizes the weights and keeps bf16 activations)."""
+    if quantize_activations is None:
+        wf = WEIGHT_FORMAT[fmt]
+        quantize_activations = x.is_cuda and wf != "bf16" and quant_gemm.native_unavailable_reason(wf, x.device) is None
     ids, wts = route_tokens(cfg, x, router)
-    xs, m_sizes, order = permute_tokens(x, ids, cfg.num_experts)
-    y = kernels.moe_mlp(xs, m_sizes, backend="reference", **kernel_args(experts, fmt))
-    return unpermute_tokens(y, order, wts) + shared_expert(x, shared)
+    y = experts_forward_reference(x, ids, wts, quantize_activations=quantize_activations, **expert_args(experts, fmt))
+    return y + shared_expert(x, shared)

@@ -18,15 +18,13 @@ import time
 import torch
 import torch.distributed as dist
 
-from .. import kernels
 from ..group import init
 from ..layout import ExpertLayout
 from ..prefetch import Prefetcher
 from ..store import WeightStore
 from .deepseek import DEEPSEEK_V3, TOY, MLAttention, attention_weights, rms_norm
-from .layers import (DepMoE, DwdpMoE, DwdpPipeline, expert_weights, kernel_args, reference_moe, route_tokens,
+from .layers import (DepMoE, DwdpMoE, DwdpPipeline, expert_weights, reference_moe, route_tokens, routed_experts,
                      router_weights, shared_expert, shared_expert_weights)
-from .tokens import permute_tokens, unpermute_tokens
 
 __all__ = ["prompt_lengths", "batches", "Recorder", "Model", "SingleMoE", "device_used_bytes", "Runner",
            "log_point", "partial_points", "tokens_per_s_per_gpu", "memory_unit"]
@@ -95,9 +93,7 @@ class SingleMoE(torch.nn.Module):
 
     def forward(self, x):
         ids, wts = route_tokens(self.cfg, x, self.router)
-        xs, m, order = permute_tokens(x, ids, self.cfg.num_experts)
-        y = kernels.moe_mlp(xs, m, backend=self.kb, **kernel_args(self.experts, self.fmt))
-        return unpermute_tokens(y, order, wts) + shared_expert(x, self.shared)
+        return routed_experts(x, ids, wts, self.experts, self.fmt, self.kb) + shared_expert(x, self.shared)
 
 
 def device_used_bytes(device) -> int:
@@ -119,7 +115,7 @@ class Runner:
     ----------
     args : argparse.Namespace or any object with these attributes
         ``mode`` ({"dwdp", "dep", "single"}), ``size`` ({"full", "toy"}), ``layers`` (int),
-        ``weights`` ({"bf16", "fp8"}), ``seed`` (int), ``backend`` (dwdp_comm backend, dwdp),
+        ``weights`` ({"bf16", "fp8", "fp8_block"}), ``seed`` (int), ``backend`` (dwdp_comm backend, dwdp),
         ``depth``, ``schedule``, ``chunk_mib`` (the prefetcher's, dwdp), ``kernel_backend``, and
         optionally ``cuda_graph`` (bool, default False: capture the forward and replay it).
     """

@@ -39,6 +39,14 @@ def test_example_runs_and_checks(mode, tmp_path):
             assert r["backend"] == "sim" and r["prefetch_nbytes"] > 0
 
 
+@pytest.mark.parametrize("mode", ["dwdp", "dep", "single"])
+def test_example_block_fp8_weights(mode):
+    """--weights fp8-block: DeepSeek-V3's block-scaled fp8 experts (scales prefetched with the weights)."""
+    p = run("--mode", mode, "--world-size", "2", "--weights", "fp8-block")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "weights=fp8_block" in p.stdout and "# check passed (tolerance 0.02)" in p.stdout
+
+
 def test_example_fails_when_the_check_fails():
     p = run("--mode", "dwdp", "--world-size", "2", "--tolerance", "-1")
     assert p.returncode == 1 and "FAILED" in p.stderr and "check passed" not in p.stdout

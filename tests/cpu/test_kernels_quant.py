@@ -201,3 +201,34 @@ def test_triton_mxfp4_gemm(interpret, split, seed):
                      enumerate(zip([0] + _groups(sizes).tolist()[:-1], _groups(sizes).tolist()))])
     assert rel_err(out, ref) < 1e-2
     assert os.environ["TRITON_INTERPRET"] == "1"
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["fp8_block", "mxfp4"])
+def test_triton_path_through_moe_mlp_and_experts_forward(interpret, fmt, seed):
+    """The wiring of the Triton path (offsets, scales, expert tables, the gather fused into the
+    block-FP8 quantizer, sentinel rows): fused equals gathered bit for bit, split equals whole, and
+    experts_forward takes the Triton kernel. (Numerics: tests/gpu/test_quant_gpu.py; the
+    interpreter's bf16 and fp8 arithmetic is not the GPU's.)"""
+    g = torch.Generator().manual_seed(seed)
+    E, H, I, T, k = 6, 256, 160, 21, 3
+    gu, s1 = Q.quantize(torch.randn(E, 2 * I, H, generator=g) / 16, fmt)
+    dn, s2 = Q.quantize(torch.randn(E, H, I, generator=g) / 12, fmt)
+    x = torch.randn(T, H, generator=g).bfloat16()
+    idx = torch.randint(0, E, (T, k), generator=g)
+    idx[0, 0] = E  # a sentinel
+    order = moe.sort_by_expert(idx, E)
+    groups = K.TokenGroups(order.offsets, offsets=True)
+    args = dict(w13_scales=s1, w2_scales=s2, weight_layout="nk", ignore_tail=True, backend="triton")
+    info = {}
+    plain = K.moe_mlp(moe.gather_tokens(x, order), groups, gu, dn, info=info, **args)
+    assert info["gate_up"]["backend"] == "triton" and info["down"]["backend"] == "triton", info
+    fused = K.moe_mlp(x, groups, gu, dn, x_rows=order.order, x_top_k=k, **args)
+    split = K.moe_mlp(x, groups, [(0, gu[:2]), (2, gu[2:].clone())], [(0, dn[:5]), (5, dn[5:].clone())],
+                      x_rows=order.order, x_top_k=k, **dict(args, w2_scales=[s2[:5], s2[5:]]))
+    n = int(order.offsets[-1])
+    assert torch.equal(fused[:n], plain[:n]) and torch.equal(split[:n], plain[:n])
+    w = torch.rand(T, k, generator=g)
+    info = {}
+    out = moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=s1, down_scale=s2, info=info)
+    assert info["gemm"] == fmt and "fallback" not in info and torch.isfinite(out).all(), info

@@ -11,6 +11,7 @@ from tests.helpers import moe_rankfns
     (2, "bf16", "float32", 1e-5),
     (3, "bf16", "bfloat16", 2e-2),
     (4, "fp8", "bfloat16", 2e-2),
+    (2, "fp8_block", "bfloat16", 2e-2),
 ])
 def test_dwdp_and_dep_match_reference(world_size, fmt, dtype, tol, seed):
     res = dc.testing.launch(moe_rankfns.dwdp_vs_dep, world_size, seed, fmt, 3, dtype, timeout=240)

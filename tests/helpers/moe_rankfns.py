@@ -35,14 +35,19 @@ def dwdp_vs_dep(group, seed: int, fmt: str, num_layers: int, dtype_name: str):
     pipe.start()
     errs = []
     for it in range(2):  # two iterations: the pipeline wraps around to layer 0
-        x_dwdp, x_dep, x_ref = x0, x0, x0
+        x_dwdp, x_dep = x0, x0
+        e_dwdp = e_dep = 0.0
         for l in layers:
             full = {k: (v.to(dtype) if v.dtype == torch.bfloat16 else v)
                     for k, v in moe.expert_weights(cfg, seed, l, range(cfg.num_experts), fmt=fmt).items()}
-            x_ref = x_ref + moe.reference_moe(cfg, x_ref, routers[l], shared[l], full, fmt=fmt)
-            x_dwdp = x_dwdp + dwdp[l](x_dwdp)
-            x_dep = x_dep + dep[l](x_dep)
-        errs.append((_rel(x_dwdp, x_ref), _rel(x_dep, x_ref)))
+            # Each layer against the reference on the very input it saw: through several layers a
+            # rounding difference can flip a token's top-k choice later, which says nothing about
+            # the weights (examples/deepseek_layer.py checks per layer for the same reason).
+            y_dwdp, y_dep = dwdp[l](x_dwdp), dep[l](x_dep)
+            e_dwdp = max(e_dwdp, _rel(y_dwdp, moe.reference_moe(cfg, x_dwdp, routers[l], shared[l], full, fmt=fmt)))
+            e_dep = max(e_dep, _rel(y_dep, moe.reference_moe(cfg, x_dep, routers[l], shared[l], full, fmt=fmt)))
+            x_dwdp, x_dep = x_dwdp + y_dwdp, x_dep + y_dep
+        errs.append((e_dwdp, e_dep))
     exposed = pipe.exposed_seconds()
     pipe.close()
     st.close()
