@@ -108,9 +108,8 @@ def compare_many(group, cases):
 
 # ---- load_model (dwdp_comm.integrations.hf_loading) ------------------------------------------------------------
 
-def save_checkpoint(directory, family: str, seed: int, *, num_experts: int = 5, dtype=torch.float32,
-                    max_shard_size=None, **overrides) -> str:
-    """save_pretrained of a tiny random model (random expert biases too) into ``directory``; returns it."""
+def _random_model(family: str, seed: int, num_experts: int, **overrides):
+    """A tiny random float32 model (random expert biases too: HF zero-initialises some)."""
     import transformers as tf
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(tiny_config(family, num_experts=num_experts, **overrides),
@@ -119,8 +118,60 @@ def save_checkpoint(directory, family: str, seed: int, *, num_experts: int = 5, 
         for n, p in model.named_parameters():
             if "experts" in n:
                 p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_checkpoint(directory, family: str, seed: int, *, num_experts: int = 5, dtype=torch.float32,
+                    max_shard_size=None, **overrides) -> str:
+    """save_pretrained of a tiny random model (random expert biases too) into ``directory``; returns it."""
+    model = _random_model(family, seed, num_experts, **overrides)
     model.to(dtype).save_pretrained(str(directory), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return str(directory)
+
+
+def save_quantized_checkpoint(directory, family: str, seed: int, weight_format: str, *, block_size=(16, 16),
+                              num_experts: int = 5, num_shards: int = 1, **overrides) -> tuple[str, str]:
+    """A tiny random model saved quantized into ``directory`` and dequantized into ``directory``-ref (a plain
+    checkpoint: the reference); returns both directories."""
+    from dwdp_comm.integrations.hf_quant_checkpoint import save_quantized
+    model = _random_model(family, seed, num_experts, **overrides)
+    ref = f"{directory}-ref"
+    save_quantized(model, str(directory), weight_format, block_size=block_size, reference_dir=ref,
+                   num_shards=num_shards)
+    return str(directory), ref
+
+
+def _checkpoint_reader(directory: str):
+    """``read(key)`` of a checkpoint's tensors, opened with safetensors directly (the tests' own reader)."""
+    import json
+    import os
+    from safetensors import safe_open
+    index = os.path.join(directory, "model.safetensors.index.json")
+    files = json.load(open(index))["weight_map"] if os.path.isfile(index) else None
+    handles = {}
+
+    def read(key):
+        name = files[key] if files is not None else "model.safetensors"
+        if name not in handles:
+            handles[name] = safe_open(os.path.join(directory, name), framework="pt", device="cpu")
+        return handles[name].get_tensor(key)
+    read.keys = set(files) if files is not None else set(
+        safe_open(os.path.join(directory, "model.safetensors"), framework="pt").keys())
+    return read
+
+
+def quantized_truth(directory: str, path: str, name: str, num_experts: int) -> torch.Tensor:
+    """``[E, ...]`` of a quantized expert tensor or its scales as the store holds it, rebuilt from the checkpoint
+    files by the tests' own reading (DeepSeek-style per-expert FP8 keys; GPT-OSS-style fused MXFP4 blocks)."""
+    read = _checkpoint_reader(directory)
+    if f"{path}.{name}_blocks" in read.keys:  # [E, N, K/32, 16] -> [E, N, K/2]
+        t = read(f"{path}.{name}_blocks")
+        return t.reshape(t.shape[0], t.shape[1], -1)
+    if f"{path}.{name}" in read.keys:
+        return read(f"{path}.{name}")
+    base, suffix = (name[:-len("_scale_inv")], ".weight_scale_inv") if name.endswith("_scale_inv") else (name, ".weight")
+    projs = {"gate_up_proj": ["gate_proj", "up_proj"], "down_proj": ["down_proj"], "up_proj": ["up_proj"]}[base]
+    return torch.stack([torch.cat([read(f"{path}.{e}.{p}{suffix}") for p in projs]) for e in range(num_experts)])
 
 
 class _SliceSpy:
@@ -167,15 +218,17 @@ def _expert_rows_read(log, num_experts: int) -> dict[str, set]:
 
 
 def load_compare(group, cases):
-    """load_model vs from_pretrained + unmodified HF, for each ``(checkpoint dir, load dtype, check_tokens)``."""
+    """load_model vs from_pretrained + unmodified HF, for each ``(checkpoint dir, load dtype, check_tokens)`` or
+    ``(..., reference dir)``: a quantized checkpoint against the plain checkpoint of its dequantized values."""
     import safetensors
     import transformers as tf
     from dwdp_comm.integrations.hf_loading import load_model
     torch.set_num_threads(1)
     results = []
-    for directory, dtype, check_tokens in cases:
+    for directory, dtype, check_tokens, *reference in cases:
         dev = group.device  # cpu on sim; the rank's GPU on cuda_ipc
-        ref = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(dev).eval()
+        ref = tf.AutoModelForCausalLM.from_pretrained(reference[0] if reference else directory,
+                                                      dtype=dtype).to(dev).eval()
         ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1)).to(dev)
         with torch.no_grad():
             want = ref(ids).logits.float()
@@ -229,13 +282,18 @@ def load_compare(group, cases):
             dm.pipeline.begin()
             for s in dm.sites:
                 h = dm.pipeline.acquire(s.layer)
+                quantized = set(s.scales) | set(s.scales.values())
                 for n in s.names:
-                    full = ref.get_submodule(s.path).get_parameter(n)
+                    full = quantized_truth(directory, s.path, n, s.num_experts).to(dev) if n in quantized else \
+                        ref.get_submodule(s.path).get_parameter(n)
                     w = h.weights(n)
-                    exact &= w.dtype == full.dtype and bool(torch.equal(w.view(torch.uint8), full.view(torch.uint8)))
+                    exact &= w.dtype == full.dtype and w.shape == full.shape and bool(
+                        torch.equal(w.view(torch.uint8), full.view(torch.uint8)))
                 dm.pipeline.release(h)
             out["bytes_exact"] = exact
+            out["formats"] = sorted({s.weight_format for s in dm.sites})
             out["memory"] = dm.memory
+            out["loading"] = {k: v for k, v in dm.loading.items() if k != "expert_reads"}
             out["expert_bytes_read"] = dm.loading["expert_bytes_read"]
         results.append(out)
     return results

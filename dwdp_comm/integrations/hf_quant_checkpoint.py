@@ -1,0 +1,207 @@
+"""Write small quantized checkpoints in the real formats (tests, examples, smoke runs; no hub access).
+
+:func:`save_quantized` saves an HF model the way its quantized releases are stored: block-FP8 as
+DeepSeek-V3/R1 and Qwen3-FP8 (every ``nn.Linear`` of the decoder and every expert ``float8_e4m3fn``
+with ``weight_scale_inv``; embeddings, norms, routers and ``lm_head`` unquantized) or MXFP4 as GPT-OSS
+(fused experts as ``_blocks`` / ``_scales``, everything else unquantized), with the
+``quantization_config`` HF writes. Next to it, optionally, the same model with every quantized
+tensor replaced by its dequantized values, as a plain checkpoint: what a DWDP model loaded from the
+quantized checkpoint must match.
+
+The dequantized values are computed here, from each format's definition (``w = q * s`` per
+128x128-style block; e2m1 codes times ``2 ** (e - 127)``), independently of the library's kernels,
+so that tests comparing the two check the kernels.
+
+>>> save_quantized(model, "/tmp/ds_fp8", "fp8_block", block_size=(16, 16), reference_dir="/tmp/ds_ref")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+
+import torch
+
+from ..errors import bad_arg
+from .transformers import find_experts
+
+__all__ = ["FORMATS", "save_quantized", "quantize_fp8_block", "quantize_mxfp4"]
+
+FORMATS = ("fp8_block", "mxfp4")
+FP8_MAX = 448.0  # largest float8_e4m3fn
+E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes of the fp4 codes 0-7; code | 8 is negative
+_GROUP = 32
+
+
+def quantize_fp8_block(w: torch.Tensor, block_size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Block-FP8 of ``w [..., N, K]``: ``(q float8_e4m3fn [..., N, K], s float32 [..., ceil(N/bn), ceil(K/bk)])``
+    with ``w ~ q * s`` per block (HF's ``weight_scale_inv``); a block's amax maps to 448."""
+    bn, bk = block_size
+    N, K = w.shape[-2:]
+    nb, kb = math.ceil(N / bn), math.ceil(K / bk)
+    pad = torch.zeros(*w.shape[:-2], nb * bn, kb * bk, dtype=torch.float32)
+    pad[..., :N, :K] = w.float()
+    blocks = pad.view(*w.shape[:-2], nb, bn, kb, bk)
+    s = blocks.abs().amax(dim=(-3, -1)) / FP8_MAX
+    s = torch.where(s > 0, s, torch.ones_like(s))
+    q = (blocks / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q.view(*w.shape[:-2], nb * bn, kb * bk)[..., :N, :K].contiguous(), s
+
+
+def _dequantize_fp8_block(q: torch.Tensor, s: torch.Tensor, block_size) -> torch.Tensor:
+    N, K = q.shape[-2:]
+    full = s.repeat_interleave(block_size[0], dim=-2).repeat_interleave(block_size[1], dim=-1)
+    return q.float() * full[..., :N, :K]
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MXFP4 of ``w [..., N, K]`` (K a multiple of 32) as GPT-OSS stores it: ``(blocks uint8 [..., N, K/32, 16],
+    scales uint8 [..., N, K/32])``; per group of 32 along K an e8m0 exponent ``e`` (byte ``e + 127``) and
+    e2m1 codes of ``w / 2**e``, element 2j in the low nibble."""
+    K = w.shape[-1]
+    if K % _GROUP:
+        raise bad_arg("w", f"a tensor of shape {tuple(w.shape)}", f"K (last dim) a multiple of {_GROUP}")
+    g = w.float().reshape(*w.shape[:-1], K // _GROUP, _GROUP)
+    amax = g.abs().amax(dim=-1)
+    # the largest e2m1 magnitude is 6 = 1.5 * 2**2: the group's amax lands in [4, 8) (8 clamps to 6)
+    e = (torch.floor(torch.log2(amax.clamp_min(2.0 ** -126))) - 2).clamp(-127, 127)
+    x = g / torch.exp2(e)[..., None]
+    mags = torch.tensor(E2M1)
+    code = (x.abs()[..., None] - mags).abs().argmin(dim=-1) | ((x < 0).long() << 3)
+    pairs = code.reshape(*code.shape[:-1], _GROUP // 2, 2)
+    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+    return blocks, (e + 127).to(torch.uint8)
+
+
+def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    lut = torch.tensor(E2M1 + tuple(-m for m in E2M1))
+    codes = torch.stack([blocks & 0x0F, blocks >> 4], dim=-1).long()  # [..., N, G, 16, 2]: low nibble first
+    vals = lut[codes].reshape(*blocks.shape[:-1], 2 * blocks.shape[-1])  # [..., N, G, 32]
+    vals = vals * torch.exp2(scales.float() - 127)[..., None]
+    return vals.reshape(*blocks.shape[:-2], -1)
+
+
+def _checkpoint_tensors(directory: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    index = os.path.join(directory, "model.safetensors.index.json")
+    files = sorted(set(json.load(open(index))["weight_map"].values())) if os.path.isfile(index) else \
+        ["model.safetensors"]
+    out = {}
+    for f in files:
+        out.update(load_file(os.path.join(directory, f)))
+    return out
+
+
+def _write(directory: str, tensors: dict[str, torch.Tensor], config: dict, src: str, num_shards: int) -> None:
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    keys = sorted(tensors)
+    if num_shards <= 1:
+        save_file(tensors, os.path.join(directory, "model.safetensors"), metadata={"format": "pt"})
+    else:  # contiguous runs of sorted keys: a weight and its scales may land in different files
+        per = math.ceil(len(keys) / num_shards)
+        weight_map = {}
+        for i in range(num_shards):
+            name = f"model-{i + 1:05d}-of-{num_shards:05d}.safetensors"
+            part = {k: tensors[k].contiguous() for k in keys[i * per:(i + 1) * per]}
+            save_file(part, os.path.join(directory, name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(part, name))
+        with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": weight_map}, f, indent=1)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    if os.path.isfile(os.path.join(src, "generation_config.json")):
+        shutil.copy(os.path.join(src, "generation_config.json"), directory)
+
+
+def _to_quantize(model, keys: list[str], weight_format: str) -> dict[str, str]:
+    """Checkpoint keys to quantize -> ``"nk"`` or ``"kn"`` (layout of each expert's ``[N, K]``)."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    mapping = get_model_conversion_mapping(model)
+    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+    converters = [t for t in mapping if isinstance(t, WeightConverter)]
+    meta_sd = model.state_dict()
+    sites = {f"{s.path}.{n}": s for s in find_experts(model) for n in s.names[:2]}
+    linears = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+               and n != "lm_head" and not re.search(r"(^|\.)(gate|router)$", n)}
+    out = {}
+    for key in keys:
+        target, _ = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_sd)
+        if target in sites:
+            per_expert = target != key and re.search(r"\.\d+\.", key) is not None
+            if weight_format == "fp8_block" and not per_expert:
+                raise bad_arg("model", f"{type(model).__name__} (fused experts {key!r})",
+                              "a family saved with one key per expert (block-FP8 releases: DeepSeek-V3, Qwen3)")
+            if weight_format == "mxfp4" and per_expert:
+                raise bad_arg("model", f"{type(model).__name__} (per-expert key {key!r})",
+                              "a family saved with fused experts (MXFP4 releases: GPT-OSS)")
+            out[key] = sites[target].weight_layout
+        elif weight_format == "fp8_block" and target in linears:
+            out[key] = "nk"
+    return out
+
+
+def save_quantized(model, directory, weight_format: str, *, block_size=(128, 128), reference_dir=None,
+                   num_shards: int = 1) -> dict:
+    """Save ``model`` as a quantized checkpoint in ``directory`` (and its dequantized twin in ``reference_dir``).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        An unquantized MoE model (any float dtype; it is not modified).
+    directory : str or os.PathLike
+        Written: ``config.json`` (with ``quantization_config``), safetensors, ``generation_config.json``.
+    weight_format : {"fp8_block", "mxfp4"}
+        ``"fp8_block"``: families saved with one key per expert (DeepSeek-V3, Qwen3-MoE, Mixtral, ...);
+        ``"mxfp4"``: GPT-OSS (fused experts; K of every projection a multiple of 32).
+    block_size : (int, int)
+        ``weight_block_size`` of block-FP8.
+    reference_dir : str or os.PathLike, optional
+        Where to save the same model with every quantized tensor dequantized (a plain checkpoint,
+        loadable by ``from_pretrained``).
+    num_shards : int
+        More than 1: a sharded save (``model.safetensors.index.json``).
+
+    Returns
+    -------
+    dict
+        ``quantized`` (checkpoint keys quantized, sorted), ``quantization_config``.
+    """
+    if weight_format not in FORMATS:
+        raise bad_arg("weight_format", repr(weight_format), f"one of {FORMATS}")
+    directory = os.fspath(directory)
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp)  # HF's own key names and reverse conversion rules
+        tensors = _checkpoint_tensors(tmp)
+        config = json.load(open(os.path.join(tmp, "config.json")))
+        todo = _to_quantize(model, sorted(tensors), weight_format)
+        reference = dict(tensors)
+        for key, layout in todo.items():
+            w = tensors[key]
+            nk = w.transpose(-1, -2) if layout == "kn" else w
+            if weight_format == "fp8_block":
+                q, s = quantize_fp8_block(nk, block_size)
+                tensors[key], tensors[key + "_scale_inv"] = q, s
+                deq = _dequantize_fp8_block(q, s, block_size)
+            else:
+                blocks, scales = quantize_mxfp4(nk)
+                del tensors[key]
+                tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
+                deq = _dequantize_mxfp4(blocks, scales)
+            reference[key] = (deq.transpose(-1, -2) if layout == "kn" else deq).to(w.dtype).contiguous()
+        if reference_dir is not None:
+            _write(os.fspath(reference_dir), reference, config, tmp, 1)
+        if weight_format == "fp8_block":
+            quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                     "weight_block_size": [int(block_size[0]), int(block_size[1])]}
+        else:
+            quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                          "model.layers.*.mlp.router",
+                                                                          "model.embed_tokens", "lm_head"]}
+        _write(directory, tensors, dict(config, quantization_config=quant), tmp, num_shards)
+    return {"quantized": sorted(todo), "quantization_config": quant}
