@@ -295,6 +295,7 @@ def _check_expert_source(target: str, src: _ExpertSource | None, full: torch.Ten
     if quant is not None:
         for key in [src.fused] if src.fused is not None else [k for d in src.per_expert.values() for k in d.values()]:
             check_checkpoint_dtype(key, ckpt.dtype(key), quant[1], quant[0], ckpt.directory)
+    suffix = quant[0].scale_suffix if quant is not None and quant[1] == "scale" else ""
     if src.fused is not None:
         shape = ckpt.shape(src.fused)
         if src.per_expert or not shape or shape[0] != num_experts:
@@ -308,7 +309,7 @@ def _check_expert_source(target: str, src: _ExpertSource | None, full: torch.Ten
         if missing or extra:
             raise bad_arg("checkpoint_dir", ckpt.directory, f"experts 0..{num_experts - 1} of {target} "
                           f"(pattern {pattern!r})", f"missing key: experts {missing} absent (no key like "
-                          f"{pattern.replace('*', str(missing[0]))!r})" if missing else
+                          f"{pattern.replace('*', str(missing[0])) + suffix!r})" if missing else
                           f"experts {extra} beyond the config's {num_experts}")
         shapes = {ckpt.shape(k) for k in keys.values()}
         if len(shapes) != 1:

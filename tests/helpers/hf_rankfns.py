@@ -330,3 +330,104 @@ def many(group, calls):
     so each test file launches once per world size and its tests check their part.
     """
     return [globals()[name](group, *args) for name, *args in calls]
+
+
+# ---- quantized models (tests/cpu/test_hf_quantized.py) ----------------------------------------------------------
+
+def _fp8_experts_model(quant_dir: str, ref_dir: str, block_size, dev, *, poison: range | None = None,
+                       block=True):
+    """The model of ``ref_dir`` with every experts module replaced by HF's own ``FP8Experts`` holding the
+    checkpoint's FP8 experts (what ``from_pretrained`` of ``quant_dir`` gives on a GPU with HF's FP8
+    kernels); rows outside ``poison`` are NaN (never to be read)."""
+    import transformers as tf
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+    from transformers.integrations.moe import use_experts_implementation
+    from dwdp_comm.integrations.transformers import find_experts
+    model = tf.AutoModelForCausalLM.from_pretrained(ref_dir).to(dev).eval()
+    cls = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS,
+                                     has_bias=False, has_gate=True)
+    for s in find_experts(model):
+        new = cls(config=s.module.config, block_size=tuple(block_size) if block else None,
+                  activation_scheme="dynamic", scale_fmt="float", has_bias=False, has_gate=True)
+        with torch.no_grad():
+            for n, p in new.named_parameters():
+                if block:
+                    p.copy_(quantized_truth(quant_dir, s.path, n, s.num_experts))
+                if poison is not None:
+                    keep = p[poison.start:poison.stop].clone()
+                    p.view(torch.uint8).fill_(0xFF)  # NaN in float8_e4m3fn and float32
+                    p[poison.start:poison.stop] = keep
+        model.set_submodule(s.path, new.to(dev))
+    model.config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": list(block_size)}
+    return model
+
+
+def fp8_experts_compare(group, quant_dir: str, ref_dir: str, block_size):
+    """convert() of a model whose experts are HF's FP8Experts vs the model of the dequantized checkpoint."""
+    from dwdp_comm.integrations.transformers import convert
+    from dwdp_comm.layout import ExpertLayout
+    torch.set_num_threads(1)
+    import transformers as tf
+    dev = group.device
+    ref = tf.AutoModelForCausalLM.from_pretrained(ref_dir).to(dev).eval()
+    ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3)).to(dev)
+    with torch.no_grad():
+        want = ref(ids).logits
+        want_tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                   do_sample=False)
+    lay = ExpertLayout(ref.config.n_routed_experts, group.size, group.rank)
+    model = _fp8_experts_model(quant_dir, ref_dir, block_size, dev, poison=lay.local_experts)
+    dm = convert(model, group, depth=2, chunk_nbytes=512)
+    out = {"formats": sorted({s.weight_format for s in dm.sites}), "gates": sorted({str(s.gate) for s in dm.sites}),
+           "names": sorted({n for s in dm.sites for n in s.names}), "memory": dm.memory,
+           "block_sizes": sorted({s.block_size for s in dm.sites})}
+    with dm, torch.no_grad():
+        out["freed"] = all(getattr(s.module, n).device.type == "meta" for s in dm.sites for n in s.names)
+        out["logits_max_diff"] = float((model(ids).logits - want).abs().max())
+        got_tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                    do_sample=False)
+        out["tokens_equal"] = bool(torch.equal(got_tokens, want_tokens))
+        exact = True
+        dm.pipeline.begin()
+        for s in dm.sites:
+            h = dm.pipeline.acquire(s.layer)
+            for n in s.names:
+                w, full = h.weights(n), quantized_truth(quant_dir, s.path, n, s.num_experts).to(dev)
+                exact &= w.dtype == full.dtype and bool(torch.equal(w.view(torch.uint8), full.view(torch.uint8)))
+            dm.pipeline.release(h)
+        out["bytes_exact"] = exact
+    return out
+
+
+def convert_quant_errors(group, quant_dir: str, ref_dir: str, block_size):
+    """convert() of models quantized in formats DWDP does not run: every rank raises, naming the format."""
+    import transformers as tf
+    from dwdp_comm.integrations.transformers import convert
+    torch.set_num_threads(1)
+    dev = group.device
+    out = []
+    for label in ("awq", "per_tensor_fp8", "mxfp4_swizzled", "grouped_mm_fp8"):
+        kwargs = {}
+        if label == "awq":
+            model = tf.AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+            model.config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128}
+        elif label == "per_tensor_fp8":
+            model = _fp8_experts_model(quant_dir, ref_dir, block_size, dev, block=False)
+        elif label == "mxfp4_swizzled":  # HF's MXFP4 experts as its quantizer builds them (meta: never run)
+            from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+            cfg = tiny_config("gpt_oss", intermediate_size=32)
+            with torch.device("meta"):
+                model = tf.AutoModelForCausalLM.from_config(cfg)
+                for i, layer in enumerate(model.model.layers):
+                    layer.mlp.experts = Mxfp4GptOssExperts(cfg)
+            model.config.quantization_config = {"quant_method": "mxfp4"}
+        else:
+            model = _fp8_experts_model(quant_dir, ref_dir, block_size, dev)
+            kwargs = {"method": "hf_grouped_mm"}
+        try:
+            convert(model, group, **kwargs).close()
+            out.append((label, None, ""))
+        except Exception as exc:
+            out.append((label, type(exc).__name__, str(exc)))
+    return out
