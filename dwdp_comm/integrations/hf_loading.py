@@ -429,8 +429,9 @@ def _load_local(checkpoint_dir, group: Group, layout, dtype, model_cls):
         if tuple(rows.shape) != want:
             raise bad_arg("checkpoint_dir", ckpt.directory, f"{t} rows of shape {want}",
                           f"the checkpoint gives {tuple(rows.shape)}: config.json and the weights do not match")
-        local_rows.setdefault(s.path, {})[n] = rows.to(dev, full.dtype if t in quant_roles else
-                                                       _dtype_for(t, full, fp32))
+        # staged in host memory: the store copies them into the heap at commit, so the device never
+        # holds them twice (staged + heap)
+        local_rows.setdefault(s.path, {})[n] = rows.to(full.dtype if t in quant_roles else _dtype_for(t, full, fp32))
     for key, ck in plain.items():
         _set(model, key, _read_plain(ck, plain_scales.get(key), meta_sd[key], _dtype_for(key, meta_sd[key], fp32),
                                      ckpt, scheme).to(dev))

@@ -356,8 +356,9 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
         Force one experts path on every site (default: per site, see :class:`ExpertsSite`).
     local_rows : dict, optional
         ``{site path: {tensor name: rows}}``: this rank's rows ``[layout.num_local_experts, ...]``
-        of every expert tensor (same dtype as the module's), registered instead of slicing the
-        module's tensors, which are then never read.
+        of every expert tensor (same dtype as the module's; on any device, host memory included:
+        the store copies them into its heap), registered instead of slicing the module's tensors,
+        which are then never read.
 
     Returns
     -------
@@ -401,7 +402,6 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
         error = f"{type(exc).__name__}: {exc}"
     group.comm.agree(error, "convert(model, group)")
 
-    dev = group.device
     before = 0
     store = WeightStore(group, layout)
     local = layout.local_experts
@@ -412,7 +412,7 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
             rows = t[local.start:local.stop] if local_rows is None else local_rows[s.path][n]
             if s.weight_format == "fp8_block" and n in s.scales.values():
                 rows = rows.float()  # ue8m0 (float8_e8m0fnu) block scales, widened exactly
-            store.register(s.layer, n, rows.to(dev))
+            store.register(s.layer, n, rows)  # commit() copies it into the heap, from any device
     store.commit()
     if free == "local" and local_rows is None:
         for s in sites:
