@@ -18,8 +18,9 @@ Quantized experts always use the ``"nk"`` layout (per expert ``[N, K]`` as ``nn.
 unquantized module's ``is_transposed`` says. FP8 weights outside the experts (DeepSeek's attention,
 shared experts and dense MLPs) are replicated on every rank and small next to the experts: they are
 dequantized at load to the model dtype (HF's ``FP8Linear`` needs Triton or hub kernels, which neither
-a CPU nor an offline GPU machine has). That doubles their bytes in bf16: about 15 GB more per rank on
-DeepSeek-V3 (15.2 B such parameters), next to 654 GB of FP8 experts spread over the group.
+a CPU nor an offline GPU machine has). That doubles their bytes in bf16: on DeepSeek-V3 the tensors
+besides the experts take 32.1 GiB a rank instead of 18.0 GiB as stored (+14.1 GiB), next to 609 GiB
+of FP8 experts spread over the group (``perf/quant_memory.py``).
 
 Anything else (NVFP4 / ModelOpt, AWQ, GPTQ, compressed-tensors, bitsandbytes, per-tensor or
 per-channel FP8, static activation scales, FP4 experts of ``expert_dtype="fp4"``, HF's swizzled
