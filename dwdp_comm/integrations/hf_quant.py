@@ -307,8 +307,11 @@ def check_block_concat(target: str, rows: int, parts: int, scheme: QuantScheme, 
 
 
 def dequantize_dense(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> torch.Tensor:
-    """A non-expert block-FP8 weight ``[N, K]`` and its ``weight_scale_inv`` as ``dtype`` (replicated tensors only)."""
+    """A non-expert block-FP8 weight ``[N, K]`` and its ``weight_scale_inv`` as ``dtype`` (replicated tensors only).
+
+    Computed in float32 and rounded once to ``dtype``, on the tensors' device (the loader's: host memory).
+    """
     from ..kernels import quant
     s = to_storage(scale, "scale", scheme)
     return quant.dequantize(weight[None], s[None], scheme.weight_format, block_size=scheme.block_size,
-                            dtype=dtype)[0]
+                            dtype=torch.float32)[0].to(dtype)
