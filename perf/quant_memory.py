@@ -266,7 +266,8 @@ def main(argv=None) -> int:
     p.add_argument("--depth", type=int, default=2, help="prefetch slots")
     p.add_argument("--forward", type=int, default=0, metavar="TOKENS",
                    help="also run one forward of TOKENS tokens per rank (its peak; needs the quantized experts path)")
-    p.add_argument("--dir", default=None, help="where to write the checkpoint (default: a temporary directory, removed)")
+    p.add_argument("--dir", default=None,
+                   help="where to write the checkpoint (default: a temporary directory, removed)")
     p.add_argument("--smoke", action="store_true", help="tiny dimensions (CPU)")
     p.add_argument("--json", default=None, help="default perf/results/quant_memory_<backend>.json")
     args = p.parse_args(argv)

@@ -30,7 +30,7 @@ from ..errors import DwdpError, MissingDependencyError, bad_arg, bad_type
 from ..group import Group, describe
 from ..layout import ExpertLayout
 from .hf_quant import (QuantScheme, check_block_concat, check_checkpoint_dtype, checkpoint_scheme, dequantize_dense,
-                       dress_experts, split_key, to_storage)
+                       dress_experts, split_key, to_storage, unsupported)
 from .transformers import DwdpModel, ExpertsSite, convert, find_experts, sites_layout
 
 try:
@@ -380,6 +380,8 @@ def _read_plain(ck: str, scale_key: str | None, meta: torch.Tensor, dtype: torch
             raise bad_arg("checkpoint_dir", ckpt.directory, f"{ck} with its scales", f"an {ckpt.dtype(ck)} tensor "
                           "without scales (missing key)")
         return ckpt.read(ck).to(dtype)
+    if scheme.weight_format != "fp8_block":
+        raise unsupported("checkpoint_dir", f"{scheme.weight_format} tensors outside the experts ({ck})")
     check_checkpoint_dtype(ck, ckpt.dtype(ck), "weight", scheme, ckpt.directory)
     check_checkpoint_dtype(scale_key, ckpt.dtype(scale_key), "scale", scheme, ckpt.directory)
     bn, bk = scheme.block_size

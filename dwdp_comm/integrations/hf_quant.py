@@ -37,9 +37,9 @@ import torch
 
 from ..errors import InvalidArgumentError, bad_arg
 
-__all__ = ["SUPPORTED", "QuantScheme", "checkpoint_scheme", "model_scheme", "split_key", "dress_experts",
-           "experts_quantization", "unsupported", "check_checkpoint_dtype", "to_storage", "check_block_concat",
-           "dequantize_dense"]
+__all__ = ["SUPPORTED", "QuantScheme", "checkpoint_scheme", "check_model_quantization", "split_key",
+           "dress_experts", "experts_quantization", "unsupported", "check_checkpoint_dtype", "to_storage",
+           "check_block_concat", "dequantize_dense"]
 
 SUPPORTED = ("unquantized (or dequantized) models; block-FP8 (quant_method 'fp8' with weight_block_size, "
              "fmt 'e4m3', activation_scheme 'dynamic': DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8); MXFP4 "
@@ -138,7 +138,7 @@ def checkpoint_scheme(quant, arg: str = "checkpoint_dir") -> QuantScheme | None:
                        "bitsandbytes": "bitsandbytes", "fbgemm_fp8": "per-channel FP8 (fbgemm)"}.get(str(method), ""))
 
 
-def model_scheme(model) -> None:
+def check_model_quantization(model) -> None:
     """Check that a model HF loaded with a quantization config keeps experts DWDP can run. Local.
 
     Accepted: no ``quantization_config``; a dequantized one (``dequantize=True``: plain weights);
@@ -306,7 +306,8 @@ def check_block_concat(target: str, rows: int, parts: int, scheme: QuantScheme, 
                       "scales are not one uniform grid (weight_block_size does not divide the intermediate size)")
 
 
-def dequantize_dense(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme, dtype: torch.dtype) -> torch.Tensor:
+def dequantize_dense(weight: torch.Tensor, scale: torch.Tensor, scheme: QuantScheme,
+                     dtype: torch.dtype) -> torch.Tensor:
     """A non-expert block-FP8 weight ``[N, K]`` and its ``weight_scale_inv`` as ``dtype`` (replicated tensors only).
 
     Computed in float32 and rounded once to ``dtype``, on the tensors' device (the loader's: host memory).

@@ -27,7 +27,7 @@ from ..moe.experts import experts_forward
 from ..moe.pipeline import DwdpPipeline
 from ..prefetch import Prefetcher
 from ..store import WeightStore
-from .hf_quant import experts_quantization, model_scheme
+from .hf_quant import check_model_quantization, experts_quantization
 
 try:
     import transformers  # noqa: F401
@@ -379,7 +379,7 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
             raise bad_arg("free", repr(free), "'local' or 'none'")
         if method not in (None, "experts_forward", "hf_grouped_mm"):
             raise bad_arg("method", repr(method), "None, 'experts_forward' or 'hf_grouped_mm'")
-        model_scheme(model)
+        check_model_quantization(model)
         sites = find_experts(model)
         for s in sites:
             if method == "hf_grouped_mm" and s.weight_format != "bf16":

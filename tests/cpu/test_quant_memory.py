@@ -1,4 +1,4 @@
-"""perf/quant_memory.py --smoke runs on CPU (sim backend): the FP8 checkpoint it streams loads, and its figures add up."""
+"""perf/quant_memory.py --smoke runs on CPU (sim backend): its streamed FP8 checkpoint loads, and its figures add up."""
 
 import importlib
 import json

@@ -169,7 +169,8 @@ def quantized_truth(directory: str, path: str, name: str, num_experts: int) -> t
         return t.reshape(t.shape[0], t.shape[1], -1)
     if f"{path}.{name}" in read.keys:
         return read(f"{path}.{name}")
-    base, suffix = (name[:-len("_scale_inv")], ".weight_scale_inv") if name.endswith("_scale_inv") else (name, ".weight")
+    scale = name.endswith("_scale_inv")
+    base, suffix = (name[:-len("_scale_inv")], ".weight_scale_inv") if scale else (name, ".weight")
     projs = {"gate_up_proj": ["gate_proj", "up_proj"], "down_proj": ["down_proj"], "up_proj": ["up_proj"]}[base]
     return torch.stack([torch.cat([read(f"{path}.{e}.{p}{suffix}") for p in projs]) for e in range(num_experts)])
 
