@@ -37,9 +37,10 @@ E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes of the fp4 codes 0
 _GROUP = 32
 
 
-def quantize_fp8_block(w: torch.Tensor, block_size) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_fp8_block(w: torch.Tensor, block_size, *, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Block-FP8 of ``w [..., N, K]``: ``(q float8_e4m3fn [..., N, K], s float32 [..., ceil(N/bn), ceil(K/bk)])``
-    with ``w ~ q * s`` per block (HF's ``weight_scale_inv``); a block's amax maps to 448."""
+    with ``w ~ q * s`` per block (HF's ``weight_scale_inv``); a block's amax maps to 448 (``pow2``: to at most
+    448, ``s`` rounded up to a power of two, as ``scale_fmt="ue8m0"`` checkpoints)."""
     bn, bk = block_size
     N, K = w.shape[-2:]
     nb, kb = math.ceil(N / bn), math.ceil(K / bk)
@@ -48,6 +49,8 @@ def quantize_fp8_block(w: torch.Tensor, block_size) -> tuple[torch.Tensor, torch
     blocks = pad.view(*w.shape[:-2], nb, bn, kb, bk)
     s = blocks.abs().amax(dim=(-3, -1)) / FP8_MAX
     s = torch.where(s > 0, s, torch.ones_like(s))
+    if pow2:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
     q = (blocks / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q.view(*w.shape[:-2], nb * bn, kb * bk)[..., :N, :K].contiguous(), s
 
@@ -146,8 +149,8 @@ def _to_quantize(model, keys: list[str], weight_format: str) -> dict[str, str]:
     return out
 
 
-def save_quantized(model, directory, weight_format: str, *, block_size=(128, 128), reference_dir=None,
-                   num_shards: int = 1) -> dict:
+def save_quantized(model, directory, weight_format: str, *, block_size=(128, 128), scale_fmt: str = "float",
+                   reference_dir=None, num_shards: int = 1) -> dict:
     """Save ``model`` as a quantized checkpoint in ``directory`` (and its dequantized twin in ``reference_dir``).
 
     Parameters
@@ -161,6 +164,9 @@ def save_quantized(model, directory, weight_format: str, *, block_size=(128, 128
         ``"mxfp4"``: GPT-OSS (fused experts; K of every projection a multiple of 32).
     block_size : (int, int)
         ``weight_block_size`` of block-FP8.
+    scale_fmt : {"float", "ue8m0"}
+        Block-FP8 scales as float32, or powers of two stored as ue8m0 bytes (``uint8``), with
+        ``quantization_config.scale_fmt = "ue8m0"``.
     reference_dir : str or os.PathLike, optional
         Where to save the same model with every quantized tensor dequantized (a plain checkpoint,
         loadable by ``from_pretrained``).
@@ -174,6 +180,8 @@ def save_quantized(model, directory, weight_format: str, *, block_size=(128, 128
     """
     if weight_format not in FORMATS:
         raise bad_arg("weight_format", repr(weight_format), f"one of {FORMATS}")
+    if scale_fmt not in ("float", "ue8m0"):
+        raise bad_arg("scale_fmt", repr(scale_fmt), "'float' or 'ue8m0'")
     directory = os.fspath(directory)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)  # HF's own key names and reverse conversion rules
@@ -185,8 +193,9 @@ def save_quantized(model, directory, weight_format: str, *, block_size=(128, 128
             w = tensors[key]
             nk = w.transpose(-1, -2) if layout == "kn" else w
             if weight_format == "fp8_block":
-                q, s = quantize_fp8_block(nk, block_size)
-                tensors[key], tensors[key + "_scale_inv"] = q, s
+                q, s = quantize_fp8_block(nk, block_size, pow2=scale_fmt == "ue8m0")
+                stored = s.to(torch.float8_e8m0fnu).view(torch.uint8) if scale_fmt == "ue8m0" else s
+                tensors[key], tensors[key + "_scale_inv"] = q, stored
                 deq = _dequantize_fp8_block(q, s, block_size)
             else:
                 blocks, scales = quantize_mxfp4(nk)
@@ -198,7 +207,7 @@ def save_quantized(model, directory, weight_format: str, *, block_size=(128, 128
             _write(os.fspath(reference_dir), reference, config, tmp, 1)
         if weight_format == "fp8_block":
             quant = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                     "weight_block_size": [int(block_size[0]), int(block_size[1])]}
+                     "weight_block_size": [int(block_size[0]), int(block_size[1])], "scale_fmt": scale_fmt}
         else:
             quant = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn",
                                                                           "model.layers.*.mlp.router",

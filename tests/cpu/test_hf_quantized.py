@@ -31,10 +31,14 @@ from tests.helpers import hf_rankfns  # noqa: E402
 TOL = 1e-4  # float32 model; the experts run on their quantized storage, the reference on dequantized weights
 NUM_EXPERTS = 5
 
-# (family, weight_format, block_size, files, config overrides)
-SPECS = {3: [("deepseek_v3", "fp8_block", (16, 16), 1, {}), ("gpt_oss", "mxfp4", None, 1, {"intermediate_size": 32})],
+# (family, weight_format, block_size, files, writer options and config overrides)
+SPECS = {3: [("deepseek_v3", "fp8_block", (16, 16), 1, {}), ("gpt_oss", "mxfp4", None, 1, {"intermediate_size": 32}),
+             # Mixtral's names: checkpoint keys ...block_sparse_moe.experts.<e>.w1/w3/w2 renamed by HF's rules
+             ("mixtral", "fp8_block", (16, 16), 1, {})],
          2: [("deepseek_v3", "fp8_block", (8, 24), 3, {}),  # partial blocks along K (32 = 24 + 8)
-             ("gpt_oss", "mxfp4", None, 2, {"intermediate_size": 32})]}
+             ("gpt_oss", "mxfp4", None, 2, {"intermediate_size": 32}),
+             # power-of-two scales stored as ue8m0 bytes (scale_fmt "ue8m0"), widened to float32 at load
+             ("qwen3_moe", "fp8_block", (16, 16), 1, {"scale_fmt": "ue8m0"})]}
 ERRORS = {"nvfp4": "quant_method 'modelopt'", "awq": "quant_method 'awq'", "gptq": "quant_method 'gptq'",
           "compressed": "quant_method 'compressed-tensors'", "bnb": "quant_method 'bitsandbytes'",
           "per_tensor": "per-tensor FP8", "static": "static activation scales", "e5m2": "no silent conversion",
@@ -107,17 +111,21 @@ def results(tmp_path_factory):
 
 
 def _expert_bytes(directory):
-    """Bytes of every expert tensor (weights, scales, biases) of a checkpoint, from its files."""
+    """Bytes of every expert tensor (weights, scales, biases) of a checkpoint, from its files, and how many more
+    the store holds (ue8m0 byte scales of block-FP8 held as float32)."""
     read = hf_rankfns._checkpoint_reader(directory)
-    return sum(read(k).numel() * read(k).element_size() for k in read.keys if ".experts." in k)
+    keys = [k for k in read.keys if ".experts." in k]
+    widened = sum(3 * read(k).numel() for k in keys if k.endswith("_scale_inv") and read(k).dtype == torch.uint8)
+    return sum(read(k).numel() * read(k).element_size() for k in keys), widened
 
 
 @pytest.mark.parametrize("world_size", sorted(SPECS))
 def test_quantized_load_matches_dequantized_hf(results, world_size):
     res, dirs = results
     per_rank = [r[0] for r in res[world_size]]
-    for i, (family, fmt, block, _, _) in enumerate(SPECS[world_size]):
-        total = _expert_bytes(dirs[world_size][i][0])
+    for i, (family, fmt, block, _, kw) in enumerate(SPECS[world_size]):
+        total, widened = _expert_bytes(dirs[world_size][i][0])
+        assert (widened > 0) == (kw.get("scale_fmt") == "ue8m0"), family
         read = []
         for rank, per in enumerate(per_rank):
             r = per[i]
@@ -131,14 +139,16 @@ def test_quantized_load_matches_dequantized_hf(results, world_size):
             assert r["logits_max_diff"] <= TOL, (family, rank, r["logits_max_diff"])
             assert r["tokens_equal"], (family, rank)
             # each rank read its share of the expert bytes (weights, scales, biases) and holds it, quantized
-            share = total * len(r["local"]) // NUM_EXPERTS
-            assert r["expert_bytes_read"] == share == r["memory"]["local_bytes"], (family, rank, r["expert_bytes_read"])
-            assert r["memory"]["experts_bytes_before"] == total  # what a replicated quantized model holds
+            share, more = (total * len(r["local"]) // NUM_EXPERTS, widened * len(r["local"]) // NUM_EXPERTS)
+            assert r["expert_bytes_read"] == share, (family, rank, r["expert_bytes_read"], share)
+            assert r["memory"]["local_bytes"] == share + more, (family, rank, r["memory"], share, more)
+            assert r["memory"]["experts_bytes_before"] == total + widened  # a replicated quantized model's
             read += r["local_rows_read"]
         assert sorted(read) == list(range(NUM_EXPERTS))  # together the ranks read every expert once
         deq = per_rank[0][i]["loading"]["dequantized"]
-        if fmt == "fp8_block":  # DeepSeek's FP8 attention and shared experts, dequantized at load
-            assert any("self_attn.q_a_proj" in k for k in deq) and any("shared_experts" in k for k in deq), deq
+        if fmt == "fp8_block":  # the FP8 attention (and DeepSeek's shared experts), dequantized at load
+            assert any("self_attn.o_proj" in k for k in deq), deq
+            assert family != "deepseek_v3" or any("shared_experts" in k for k in deq), deq
             assert "float8_e4m3fn" in str(per_rank[0][i]["dtypes"])
         else:
             assert deq == []
@@ -183,3 +193,31 @@ def test_unsupported_formats_raise_on_every_rank(results):
         for label, name, msg in conv:
             assert name in ("CollectiveMismatchError", "CollectiveFailedError") and CONVERT_ERRORS[label] in msg, \
                 (rank, label, name, msg)
+
+
+def test_scheme_and_storage_rules():
+    """The config parsing and the storage rules, in process (no ranks)."""
+    from dwdp_comm.integrations import hf_quant as Q
+    s = Q.checkpoint_scheme({"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                             "weight_block_size": [128, 128], "scale_fmt": "ue8m0"})
+    assert (s.weight_format, s.block_size, s.store_suffix) == ("fp8_block", (128, 128), "_scale_inv")
+    assert Q.checkpoint_scheme(None) is None and Q.checkpoint_scheme({}) is None
+    m = Q.checkpoint_scheme({"quant_method": "mxfp4"})
+    assert Q.split_key("a.experts.gate_up_proj_blocks", m) == ("a.experts.gate_up_proj", "weight")
+    assert Q.split_key("a.experts.gate_up_proj_scales", m) == ("a.experts.gate_up_proj", "scale")
+    assert Q.split_key("a.o_proj.weight_scale_inv", s) == ("a.o_proj.weight", "scale")
+    assert Q.split_key("a.o_proj.weight", s) == ("a.o_proj.weight", "weight")
+    for bad, msg in (({"quant_method": "fp8", "weight_block_size": [128]}, "two positive ints"),
+                     ({"quant_method": "fp8", "weight_block_size": [128, 128], "fmt": "e5m2"}, "fmt 'e5m2'"),
+                     ({"quant_method": "fp8", "weight_block_size": [128, 128], "expert_dtype": "fp4"}, "FP4"),
+                     ({"quant_method": "nvfp4"}, "NVFP4")):
+        with pytest.raises(dc.InvalidArgumentError, match=msg):
+            Q.checkpoint_scheme(bad)
+    # ue8m0 bytes and float8_e8m0fnu scales widen to float32 exactly; MXFP4 blocks flatten to [..., N, K/2]
+    pow2 = torch.tensor([[0.5, 2.0 ** -20], [1.0, 64.0]])
+    e8 = pow2.to(torch.float8_e8m0fnu)
+    assert torch.equal(Q.to_storage(e8.view(torch.uint8), "scale", s), pow2)
+    assert torch.equal(Q.to_storage(e8, "scale", s), pow2)
+    blocks = torch.randint(0, 256, (3, 4, 2, 16), dtype=torch.uint8)
+    assert torch.equal(Q.to_storage(blocks, "weight", m), blocks.reshape(3, 4, 32))
+    assert Q.to_storage(e8, "scale", m).dtype == torch.uint8

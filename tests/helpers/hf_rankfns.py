@@ -130,14 +130,15 @@ def save_checkpoint(directory, family: str, seed: int, *, num_experts: int = 5, 
 
 
 def save_quantized_checkpoint(directory, family: str, seed: int, weight_format: str, *, block_size=(16, 16),
-                              num_experts: int = 5, num_shards: int = 1, **overrides) -> tuple[str, str]:
+                              num_experts: int = 5, num_shards: int = 1, scale_fmt: str = "float",
+                              **overrides) -> tuple[str, str]:
     """A tiny random model saved quantized into ``directory`` and dequantized into ``directory``-ref (a plain
     checkpoint: the reference); returns both directories."""
     from dwdp_comm.integrations.hf_quant_checkpoint import save_quantized
     model = _random_model(family, seed, num_experts, **overrides)
     ref = f"{directory}-ref"
     save_quantized(model, str(directory), weight_format, block_size=block_size, reference_dir=ref,
-                   num_shards=num_shards)
+                   num_shards=num_shards, scale_fmt=scale_fmt)
     return str(directory), ref
 
 
@@ -162,7 +163,9 @@ def _checkpoint_reader(directory: str):
 
 def quantized_truth(directory: str, path: str, name: str, num_experts: int) -> torch.Tensor:
     """``[E, ...]`` of a quantized expert tensor or its scales as the store holds it, rebuilt from the checkpoint
-    files by the tests' own reading (DeepSeek-style per-expert FP8 keys; GPT-OSS-style fused MXFP4 blocks)."""
+    files by the tests' own reading: per-expert FP8 keys (Qwen2-MoE pattern ``...mlp.experts.<e>.gate_proj``, or
+    Mixtral's ``...block_sparse_moe.experts.<e>.w1``; ue8m0 byte scales widened to float32) or GPT-OSS-style fused
+    MXFP4 blocks."""
     read = _checkpoint_reader(directory)
     if f"{path}.{name}_blocks" in read.keys:  # [E, N, K/32, 16] -> [E, N, K/2]
         t = read(f"{path}.{name}_blocks")
@@ -171,8 +174,15 @@ def quantized_truth(directory: str, path: str, name: str, num_experts: int) -> t
         return read(f"{path}.{name}")
     scale = name.endswith("_scale_inv")
     base, suffix = (name[:-len("_scale_inv")], ".weight_scale_inv") if scale else (name, ".weight")
-    projs = {"gate_up_proj": ["gate_proj", "up_proj"], "down_proj": ["down_proj"], "up_proj": ["up_proj"]}[base]
-    return torch.stack([torch.cat([read(f"{path}.{e}.{p}{suffix}") for p in projs]) for e in range(num_experts)])
+    names = {"gate_up_proj": (["gate_proj", "up_proj"], ["w1", "w3"]), "down_proj": (["down_proj"], ["w2"]),
+             "up_proj": (["up_proj"], ["w3"])}[base]
+    for where in (path, path.replace(".mlp.", ".block_sparse_moe.")):
+        for projs in names:
+            if f"{where}.0.{projs[0]}{suffix}" in read.keys:
+                t = torch.stack([torch.cat([read(f"{where}.{e}.{p}{suffix}") for p in projs])
+                                 for e in range(num_experts)])
+                return t.view(torch.float8_e8m0fnu).float() if t.dtype == torch.uint8 else t
+    raise KeyError(f"{path}.{name}: no such tensor in {directory}")
 
 
 class _SliceSpy:
