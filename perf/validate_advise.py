@@ -10,6 +10,15 @@ Two checks::
     # against the DeepSeek example's single-GPU iteration time at several token counts
     python3 perf/validate_advise.py compute --means 2048,4096,8192 --json $OUT/advise_compute_h200.json
 
+    # one GPU of each kind (H100, H200; ~2 minutes): advise knows its GPU. Measures this machine's
+    # fabric (calibrate --write), runs advise --measure yes --fabric auto, and again on the measured
+    # file; checks the fabric named is this GPU kind's, and prints measured against preset values
+    python3 perf/validate_advise.py fabric --json $OUT/advise_fabric_<gpu>.json
+
+    # CPU, now: the hot-expert answer on DeepSeek-V3, 4 x H200 (modelled compute), for a Zipf-skewed
+    # and a flat routing histogram over a range of loads
+    python3 perf/validate_advise.py hot --json perf/results/advise_hot_deepseek_v3_h200x4.json
+
 ``compute`` runs ``examples/deepseek_layer.py --mode single --size full --layers 2 --cv 0`` once per
 prompt mean (two prompts of that length an iteration), then ``advise.measure_compute`` at the same
 token counts in this process, and reports predicted / measured - 1 per point (aim: within 10 %).
@@ -205,6 +214,100 @@ def compute(args) -> dict:
             "max_abs_error_modelled": max(abs(p["error_modelled"]) for p in points)}
 
 
+# ---- hot-expert replication (CPU) -------------------------------------------------------------------
+def zipf_histogram(num_experts: int, s: float, rows: int, layers: int, seed: int = 0) -> dict:
+    """Per layer, counts falling as 1 / rank^s over the experts, ranks shuffled over expert ids
+    (each layer its own shuffle: its own hot set); ``s = 0`` is flat."""
+    import random
+    out = {}
+    for i in range(layers):
+        ids = list(range(num_experts))
+        random.Random(seed + i).shuffle(ids)
+        w = [1 / (j + 1) ** s for j in range(num_experts)]
+        c = [0] * num_experts
+        for j, e in enumerate(ids):
+            c[e] = round(rows * w[j] / sum(w))
+        out[str(3 + i)] = c
+    return out
+
+
+def hot(args) -> dict:
+    """The hot-expert answer of advise on DeepSeek-V3 (modelled compute, the h200 fabric) for a
+    Zipf-skewed and a flat histogram, at each load of ``--tokens``."""
+    shape = A.get_shape(args.model)
+    cases = []
+    for s in args.zipf:
+        counts = zipf_histogram(shape.num_experts, s, args.hist_tokens * shape.top_k, args.layers)
+        top = max(max(c) for c in counts.values())
+        hist = {"top_k": shape.top_k, "layers": counts}
+        for t in args.tokens:
+            res = A.advise(shape, args.group_size, weights=args.weights, measure="no", fabric=args.fabric,
+                           mean_tokens=t, cv=args.cv, routing=hist, schedules=["parallel", "round_robin"],
+                           chunks=[0, 8 << 20])
+            h = res["hot"]
+            case = {"zipf_s": s, "tokens_per_rank": t, "cv": args.cv, "answer": h["answer"],
+                    "hot_experts": h["hot_experts"], "hot_share": h["point"]["hot_share"],
+                    "tokens_per_s_per_gpu": h["tokens_per_s_per_gpu"],
+                    "dep_owner_skew": res["point"]["dep_owner_skew"], "hot_owner_skew": h["point"]["owner_skew"],
+                    "hot_prefetch_s": h["point"]["prefetch_s"], "dwdp_prefetch_s": res["point"]["prefetch_s"],
+                    "min_tokens_vs_dep": h["min_tokens"], "best_range": h["best_range"], "memory_hot": h["memory"],
+                    "memory": res["memory"], "fabric": res["inputs"]["fabric"]["name"], "reason": h["reason"]}
+            cases.append(case)
+            tps = case["tokens_per_s_per_gpu"]
+            print(f"# zipf s={s:g} (top expert {top / (args.hist_tokens * shape.top_k):.1%} of rows), {t} tok/rank: "
+                  f"answer {h['answer']:4s} (hot {h['hot_experts']} experts, {case['hot_share']:.0%} of rows): "
+                  f"DEP {tps['dep']:.0f}, DWDP {tps['dwdp']:.0f}, hot {tps['hot']:.0f} tok/s/GPU; " +
+                  (f"hot beats DEP from {mt:.0f} tokens per rank" if (mt := h["min_tokens"].get(str(float(args.cv))))
+                   else "hot never beats DEP in the sweep"), flush=True)
+    return {"schema": "dwdp-bench/advise-validation/hot/v1", "meta": _meta(),
+            "note": "CPU run of the model: compute modelled (FLOPs at the H200-calibrated rate), prefetch from the "
+                    "contention model on the named fabric; histograms generated (zipf_histogram in this script, "
+                    "seeded), not recorded on a GPU",
+            "model": args.model, "group_size": args.group_size, "weights": args.weights, "layers": args.layers,
+            "hist_tokens": args.hist_tokens, "cases": cases}
+
+
+# ---- the advisor knows its GPU (one GPU) ----------------------------------------------------------------
+def fabric(args) -> dict:
+    """Measure this machine's fabric, then advise with --fabric auto and with the measured file."""
+    import torch
+    from dwdp_comm.bench import calibrate
+    from dwdp_comm.bench import fabric as F
+    if not torch.cuda.is_available():
+        raise SystemExit("fabric: needs a CUDA GPU (run it on the device machine)")
+    name = torch.cuda.get_device_name()
+    kind = F.detect_preset(name)
+    path = args.fabric_file or os.path.join(tempfile.mkdtemp(), "fabric.json")
+    measured = calibrate.write_fabric(path, nbytes=args.bytes, command=sys.argv)
+    runs = {}
+    for spec in ("auto", path):
+        res = A.advise(args.model, args.group_size, weights=args.weights, measure="yes", fabric=spec,
+                       mean_tokens=args.tokens, cv=args.cv, sweep=args.sweep)
+        fc = res["inputs"]["fabric_choice"]
+        runs["auto" if spec == "auto" else "file"] = {
+            "fabric": res["inputs"]["fabric"], "fabric_choice": fc, "sources": res["sources"], "point": res["point"],
+            "choice": res["choice"], "breakeven_tokens": res["breakeven_tokens"]}
+        print(f"# --fabric {'auto' if spec == 'auto' else 'FILE'}: {res['sources']['fabric']}")
+        print(f"#   asked load: speedup {res['point']['speedup']:.3f}, break-even {res['breakeven_tokens']}")
+    auto = runs["auto"]["fabric_choice"]
+    preset = F.preset(kind, 2) if kind else None
+    compare = {}
+    for k, v in measured["values"].items():
+        if not measured["provenance"][k].startswith("measured"):
+            continue
+        ref = getattr(preset, k) if preset else None
+        compare[k] = {"measured": v, "preset": ref, "measured_over_preset": (v / ref) if ref else None}
+        print(f"# {k:24s} measured {v:.4g}, preset {kind or '-'} {'-' if ref is None else f'{ref:.4g}'}"
+              + (f" ({v / ref:.3f}x)" if ref else ""))
+    checks = {"device_name_seen": auto["device_name"] == name, "preset_of_this_gpu": kind,
+              "auto_uses_this_kind": (kind is not None and runs["auto"]["fabric"]["name"].startswith(kind)
+                                      and not auto["borrowed"]) or (kind is None and auto["borrowed"]),
+              "file_basis": runs["file"]["fabric_choice"]["basis"] == "file"}
+    print(f"# checks: {checks}")
+    return {"schema": "dwdp-bench/advise-validation/fabric/v1", "meta": _meta(), "gpu": name, "preset": kind,
+            "measured_fabric": measured, "measured_vs_preset": compare, "runs": runs, "checks": checks}
+
+
 def _write(args, doc: dict) -> None:
     if args.json:
         with open(args.json, "w") as f:
@@ -225,8 +328,31 @@ def main(argv=None) -> int:
     c.add_argument("--iters", type=int, default=3)
     c.add_argument("--timeout", type=float, default=200.0, help="seconds per example launch")
     c.add_argument("--json")
+    ints = lambda s: [int(v) for v in s.split(",") if v.strip()]  # noqa: E731
+    h = sub.add_parser("hot", help="the hot-expert answer on generated histograms (CPU)")
+    h.add_argument("--model", default="deepseek-v3")
+    h.add_argument("-g", "--group-size", type=int, default=4)
+    h.add_argument("--weights", default="bf16", choices=["bf16", "fp8"])
+    h.add_argument("--fabric", default="h200")
+    h.add_argument("--tokens", type=ints, default=[1024, 2048, 4096, 8192, 16384])
+    h.add_argument("--cv", type=float, default=0.2)
+    h.add_argument("--zipf", type=lambda s: [float(v) for v in s.split(",")], default=[0.8, 0.0],
+                   help="Zipf exponents of the histograms (0: flat)")
+    h.add_argument("--layers", type=int, default=3, help="MoE layers in the histogram, each its own hot set")
+    h.add_argument("--hist-tokens", type=int, default=65536, help="tokens the histogram counts")
+    h.add_argument("--json")
+    f = sub.add_parser("fabric", help="one GPU: calibrate --write, then advise --fabric auto and --fabric FILE")
+    f.add_argument("--model", default="deepseek-v3")
+    f.add_argument("-g", "--group-size", type=int, default=4)
+    f.add_argument("--weights", default="bf16", choices=["bf16", "fp8"])
+    f.add_argument("--tokens", type=int, default=8192)
+    f.add_argument("--cv", type=float, default=0.2)
+    f.add_argument("--sweep", type=ints, default=[4096, 8192, 16384], help="tokens per rank of the curve")
+    f.add_argument("--bytes", type=int, default=1 << 30, help="bytes of each whole copy of the measurement")
+    f.add_argument("--fabric-file", help="where to keep the measured fabric file (default: a temporary file)")
+    f.add_argument("--json")
     args = ap.parse_args(argv)
-    doc = copy_plane(args) if args.what == "copy-plane" else compute(args)
+    doc = {"copy-plane": copy_plane, "compute": compute, "hot": hot, "fabric": fabric}[args.what](args)
     _write(args, doc)
     if args.json:
         print(f"# wrote {args.json}")

@@ -13,6 +13,8 @@ import sys
 from ..errors import bad_arg
 from . import advise as A
 from . import record
+from .fabric import PRESETS
+from .units import parse_size
 
 __all__ = ["add_parser", "run", "EXIT_NO_MATPLOTLIB"]
 
@@ -50,7 +52,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("--seq-len", type=int, default=8192, help="prompt length (0: one prompt per rank)")
     a.add_argument("--sweep", type=_csv(int, "--sweep"), default=None, help="tokens per rank of the curve")
     a.add_argument("--link-gbps", type=float, default=None, help="pair copy GB/s (default: measured or calibrated)")
-    a.add_argument("--fabric", default="auto", choices=["auto", "h200", "nvl72"])
+    a.add_argument("--fabric", default="auto", metavar="auto|PRESET|FILE",
+                   help="auto: the preset of the GPU this process sees (h200 without one, nvl72 above 8 GPUs; "
+                        f"said when borrowed); a preset ({', '.join(PRESETS)}); or a fabric file measured by "
+                        "dwdp-bench calibrate --write FILE")
     a.add_argument("--measure", default="auto", choices=["auto", "yes", "no", "cpu"],
                    help="measure compute on the local GPU (auto: when CUDA is available)")
     a.add_argument("--tflops", type=float, default=A.H200_EFFECTIVE_TFLOPS, help="modelled compute rate")
@@ -59,6 +64,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
     a.add_argument("-s", "--schedules", type=_csv(str, "--schedules"), default=["round_robin", "parallel", "batch"])
     a.add_argument("-c", "--chunks", default="8M,0", help="chunk candidates (0: one copy per source)")
     a.add_argument("--depths", type=_csv(int, "--depths"), default=[2, 3])
+    a.add_argument("--routing", metavar="FILE", default=None,
+                   help="routing histogram, per layer per expert routed-row counts: JSON as the telemetry records it "
+                        "(or a whole telemetry file), plain JSON {layer: [counts]}, or CSV (layer,expert,count rows, "
+                        "or one row per layer); adds the third answer, replicating only the hottest experts")
+    a.add_argument("--hot-experts", type=_csv(int, "--hot-experts"), default=None,
+                   help="with --routing: hot-set sizes to try (default: 1, 2, 4, ... up to half the experts)")
     a.add_argument("--json", metavar="FILE", help="write the result document")
     a.add_argument("--plot", metavar="FILE.png", help="speedup against tokens per rank, one line per CV (matplotlib)")
     a.set_defaults(func=run)
@@ -78,13 +89,12 @@ def _model(args):
 
 def run(args) -> int:
     """Run ``advise`` from parsed arguments; print the table, write JSON and the plot."""
-    from .cli import parse_size
     chunks = [parse_size(c, "-c/--chunks") for c in str(args.chunks).split(",") if c.strip()]
     res = A.advise(_model(args), args.group_size, weights=args.weights, mean_tokens=args.tokens, cv=args.cv,
                    cvs=args.cvs, tokens=args.token_list, seq_len=args.seq_len or None, link_GBps=args.link_gbps,
                    fabric=args.fabric, measure=args.measure, tflops=args.tflops, interference=args.interference,
                    schedules=args.schedules, chunks=chunks, depths=args.depths, sweep=args.sweep,
-                   a2a_efficiency=args.a2a_efficiency)
+                   a2a_efficiency=args.a2a_efficiency, routing=args.routing, hot_experts=args.hot_experts)
     res.update(command=["dwdp-bench", *sys.argv[1:]], date=record.utc_date(), commit=record.commit(short=True),
                machine=record.machine_lines())
     print(A.format_table(res))

@@ -3,6 +3,8 @@
 ``python -m dwdp_comm.bench.calibrate`` (or ``dwdp-bench calibrate``) prints every row of
 ``calibration_h200x4.json`` (the 4 x H200 measurements of ``DEVICE_NOTES.md``) next to the model
 and the error; ``dwdp-bench predict`` prints the predictions for 8 x H200 and an NVL72-like domain.
+``dwdp-bench calibrate --write FILE`` measures this machine's GPUs instead (:func:`write_fabric`) and
+writes a fabric file that ``dwdp-bench advise --fabric FILE`` models.
 """
 
 from __future__ import annotations
@@ -14,10 +16,13 @@ from typing import Iterable
 
 import numpy as np
 
+from . import fabric_measure
 from . import model as M
+from . import record
+from .fabric import save_fabric
 from .patterns import make_plans, parse_schedule, port_bound_time
 
-__all__ = ["load_calibration", "compare", "format_compare", "predict", "format_predictions",
+__all__ = ["load_calibration", "compare", "format_compare", "predict", "format_predictions", "write_fabric",
            "PREDICTION_SCHEDULES", "CLAIMED_TOLERANCE"]
 
 # Every row of the table is claimed within this relative error (tests assert it).
@@ -145,6 +150,34 @@ def format_predictions(rows: list[dict], title: str) -> str:
 def _portable_source(source: str) -> str:
     """The calibration's source without the directory of the machine it was written on."""
     return re.sub(r"(?<![\w.])/(?:[\w.+-]+/)+", "", source)
+
+
+def write_fabric(path: str, base: str = "auto", nbytes: int = 1 << 30, iters: int = 5,
+                 command: list | None = None) -> dict:
+    """Measure this machine's GPUs (:func:`dwdp_comm.bench.fabric_measure.measure_local`, blocking, a few
+    seconds), fit a fabric (:func:`~dwdp_comm.bench.fabric_measure.fit_fabric`; unmeasured fields from
+    ``base``) and write it to ``path`` with the run record; print what each field is and where it came from.
+
+    Returns
+    -------
+    dict
+        The document written (:func:`dwdp_comm.bench.fabric.save_fabric`).
+    """
+    measured = fabric_measure.measure_local(nbytes, iters)
+    fab, prov = fabric_measure.fit_fabric(measured, base)
+    base_name = fab.name.removesuffix("-measured")
+    doc = save_fabric(path, fab, gpu=measured["gpu"], gpus_measured=measured["gpus"], base=base_name,
+                      provenance=prov, measurements=measured,
+                      record={"date": record.utc_date(), "commit": record.commit(short=True),
+                              "machine": record.machine_lines(), "command": command or []})
+    print(f"# dwdp-bench calibrate --write: the fabric of {measured['gpu']} x {measured['gpus']} "
+          f"(the fields not measured from {base_name})")
+    for k, v in doc["values"].items():
+        shown = f"{v / 1e9:.1f} GB/s" if k.endswith("_Bps") and v else f"{1e6 * v:.2f} us" if k.endswith("_s") and v \
+            else str(v)
+        print(f"# {k:24s} {shown:>14s}  {doc['provenance'][k]}")
+    print(f"# wrote {path}: dwdp-bench advise --fabric {path} models it")
+    return doc
 
 
 def main(argv=None) -> int:

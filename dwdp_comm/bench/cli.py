@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Sequence
 
@@ -31,13 +30,12 @@ from . import record
 from . import report as R
 from .contention import BenchConfig, run_model, run_rank
 from .patterns import SCHEDULES, canonical_pattern, parse_option, parse_schedule
+from .units import parse_size
 
-__all__ = ["main", "parse_size", "build_parser", "EXIT_NOTHING"]
+__all__ = ["main", "build_parser", "EXIT_NOTHING"]
 
 # Exit status when the run produced nothing it was asked for: every row skipped, or --plot not written.
 EXIT_NOTHING = 3
-
-_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 # Defaults per backend kind: (min bytes, max bytes, factor, chunks, schedules, iters, warmup)
 _DEFAULTS = {
@@ -45,14 +43,6 @@ _DEFAULTS = {
     "sim": ("64K", "1M", 4, "64K", "naive,rotated,round_robin", 3, 1),
     "model": ("8M", "1G", 2, "8M", "parallel,naive,rotated,round_robin,batch,tdm", 3, 0),
 }
-
-
-def parse_size(text: str, what: str = "size") -> int:
-    """``"8M"`` -> 8388608 (K, M, G, T are powers of 1024; an optional ``iB``/``B`` suffix)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
-    if not m:
-        raise bad_arg(what, text, "an integer with an optional K, M, G or T suffix, e.g. 8M")
-    return int(m.group(1)) * _UNITS[m.group(2)]
 
 
 def _sizes(lo: int, hi: int, factor: int) -> list[int]:
@@ -142,7 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="issue_fifo only: copies issued stream by stream, or slot by slot (default: stream)")
     c.set_defaults(func=_contention)
 
-    k = sub.add_parser("calibrate", help="the model against the 4 x H200 measurements, every row")
+    k = sub.add_parser("calibrate", help="the model against the 4 x H200 measurements, every row; or, with "
+                                         "--write FILE, this machine's fabric measured for advise --fabric FILE")
+    k.add_argument("--write", metavar="FILE", help="measure this machine's GPUs (a pair copy, a swap, chunked and "
+                                                   "local copies: a few seconds) and write a fabric file")
+    k.add_argument("--base", default="auto", help="with --write: the preset of the fields not measured (auto: "
+                                                  "this GPU's, else h200) (default: auto)")
+    k.add_argument("-b", "--bytes", default="1G", help="with --write: bytes of each whole copy (default: 1G)")
     k.set_defaults(func=_calibrate)
     p = sub.add_parser("predict", help="model predictions of the full exchange for a group size",
                        description="Predictions of the copy-plane model (dwdp_comm.bench.model), not measurements. "
@@ -400,8 +396,12 @@ def _finish(args, cfg: BenchConfig, res: dict, launcher: str, argv) -> int:
 
 # ---- model checks ---------------------------------------------------------------------------------
 def _calibrate(args) -> int:
-    from .calibrate import main as cal_main
-    return cal_main([])
+    from . import calibrate
+    if args.write:
+        calibrate.write_fabric(args.write, args.base, parse_size(args.bytes, "-b/--bytes"),
+                               command=["dwdp-bench", *sys.argv[1:]])
+        return 0
+    return calibrate.main([])
 
 
 def _predict(args) -> int:

@@ -6,6 +6,8 @@ import json
 import sys
 from typing import IO
 
+from .units import format_size  # re-exported: the report prints sizes as the flags take them
+
 SCHEMA = "dwdp-bench/contention/v1"
 
 __all__ = ["SCHEMA", "Reporter", "format_size", "to_json"]
@@ -13,14 +15,6 @@ __all__ = ["SCHEMA", "Reporter", "format_size", "to_json"]
 _COLS = [("pattern", "", 12), ("schedule", "", 0), ("chunk", "(B)", 10), ("size", "(B)", 11),
          ("time", "(us)", 11), ("rank-bw", "(GB/s)", 9), ("agg-bw", "(GB/s)", 9), ("ideal", "(GB/s)", 9),
          ("%ideal", "(%)", 7), ("#wrong", "", 7)]
-
-
-def format_size(n: int) -> str:
-    """``8388608`` -> ``"8M"`` (binary units, as the flags take them)."""
-    for unit, shift in (("G", 30), ("M", 20), ("K", 10)):
-        if n >= 1 << shift and n % (1 << shift) == 0:
-            return f"{n >> shift}{unit}"
-    return str(n)
 
 
 class Reporter:

@@ -2,8 +2,10 @@
 
 :func:`grouped_gemm` validates its arguments once (:func:`~dwdp_comm.kernels.problem.make_problem`)
 and hands the :class:`~dwdp_comm.kernels.problem.Problem` to :func:`run_problem`, which runs the
-backend asked for (``reference``, ``torch``, ``numba``; ``auto``: torch, or the reference for fp8
-where torch cannot). :func:`available_backends` says which can run where.
+backend asked for (``reference``, ``torch``, ``numba``; ``auto``: torch, or the reference for
+per-channel fp8 where torch cannot; ``fp8_block`` / ``mxfp4`` weights go to
+:mod:`dwdp_comm.kernels.quant_gemm`, whose ``auto`` is its Triton kernel or dequantize + torch).
+:func:`available_backends` says which can run where.
 """
 
 from __future__ import annotations
@@ -12,22 +14,24 @@ from typing import Any
 
 import torch
 
-from ..errors import bad_arg, bad_type
-from . import reference, torch_path
+from ..errors import BackendUnavailableError, bad_arg, bad_type
+from . import quant_gemm, reference, torch_path
 from .capabilities import fp8_unavailable_reason
 from .problem import Problem, make_problem
+from .quant import DEFAULT_BLOCK_SIZE
 from .torch_path import DIRECT_MIN_ROWS, check_direct_min_rows
 
 __all__ = ["grouped_gemm", "run_problem", "available_backends", "BACKENDS"]
 
-BACKENDS = ("auto", "reference", "torch", "numba")
+BACKENDS = ("auto", "reference", "torch", "numba", "triton")
 
 
 def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offsets: bool = False,
                  weight_scales: Any = None, x_scales: torch.Tensor | None = None,
                  out: torch.Tensor | None = None, backend: str = "auto",
                  info: dict | None = None, ignore_tail: bool = False,
-                 direct_min_rows: int = DIRECT_MIN_ROWS) -> torch.Tensor:
+                 direct_min_rows: int = DIRECT_MIN_ROWS, weight_format: str | None = None,
+                 block_size: Any = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """``out[rows of e] = x[rows of e] @ w[e]`` for every expert ``e``, over split weights.
 
     Parameters
@@ -52,8 +56,11 @@ def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offs
     offsets : bool
         How to read ``m_sizes_or_offsets`` (ignored for a TokenGroups).
     weight_scales : torch.Tensor or list, optional
-        fp8 only: float32 per-output-channel scales, ``[num_experts, N]`` or pieces shaped like
-        ``weights`` (``[count, N]`` / ``[N]``). ``w_real[e] = w[e].float() * scales[e][None, :]``.
+        Quantized weights only, whole or as pieces split any way. ``fp8_channel``: float32
+        per-output-channel scales ``[num_experts, N]`` (``w_real[e] = w[e].float() * scales[e][None, :]``);
+        ``fp8_block``: float32 ``[E, ceil(N/bn), ceil(K/bk)]``; ``mxfp4``: uint8 e8m0 ``[E, N, K/32]``
+        (:mod:`dwdp_comm.kernels.quant`). Quantized weights are ``[E, N, K]`` storage passed as
+        ``w.transpose(-1, -2)`` (mxfp4: the ``[E, N, K/2]`` bytes transposed).
     x_scales : torch.Tensor, optional
         Pre-quantized fp8 ``x`` only: float32 ``[num_tokens]``, ``x_real = x.float() * x_scales[:, None]``
         (what :func:`quantize_rowwise` returns).
@@ -67,6 +74,14 @@ def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offs
     ignore_tail : bool
         Allow the groups to cover fewer rows than ``x`` has: the rows past the last group are not
         computed and their output rows are undefined (sentinel copies sorted to the end).
+    weight_format : str, optional
+        One of :data:`dwdp_comm.kernels.quant.WEIGHT_FORMATS`; None infers it from the dtypes and
+        the scales' rank. ``fp8_block`` and ``mxfp4`` run :mod:`dwdp_comm.kernels.quant_gemm`
+        (``auto``: their Triton kernel where it runs, else dequantize + the bf16 torch path;
+        ``"triton"`` forces the kernel, ``"torch"`` the dequantize path).
+    block_size : (int, int)
+        ``fp8_block`` only: ``(bn, bk)`` of the weight scales (activations are quantized per row
+        and per ``bk`` columns).
     direct_min_rows : int
         Torch ``segments_direct`` only (split weights on CUDA): experts with at least this many
         rows run as their own ``torch.mm`` straight into the output, smaller ones grouped.
@@ -105,7 +120,8 @@ def grouped_gemm(x: torch.Tensor, m_sizes_or_offsets: Any, weights: Any, *, offs
     ``"torch:segments_async"`` run whole pieces that way: up to ``(G - 1) / G`` of a result.
     """
     p = make_problem(x, m_sizes_or_offsets, weights, offsets=offsets, weight_scales=weight_scales,
-                     x_scales=x_scales, out=out, ignore_tail=ignore_tail)
+                     x_scales=x_scales, out=out, ignore_tail=ignore_tail, weight_format=weight_format,
+                     block_size=block_size)
     return run_problem(p, backend, info, direct_min_rows=direct_min_rows)
 
 
@@ -120,12 +136,19 @@ def run_problem(p: Problem, backend: str = "auto", info: dict | None = None, *,
     if not isinstance(backend, str):
         raise bad_type("backend", backend, "a str")
     name, _, option = backend.partition(":")
-    if name not in BACKENDS or (option and name not in ("torch", "numba")):
-        raise bad_arg("backend", backend, f"one of {BACKENDS}, 'torch:<method>' or 'numba:<config>'")
+    if name not in BACKENDS or (option and name not in ("torch", "numba")) or \
+            (name == "triton" and p.fmt not in ("fp8_block", "mxfp4")):
+        raise bad_arg("backend", backend, f"one of {BACKENDS} ('triton': fp8_block / mxfp4 weights), 'torch:<method>' or "
+                      "'numba:<config>'")
     info = {} if info is None else info
     if not isinstance(info, dict):
         raise bad_type("info", info, "a dict or None")
     info.clear()
+    if p.fmt in ("fp8_block", "mxfp4") and name != "reference":
+        if name == "numba":
+            raise BackendUnavailableError(f"backend 'numba' does not run {p.fmt} weights; use 'auto', 'triton', "
+                                          "'torch' (dequantize) or 'reference'")
+        return quant_gemm.run(p, {"torch": "dequantize"}.get(name, name), info, direct_min_rows=direct_min_rows)
     if name == "auto":
         name = "torch"
         if p.is_fp8:

@@ -17,6 +17,7 @@ from . import torch_path, triton_moe
 from .capabilities import fp8_unavailable_reason
 from .dispatch import grouped_gemm, run_problem
 from .problem import make_problem, normalize_weights
+from .quant import DEFAULT_BLOCK_SIZE
 from .token_groups import TokenGroups
 from .torch_path import DIRECT_MIN_ROWS
 
@@ -152,7 +153,8 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
             w13_scales: Any = None, w2_scales: Any = None, gate: Any = "swiglu", act_fn: Any = None,
             w13_bias: Any = None, w2_bias: Any = None, weight_layout: str = "kn",
             row_weights: torch.Tensor | None = None, ignore_tail: bool = False, backend: str = "auto",
-            info: dict | None = None, direct_min_rows: int = DIRECT_MIN_ROWS) -> torch.Tensor:
+            info: dict | None = None, direct_min_rows: int = DIRECT_MIN_ROWS, weight_format: str | None = None,
+            block_size: Any = DEFAULT_BLOCK_SIZE) -> torch.Tensor:
     """Routed-expert MLP over split weights: gate-up grouped GEMM, gate, down grouped GEMM.
 
     Parameters
@@ -173,7 +175,12 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
     w2 : torch.Tensor or list
         Down projection: ``[E, I, H]`` (``"kn"``) or ``[E, H, I]`` (``"nk"``), or split pieces.
     w13_scales, w2_scales : optional
-        fp8 per-channel scales (``[E, N]`` and ``[E, H]``, or pieces), as in :func:`~dwdp_comm.kernels.dispatch.grouped_gemm`.
+        Scales of quantized weights (whole or pieces), as ``weight_scales`` of
+        :func:`~dwdp_comm.kernels.dispatch.grouped_gemm`: fp8 per-channel ``[E, N]`` and
+        ``[E, H]``, block-fp8 ``[E, N/bn, K/bk]``, mxfp4 ``[E, N, K/32]``.
+    weight_format, block_size : optional
+        As :func:`~dwdp_comm.kernels.dispatch.grouped_gemm` (both projections share the format).
+        Quantized weights take ``weight_layout="nk"`` storage and bf16 ``x``; the result is bf16.
     gate : {"swiglu", "swiglu_interleaved"}, callable or None
         ``"swiglu"``: ``act_fn(h[:, :I]) * h[:, I:]``; ``"swiglu_interleaved"``: gate in even,
         up in odd columns; a callable maps gate-up rows ``[R, N]`` to ``[R, I]``; None applies
@@ -230,7 +237,8 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
     groups = m_sizes_or_offsets if isinstance(m_sizes_or_offsets, TokenGroups) else \
         TokenGroups(m_sizes_or_offsets, offsets=offsets)
     i1, i2 = {}, {}
-    p13 = make_problem(x, groups, w13, weight_scales=w13_scales, ignore_tail=ignore_tail)
+    p13 = make_problem(x, groups, w13, weight_scales=w13_scales, ignore_tail=ignore_tail,
+                       weight_format=weight_format, block_size=block_size)
     rows = p13.num_tokens
     if row_weights is not None:
         if not isinstance(row_weights, torch.Tensor) or tuple(row_weights.shape) != (rows,) or \
@@ -255,7 +263,8 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
     limit = groups.device_offsets(x.device)[-1:] if ignore_tail else None
     act = _Activation(gate, act_fn, b13, row_e, row_weights if fold else None, limit)
     method = backend.partition(":")[2] or "auto"  # the same streams rule as the down GEMM's
-    if len(p13.pieces) > 1 and backend in ("auto", "torch", "torch:segments", "torch:segments_async") and \
+    if len(p13.pieces) > 1 and p13.fmt in ("bf16", "fp8_channel") and \
+            backend in ("auto", "torch", "torch:segments", "torch:segments_async") and \
             torch_path.split_strategy(method, p13.device, fp8=p13.is_fp8) != "direct" and \
             not (p13.is_fp8 and fp8_unavailable_reason(p13.device)):
         # Split weights, no direct writes: the activation straight from each piece's gate-up rows
@@ -278,7 +287,7 @@ def moe_mlp(x: torch.Tensor, m_sizes_or_offsets: Any, w13: Any, w2: Any, *, offs
     if a.dtype != p13.out_dtype:  # a callable gate may promote; the down GEMM takes x's (or bf16 for fp8) dtype
         a = a.to(p13.out_dtype)
     y = grouped_gemm(a, groups, w2, weight_scales=w2_scales, backend=backend, info=i2, ignore_tail=ignore_tail,
-                     direct_min_rows=direct_min_rows)
+                     direct_min_rows=direct_min_rows, weight_format=p13.fmt, block_size=p13.block_size)
     if b2 is not None:
         y.add_(b2[row_e].to(y.dtype))
         if row_weights is not None:

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
+from . import quant
 from .problem import FP8_DTYPE, Problem
 
-__all__ = ["run", "quantize_rowwise", "FP8_MAX"]
+__all__ = ["run", "quantize_rowwise", "quantize_groupwise", "FP8_MAX"]
 
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448 for e4m3fn
 
@@ -48,6 +49,33 @@ def quantize_rowwise(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return xq, scale
 
 
+def quantize_groupwise(x: torch.Tensor, group: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dynamic fp8 (e4m3) quantization per row and per ``group`` columns (DeepSeek-V3's 1 x 128).
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[T, K]`` bf16 or float32 (K need not be a multiple of ``group``: the last group is short).
+
+    Returns
+    -------
+    xq : torch.Tensor
+        ``[T, K]`` float8_e4m3fn.
+    scale : torch.Tensor
+        ``[T, ceil(K / group)]`` float32, ``x ~= xq * scale`` per group (``amax / 448``; all-zero
+        groups get 1). The Triton activation quantizer (:mod:`dwdp_comm.kernels.triton_quant`)
+        computes the same values.
+    """
+    T, K = x.shape
+    kb = -(-K // group)
+    pad = torch.zeros(T, kb * group, dtype=torch.float32, device=x.device)
+    pad[:, :K] = x.float()
+    amax = pad.view(T, kb, group).abs().amax(dim=-1)
+    scale = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    q = (pad.view(T, kb, group) / scale.unsqueeze(-1)).clamp_(-FP8_MAX, FP8_MAX).view(T, kb * group)[:, :K]
+    return q.to(FP8_DTYPE), scale.contiguous()
+
+
 def run(p: Problem, *, acc_dtype: torch.dtype = torch.float64, out_dtype: torch.dtype | None = None
         ) -> torch.Tensor:
     """Compute ``p`` one expert at a time.
@@ -66,20 +94,29 @@ def run(p: Problem, *, acc_dtype: torch.dtype = torch.float64, out_dtype: torch.
     Returns
     -------
     torch.Tensor
-        ``[T, N]`` on ``x``'s device. With fp8 weights, ``x`` is quantized per row exactly as
-        the fast path does, and weights are dequantized with their per-channel scales.
+        ``[T, N]`` on ``x``'s device. Quantized weights are dequantized
+        (:func:`dwdp_comm.kernels.quant.dequantize`); ``x`` is quantized as the format's fast path
+        does: per row for ``fp8_channel``, per row and ``bk`` columns for ``fp8_block``, not at
+        all for ``mxfp4`` (bf16 activations).
     """
     out_dtype = out_dtype or p.out_dtype
     x, xs = p.x, p.x_scales
     if p.is_fp8 and xs is None:
         x, xs = quantize_rowwise(x)
+    if p.fmt == "fp8_block":  # activations per token and per bk columns, as the block-fp8 kernel
+        xq, xg = quantize_groupwise(x, p.block_size[1])
+        x = (xq.float() * xg.repeat_interleave(p.block_size[1], dim=1)[:, :p.K])
     res = torch.zeros(p.num_tokens, p.N, dtype=acc_dtype, device=p.device)
     g = p.groups
     for e, pi, i in p.experts():
         r0, r1 = int(g.starts[e]), int(g.ends[e])
         if r1 == r0:
             continue
-        w = p.pieces[pi][1][i].to(acc_dtype)
+        if p.fmt in ("fp8_block", "mxfp4"):  # the [N, K] storage of expert e, dequantized
+            w = quant.dequantize(p.pieces[pi][1][i].transpose(0, 1), p.scales[pi][i], p.fmt,
+                                 block_size=p.block_size, dtype=torch.float32).to(acc_dtype).t()
+        else:
+            w = p.pieces[pi][1][i].to(acc_dtype)
         a = x[r0:r1].to(acc_dtype)
         if p.is_fp8:
             w = w * p.scales[pi][i].to(acc_dtype)[None, :]

@@ -23,174 +23,47 @@ Split weights (pieces): pieces that lie back to back in one storage (a composite
 segments) are one tensor again, as above. Truly separate pieces: the first piece (rows from 0) is
 queued at once, then one host read of the row bounds (an asynchronous copy, awaited while the GPU
 computes the first piece), then each other piece's gate-up, activation and down on its own rows,
-pieces concurrently on worker streams, and the combine reading every piece's result in place. The reference :func:`experts_forward_reference` is the oracle of the tests.
+pieces concurrently on worker streams, and the combine reading every piece's result in place
+(the one split-weight engine, :func:`_run_pieces`). The reference :func:`experts_forward_reference`
+(:mod:`dwdp_comm.moe.experts_reference`) is the oracle of the tests.
+
+Quantized weights (``weight_format``: ``fp8_channel``, ``fp8_block``, ``mxfp4``;
+:mod:`dwdp_comm.kernels.quant`) take the same steps with the format's GEMM engine:
+``torch._scaled_grouped_mm`` for per-channel fp8, the Triton block-FP8 and MXFP4 kernels
+(:mod:`dwdp_comm.kernels.quant_gemm`), which read split pieces in place through a device table of
+expert addresses (no host wait: one call whatever the split). Where a format's kernel does not run
+(CPU; mxfp4 past the rule's rows per expert) the weights are dequantized to one bf16 tensor and the
+bf16 path runs: on CPU, dequantize then the bf16 numerics.
+
+The steps, each a function: :func:`_check_args` (validate), :meth:`Projection.build` (normalise),
+:func:`_engine` (pick the per-format GEMM engine), :func:`sort_by_expert` + :func:`gather_tokens`
+(route/sort), :func:`_run_whole` / :func:`_run_pieces` (GEMMs), :func:`combine_rows` (combine).
 """
+
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import kernels
-from ..errors import GraphCaptureError, bad_arg, bad_type
+from ..errors import GraphCaptureError, bad_arg
+from ..kernels import quant, quant_gemm
 from ..kernels.workers import WorkerStreams
-from .tokens import combine_rows, gather_tokens, sort_by_expert
+from .experts_reference import GATES, WEIGHT_LAYOUTS, experts_forward_reference
+from .projections import Projection, bias_table
+from .tokens import TokenOrder, combine_rows, gather_tokens, sort_by_expert
 
 __all__ = ["experts_forward", "experts_forward_reference", "GATES", "WEIGHT_LAYOUTS", "SPLIT_PATHS"]
 
-GATES = ("swiglu", "swiglu_interleaved")
-WEIGHT_LAYOUTS = ("nk", "kn")
 SPLIT_PATHS = ("per_piece", "moe_mlp")
 
 
-def _expert_getter(w: Any, arg: str) -> tuple[Callable[[int], torch.Tensor], int]:
-    """``(get(e) -> tensor of expert e, num_experts)`` for a whole tensor or a list of pieces."""
-    if isinstance(w, torch.Tensor):
-        return (lambda e: w[e]), w.shape[0]
-    if isinstance(w, (list, tuple)) and w:
-        pieces = []
-        nxt = 0
-        for item in w:
-            if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
-                first, t = item
-                if first != nxt:
-                    raise bad_arg(arg, f"a piece starting at expert {first}", f"pieces in expert order from {nxt}")
-            elif isinstance(item, torch.Tensor):
-                t = item
-            else:
-                raise bad_type(arg, item, "torch.Tensor or (first_expert, torch.Tensor)")
-            pieces.append((nxt, t))
-            nxt += t.shape[0]
-        index = [(p, e - first) for first, p in pieces for e in range(first, first + p.shape[0])]
-        return (lambda e: index[e][0][index[e][1]]), nxt
-    raise bad_type(arg, w, "a [num_experts, ...] torch.Tensor or a list of (first_expert, tensor) pieces")
-
-
-def _apply_gate(h: torch.Tensor, gate: Any, act_fn: Callable) -> torch.Tensor:
-    if gate is None:
-        return act_fn(h)
-    if callable(gate):
-        return gate(h)
-    if gate == "swiglu":
-        g, u = h.chunk(2, dim=-1)
-        return act_fn(g) * u
-    if gate == "swiglu_interleaved":
-        return act_fn(h[..., 0::2]) * h[..., 1::2]
-    raise bad_arg("gate", repr(gate), f"one of {GATES}, a callable, or None")
-
-
-def experts_forward_reference(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                              gate_up: Any, down: Any, *, gate_up_bias: Any = None, down_bias: Any = None,
-                              weight_layout: str = "nk", gate: Any = "swiglu",
-                              act_fn: Callable | None = None) -> torch.Tensor:
-    """Per-expert loop with the semantics of :func:`experts_forward` (the oracle; any device, slow)."""
-    if weight_layout not in WEIGHT_LAYOUTS:
-        raise bad_arg("weight_layout", repr(weight_layout), f"one of {WEIGHT_LAYOUTS}")
-    act_fn = F.silu if act_fn is None else act_fn
-    w1, num_experts = _expert_getter(gate_up, "gate_up")
-    w2, num_down = _expert_getter(down, "down")
-    if num_down != num_experts:
-        raise bad_arg("down", f"{num_down} experts", f"{num_experts} experts, as gate_up")
-    b1 = _expert_getter(gate_up_bias, "gate_up_bias")[0] if gate_up_bias is not None else None
-    b2 = _expert_getter(down_bias, "down_bias")[0] if down_bias is not None else None
-    t, k = top_k_index.shape
-    out = torch.zeros(t, hidden_states.shape[1], dtype=torch.float32, device=hidden_states.device)
-    for e in range(num_experts):
-        tok, slot = torch.nonzero(top_k_index == e, as_tuple=True)
-        if tok.numel() == 0:
-            continue
-        x = hidden_states[tok]
-        a = w1(e)
-        h = x @ (a.transpose(0, 1) if weight_layout == "nk" else a).to(x.dtype)
-        if b1 is not None:
-            h = h + b1(e)
-        h = _apply_gate(h, gate, act_fn)
-        d = w2(e)
-        y = h @ (d.transpose(0, 1) if weight_layout == "nk" else d).to(h.dtype)
-        if b2 is not None:
-            y = y + b2(e)
-        out.index_add_(0, tok, (y * top_k_weights[tok, slot].unsqueeze(1).to(y.dtype)).float())
-    return out.to(hidden_states.dtype)
-
-
-def _pieces(w: Any, arg: str) -> list[tuple[int, torch.Tensor]]:
-    """Whole tensor or pieces as ``[(first_expert, tensor[count, ...]), ...]`` (views, no copy)."""
-    if isinstance(w, torch.Tensor):
-        if w.dim() != 3:
-            raise bad_arg(arg, f"a tensor of shape {tuple(w.shape)}", "[num_experts, N, K] or [num_experts, K, N]")
-        return [(0, w)]
-    if isinstance(w, (str, bytes)) or not isinstance(w, (list, tuple)) or not w:
-        raise bad_type(arg, w, "a [num_experts, ...] torch.Tensor or a list of (first_expert, tensor) pieces")
-    out, nxt = [], 0
-    for i, item in enumerate(w):
-        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], torch.Tensor):
-            first, t = item
-            if int(first) != nxt:
-                raise bad_arg(f"{arg}[{i}]", f"a piece starting at expert {first}", f"pieces in expert order from {nxt}")
-        elif isinstance(item, torch.Tensor):
-            t = item
-        else:
-            raise bad_type(f"{arg}[{i}]", item, "torch.Tensor or (first_expert, torch.Tensor)")
-        if t.dim() == 2:
-            t = t.unsqueeze(0)
-        if t.dim() != 3:
-            raise bad_arg(f"{arg}[{i}]", f"shape {tuple(t.shape)}", "[count, N, K] / [count, K, N] (or one expert 2-D)")
-        if t.shape[0]:
-            out.append((nxt, t))
-        nxt += int(t.shape[0])
-    if not out:
-        raise bad_arg(arg, "pieces holding 0 experts", "at least one expert")
-    return out
-
-
-def _coalesce(pieces: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
-    """Merge consecutive pieces that lie back to back in one storage into one view (no copy).
-
-    A prefetch handle's :meth:`~dwdp_comm.PrefetchHandle.weight_segments` in composite mode are
-    slices of one virtual range: seen as one tensor they take the grouped path, with no host sync.
-    """
-    out = [pieces[0]]
-    for first, t in pieces[1:]:
-        f0, t0 = out[-1]
-        n0 = int(t0.shape[0])
-        if (t.dtype == t0.dtype and t.device == t0.device and t.shape[1:] == t0.shape[1:]
-                and t.stride() == t0.stride() and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr()
-                and t.data_ptr() == t0.data_ptr() + n0 * t0.stride(0) * t0.element_size()):
-            out[-1] = (f0, t0.as_strided((n0 + int(t.shape[0]),) + tuple(t0.shape[1:]), t0.stride()))
-        else:
-            out.append((first, t))
-    return out
-
-
-def _cut(pieces: list, cuts: list[int]) -> list[tuple[int, torch.Tensor]]:
-    """``pieces`` re-sliced at expert boundaries ``cuts`` (views)."""
-    out = []
-    for first, t in pieces:
-        n = int(t.shape[0])
-        inner = [c for c in cuts if first < c < first + n]
-        for a, b in zip([first] + inner, inner + [first + n]):
-            out.append((a, t[a - first:b - first]))
-    return out
-
-
-def _pieces_bias(b: Any) -> list[tuple[int, torch.Tensor]]:
-    if isinstance(b, torch.Tensor):
-        return [(0, b)]
-    out, nxt = [], 0
-    for item in b:
-        t = item[1] if isinstance(item, tuple) else item
-        t = t.unsqueeze(0) if t.dim() == 1 else t
-        out.append((nxt, t))
-        nxt += int(t.shape[0])
-    return out
-
-
-def _row_bounds(offsets: torch.Tensor) -> tuple[Callable[[], list[int]], Any]:
-    """Start an asynchronous host copy of the end offsets; ``wait()`` returns them as a list."""
+def _row_bounds(offsets: torch.Tensor) -> Callable[[], list[int]]:
+    """Start an asynchronous host copy of the end offsets; the returned ``wait()`` gives them as a list."""
     if offsets.device.type != "cuda":
-        return (lambda: offsets.tolist()), None
+        return offsets.tolist
     host = torch.empty(offsets.shape, dtype=offsets.dtype, pin_memory=True)
     host.copy_(offsets, non_blocking=True)
     ev = torch.cuda.Event()
@@ -199,11 +72,116 @@ def _row_bounds(offsets: torch.Tensor) -> tuple[Callable[[], list[int]], Any]:
     def wait():
         ev.synchronize()  # a host wait: only for split weights, after the gather is queued
         return host.tolist()
-    return wait, ev
+    return wait
+
+
+def _shape(t: Any) -> Any:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def _check_args(hidden_states, top_k_index, top_k_weights, weight_layout, gate, split_path) -> None:
+    """Validate the arguments that are not weights (each error names its argument)."""
+    if split_path not in SPLIT_PATHS:
+        raise bad_arg("split_path", repr(split_path), f"one of {SPLIT_PATHS}")
+    if weight_layout not in WEIGHT_LAYOUTS:
+        raise bad_arg("weight_layout", repr(weight_layout), f"one of {WEIGHT_LAYOUTS}")
+    if not (gate is None or callable(gate) or gate in GATES):
+        raise bad_arg("gate", repr(gate), f"one of {GATES}, a callable, or None")
+    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
+        raise bad_arg("hidden_states", _shape(hidden_states), "a [num_tokens, hidden] tensor")
+    t = hidden_states.shape[0]
+    if not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2 or top_k_index.shape[0] != t:
+        raise bad_arg("top_k_index", _shape(top_k_index), f"a [{t}, top_k] integer tensor")
+    if not isinstance(top_k_weights, torch.Tensor) or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
+        raise bad_arg("top_k_weights", _shape(top_k_weights), f"a {list(top_k_index.shape)} tensor, as top_k_index")
+
+
+def _engine(p13: Projection, p2: Projection, device: torch.device, rows_per_expert: float, info: dict
+            ) -> tuple[Projection, Projection, bool]:
+    """The per-format GEMM engine: ``(gate_up, down, native_split)``.
+
+    Where the format's own kernel does not run here (or the mxfp4 rule prefers the bf16 path),
+    both projections come back dequantized into one bf16 tensor each (a copy; ``info["fallback"]``
+    says why). ``native_split``: the engine reads separate pieces in place (the Triton kernels'
+    expert tables), so they need no host-side row bounds."""
+    if p13.fmt == "bf16":
+        return p13, p2, False
+    if p13.fmt == "fp8_channel":  # torch._scaled_grouped_mm where it runs
+        why = quant_gemm.native_unavailable_reason(p13.fmt, device)
+        path = "dequantize" if why else "native"
+    else:
+        path, why = quant_gemm.choose_path(p13.fmt, device, rows_per_expert, p13.block_size)
+    if path == "dequantize":
+        info["fallback"] = f"{p13.fmt}: {why}: weights dequantized to bf16"
+        return p13.dequantized(), p2.dequantized(), False
+    return p13, p2, p13.fmt in ("fp8_block", "mxfp4")
+
+
+def _mlp_args(p13: Projection, gate, act_fn, backend) -> dict:
+    extra = {} if p13.fmt == "bf16" else {"weight_format": p13.fmt, "block_size": p13.block_size}
+    return dict(gate=gate, act_fn=act_fn, weight_layout=p13.layout, backend=backend, **extra)
+
+
+def _run_whole(xs, order: TokenOrder, w_rows, p13: Projection, p2: Projection, b13, b2, mlp: dict, sub: dict,
+               groups=None) -> torch.Tensor:
+    """One :func:`~dwdp_comm.kernels.moe_mlp` over all rows: one tensor per projection, or pieces the
+    engine reads in place. Device offsets, no host wait (``groups``: host-validated ones instead)."""
+    if groups is None:
+        groups = kernels.TokenGroups(order.offsets, offsets=True, validate=xs.device.type == "cpu")
+    (w13, s13), (w2, s2) = p13.kernel_weights(), p2.kernel_weights()
+    return kernels.moe_mlp(xs, groups, w13, w2, w13_scales=s13, w2_scales=s2, w13_bias=b13, w2_bias=b2,
+                           row_weights=w_rows, ignore_tail=True, info=sub, **mlp)
+
+
+def _run_pieces(xs, order: TokenOrder, w_rows, p13: Projection, p2: Projection, b13, b2, mlp: dict, sub: dict,
+                cuts: list[int], wait) -> list:
+    """The split-weight engine: gate-up, activation and down of each piece on its own rows, pieces
+    concurrently on worker streams. The first piece (rows from 0) is queued before the host waits
+    for the row bounds, so the GPU computes while the host waits. Returns ``[(first_row, y), ...]``."""
+    a13, a2 = p13.cut(cuts), p2.cut(cuts)
+    workers = WorkerStreams(xs.device, len(a13.pieces), True)
+    main = torch.cuda.current_stream(xs.device) if workers.streams else None
+    on_host = xs.device.type == "cpu"
+
+    def run_piece(j: int, first: int, n: int, r0: int, r1: int | None) -> torch.Tensor:
+        """Experts ``first .. first + n - 1`` on rows ``r0:r1`` (``r1`` None: from row 0 up to the
+        piece's last group end, read on the device: rows past it are not computed)."""
+        (w13, s13), (w2, s2) = a13.sub(first, n), a2.sub(first, n)
+        with workers.on(j):
+            offs = order.offsets[first:first + n]
+            groups = kernels.TokenGroups(offs if r1 is None else offs - r0, offsets=True, validate=on_host)
+            rows, rw = (xs, w_rows) if r1 is None else (xs[r0:r1], w_rows[r0:r1])
+            y = kernels.moe_mlp(rows, groups, w13, w2, w13_scales=s13, w2_scales=s2,
+                                w13_bias=None if b13 is None else b13[first:first + n],
+                                w2_bias=None if b2 is None else b2[first:first + n], row_weights=rw,
+                                ignore_tail=r1 is None, info=sub, **mlp)
+            if main is not None:
+                y.record_stream(main)  # allocated on a worker, read by the combine on the current stream
+        return y
+
+    outs = []
+    workers.fork()
+    try:
+        f0, t0 = a13.pieces[0]
+        early = run_piece(0, f0, int(t0.shape[0]), 0, None)
+        ends = wait()
+        end0 = ends[int(t0.shape[0]) - 1]
+        if end0 > 0:
+            outs.append((0, early[:end0]))
+        for j, (first, t) in enumerate(a13.pieces[1:], start=1):
+            n = int(t.shape[0])
+            r0, r1 = ends[first - 1], ends[first + n - 1]
+            if r1 > r0:
+                outs.append((r0, run_piece(j, first, n, r0, r1)))
+    finally:
+        workers.join()
+    return outs
 
 
 def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
-                    gate_up: Any, down: Any, *, gate_up_bias: Any = None, down_bias: Any = None,
+                    gate_up: Any, down: Any, *, gate_up_scale: Any = None, down_scale: Any = None,
+                    weight_format: str | None = None, block_size: Any = quant.DEFAULT_BLOCK_SIZE,
+                    gate_up_bias: Any = None, down_bias: Any = None,
                     weight_layout: str = "nk", gate: Any = "swiglu", act_fn: Callable | None = None,
                     info: dict | None = None, backend: str = "auto", split_path: str = "per_piece") -> torch.Tensor:
     """Routed experts: ``sum_k w[t, k] * down(gate(gate_up(x[t])))`` over each token's top-k experts.
@@ -223,6 +201,18 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
         pieces ``[(first_expert, tensor[count, ...]), ...]`` / a list of tensors in expert order.
     down : torch.Tensor or list
         The down projection, same forms (may be split differently from ``gate_up``).
+    gate_up_scale, down_scale : torch.Tensor or list, optional
+        Scales of quantized weights, whole or as pieces (any split; a prefetch handle gives each
+        split like its weight): ``fp8_channel`` float32 ``[E, N]``; ``fp8_block`` float32
+        ``[E, ceil(N/bn), ceil(K/bk)]`` (Hugging Face's ``weight_scale_inv``); ``mxfp4`` uint8 e8m0
+        ``[E, N, K/32]`` (:mod:`dwdp_comm.kernels.quant`).
+    weight_format : {"bf16", "fp8_channel", "fp8_block", "mxfp4"}, optional
+        None infers it from the dtypes and the scales. Other formats (NVFP4, int4, ...) raise
+        :class:`~dwdp_comm.kernels.quant.UnsupportedFormatError`. Quantized formats: bf16 GEMM
+        inputs (the hidden states are cast), ``weight_layout="nk"`` only.
+    block_size : (int, int)
+        ``fp8_block``: ``(bn, bk)`` of the weight scales (default ``(128, 128)``); activations are
+        quantized per token and per ``bk`` columns on the fast path.
     gate_up_bias, down_bias : torch.Tensor or list, optional
         ``[E, N]`` biases (or pieces).
     weight_layout : {"nk", "kn"}
@@ -232,8 +222,10 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     act_fn : callable, optional
         Default ``torch.nn.functional.silu``.
     info : dict, optional
-        Receives ``info["method"]`` (``"grouped"``: one tensor, ``"pieces"``: split weights),
-        ``activation`` and ``combine`` (``"triton"`` or ``"torch"``), ``pieces``.
+        Receives ``info["method"]`` (``"grouped"``: one tensor, or pieces the format's kernel reads
+        in place; ``"pieces"``: the split-weight engine), ``format``, ``activation`` and ``combine``
+        (``"triton"`` or ``"torch"``), ``pieces``, ``gemm`` (what the gate-up GEMM ran) and, where
+        quantized weights were dequantized, ``fallback`` (why).
     backend : str
         Grouped GEMM backend (:func:`dwdp_comm.kernels.grouped_gemm`); ``"reference"`` runs
         :func:`experts_forward_reference`.
@@ -256,7 +248,8 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     GraphCaptureError
         While a CUDA graph captures, on a path that needs the token counts on the host: separate
         weight pieces, or per-expert GEMMs (float32 on CUDA, bf16 below sm90). Capture needs bf16
-        weights on sm90/sm100 in one tensor or a composite view.
+        weights on sm90/sm100 in one tensor or a composite view, or ``fp8_block`` / ``mxfp4``
+        weights on their Triton kernels (one tensor or pieces).
 
     Notes
     -----
@@ -266,125 +259,64 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     in the weights' dtype (bf16), the activation in float32 rounded once, the k rows of a token
     summed in float32: Hugging Face's numerics class, not its bits.
     """
-    if split_path not in SPLIT_PATHS:
-        raise bad_arg("split_path", repr(split_path), f"one of {SPLIT_PATHS}")
+    _check_args(hidden_states, top_k_index, top_k_weights, weight_layout, gate, split_path)
+    p13 = Projection.build(gate_up, gate_up_scale, name="gate_up", scale_name="gate_up_scale", fmt=weight_format,
+                           block_size=block_size, layout=weight_layout)
+    p2 = Projection.build(down, down_scale, name="down", scale_name="down_scale", fmt=p13.fmt,
+                          block_size=block_size, layout=weight_layout)
+    if p2.num_experts != p13.num_experts:
+        raise bad_arg("down", f"{p2.num_experts} experts", f"{p13.num_experts} experts, as gate_up")
     if backend == "reference":
         if info is not None:
-            info["method"] = "reference"
+            info.update(method="reference", format=p13.fmt)
         return experts_forward_reference(hidden_states, top_k_index, top_k_weights, gate_up, down,
-                                         gate_up_bias=gate_up_bias, down_bias=down_bias,
+                                         gate_up_scale=gate_up_scale, down_scale=down_scale, weight_format=p13.fmt,
+                                         block_size=block_size, gate_up_bias=gate_up_bias, down_bias=down_bias,
                                          weight_layout=weight_layout, gate=gate, act_fn=act_fn)
-    if weight_layout not in WEIGHT_LAYOUTS:
-        raise bad_arg("weight_layout", repr(weight_layout), f"one of {WEIGHT_LAYOUTS}")
-    if not (gate is None or callable(gate) or gate in GATES):
-        raise bad_arg("gate", repr(gate), f"one of {GATES}, a callable, or None")
-    if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 2:
-        raise bad_arg("hidden_states", tuple(hidden_states.shape) if isinstance(hidden_states, torch.Tensor)
-                      else type(hidden_states).__name__, "a [num_tokens, hidden] tensor")
-    t = hidden_states.shape[0]
-    if not isinstance(top_k_index, torch.Tensor) or top_k_index.dim() != 2 or top_k_index.shape[0] != t:
-        raise bad_arg("top_k_index", tuple(top_k_index.shape) if isinstance(top_k_index, torch.Tensor)
-                      else type(top_k_index).__name__, f"a [{t}, top_k] integer tensor")
-    if not isinstance(top_k_weights, torch.Tensor) or tuple(top_k_weights.shape) != tuple(top_k_index.shape):
-        raise bad_arg("top_k_weights", tuple(top_k_weights.shape) if isinstance(top_k_weights, torch.Tensor)
-                      else type(top_k_weights).__name__, f"a {list(top_k_index.shape)} tensor, as top_k_index")
-    p13, p2 = _coalesce(_pieces(gate_up, "gate_up")), _coalesce(_pieces(down, "down"))
-    num_experts = p13[-1][0] + int(p13[-1][1].shape[0])
-    num_down = p2[-1][0] + int(p2[-1][1].shape[0])
-    if num_down != num_experts:
-        raise bad_arg("down", f"{num_down} experts", f"{num_experts} experts, as gate_up")
-    wdt = p13[0][1].dtype
-    if wdt not in (torch.bfloat16, torch.float32):  # the grouped GEMMs take bf16 / float32 only
+    notes: dict = {"format": p13.fmt}
+    num_experts, k = p13.num_experts, int(top_k_index.shape[1])
+    p13, p2, native_split = _engine(p13.coalesced(), p2.coalesced(), hidden_states.device,
+                                    hidden_states.shape[0] * k / num_experts, notes)
+    if p13.dtype not in (torch.bfloat16, torch.float32) and p13.fmt == "bf16":  # fp16: the reference runs
+        notes.update(method="reference", fallback=f"weights of dtype {p13.dtype}: the per-expert reference runs")
         if info is not None:
-            info.update(method="reference", fallback=f"weights of dtype {wdt}: the per-expert reference runs")
+            info.update(notes)
         return experts_forward_reference(hidden_states, top_k_index, top_k_weights, gate_up, down,
                                          gate_up_bias=gate_up_bias, down_bias=down_bias,
                                          weight_layout=weight_layout, gate=gate, act_fn=act_fn)
-    x = hidden_states if hidden_states.dtype == wdt else hidden_states.to(wdt)  # as HF: input cast to the weights'
+    xdt = p13.dtype if p13.fmt == "bf16" else torch.bfloat16  # as HF: the input cast to the GEMMs' dtype
+    x = hidden_states if hidden_states.dtype == xdt else hidden_states.to(xdt)
     order = sort_by_expert(top_k_index, num_experts)
-    cuts = sorted({f for f, _ in p13} | {f for f, _ in p2})
-    if len(cuts) > 1 and x.is_cuda and torch.cuda.is_current_stream_capturing():
+    cuts = sorted(p13.cuts | p2.cuts)
+    separate = len(cuts) > 1 and not native_split
+    if separate and x.is_cuda and torch.cuda.is_current_stream_capturing():
         raise GraphCaptureError(
             f"experts_forward: {len(cuts)} separate weight pieces need their row bounds on the host (a wait), "
             "which a CUDA graph capture cannot contain; under capture pass one tensor per projection (the "
             "prefetch handle's composite view, weights(name), on a VMM heap)")
-    wait = _row_bounds(order.offsets)[0] if len(cuts) > 1 else None
+    wait = _row_bounds(order.offsets) if separate else None
     xs = gather_tokens(x, order)
     w_rows = top_k_weights.reshape(-1)[order.order]
-    mlp = dict(gate=gate, act_fn=act_fn, weight_layout=weight_layout, backend=backend)
+    mlp = _mlp_args(p13, gate, act_fn, backend)
+    b13, b2 = bias_table(gate_up_bias, "gate_up_bias"), bias_table(down_bias, "down_bias")
     sub: dict = {}
-    if wait is None:
-        groups = kernels.TokenGroups(order.offsets, offsets=True, validate=False) if x.device.type != "cpu" else \
-            kernels.TokenGroups(order.offsets, offsets=True)
-        y = kernels.moe_mlp(xs, groups, p13[0][1], p2[0][1], w13_bias=_whole_bias(gate_up_bias),
-                            w2_bias=_whole_bias(down_bias),
-                            row_weights=w_rows, ignore_tail=True, info=sub, **mlp)
-        res = combine_rows(y, order, out_dtype=hidden_states.dtype, info=sub)
-        method, pieces = "grouped", 1
+    if not separate:
+        y = _run_whole(xs, order, w_rows, p13, p2, b13, b2, mlp, sub)
+        method, pieces = "grouped", len(cuts)
     elif split_path == "moe_mlp":
         groups = kernels.TokenGroups(wait(), offsets=True)  # host offsets: validated, uploaded without a sync
-        y = kernels.moe_mlp(xs, groups, p13, p2, w13_bias=_whole_bias(gate_up_bias), w2_bias=_whole_bias(down_bias),
-                            row_weights=w_rows, ignore_tail=True, info=sub, **mlp)
-        res = combine_rows(y, order, out_dtype=hidden_states.dtype, info=sub)
+        y = _run_whole(xs, order, w_rows, p13, p2, b13, b2, mlp, sub, groups=groups)
         method, pieces = "pieces_moe_mlp", len(cuts)
     else:
-        a13, a2 = _cut(p13, cuts), _cut(p2, cuts)
-        b13, b2 = _whole_bias(gate_up_bias), _whole_bias(down_bias)
-        workers = WorkerStreams(x.device, len(a13), True)
-        main = torch.cuda.current_stream(x.device) if workers.streams else None
-        on_host = x.device.type == "cpu"
-
-        def run_piece(j: int, first: int, w13, w2, r0: int, r1: int | None) -> torch.Tensor:
-            """Gate-up, activation and down of experts ``first ..`` on rows ``r0:r1`` (``r1`` None: from
-            row 0 up to the piece's last group end, read on the device: rows past it are not computed)."""
-            n = int(w13.shape[0])
-            with workers.on(j):
-                if r1 is None:
-                    groups = kernels.TokenGroups(order.offsets[first:first + n], offsets=True, validate=on_host)
-                    rows, rw = xs, w_rows
-                else:
-                    groups = kernels.TokenGroups(order.offsets[first:first + n] - r0, offsets=True, validate=on_host)
-                    rows, rw = xs[r0:r1], w_rows[r0:r1]
-                y = kernels.moe_mlp(rows, groups, w13, w2, w13_bias=None if b13 is None else b13[first:first + n],
-                                    w2_bias=None if b2 is None else b2[first:first + n], row_weights=rw,
-                                    ignore_tail=r1 is None, info=sub, **mlp)
-                if main is not None:
-                    y.record_stream(main)  # allocated on a worker, read by the combine on the current stream
-            return y
-
-        outs, jobs = [], 0
-        workers.fork()
-        try:
-            # The first piece starts at row 0: it is queued before the host waits for the row bounds,
-            # so the GPU computes while the host waits and then queues the other pieces.
-            (f0, w13_0), (_, w2_0) = a13[0], a2[0]
-            early = run_piece(0, f0, w13_0, w2_0, 0, None)
-            ends = wait()
-            end0 = ends[int(w13_0.shape[0]) - 1]
-            if end0 > 0:
-                outs.append((0, early[:end0]))
-                jobs += 1
-            for j, ((first, w13), (_, w2)) in enumerate(zip(a13[1:], a2[1:]), start=1):
-                r0, r1 = ends[first - 1], ends[first + int(w13.shape[0]) - 1]
-                if r1 > r0:
-                    outs.append((r0, run_piece(j, first, w13, w2, r0, r1)))
-                    jobs += 1
-        finally:
-            workers.join()
-        if outs:
-            res = combine_rows(outs, order, out_dtype=hidden_states.dtype, info=sub)
-        else:
-            res = hidden_states.new_zeros(t, hidden_states.shape[1])
-            sub["combine"] = "none"
-        method, pieces = "pieces", jobs
+        y = _run_pieces(xs, order, w_rows, p13, p2, b13, b2, mlp, sub, cuts, wait)
+        method, pieces = "pieces", len(y)
+    if isinstance(y, list) and not y:
+        res = hidden_states.new_zeros(hidden_states.shape)
+        sub["combine"] = "none"
+    else:
+        res = combine_rows(y, order, out_dtype=hidden_states.dtype, info=sub)
     if info is not None:
-        info.update(method=method, pieces=pieces, activation=sub.get("activation"), combine=sub.get("combine"))
+        gemm = sub.get("gate_up", {})
+        info.update(notes, method=method, pieces=pieces, activation=sub.get("activation"),
+                    combine=sub.get("combine"), gemm=gemm.get("method"))
     return res
-
-
-def _whole_bias(b: Any) -> Any:
-    """A bias given whole or as pieces, as one ``[E, N]`` tensor (a view when the pieces are adjacent)."""
-    if b is None or isinstance(b, torch.Tensor):
-        return b
-    parts = _coalesce(_pieces_bias(b))
-    return parts[0][1] if len(parts) == 1 else torch.cat([t for _, t in parts])

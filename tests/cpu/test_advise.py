@@ -6,9 +6,23 @@ import math
 import pytest
 
 from dwdp_comm.bench import advise as A
-from dwdp_comm.bench import advise_cli
+from dwdp_comm.bench import advise_cli, fabric_measure
+from dwdp_comm.bench import fabric as F
+from dwdp_comm.bench import model as M
 from dwdp_comm.bench.cli import main
+from dwdp_comm.bench.patterns import make_plans, parse_schedule
 from dwdp_comm.errors import InvalidArgumentError
+
+H100 = "NVIDIA H100 80GB HBM3"  # torch.cuda.get_device_name() of an H100 SXM
+H200 = "NVIDIA H200"
+
+
+@pytest.fixture(autouse=True)
+def _gpu_name(request, monkeypatch):
+    """CPU tests see no GPU when advise picks a fabric (on a GPU machine too); a test fakes one with
+    ``monkeypatch.setattr(F, "local_gpu_name", ...)``."""
+    if request.node.get_closest_marker("gpu") is None:
+        monkeypatch.setattr(F, "local_gpu_name", lambda: None)
 
 TINY_MLA = dict(name="tiny-mla", hidden=64, moe_intermediate=32, num_experts=8, top_k=2, num_shared_experts=1,
                 num_layers=3, attention="mla", num_heads=4, q_lora_rank=32, kv_lora_rank=16, qk_nope_dim=8,
@@ -149,6 +163,136 @@ def test_fabric_for_errors_and_defaults():
         A.fabric_for(4, link_GBps=0)
 
 
+# ---- fabrics ---------------------------------------------------------------------------------------------------
+def test_fabric_presets_basis_and_numbers():
+    # h200 is the measured table's fit (DEVICE_NOTES.md): these are the numbers the model was calibrated with
+    h = F.h200(4)
+    assert (h.egress_Bps, h.duplex_Bps, h.local_Bps, h.copy_overhead_s, h.harness_copy_overhead_s) == \
+        (394e9, 772e9, 2.06e12, 3.9e-6, 8.5e-6)
+    assert F.preset_info("h200")["basis"] == "measured"
+    for name in ("h100", "b200", "nvl72"):
+        info = F.preset_info(name)
+        assert info["basis"] == "published" and info["sources"]
+    # H100 SXM: the links of H200 (NVLink4, 18 x 26.56 GB/s), HBM3 3.35 TB/s against 4.8
+    assert "18 links x 26.56 GB/s" in " ".join(F.preset_info("h100")["sources"])
+    assert F.h100(4).pair_Bps == h.pair_Bps and F.h100(4).local_Bps == pytest.approx(2.06e12 * 3.35 / 4.8, rel=0.01)
+    # NVLink5: 1.8 TB/s bidirectional = 900 GB/s a direction, at H200's measured fraction of nominal
+    for f in (F.b200(8), F.nvl72(72)):
+        assert f.pair_Bps == pytest.approx(900e9 * 394 / 478)
+        assert f.duplex_Bps == pytest.approx(2 * f.pair_Bps * 386 / 394)
+    assert M.h200 is F.h200 and M.Fabric is F.Fabric  # the model still offers them
+
+
+@pytest.mark.parametrize("name,want", [(H100, "h100"), ("NVIDIA H100 PCIe", None), ("NVIDIA H100 NVL", None),
+                                       (H200, "h200"), ("NVIDIA H200 NVL", None), ("NVIDIA GH200 480GB", None),
+                                       ("NVIDIA B200", "b200"), ("NVIDIA GB200", "nvl72"),
+                                       ("NVIDIA A100-SXM4-80GB", None)])
+def test_detect_preset(name, want):
+    assert F.detect_preset(name) == want
+
+
+def test_choose_fabric_says_which_and_why():
+    c = F.choose_fabric("auto", 4, device_name=H100)
+    assert (c.fabric.name, c.basis, c.borrowed) == ("h100x4", "published", False)
+    assert "published link rates, not measured" in c.text and repr(H100) in c.text
+    c = F.choose_fabric("auto", 4, device_name=H200)
+    assert (c.fabric.name, c.basis, c.borrowed) == ("h200x4", "measured", False)
+    assert "measured on this GPU kind" in c.text
+    c = F.choose_fabric("auto", 4, device_name="NVIDIA A100-SXM4-80GB")
+    assert c.borrowed and c.fabric.name == "h200x4" and "borrowed from h200x4 because no fabric is known" in c.text
+    c = F.choose_fabric("auto", 16, device_name=H100)  # beyond an HGX board: the one larger NVLink domain
+    assert c.borrowed and c.fabric.name == "nvl72x16" and "exceeds its NVLink domain of 8 GPUs" in c.text
+    c = F.choose_fabric("h200", 4, device_name=H100)
+    assert c.borrowed and "this GPU is 'NVIDIA H100 80GB HBM3', so its numbers are borrowed" in c.text
+    c = F.choose_fabric("auto", 4, device_name=None, detect=False)
+    assert c.fabric.name == "h200x4" and not c.borrowed and "no GPU visible here" in c.text
+    with pytest.raises(InvalidArgumentError, match="fabric: got 'nvlink9'.*h100"):
+        F.choose_fabric("nvlink9", 4, device_name=None, detect=False)
+
+
+@pytest.mark.parametrize("gpu,name,basis", [(H100, "h100x4", "published link rates, not measured"),
+                                            (H200, "h200x4", "measured on this GPU kind")])
+def test_cli_names_the_fabric_of_its_gpu(gpu, name, basis, monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(F, "local_gpu_name", lambda: gpu)
+    out = tmp_path / "a.json"
+    assert main(["advise", "-m", "qwen3-30b-a3b", "-g", "4", "--measure", "no", "--fabric", "auto", "--sweep", "4096",
+                 "-c", "0", "-s", "parallel", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    line = next(l for l in text.splitlines() if l.startswith("# fabric:"))
+    assert line.startswith(f"# fabric: {name}: {basis}") and f"this GPU is {gpu!r}" in line
+    assert f"prefetch: modelled: contention model (dwdp_comm.bench.model, per_stream executor) on {name}" in text
+    # modelled compute is one H200's rate: said on any other GPU
+    assert ("one H200's rate" in text) == (gpu != H200)
+    doc = json.loads(out.read_text())
+    assert doc["inputs"]["fabric"]["name"] == name and doc["inputs"]["fabric_choice"]["device_name"] == gpu
+    assert doc["inputs"]["fabric_choice"]["borrowed"] is False
+
+
+def _synthetic_measurement(truth: "F.Fabric", gpu: str, n: int = 1 << 30, chunk: int = 8 << 20) -> dict:
+    """What measure_local would time on ``truth``: the model's own pair, chunked pair and swap."""
+    def t(pattern, c):
+        sch = parse_schedule("naive")
+        return M.simulate(make_plans(pattern, sch, 2, n, c), truth, options=sch.engine_options(2)).makespan
+    return {"gpu": gpu, "gpus": 2, "peer": True, "nbytes": n, "chunk_nbytes": chunk, "n_chunks": n // chunk,
+            "iters": 5, "whole_s": t("pair", 0), "chunked_s": t("pair", chunk), "swap_s": t("swap", 0),
+            "local_s": truth.copy_overhead_s + n / truth.local_Bps}
+
+
+def test_fit_fabric_inverts_the_model():
+    truth = F.h100(2).with_(egress_Bps=350e9, ingress_Bps=350e9, duplex_Bps=600e9, local_Bps=1.5e12,
+                            copy_overhead_s=5e-6)
+    fab, prov = fabric_measure.fit_fabric(_synthetic_measurement(truth, H100))
+    for k in ("egress_Bps", "ingress_Bps", "duplex_Bps", "local_Bps", "copy_overhead_s"):
+        assert getattr(fab, k) == pytest.approx(getattr(truth, k), rel=1e-6), k
+        assert prov[k].startswith("measured")
+    assert prov["flag_latency_s"].startswith("from h100") and fab.flag_latency_s == truth.flag_latency_s
+    # one GPU: no peer link measured, the link caps come from the base preset
+    one = {**_synthetic_measurement(truth, H100), "peer": False, "gpus": 1, "swap_s": None}
+    fab1, prov1 = fabric_measure.fit_fabric(one, "h200")
+    assert fab1.egress_Bps == 394e9 and "one GPU: no peer link" in prov1["egress_Bps"]
+
+
+def test_calibrate_write_then_advise_fabric_file_round_trip(tmp_path, monkeypatch, capsys):
+    # the fit takes a batch call and a graph node to cost one copy (as on H200): so does this truth
+    truth = F.h100(2).with_(egress_Bps=350e9, ingress_Bps=350e9, duplex_Bps=600e9, local_Bps=1.5e12,
+                            copy_overhead_s=5e-6, batch_call_overhead_s=5e-6, graph_copy_overhead_s=5e-6)
+    monkeypatch.setattr(fabric_measure, "measure_local", lambda nbytes, iters: _synthetic_measurement(truth, H100))
+    path = tmp_path / "fabric_h100.json"
+    assert main(["calibrate", "--write", str(path)]) == 0
+    text = capsys.readouterr().out
+    assert "egress_Bps" in text and "350.0 GB/s" in text and f"wrote {path}" in text
+    fab, doc = F.load_fabric_file(str(path), 4)
+    assert doc["gpu"] == H100 and doc["base"] == "h100" and doc["date"].startswith("20") and "commit" in doc
+    for k in ("egress_Bps", "duplex_Bps", "local_Bps", "copy_overhead_s"):
+        assert getattr(fab, k) == pytest.approx(getattr(truth, k), rel=1e-6)
+    assert (fab.group_size, fab.name) == (4, "h100-measuredx4")
+    out = tmp_path / "a.json"
+    assert main(["advise", "-m", "qwen3-30b-a3b", "-g", "4", "--measure", "no", "--fabric", str(path), "--sweep",
+                 "4096", "-c", "0", "-s", "parallel", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert f"fabric: h100-measuredx4: measured on {H100!r} (2 GPUs) by dwdp-bench calibrate" in text
+    assert "link: fabric h100-measuredx4: 350 GB/s pair" in text
+    res = json.loads(out.read_text())
+    assert res["inputs"]["fabric"]["duplex_Bps"] == pytest.approx(600e9)
+    assert res["inputs"]["fabric_choice"]["basis"] == "file"
+    # the file's fabric gives the prefetch the model gives the truth
+    per_source = res["point"]["prefetch_s"]
+    assert per_source == pytest.approx(A.prefetch_seconds(truth.with_(group_size=4), 128 * 768 * 2048 * 3 * 2 // 4,
+                                                          "parallel", 0), rel=1e-6)
+
+
+def test_fabric_file_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"schema": "something/else"}))
+    with pytest.raises(InvalidArgumentError, match="fabric: .*dwdp-bench/fabric/v1"):
+        F.choose_fabric(str(bad), 4, device_name=None, detect=False)
+    bad.write_text("{not json")
+    with pytest.raises(InvalidArgumentError, match="readable fabric file"):
+        F.load_fabric_file(str(bad), 4)
+    assert main(["advise", "--measure", "no", "--fabric", "nvlink9"]) == 2
+    assert "fabric: got 'nvlink9'" in capsys.readouterr().err
+
+
 def test_predict_point_formulas():
     s = A.get_shape(TINY_GQA)
     costs = A.ComputeCosts({100: {"attention_s": 1e-3, "experts_s": 2e-3, "other_s": 0.5e-3}}, interference=1.1)
@@ -172,7 +316,7 @@ def test_predict_point_formulas():
 def test_advise_tiny_modelled_and_breakeven():
     res = A.advise(TINY_MLA, 4, measure="no", mean_tokens=256, cv=0.3, seq_len=64, sweep=[64, 256, 1024, 4096, 16384],
                    chunks=[0], schedules=["parallel", "round_robin"], tflops=0.5)
-    assert res["sources"]["compute"].startswith("modelled") and "calibrated fabric" in res["sources"]["link"]
+    assert res["sources"]["compute"].startswith("modelled") and res["sources"]["link"].startswith("fabric h200x4")
     assert {r["cv"] for r in res["sweep"]} == {0.0, 0.3}
     assert res["choice"]["schedule"] in ("parallel", "round_robin") and res["choice"]["depth"] in (2, 3)
     for cv, be in res["breakeven_tokens"].items():
@@ -223,7 +367,7 @@ def test_cli_table_and_json(tmp_path, capsys):
     assert head and "(ms)" in lines[head[0] + 1] and "(tok/s/GPU)" in lines[head[0] + 1]
     rows = [l for l in lines[head[0] + 2:] if not l.startswith("#")]
     assert len(rows) == 4  # 2 CVs x 2 token counts
-    assert "compute: modelled" in text and "link: calibrated fabric h200x4" in text
+    assert "compute: modelled" in text and "link: fabric h200x4: 394 GB/s pair" in text
     doc = json.loads(out.read_text())
     assert doc["schema"] == A.SCHEMA and doc["group_size"] == 4 and len(doc["sweep"]) == 4
     assert doc["date"].startswith("20") and doc["machine"] and "commit" in doc  # the run record
@@ -282,3 +426,28 @@ def test_advise_measures_on_gpu(shape, weights):
     assert res["interference"] >= 1.0
     for p in res["compute_points"].values():
         assert all(v > 0 for v in p.values())
+
+
+@pytest.mark.gpu
+def test_advise_on_gpu_names_its_gpu_and_fabric():
+    import torch
+    name = torch.cuda.get_device_name()
+    res = A.advise(TINY_GQA, 2, measure="yes", mean_tokens=64, cv=0.0, seq_len=32, sweep=[64], chunks=[0],
+                   schedules=["parallel"], fabric="auto")
+    fc = res["inputs"]["fabric_choice"]
+    assert fc["device_name"] == name and repr(name) in res["sources"]["fabric"]
+    kind = F.detect_preset(name)
+    assert fc["borrowed"] == (kind is None) and res["inputs"]["fabric"]["name"].startswith(kind or "h200")
+
+
+@pytest.mark.gpu
+def test_calibrate_write_measures_this_gpu(tmp_path):
+    import torch
+    from dwdp_comm.bench import calibrate
+    path = tmp_path / "fabric.json"
+    doc = calibrate.write_fabric(str(path), nbytes=256 << 20, iters=3)
+    fab, back = F.load_fabric_file(str(path), 2)
+    assert back["gpu"] == torch.cuda.get_device_name() and back["gpus_measured"] == min(2, torch.cuda.device_count())
+    assert fab.local_Bps > 1e11 and 0 <= fab.copy_overhead_s < 1e-4  # loose sanity: a copy engine, microseconds
+    if doc["gpus_measured"] == 2:
+        assert fab.pair_Bps > 1e10 and doc["provenance"]["egress_Bps"].startswith("measured")

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dwdp_comm.bench.cli import main, parse_size
+from dwdp_comm.bench.cli import main
+from dwdp_comm.bench.units import chunk_text, format_size, parse_size
 from dwdp_comm.bench.report import SCHEMA
+from dwdp_comm.errors import InvalidArgumentError
 
 ROW_KEYS = {"pattern": str, "schedule": str, "policy": str, "options": dict, "chunk_nbytes": int, "nbytes": int,
             "status": str}
@@ -128,9 +130,54 @@ def test_bad_arguments_exit_2(argv, msg, capsys):
     assert msg in capsys.readouterr().err
 
 
-def test_parse_size():
+def test_units_parse_and_format_sizes():
     assert parse_size("8M") == 8 << 20 and parse_size("1G") == 1 << 30 and parse_size("4k") == 4096
     assert parse_size("512KiB") == 512 << 10 and parse_size("100") == 100
+    with pytest.raises(InvalidArgumentError, match="--chunk: got '8Q'"):
+        parse_size("8Q", "--chunk")
+    assert [format_size(n) for n in (8 << 20, 3 << 30, 1536, 100)] == ["8M", "3G", "1536", "100"]
+    assert [chunk_text(n) for n in (0, 8 << 20, 4096)] == ["whole-copy", "8 MiB", "4096 B"]
+
+
+def _bench_import_graph() -> dict:
+    """Module -> the dwdp_comm.bench modules it imports, at any depth of its code (lazy imports too)."""
+    import ast
+    root = Path(__file__).resolve().parents[2] / "dwdp_comm" / "bench"
+    names = {}
+    for path in root.rglob("*.py"):
+        parts = path.relative_to(root.parent.parent).with_suffix("").parts
+        names[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    graph = {}
+    for name, path in names.items():
+        pkg = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        out = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = pkg
+                for _ in range(node.level - 1):
+                    base = base.rsplit(".", 1)[0]
+                mod = (base + ("." + node.module if node.module else "")) if node.level else node.module
+                out |= {f"{mod}.{a.name}" if f"{mod}.{a.name}" in names else mod for a in node.names} & set(names)
+            elif isinstance(node, ast.Import):
+                out |= {a.name for a in node.names} & set(names)
+        graph[name] = out - {name}
+    return graph
+
+
+def test_bench_has_no_import_cycle():
+    graph = _bench_import_graph()
+    assert "dwdp_comm.bench.cli" in graph and "dwdp_comm.bench.advise.predict" in graph
+    # a cycle is a module that reaches itself
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            m = todo.pop()
+            assert m != start, f"import cycle through {start}"
+            if m not in seen:
+                seen.add(m)
+                todo += graph[m]
+    # the one that was there: advise_cli took parse_size from cli, which imports advise_cli
+    assert "dwdp_comm.bench.cli" not in graph["dwdp_comm.bench.advise_cli"]
 
 
 def test_calibrate_and_predict(capsys):

@@ -1,0 +1,122 @@
+"""The quantized grouped GEMMs (``fp8_block``, ``mxfp4``): which path runs, and running it.
+
+Two paths per format:
+
+``triton``
+    The format's own kernel (:mod:`dwdp_comm.kernels.triton_quant`): block-FP8 on Hopper FP8
+    tensor cores with the activations quantized per token and per 128 columns, or MXFP4 decoded in
+    the kernel for a bf16 MMA. Weight pieces are read in place through a device table of expert
+    addresses, so split weights need no host synchronisation either.
+``dequantize``
+    The weights dequantized into one bf16 ``[E, N, K]`` buffer
+    (:func:`dwdp_comm.kernels.quant.dequantize`), then the bf16 torch path: correct everywhere
+    (CPU included), at the cost of the buffer (2 bytes a weight) and its write each call.
+
+:func:`choose_path` is the rule. ``fp8_block``: ``triton`` wherever it runs (Triton importable,
+CUDA sm89+, a power-of-two ``bk`` of at least 32). ``mxfp4``: ``triton`` while the mean rows per
+expert stay below :data:`MXFP4_DEQUANT_MIN_ROWS` (memory-bound: the kernel reads 4-bit weights,
+the fallback writes and reads 2 bytes a weight), ``dequantize`` from there (compute-bound: the
+bf16 grouped GEMM of torch outruns a Triton kernel that decodes in its inner loop). Change the
+constant after measuring (``perf/bench_quant_experts.py`` times both).
+
+There is no torch op for the block-FP8 recipe: ``torch._scaled_grouped_mm`` /
+``torch.nn.functional.scaled_grouped_mm`` of torch 2.11 take tensor-wise and row-wise fp8 scales
+on sm90 (and MX formats on sm100), not 1 x 128 activation and 128 x 128 weight blocks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..errors import BackendUnavailableError
+from . import quant, torch_path, triton_quant
+from .problem import Problem
+
+__all__ = ["choose_path", "native_unavailable_reason", "run", "dequantized_problem", "PATHS",
+           "MXFP4_DEQUANT_MIN_ROWS"]
+
+PATHS = ("triton", "dequantize")
+
+#: mxfp4: mean rows per expert from which the dequantize path runs instead of the Triton kernel.
+#: A first guess (no measurement yet): set it from perf/bench_quant_experts.py's table.
+MXFP4_DEQUANT_MIN_ROWS = 512
+
+
+def native_unavailable_reason(fmt: str, device, block_size=quant.DEFAULT_BLOCK_SIZE) -> str | None:
+    """None when ``fmt``'s own kernel runs on ``device`` (``fp8_block``, ``mxfp4``: Triton;
+    ``fp8_channel``: ``torch._scaled_grouped_mm``; ``bf16``: always), else why not."""
+    if fmt == "bf16":
+        return None
+    if fmt == "fp8_channel":
+        from .capabilities import fp8_unavailable_reason
+        return fp8_unavailable_reason(torch.device(device))
+    if fmt == "fp8_block":
+        bk = block_size[1]
+        if bk < 32 or bk & (bk - 1):
+            return f"block_size {tuple(block_size)}: the Triton kernel needs a power-of-two bk >= 32"
+    return triton_quant.unavailable_reason(device, fmt)
+
+
+def choose_path(fmt: str, device, rows_per_expert: float, block_size=quant.DEFAULT_BLOCK_SIZE,
+                requested: str = "auto") -> tuple[str, str | None]:
+    """``(path, why)``: the path of a ``fmt`` GEMM (:data:`PATHS`) and why it is not the format's
+    own kernel (None when it is). ``requested``: ``"auto"`` (the rule), ``"triton"`` (raises
+    BackendUnavailableError where it cannot run) or ``"dequantize"``."""
+    if requested == "dequantize":
+        return "dequantize", "asked for"
+    why = native_unavailable_reason(fmt, device, block_size)
+    if requested == "triton":
+        if why:
+            raise BackendUnavailableError(f"{fmt} Triton kernel: {why}")
+        return "triton", None
+    if why:
+        return "dequantize", why
+    if fmt == "mxfp4" and rows_per_expert >= MXFP4_DEQUANT_MIN_ROWS:
+        return "dequantize", f"{rows_per_expert:.0f} rows per expert >= MXFP4_DEQUANT_MIN_ROWS"
+    return "triton", None
+
+
+def dequantized_problem(p: Problem) -> Problem:
+    """``p`` with its weights dequantized into one bf16 buffer (logical ``[E, K, N]`` view)."""
+    t0 = p.pieces[0][1].transpose(-1, -2)
+    buf = torch.empty(p.num_experts, int(t0.shape[1]), p.K, dtype=torch.bfloat16, device=p.device)
+    for (first, t), s in zip(p.pieces, p.scales):
+        quant.dequantize(t.transpose(-1, -2), s, p.fmt, block_size=p.block_size, dtype=torch.bfloat16,
+                         out=buf[first:first + int(t.shape[0])])
+    return dataclasses.replace(p, pieces=[(0, buf.transpose(-1, -2))], scales=None, fmt="bf16",
+                               out_dtype=torch.bfloat16)
+
+
+def _one_scale(p: Problem) -> torch.Tensor:
+    return p.scales[0] if len(p.scales) == 1 else torch.cat(p.scales)
+
+
+def run(p: Problem, requested: str = "auto", info: dict | None = None, *, config=None,
+        direct_min_rows: int = torch_path.DIRECT_MIN_ROWS) -> torch.Tensor:
+    """Run an ``fp8_block`` / ``mxfp4`` problem on the path :func:`choose_path` gives.
+
+    ``info`` receives ``backend`` (``"triton"`` or ``"torch"``), ``method`` (``"fp8_block"``,
+    ``"mxfp4"`` or ``"dequantize+<torch method>"``), ``config`` (Triton) and ``fallback`` (why
+    the format's kernel did not run). ``config``: a :class:`~dwdp_comm.kernels.triton_quant.Config`
+    for the Triton kernel (benchmarks). Streams: the current stream; no host wait.
+    """
+    info = {} if info is None else info
+    path, why = choose_path(p.fmt, p.device, p.num_tokens / max(1, p.num_experts), p.block_size, requested)
+    if why and path == "dequantize" and requested == "auto":
+        info["fallback"] = why
+    if path == "dequantize" or p.num_tokens == 0:
+        q = dequantized_problem(p)
+        res = torch_path.run(q, "auto", info, direct_min_rows=direct_min_rows)
+        info.update(backend="torch", method="dequantize+" + info.get("method", "?"))
+        return res
+    info["backend"] = "triton"
+    info["method"] = p.fmt
+    offs = p.groups.device_offsets(p.device)
+    nk = [(first, t.transpose(-1, -2)) for first, t in p.pieces]
+    if p.fmt == "fp8_block":
+        xq, xs = triton_quant.quantize_act(p.x, p.block_size[1], limit=offs[-1:])
+        return triton_quant.fp8_block_gemm(xq, xs, nk, _one_scale(p), offs, block_size=p.block_size, out=p.out,
+                                           config=config, info=info)
+    return triton_quant.mxfp4_gemm(p.x, nk, _one_scale(p), offs, out=p.out, config=config, info=info)

@@ -1,0 +1,157 @@
+"""The Triton JIT functions of :mod:`dwdp_comm.kernels.triton_quant` (which documents them).
+
+Imported only by :func:`dwdp_comm.kernels.triton_quant._triton`, on first use: this module imports
+triton at its top (a JIT function calls others through the module's globals).
+"""
+
+import triton
+import triton.language as tl
+
+__all__ = ["tile_ends_kernel", "quant_kernel", "fp8_block_kernel", "mxfp4_kernel", "find_tile", "e2m1_f32"]
+
+
+@triton.jit
+def tile_ends_kernel(offs_ptr, out_ptr, E, BM: tl.constexpr, BLOCK_E: tl.constexpr):
+    e = tl.arange(0, BLOCK_E)
+    m = e < E
+    end = tl.load(offs_ptr + e, mask=m, other=0)
+    start = tl.load(offs_ptr + e - 1, mask=m & (e > 0), other=0)
+    tiles = tl.where(m, (end - start + BM - 1) // BM, 0)
+    tl.store(out_ptr + e, tl.cumsum(tiles, 0), mask=m)
+
+@triton.jit
+def quant_kernel(x_ptr, rows_ptr, xq_ptr, xs_ptr, limit_ptr, M, K, x_stride, top_k,
+                  HAS_ROWS: tl.constexpr, HAS_LIMIT: tl.constexpr, GROUP: tl.constexpr, NG: tl.constexpr):
+    r = tl.program_id(0).to(tl.int64)
+    g = tl.program_id(1) * NG + tl.arange(0, NG)
+    cols = g[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+    ok = r < M
+    if HAS_LIMIT:
+        ok = ok & (r < tl.load(limit_ptr).to(tl.int64))
+    src = r
+    if HAS_ROWS:
+        src = tl.load(rows_ptr + r, mask=ok, other=0).to(tl.int64) // top_k
+    m = (cols < K) & ok
+    v = tl.load(x_ptr + src * x_stride + cols, mask=m, other=0.0).to(tl.float32)
+    amax = tl.max(tl.abs(v), axis=1)
+    s = tl.where(amax > 0, amax / 448.0, 1.0)
+    q = tl.minimum(tl.maximum(v / s[:, None], -448.0), 448.0)
+    tl.store(xq_ptr + r * K + cols, q.to(tl.float8e4nv), mask=m)
+    tl.store(xs_ptr + g.to(tl.int64) * M + r, s, mask=(g * GROUP < K) & ok)
+
+@triton.jit
+def find_tile(pid, offs_ptr, tend_ptr, E, max_m_tiles, n_tiles, BM: tl.constexpr, GROUP_M: tl.constexpr,
+               LOG_E: tl.constexpr):
+    """(expert, first row, end row, n tile, valid) of program ``pid`` (grouped launch order)."""
+    in_group = GROUP_M * n_tiles
+    first_m = (pid // in_group) * GROUP_M
+    size_m = tl.minimum(max_m_tiles - first_m, GROUP_M)
+    pid_m = first_m + (pid % in_group) % size_m
+    pid_n = (pid % in_group) // size_m
+    total = tl.load(tend_ptr + E - 1)
+    lo = 0
+    hi = E - 1
+    for _ in tl.static_range(LOG_E):  # smallest e with tile_end[e] > pid_m
+        mid = (lo + hi) // 2
+        big = tl.load(tend_ptr + mid) > pid_m
+        hi = tl.where(big, mid, hi)
+        lo = tl.where(big, lo, mid + 1)
+    e = tl.minimum(lo, E - 1)
+    t0 = tl.where(e > 0, tl.load(tend_ptr + e - 1, mask=e > 0, other=0), 0)
+    r_first = tl.where(e > 0, tl.load(offs_ptr + e - 1, mask=e > 0, other=0), 0)
+    r0 = r_first + (pid_m - t0) * BM
+    r_end = tl.load(offs_ptr + e)
+    return e.to(tl.int64), r0, r_end, pid_n, pid_m < total
+
+@triton.jit
+def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, out_ptr,
+                      M, N, K, E, max_m_tiles, stride_we, stride_wn, stride_wk, ws_se, ws_sn, ws_sk,
+                      out_stride, block_n,
+                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                      LOG_E: tl.constexpr, USE_TABLE: tl.constexpr):
+    n_tiles = tl.cdiv(N, BN)
+    e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
+                                            BM, GROUP_M, LOG_E)
+    if valid:
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < r_end
+        rows64 = rows.to(tl.int64)
+        n = pid_n * BN + tl.arange(0, BN)
+        nmask = n < N
+        k = tl.arange(0, BK)
+        if USE_TABLE:
+            wb = tl.load(wtab_ptr + e).to(tl.pointer_type(tl.float8e4nv))
+        else:
+            wb = w_ptr + e * stride_we
+        a_ptrs = a_ptr + rows64[:, None] * K + k[None, :]
+        b_ptrs = wb + n[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
+        as_ptrs = as_ptr + rows64
+        ws_ptrs = ws_ptr + e * ws_se + (n // block_n) * ws_sn
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BK)):
+            kmask = k < K - kb * BK
+            a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
+            a_s = tl.load(as_ptrs + kb * M, mask=rmask, other=0.0)
+            b_s = tl.load(ws_ptrs + kb * ws_sk, mask=nmask, other=0.0)
+            acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+            a_ptrs += BK
+            b_ptrs += BK * stride_wk
+        o = out_ptr + rows64[:, None] * out_stride + n[None, :]
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+@triton.jit
+def e2m1_f32(c):
+    """float32 values of 4-bit e2m1 codes (uint32 0..15), built from their bits: exponent
+    e - 1 + 127 with one mantissa bit; code 1 (0.5) is 2^-1, code 0 is 0; bit 3 is the sign."""
+    e = (c >> 1) & 3
+    mag = tl.where(e > 0, ((e + 126) << 23) | ((c & 1) << 22), tl.where((c & 1) == 1, 126 << 23, 0))
+    return (mag | ((c >> 3) << 31)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def mxfp4_kernel(a_ptr, a_stride, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, out_ptr,
+                 N, K, E, max_m_tiles, stride_we, stride_wn, stride_wk, ws_se, ws_sn, ws_sk, out_stride,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
+                 LOG_E: tl.constexpr, USE_TABLE: tl.constexpr):
+    # Packed byte j of a row holds elements 2j (low nibble) and 2j + 1 (high): the even and the odd
+    # columns of the activations meet the low and the high nibbles in two dots (no interleave).
+    n_tiles = tl.cdiv(N, BN)
+    e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
+                                           BM, GROUP_M, LOG_E)
+    if valid:
+        rows = r0 + tl.arange(0, BM)
+        rmask = rows < r_end
+        rows64 = rows.to(tl.int64)
+        n = pid_n * BN + tl.arange(0, BN)
+        nmask = n < N
+        n64 = n.to(tl.int64)
+        kp = tl.arange(0, BK // 2)
+        if USE_TABLE:
+            wb = tl.load(wtab_ptr + e).to(tl.pointer_type(tl.uint8))
+        else:
+            wb = w_ptr + e * stride_we
+        a_ptrs = a_ptr + rows64[:, None] * a_stride + 2 * kp[None, :]
+        w_ptrs = wb + n64[:, None] * stride_wn + kp[None, :] * stride_wk
+        s_ptrs = ws_ptr + e * ws_se + n64[:, None] * ws_sn + (kp[None, :] // 16) * ws_sk
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for kb in range(0, tl.cdiv(K, BK)):
+            kpm = kp < (K - kb * BK) // 2
+            am = rmask[:, None] & kpm[None, :]
+            a_even = tl.load(a_ptrs, mask=am, other=0.0)
+            a_odd = tl.load(a_ptrs + 1, mask=am, other=0.0)
+            wm = nmask[:, None] & kpm[None, :]
+            p = tl.load(w_ptrs, mask=wm, other=0).to(tl.uint32)
+            s = tl.load(s_ptrs, mask=wm, other=127).to(tl.uint32)
+            scale = (s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); s = 0 reads as 0
+            # exact in bf16 (e2m1 x 2^k); the MMA runs in the activations' dtype (bf16; float32 in
+            # the CPU interpreter tests, whose bf16 arithmetic is not reliable)
+            lo = (e2m1_f32(p & 15) * scale).to(a_ptr.dtype.element_ty)
+            hi = (e2m1_f32(p >> 4) * scale).to(a_ptr.dtype.element_ty)
+            acc = tl.dot(a_even, tl.trans(lo), acc)
+            acc = tl.dot(a_odd, tl.trans(hi), acc)
+            a_ptrs += BK
+            w_ptrs += (BK // 2) * stride_wk
+            s_ptrs += (BK // 32) * ws_sk
+        o = out_ptr + rows64[:, None] * out_stride + n[None, :]
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])

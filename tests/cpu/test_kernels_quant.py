@@ -1,0 +1,203 @@
+"""Quantized weights on CPU: the formats and their checks (dwdp_comm.kernels.quant), the grouped GEMM
+and experts_forward on every format (dequantize path), and the Triton kernels under TRITON_INTERPRET
+where triton is importable."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+import dwdp_comm as dc
+import dwdp_comm.kernels as K
+from dwdp_comm import moe
+from dwdp_comm.kernels import quant as Q
+from dwdp_comm.kernels import reference
+from tests.helpers import experts_cases as C
+from tests.helpers.kernel_cases import rel_err
+
+FORMATS = ("fp8_channel", "fp8_block", "mxfp4")
+
+
+def test_e2m1_table_and_e8m0():
+    codes = torch.arange(256, dtype=torch.uint8).view(1, 256)
+    v = Q.decode_e2m1(codes)
+    assert v.shape == (1, 512)
+    assert v[0, 2 * 0x21].item() == 0.5 and v[0, 2 * 0x21 + 1].item() == 1.0  # low nibble first
+    assert [Q.decode_e2m1(torch.tensor([[c]], dtype=torch.uint8))[0, 0].item() for c in range(16)] == \
+        list(Q.E2M1_VALUES)
+    s = Q.e8m0_to_float(torch.tensor([0, 126, 127, 128, 254, 255], dtype=torch.uint8))
+    assert s[:5].tolist() == [2.0 ** -127, 0.5, 1.0, 2.0, 2.0 ** 127] and torch.isnan(s[5])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("n, k", [(256, 256), (200, 2880), (72, 96)])
+def test_quantize_dequantize_round_trip(fmt, n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, n, k, generator=g) * 0.05
+    q, s = Q.quantize(w, fmt)
+    assert Q.infer_format(q, s) == fmt and Q.check_format(q, s) == fmt
+    d = Q.dequantize(q, s, dtype=torch.float32)
+    assert d.shape == w.shape
+    assert rel_err(d, w) < (0.2 if fmt == "mxfp4" else 0.05)
+    assert torch.equal(Q.dequantize(q[1], s[1], fmt, dtype=torch.float32), d[1])  # one expert, [N, K]
+    assert torch.equal(Q.dequantize(q, s, fmt), d.bfloat16())
+
+
+def test_fp8_block_dequantize_is_blockwise():
+    q = torch.ones(1, 130, 260).to(Q.FP8_DTYPE)
+    s = torch.arange(1, 1 + 2 * 3, dtype=torch.float32).view(1, 2, 3)
+    d = Q.dequantize(q, s, "fp8_block", dtype=torch.float32)[0]
+    assert d[0, 0] == 1 and d[127, 127] == 1 and d[0, 128] == 2 and d[0, 259] == 3 and d[128, 0] == 4 and \
+        d[129, 259] == 6
+
+
+@pytest.mark.parametrize("fmt", ["nvfp4", "int4", "awq", "gptq", "bitsandbytes", "fp8", "whatever"])
+def test_unsupported_formats_are_named(fmt):
+    with pytest.raises(Q.UnsupportedFormatError, match=fr"'{fmt}'.*supported formats: bf16, fp8_channel, "
+                       "fp8_block, mxfp4"):
+        Q.check_format_name(fmt)
+    assert issubclass(Q.UnsupportedFormatError, dc.InvalidArgumentError)
+
+
+def test_unsupported_dtypes_are_named():
+    with pytest.raises(Q.UnsupportedFormatError, match="int32.*AWQ"):
+        Q.infer_format(torch.zeros(2, 4, 8, dtype=torch.int32), torch.ones(2, 4, 1))
+    with pytest.raises(Q.UnsupportedFormatError, match="NVFP4"):
+        Q.infer_format(torch.zeros(2, 4, 8, dtype=torch.uint8), torch.ones(2, 4, 1).to(Q.FP8_DTYPE))
+    with pytest.raises(dc.InvalidArgumentError, match="expert_w_scale: got None"):
+        Q.infer_format(torch.zeros(2, 4, 8).to(Q.FP8_DTYPE), None, scale_name="expert_w_scale")
+
+
+def test_check_format_names_shapes_and_dtypes():
+    q, s = Q.quantize(torch.randn(2, 256, 384), "fp8_block")
+    with pytest.raises(dc.InvalidArgumentError, match=r"w_scale: got 'torch.float32 \[2, 2, 2\]'.*\[2, 2, 3\]"):
+        Q.check_format(q, s[:, :, :2], name="w", scale_name="w_scale")
+    with pytest.raises(dc.InvalidArgumentError, match=r"w_scale: got 'torch.float16.*float32"):
+        Q.check_format(q, s.half(), name="w", scale_name="w_scale")
+    with pytest.raises(dc.InvalidArgumentError, match=r"block_size"):
+        Q.check_format(q, s, block_size=(128,))
+    m, ms = Q.quantize(torch.randn(2, 64, 96), "mxfp4")
+    with pytest.raises(dc.InvalidArgumentError, match=r"w: got 'torch.uint8 \[2, 64, 40\]'.*multiple of 32"):
+        Q.check_format(m[:, :, :40], ms, "mxfp4", name="w")
+    with pytest.raises(dc.InvalidArgumentError, match=r"float8_e4m3fn weights for weight_format='fp8_channel'"):
+        Q.check_format(m, ms, "fp8_channel", name="w")
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("pieces", [False, True])
+def test_grouped_gemm_quantized_matches_dequantized(fmt, pieces, seed):
+    g = torch.Generator().manual_seed(seed)
+    E, N, Kd, sizes = 4, 96, 320, [5, 0, 11, 7]
+    wq, s = Q.quantize(torch.randn(E, N, Kd, generator=g) * 0.05, fmt)
+    x = torch.randn(sum(sizes), Kd, generator=g).bfloat16()
+    w = wq.transpose(1, 2)  # [E, N, K] storage as the logical [E, K, N]
+    ws, ss = ([(0, w[:1]), (1, w[1:].clone())], [s[:3], s[3:]]) if pieces else (w, s)
+    info = {}
+    out = K.grouped_gemm(x, sizes, ws, weight_scales=ss, info=info)
+    assert out.dtype == torch.bfloat16 and out.shape == (sum(sizes), N)
+    ref = reference.run(K.make_problem(x, sizes, w, weight_scales=s), out_dtype=torch.float64)
+    tol = 2e-2 if info.get("backend") == "reference" or fmt == "mxfp4" else 4e-2  # dequantize: no x quantization
+    assert rel_err(out, ref) < tol, info
+    assert K.make_problem(x, sizes, w, weight_scales=s).fmt == fmt
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("form", ["whole", "split", "slices", "scale_whole"])
+def test_experts_forward_quantized_on_cpu(fmt, form, seed):
+    err, info = C.quant_case("cpu", fmt, form=form, bias=form == "split", seed=seed)
+    assert err < 2e-2, (err, info)
+    assert "dequantized" in info["fallback"] and info["method"] == "grouped"
+
+
+def test_experts_forward_block_size_and_odd_shapes(seed):
+    err, info = C.quant_case("cpu", "fp8_block", H=200, I=72, block_size=(64, 128), gate="interleaved", seed=seed)
+    assert err < 2e-2, (err, info)
+
+
+def test_experts_forward_quantized_bad_arguments():
+    x, idx, w = torch.randn(4, 64).bfloat16(), torch.zeros(4, 2, dtype=torch.long), torch.rand(4, 2)
+    gu, s1 = Q.quantize(torch.randn(3, 48, 64), "fp8_block")
+    dn, s2 = Q.quantize(torch.randn(3, 64, 24), "fp8_block")
+    with pytest.raises(dc.InvalidArgumentError, match=r"gate_up_scale \(experts 0..2\): got 'torch.float32 "
+                       r"\[3, 1, 2\]'.*\[3, 1, 1\]"):
+        moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=torch.ones(3, 1, 2), down_scale=s2)
+    with pytest.raises(dc.InvalidArgumentError, match="gate_up_scale: got None"):
+        moe.experts_forward(x, idx, w, gu, dn, down_scale=s2)
+    with pytest.raises(dc.InvalidArgumentError, match="weight_layout.*'nk' for weight_format='fp8_block'"):
+        moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=s1, down_scale=s2, weight_layout="kn")
+    with pytest.raises(Q.UnsupportedFormatError, match="nvfp4"):
+        moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=s1, down_scale=s2, weight_format="nvfp4")
+    with pytest.raises(dc.InvalidArgumentError, match=r"down_scale: got '2 experts'"):
+        moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=s1, down_scale=s2[:2])
+
+
+def test_one_piece_normaliser_forms():
+    w = torch.randn(5, 4, 3)
+    for form in (w, [(0, w[:2]), (2, w[2:])], [w[0], w[1:4], w[4]], [w[:0], w]):
+        pieces = K.normalize_weights(form)
+        assert sum(int(t.shape[0]) for _, t in pieces) == 5 and pieces[0][0] == 0
+    s = K.normalize_weights([torch.ones(4), torch.ones(2, 4)], "scales", ndim=2, shape="[count, N]")
+    assert [(f, tuple(t.shape)) for f, t in s] == [(0, (1, 4)), (1, (2, 4))]
+    with pytest.raises(dc.InvalidArgumentError, match=r"gate_up\[1\]\[0\]: got 3, expected 2"):
+        moe.experts_forward(torch.randn(2, 3), torch.zeros(2, 1, dtype=torch.long), torch.ones(2, 1),
+                            [(0, w[:2]), (3, w[2:])], w.transpose(1, 2))
+
+
+# ---- Triton kernels in the interpreter (where triton is importable) ------------------------------
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+
+@pytest.fixture
+def interpret(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+
+
+def _groups(sizes):
+    return torch.tensor(sizes).cumsum(0).to(torch.int32)
+
+
+@needs_triton
+def test_triton_quantize_act_matches_reference(interpret, seed):
+    from dwdp_comm.kernels import triton_quant as TQ
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(9, 300, generator=g).bfloat16()
+    order = torch.randperm(18, generator=g)
+    xq, xs = TQ.quantize_act(x, 128, rows=order, top_k=2, limit=torch.tensor([15], dtype=torch.int32))
+    rq, rs = reference.quantize_groupwise(x[order // 2][:15], 128)
+    assert torch.allclose(xs[:, :15].t(), rs)  # the scales are equal; the values within one e4m3 step: the
+    deq = xq[:15].float() * xs[:, :15].t().repeat_interleave(128, 1)[:, :300]  # interpreter's fp8 cast truncates
+    assert rel_err(deq, x[order // 2][:15]) < 0.1  # (bit equality with the reference: tests/gpu/test_quant_gpu.py)
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [False, True])
+def test_triton_fp8_block_gemm(interpret, split, seed):
+    from dwdp_comm.kernels import triton_quant as TQ
+    g = torch.Generator().manual_seed(seed)
+    sizes, N, Kd = [7, 0, 20, 3, 9], 80, 200
+    wq, s = Q.quantize(torch.randn(5, N, Kd, generator=g) * 0.05, "fp8_block")
+    x = torch.randn(sum(sizes) + 3, Kd, generator=g)  # 3 sentinel rows past the groups
+    xq, xs = reference.quantize_groupwise(x, 128)
+    pieces = [(0, wq[:2]), (2, wq[2:].clone())] if split else [(0, wq)]
+    out = TQ.fp8_block_gemm(xq, xs.t().contiguous(), pieces, s, _groups(sizes), config=TQ.Config(16, 64, 128))
+    p = K.make_problem(x[:sum(sizes)].bfloat16(), sizes, wq.transpose(1, 2), weight_scales=s)
+    p.x = x[:sum(sizes)]  # the float32 rows the quantization above saw
+    assert rel_err(out[:sum(sizes)], reference.run(p, out_dtype=torch.float64)) < 1e-2
+
+
+@needs_triton
+@pytest.mark.parametrize("split", [False, True])
+def test_triton_mxfp4_gemm(interpret, split, seed):
+    from dwdp_comm.kernels import triton_quant as TQ
+    g = torch.Generator().manual_seed(seed)
+    sizes, N, Kd = [7, 0, 20, 3, 9], 80, 192
+    wq, s = Q.quantize(torch.randn(5, N, Kd, generator=g) * 0.05, "mxfp4")
+    x = torch.randn(sum(sizes), Kd, generator=g).bfloat16().float()  # float32 MMA: the interpreter's bf16 is not
+    pieces = [(0, wq[:3]), (3, wq[3:].clone())] if split else [(0, wq)]
+    out = TQ.mxfp4_gemm(x, pieces, s, _groups(sizes), config=TQ.Config(16, 64, 64))
+    wd = Q.dequantize(wq, s, "mxfp4", dtype=torch.float32)
+    ref = torch.cat([x[a:b].double() @ wd[e].double().t() for e, (a, b) in
+                     enumerate(zip([0] + _groups(sizes).tolist()[:-1], _groups(sizes).tolist()))])
+    assert rel_err(out, ref) < 1e-2
+    assert os.environ["TRITON_INTERPRET"] == "1"
