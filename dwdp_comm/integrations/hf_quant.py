@@ -24,8 +24,8 @@ of FP8 experts spread over the group (``perf/quant_memory.py``).
 
 Anything else (NVFP4 / ModelOpt, AWQ, GPTQ, compressed-tensors, bitsandbytes, per-tensor or
 per-channel FP8, static activation scales, FP4 experts of ``expert_dtype="fp4"``, HF's swizzled
-``Mxfp4GptOssExperts``) raises :class:`~dwdp_comm.errors.InvalidArgumentError` naming the format and
-:data:`SUPPORTED`.
+``Mxfp4GptOssExperts``) raises :class:`~dwdp_comm.kernels.quant.UnsupportedFormatError` (an
+``InvalidArgumentError``) naming the format and :data:`SUPPORTED`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidArgumentError, bad_arg
+from ..errors import bad_arg
+from ..kernels.quant import UnsupportedFormatError
 
 __all__ = ["SUPPORTED", "QuantScheme", "checkpoint_scheme", "check_model_quantization", "split_key",
            "dress_experts", "experts_quantization", "unsupported", "check_checkpoint_dtype", "to_storage",
@@ -50,9 +51,9 @@ SCALE_SUFFIXES = {"fp8_block": "_scale_inv", "mxfp4": "_scales"}
 _MXFP4_GROUP = 32
 
 
-def unsupported(arg: str, what: str, detail: str = "") -> InvalidArgumentError:
+def unsupported(arg: str, what: str, detail: str = "") -> UnsupportedFormatError:
     """The error for a quantization format DWDP does not run: names it and lists what is supported."""
-    return bad_arg(arg, what, f"a supported format: {SUPPORTED}", detail)
+    return UnsupportedFormatError(bad_arg(arg, what, f"a supported format: {SUPPORTED}", detail).args[0])
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ def checkpoint_scheme(quant, arg: str = "checkpoint_dir") -> QuantScheme | None:
 
     Raises
     ------
-    InvalidArgumentError
+    UnsupportedFormatError
         A format DWDP does not run (see the module docstring), naming it and what is supported.
     """
     if not quant:
@@ -147,7 +148,7 @@ def check_model_quantization(model) -> None:
 
     Raises
     ------
-    InvalidArgumentError
+    UnsupportedFormatError
         Any other format, or HF's ``Mxfp4GptOssExperts`` (weights swizzled for the Triton kernels).
     """
     quant = getattr(getattr(model, "config", None), "quantization_config", None)
@@ -233,7 +234,7 @@ def experts_quantization(path: str, module: torch.nn.Module, weights: tuple[str,
 
     Raises
     ------
-    InvalidArgumentError
+    UnsupportedFormatError
         Quantized weights of a format DWDP does not run (per-tensor FP8, FP4-packed ``int8`` experts,
         static activation scales, integer weights without scales, ...).
     """

@@ -8,9 +8,10 @@ with ``weight_scale_inv``; embeddings, norms, routers and ``lm_head`` unquantize
 tensor replaced by its dequantized values, as a plain checkpoint: what a DWDP model loaded from the
 quantized checkpoint must match.
 
-The dequantized values are computed here, from each format's definition (``w = q * s`` per
-128x128-style block; e2m1 codes times ``2 ** (e - 127)``), independently of the library's kernels,
-so that tests comparing the two check the kernels.
+The quantized values come from :func:`dwdp_comm.kernels.quant.quantize`; the dequantized twin is
+computed here from each format's definition (``w = q * s`` per block; e2m1 codes times
+``2 ** (e - 127)``), independently of the library's dequantize, so that tests comparing the two
+check the library.
 
 >>> save_quantized(model, "/tmp/ds_fp8", "fp8_block", block_size=(16, 16), reference_dir="/tmp/ds_ref")
 """
@@ -27,57 +28,35 @@ import tempfile
 import torch
 
 from ..errors import bad_arg
+from ..kernels import quant
 from .transformers import find_experts
 
-__all__ = ["FORMATS", "save_quantized", "quantize_fp8_block", "quantize_mxfp4"]
+__all__ = ["FORMATS", "save_quantized"]
 
 FORMATS = ("fp8_block", "mxfp4")
-FP8_MAX = 448.0  # largest float8_e4m3fn
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # magnitudes of the fp4 codes 0-7; code | 8 is negative
-_GROUP = 32
 
 
-def quantize_fp8_block(w: torch.Tensor, block_size, *, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Block-FP8 of ``w [..., N, K]``: ``(q float8_e4m3fn [..., N, K], s float32 [..., ceil(N/bn), ceil(K/bk)])``
-    with ``w ~ q * s`` per block (HF's ``weight_scale_inv``); a block's amax maps to 448 (``pow2``: to at most
-    448, ``s`` rounded up to a power of two, as ``scale_fmt="ue8m0"`` checkpoints)."""
-    bn, bk = block_size
-    N, K = w.shape[-2:]
-    nb, kb = math.ceil(N / bn), math.ceil(K / bk)
-    pad = torch.zeros(*w.shape[:-2], nb * bn, kb * bk, dtype=torch.float32)
-    pad[..., :N, :K] = w.float()
-    blocks = pad.view(*w.shape[:-2], nb, bn, kb, bk)
-    s = blocks.abs().amax(dim=(-3, -1)) / FP8_MAX
-    s = torch.where(s > 0, s, torch.ones_like(s))
-    if pow2:
+def _quantize(w: torch.Tensor, weight_format: str, block_size, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [..., N, K]`` (one tensor or experts) quantized by the library's :func:`~dwdp_comm.kernels.quant.quantize`,
+    in the checkpoint's storage: block-FP8 ``(q, s)`` (``pow2``: scales rounded up to powers of two and ``q``
+    requantized, as ``scale_fmt="ue8m0"`` checkpoints); MXFP4 ``(blocks [..., N, K/32, 16], scales)``."""
+    x = w.float().reshape(-1, *w.shape[-2:])
+    q, s = quant.quantize(x, weight_format, block_size=block_size)
+    if weight_format == "mxfp4":
+        q = q.view(*q.shape[:-1], -1, 16)
+    elif pow2:
         s = torch.exp2(torch.ceil(torch.log2(s)))
-    q = (blocks / s[..., :, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return q.view(*w.shape[:-2], nb * bn, kb * bk)[..., :N, :K].contiguous(), s
+        n, k = x.shape[-2:]
+        full = s.repeat_interleave(block_size[0], dim=-2)[..., :n, :].repeat_interleave(block_size[1], dim=-1)
+        q = (x / full[..., :k]).clamp(-quant.FP8_MAX, quant.FP8_MAX).to(quant.FP8_DTYPE)
+    return q.reshape(*w.shape[:-2], *q.shape[1:]), s.reshape(*w.shape[:-2], *s.shape[1:])
 
 
 def _dequantize_fp8_block(q: torch.Tensor, s: torch.Tensor, block_size) -> torch.Tensor:
     N, K = q.shape[-2:]
     full = s.repeat_interleave(block_size[0], dim=-2).repeat_interleave(block_size[1], dim=-1)
     return q.float() * full[..., :N, :K]
-
-
-def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """MXFP4 of ``w [..., N, K]`` (K a multiple of 32) as GPT-OSS stores it: ``(blocks uint8 [..., N, K/32, 16],
-    scales uint8 [..., N, K/32])``; per group of 32 along K an e8m0 exponent ``e`` (byte ``e + 127``) and
-    e2m1 codes of ``w / 2**e``, element 2j in the low nibble."""
-    K = w.shape[-1]
-    if K % _GROUP:
-        raise bad_arg("w", f"a tensor of shape {tuple(w.shape)}", f"K (last dim) a multiple of {_GROUP}")
-    g = w.float().reshape(*w.shape[:-1], K // _GROUP, _GROUP)
-    amax = g.abs().amax(dim=-1)
-    # the largest e2m1 magnitude is 6 = 1.5 * 2**2: the group's amax lands in [4, 8) (8 clamps to 6)
-    e = (torch.floor(torch.log2(amax.clamp_min(2.0 ** -126))) - 2).clamp(-127, 127)
-    x = g / torch.exp2(e)[..., None]
-    mags = torch.tensor(E2M1)
-    code = (x.abs()[..., None] - mags).abs().argmin(dim=-1) | ((x < 0).long() << 3)
-    pairs = code.reshape(*code.shape[:-1], _GROUP // 2, 2)
-    blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
-    return blocks, (e + 127).to(torch.uint8)
 
 
 def _dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -193,12 +172,12 @@ def save_quantized(model, directory, weight_format: str, *, block_size=(128, 128
             w = tensors[key]
             nk = w.transpose(-1, -2) if layout == "kn" else w
             if weight_format == "fp8_block":
-                q, s = quantize_fp8_block(nk, block_size, pow2=scale_fmt == "ue8m0")
+                q, s = _quantize(nk, weight_format, block_size, scale_fmt == "ue8m0")
                 stored = s.to(torch.float8_e8m0fnu).view(torch.uint8) if scale_fmt == "ue8m0" else s
                 tensors[key], tensors[key + "_scale_inv"] = q, stored
                 deq = _dequantize_fp8_block(q, s, block_size)
             else:
-                blocks, scales = quantize_mxfp4(nk)
+                blocks, scales = _quantize(nk, weight_format, block_size, False)
                 del tensors[key]
                 tensors[key + "_blocks"], tensors[key + "_scales"] = blocks, scales
                 deq = _dequantize_mxfp4(blocks, scales)

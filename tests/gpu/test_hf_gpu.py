@@ -19,6 +19,7 @@ from tests.helpers import hf_rankfns  # noqa: E402
 pytestmark = pytest.mark.gpu
 TIMEOUT = float(os.environ.get("DWDP_TEST_TIMEOUT", "300"))
 TOL = 1e-4  # fp32 on GPU: TF32 is off by default in torch for matmuls, summation order may differ
+QUANT_TOL = 5e-2  # quantized experts: bf16 GEMM inputs, as a bf16 model (tests/cpu/test_hf_quantized.py sees 5e-3)
 
 
 def test_hf_families_on_cuda_ipc():
@@ -93,8 +94,10 @@ def test_hf_quantized_load_on_cuda_ipc(tmp_path):
             r = per[i]
             assert r["remote_rows_read"] == [] and r["local_rows_read"] == r["local"], (family, rank, r)
             assert r["non_expert_diffs"] == [] and r["bytes_exact"] and r["formats"] == [fmt], (family, rank, r)
+            assert r["dequantized_exact"], (family, rank)  # each expert's weights with its own scales
             assert r["expert_bytes_read"] == r["memory"]["local_bytes"], (family, rank, r)
-            assert r["logits_max_diff"] <= (5e-2 if dtype else TOL), (family, fmt, dtype, rank, r["logits_max_diff"])
+            # quantized experts compute with bf16 GEMM inputs (and fp8 activations on the block-FP8 fast path)
+            assert r["logits_max_diff"] <= QUANT_TOL, (family, fmt, dtype, rank, r["logits_max_diff"])
             assert dtype or r["tokens_equal"], (family, rank)
 
 
@@ -104,7 +107,7 @@ def test_hf_fp8_experts_convert_on_cuda_ipc(tmp_path):
     res = dc.testing.launch(hf_rankfns.fp8_experts_compare, 2, q, ref, (16, 16), backend="cuda_ipc", timeout=TIMEOUT)
     for rank, r in enumerate(res):
         assert r["formats"] == ["fp8_block"] and r["freed"] and r["bytes_exact"], (rank, r)
-        assert r["logits_max_diff"] <= TOL and r["tokens_equal"], (rank, r)
+        assert r["logits_max_diff"] <= QUANT_TOL and r["tokens_equal"], (rank, r)
 
 
 @pytest.mark.parametrize("fmt", ["fp8-block", "mxfp4"])

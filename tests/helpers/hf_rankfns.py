@@ -234,6 +234,7 @@ def load_compare(group, cases):
     import safetensors
     import transformers as tf
     from dwdp_comm.integrations.hf_loading import load_model
+    from dwdp_comm.kernels import quant
     torch.set_num_threads(1)
     results = []
     for directory, dtype, check_tokens, *reference in cases:
@@ -289,7 +290,7 @@ def load_compare(group, cases):
                 got_tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                                             min_new_tokens=4, do_sample=False)
                 out["tokens_equal"] = bool(torch.equal(got_tokens, want_tokens))
-            exact = True
+            exact, deq_exact = True, True
             dm.pipeline.begin()
             for s in dm.sites:
                 h = dm.pipeline.acquire(s.layer)
@@ -300,8 +301,15 @@ def load_compare(group, cases):
                     w = h.weights(n)
                     exact &= w.dtype == full.dtype and w.shape == full.shape and bool(
                         torch.equal(w.view(torch.uint8), full.view(torch.uint8)))
+                for n, sn in s.scales.items():  # each expert's weights with its own scales: the reference's values
+                    want = ref.get_submodule(s.path).get_parameter(n)
+                    if ref.get_submodule(s.path).is_transposed:
+                        want = want.transpose(1, 2)
+                    got = quant.dequantize(h.weights(n), h.weights(sn), s.weight_format,
+                                           block_size=s.block_size or quant.DEFAULT_BLOCK_SIZE, dtype=want.dtype)
+                    deq_exact &= bool(torch.equal(got, want))
                 dm.pipeline.release(h)
-            out["bytes_exact"] = exact
+            out["bytes_exact"], out["dequantized_exact"] = exact, deq_exact
             out["formats"] = sorted({s.weight_format for s in dm.sites})
             out["memory"] = dm.memory
             out["loading"] = {k: v for k, v in dm.loading.items() if k != "expert_reads"}
