@@ -17,8 +17,8 @@ Supported (experts are kept quantized, never dequantized at load):
 Quantized experts always use the ``"nk"`` layout (per expert ``[N, K]`` as ``nn.Linear``), whatever the
 unquantized module's ``is_transposed`` says. FP8 weights outside the experts (DeepSeek's attention,
 shared experts and dense MLPs) are replicated on every rank and small next to the experts: they are
-dequantized at load to the model dtype (HF's ``FP8Linear`` needs Triton or hub kernels, which neither
-a CPU nor an offline GPU machine has). That doubles their bytes in bf16: on DeepSeek-V3 the tensors
+dequantized at load to the model dtype (HF's ``FP8Linear`` runs the ``kernels-community/finegrained-fp8``
+hub kernel, a download, or DeepGEMM: neither on a CPU nor on an offline GPU machine). That doubles their bytes in bf16: on DeepSeek-V3 the tensors
 besides the experts take 32.1 GiB a rank instead of 18.0 GiB as stored (+14.1 GiB), next to 609 GiB
 of FP8 experts spread over the group (``perf/quant_memory.py``).
 
