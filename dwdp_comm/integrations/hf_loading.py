@@ -372,14 +372,17 @@ def _quantize_sites(model, sites: list[ExpertsSite], scheme: QuantScheme | None)
     return sites, roles
 
 
-def _read_plain(ck: str, scale_key: str | None, meta: torch.Tensor, dtype: torch.dtype, ckpt: Checkpoint,
-                scheme: QuantScheme | None) -> torch.Tensor:
-    """One non-expert tensor, in ``dtype``: block-FP8 ones are dequantized (replicated, small next to the experts)."""
+def _check_plain(ck: str, scale_key: str | None, meta: torch.Tensor, ckpt: Checkpoint,
+                 scheme: QuantScheme | None) -> None:
+    """One non-expert tensor's headers: its shape, and a block-FP8 one's dtypes and scale shape."""
+    if ckpt.shape(ck) != tuple(meta.shape):
+        raise bad_arg("checkpoint_dir", ckpt.directory, f"{ck} of shape {tuple(meta.shape)}",
+                      f"it has shape {ckpt.shape(ck)}: config.json and the weights do not match")
     if scale_key is None:
         if ckpt.dtype(ck).startswith("F8"):
             raise bad_arg("checkpoint_dir", ckpt.directory, f"{ck} with its scales", f"an {ckpt.dtype(ck)} tensor "
                           "without scales (missing key)")
-        return ckpt.read(ck).to(dtype)
+        return
     if scheme.weight_format != "fp8_block":
         raise unsupported("checkpoint_dir", f"{scheme.weight_format} tensors outside the experts ({ck})")
     check_checkpoint_dtype(ck, ckpt.dtype(ck), "weight", scheme, ckpt.directory)
@@ -389,6 +392,13 @@ def _read_plain(ck: str, scale_key: str | None, meta: torch.Tensor, dtype: torch
     if want is None or ckpt.shape(scale_key) != want:
         raise bad_arg("checkpoint_dir", ckpt.directory, f"{scale_key} of shape {want} (weight_block_size "
                       f"{list(scheme.block_size)})", f"it has shape {ckpt.shape(scale_key)}")
+
+
+def _read_plain(ck: str, scale_key: str | None, dtype: torch.dtype, ckpt: Checkpoint,
+                scheme: QuantScheme | None) -> torch.Tensor:
+    """One non-expert tensor, in ``dtype``: block-FP8 ones are dequantized (replicated, small next to the experts)."""
+    if scale_key is None:
+        return ckpt.read(ck).to(dtype)
     return dequantize_dense(ckpt.read(ck), ckpt.read(scale_key), scheme, dtype)
 
 
@@ -418,9 +428,7 @@ def _load_local(checkpoint_dir, group: Group, layout, dtype, model_cls):
                            len(conv.source_patterns) if conv is not None and experts[t].fused is None else 1,
                            scheme, ckpt.directory)
     for key, ck in plain.items():
-        if ckpt.shape(ck) != tuple(meta_sd[key].shape):
-            raise bad_arg("checkpoint_dir", ckpt.directory, f"{ck} of shape {tuple(meta_sd[key].shape)}",
-                          f"it has shape {ckpt.shape(ck)}: config.json and the weights do not match")
+        _check_plain(ck, plain_scales.get(key), meta_sd[key], ckpt, scheme)
     local_rows: dict[str, dict[str, torch.Tensor]] = {}
     for t, (s, n) in targets.items():
         full = getattr(s.module, n)
@@ -435,8 +443,8 @@ def _load_local(checkpoint_dir, group: Group, layout, dtype, model_cls):
         # holds them twice (staged + heap)
         local_rows.setdefault(s.path, {})[n] = rows.to(full.dtype if t in quant_roles else _dtype_for(t, full, fp32))
     for key, ck in plain.items():
-        _set(model, key, _read_plain(ck, plain_scales.get(key), meta_sd[key], _dtype_for(key, meta_sd[key], fp32),
-                                     ckpt, scheme).to(dev))
+        _set(model, key, _read_plain(ck, plain_scales.get(key), _dtype_for(key, meta_sd[key], fp32), ckpt,
+                                     scheme).to(dev))
     for t, (s, n) in targets.items():
         getattr(s.module, n)._is_hf_initialized = True  # stays on meta: convert() registers local_rows instead
     missing = set(meta_sd) - set(plain) - set(targets)
