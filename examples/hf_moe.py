@@ -14,6 +14,14 @@ Examples::
     python examples/hf_moe.py --model gpt_oss --world-size 2 --backend cuda_ipc   # GPUs
     python examples/hf_moe.py --checkpoint /path/to/local/checkpoint --world-size 2 --backend cuda_ipc
     python examples/hf_moe.py --model qwen3_moe --backend cuda_ipc --cuda-graph   # + one forward captured, replayed
+    python examples/hf_moe.py --make-checkpoint fp8-block /tmp/ds_fp8 --world-size 3   # quantized, offline
+
+Quantized checkpoints (block-FP8 as DeepSeek-V3 / Qwen3-FP8, MXFP4 as GPT-OSS) load with their experts
+kept quantized. ``--make-checkpoint fp8-block|mxfp4 DIR`` first writes a tiny one of the family (default
+``deepseek_v3`` / ``gpt_oss``) into ``DIR`` and its dequantized values as a plain checkpoint into
+``DIR-reference``, then runs as ``--checkpoint DIR --reference DIR-reference``. The unmodified HF
+model is built from ``--reference`` when given; from a quantized ``--checkpoint`` without it, by HF's
+own dequantizing loader (``Mxfp4Config`` / ``FineGrainedFP8Config(dequantize=True)``).
 
 With ``--cuda-graph`` (bfloat16, the default dtype then) each rank also captures one DWDP forward
 (``use_cache=False``) in a CUDA graph after ``DwdpPipeline.prepare_capture()``, replays it
@@ -45,13 +53,61 @@ import torch
 import dwdp_comm as dc
 from dwdp_comm.integrations.hf_configs import FAMILIES, tiny_config
 
+QUANT_FORMATS = {"fp8-block": ("fp8_block", "deepseek_v3"), "mxfp4": ("mxfp4", "gpt_oss")}
+
+
+def _quantization(checkpoint) -> dict | None:
+    """The checkpoint's ``quantization_config`` (None: not quantized)."""
+    with open(os.path.join(checkpoint, "config.json")) as f:
+        return json.load(f).get("quantization_config") or None
+
+
+def _dequantizing_config(checkpoint):
+    """HF's quantization config that dequantizes ``checkpoint``'s quantized tensors at load (None: not quantized)."""
+    import transformers as tf
+    quant = _quantization(checkpoint)
+    if not quant:
+        return None
+    if quant.get("quant_method") == "mxfp4":
+        return tf.Mxfp4Config(dequantize=True)
+    if quant.get("quant_method") == "fp8":
+        return tf.FineGrainedFP8Config(weight_block_size=quant.get("weight_block_size"), dequantize=True)
+    raise SystemExit(f"--checkpoint: quant_method {quant.get('quant_method')!r}: give --reference, a plain "
+                     "checkpoint of the same model, to build the unmodified HF model from")
+
+
+def make_checkpoint(args) -> None:
+    """--make-checkpoint FMT DIR: a tiny random model of the family saved quantized into DIR, and its
+    dequantized values into DIR-reference (the reference the check compares against)."""
+    import transformers as tf
+    from dwdp_comm.integrations.hf_quant_checkpoint import save_quantized
+    fmt, directory = args.make_checkpoint
+    weight_format, family = QUANT_FORMATS[fmt]
+    family = args.model or family
+    if family not in FAMILIES:
+        raise SystemExit(f"--model: {family!r} is not one of {FAMILIES} (--make-checkpoint writes a tiny config)")
+    torch.manual_seed(args.seed)
+    extra = {"intermediate_size": 32} if family == "gpt_oss" else {}  # MXFP4: K a multiple of 32
+    model = tf.AutoModelForCausalLM.from_config(tiny_config(family, num_experts=args.experts, num_layers=args.layers,
+                                                            **extra), dtype=torch.float32)
+    with torch.no_grad():  # HF zero-initialises some expert tensors: random ones are a better check
+        for n, p in model.named_parameters():
+            if "experts" in n:
+                p.copy_(torch.randn_like(p) * 0.1)
+    args.checkpoint, args.reference = directory, f"{directory.rstrip(os.sep)}-reference"
+    save_quantized(model, directory, weight_format, block_size=tuple(args.block_size), reference_dir=args.reference)
+    print(f"wrote a tiny {family} checkpoint, {weight_format}, to {directory} (dequantized: {args.reference})")
+
 
 def build(args, device):
-    """The unmodified HF model: from_pretrained of the checkpoint, or a seeded tiny random config."""
+    """The unmodified HF model: from_pretrained of the (reference) checkpoint, or a seeded tiny random config."""
     import transformers as tf
     dtype = getattr(torch, args.dtype)
     if args.checkpoint:
-        return tf.AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=dtype).to(device).eval()
+        source = args.reference or args.checkpoint
+        kwargs = {} if args.reference else {"quantization_config": _dequantizing_config(source)}
+        return tf.AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **{k: v for k, v in kwargs.items() if v}) \
+            .to(device).eval()
     if args.model not in FAMILIES:
         raise SystemExit(f"--model: {args.model!r} is neither a local checkpoint directory nor one of {FAMILIES}")
     torch.manual_seed(args.seed)
@@ -192,10 +248,17 @@ def _write_telemetry(args, telemetries: list) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="mixtral", help=f"a family ({', '.join(FAMILIES)}) or a local checkpoint dir "
-                   "(same as --checkpoint)")
+    p.add_argument("--model", default=None, help=f"a family ({', '.join(FAMILIES)}; default mixtral) or a local "
+                   "checkpoint dir (same as --checkpoint)")
     p.add_argument("--checkpoint", default=None, help="a local safetensors checkpoint dir: DWDP loads it with "
                    "load_model (each rank reads only its own experts), the reference with from_pretrained")
+    p.add_argument("--reference", default=None, help="a plain checkpoint the unmodified HF model is built from "
+                   "(default: --checkpoint; for a quantized one, HF's dequantizing loader)")
+    p.add_argument("--make-checkpoint", nargs=2, metavar=("FORMAT", "DIR"), default=None,
+                   help=f"write a tiny quantized checkpoint ({' or '.join(QUANT_FORMATS)}) of the family of --model "
+                   "(default deepseek_v3 / gpt_oss) into DIR, its dequantized twin into DIR-reference, and run on it")
+    p.add_argument("--block-size", nargs=2, type=int, default=[16, 16], metavar=("BN", "BK"),
+                   help="weight_block_size of --make-checkpoint fp8-block (real checkpoints: 128 128)")
     p.add_argument("--world-size", type=int, default=2)
     p.add_argument("--backend", default="sim", help="sim (CPU), cuda_ipc, auto, ...")
     p.add_argument("--experts", type=int, default=5, help="routed experts of a tiny config")
@@ -207,7 +270,8 @@ def main(argv=None) -> int:
     p.add_argument("--new-tokens", type=int, default=4)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tolerance", type=float, default=None, help="max |logits diff| (default: 1e-4 fp32, 5e-2 else)")
+    p.add_argument("--tolerance", type=float, default=None, help="max |logits diff| (default: 1e-4 fp32, 5e-2 else "
+                   "and for quantized checkpoints)")
     p.add_argument("--cuda-graph", action="store_true", help="also capture one DWDP forward in a CUDA graph and "
                    "replay it on new inputs, each replay checked against an eager forward (CUDA only)")
     p.add_argument("--replays", type=int, default=20, help="replays of --cuda-graph")
@@ -217,8 +281,14 @@ def main(argv=None) -> int:
     p.add_argument("--telemetry", metavar="FILE", default=None, help="write the DWDP run's prefetch telemetry and "
                    "routing histograms as JSON")
     args = p.parse_args(argv)
-    if args.checkpoint is None and os.path.isdir(args.model):
+    if args.make_checkpoint:
+        if args.make_checkpoint[0] not in QUANT_FORMATS:
+            raise SystemExit(f"--make-checkpoint: format {args.make_checkpoint[0]!r} is not one of "
+                             f"{', '.join(QUANT_FORMATS)}")
+        make_checkpoint(args)
+    if args.checkpoint is None and args.model and os.path.isdir(args.model):
         args.checkpoint = args.model
+    args.model = args.model or "mixtral"
     if args.cuda_graph and (args.backend == "sim" or not torch.cuda.is_available()):
         raise SystemExit(f"--cuda-graph: needs CUDA GPUs and a GPU backend (got --backend {args.backend}, "
                          f"torch.cuda.is_available() = {torch.cuda.is_available()})")
@@ -227,7 +297,11 @@ def main(argv=None) -> int:
     if args.cuda_graph and args.dtype != "bfloat16":
         raise SystemExit(f"--cuda-graph: needs --dtype bfloat16 (got {args.dtype}): under capture the experts run "
                          "torch._grouped_mm's bf16 kernel; other dtypes need token counts on the host")
-    tol = args.tolerance if args.tolerance is not None else (1e-4 if args.dtype == "float32" else 5e-2)
+    # quantized experts compute with bf16 GEMM inputs: bf16's tolerance, as a bf16 model
+    quantized = bool(args.checkpoint and os.path.isfile(os.path.join(args.checkpoint, "config.json"))
+                     and _quantization(args.checkpoint))
+    tol = args.tolerance if args.tolerance is not None else (1e-4 if args.dtype == "float32" and not quantized
+                                                             else 5e-2)
     args.tol = tol
     res = dc.testing.launch(rank_main, args.world_size, args, backend=args.backend, timeout=600)
     _write_telemetry(args, [r.pop("telemetry") for r in res if r.get("telemetry") is not None])
@@ -241,7 +315,8 @@ def main(argv=None) -> int:
               f"{_fmt_bytes(m['experts_bytes_before'])} -> {_fmt_bytes(m['experts_bytes_after'])} "
               f"(local {_fmt_bytes(m['local_bytes'])} + slots {_fmt_bytes(m['slot_bytes'])}"
               + (f", {_fmt_bytes(r['loading']['expert_bytes_read'])} of experts read from the checkpoint"
-                 if r["loading"] else "") + "); "
+                 + (f" ({r['loading']['weight_format']}, scales included)"
+                    if r["loading"]["weight_format"] != "bf16" else "") if r["loading"] else "") + "); "
               f"pulled {_fmt_bytes(r['bytes_pulled'])}, exposed prefetch {r['exposed_prefetch_s'] * 1e3:.2f} ms; "
               f"max |logits diff| {r['logits_max_diff']:.2e}, greedy tokens {'equal' if r['tokens_equal'] else 'DIFFER'}")
         gr = r["cuda_graph"]

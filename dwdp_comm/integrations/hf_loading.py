@@ -11,7 +11,8 @@ for the Qwen2-MoE pattern: Qwen3-MoE, DeepSeek-V3, OLMoE, ...), which HF's loade
 the family's conversion rules (``transformers.conversion_mapping``). This module resolves keys
 with HF's own rules and applies the merge to the local experts only; a rule whose operations it
 cannot restrict to rows (anything but stacking experts, concatenating or transposing inside an
-expert) raises instead of loading wrong rows.
+expert) raises instead of loading wrong rows. Quantized checkpoints (block-FP8, MXFP4) keep their
+experts quantized: each expert's scales are read beside its rows (:mod:`.hf_quant`).
 
 >>> dm = load_model("/ckpt/Qwen3-30B-A3B", group, dtype=torch.bfloat16)   # collective
 >>> dm.model.generate(ids, max_new_tokens=8); dm.close()
@@ -28,6 +29,8 @@ import torch
 from ..errors import DwdpError, MissingDependencyError, bad_arg, bad_type
 from ..group import Group, describe
 from ..layout import ExpertLayout
+from .hf_quant import (QuantScheme, check_block_concat, check_checkpoint_dtype, checkpoint_scheme, dequantize_dense,
+                       dress_experts, split_key, to_storage, unsupported)
 from .transformers import DwdpModel, ExpertsSite, convert, find_experts, sites_layout
 
 try:
@@ -139,16 +142,16 @@ def _resolve_dtype(dtype, config, checkpoint_dir) -> torch.dtype:
     if cfg is not None:
         return getattr(torch, cfg) if isinstance(cfg, str) else cfg
     ckpt = Checkpoint(checkpoint_dir)
+    floats = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
     for key in ckpt.keys():
         t = ckpt.dtype(key)
-        if t.startswith(("F", "BF")):
-            return {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32,
-                    "F64": torch.float64}.get(t, torch.get_default_dtype())
+        if t in floats:  # not F8_*: quantized tensors say nothing of the model dtype
+            return floats[t]
     return torch.get_default_dtype()
 
 
 def build_meta_model(checkpoint_dir, *, dtype=None, model_cls=None):
-    """The checkpoint's model built on the meta device (no tensor allocated). Local.
+    """The checkpoint's model built on the meta device (no tensor allocated), unquantized. Local.
 
     Parameters
     ----------
@@ -162,15 +165,19 @@ def build_meta_model(checkpoint_dir, *, dtype=None, model_cls=None):
     Returns
     -------
     (model, dtype)
+
+    Raises
+    ------
+    InvalidArgumentError
+        No ``config.json``, or a ``quantization_config`` of a format load_model cannot read
+        (:mod:`dwdp_comm.integrations.hf_quant`).
     """
     if not os.path.isfile(os.path.join(os.fspath(checkpoint_dir), "config.json")):
         raise bad_arg("checkpoint_dir", os.fspath(checkpoint_dir), "a directory with config.json")
     config = transformers.AutoConfig.from_pretrained(checkpoint_dir)
-    quant = getattr(config, "quantization_config", None)
-    if quant:  # its scale tensors need HF's quantizer, which load_model does not run
-        method = quant.get("quant_method", "?") if isinstance(quant, dict) else getattr(quant, "quant_method", "?")
-        raise bad_arg("checkpoint_dir", os.fspath(checkpoint_dir), "an unquantized checkpoint",
-                      f"config.json has quantization_config {str(method)!r}")
+    # raises for a format load_model cannot read; the model itself is built unquantized (load_model
+    # gives its experts the quantized tensors: hf_quant.dress_experts)
+    checkpoint_scheme(getattr(config, "quantization_config", None))
     dtype = _resolve_dtype(dtype, config, checkpoint_dir)
     model_cls = model_cls or transformers.AutoModelForCausalLM
     if not hasattr(model_cls, "from_config"):
@@ -200,39 +207,54 @@ class _ExpertSource:
         self.per_expert: dict[str, dict[int, str]] = {}
 
 
-def _check_ops(converter, target: str) -> list:
-    """The converter's operations, if every one keeps experts on dim 0 (so rows can be loaded alone)."""
+def _check_ops(converter, target: str, quantized: bool) -> list:
+    """The converter's operations, if every one keeps experts on dim 0 (so rows can be loaded alone) and,
+    for quantized tensors, keeps them ``[N, K]`` (no transpose)."""
     ops = list(getattr(converter, "operations", []) or [])
     for i, op in enumerate(ops):
         ok = (isinstance(op, MergeModulelist) and op.dim == 0 and i == 0) or \
              (isinstance(op, Concatenate) and op.dim >= 1) or \
-             (isinstance(op, Transpose) and min(op.dim0, op.dim1) >= 1)
+             (isinstance(op, Transpose) and min(op.dim0, op.dim1) >= 1 and not quantized)
         if not ok:
+            why = ("transposes quantized weights or their scales, which stay [N, K]" if quantized
+                   and isinstance(op, Transpose) else "does not keep experts on dim 0")
             raise DwdpError(f"load_model: {target} is built by the conversion rule {converter!r} with operation "
-                            f"{type(op).__name__}({vars(op)}), which does not keep experts on dim 0; cannot load "
+                            f"{type(op).__name__}({vars(op)}), which {why}; cannot load "
                             "only this rank's rows (load the model with from_pretrained and use convert())")
     return ops
 
 
-def _plan(model, sites: list[ExpertsSite], ckpt: Checkpoint):
-    """Map checkpoint keys to the model: ``(plain {model key: ckpt key}, experts {target: _ExpertSource})``."""
+def _plan(model, sites: list[ExpertsSite], ckpt: Checkpoint, scheme: QuantScheme | None):
+    """Map checkpoint keys to the model.
+
+    Returns ``(plain {model key: ckpt key}, plain scales {model key of the weight: ckpt key of its
+    scales}, experts {target: _ExpertSource})``; the experts' scales are targets of their own (the
+    scale names of the sites).
+    """
     mapping = get_model_conversion_mapping(model)
     renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
     converters = [t for t in mapping if isinstance(t, WeightConverter)]
     by_pattern = {p: c for c in converters for p in c.source_patterns}
     meta_sd = model.state_dict()
     prefix = model.base_model_prefix
-    targets = {f"{s.path}.{n}": (s, n) for s in sites for n in s.names}
-    plain, experts, unexpected = {}, {}, []
+    targets = {f"{s.path}.{n}" for s in sites for n in s.names}
+    scale_of = {f"{s.path}.{w}": f"{s.path}.{n}" for s in sites for w, n in s.scales.items()}
+    plain, plain_scales, experts, unexpected = {}, {}, {}, []
     for key in ckpt.keys():
-        renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta_sd)
-        if renamed not in meta_sd and key in meta_sd:  # as HF: maybe only the base-model prefix differs
-            renamed, pattern = rename_source_key(key, [], [], prefix, meta_sd)
+        # a quantized tensor or its scales resolve through HF's rules as the unquantized tensor would
+        base, role = split_key(key, scheme) if scheme is not None else (key, "weight")
+        renamed, pattern = rename_source_key(base, renamings, converters, prefix, meta_sd)
+        if renamed not in meta_sd and base in meta_sd:  # as HF: maybe only the base-model prefix differs
+            renamed, pattern = rename_source_key(base, [], [], prefix, meta_sd)
         if renamed in targets:
+            target = renamed if role == "weight" else scale_of.get(renamed)
+            if target is None:
+                raise bad_arg("checkpoint_dir", ckpt.directory, "scales only for quantized expert weights",
+                              f"{key!r} holds scales of {renamed}")
             conv = by_pattern.get(pattern)
-            src = experts.setdefault(renamed, _ExpertSource(conv))
+            src = experts.setdefault(target, _ExpertSource(conv))
             if conv is not None and any(isinstance(op, MergeModulelist) for op in conv.operations):
-                pre, _ = rename_source_key(key, renamings, [])
+                pre, _ = rename_source_key(base, renamings, [])
                 m = re.search(pattern.replace("*", r"(\d+)"), pre)
                 if m is None:
                     raise DwdpError(f"load_model: cannot tell the expert index of checkpoint key {key!r} "
@@ -240,13 +262,13 @@ def _plan(model, sites: list[ExpertsSite], ckpt: Checkpoint):
                 src.per_expert.setdefault(pattern, {})[int(m.group(1))] = key
             else:
                 if src.fused is not None:
-                    raise DwdpError(f"load_model: {renamed} is in the checkpoint twice ({src.fused!r}, {key!r})")
+                    raise DwdpError(f"load_model: {target} is in the checkpoint twice ({src.fused!r}, {key!r})")
                 src.fused = key
         elif renamed in meta_sd:
             if pattern is not None:
                 raise DwdpError(f"load_model: checkpoint key {key!r} needs the conversion rule "
                                 f"{by_pattern[pattern]!r}, which load_model applies to expert tensors only")
-            plain[renamed] = key
+            (plain_scales if role == "scale" else plain)[renamed] = key
         elif not any(re.search(p, key) for p in _IGNORED_UNEXPECTED + tuple(
                 getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ())):
             unexpected.append(key)
@@ -254,16 +276,26 @@ def _plan(model, sites: list[ExpertsSite], ckpt: Checkpoint):
         raise bad_arg("checkpoint_dir", ckpt.directory, "tensors that all belong to the model its config builds",
                       f"{len(unexpected)} checkpoint keys match no model tensor, e.g. {unexpected[:3]}: "
                       "config.json and the weights do not match")
-    return plain, experts
+    orphans = sorted(set(plain_scales) - set(plain))
+    if orphans:
+        raise bad_arg("checkpoint_dir", ckpt.directory, "scales next to their quantized weights",
+                      f"missing key: scales of {orphans[:3]} without the weight")
+    return plain, plain_scales, experts
 
 
-def _check_expert_source(target: str, src: _ExpertSource | None, full: torch.Tensor, ckpt: Checkpoint) -> list:
-    """Every expert of ``target`` is in the checkpoint with consistent shapes (headers only); its ops."""
+def _check_expert_source(target: str, src: _ExpertSource | None, full: torch.Tensor, ckpt: Checkpoint,
+                         quant: tuple | None) -> list:
+    """Every expert of ``target`` is in the checkpoint with consistent shapes (headers only); its ops.
+    ``quant``: ``(scheme, role)`` of a quantized tensor or its scales (their dtypes are checked too)."""
     num_experts = full.shape[0]
     if src is None or (src.fused is None and not src.per_expert):
         raise bad_arg("checkpoint_dir", ckpt.directory, f"a tensor for {target} (fused or per expert)",
                       "missing key: the checkpoint does not hold this experts tensor")
-    ops = _check_ops(src.converter, target) if src.converter is not None else []
+    ops = _check_ops(src.converter, target, quant is not None) if src.converter is not None else []
+    if quant is not None:
+        for key in [src.fused] if src.fused is not None else [k for d in src.per_expert.values() for k in d.values()]:
+            check_checkpoint_dtype(key, ckpt.dtype(key), quant[1], quant[0], ckpt.directory)
+    suffix = quant[0].scale_suffix if quant is not None and quant[1] == "scale" else ""
     if src.fused is not None:
         shape = ckpt.shape(src.fused)
         if src.per_expert or not shape or shape[0] != num_experts:
@@ -277,7 +309,7 @@ def _check_expert_source(target: str, src: _ExpertSource | None, full: torch.Ten
         if missing or extra:
             raise bad_arg("checkpoint_dir", ckpt.directory, f"experts 0..{num_experts - 1} of {target} "
                           f"(pattern {pattern!r})", f"missing key: experts {missing} absent (no key like "
-                          f"{pattern.replace('*', str(missing[0]))!r})" if missing else
+                          f"{pattern.replace('*', str(missing[0])) + suffix!r})" if missing else
                           f"experts {extra} beyond the config's {num_experts}")
         shapes = {ckpt.shape(k) for k in keys.values()}
         if len(shapes) != 1:
@@ -326,37 +358,93 @@ def _set_buffer(model, key: str, value: torch.Tensor) -> None:
     setattr(model.get_submodule(path) if path else model, name, value)
 
 
+def _quantize_sites(model, sites: list[ExpertsSite], scheme: QuantScheme | None):
+    """The experts sites of a quantized checkpoint: every experts module given its quantized tensors
+    (:func:`~dwdp_comm.integrations.hf_quant.dress_experts`), then found again; ``{target: role}`` of
+    the quantized tensors and their scales."""
+    if scheme is None:
+        return sites, {}
+    for s in sites:
+        dress_experts(s.path, s.module, s.names[:2], scheme)
+    sites = find_experts(model)
+    roles = {f"{s.path}.{n}": role for s in sites for w, sc in s.scales.items() for n, role in ((w, "weight"),
+                                                                                                 (sc, "scale"))}
+    return sites, roles
+
+
+def _check_plain(ck: str, scale_key: str | None, meta: torch.Tensor, ckpt: Checkpoint,
+                 scheme: QuantScheme | None) -> None:
+    """One non-expert tensor's headers: its shape, and a block-FP8 one's dtypes and scale shape."""
+    if ckpt.shape(ck) != tuple(meta.shape):
+        raise bad_arg("checkpoint_dir", ckpt.directory, f"{ck} of shape {tuple(meta.shape)}",
+                      f"it has shape {ckpt.shape(ck)}: config.json and the weights do not match")
+    if scale_key is None:
+        if ckpt.dtype(ck).startswith("F8"):
+            raise bad_arg("checkpoint_dir", ckpt.directory, f"{ck} with its scales", f"an {ckpt.dtype(ck)} tensor "
+                          "without scales (missing key)")
+        return
+    if scheme.weight_format != "fp8_block":
+        raise unsupported("checkpoint_dir", f"{scheme.weight_format} tensors outside the experts ({ck})")
+    check_checkpoint_dtype(ck, ckpt.dtype(ck), "weight", scheme, ckpt.directory)
+    check_checkpoint_dtype(scale_key, ckpt.dtype(scale_key), "scale", scheme, ckpt.directory)
+    bn, bk = scheme.block_size
+    want = (-(-meta.shape[0] // bn), -(-meta.shape[1] // bk)) if meta.dim() == 2 else None
+    if want is None or ckpt.shape(scale_key) != want:
+        raise bad_arg("checkpoint_dir", ckpt.directory, f"{scale_key} of shape {want} (weight_block_size "
+                      f"{list(scheme.block_size)})", f"it has shape {ckpt.shape(scale_key)}")
+
+
+def _read_plain(ck: str, scale_key: str | None, dtype: torch.dtype, ckpt: Checkpoint,
+                scheme: QuantScheme | None) -> torch.Tensor:
+    """One non-expert tensor, in ``dtype``: block-FP8 ones are dequantized (replicated, small next to the experts)."""
+    if scale_key is None:
+        return ckpt.read(ck).to(dtype)
+    return dequantize_dense(ckpt.read(ck), ckpt.read(scale_key), scheme, dtype)
+
+
 def _load_local(checkpoint_dir, group: Group, layout, dtype, model_cls):
     """Everything of :func:`load_model` before the collective conversion (local, may raise)."""
     ckpt = Checkpoint(checkpoint_dir)
     model, dtype = build_meta_model(checkpoint_dir, dtype=dtype, model_cls=model_cls)
+    scheme = checkpoint_scheme(getattr(model.config, "quantization_config", None))
     sites = find_experts(model)
     if not sites:
         raise bad_arg("checkpoint_dir", ckpt.directory, "an MoE model (experts modules)",
                       f"{type(model).__name__} has none")
     layout = sites_layout(sites, group, layout, arg="checkpoint_dir", source="the config's")
-    plain, experts = _plan(model, sites, ckpt)
+    sites, quant_roles = _quantize_sites(model, sites, scheme)
+    plain, plain_scales, experts = _plan(model, sites, ckpt, scheme)
     meta_sd = model.state_dict()
     fp32 = _fp32_patterns(model, dtype)
     dev = group.device
     # headers first: a bad checkpoint fails before anything is read
     targets = {f"{s.path}.{n}": (s, n) for s in sites for n in s.names}
-    ops = {t: _check_expert_source(t, experts.get(t), getattr(s.module, n), ckpt) for t, (s, n) in targets.items()}
+    ops = {t: _check_expert_source(t, experts.get(t), getattr(s.module, n), ckpt,
+                                   (scheme, quant_roles[t]) if t in quant_roles else None)
+           for t, (s, n) in targets.items()}
+    for t in (t for t, role in quant_roles.items() if role == "weight"):
+        conv = experts[t].converter
+        check_block_concat(t, getattr(targets[t][0].module, targets[t][1]).shape[1],
+                           len(conv.source_patterns) if conv is not None and experts[t].fused is None else 1,
+                           scheme, ckpt.directory)
     for key, ck in plain.items():
-        if ckpt.shape(ck) != tuple(meta_sd[key].shape):
-            raise bad_arg("checkpoint_dir", ckpt.directory, f"{ck} of shape {tuple(meta_sd[key].shape)}",
-                          f"it has shape {ckpt.shape(ck)}: config.json and the weights do not match")
+        _check_plain(ck, plain_scales.get(key), meta_sd[key], ckpt, scheme)
     local_rows: dict[str, dict[str, torch.Tensor]] = {}
     for t, (s, n) in targets.items():
         full = getattr(s.module, n)
         want = (layout.num_local_experts, *full.shape[1:])
         rows = _read_local(experts[t], ops[t], layout.local_experts, ckpt, want)
+        if t in quant_roles:  # kept quantized, in the storage the kernels take (never a silent cast)
+            rows = to_storage(rows, quant_roles[t], scheme)
         if tuple(rows.shape) != want:
             raise bad_arg("checkpoint_dir", ckpt.directory, f"{t} rows of shape {want}",
                           f"the checkpoint gives {tuple(rows.shape)}: config.json and the weights do not match")
-        local_rows.setdefault(s.path, {})[n] = rows.to(dev, _dtype_for(t, full, fp32))
+        # staged in host memory: the store copies them into the heap at commit, so the device never
+        # holds them twice (staged + heap)
+        local_rows.setdefault(s.path, {})[n] = rows.to(full.dtype if t in quant_roles else _dtype_for(t, full, fp32))
     for key, ck in plain.items():
-        _set(model, key, ckpt.read(ck).to(dev, _dtype_for(key, meta_sd[key], fp32)))
+        _set(model, key, _read_plain(ck, plain_scales.get(key), _dtype_for(key, meta_sd[key], fp32), ckpt,
+                                     scheme).to(dev))
     for t, (s, n) in targets.items():
         getattr(s.module, n)._is_hf_initialized = True  # stays on meta: convert() registers local_rows instead
     missing = set(meta_sd) - set(plain) - set(targets)
@@ -377,18 +465,19 @@ def _load_local(checkpoint_dir, group: Group, layout, dtype, model_cls):
     model.eval()
     if model.can_generate() and os.path.isfile(os.path.join(ckpt.directory, "generation_config.json")):
         model.generation_config = transformers.GenerationConfig.from_pretrained(ckpt.directory)
+    expert_keys = {k for src in experts.values() for k in [src.fused, *(k for d in src.per_expert.values()
+                                                                         for k in d.values())] if k}
     report = {"checkpoint": ckpt.directory, "dtype": str(dtype).replace("torch.", ""),
+              "weight_format": scheme.weight_format if scheme else "bf16",
+              "block_size": list(scheme.block_size) if scheme and scheme.block_size else None,
+              "dequantized": sorted(plain_scales),
               "local_experts": [layout.local_experts.start, layout.local_experts.stop],
-              "expert_reads": [r for r in ckpt.reads if _is_expert_read(r[0], experts)],
+              "expert_reads": [r for r in ckpt.reads if r[0] in expert_keys],
               "expert_bytes_read": 0, "other_bytes_read": 0}
     report["expert_bytes_read"] = sum(r[2] for r in report["expert_reads"])
     report["other_bytes_read"] = sum(r[2] for r in ckpt.reads) - report["expert_bytes_read"]
     ckpt.close()
     return model, layout, local_rows, report
-
-
-def _is_expert_read(key: str, experts: dict[str, _ExpertSource]) -> bool:
-    return any(key == s.fused or any(key in d.values() for d in s.per_expert.values()) for s in experts.values())
 
 
 def load_model(checkpoint_dir, group: Group, *, layout: ExpertLayout | None = None, dtype=None, model_cls=None,
@@ -401,6 +490,12 @@ def load_model(checkpoint_dir, group: Group, *, layout: ExpertLayout | None = No
     key), then converts as :func:`~dwdp_comm.integrations.transformers.convert`. Tied weights,
     non-persistent buffers (rotary ``inv_freq``, ...), dtypes (``keep_in_fp32`` modules included)
     and the generation config come out as ``from_pretrained`` gives them.
+
+    Quantized checkpoints (:mod:`~dwdp_comm.integrations.hf_quant`): block-FP8 (DeepSeek-V3/R1,
+    Kimi-K2, Qwen3-FP8) and MXFP4 (GPT-OSS). Each rank reads its own expert rows and their scales,
+    and the experts stay quantized (store names ``gate_up_proj`` + ``gate_up_proj_scale_inv`` /
+    ``gate_up_proj_scales``, ...); block-FP8 tensors outside the experts (attention, shared
+    experts) are replicated and dequantized to ``dtype``. Other formats raise on every rank.
 
     Parameters
     ----------
@@ -420,16 +515,17 @@ def load_model(checkpoint_dir, group: Group, *, layout: ExpertLayout | None = No
     Returns
     -------
     DwdpModel
-        Its ``loading`` dict: ``checkpoint``, ``dtype``, ``local_experts`` ``[first, stop)``,
-        ``expert_reads`` (``(key, rows or None, bytes)`` of every expert read), ``expert_bytes_read``,
-        ``other_bytes_read``.
+        Its ``loading`` dict: ``checkpoint``, ``dtype``, ``weight_format`` (``"bf16"``, ``"fp8_block"``,
+        ``"mxfp4"``), ``block_size``, ``dequantized`` (model keys of the non-expert tensors dequantized
+        at load), ``local_experts`` ``[first, stop)``, ``expert_reads`` (``(key, rows or None, bytes)``
+        of every expert read, scales included), ``expert_bytes_read``, ``other_bytes_read``.
 
     Raises
     ------
     CollectiveError
         On every rank, when any rank failed (no such directory, a missing or unexpected key, shapes
-        that do not match ``config.json``, a conversion rule that cannot be applied to rows alone);
-        the message names each failing rank and its error.
+        that do not match ``config.json``, a conversion rule that cannot be applied to rows alone, a
+        quantization format load_model cannot read); the message names each failing rank and its error.
     """
     if not isinstance(group, Group):
         raise bad_type("group", group, "a dwdp_comm.Group (from dwdp_comm.init)")

@@ -27,6 +27,7 @@ from ..moe.experts import experts_forward
 from ..moe.pipeline import DwdpPipeline
 from ..prefetch import Prefetcher
 from ..store import WeightStore
+from .hf_quant import check_model_quantization, experts_quantization
 
 try:
     import transformers  # noqa: F401
@@ -63,7 +64,14 @@ class ExpertsSite:
         ``_apply_gate``), the module's own ``_apply_gate`` (a family-specific gate), or None (no gate).
     method : {"experts_forward", "hf_grouped_mm"}
         The library's experts forward, or HF's own ``grouped_mm`` experts code fed with the
-        prefetched tensors (the fallback for math the library does not cover).
+        prefetched tensors (the fallback for math the library does not cover; unquantized only).
+    weight_format : {"bf16", "fp8_block", "mxfp4"}
+        How the weights are stored (:mod:`dwdp_comm.kernels.quant`; ``"bf16"``: any float dtype).
+        Quantized weights are always ``"nk"``.
+    block_size : tuple of int or None
+        ``(bn, bk)`` of ``"fp8_block"``.
+    scales : dict
+        ``{weight name: name of its scales}`` (empty when unquantized); the scale names are in ``names``.
     """
 
     layer: int
@@ -74,6 +82,9 @@ class ExpertsSite:
     weight_layout: str
     gate: Any
     method: str
+    weight_format: str = "bf16"
+    block_size: tuple | None = None
+    scales: dict = field(default_factory=dict)
 
 
 def _is_experts_module(m: torch.nn.Module) -> bool:
@@ -81,15 +92,36 @@ def _is_experts_module(m: torch.nn.Module) -> bool:
         isinstance(getattr(m, "down_proj", None), torch.Tensor)
 
 
+def _gate(m: torch.nn.Module) -> Any:
+    """What experts_forward gets as ``gate`` for a gated experts module (see :class:`ExpertsSite`)."""
+    apply_gate = getattr(type(m), "_apply_gate", None)
+    if apply_gate is _hf_moe._default_apply_gate:
+        return "swiglu"
+    # HF's FP8Experts brings its own gate, plain SwiGLU unless the config adds clamps or soft caps
+    if type(m).__name__ == "FP8Experts" and not any(getattr(m, a, None) for a in (
+            "swiglu_alpha", "swiglu_limit", "limit", "limit_after_act", "gate_softcap", "up_softcap")):
+        return "swiglu"
+    return m._apply_gate  # family-specific gate (e.g. GPT-OSS's clamped interleaved one)
+
+
 def find_experts(model: torch.nn.Module) -> list[ExpertsSite]:
     """Every experts module of ``model`` (those made by HF's ``@use_experts_implementation``), in forward order.
 
-    Read from HF's own flags, never from module paths. Local, no side effect.
+    Read from HF's own flags, never from module paths. Quantized experts (HF's ``FP8Experts``, or
+    modules :func:`~dwdp_comm.integrations.hf_loading.load_model` gave quantized tensors) get their
+    scale tensors in ``names`` and ``weight_format`` / ``block_size`` / ``scales`` set. Local, no
+    side effect.
 
     Returns
     -------
     list of ExpertsSite
         Empty when the model has no experts modules.
+
+    Raises
+    ------
+    InvalidArgumentError
+        Experts quantized in a format the library does not run (see
+        :mod:`dwdp_comm.integrations.hf_quant`).
     """
     if not isinstance(model, torch.nn.Module):
         raise bad_type("model", model, "a torch.nn.Module (a transformers model)")
@@ -99,20 +131,19 @@ def find_experts(model: torch.nn.Module) -> list[ExpertsSite]:
             continue
         first = "gate_up_proj" if m.has_gate else "up_proj"
         names = [first, "down_proj"]
+        fmt, block, scales = experts_quantization(path, m, tuple(names))
         if m.has_bias:
             names += [first + _BIAS_SUFFIX, "down_proj" + _BIAS_SUFFIX]
         tensors = [getattr(m, n, None) for n in names]
         covered = all(isinstance(t, torch.Tensor) and t.is_floating_point() and t.shape[0] == m.num_experts
                       for t in tensors)
-        if not m.has_gate:
-            gate = None
-        elif getattr(type(m), "_apply_gate", None) is _hf_moe._default_apply_gate:
-            gate = "swiglu"
-        else:
-            gate = m._apply_gate  # family-specific gate (e.g. GPT-OSS's clamped interleaved one)
+        quantized = fmt != "bf16"
         sites.append(ExpertsSite(layer=len(sites), path=path, module=m, num_experts=int(m.num_experts),
-                                 names=tuple(names), weight_layout="kn" if m.is_transposed else "nk", gate=gate,
-                                 method="experts_forward" if covered else "hf_grouped_mm"))
+                                 names=tuple(names) + tuple(scales.values()),
+                                 weight_layout="kn" if m.is_transposed and not quantized else "nk",
+                                 gate=_gate(m) if m.has_gate else None,
+                                 method="experts_forward" if covered or quantized else "hf_grouped_mm",
+                                 weight_format=fmt, block_size=block, scales=scales))
     return sites
 
 
@@ -150,11 +181,17 @@ class _SiteRunner:
             if s.method == "experts_forward":
                 seg = {n: h.weight_segments(n) for n in s.names}
                 first = s.names[0]
+                quant = {}
+                if s.weight_format != "bf16":  # scales travel in the same handle, split as the store serves them
+                    quant = dict(gate_up_scale=seg[s.scales[first]], down_scale=seg[s.scales["down_proj"]],
+                                 weight_format=s.weight_format)
+                    if s.block_size is not None:
+                        quant["block_size"] = s.block_size
                 out = experts_forward(hidden_states, top_k_index, top_k_weights, seg[first], seg["down_proj"],
                                       gate_up_bias=seg.get(first + _BIAS_SUFFIX),
                                       down_bias=seg.get("down_proj" + _BIAS_SUFFIX),
                                       weight_layout=s.weight_layout, gate=s.gate, act_fn=getattr(s.module, "act_fn", None),
-                                      info=self.info)
+                                      info=self.info, **quant)
             else:
                 view = _Prefetched(s.module, {n: h.weights(n) for n in s.names})
                 out = _hf_moe.grouped_mm_experts_forward(view, hidden_states, top_k_index, top_k_weights)
@@ -214,6 +251,16 @@ class DwdpModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _register_implementation() -> None:
+    """Register ``"dwdp"`` in HF's experts interface and in every one that subclasses it with its own
+    table (HF's ``FP8ExpertsInterface``: its ``FP8Experts`` dispatch through that one)."""
+    todo = [_hf_moe.ExpertsInterface]
+    while todo:
+        cls = todo.pop()
+        cls.register(IMPLEMENTATION, _dwdp_experts_forward)
+        todo += cls.__subclasses__()
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -309,8 +356,9 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
         Force one experts path on every site (default: per site, see :class:`ExpertsSite`).
     local_rows : dict, optional
         ``{site path: {tensor name: rows}}``: this rank's rows ``[layout.num_local_experts, ...]``
-        of every expert tensor (same dtype as the module's), registered instead of slicing the
-        module's tensors, which are then never read.
+        of every expert tensor (same dtype as the module's; on any device, host memory included:
+        the store copies them into its heap), registered instead of slicing the module's tensors,
+        which are then never read.
 
     Returns
     -------
@@ -331,8 +379,12 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
             raise bad_arg("free", repr(free), "'local' or 'none'")
         if method not in (None, "experts_forward", "hf_grouped_mm"):
             raise bad_arg("method", repr(method), "None, 'experts_forward' or 'hf_grouped_mm'")
+        check_model_quantization(model)
         sites = find_experts(model)
         for s in sites:
+            if method == "hf_grouped_mm" and s.weight_format != "bf16":
+                raise bad_arg("method", repr(method), "None or 'experts_forward' for quantized experts "
+                              f"({s.path} holds {s.weight_format} weights)")
             s.method = method or s.method
         if not sites:
             raise bad_arg("model", type(model).__name__,
@@ -350,7 +402,6 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
         error = f"{type(exc).__name__}: {exc}"
     group.comm.agree(error, "convert(model, group)")
 
-    dev = group.device
     before = 0
     store = WeightStore(group, layout)
     local = layout.local_experts
@@ -359,7 +410,9 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
             t = getattr(s.module, n).detach()
             before += _nbytes(t)  # meta tensors know their size too
             rows = t[local.start:local.stop] if local_rows is None else local_rows[s.path][n]
-            store.register(s.layer, n, rows.to(dev))
+            if s.weight_format == "fp8_block" and n in s.scales.values():
+                rows = rows.float()  # ue8m0 (float8_e8m0fnu) block scales, widened exactly
+            store.register(s.layer, n, rows)  # commit() copies it into the heap, from any device
     store.commit()
     if free == "local" and local_rows is None:
         for s in sites:
@@ -370,7 +423,7 @@ def convert(model: torch.nn.Module, group: Group, *, layout: ExpertLayout | None
     pipeline = DwdpPipeline(prefetcher, [s.layer for s in sites])
     for s in sites:
         s.module.dwdp_run = _SiteRunner(s, pipeline)
-    _hf_moe.ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, _dwdp_experts_forward)
+    _register_implementation()
     previous = getattr(model.config, "_experts_implementation", None)
     model.set_experts_implementation(IMPLEMENTATION)
     hook = model.register_forward_pre_hook(lambda mod, args: pipeline.begin())

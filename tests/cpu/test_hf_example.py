@@ -50,3 +50,18 @@ def test_hf_example_checkpoint(capsys, tmp_path):
 def test_hf_example_cuda_graph_needs_a_gpu_backend():
     with pytest.raises(SystemExit, match="--cuda-graph: needs CUDA GPUs"):
         _example().main(["--model", "olmoe", "--cuda-graph"])
+
+
+@pytest.mark.parametrize("fmt", ["fp8-block", "mxfp4"])
+def test_hf_example_quantized_checkpoint(fmt, capsys, tmp_path, monkeypatch):
+    """--make-checkpoint writes a tiny quantized checkpoint (DeepSeek-V3 block-FP8, GPT-OSS MXFP4) and its
+    dequantized twin, then --checkpoint runs on it: experts kept quantized, checked against the twin."""
+    monkeypatch.syspath_prepend(os.path.dirname(EXAMPLE))
+    ckpt = tmp_path / "q"
+    res, printed = _run(capsys, tmp_path, "--make-checkpoint", fmt, str(ckpt), "--layers", "2")
+    want = {"fp8-block": "fp8_block", "mxfp4": "mxfp4"}[fmt]
+    assert f"({want}, scales included)" in printed
+    assert (tmp_path / "q-reference" / "config.json").is_file()
+    for r in res["per_rank"]:
+        assert r["loading"]["weight_format"] == want and r["loading"]["checkpoint"] == str(ckpt)
+        assert r["loading"]["expert_bytes_read"] == r["memory"]["local_bytes"]  # stored as read: quantized

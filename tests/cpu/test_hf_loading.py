@@ -46,7 +46,7 @@ SPECS = {
 ERRORS = {"dir": "checkpoint_dir", "no_key": "missing key", "more_experts": "experts [5] absent",
           "narrower": "config.json and the weights do not match", "unknown": "match no model tensor",
           "no_norm": "missing key: 1 absent and not tied, e.g. ['model.norm.weight']",
-          "quantized": "an unquantized checkpoint", "ops": "does not keep experts on dim 0"}
+          "quantized": "per-tensor FP8", "ops": "does not keep experts on dim 0"}
 
 
 def _rewrite(src, dst, drop=None, rename=None, config=None):

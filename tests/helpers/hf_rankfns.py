@@ -108,9 +108,8 @@ def compare_many(group, cases):
 
 # ---- load_model (dwdp_comm.integrations.hf_loading) ------------------------------------------------------------
 
-def save_checkpoint(directory, family: str, seed: int, *, num_experts: int = 5, dtype=torch.float32,
-                    max_shard_size=None, **overrides) -> str:
-    """save_pretrained of a tiny random model (random expert biases too) into ``directory``; returns it."""
+def _random_model(family: str, seed: int, num_experts: int, **overrides):
+    """A tiny random float32 model (random expert biases too: HF zero-initialises some)."""
     import transformers as tf
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(tiny_config(family, num_experts=num_experts, **overrides),
@@ -119,8 +118,71 @@ def save_checkpoint(directory, family: str, seed: int, *, num_experts: int = 5, 
         for n, p in model.named_parameters():
             if "experts" in n:
                 p.copy_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def save_checkpoint(directory, family: str, seed: int, *, num_experts: int = 5, dtype=torch.float32,
+                    max_shard_size=None, **overrides) -> str:
+    """save_pretrained of a tiny random model (random expert biases too) into ``directory``; returns it."""
+    model = _random_model(family, seed, num_experts, **overrides)
     model.to(dtype).save_pretrained(str(directory), **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return str(directory)
+
+
+def save_quantized_checkpoint(directory, family: str, seed: int, weight_format: str, *, block_size=(16, 16),
+                              num_experts: int = 5, num_shards: int = 1, scale_fmt: str = "float",
+                              **overrides) -> tuple[str, str]:
+    """A tiny random model saved quantized into ``directory`` and dequantized into ``directory``-ref (a plain
+    checkpoint: the reference); returns both directories."""
+    from dwdp_comm.integrations.hf_quant_checkpoint import save_quantized
+    model = _random_model(family, seed, num_experts, **overrides)
+    ref = f"{directory}-ref"
+    save_quantized(model, str(directory), weight_format, block_size=block_size, reference_dir=ref,
+                   num_shards=num_shards, scale_fmt=scale_fmt)
+    return str(directory), ref
+
+
+def _checkpoint_reader(directory: str):
+    """``read(key)`` of a checkpoint's tensors, opened with safetensors directly (the tests' own reader)."""
+    import json
+    import os
+    from safetensors import safe_open
+    index = os.path.join(directory, "model.safetensors.index.json")
+    files = json.load(open(index))["weight_map"] if os.path.isfile(index) else None
+    handles = {}
+
+    def read(key):
+        name = files[key] if files is not None else "model.safetensors"
+        if name not in handles:
+            handles[name] = safe_open(os.path.join(directory, name), framework="pt", device="cpu")
+        return handles[name].get_tensor(key)
+    read.keys = set(files) if files is not None else set(
+        safe_open(os.path.join(directory, "model.safetensors"), framework="pt").keys())
+    return read
+
+
+def quantized_truth(directory: str, path: str, name: str, num_experts: int) -> torch.Tensor:
+    """``[E, ...]`` of a quantized expert tensor or its scales as the store holds it, rebuilt from the checkpoint
+    files by the tests' own reading: per-expert FP8 keys (Qwen2-MoE pattern ``...mlp.experts.<e>.gate_proj``, or
+    Mixtral's ``...block_sparse_moe.experts.<e>.w1``; ue8m0 byte scales widened to float32) or GPT-OSS-style fused
+    MXFP4 blocks."""
+    read = _checkpoint_reader(directory)
+    if f"{path}.{name}_blocks" in read.keys:  # [E, N, K/32, 16] -> [E, N, K/2]
+        t = read(f"{path}.{name}_blocks")
+        return t.reshape(t.shape[0], t.shape[1], -1)
+    if f"{path}.{name}" in read.keys:
+        return read(f"{path}.{name}")
+    scale = name.endswith("_scale_inv")
+    base, suffix = (name[:-len("_scale_inv")], ".weight_scale_inv") if scale else (name, ".weight")
+    names = {"gate_up_proj": (["gate_proj", "up_proj"], ["w1", "w3"]), "down_proj": (["down_proj"], ["w2"]),
+             "up_proj": (["up_proj"], ["w3"])}[base]
+    for where in (path, path.replace(".mlp.", ".block_sparse_moe.")):
+        for projs in names:
+            if f"{where}.0.{projs[0]}{suffix}" in read.keys:
+                t = torch.stack([torch.cat([read(f"{where}.{e}.{p}{suffix}") for p in projs])
+                                 for e in range(num_experts)])
+                return t.view(torch.float8_e8m0fnu).float() if t.dtype == torch.uint8 else t
+    raise KeyError(f"{path}.{name}: no such tensor in {directory}")
 
 
 class _SliceSpy:
@@ -167,15 +229,18 @@ def _expert_rows_read(log, num_experts: int) -> dict[str, set]:
 
 
 def load_compare(group, cases):
-    """load_model vs from_pretrained + unmodified HF, for each ``(checkpoint dir, load dtype, check_tokens)``."""
+    """load_model vs from_pretrained + unmodified HF, for each ``(checkpoint dir, load dtype, check_tokens)`` or
+    ``(..., reference dir)``: a quantized checkpoint against the plain checkpoint of its dequantized values."""
     import safetensors
     import transformers as tf
     from dwdp_comm.integrations.hf_loading import load_model
+    from dwdp_comm.kernels import quant
     torch.set_num_threads(1)
     results = []
-    for directory, dtype, check_tokens in cases:
+    for directory, dtype, check_tokens, *reference in cases:
         dev = group.device  # cpu on sim; the rank's GPU on cuda_ipc
-        ref = tf.AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(dev).eval()
+        ref = tf.AutoModelForCausalLM.from_pretrained(reference[0] if reference else directory,
+                                                      dtype=dtype).to(dev).eval()
         ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(1)).to(dev)
         with torch.no_grad():
             want = ref(ids).logits.float()
@@ -225,17 +290,29 @@ def load_compare(group, cases):
                 got_tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4,
                                             min_new_tokens=4, do_sample=False)
                 out["tokens_equal"] = bool(torch.equal(got_tokens, want_tokens))
-            exact = True
+            exact, deq_exact = True, True
             dm.pipeline.begin()
             for s in dm.sites:
                 h = dm.pipeline.acquire(s.layer)
+                quantized = set(s.scales) | set(s.scales.values())
                 for n in s.names:
-                    full = ref.get_submodule(s.path).get_parameter(n)
+                    full = quantized_truth(directory, s.path, n, s.num_experts).to(dev) if n in quantized else \
+                        ref.get_submodule(s.path).get_parameter(n)
                     w = h.weights(n)
-                    exact &= w.dtype == full.dtype and bool(torch.equal(w.view(torch.uint8), full.view(torch.uint8)))
+                    exact &= w.dtype == full.dtype and w.shape == full.shape and bool(
+                        torch.equal(w.view(torch.uint8), full.view(torch.uint8)))
+                for n, sn in s.scales.items():  # each expert's weights with its own scales: the reference's values
+                    want = ref.get_submodule(s.path).get_parameter(n)
+                    if ref.get_submodule(s.path).is_transposed:
+                        want = want.transpose(1, 2)
+                    got = quant.dequantize(h.weights(n), h.weights(sn), s.weight_format,
+                                           block_size=s.block_size or quant.DEFAULT_BLOCK_SIZE, dtype=want.dtype)
+                    deq_exact &= bool(torch.equal(got, want))
                 dm.pipeline.release(h)
-            out["bytes_exact"] = exact
+            out["bytes_exact"], out["dequantized_exact"] = exact, deq_exact
+            out["formats"] = sorted({s.weight_format for s in dm.sites})
             out["memory"] = dm.memory
+            out["loading"] = {k: v for k, v in dm.loading.items() if k != "expert_reads"}
             out["expert_bytes_read"] = dm.loading["expert_bytes_read"]
         results.append(out)
     return results
@@ -272,3 +349,104 @@ def many(group, calls):
     so each test file launches once per world size and its tests check their part.
     """
     return [globals()[name](group, *args) for name, *args in calls]
+
+
+# ---- quantized models (tests/cpu/test_hf_quantized.py) ----------------------------------------------------------
+
+def _fp8_experts_model(quant_dir: str, ref_dir: str, block_size, dev, *, poison: range | None = None,
+                       block=True):
+    """The model of ``ref_dir`` with every experts module replaced by HF's own ``FP8Experts`` holding the
+    checkpoint's FP8 experts (what ``from_pretrained`` of ``quant_dir`` gives on a GPU with HF's FP8
+    kernels); rows outside ``poison`` are NaN (never to be read)."""
+    import transformers as tf
+    from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, FP8Experts
+    from transformers.integrations.moe import use_experts_implementation
+    from dwdp_comm.integrations.transformers import find_experts
+    model = tf.AutoModelForCausalLM.from_pretrained(ref_dir).to(dev).eval()
+    cls = use_experts_implementation(experts_class=FP8Experts, experts_interface=ALL_FP8_EXPERTS_FUNCTIONS,
+                                     has_bias=False, has_gate=True)
+    for s in find_experts(model):
+        new = cls(config=s.module.config, block_size=tuple(block_size) if block else None,
+                  activation_scheme="dynamic", scale_fmt="float", has_bias=False, has_gate=True)
+        with torch.no_grad():
+            for n, p in new.named_parameters():
+                if block:
+                    p.copy_(quantized_truth(quant_dir, s.path, n, s.num_experts))
+                if poison is not None:
+                    keep = p[poison.start:poison.stop].clone()
+                    p.view(torch.uint8).fill_(0xFF)  # NaN in float8_e4m3fn and float32
+                    p[poison.start:poison.stop] = keep
+        model.set_submodule(s.path, new.to(dev))
+    model.config.quantization_config = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": list(block_size)}
+    return model
+
+
+def fp8_experts_compare(group, quant_dir: str, ref_dir: str, block_size):
+    """convert() of a model whose experts are HF's FP8Experts vs the model of the dequantized checkpoint."""
+    from dwdp_comm.integrations.transformers import convert
+    from dwdp_comm.layout import ExpertLayout
+    torch.set_num_threads(1)
+    import transformers as tf
+    dev = group.device
+    ref = tf.AutoModelForCausalLM.from_pretrained(ref_dir).to(dev).eval()
+    ids = torch.randint(0, ref.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3)).to(dev)
+    with torch.no_grad():
+        want = ref(ids).logits
+        want_tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                   do_sample=False)
+    lay = ExpertLayout(ref.config.n_routed_experts, group.size, group.rank)
+    model = _fp8_experts_model(quant_dir, ref_dir, block_size, dev, poison=lay.local_experts)
+    dm = convert(model, group, depth=2, chunk_nbytes=512)
+    out = {"formats": sorted({s.weight_format for s in dm.sites}), "gates": sorted({str(s.gate) for s in dm.sites}),
+           "names": sorted({n for s in dm.sites for n in s.names}), "memory": dm.memory,
+           "block_sizes": sorted({s.block_size for s in dm.sites})}
+    with dm, torch.no_grad():
+        out["freed"] = all(getattr(s.module, n).device.type == "meta" for s in dm.sites for n in s.names)
+        out["logits_max_diff"] = float((model(ids).logits - want).abs().max())
+        got_tokens = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, min_new_tokens=4,
+                                    do_sample=False)
+        out["tokens_equal"] = bool(torch.equal(got_tokens, want_tokens))
+        exact = True
+        dm.pipeline.begin()
+        for s in dm.sites:
+            h = dm.pipeline.acquire(s.layer)
+            for n in s.names:
+                w, full = h.weights(n), quantized_truth(quant_dir, s.path, n, s.num_experts).to(dev)
+                exact &= w.dtype == full.dtype and bool(torch.equal(w.view(torch.uint8), full.view(torch.uint8)))
+            dm.pipeline.release(h)
+        out["bytes_exact"] = exact
+    return out
+
+
+def convert_quant_errors(group, quant_dir: str, ref_dir: str, block_size):
+    """convert() of models quantized in formats DWDP does not run: every rank raises, naming the format."""
+    import transformers as tf
+    from dwdp_comm.integrations.transformers import convert
+    torch.set_num_threads(1)
+    dev = group.device
+    out = []
+    for label in ("awq", "per_tensor_fp8", "mxfp4_swizzled", "grouped_mm_fp8"):
+        kwargs = {}
+        if label == "awq":
+            model = tf.AutoModelForCausalLM.from_pretrained(ref_dir).eval()
+            model.config.quantization_config = {"quant_method": "awq", "bits": 4, "group_size": 128}
+        elif label == "per_tensor_fp8":
+            model = _fp8_experts_model(quant_dir, ref_dir, block_size, dev, block=False)
+        elif label == "mxfp4_swizzled":  # HF's MXFP4 experts as its quantizer builds them (meta: never run)
+            from transformers.integrations.mxfp4 import Mxfp4GptOssExperts
+            cfg = tiny_config("gpt_oss", intermediate_size=32)
+            with torch.device("meta"):
+                model = tf.AutoModelForCausalLM.from_config(cfg)
+                for i, layer in enumerate(model.model.layers):
+                    layer.mlp.experts = Mxfp4GptOssExperts(cfg)
+            model.config.quantization_config = {"quant_method": "mxfp4"}
+        else:
+            model = _fp8_experts_model(quant_dir, ref_dir, block_size, dev)
+            kwargs = {"method": "hf_grouped_mm"}
+        try:
+            convert(model, group, **kwargs).close()
+            out.append((label, None, ""))
+        except Exception as exc:
+            out.append((label, type(exc).__name__, str(exc)))
+    return out
