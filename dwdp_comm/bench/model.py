@@ -21,11 +21,12 @@ What is modelled
   copy (the per-call cost is assumed to be one launch, 3.9 us). The one-thread calibration
   harness (``issue_fifo``) is bound by the host's issue cost instead: ``harness_copy_overhead_s``
   (8.5 us, fitted to the 1 / 16 / 256 copies rows).
-* **Streams.** A plan runs on ``streams`` lanes per rank, split as the GPU executor splits it
+* **Streams.** A plan runs on the lanes the GPU executor uses, by the same function
+  (:func:`dwdp_comm.lanes.copy_lanes`): ``streams`` lanes for peers' copies
   (``distribute="source"``: lane ``((src - rank - 1) mod G) mod streams``; ``"slot"``: lane
-  ``slot mod streams``); a lane runs its copies in plan order. Lanes beyond ``max_streams``
-  hardware queues share one (``lane mod max_streams``), as CUDA streams beyond
-  ``CUDA_DEVICE_MAX_CONNECTIONS`` do.
+  ``slot mod streams``) and one more for local copies (``src == rank``); a lane runs its copies in
+  plan order. Lanes beyond ``max_streams`` hardware queues share one
+  (:func:`dwdp_comm.lanes.hardware_queue`), as CUDA streams beyond ``CUDA_DEVICE_MAX_CONNECTIONS`` do.
 * **Executors** (who runs the copies, and in which order):
 
   ``per_stream``
@@ -69,6 +70,7 @@ import numpy as np
 
 from ..engine_options import parse_engine_options
 from ..errors import bad_arg
+from ..lanes import copy_lanes, hardware_queue
 from ..planner import CopyPlan
 
 __all__ = ["Fabric", "h200", "nvl72", "EXECUTORS", "ARBITRATIONS", "parse_options", "simulate",
@@ -300,17 +302,15 @@ class _Copies:
 
     def __init__(self, plans: Sequence[CopyPlan], G: int, opts: dict, max_streams: int):
         ranks, lanes, srcs, slots, nbs = [], [], [], [], []
-        nq = min(opts["streams"], max_streams)  # hardware queues in use
+        streams = opts["streams"]
+        nq = min(streams + 1, max_streams)  # hardware queues in use (peer lanes and the local lane)
         for r, p in enumerate(plans):
             if p.group_size != G or p.rank != r:
                 raise bad_arg("plans", f"plan {r} (rank={p.rank}, group_size={p.group_size})",
                               f"plan i made for rank i of a group of {G}")
             src = p.src_rank.astype(np.int64)
-            if opts["distribute"] == "source":
-                lane = ((src - r - 1) % G) % opts["streams"]
-            else:
-                lane = p.slot % opts["streams"]
-            lane = lane % nq
+            lane = hardware_queue(copy_lanes(src, p.slot, rank=r, group_size=G, streams=streams,
+                                             distribute=opts["distribute"]), streams=streams, max_queues=max_streams)
             ranks.append(np.full(len(p), r, dtype=np.int64))
             lanes.append(lane)
             srcs.append(src)

@@ -246,3 +246,35 @@ def test_model_options_follow_the_gpu_rule():
     for bad in ({"graph": True, "sync": "slot"}, {"graph": True, "api": "batch"}, {"streamz": 1}):
         with pytest.raises(InvalidArgumentError):
             parse_options(bad)
+
+
+# ---- one lane rule: the model places every copy where the GPU executor does ------------------------
+@pytest.mark.parametrize("opts", [{"streams": 1}, {"streams": 2}, {"streams": 3}, {"streams": 2, "distribute": "slot"},
+                                  {"streams": 5, "distribute": "slot"}])
+def test_model_and_executor_put_every_copy_on_the_same_lane(monkeypatch, opts):
+    """Plans with local copies (gather mode: a rank copies its own experts into the slot) run through
+    the executor on the fake CUDA runtime and through the model: each copy on the same lane."""
+    from tests.helpers import fake_cuda
+    from dwdp_comm.backends.cuda import executor, memory
+    from dwdp_comm.planner import CopyRange, make_plan
+    fake = fake_cuda.install(monkeypatch)
+    G, n = 4, 1 << 14
+    opts = {**opts, "api": "memcpy"}
+    heaps = [np.zeros(n, dtype=np.uint8) for _ in range(G)]
+    plans = [make_plan([CopyRange(s, 0, s * n, n) for s in range(G)], rank=r, group_size=G, policy="round_robin",
+                       chunk_nbytes=n // 4) for r in range(G)]  # every rank also reads itself: local copies
+    res = M.simulate(plans, M.h200(G), options=opts)
+    for r in range(G):
+        dst_data = np.zeros(G * n, dtype=np.uint8)
+        dst = memory.DeviceBuffer(fake_cuda.HostAlloc(dst_data))
+        eng = executor.CopyExecutor(device=0, rank=r, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
+                                    src_nbytes=n, **M.parse_options(opts))
+        fake.done.clear()
+        eng.submit(plans[r], src_base=0, dst=dst, dst_base=0)
+        fake.progress()
+        lane_of_dst = {e[2] - int(dst.ptr): eng.streams.index(e[1]) for e in fake.done if e[0] == "copy"}
+        eng.close()
+        want = [lane_of_dst[int(d)] for d in plans[r].dst_offset]
+        got = res.records["lane"][res.records["rank"] == r].tolist()
+        assert got == want, (r, plans[r].src_rank.tolist())
+        assert any(int(s) == r for s in plans[r].src_rank)

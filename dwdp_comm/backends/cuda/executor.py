@@ -10,6 +10,7 @@ import numpy as np
 
 from ...engine_options import SYNC_MODES
 from ...errors import ClosedError, CollectiveMismatchError, GraphCaptureError, bad_arg
+from ...lanes import copy_lanes, local_lane
 from ...planner import CopyPlan
 from ..base import Buffer, CopyEngine, Event
 from .copies import MEMOP_DTYPE, MEMOP_MAX, DriverCopyCalls, issue_memops
@@ -31,7 +32,8 @@ class CopyExecutor(CopyEngine):
     records one done event, which joins every stream the job used. Compute streams only ever wait
     on done events.
 
-    **Lanes.** Copies from peers run on ``streams`` lanes: with ``distribute="source"``,
+    **Lanes** (:func:`dwdp_comm.lanes.copy_lanes`, the rule the contention model uses too). Copies
+    from peers run on ``streams`` lanes: with ``distribute="source"``,
     ``lane = ((src_rank - rank - 1) mod G) mod streams`` (each peer on its own lane when
     ``streams >= G - 1``), with ``distribute="slot"``, ``lane = slot mod streams``. Copies from this
     rank itself (``src_rank == rank``: local experts copied into the slot in gather mode, which the
@@ -165,7 +167,7 @@ class CopyExecutor(CopyEngine):
     @property
     def local_lane(self) -> int:
         """Index of the lane of local copies (``src_rank == rank``) in :attr:`streams`."""
-        return self.num_streams
+        return local_lane(self.num_streams)
 
     # -- batch support ------------------------------------------------------------------------------
     def _batch(self, stream: "CudaStream", dsts: np.ndarray, srcs: np.ndarray, sizes: np.ndarray) -> None:
@@ -251,11 +253,8 @@ class CopyExecutor(CopyEngine):
         slots = plan.slot[keep]
         if nbytes.size:
             self._check_bounds(src_rank, src_off, dst_off, nbytes, dst.nbytes)
-        if self.distribute == "source":
-            lanes = ((src_rank - self.rank - 1) % self.group_size) % self.num_streams
-        else:
-            lanes = slots % self.num_streams
-        lanes = np.where(src_rank == self.rank, self.local_lane, lanes)
+        lanes = copy_lanes(src_rank, slots, rank=self.rank, group_size=self.group_size, streams=self.num_streams,
+                           distribute=self.distribute)
         c = _Copies(self._base[src_rank] + src_off, dst.ptr + dst_off, nbytes, src_rank, src_off,
                     ~self._mapped[src_rank], lanes)
         if capture is not None:

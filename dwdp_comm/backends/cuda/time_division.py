@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from ...errors import CollectiveMismatchError, DwdpError, InvalidArgumentError, bad_arg
+from ...lanes import lanes_of_source
 from .copies import (MEMOP_DTYPE, OP_WAIT_VALUE_32, OP_WAIT_VALUE_64, OP_WRITE_VALUE_32, OP_WRITE_VALUE_64,
                      WAIT_VALUE_GEQ, WRITE_VALUE_DEFAULT, DriverCopyCalls, issue_memops)
 from .driver import CudaError, check, load, log
@@ -127,8 +128,9 @@ class SyncFlags:
 
     def lanes_for(self, key: int, writer: int) -> Sequence[int]:
         """The lanes of ``writer`` that may carry ``key``."""
-        if self.mode == "source" and self.distribute == "source":
-            return (((key - writer - 1) % self.group_size) % self.num_lanes,)
+        if self.mode == "source":
+            return lanes_of_source(key, writer, group_size=self.group_size, streams=self.num_lanes,
+                                   distribute=self.distribute)
         return range(self.num_lanes)
 
     def maintained(self, lane: int) -> list[int]:
