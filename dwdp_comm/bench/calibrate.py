@@ -79,7 +79,6 @@ PREDICTION_SCHEDULES = [
     ("round_robin 64M", "round_robin", 64 << 20),
     ("batch 2M", "batch", 2 << 20),
     ("batch 8M", "batch", 8 << 20),
-    ("graph 8M", "graph", 8 << 20),
     ("parallel", "parallel", 0),
     ("parallel+batch 8M", "parallel+api=batch", 8 << 20),
     ("tdm 64M", "tdm", 64 << 20),

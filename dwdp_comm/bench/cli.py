@@ -318,8 +318,8 @@ def _contention(args) -> int:
         fab = model_fabric(cfg)
         extra = [f"model: fabric {fab.name}: egress {fab.egress_Bps / 1e9:.0f} GB/s, ingress {fab.ingress_Bps / 1e9:.0f}, "
                  f"duplex {(fab.duplex_Bps or 0) / 1e9:.0f}, per copy {1e6 * fab.copy_overhead_s:.1f} us, batch "
-                 f"{1e6 * fab.batch_call_overhead_s:.1f} + {1e6 * fab.batch_copy_overhead_s:.1f} us/copy, graph "
-                 f"{1e6 * fab.graph_copy_overhead_s:.1f} us/copy, flag {1e6 * fab.flag_latency_s:.1f} us, "
+                 f"{1e6 * fab.batch_call_overhead_s:.1f} + {1e6 * fab.batch_copy_overhead_s:.1f} us/copy, "
+                 f"flag {1e6 * fab.flag_latency_s:.1f} us, "
                  + (f"one-thread harness {1e6 * fab.harness_copy_overhead_s:.1f} us/copy, "
                     if fab.harness_copy_overhead_s is not None else "") +
                  f"{fab.max_streams} hardware queues ({fab.notes})",

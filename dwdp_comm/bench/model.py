@@ -14,8 +14,7 @@ What is modelled
   (``s == d``) uses only ``local_Bps`` of its GPU.
 * **Copies.** A copy is a fixed overhead (no bytes move, the copy's stream is busy) followed by a
   transfer of its bytes. ``api="memcpy"``: ``copy_overhead_s`` per copy. ``api="batch"``:
-  ``batch_call_overhead_s`` per call plus ``batch_copy_overhead_s`` per copy. ``graph=True``:
-  ``copy_overhead_s`` per launch plus ``graph_copy_overhead_s`` per copy. On H200 these are the
+  ``batch_call_overhead_s`` per call plus ``batch_copy_overhead_s`` per copy. On H200 these are the
   GPU-side costs measured on 2 x H200 with the host issuing ahead (``perf/gpu_copy_plane.py``,
   2026-11-29): 3.9 us per ``cuMemcpyAsync`` and per graph node, nothing measurable per batched
   copy (the per-call cost is assumed to be one launch, 3.9 us). The one-thread calibration
@@ -394,8 +393,8 @@ def simulate(plans: Sequence[CopyPlan], fabric: Fabric, *, options: Mapping[str,
     rec["slot"], rec["nbytes"] = copies.slot, copies.nbytes
     rec["t_issue"] = rec["t_data"] = rec["t_end"] = np.nan
     if executor == "issue_fifo":
-        if opts["api"] != "memcpy" or opts["graph"] or opts["sync"] != "none":
-            raise bad_arg("options", opts, "api='memcpy', graph=False, sync='none' with executor='issue_fifo'",
+        if opts["api"] != "memcpy" or opts["sync"] != "none":
+            raise bad_arg("options", opts, "api='memcpy', sync='none' with executor='issue_fifo'",
                           "the one-process harness only issues single copies")
         _IssueFifo(fabric, copies, rec, st, issue_order).run()
     else:
@@ -522,8 +521,6 @@ class _PerStream(_Loop):
     def _lane_ops(self, cs: list[int]) -> list[tuple]:
         f, o, c = self.f, self.opts, self.c
         ops: list[tuple] = []
-        if o["graph"] and cs:
-            ops.append(("d", f.copy_overhead_s))  # one graph launch per lane and job
         prev_key, first = None, True
         for i in cs:
             key = None
@@ -536,9 +533,7 @@ class _PerStream(_Loop):
                 ops.append(("w", key))
                 new_segment = True  # a batch cannot span a wait
             prev_key, first = key, False
-            if o["graph"]:
-                ops.append(("d", f.graph_copy_overhead_s))
-            elif o["api"] == "batch":
+            if o["api"] == "batch":
                 if new_segment:
                     ops.append(("d", f.batch_call_overhead_s))
                 ops.append(("d", f.batch_copy_overhead_s))

@@ -112,8 +112,7 @@ def test_overheads_add_per_copy():
     f = M.h200(4)
     n, k = 64 * MiB, 16
     for opts, over in [({}, k * f.copy_overhead_s),
-                       ({"api": "batch"}, f.batch_call_overhead_s + k * f.batch_copy_overhead_s),
-                       ({"graph": True}, f.copy_overhead_s + k * f.graph_copy_overhead_s)]:
+                       ({"api": "batch"}, f.batch_call_overhead_s + k * f.batch_copy_overhead_s)]:
         res, _, _ = run("pair", "naive", n=n, chunk=n // k, options=opts)
         assert res.makespan == pytest.approx(over + n / f.pair_Bps, rel=1e-9), opts
 
@@ -152,7 +151,7 @@ def _no_overlap(intervals):
     return all(b0 >= a1 - 1e-12 for (a0, a1), (b0, b1) in zip(intervals, intervals[1:]))
 
 
-@pytest.mark.parametrize("schedule", ["naive", "rotated", "round_robin", "parallel", "batch", "graph", "tdm",
+@pytest.mark.parametrize("schedule", ["naive", "rotated", "round_robin", "parallel", "batch", "tdm",
                                       "tdm_source"])
 def test_records_are_consistent_with_skew(schedule, seed):
     rng = np.random.default_rng(seed)
@@ -239,11 +238,11 @@ def test_model_options_follow_the_gpu_rule():
     """One validation rule: the model differs from the GPU engines only in its default api."""
     from dwdp_comm.engine_options import parse_engine_options
     from dwdp_comm.bench.model import parse_options
-    for opts in ({}, {"streams": 3}, {"api": "batch", "distribute": "slot"}, {"graph": True}, {"sync": "slot"}):
+    for opts in ({}, {"streams": 3}, {"api": "batch", "distribute": "slot"}, {"sync": "slot"}):
         gpu, model = parse_engine_options(opts, "gpu"), parse_options(opts)
         assert {**gpu, "api": None} == {**model, "api": None}
         assert model["api"] == opts.get("api", "memcpy")
-    for bad in ({"graph": True, "sync": "slot"}, {"graph": True, "api": "batch"}, {"streamz": 1}):
+    for bad in ({"graph": True}, {"sync": "barrier"}, {"streamz": 1}):
         with pytest.raises(InvalidArgumentError):
             parse_options(bad)
 
@@ -268,7 +267,7 @@ def test_model_and_executor_put_every_copy_on_the_same_lane(monkeypatch, opts):
         dst_data = np.zeros(G * n, dtype=np.uint8)
         dst = memory.DeviceBuffer(fake_cuda.HostAlloc(dst_data))
         eng = executor.CopyExecutor(device=0, rank=r, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
-                                    src_nbytes=n, **M.parse_options(opts))
+                                    src_nbytes=n, **{k: v for k, v in M.parse_options(opts).items() if k != "sync"})
         fake.done.clear()
         eng.submit(plans[r], src_base=0, dst=dst, dst_base=0)
         fake.progress()
