@@ -24,7 +24,7 @@ import numpy as np
 
 from .errors import bad_arg
 
-__all__ = ["DISTRIBUTIONS", "local_lane", "copy_lanes", "lanes_of_source", "hardware_queue"]
+__all__ = ["DISTRIBUTIONS", "local_lane", "copy_lanes", "lanes_of_source", "issue_order", "hardware_queue"]
 
 DISTRIBUTIONS = ("source", "slot")
 
@@ -71,6 +71,23 @@ def lanes_of_source(src: int, reader: int, *, group_size: int, streams: int, dis
     if distribute == "source":
         return (int(((src - reader - 1) % group_size) % streams),)
     return range(int(streams))
+
+
+def issue_order(lanes, slot, *, streams: int, sync: bool) -> np.ndarray:
+    """The order in which the executor enqueues one job's copies (indices into plan order).
+
+    The local lane comes first (nothing it does waits). Without time division each lane is then
+    issued whole, lane by lane (one batch call per lane); with it (``sync``) the peer lanes are
+    issued slot by slot (slot-major, then lane), so that a flag wait never sits in a shared hardware
+    queue ahead of a write it depends on. Within a lane: plan order. Where lanes share a hardware
+    queue (:func:`hardware_queue`), this is the order the queue runs them in.
+    """
+    lanes = np.asarray(lanes, dtype=np.int64)
+    idx = np.arange(lanes.shape[0])
+    remote = lanes != local_lane(streams)
+    if sync:
+        return np.lexsort((idx, lanes, np.asarray(slot, dtype=np.int64), remote))
+    return np.lexsort((idx, lanes, remote))
 
 
 def hardware_queue(lane, *, streams: int, max_queues: int):

@@ -209,6 +209,7 @@ def run_model(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None,
     G = cfg.group_size
     rows, refs = [], {}
     sim = dict(executor=cfg.executor, arbitration=cfg.arbitration, issue_order=cfg.issue_order)
+    plans_of: dict[tuple, list] = {}  # schedules of one policy share a size's plans
     for idx, case in enumerate(cases(cfg)):
         if case.nbytes not in refs:
             refs[case.nbytes] = M.pair_rate(fabric, case.nbytes)
@@ -216,7 +217,11 @@ def run_model(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None,
                 on_reference(case.nbytes, refs[case.nbytes])
         row = _row_base(case, G, cfg.engine_options)
         try:
-            plans = make_plans(case.pattern, case.schedule, G, case.nbytes, case.chunk_nbytes)
+            key = (case.pattern, case.schedule.policy, case.nbytes, case.chunk_nbytes)
+            if key not in plans_of:
+                plans_of = {k: v for k, v in plans_of.items() if k[2] == case.nbytes}  # sizes come in order
+                plans_of[key] = make_plans(case.pattern, case.schedule, G, case.nbytes, case.chunk_nbytes)
+            plans = plans_of[key]
             M.parse_options(row["options"])
         except (InvalidArgumentError, InvalidTypeError) as exc:
             row.update(status="skipped", reason=str(exc))

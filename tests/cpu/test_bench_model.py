@@ -277,3 +277,81 @@ def test_model_and_executor_put_every_copy_on_the_same_lane(monkeypatch, opts):
         got = res.records["lane"][res.records["rank"] == r].tolist()
         assert got == want, (r, plans[r].src_rank.tolist())
         assert any(int(s) == r for s in plans[r].src_rank)
+
+
+# ---- the fast paths against the event simulation ----------------------------------------------------
+_SCHEDULES = ["naive", "rotated", "round_robin", "batch", "parallel", "parallel+api=batch", "tdm", "tdm_source",
+              "round_robin+streams=2", "tdm+streams=2+distribute=slot", "rotated+api=batch+streams=3"]
+
+
+def _local_plans(G, n, chunk, policy):
+    """Every rank also copies its own block (gather mode): local copies on the local lane."""
+    from dwdp_comm.planner import CopyRange, make_plan
+    return [make_plan([CopyRange(s, 0, s * n, n) for s in range(G)], rank=r, group_size=G, policy=policy,
+                      chunk_nbytes=chunk) for r in range(G)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.sampled_from(_SCHEDULES), st.sampled_from(["full", "ring", "all-to-one", "swap"]),
+       st.sampled_from([(16 * MiB, 0), (16 * MiB, 4 * MiB), (24 * MiB, 5 * MiB), (64 * MiB, 8 * MiB)]),
+       st.sampled_from(["fair", "fifo"]), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_auto_agrees_with_the_event_simulation(G, schedule, pattern, size, arbitration, skew, local, seed):
+    """simulate(method="auto") (the rotation quotient, coalesced runs, or the event simulation)
+    against the event simulation of every copy on random small cases: every rank's end within 2 %,
+    to rounding where the method is exact."""
+    n, chunk = size
+    sch = parse_schedule(schedule)
+    opts = sch.engine_options(G)
+    plans = (_local_plans(G, n, chunk or n, sch.policy) if local
+             else make_plans(pattern, sch, G, n, chunk))
+    f = M.h200(G)
+    starts = np.random.default_rng(seed).uniform(0, 1e-3, G) if skew else None
+    fast = M.simulate(plans, f, options=opts, starts=starts, arbitration=arbitration)
+    ref = M.simulate(plans, f, options=opts, starts=starts, arbitration=arbitration, method="event")
+    assert ref.info["method"] == "event" and fast.info["method"] in ("quotient", "coalesced", "event")
+    tol = 1e-9 if fast.info["exact"] else 0.02
+    assert np.allclose(fast.durations, ref.durations, rtol=tol, atol=1e-12), (fast.info, fast.durations,
+                                                                              ref.durations)
+    _check_records(fast, plans)
+    assert fast.records.shape[0] == sum(len(p) for p in plans)
+
+
+@pytest.mark.parametrize("schedule, chunk, arbitration, method", [
+    ("round_robin", 8 * MiB, "fair", "quotient"), ("parallel", 0, "fair", "quotient"),
+    ("parallel+api=batch", 8 * MiB, "fair", "quotient"), ("tdm_source", 4 * MiB, "fifo", "quotient"),
+    ("batch", 2 * MiB, "fifo", "quotient"), ("naive", 8 * MiB, "fair", "coalesced"),
+    ("naive", 0, "fifo", "event"), ("parallel", 8 * MiB, "fifo", "event")])
+def test_each_method_where_it_applies(schedule, chunk, arbitration, method):
+    """Which computation auto picks, and that the exact ones match the event simulation record by
+    record (the quotient: every rank's copies at rank 0's times)."""
+    G = 8
+    sch = parse_schedule(schedule)
+    plans = make_plans("full", sch, G, 32 * MiB, chunk)
+    kw = dict(options=sch.engine_options(G), arbitration=arbitration)
+    fast = M.simulate(plans, M.h200(G), **kw)
+    ref = M.simulate(plans, M.h200(G), method="event", **kw)
+    assert fast.info["method"] == method
+    if fast.info["exact"]:
+        for k in ("t_issue", "t_data", "t_end"):
+            np.testing.assert_allclose(fast.records[k], ref.records[k], rtol=1e-9, atol=1e-12)
+    else:  # naive with single copies of 8 MiB chunks: their issue costs moved to each source's start
+        assert fast.makespan == pytest.approx(ref.makespan, rel=0.02)
+
+
+def test_coalesced_runs_with_costs_only_where_measured():
+    """Runs whose later copies cost something to issue are merged only with equal starts and from
+    APPROX_MIN_GROUP ranks; below, or with skew, the event simulation runs."""
+    for G, starts, want in [(M.APPROX_MIN_GROUP - 1, None, "event"), (M.APPROX_MIN_GROUP, None, "coalesced"),
+                            (M.APPROX_MIN_GROUP, "skew", "event")]:
+        plans = make_plans("full", parse_schedule("naive"), G, 16 * MiB, 4 * MiB)
+        st = np.linspace(0, 1e-4, G) if starts else None
+        assert M.simulate(plans, M.h200(G), starts=st).info["method"] == want, (G, starts)
+    plans = make_plans("full", parse_schedule("naive"), 3, 16 * MiB, 4 * MiB)  # batch: nothing moves
+    res = M.simulate(plans, M.h200(3), options={"api": "batch"}, starts=[0, 1e-4, 3e-4])
+    assert res.info["method"] == "coalesced" and res.info["exact"]
+
+
+def test_method_argument_is_checked():
+    plans = make_plans("full", parse_schedule("naive"), 4, MiB, 0)
+    with pytest.raises(InvalidArgumentError, match="^method: got 'fast'"):
+        M.simulate(plans, M.h200(4), method="fast")
