@@ -71,6 +71,8 @@ class BenchConfig:
         Model backend only.
     timeline : bool
         Keep per-copy timelines (model) for the plot.
+    model_method : {"auto", "event"}
+        Model backend only: :func:`~dwdp_comm.bench.model.simulate`'s ``method``.
     """
 
     group_size: int
@@ -90,6 +92,7 @@ class BenchConfig:
     arbitration: str = "fair"
     issue_order: str = "stream"
     timeline: bool = False
+    model_method: str = "auto"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -208,7 +211,8 @@ def run_model(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None,
     fabric = model_fabric(cfg)
     G = cfg.group_size
     rows, refs = [], {}
-    sim = dict(executor=cfg.executor, arbitration=cfg.arbitration, issue_order=cfg.issue_order)
+    sim = dict(executor=cfg.executor, arbitration=cfg.arbitration, issue_order=cfg.issue_order,
+               method=cfg.model_method)
     plans_of: dict[tuple, list] = {}  # schedules of one policy share a size's plans
     for idx, case in enumerate(cases(cfg)):
         if case.nbytes not in refs:

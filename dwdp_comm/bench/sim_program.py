@@ -62,8 +62,6 @@ class GroupCopies:
         ``int64 [n]``: the executor's lane (before folding into hardware queues).
     order : numpy.ndarray
         ``int64 [n]``: the position in its rank's issue order.
-    lane_units : list of list of int
-        The units of each queue in the order it runs them (the executor's issue order).
     seq, bounds : numpy.ndarray
         Every unit in run order, queue after queue; queue ``q`` is ``seq[bounds[q]:bounds[q + 1]]``.
     runs : tuple of numpy.ndarray
@@ -110,8 +108,16 @@ class GroupCopies:
         # every queue's run order (the executor's issue order within each rank), queue after queue
         self.seq = np.lexsort((order, self.lane_id))
         self.bounds = np.searchsorted(self.lane_id[self.seq], np.arange(self.num_lanes + 1))
-        flat = self.seq.tolist()
-        self.lane_units = [flat[self.bounds[q]:self.bounds[q + 1]] for q in range(self.num_lanes)]
+        self._lane_units = None
+
+    @property
+    def lane_units(self) -> list[list[int]]:
+        """The units of each queue in the order it runs them (built on first use)."""
+        if self._lane_units is None:
+            flat = self.seq.tolist()
+            b = self.bounds.tolist()
+            self._lane_units = [flat[b[q]:b[q + 1]] for q in range(self.num_lanes)]
+        return self._lane_units
 
     def _queue_start(self) -> np.ndarray:
         """``bool [n]`` in run order (:attr:`seq`): the unit is the first of its queue."""

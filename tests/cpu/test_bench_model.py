@@ -355,3 +355,23 @@ def test_method_argument_is_checked():
     plans = make_plans("full", parse_schedule("naive"), 4, MiB, 0)
     with pytest.raises(InvalidArgumentError, match="^method: got 'fast'"):
         M.simulate(plans, M.h200(4), method="fast")
+
+
+def test_bench_model_speed_script(tmp_path):
+    """perf/bench_model_speed.py at G = 4 (both paths finish and agree): it runs and writes its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "speed.json"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-m", "perf.bench_model_speed", "--groups", "4", "--no-cli", "--out",
+                          str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads(out.read_text())
+    assert {"commit", "date", "host", "load_avg_start"} <= set(doc["run"])
+    rows = {r["what"]: r for r in doc["rows"]}
+    assert set(rows) == {"predict", "contention"}
+    for r in rows.values():
+        assert r["event"]["finished"] and r["auto"]["finished"] and r["max_rel_diff"] < 0.02
