@@ -11,10 +11,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import bad_arg, bad_type
+from .lanes import DISTRIBUTIONS
 
 __all__ = ["ENGINE_OPTIONS", "SYNC_MODES", "parse_engine_options"]
 
-ENGINE_OPTIONS = ("streams", "api", "distribute", "overlap_hint", "sync", "graph")
+ENGINE_OPTIONS = ("streams", "api", "distribute", "overlap_hint", "sync")
 SYNC_MODES = ("none", "slot", "source")
 
 
@@ -26,23 +27,21 @@ def parse_engine_options(options: Mapping[str, Any] | None, backend: str, *, def
     options : dict
         ``streams`` (int >= 1, default 1): copy streams for copies from peers (copies from this rank
         itself always get one more stream of their own). ``api`` (``"batch"``, the default, or
-        ``"memcpy"``; with ``graph=True`` the default is ``"memcpy"``). ``distribute``
-        (``"source"``, the default, or ``"slot"``). ``overlap_hint`` (bool, default False; batch
-        only). ``sync`` (``"none"``, the default, ``"slot"`` or ``"source"``: time division on the
-        copy plane, see :class:`CopyExecutor`; makes creating and closing the engine collective).
-        ``graph`` (bool, default False: capture a plan's copies once per destination as a CUDA graph
-        per copy stream and replay it per job; needs ``api="memcpy"`` and ``sync="none"``).
+        ``"memcpy"``). ``distribute`` (``"source"``, the default, or ``"slot"``). ``overlap_hint``
+        (bool, default False; batch only). ``sync`` (``"none"``, the default, ``"slot"`` or
+        ``"source"``: time division on the copy plane, see
+        :class:`~dwdp_comm.backends.cuda.time_division.TimeDivisionExecutor`; makes creating and
+        closing the engine collective).
     backend : str
         Named in the error message.
     default_api : {"batch", "memcpy"}
-        ``api`` when ``options`` does not set it and ``graph`` is off: ``"batch"`` on the GPU
-        engines (the measured best on H200, perf/results/gpu_copy_plane_h200x2.json); the
-        contention model keeps ``"memcpy"``.
+        ``api`` when ``options`` does not set it: ``"batch"`` on the GPU engines (the measured best
+        on H200, perf/results/gpu_copy_plane_h200x2.json); the contention model keeps ``"memcpy"``.
 
     Returns
     -------
     dict
-        All six options, defaults filled in.
+        All five options, defaults filled in.
 
     Raises
     ------
@@ -51,21 +50,20 @@ def parse_engine_options(options: Mapping[str, Any] | None, backend: str, *, def
     options = dict(options or {})
     unknown = sorted(set(options) - set(ENGINE_OPTIONS))
     if unknown:
-        raise bad_arg("copy engine options", unknown, f"a subset of {list(ENGINE_OPTIONS)} on the {backend} backend")
+        hint = ("graph=True (the engine's own CUDA graphs per plan) was removed: on H200 its memcpy nodes cost what "
+                "single copies cost (docs/benchmarks.md); use api='batch'" if "graph" in unknown else "")
+        raise bad_arg("copy engine options", unknown, f"a subset of {list(ENGINE_OPTIONS)} on the {backend} backend",
+                      hint)
     streams = options.get("streams", 1)
     if isinstance(streams, bool) or not isinstance(streams, (int, np.integer)):
         raise bad_type("streams", streams, "an int")
     if streams < 1:
         raise bad_arg("streams", streams, "an int >= 1")
-    graph = options.get("graph", False)
-    if not isinstance(graph, (bool, np.bool_)):
-        raise bad_type("graph", graph, "a bool")
-    graph = bool(graph)
-    api = options.get("api", "memcpy" if graph else default_api)  # graphs capture single copies
+    api = options.get("api", default_api)
     if api not in ("memcpy", "batch"):
         raise bad_arg("api", api, "'memcpy' or 'batch'")
     distribute = options.get("distribute", "source")
-    if distribute not in ("source", "slot"):
+    if distribute not in DISTRIBUTIONS:
         raise bad_arg("distribute", distribute, "'source' or 'slot'")
     overlap_hint = options.get("overlap_hint", False)
     if not isinstance(overlap_hint, (bool, np.bool_)):
@@ -73,11 +71,5 @@ def parse_engine_options(options: Mapping[str, Any] | None, backend: str, *, def
     sync = options.get("sync", "none")
     if not isinstance(sync, str) or sync not in SYNC_MODES:
         raise bad_arg("sync", sync, f"one of {list(SYNC_MODES)}")
-    if graph and api == "batch":
-        raise bad_arg("graph", True, "False with api='batch'",
-                      "a graph captures single cudaMemcpyAsync copies: use api='memcpy' or leave api unset")
-    if graph and sync != "none":
-        raise bad_arg("graph", True, f"False with sync={sync!r}",
-                      "the flag values change with every job, a captured graph would replay stale ones")
     return {"streams": int(streams), "api": api, "distribute": distribute, "overlap_hint": bool(overlap_hint),
-            "sync": sync, "graph": graph}
+            "sync": sync}

@@ -201,6 +201,11 @@ def _chunk_stream(ranges: list[CopyRange], chunk_nbytes: int):
 
     Returns arrays (chunk_index, src_offset, dst_offset, nbytes), one entry per piece.
     """
+    if len(ranges) == 1:  # the common case, without the general path's per-call overhead
+        r = ranges[0]
+        cuts = np.arange(0, r.nbytes, chunk_nbytes, dtype=np.int64)
+        nb = np.minimum(chunk_nbytes, r.nbytes - cuts)
+        return cuts // chunk_nbytes, r.src_offset + cuts, r.dst_offset + cuts, nb
     n = np.fromiter((r.nbytes for r in ranges), dtype=np.int64, count=len(ranges))
     src = np.fromiter((r.src_offset for r in ranges), dtype=np.int64, count=len(ranges))
     dst = np.fromiter((r.dst_offset for r in ranges), dtype=np.int64, count=len(ranges))

@@ -157,6 +157,9 @@ def main(argv=None) -> int:
         if gerr is not None:
             ok &= gerr <= args.tolerance
             print(f"# rank {r['rank']}: CUDA graph replay vs eager forward, relative error {gerr:.2e}")
+            same = sorted(r["eager_same_batch_latency_ms"])
+            print(f"# rank {r['rank']}: the same batch ({r['tokens'][0]} tokens) eager {same[len(same) // 2]:.2f} ms, "
+                  f"replayed {lat:.2f} ms (medians)")
         print(f"{r['rank']:>4} {lat:>17.2f} {r['tokens_per_s']:>10.0f} {100 * r['exposed_fraction']:>9.2f} "
               f"{r['prefetch_nbytes'] / scale:>12.2f} {mem(r['weights_nbytes'], 11)} "
               f"{mem(r['device_used_nbytes'], 9)} {'-' if err is None else f'{err:.2e}':>9}")

@@ -65,7 +65,7 @@ if [ "$PART" = copy ]; then
     TAILN=12 step copy_plane "${T_PERF:-150}" python3 -m perf.gpu_copy_plane --out "$OUT/gpu_copy_plane.json" \
         --world-size "$G" --timeout 130
     TAILN=40 step contention "${T_CONT:-110}" $BENCH contention --backend cuda_ipc -b 256M -e 1G -f 4 --chunk 0,8M,64M \
-        -s parallel,naive,rotated,round_robin,batch,tdm,graph -p pair,full -n 5 -w 1 \
+        -s parallel,naive,rotated,round_robin,batch,tdm -p pair,full -n 5 -w 1 \
         --json "$OUT/contention.json" --plot "$OUT/contention.png"
     TAILN=20 step contention_skew "${T_SKEW:-60}" $BENCH contention --backend cuda_ipc -b 1G -e 1G --chunk 0,8M \
         -s parallel,round_robin,batch,tdm -p full --skew random -n 5 -w 1 --json "$OUT/contention_skew.json"

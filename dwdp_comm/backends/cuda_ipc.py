@@ -53,7 +53,8 @@ from .cuda.executor import CopyExecutor
 from .cuda.fd_passing import pidfd_getfd
 from .cuda.memory import Alloc, DeviceBuffer, MallocAlloc
 from .cuda.peers import agree, check_peer_access, device_info, raise_gathered
-from .cuda.time_division import create_sync_flags
+from .cuda.sync_flags import create_sync_flags
+from .cuda.time_division import TimeDivisionExecutor
 from .cuda.vmm import CudaComposite, VmmAlloc, vmm_granularity, vmm_reserve, vmm_set_access
 from .base import Buffer, SymmetricHeap
 
@@ -376,8 +377,9 @@ class CudaIpcBackend(CudaBackendBase):
     def copy_engine(self, heap: SymmetricHeap, **options: Any) -> CopyExecutor:
         """The copy-engine executor over ``heap``.
 
-        Options: ``streams``, ``api``, ``distribute``, ``overlap_hint``, ``sync``, ``graph`` (see
-        :func:`dwdp_comm.engine_options.parse_engine_options` and :class:`~.cuda.executor.CopyExecutor`);
+        Options: ``streams``, ``api``, ``distribute``, ``overlap_hint``, ``sync`` (see
+        :func:`dwdp_comm.engine_options.parse_engine_options`, :class:`~.cuda.executor.CopyExecutor` and,
+        with ``sync``, :class:`~.cuda.time_division.TimeDivisionExecutor`);
         an unknown option or a bad value raises ``InvalidArgumentError`` naming it.
 
         Notes
@@ -391,13 +393,15 @@ class CudaIpcBackend(CudaBackendBase):
         opts = parse_engine_options(options, self.name)
         if not isinstance(heap, CudaIpcHeap):
             raise bad_arg("heap", type(heap).__name__, "a heap of this cuda_ipc backend")
-        flags = None
-        if opts["sync"] != "none":
-            flags = create_sync_flags(self.comm, self.device_index, sync=opts["sync"], streams=opts["streams"],
-                                            distribute=opts["distribute"],
-                                            alloc=lambda n: CudaIpcHeap(self, max(n, 2 << 20)))  # a whole allocation
-        return CopyExecutor(device=self.device_index, rank=self.comm.rank, group_size=self.comm.size,
-                            src_ptrs=heap.peer_ptrs, src_nbytes=heap.nbytes, flags=flags, **opts)
+        sync = opts.pop("sync")
+        where = dict(device=self.device_index, rank=self.comm.rank, group_size=self.comm.size,
+                     src_ptrs=heap.peer_ptrs, src_nbytes=heap.nbytes)
+        if sync == "none":
+            return CopyExecutor(**where, **opts)
+        flags = create_sync_flags(self.comm, self.device_index, sync=sync, streams=opts["streams"],
+                                  distribute=opts["distribute"],
+                                  alloc=lambda n: CudaIpcHeap(self, max(n, 2 << 20)))  # a whole allocation
+        return TimeDivisionExecutor(flags=flags, **where, **opts)
 
     def compose(self, pieces: Sequence[tuple[Buffer, int, int]]) -> CudaComposite:
         """Map ``(buffer, offset, nbytes)`` pieces back to back into one device range (VMM mode;

@@ -66,7 +66,8 @@ from .cuda.backend import CudaBackendBase, cuda_probe
 from .cuda.executor import CopyExecutor
 from .cuda.memory import DeviceBuffer, ForeignAlloc
 from .cuda.peers import agree, raise_gathered
-from .cuda.time_division import create_sync_flags
+from .cuda.sync_flags import create_sync_flags
+from .cuda.time_division import TimeDivisionExecutor
 from .base import SymmetricHeap
 
 __all__ = ["NvshmemBackend", "probe"]
@@ -290,10 +291,10 @@ class NvshmemBackend(CudaBackendBase):
         """The shared copy-engine executor: peer views with raw CUDA copies, NVSHMEM gets for
         unmapped PEs.
 
-        Options: ``streams``, ``api``, ``distribute``, ``overlap_hint``, ``sync``, ``graph`` (see
-        :func:`dwdp_comm.engine_options.parse_engine_options` and :class:`~.cuda.executor.CopyExecutor`);
-        an unknown option or a bad value raises ``InvalidArgumentError`` naming it. ``graph=True``
-        needs every PE mapped (NVSHMEM gets are not captured).
+        Options: ``streams``, ``api``, ``distribute``, ``overlap_hint``, ``sync`` (see
+        :func:`dwdp_comm.engine_options.parse_engine_options`, :class:`~.cuda.executor.CopyExecutor` and,
+        with ``sync``, :class:`~.cuda.time_division.TimeDivisionExecutor`);
+        an unknown option or a bad value raises ``InvalidArgumentError`` naming it.
 
         Notes
         -----
@@ -307,27 +308,25 @@ class NvshmemBackend(CudaBackendBase):
         opts = parse_engine_options(options, self.name)
         if not isinstance(heap, NvshmemHeap):
             raise bad_arg("heap", type(heap).__name__, "a heap of this nvshmem backend")
-        if opts["graph"] and not all(p is not None for p in heap.peer_ptrs):
-            raise bad_arg("graph", True, "False on a group with PEs that have no peer mapping",
-                          f"PEs {[pe for pe, p in enumerate(heap.peer_ptrs) if p is None]} are read with NVSHMEM gets, "
-                          "which are not captured into graphs")
         _, nvb = _nvshmem()
 
         def remote_get(dst: int, sym_src: int, nbytes: int, pe: int, stream: int) -> None:
             nvb.getmem_on_stream(dst, sym_src, nbytes, pe, stream)
 
-        flags = None
-        if opts["sync"] != "none":
-            def remote_signal(sym_addr: int, value: int, pe: int, stream: int) -> None:
-                # Only PEs without a peer mapping (other nodes) take this path.
-                nvb.signal_op_on_stream(sym_addr, value, int(nvb.Signal_op.SIGNAL_SET), pe, stream)
+        sync = opts.pop("sync")
+        where = dict(device=self.device_index, rank=self.comm.rank, group_size=self.comm.size,
+                     src_ptrs=heap.peer_ptrs, src_nbytes=heap.nbytes, remote_get=remote_get, sym_ptr=heap.sym_ptr)
+        if sync == "none":
+            return CopyExecutor(**where, **opts)
 
-            flags = create_sync_flags(self.comm, self.device_index, sync=opts["sync"], streams=opts["streams"],
-                                            distribute=opts["distribute"], alloc=lambda n: NvshmemHeap(self, n),
-                                            remote_signal=remote_signal)
-        return CopyExecutor(device=self.device_index, rank=self.comm.rank, group_size=self.comm.size,
-                            src_ptrs=heap.peer_ptrs, src_nbytes=heap.nbytes, remote_get=remote_get,
-                            sym_ptr=heap.sym_ptr, flags=flags, **opts)
+        def remote_signal(sym_addr: int, value: int, pe: int, stream: int) -> None:
+            # Only PEs without a peer mapping (other nodes) take this path.
+            nvb.signal_op_on_stream(sym_addr, value, int(nvb.Signal_op.SIGNAL_SET), pe, stream)
+
+        flags = create_sync_flags(self.comm, self.device_index, sync=sync, streams=opts["streams"],
+                                  distribute=opts["distribute"], alloc=lambda n: NvshmemHeap(self, n),
+                                  remote_signal=remote_signal)
+        return TimeDivisionExecutor(flags=flags, **where, **opts)
 
     def close(self) -> None:
         """Collective: free symmetric slots, report leaks, finalise NVSHMEM if this backend started it.

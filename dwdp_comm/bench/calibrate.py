@@ -23,7 +23,7 @@ from .fabric import save_fabric
 from .patterns import make_plans, parse_schedule, port_bound_time
 
 __all__ = ["load_calibration", "compare", "format_compare", "predict", "format_predictions", "write_fabric",
-           "PREDICTION_SCHEDULES", "CLAIMED_TOLERANCE"]
+           "PREDICTION_SCHEDULES", "CLAIMED_TOLERANCE", "MAX_EVENT_COPIES"]
 
 # Every row of the table is claimed within this relative error (tests assert it).
 CLAIMED_TOLERANCE = 0.15
@@ -84,7 +84,6 @@ PREDICTION_SCHEDULES = [
     ("round_robin 64M", "round_robin", 64 << 20),
     ("batch 2M", "batch", 2 << 20),
     ("batch 8M", "batch", 8 << 20),
-    ("graph 8M", "graph", 8 << 20),
     ("parallel", "parallel", 0),
     ("parallel+batch 8M", "parallel+api=batch", 8 << 20),
     ("tdm 64M", "tdm", 64 << 20),
@@ -93,8 +92,14 @@ PREDICTION_SCHEDULES = [
 ]
 
 
+#: ``predict`` leaves out a row whose only computation is the event simulation of more copies than
+#: this (about a minute of CPU per 100K copies at G = 72); ``max_event_copies=None`` runs everything.
+MAX_EVENT_COPIES = 100_000
+
+
 def predict(fabric: M.Fabric, nbytes: int, *, skew: float = 0.0, trials: int = 3, seed: int = 0,
-            arbitrations=("fair", "fifo"), schedules=None) -> list[dict]:
+            arbitrations=("fair", "fifo"), schedules=None, method: str = "auto",
+            max_event_copies: int | None = MAX_EVENT_COPIES) -> list[dict]:
     """The full exchange under each schedule, as % of the port bound (``G x pair``).
 
     Parameters
@@ -107,33 +112,55 @@ def predict(fabric: M.Fabric, nbytes: int, *, skew: float = 0.0, trials: int = 3
         is the largest own duration (end - own start) over ranks, averaged over ``trials``.
     arbitrations : sequence of str
         ``per_stream`` arbitrations to report.
+    method : {"auto", "event"}
+        :func:`~dwdp_comm.bench.model.simulate`'s ``method``.
+    max_event_copies : int or None
+        A row that only the event simulation computes (:func:`~dwdp_comm.bench.model.method_for`)
+        over more copies than this is left out: ``pct_ideal`` and ``agg_GBps`` None, ``skipped``
+        says why. None: every row.
 
     Returns
     -------
     list of dict
-        ``schedule, arbitration, pct_ideal, agg_GBps``.
+        ``schedule, arbitration, pct_ideal, agg_GBps, method, skipped``.
     """
     G = fabric.group_size
     t_ideal = port_bound_time("full", G, nbytes, fabric.pair_Bps)
     rng = np.random.default_rng(seed)
     draws = [np.zeros(G)] if skew == 0 else [rng.uniform(0, skew * t_ideal, G) for _ in range(trials)]
+    plans_of: dict[tuple, list] = {}  # schedules that share a policy and chunk share plans
     out = []
     for label, spec, chunk in (schedules or PREDICTION_SCHEDULES):
+        sch = parse_schedule(spec)
+        key = (sch.policy, chunk)
+        if key not in plans_of:
+            plans_of[key] = make_plans("full", sch, G, nbytes, chunk)
+        plans = plans_of[key]
+        opts = sch.engine_options(G)
         for arb in arbitrations:
-            times = []
+            times, how, skipped = [], set(), None
             for st in draws:
-                sch = parse_schedule(spec)
-                plans = make_plans("full", sch, G, nbytes, chunk)
-                res = M.simulate(plans, fabric, options=sch.engine_options(G), starts=st, arbitration=arb)
+                m = "event" if method == "event" else M.method_for(plans, fabric, M.parse_options(opts), st,
+                                                                     "per_stream", arb)
+                ncopies = sum(len(p) for p in plans)
+                if m == "event" and max_event_copies is not None and ncopies > max_event_copies:
+                    skipped = (f"only the event simulation computes it ({ncopies} copies > max_event_copies="
+                               f"{max_event_copies})")
+                    break
+                res = M.simulate(plans, fabric, options=opts, starts=st, arbitration=arb, method=method)
+                how.add(res.info["method"])
                 times.append(float(res.durations.max()))
-            t = float(np.mean(times))
-            out.append({"schedule": label, "arbitration": arb, "pct_ideal": 100 * t_ideal / t,
-                        "agg_GBps": G * (G - 1) * nbytes / t / 1e9})
+            row = {"schedule": label, "arbitration": arb, "pct_ideal": None, "agg_GBps": None,
+                   "method": "/".join(sorted(how)) or None, "skipped": skipped}
+            if skipped is None:
+                t = float(np.mean(times))
+                row.update(pct_ideal=100 * t_ideal / t, agg_GBps=G * (G - 1) * nbytes / t / 1e9)
+            out.append(row)
     return out
 
 
 def format_predictions(rows: list[dict], title: str) -> str:
-    """A Markdown table: one row per schedule, one column per arbitration."""
+    """A Markdown table: one row per schedule, one column per arbitration (``n/a``: left out)."""
     arbs = list(dict.fromkeys(r["arbitration"] for r in rows))
     scheds = list(dict.fromkeys(r["schedule"] for r in rows))
     lines = [f"**{title}**", "", "| schedule | " + " | ".join(f"{a}: % of ideal (agg GB/s)" for a in arbs) + " |",
@@ -142,7 +169,7 @@ def format_predictions(rows: list[dict], title: str) -> str:
         cells = []
         for a in arbs:
             r = next(x for x in rows if x["schedule"] == s and x["arbitration"] == a)
-            cells.append(f"{r['pct_ideal']:.0f} % ({r['agg_GBps']:.0f})")
+            cells.append("n/a" if r["pct_ideal"] is None else f"{r['pct_ideal']:.0f} % ({r['agg_GBps']:.0f})")
         lines.append(f"| {s} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -152,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--skew", type=float, default=0.0,
                    help="each rank starts at a uniform random time in [0, X x ideal time] (default: 0)")
     p.add_argument("--trials", type=int, default=3, help="skew draws averaged (default: 3)")
+    p.add_argument("--exact", action="store_true",
+                   help="also compute the rows only the event simulation can (fifo with several copy streams, "
+                        "skewed chunked copies: minutes at -g 72); without it they read n/a above 100K copies")
     p.set_defaults(func=_predict)
     from .advise_cli import add_parser as _add_advise
     _add_advise(sub)  # dwdp-bench advise: will DWDP beat DEP here (dwdp_comm.bench.advise)
@@ -318,8 +321,8 @@ def _contention(args) -> int:
         fab = model_fabric(cfg)
         extra = [f"model: fabric {fab.name}: egress {fab.egress_Bps / 1e9:.0f} GB/s, ingress {fab.ingress_Bps / 1e9:.0f}, "
                  f"duplex {(fab.duplex_Bps or 0) / 1e9:.0f}, per copy {1e6 * fab.copy_overhead_s:.1f} us, batch "
-                 f"{1e6 * fab.batch_call_overhead_s:.1f} + {1e6 * fab.batch_copy_overhead_s:.1f} us/copy, graph "
-                 f"{1e6 * fab.graph_copy_overhead_s:.1f} us/copy, flag {1e6 * fab.flag_latency_s:.1f} us, "
+                 f"{1e6 * fab.batch_call_overhead_s:.1f} + {1e6 * fab.batch_copy_overhead_s:.1f} us/copy, "
+                 f"flag {1e6 * fab.flag_latency_s:.1f} us, "
                  + (f"one-thread harness {1e6 * fab.harness_copy_overhead_s:.1f} us/copy, "
                     if fab.harness_copy_overhead_s is not None else "") +
                  f"{fab.max_streams} hardware queues ({fab.notes})",
@@ -422,12 +425,13 @@ def _calibrate(args) -> int:
 
 def _predict(args) -> int:
     from . import model as M
-    from .calibrate import format_predictions, predict
+    from .calibrate import MAX_EVENT_COPIES, format_predictions, predict
     G = args.group_size
     fab = args.fabric if args.fabric != "auto" else ("h200" if G <= 8 else "nvl72")
     fabric = M.h200(G) if fab == "h200" else M.nvl72(G)
     n = parse_size(args.bytes, "-b/--bytes")
-    rows = predict(fabric, n, skew=args.skew, trials=args.trials)
+    rows = predict(fabric, n, skew=args.skew, trials=args.trials,
+                   max_event_copies=None if args.exact else MAX_EVENT_COPIES)
     print("# dwdp-bench predict: numbers of the copy-plane MODEL (dwdp_comm.bench.model), not measurements; "
           "`dwdp-bench calibrate` shows how it fits the 4 x H200 measurements")
     print(f"# fabric {fabric.name}: egress {fabric.egress_Bps / 1e9:.0f} GB/s, ingress {fabric.ingress_Bps / 1e9:.0f} "
@@ -435,6 +439,9 @@ def _predict(args) -> int:
     print("# " + _ARBITRATION_HELP)
     print("# % of ideal: model time vs the full exchange's port bound; agg GB/s: all bytes / model time")
     print(format_predictions(rows, f"{fabric.name}, full exchange, {R.format_size(n)} per source, skew {args.skew:g}"))
+    for r in rows:
+        if r["skipped"]:
+            print(f"# n/a: {r['schedule']}, {r['arbitration']}: {r['skipped']}; --exact computes it")
     return 0
 
 

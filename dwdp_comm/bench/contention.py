@@ -74,6 +74,8 @@ class BenchConfig:
         Keep per-copy timelines (model) for the plot.
     trace : bool
         Record every copy job's telemetry (real backends with a timed engine) for a trace.
+    model_method : {"auto", "event"}
+        Model backend only: :func:`~dwdp_comm.bench.model.simulate`'s ``method``.
     """
 
     group_size: int
@@ -94,6 +96,7 @@ class BenchConfig:
     issue_order: str = "stream"
     timeline: bool = False
     trace: bool = False
+    model_method: str = "auto"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -212,7 +215,9 @@ def run_model(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None,
     fabric = model_fabric(cfg)
     G = cfg.group_size
     rows, refs = [], {}
-    sim = dict(executor=cfg.executor, arbitration=cfg.arbitration, issue_order=cfg.issue_order)
+    sim = dict(executor=cfg.executor, arbitration=cfg.arbitration, issue_order=cfg.issue_order,
+               method=cfg.model_method)
+    plans_of: dict[tuple, list] = {}  # schedules of one policy share a size's plans
     for idx, case in enumerate(cases(cfg)):
         if case.nbytes not in refs:
             refs[case.nbytes] = M.pair_rate(fabric, case.nbytes)
@@ -220,7 +225,11 @@ def run_model(cfg: BenchConfig, on_row: Callable[[dict], None] | None = None,
                 on_reference(case.nbytes, refs[case.nbytes])
         row = _row_base(case, G, cfg.engine_options)
         try:
-            plans = make_plans(case.pattern, case.schedule, G, case.nbytes, case.chunk_nbytes)
+            key = (case.pattern, case.schedule.policy, case.nbytes, case.chunk_nbytes)
+            if key not in plans_of:
+                plans_of = {k: v for k, v in plans_of.items() if k[2] == case.nbytes}  # sizes come in order
+                plans_of[key] = make_plans(case.pattern, case.schedule, G, case.nbytes, case.chunk_nbytes)
+            plans = plans_of[key]
             M.parse_options(row["options"])
         except (InvalidArgumentError, InvalidTypeError) as exc:
             row.update(status="skipped", reason=str(exc))

@@ -14,18 +14,18 @@ What is modelled
   (``s == d``) uses only ``local_Bps`` of its GPU.
 * **Copies.** A copy is a fixed overhead (no bytes move, the copy's stream is busy) followed by a
   transfer of its bytes. ``api="memcpy"``: ``copy_overhead_s`` per copy. ``api="batch"``:
-  ``batch_call_overhead_s`` per call plus ``batch_copy_overhead_s`` per copy. ``graph=True``:
-  ``copy_overhead_s`` per launch plus ``graph_copy_overhead_s`` per copy. On H200 these are the
+  ``batch_call_overhead_s`` per call plus ``batch_copy_overhead_s`` per copy. On H200 these are the
   GPU-side costs measured on 2 x H200 with the host issuing ahead (``perf/gpu_copy_plane.py``,
   2026-11-29): 3.9 us per ``cuMemcpyAsync`` and per graph node, nothing measurable per batched
   copy (the per-call cost is assumed to be one launch, 3.9 us). The one-thread calibration
   harness (``issue_fifo``) is bound by the host's issue cost instead: ``harness_copy_overhead_s``
   (8.5 us, fitted to the 1 / 16 / 256 copies rows).
-* **Streams.** A plan runs on ``streams`` lanes per rank, split as the GPU executor splits it
+* **Streams.** A plan runs on the lanes the GPU executor uses, by the same function
+  (:func:`dwdp_comm.lanes.copy_lanes`): ``streams`` lanes for peers' copies
   (``distribute="source"``: lane ``((src - rank - 1) mod G) mod streams``; ``"slot"``: lane
-  ``slot mod streams``); a lane runs its copies in plan order. Lanes beyond ``max_streams``
-  hardware queues share one (``lane mod max_streams``), as CUDA streams beyond
-  ``CUDA_DEVICE_MAX_CONNECTIONS`` do.
+  ``slot mod streams``) and one more for local copies (``src == rank``); a lane runs its copies in
+  plan order. Lanes beyond ``max_streams`` hardware queues share one
+  (:func:`dwdp_comm.lanes.hardware_queue`), as CUDA streams beyond ``CUDA_DEVICE_MAX_CONNECTIONS`` do.
 * **Executors** (who runs the copies, and in which order):
 
   ``per_stream``
@@ -49,8 +49,25 @@ What is modelled
   55.5 % against the model's 68 % at 8 MiB and 73.9 % against 90 % at 64 MiB: the barrier
   couples the ranks in a way the model does not capture, so its ``tdm`` rows are optimistic). ``"source"``: a copy
   of slot ``k`` from source ``s`` waits only for the copies from ``s`` of earlier slots (a token
-  handed from reader to reader of each source). Compute streams never wait in either.
+  handed from reader to reader of each source). Compute streams never wait in either. Copies
+  from the rank itself take no part (as on the GPU).
 * **Skew.** Each rank's copies may not begin before its start time (``starts``).
+
+How it is computed (:func:`simulate`, ``method=``)
+-------------------------------------------------
+The **event simulation** (:mod:`.sim_events`) runs every copy of every rank: timers in a heap, a
+max-min solve (:mod:`.maxmin`) whenever the set of moving transfers changes. It is the reference,
+and its cost grows with the copies of the whole group (``G^2`` sources x chunks: 654K copies for
+the full exchange at G = 72, 1 GiB per source, 8 MiB chunks; minutes). ``method="auto"`` (the
+default) computes the same model more cheaply where it can (:func:`method_for`):
+
+* the **rotation quotient** (:mod:`.sim_quotient`, exact): a symmetric exchange whose ranks start
+  together is rank 0's exchange rotated, so rank 0's queues alone, sharing one processor, give
+  every rank's times; its cost grows with one rank's copies;
+* **coalesced runs** (:meth:`.sim_program.GroupCopies.coalesced`): the event simulation of runs of
+  one lane's consecutive copies from one source, exact where the later copies of a run cost nothing
+  to issue (``api="batch"``), approximate (within 2 % of the event simulation on the tested cases)
+  for single copies with equal starts and ``G >= APPROX_MIN_GROUP``.
 
 What is not modelled: HBM contention with compute, NVSwitch internals (a switch is assumed non
 blocking), copy-engine counts and their time slicing, host issue cost (copies are assumed issued
@@ -59,21 +76,22 @@ ahead of the engines), launch jitter (the model is deterministic: ties stay tied
 
 from __future__ import annotations
 
-import heapq
-import math
-from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from ..engine_options import parse_engine_options
 from ..errors import bad_arg
+from ..lanes import copy_lanes, hardware_queue
 from ..planner import CopyPlan
 from .fabric import Fabric, h200, nvl72  # the fabric description lives in bench/fabric.py
+from .maxmin import maxmin_rates
+from .sim_events import run_issue_fifo, run_per_stream
+from .sim_program import REC, GroupCopies
+from .sim_quotient import rotation_invariant, run_quotient
 
-__all__ = ["Fabric", "h200", "nvl72", "EXECUTORS", "ARBITRATIONS", "parse_options", "simulate",
-           "SimResult", "maxmin_rates", "pair_rate"]
+__all__ = ["Fabric", "h200", "nvl72", "EXECUTORS", "ARBITRATIONS", "METHODS", "APPROX_MIN_GROUP", "parse_options",
+           "simulate", "method_for", "SimResult", "maxmin_rates", "pair_rate"]
 
 EXECUTORS = ("per_stream", "issue_fifo")
 ARBITRATIONS = ("fair", "fifo")
@@ -89,54 +107,7 @@ def parse_options(options: Mapping[str, Any] | None) -> dict:
     return parse_engine_options(options, "model", default_api="memcpy")
 
 
-# ---- max-min fair rates ---------------------------------------------------------------------------
-def maxmin_rates(ports: np.ndarray, caps: np.ndarray) -> np.ndarray:
-    """Max-min fair rates by progressive filling.
-
-    Parameters
-    ----------
-    ports : numpy.ndarray
-        ``int64 [num_flows, k]``: the ports each flow uses (``-1``: none).
-    caps : numpy.ndarray
-        ``float64 [num_ports]``: capacity of each port.
-
-    Returns
-    -------
-    numpy.ndarray
-        ``float64 [num_flows]`` rates; every flow is limited by some saturated port.
-    """
-    nf = ports.shape[0]
-    rate = np.zeros(nf)
-    if nf == 0:
-        return rate
-    valid = ports >= 0
-    if not valid.any(axis=1).all():
-        raise ValueError("a flow uses no port")
-    fi = np.nonzero(valid)[0]  # one entry per (flow, port) incidence
-    used, pi = np.unique(ports[valid], return_inverse=True)
-    cap = caps[used].astype(np.float64)
-    rem = cap.copy()
-    live = np.ones(nf, dtype=bool)
-    live_e = np.ones(fi.shape[0], dtype=bool)
-    while True:
-        cnt = np.bincount(pi[live_e], minlength=used.shape[0])
-        busy = cnt > 0
-        share = np.full(used.shape[0], np.inf)
-        share[busy] = rem[busy] / cnt[busy]
-        inc = float(share.min())
-        if not math.isfinite(inc):
-            raise ValueError("a flow uses no finite port")
-        rate[live] += inc
-        rem -= inc * cnt
-        sat = busy & (rem <= 1e-9 * np.maximum(cap, 1.0))
-        if not sat.any():  # rounding: freeze at the tightest port
-            sat = busy & (share <= inc * (1 + 1e-12))
-        live[fi[live_e & sat[pi]]] = False
-        if not live.any():
-            return rate
-        live_e &= live[fi]
-
-
+# ---- max-min fair rates (in .maxmin, imported here for callers of this module) ------------------
 def pair_rate(fabric: Fabric, nbytes: int) -> float:
     """Bytes/s of one copy of ``nbytes`` between two idle GPUs, overhead included."""
     if nbytes <= 0:
@@ -145,7 +116,6 @@ def pair_rate(fabric: Fabric, nbytes: int) -> float:
 
 
 # ---- results --------------------------------------------------------------------------------------
-@dataclass
 class SimResult:
     """What :func:`simulate` returns.
 
@@ -155,14 +125,26 @@ class SimResult:
         ``float64 [G]``: each rank's start time and the end of its last copy (its start when it has
         none), in seconds.
     records : numpy.ndarray
-        One row per copy, structured: ``rank, lane, src, slot, nbytes, t_issue`` (overhead begins),
-        ``t_data`` (bytes begin to move), ``t_end``.
+        One row per copy (rank-major, plan order), structured: ``rank, lane`` (hardware queue),
+        ``src, slot, nbytes, t_issue`` (overhead begins), ``t_data`` (bytes begin to move),
+        ``t_end``. Built on first use where the method computed fewer units than copies (the
+        rotation quotient: one rank's; coalesced runs: per-copy times split from each run's).
+    info : dict
+        ``executor``, ``arbitration``, ``issue_order``, ``options``, ``fabric``, and ``method``
+        (how the result was computed: ``"event"``, ``"quotient"`` or ``"coalesced"``).
     """
 
-    starts: np.ndarray
-    ends: np.ndarray
-    records: np.ndarray
-    info: dict = field(default_factory=dict)
+    def __init__(self, starts: np.ndarray, ends: np.ndarray, records: np.ndarray | None = None,
+                 info: dict | None = None, *, build_records: Callable[[], np.ndarray] | None = None):
+        self.starts, self.ends, self.info = starts, ends, dict(info or {})
+        self._records, self._build = records, build_records
+
+    @property
+    def records(self) -> np.ndarray:
+        if self._records is None:
+            self._records = self._build()
+            self._build = None
+        return self._records
 
     @property
     def durations(self) -> np.ndarray:
@@ -175,70 +157,13 @@ class SimResult:
         return float(self.ends.max() - self.starts.min())
 
 
-_REC = np.dtype([("rank", np.int64), ("lane", np.int64), ("src", np.int64), ("slot", np.int64),
-                 ("nbytes", np.int64), ("t_issue", np.float64), ("t_data", np.float64), ("t_end", np.float64)])
-
-
 # ---- simulation -----------------------------------------------------------------------------------
-class _Copies:
-    """Flat arrays of every copy of every rank, with the lane each runs on."""
-
-    def __init__(self, plans: Sequence[CopyPlan], G: int, opts: dict, max_streams: int):
-        ranks, lanes, srcs, slots, nbs = [], [], [], [], []
-        nq = min(opts["streams"], max_streams)  # hardware queues in use
-        for r, p in enumerate(plans):
-            if p.group_size != G or p.rank != r:
-                raise bad_arg("plans", f"plan {r} (rank={p.rank}, group_size={p.group_size})",
-                              f"plan i made for rank i of a group of {G}")
-            src = p.src_rank.astype(np.int64)
-            if opts["distribute"] == "source":
-                lane = ((src - r - 1) % G) % opts["streams"]
-            else:
-                lane = p.slot % opts["streams"]
-            lane = lane % nq
-            ranks.append(np.full(len(p), r, dtype=np.int64))
-            lanes.append(lane)
-            srcs.append(src)
-            slots.append(p.slot.astype(np.int64))
-            nbs.append(p.nbytes.astype(np.int64))
-        cat = lambda xs: np.concatenate(xs) if xs else np.zeros(0, dtype=np.int64)  # noqa: E731
-        self.rank, self.lane, self.src = cat(ranks), cat(lanes), cat(srcs)
-        self.slot, self.nbytes = cat(slots), cat(nbs)
-        self.n = int(self.rank.shape[0])
-        self.dst = self.rank
-        # lane id = rank * queues + lane; copies of a lane in plan order
-        self.lanes_per_rank = nq
-        self.lane_id = self.rank * nq + self.lane
-        self.num_lanes = G * nq
-        order = np.lexsort((np.arange(self.n), self.lane_id))
-        self.lane_copies: list[list[int]] = [[] for _ in range(self.num_lanes)]
-        for i in order.tolist():
-            self.lane_copies[int(self.lane_id[i])].append(i)
-
-
-class _Flows:
-    """Active transfers with their ports; rates are max-min fair over the ports."""
-
-    def __init__(self, fabric: Fabric, copies: _Copies):
-        G = fabric.group_size
-        self.caps = np.concatenate([np.full(G, fabric.egress_Bps), np.full(G, fabric.ingress_Bps),
-                                    np.full(G, fabric.duplex_Bps if fabric.duplex_Bps else np.inf),
-                                    np.full(G, fabric.local_Bps)])
-        s, d = copies.src, copies.dst
-        local = s == d
-        p = np.stack([s, G + d, 2 * G + s, 2 * G + d], axis=1)
-        p[local] = np.stack([3 * G + s[local], np.full(local.sum(), -1), np.full(local.sum(), -1),
-                             np.full(local.sum(), -1)], axis=1)
-        if fabric.duplex_Bps is None:
-            p[~local, 2:] = -1
-        self.ports = p
-        self.active: list[int] = []  # copy ids moving bytes now
-        self.remaining = copies.nbytes.astype(np.float64).copy()
+METHODS = ("auto", "event")
 
 
 def simulate(plans: Sequence[CopyPlan], fabric: Fabric, *, options: Mapping[str, Any] | None = None,
              starts: Sequence[float] | None = None, executor: str = "per_stream", arbitration: str = "fair",
-             issue_order: str = "stream") -> SimResult:
+             issue_order: str = "stream", method: str = "auto") -> SimResult:
     """Run every rank's copy plan through the fluid model.
 
     Parameters
@@ -255,6 +180,12 @@ def simulate(plans: Sequence[CopyPlan], fabric: Fabric, *, options: Mapping[str,
         ``per_stream`` only: how readers of one source share it.
     issue_order : {"stream", "slot"}
         ``issue_fifo`` only: the host loop's order, rank by rank (``stream``) or slot by slot.
+    method : {"auto", "event"}
+        ``"event"``: the event simulation of every copy (:mod:`.sim_events`), the reference.
+        ``"auto"`` (default): the cheapest computation of the same model (:func:`method_for`):
+        the rotation quotient (exact) for symmetric exchanges, the event simulation of coalesced
+        runs for other ``fair`` cases, the event simulation otherwise. ``info["method"]`` says which ran,
+        ``info["exact"]`` whether it is the event simulation's result (up to rounding).
 
     Returns
     -------
@@ -269,305 +200,116 @@ def simulate(plans: Sequence[CopyPlan], fabric: Fabric, *, options: Mapping[str,
         raise bad_arg("arbitration", arbitration, f"one of {list(ARBITRATIONS)}")
     if issue_order not in ("stream", "slot"):
         raise bad_arg("issue_order", issue_order, "'stream' or 'slot'")
+    if method not in METHODS:
+        raise bad_arg("method", method, f"one of {list(METHODS)}")
     opts = parse_options(options)
     st = np.zeros(G) if starts is None else np.asarray(starts, dtype=np.float64)
     if st.shape != (G,) or not np.all(np.isfinite(st)) or np.any(st < 0):
         raise bad_arg("starts", starts, f"{G} finite times >= 0")
-    copies = _Copies(plans, G, opts, fabric.max_streams)
-    rec = np.zeros(copies.n, dtype=_REC)
-    rec["rank"], rec["lane"], rec["src"] = copies.rank, copies.lane, copies.src
-    rec["slot"], rec["nbytes"] = copies.slot, copies.nbytes
-    rec["t_issue"] = rec["t_data"] = rec["t_end"] = np.nan
+    if executor == "issue_fifo" and (opts["api"] != "memcpy" or opts["sync"] != "none"):
+        raise bad_arg("options", opts, "api='memcpy', sync='none' with executor='issue_fifo'",
+                      "the one-process harness only issues single copies")
+    for r, p in enumerate(plans):
+        if p.group_size != G or p.rank != r:
+            raise bad_arg("plans", f"plan {r} (rank={p.rank}, group_size={p.group_size})",
+                          f"plan i made for rank i of a group of {G}")
+    how = "event" if method == "event" else method_for(plans, fabric, opts, st, executor, arbitration)
+    info = {"executor": executor, "arbitration": arbitration, "issue_order": issue_order, "options": opts,
+            "fabric": fabric.name, "method": how, "exact": how != "coalesced" or _inner_cost(opts, fabric) == 0}
+    if how == "quotient":
+        return _quotient(plans, fabric, opts, st, info)
+    c = GroupCopies(plans, G, opts, fabric)
+    units = c.coalesced() if how == "coalesced" else c
+    rec = _empty_records(units)
     if executor == "issue_fifo":
-        if opts["api"] != "memcpy" or opts["graph"] or opts["sync"] != "none":
-            raise bad_arg("options", opts, "api='memcpy', graph=False, sync='none' with executor='issue_fifo'",
-                          "the one-process harness only issues single copies")
-        _IssueFifo(fabric, copies, rec, st, issue_order).run()
+        run_issue_fifo(fabric, units, rec, st, issue_order)
     else:
-        _PerStream(fabric, copies, rec, st, opts, arbitration).run()
+        run_per_stream(fabric, units, rec, st, arbitration)
     ends = st.copy()
-    if copies.n:
-        np.maximum.at(ends, copies.rank, rec["t_end"])
-    return SimResult(starts=st, ends=ends, records=rec,
-                     info={"executor": executor, "arbitration": arbitration, "issue_order": issue_order,
-                           "options": opts, "fabric": fabric.name})
+    if units.n:
+        np.maximum.at(ends, units.rank, rec["t_end"])
+    if how == "coalesced":
+        def build() -> np.ndarray:
+            full = _empty_records(c)
+            units.expand(rec, c, full)
+            return full
+        return SimResult(st, ends, info=info, build_records=build)
+    return SimResult(st, ends, rec, info)
 
 
-_EPS_T = 1e-12
+#: The smallest group where :func:`method_for` merges runs of copies that cost something to issue
+#: (their costs moved to the run's start). Measured against the event simulation with equal starts
+#: (``naive``, full exchange, 2-32 MiB chunks): 2.9 % at G = 3, under 1.5 % from G = 4, under
+#: 0.4 % from G = 12; with skewed starts up to 9 % at G = 8, so never with skew.
+APPROX_MIN_GROUP = 8
 
 
-class _Loop:
-    """Shared event loop: timers in a heap, transfers advanced by their max-min rates."""
+def method_for(plans: Sequence[CopyPlan], fabric: Fabric, opts: dict, starts: np.ndarray, executor: str,
+               arbitration: str) -> str:
+    """How ``simulate(method="auto")`` computes a case: ``"quotient"``, ``"coalesced"`` or ``"event"``.
 
-    def __init__(self, fabric: Fabric, copies: _Copies, rec: np.ndarray, starts: np.ndarray):
-        self.f, self.c, self.rec, self.starts = fabric, copies, rec, starts
-        self.flows = _Flows(fabric, copies)
-        self.t = 0.0
-        self.timers: list[tuple[float, int, Any]] = []
-        self._seq = 0
-        self.done = np.zeros(copies.n, dtype=bool)
-        self.num_done = 0
-        self._last_act: list[int] | None = None
-        self._last_rates = np.zeros(0)
-
-    def at(self, when: float, what: Any) -> None:
-        self._seq += 1
-        heapq.heappush(self.timers, (max(when, self.t), self._seq, what))
-
-    def start_transfer(self, i: int) -> None:
-        self.rec["t_data"][i] = self.t
-        if self.c.nbytes[i] == 0:
-            self.finish(i)
-        else:
-            self.flows.active.append(i)
-            self.on_transfer_registered(i)
-
-    def run(self) -> None:
-        self.setup()
-        stall = 0
-        while self.num_done < self.c.n:
-            act = list(self.moving())
-            if act != self._last_act:  # rates depend only on which transfers move
-                self._last_rates = maxmin_rates(self.flows.ports[act], self.flows.caps) if act else np.zeros(0)
-                self._last_act = act
-            rates = self._last_rates
-            t_next = self.timers[0][0] if self.timers else math.inf
-            if act:
-                rem = self.flows.remaining[act]
-                with np.errstate(divide="ignore"):
-                    fin = np.where(rates > 0, rem / np.where(rates > 0, rates, 1.0), np.inf)
-                dt_x = float(fin.min())
-            else:
-                dt_x = math.inf
-            dt = min(t_next - self.t, dt_x)
-            if not math.isfinite(dt):
-                raise RuntimeError(f"model deadlock at t={self.t:.6g}s: {self.c.n - self.num_done} copies left "
-                                   "(a sync wait that can never be satisfied?)")
-            dt = max(dt, 0.0)
-            if act:
-                self.flows.remaining[act] -= rates * dt
-            self.t += dt
-            finished = []
-            if act:
-                tol = np.maximum(1.0, 1e-9 * self.c.nbytes[act])
-                finished = [act[k] for k in np.nonzero(self.flows.remaining[act] <= tol)[0].tolist()]
-                if dt == dt_x and not finished:  # rounding: finish the earliest
-                    finished = [act[int(np.argmin(fin))]]
-            for i in finished:
-                self.flows.remaining[i] = 0.0
-                self.flows.active.remove(i)
-                self.finish(i)
-            while self.timers and self.timers[0][0] <= self.t + _EPS_T:
-                _, _, what = heapq.heappop(self.timers)
-                self.on_timer(what)
-            stall = stall + 1 if dt == 0 and not finished else 0
-            if stall > 10 * (self.c.n + 10):
-                raise RuntimeError("model made no progress (internal error)")
-
-    def finish(self, i: int) -> None:
-        self.rec["t_end"][i] = self.t
-        self.done[i] = True
-        self.num_done += 1
-        self.on_finish(i)
-
-    # hooks
-    def setup(self) -> None: ...
-    def on_timer(self, what) -> None: ...
-    def on_finish(self, i: int) -> None: ...
-    def on_transfer_registered(self, i: int) -> None: ...
-
-    def moving(self) -> list[int]:
-        """Copies whose bytes move now (all registered transfers, unless arbitration queues them)."""
-        return self.flows.active
+    * ``"quotient"`` (exact): ``per_stream``, every rank starts at once and every plan is rank 0's
+      rotated (:func:`~.sim_quotient.rotation_invariant`), with ``fair`` arbitration or one hardware
+      queue per rank: rank 0's queues alone, with processor sharing (:mod:`.sim_quotient`).
+    * ``"coalesced"``: other ``per_stream`` ``fair`` cases: the event simulation of runs of
+      consecutive copies of one lane from one source (:meth:`GroupCopies.coalesced`). Exact where a
+      run's later copies cost nothing to issue (``api="batch"``, whose per-copy cost is 0 on the
+      calibrated fabrics); otherwise their costs move to the run's start, which is done only with
+      equal starts and ``G >= APPROX_MIN_GROUP`` (``info["exact"]`` is then False).
+    * ``"event"``: everything else (``issue_fifo``; ``fifo`` with several queues per rank or with
+      ranks that do not mirror each other; small or skewed ``memcpy`` cases): every copy.
+    """
+    if executor != "per_stream":
+        return "event"
+    G = fabric.group_size
+    equal = bool(np.ptp(starts) == 0)
+    if equal and rotation_invariant(plans) and (arbitration == "fair" or _one_queue(plans[0], opts, fabric)):
+        return "quotient"
+    if arbitration != "fair":
+        return "event"
+    if _inner_cost(opts, fabric) == 0 or (equal and G >= APPROX_MIN_GROUP):
+        return "coalesced"
+    return "event"
 
 
-class _PerStream(_Loop):
-    """Each lane runs its ops in order: [wait] overhead transfer ... (see module docstring)."""
-
-    def __init__(self, fabric, copies, rec, starts, opts, arbitration):
-        super().__init__(fabric, copies, rec, starts)
-        self.opts, self.arb = opts, arbitration
-        self.ops = [self._lane_ops(cs) for cs in copies.lane_copies]
-        self.pc = [0] * copies.num_lanes  # next op of each lane
-        self.blocked: dict[tuple, list[int]] = {}  # wait key -> lanes
-        G = fabric.group_size
-        # slot bookkeeping for sync
-        nslot = int(copies.slot.max()) + 1 if copies.n else 0
-        self.slot_left = np.bincount(copies.slot, minlength=nslot).astype(np.int64) if copies.n else np.zeros(0, np.int64)
-        self.low_slot, self.low_slot_time = 0, [0.0]  # all slots < low_slot done; time each became so
-        self.src_left = np.zeros((G, max(nslot, 1)), dtype=np.int64)
-        if copies.n:
-            np.add.at(self.src_left, (copies.src, copies.slot), 1)
-        self.low_src = [0] * G
-        self.low_src_time: list[list[float]] = [[0.0] for _ in range(G)]
-        self._advance_slots()
-        self.queues: dict[int, deque] = {s: deque() for s in range(G)}
-
-    # ops: ("d", seconds) delay, ("w", key) wait, ("x", copy) transfer
-    def _lane_ops(self, cs: list[int]) -> list[tuple]:
-        f, o, c = self.f, self.opts, self.c
-        ops: list[tuple] = []
-        if o["graph"] and cs:
-            ops.append(("d", f.copy_overhead_s))  # one graph launch per lane and job
-        prev_key, first = None, True
-        for i in cs:
-            key = None
-            if o["sync"] == "slot":
-                key = ("slot", int(c.slot[i]))
-            elif o["sync"] == "source":
-                key = ("src", int(c.src[i]), int(c.slot[i]))
-            new_segment = first
-            if key is not None and key != prev_key:
-                ops.append(("w", key))
-                new_segment = True  # a batch cannot span a wait
-            prev_key, first = key, False
-            if o["graph"]:
-                ops.append(("d", f.graph_copy_overhead_s))
-            elif o["api"] == "batch":
-                if new_segment:
-                    ops.append(("d", f.batch_call_overhead_s))
-                ops.append(("d", f.batch_copy_overhead_s))
-            else:
-                ops.append(("d", f.copy_overhead_s))
-            ops.append(("x", i))
-        return ops
-
-    def moving(self) -> list[int]:
-        if self.arb == "fair":
-            return self.flows.active
-        return [q[0] for q in self.queues.values() if q]
-
-    def on_transfer_registered(self, i: int) -> None:
-        if self.arb == "fifo":
-            q = self.queues[int(self.c.src[i])]
-            q.append(i)
-            if len(q) > 1:  # queued behind another reader: its bytes start moving later
-                self.rec["t_data"][i] = np.nan
-
-    def setup(self) -> None:
-        for lane in range(self.c.num_lanes):
-            if self.ops[lane]:
-                r = lane // self.c.lanes_per_rank
-                self.at(float(self.starts[r]), ("go", lane))
-
-    def on_timer(self, what) -> None:
-        self._step(what[1])
-
-    def _step(self, lane: int) -> None:
-        """Run lane's ops from its program counter until it must wait for time or bytes."""
-        ops = self.ops[lane]
-        while self.pc[lane] < len(ops):
-            op = ops[self.pc[lane]]
-            self.pc[lane] += 1
-            if op[0] == "d":
-                self._mark_issue(lane)
-                if op[1] > 0:
-                    self.at(self.t + op[1], ("go", lane))
-                    return
-            elif op[0] == "w":
-                t_ok = self._satisfied(op[1])
-                if t_ok is None:
-                    self.pc[lane] -= 1
-                    self.blocked.setdefault(op[1], []).append(lane)
-                    return
-                release = max(self.t, t_ok + self.f.flag_latency_s)
-                if release > self.t + _EPS_T:
-                    self.at(release, ("go", lane))
-                    return
-            else:
-                self._mark_issue(lane, op[1])
-                self.start_transfer(op[1])
-                return
-
-    def _mark_issue(self, lane: int, i: int | None = None) -> None:
-        # t_issue of a copy = when its first overhead op began
-        if i is None:
-            nxt = next((op[1] for op in self.ops[lane][self.pc[lane]:] if op[0] == "x"), None)
-            if nxt is not None and math.isnan(self.rec["t_issue"][nxt]):
-                self.rec["t_issue"][nxt] = self.t
-        elif math.isnan(self.rec["t_issue"][i]):
-            self.rec["t_issue"][i] = self.t
-
-    def _satisfied(self, key) -> float | None:
-        if key[0] == "slot":
-            k = key[1]
-            return self.low_slot_time[k] if self.low_slot >= k else None
-        s, k = key[1], key[2]
-        return self.low_src_time[s][k] if self.low_src[s] >= k else None
-
-    def _advance_slots(self) -> None:
-        n = self.slot_left.shape[0]
-        while self.low_slot < n and self.slot_left[self.low_slot] == 0:
-            self.low_slot += 1
-            self.low_slot_time.append(self.t)
-        for s in range(self.f.group_size):
-            row = self.src_left[s]
-            while self.low_src[s] < row.shape[0] and row[self.low_src[s]] == 0:
-                self.low_src[s] += 1
-                self.low_src_time[s].append(self.t)
-
-    def on_finish(self, i: int) -> None:
-        c = self.c
-        if self.arb == "fifo":
-            q = self.queues[int(c.src[i])]
-            q.remove(i)
-            if q and math.isnan(self.rec["t_data"][q[0]]):
-                self.rec["t_data"][q[0]] = self.t
-        self.slot_left[c.slot[i]] -= 1
-        self.src_left[c.src[i], c.slot[i]] -= 1
-        self._advance_slots()
-        if self.blocked:
-            ready = [k for k in self.blocked if self._satisfied(k) is not None]
-            for k in ready:
-                for lane in self.blocked.pop(k):
-                    self.at(self.t, ("go", lane))
-        self.at(self.t, ("go", int(c.lane_id[i])))
+def _inner_cost(opts: dict, fabric: Fabric) -> float:
+    """Issue cost of a copy that follows another of its lane without a wait (what coalescing moves)."""
+    return fabric.batch_copy_overhead_s if opts["api"] == "batch" else fabric.copy_overhead_s
 
 
-class _IssueFifo(_Loop):
-    """One queue per source GPU, in host issue order; the head waits for its stream predecessor."""
+def _one_queue(p: CopyPlan, opts: dict, fabric: Fabric) -> bool:
+    """All of ``p``'s copies on one hardware queue: one transfer of the rank moves at a time."""
+    lanes = hardware_queue(copy_lanes(p.src_rank, p.slot, rank=p.rank, group_size=p.group_size,
+                                      streams=opts["streams"], distribute=opts["distribute"]),
+                           streams=opts["streams"], max_queues=fabric.max_streams)
+    return lanes.size == 0 or bool((lanes == lanes[0]).all())
 
-    def __init__(self, fabric, copies, rec, starts, issue_order):
-        super().__init__(fabric, copies, rec, starts)
-        c = copies
-        if issue_order == "stream":
-            order = np.lexsort((np.arange(c.n), c.rank))  # rank by rank, each plan in order
-        else:
-            order = np.lexsort((c.rank, c.slot))
-        self.queue: dict[int, deque] = {s: deque() for s in range(fabric.group_size)}
-        for i in order.tolist():
-            self.queue[int(c.src[i])].append(i)
-        self.pred = np.full(c.n, -1, dtype=np.int64)
-        for cs in c.lane_copies:
-            for a, b in zip(cs, cs[1:]):
-                self.pred[b] = a
-        self.busy: dict[int, int] = {}  # source -> copy at its head (in overhead or moving)
 
-    def setup(self) -> None:
-        for r in sorted(set(self.starts.tolist())):
-            self.at(r, ("check",))
-        self._check()
+def _empty_records(c: GroupCopies) -> np.ndarray:
+    rec = np.zeros(c.n, dtype=REC)
+    rec["rank"], rec["lane"], rec["src"] = c.rank, c.lane, c.src
+    rec["slot"], rec["nbytes"] = c.slot, c.nbytes
+    rec["t_issue"] = rec["t_data"] = rec["t_end"] = np.nan
+    return rec
 
-    def _eligible(self, i: int) -> bool:
-        p = int(self.pred[i])
-        return (p < 0 or self.done[p]) and self.starts[self.c.rank[i]] <= self.t + _EPS_T
 
-    def _check(self) -> None:
-        for s, q in self.queue.items():
-            if s in self.busy or not q or not self._eligible(q[0]):
-                continue
-            i = q.popleft()
-            self.busy[s] = i
-            self.rec["t_issue"][i] = self.t
-            over = self.f.harness_copy_overhead_s
-            self.at(self.t + (self.f.copy_overhead_s if over is None else over), ("data", i))
+def _quotient(plans: Sequence[CopyPlan], fabric: Fabric, opts: dict, starts: np.ndarray, info: dict) -> SimResult:
+    G = fabric.group_size
+    c0 = GroupCopies(plans[:1], G, opts, fabric)
+    times = run_quotient(fabric, c0, float(starts[0]))
+    end = float(np.nanmax(times[2])) if c0.n else float(starts[0])
+    ends = np.full(G, max(end, float(starts[0])))
 
-    def on_timer(self, what) -> None:
-        if what[0] == "data":
-            self.start_transfer(what[1])
-        else:
-            self._check()
+    def build() -> np.ndarray:
+        n = c0.n
+        rec = np.zeros(G * n, dtype=REC)
+        rank = np.repeat(np.arange(G, dtype=np.int64), n)
+        rec["rank"] = rank
+        rec["lane"] = np.tile(c0.lane, G)
+        rec["src"] = (np.tile(c0.src, G) + rank) % G
+        rec["slot"], rec["nbytes"] = np.tile(c0.slot, G), np.tile(c0.nbytes, G)
+        for k, name in enumerate(("t_issue", "t_data", "t_end")):
+            rec[name] = np.tile(times[k], G)
+        return rec
 
-    def on_finish(self, i: int) -> None:
-        del self.busy[int(self.c.src[i])]
-        self._check()
+    return SimResult(starts, ends, info=info, build_records=build)

@@ -23,7 +23,6 @@ chunks (``1`` = a chunk of source 1; ``|`` marks separate copies where it matter
                  |1|2|3|1|2|3|...      in lockstep; one cudaMemcpyAsync per chunk (~8.5 us each)
     batch        [1 2 3 1 2 3 1 2 3]   round_robin's copies in one cudaMemcpyBatchAsync per lane
                                        and job: one call instead of one per chunk
-    graph        round_robin's copies captured once as a CUDA graph, replayed per job
     parallel     lane 1: 1 1 1         one copy stream per source (rotated + streams = G-1), all
                  lane 2: 2 2 2         sources at once; each source's egress is shared by every
                  lane 3: 3 3 3         reader (more lanes than hardware queues share queues, in
@@ -38,9 +37,9 @@ chunks (``1`` = a chunk of source 1; ``|`` marks separate copies where it matter
                  token passed from reader to reader), not for the whole group
 
 ``parallel`` and the chunk options combine: ``parallel`` with a chunk size reads every source in
-chunks on its own lane. The GPU copy engines implement every option (``graph`` and ``sync`` since
-041457e; a ``sync`` engine is created collectively); an engine that refuses an option (the sim
-engine takes none) makes the benchmark report the row as skipped.
+chunks on its own lane. The GPU copy engines implement every option (``sync`` since 041457e; a
+``sync`` engine is created collectively); an engine that refuses an option (the sim engine takes
+none) makes the benchmark report the row as skipped.
 """
 
 from __future__ import annotations
@@ -64,7 +63,6 @@ SCHEDULES: dict[str, tuple[str, dict]] = {
     "rotated": ("rotated", {}),
     "round_robin": ("round_robin", {}),
     "batch": ("round_robin", {"api": "batch"}),
-    "graph": ("round_robin", {"graph": True}),
     "parallel": ("rotated", {"streams": "all"}),
     "tdm": ("round_robin", {"sync": "slot"}),
     "tdm_source": ("round_robin", {"sync": "source"}),

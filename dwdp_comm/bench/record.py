@@ -26,15 +26,29 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__fi
 
 
 def _git(*args: str) -> subprocess.CompletedProcess | None:
+    """``git args`` in :data:`REPO_ROOT`, or None where that directory is not itself a checkout.
+
+    Git searches parent directories for a repository: a copy of this tree without ``.git`` inside
+    another checkout would report that checkout's commit. So git may not look above
+    :data:`REPO_ROOT` (``GIT_CEILING_DIRECTORIES``, no inherited ``GIT_DIR`` / ``GIT_WORK_TREE``),
+    and its top level must be :data:`REPO_ROOT` itself.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("GIT_DIR", "GIT_WORK_TREE")}
+    env["GIT_CEILING_DIRECTORIES"] = os.path.dirname(REPO_ROOT)
     try:
-        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10, env=env)
+        if top.returncode != 0 or os.path.realpath(top.stdout.strip()) != os.path.realpath(REPO_ROOT):
+            return None
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10, env=env)
     except (OSError, subprocess.SubprocessError):
         return None
 
 
 def commit(*, short: bool = False) -> str | None:
-    """The commit measured: ``$DWDP_GIT_COMMIT`` when set, else git's ``HEAD`` (abbreviated with
-    ``short``); None where neither is known (no git, no repository)."""
+    """The commit measured: ``$DWDP_GIT_COMMIT`` when set, else git's ``HEAD`` of the checkout holding
+    this package (abbreviated with ``short``); None where neither is known (no git, or a tree without
+    ``.git``, even inside another repository)."""
     if os.environ.get(ENV_COMMIT):
         return os.environ[ENV_COMMIT]
     r = _git("rev-parse", *(["--short"] if short else []), "HEAD")

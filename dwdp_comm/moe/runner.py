@@ -179,7 +179,11 @@ class Runner:
         """Prefill ``warmup + iters`` iterations of this rank's requests; time the last ``iters``.
 
         Collective in DEP mode (every rank runs the same number of iterations). ``record`` keeps
-        the first iteration's inputs and outputs for :meth:`check`.
+        the first iteration's inputs and outputs for :meth:`check`. With ``warmup``, one untimed
+        forward of the largest batch runs first (the allocator's growth is not timed). With
+        ``cuda_graph``, every iteration is the first batch; after the warm-up, ``iters`` eager
+        forwards of that batch are timed (``eager_same_batch_latency_ms``: the same work as a replay),
+        then it is captured and each timed iteration is a replay (``iter_latency_ms``).
         """
         args, cfg, device = self.args, self.cfg, self.device
         n_batches = warmup + iters
@@ -200,12 +204,27 @@ class Runner:
             self.pipe.exposed_seconds(reset=True)
         if self.on_gpu:
             torch.cuda.reset_peak_memory_stats(device)
+        if warmup and not use_graph:
+            # One untimed forward of the largest batch first: the caching allocator then holds what
+            # every iteration needs. Else a timed iteration larger than all before it pays cudaMalloc
+            # (or a cudaFree-and-retry), a one-time cost that is not the forward's.
+            big = max(range(len(plan)), key=lambda k: sum(plan[k]))
+            with torch.no_grad():
+                self.model(torch.randn_like(inputs[big]), plan[big])
+        eager_same = []  # graph mode: eager forwards of the captured batch, the same work as a replay
         dist.barrier()
         for i, (x, seq) in enumerate(zip(inputs, plan)):
             for b in self.blocks:
                 b.active = record and i == 0
             if use_graph and i == warmup:  # warm-up done eagerly: capture once, replay from now on
-                graph, static_x, static_y = self._capture(x, seq)
+                for _ in range(iters):
+                    self._sync()
+                    t0 = time.perf_counter()
+                    with torch.no_grad():
+                        self.model(x, seq)
+                    self._sync()
+                    eager_same.append(time.perf_counter() - t0)
+                graph, static_x, static_y = self.capture(x, seq)
             self._sync()
             t0 = time.perf_counter()
             with torch.no_grad():
@@ -247,13 +266,16 @@ class Runner:
                 "backend": self.group.backend if self.group else None,
                 "slot_nbytes": pf.slot_nbytes if pf else 0,
                 "remote_nbytes_per_layer": store.remote_nbytes(self.layers[0]) if store else 0,
-                "cuda_graph": bool(use_graph), "graph_vs_eager_rel_error": graph_err}
+                "cuda_graph": bool(use_graph), "graph_vs_eager_rel_error": graph_err,
+                "eager_same_batch_latency_ms": [round(t * 1e3, 3) for t in eager_same]}
 
-    def _capture(self, x, seq_lens):
+    def capture(self, x, seq_lens):
         """Capture one forward of every layer (prefetches, waits and releases included) in a CUDA graph.
 
         The pipeline is drained first (``prepare_capture``: host-blocking); inside the capture
-        ``DwdpPipeline.begin()`` notices the capture and records a self-contained forward."""
+        ``DwdpPipeline.begin()`` notices the capture and records a self-contained forward. Returns
+        ``(graph, static_x, static_y)``: copy new inputs into ``static_x``, ``graph.replay()``, read
+        ``static_y``."""
         self.pipe.prepare_capture()
         static_x = x.clone()
         graph = torch.cuda.CUDAGraph()

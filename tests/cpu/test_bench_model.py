@@ -112,8 +112,7 @@ def test_overheads_add_per_copy():
     f = M.h200(4)
     n, k = 64 * MiB, 16
     for opts, over in [({}, k * f.copy_overhead_s),
-                       ({"api": "batch"}, f.batch_call_overhead_s + k * f.batch_copy_overhead_s),
-                       ({"graph": True}, f.copy_overhead_s + k * f.graph_copy_overhead_s)]:
+                       ({"api": "batch"}, f.batch_call_overhead_s + k * f.batch_copy_overhead_s)]:
         res, _, _ = run("pair", "naive", n=n, chunk=n // k, options=opts)
         assert res.makespan == pytest.approx(over + n / f.pair_Bps, rel=1e-9), opts
 
@@ -152,7 +151,7 @@ def _no_overlap(intervals):
     return all(b0 >= a1 - 1e-12 for (a0, a1), (b0, b1) in zip(intervals, intervals[1:]))
 
 
-@pytest.mark.parametrize("schedule", ["naive", "rotated", "round_robin", "parallel", "batch", "graph", "tdm",
+@pytest.mark.parametrize("schedule", ["naive", "rotated", "round_robin", "parallel", "batch", "tdm",
                                       "tdm_source"])
 def test_records_are_consistent_with_skew(schedule, seed):
     rng = np.random.default_rng(seed)
@@ -239,10 +238,140 @@ def test_model_options_follow_the_gpu_rule():
     """One validation rule: the model differs from the GPU engines only in its default api."""
     from dwdp_comm.engine_options import parse_engine_options
     from dwdp_comm.bench.model import parse_options
-    for opts in ({}, {"streams": 3}, {"api": "batch", "distribute": "slot"}, {"graph": True}, {"sync": "slot"}):
+    for opts in ({}, {"streams": 3}, {"api": "batch", "distribute": "slot"}, {"sync": "slot"}):
         gpu, model = parse_engine_options(opts, "gpu"), parse_options(opts)
         assert {**gpu, "api": None} == {**model, "api": None}
         assert model["api"] == opts.get("api", "memcpy")
-    for bad in ({"graph": True, "sync": "slot"}, {"graph": True, "api": "batch"}, {"streamz": 1}):
+    for bad in ({"graph": True}, {"sync": "barrier"}, {"streamz": 1}):
         with pytest.raises(InvalidArgumentError):
             parse_options(bad)
+
+
+# ---- one lane rule: the model places every copy where the GPU executor does ------------------------
+@pytest.mark.parametrize("opts", [{"streams": 1}, {"streams": 2}, {"streams": 3}, {"streams": 2, "distribute": "slot"},
+                                  {"streams": 5, "distribute": "slot"}])
+def test_model_and_executor_put_every_copy_on_the_same_lane(monkeypatch, opts):
+    """Plans with local copies (gather mode: a rank copies its own experts into the slot) run through
+    the executor on the fake CUDA runtime and through the model: each copy on the same lane."""
+    from tests.helpers import fake_cuda
+    from dwdp_comm.backends.cuda import executor, memory
+    from dwdp_comm.planner import CopyRange, make_plan
+    fake = fake_cuda.install(monkeypatch)
+    G, n = 4, 1 << 14
+    opts = {**opts, "api": "memcpy"}
+    heaps = [np.zeros(n, dtype=np.uint8) for _ in range(G)]
+    plans = [make_plan([CopyRange(s, 0, s * n, n) for s in range(G)], rank=r, group_size=G, policy="round_robin",
+                       chunk_nbytes=n // 4) for r in range(G)]  # every rank also reads itself: local copies
+    res = M.simulate(plans, M.h200(G), options=opts)
+    for r in range(G):
+        dst_data = np.zeros(G * n, dtype=np.uint8)
+        dst = memory.DeviceBuffer(fake_cuda.HostAlloc(dst_data))
+        eng = executor.CopyExecutor(device=0, rank=r, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
+                                    src_nbytes=n, **{k: v for k, v in M.parse_options(opts).items() if k != "sync"})
+        fake.done.clear()
+        eng.submit(plans[r], src_base=0, dst=dst, dst_base=0)
+        fake.progress()
+        lane_of_dst = {e[2] - int(dst.ptr): eng.streams.index(e[1]) for e in fake.done if e[0] == "copy"}
+        eng.close()
+        want = [lane_of_dst[int(d)] for d in plans[r].dst_offset]
+        got = res.records["lane"][res.records["rank"] == r].tolist()
+        assert got == want, (r, plans[r].src_rank.tolist())
+        assert any(int(s) == r for s in plans[r].src_rank)
+
+
+# ---- the fast paths against the event simulation ----------------------------------------------------
+_SCHEDULES = ["naive", "rotated", "round_robin", "batch", "parallel", "parallel+api=batch", "tdm", "tdm_source",
+              "round_robin+streams=2", "tdm+streams=2+distribute=slot", "rotated+api=batch+streams=3"]
+
+
+def _local_plans(G, n, chunk, policy):
+    """Every rank also copies its own block (gather mode): local copies on the local lane."""
+    from dwdp_comm.planner import CopyRange, make_plan
+    return [make_plan([CopyRange(s, 0, s * n, n) for s in range(G)], rank=r, group_size=G, policy=policy,
+                      chunk_nbytes=chunk) for r in range(G)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(2, 8), st.sampled_from(_SCHEDULES), st.sampled_from(["full", "ring", "all-to-one", "swap"]),
+       st.sampled_from([(16 * MiB, 0), (16 * MiB, 4 * MiB), (24 * MiB, 5 * MiB), (64 * MiB, 8 * MiB)]),
+       st.sampled_from(["fair", "fifo"]), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_auto_agrees_with_the_event_simulation(G, schedule, pattern, size, arbitration, skew, local, seed):
+    """simulate(method="auto") (the rotation quotient, coalesced runs, or the event simulation)
+    against the event simulation of every copy on random small cases: every rank's end within 2 %,
+    to rounding where the method is exact."""
+    n, chunk = size
+    sch = parse_schedule(schedule)
+    opts = sch.engine_options(G)
+    plans = (_local_plans(G, n, chunk or n, sch.policy) if local
+             else make_plans(pattern, sch, G, n, chunk))
+    f = M.h200(G)
+    starts = np.random.default_rng(seed).uniform(0, 1e-3, G) if skew else None
+    fast = M.simulate(plans, f, options=opts, starts=starts, arbitration=arbitration)
+    ref = M.simulate(plans, f, options=opts, starts=starts, arbitration=arbitration, method="event")
+    assert ref.info["method"] == "event" and fast.info["method"] in ("quotient", "coalesced", "event")
+    tol = 1e-9 if fast.info["exact"] else 0.02
+    assert np.allclose(fast.durations, ref.durations, rtol=tol, atol=1e-12), (fast.info, fast.durations,
+                                                                              ref.durations)
+    _check_records(fast, plans)
+    assert fast.records.shape[0] == sum(len(p) for p in plans)
+
+
+@pytest.mark.parametrize("schedule, chunk, arbitration, method", [
+    ("round_robin", 8 * MiB, "fair", "quotient"), ("parallel", 0, "fair", "quotient"),
+    ("parallel+api=batch", 8 * MiB, "fair", "quotient"), ("tdm_source", 4 * MiB, "fifo", "quotient"),
+    ("batch", 2 * MiB, "fifo", "quotient"), ("naive", 8 * MiB, "fair", "coalesced"),
+    ("naive", 0, "fifo", "event"), ("parallel", 8 * MiB, "fifo", "event")])
+def test_each_method_where_it_applies(schedule, chunk, arbitration, method):
+    """Which computation auto picks, and that the exact ones match the event simulation record by
+    record (the quotient: every rank's copies at rank 0's times)."""
+    G = 8
+    sch = parse_schedule(schedule)
+    plans = make_plans("full", sch, G, 32 * MiB, chunk)
+    kw = dict(options=sch.engine_options(G), arbitration=arbitration)
+    fast = M.simulate(plans, M.h200(G), **kw)
+    ref = M.simulate(plans, M.h200(G), method="event", **kw)
+    assert fast.info["method"] == method
+    if fast.info["exact"]:
+        for k in ("t_issue", "t_data", "t_end"):
+            np.testing.assert_allclose(fast.records[k], ref.records[k], rtol=1e-9, atol=1e-12)
+    else:  # naive with single copies of 8 MiB chunks: their issue costs moved to each source's start
+        assert fast.makespan == pytest.approx(ref.makespan, rel=0.02)
+
+
+def test_coalesced_runs_with_costs_only_where_measured():
+    """Runs whose later copies cost something to issue are merged only with equal starts and from
+    APPROX_MIN_GROUP ranks; below, or with skew, the event simulation runs."""
+    for G, starts, want in [(M.APPROX_MIN_GROUP - 1, None, "event"), (M.APPROX_MIN_GROUP, None, "coalesced"),
+                            (M.APPROX_MIN_GROUP, "skew", "event")]:
+        plans = make_plans("full", parse_schedule("naive"), G, 16 * MiB, 4 * MiB)
+        st = np.linspace(0, 1e-4, G) if starts else None
+        assert M.simulate(plans, M.h200(G), starts=st).info["method"] == want, (G, starts)
+    plans = make_plans("full", parse_schedule("naive"), 3, 16 * MiB, 4 * MiB)  # batch: nothing moves
+    res = M.simulate(plans, M.h200(3), options={"api": "batch"}, starts=[0, 1e-4, 3e-4])
+    assert res.info["method"] == "coalesced" and res.info["exact"]
+
+
+def test_method_argument_is_checked():
+    plans = make_plans("full", parse_schedule("naive"), 4, MiB, 0)
+    with pytest.raises(InvalidArgumentError, match="^method: got 'fast'"):
+        M.simulate(plans, M.h200(4), method="fast")
+
+
+def test_bench_model_speed_script(tmp_path):
+    """perf/bench_model_speed.py at G = 4 (both paths finish and agree): it runs and writes its JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = tmp_path / "speed.json"
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, "-m", "perf.bench_model_speed", "--groups", "4", "--no-cli", "--out",
+                          str(out)], capture_output=True, text=True, timeout=300, env=env, cwd=root)
+    assert run.returncode == 0, run.stdout + run.stderr
+    doc = json.loads(out.read_text())
+    assert {"commit", "date", "host", "load_avg_start"} <= set(doc["run"])
+    rows = {r["what"]: r for r in doc["rows"]}
+    assert set(rows) == {"predict", "contention"}
+    for r in rows.values():
+        assert r["event"]["finished"] and r["auto"]["finished"] and r["max_rel_diff"] < 0.02

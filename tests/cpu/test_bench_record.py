@@ -25,6 +25,38 @@ def test_commit_is_the_checkout_head_or_the_environment(monkeypatch):
     assert record.is_dirty() is False  # a copied tree: nothing to compare against
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_commit_of_a_copied_tree_is_never_the_enclosing_repository(tmp_path):
+    """A copy of the package without ``.git`` inside another checkout (the device machine's copy of
+    the working tree): ``commit()`` is ``$DWDP_GIT_COMMIT`` or unknown, never the outer HEAD."""
+    import os
+    import sys
+    outer = tmp_path / "outer"
+    outer.mkdir()
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_") and k != record.ENV_COMMIT}
+    for args in (["init", "-q"], ["commit", "-q", "--allow-empty", "-m", "outer"]):
+        subprocess.run(git + args, cwd=outer, check=True, env=env, capture_output=True)
+    outer_head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=outer, capture_output=True, text=True,
+                                env=env).stdout.strip()
+    inner = outer / "copy"
+    shutil.copytree(os.path.join(record.REPO_ROOT, "dwdp_comm"), inner / "dwdp_comm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import dwdp_comm.bench.record as r; import os; "
+            "print(os.path.realpath(r.REPO_ROOT), r.commit(), r.commit(short=True), r.is_dirty())")
+    run = lambda extra: subprocess.run([sys.executable, "-c", code], cwd=inner, capture_output=True, text=True,  # noqa: E731
+                                       env={**env, "PYTHONPATH": str(inner), **extra}, timeout=120)
+    out = run({})
+    assert out.returncode == 0, out.stderr
+    root, full, short, dirty = out.stdout.split()
+    assert root == os.path.realpath(inner)
+    assert outer_head not in out.stdout and not outer_head.startswith(short)
+    assert (full, short, dirty) == ("None", "None", "None")
+    out = run({record.ENV_COMMIT: "c0ffee"})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split()[1:] == ["c0ffee", "c0ffee", "False"]
+
+
 def test_env_info_keeps_the_benchmark_keys(monkeypatch):
     """perf/bench_grouped_gemm.py's committed results have exactly these env keys (CPU run)."""
     monkeypatch.setenv(record.ENV_COMMIT, "deadbeef")

@@ -16,7 +16,8 @@ import dwdp_comm as dc
 from tests.helpers import launch_rankfns
 from tests.helpers import fake_cuda
 from dwdp_comm import engine_options
-from dwdp_comm.backends.cuda import copies, driver, executor, fd_passing, memory, peers, streams, time_division
+from dwdp_comm.backends.cuda import (copies, driver, executor, fd_passing, memory, peers, streams, sync_flags,
+                                    time_division)
 from dwdp_comm.interop.streams import resolve_stream
 
 
@@ -63,7 +64,8 @@ def test_resolve_stream_rejects(bad, err):
 
 
 # ---- imports stay lazy ---------------------------------------------------------------------------------
-CUDA_MODULES = ["driver", "streams", "memory", "vmm", "fd_passing", "peers", "copies", "time_division", "executor",
+CUDA_MODULES = ["driver", "streams", "memory", "vmm", "fd_passing", "peers", "copies", "sync_flags", "time_division",
+                "executor",
                 "backend"]
 
 
@@ -111,7 +113,7 @@ def test_gpu_backend_unavailable_on_every_rank(backend):
 
 def test_engine_options():
     assert engine_options.parse_engine_options({}, "x") == {"streams": 1, "api": "batch", "distribute": "source",
-                                                    "overlap_hint": False, "sync": "none", "graph": False}
+                                                    "overlap_hint": False, "sync": "none"}
     with pytest.raises(dc.InvalidArgumentError, match="streamz"):
         engine_options.parse_engine_options({"streamz": 2}, "cuda_ipc")
     with pytest.raises(dc.InvalidArgumentError, match="streams"):
@@ -175,14 +177,20 @@ def fake(monkeypatch):
     return fake_cuda.install(monkeypatch)
 
 
+def _plain(opts):
+    """Parsed engine options without ``sync`` (what :class:`CopyExecutor` takes; the time-division
+    executor takes ``sync`` and its flags)."""
+    assert opts["sync"] == "none"
+    return {k: v for k, v in opts.items() if k != "sync"}
+
+
 def _first_copy_index(log, stream, kinds=("copy", "batch", "launch")):
     return next(i for i, e in enumerate(log) if e[0] in kinds and e[1] == stream)
 
 
 @pytest.mark.parametrize("opts, remote_rank", [
     ({"streams": 2}, None), ({"streams": 1, "api": "memcpy"}, None), ({"streams": 3, "distribute": "slot"}, None),
-    ({"streams": 2, "api": "memcpy"}, 2), ({"streams": 2}, 2), ({"api": "memcpy", "streams": 2}, 0),
-    ({"streams": 2, "graph": True}, None), ({"streams": 1, "graph": True, "distribute": "slot"}, None)])
+    ({"streams": 2, "api": "memcpy"}, 2), ({"streams": 2}, 2), ({"api": "memcpy", "streams": 2}, 0)])
 def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
     import numpy as np
     from dwdp_comm.planner import CopyRange, make_plan
@@ -202,8 +210,8 @@ def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
     eng = executor.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=src_ptrs, src_nbytes=n,
                              remote_get=remote_get if remote_rank is not None else None,
                              sym_ptr=ptrs[rank] if remote_rank is not None else None,
-                             **engine_options.parse_engine_options(opts, "test"))
-    assert eng.api == opts.get("api", "memcpy" if opts.get("graph") else "batch")  # the batch probe passed
+                             **_plain(engine_options.parse_engine_options(opts, "test")))
+    assert eng.api == opts.get("api", "batch")  # the batch probe passed
     assert len(eng.streams) == eng.num_streams + 1 and eng.local_lane == eng.num_streams
     src_base, dst_base = 4096, 512
     # CopyRange(1, ...) is a local copy (rank 1 reads itself: gather mode)
@@ -214,7 +222,7 @@ def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
     hold = np.zeros(1, dtype=np.uint64)  # a "compute stream" held until the test lets it go
     fake.enqueue(gate.handle, ("wait", hold.ctypes.data, 1, 64))
     after = streams.CudaEvent().record(gate.handle)
-    for job in range(2):  # the second job of a graph engine replays the captured graphs
+    for job in range(2):
         fake.log.clear()
         dst_data[:] = 0
         done = eng.submit(plan, src_base=src_base, dst=dst, dst_base=dst_base, after=[after])
@@ -229,7 +237,7 @@ def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
             assert np.array_equal(got, want), r
         # Every copy stream waited for the 'after' event before its first copy; local copies on the local
         # lane only, remote ones never there; the done event is recorded last, after joining every lane.
-        kinds = ("launch",) if opts.get("graph") else ("copy", "batch")  # captured copies do not run
+        kinds = ("copy", "batch")
         used = []
         for e in fake.log:
             if e[0] in kinds and e[1] not in used:
@@ -247,10 +255,6 @@ def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
                 assert any(("wait", join, ev) in fake.log for ev in rec), s
         n_local = sum(1 for e in fake.done if e[0] == "copy" and e[1] == local_stream)
         assert n_local == sum(1 for c in plan.copies() if c[1] == rank)
-        if opts.get("graph"):
-            assert eng.graphs_captured == 1 and len(fake.execs) == len(used)
-            assert sum(1 for e in fake.log if e[0] == "capture") == (0 if job else len(used))
-            assert sum(1 for e in fake.log if e[0] == "launch") == len(used)
         fake.done.clear()
     if remote_rank is not None:
         assert gets and {pe for pe, _ in gets} == {remote_rank}
@@ -258,7 +262,6 @@ def test_executor_logic_on_fake_runtime(fake, opts, remote_rank):
     with pytest.raises(dc.InvalidArgumentError, match="inside the heap"):
         eng.submit(bad, src_base=0, dst=dst, dst_base=0)
     eng.close()
-    assert not fake.execs and not fake.graphs, "graphs left after close"
     with pytest.raises(dc.ClosedError):
         eng.submit(plan, src_base=0, dst=dst, dst_base=0)
     gate.close()
@@ -289,33 +292,6 @@ def test_local_copies_overlap_peer_copies(fake):
     eng.close()
 
 
-def test_graph_cache_keys_and_eviction(fake):
-    import numpy as np
-    from dwdp_comm.planner import CopyRange, make_plan
-    G, rank, n = 2, 0, 1 << 14
-    heaps = [np.random.default_rng(r).integers(0, 256, n, dtype=np.uint8) for r in range(G)]
-    dst_data = np.zeros(4 * n, dtype=np.uint8)
-    dst = memory.DeviceBuffer(_HostAlloc(dst_data))
-    eng = executor.CopyExecutor(device=0, rank=rank, group_size=G, src_ptrs=[int(h.ctypes.data) for h in heaps],
-                             src_nbytes=n, graph=True, api="memcpy", graph_cache_size=2)
-    p1 = make_plan([CopyRange(1, 0, 0, n)], rank=rank, group_size=G, chunk_nbytes=4096)
-    p2 = make_plan([CopyRange(1, 0, 0, n), CopyRange(0, 0, n, n)], rank=rank, group_size=G, chunk_nbytes=4096)
-    for plan, base in [(p1, 0), (p1, 0), (p1, 2 * n), (p1, 0), (p2, 0), (p1, 2 * n)]:
-        dst_data[:] = 0
-        eng.submit(plan, src_base=0, dst=dst, dst_base=base)
-        fake.progress()
-        assert np.array_equal(dst_data[base:base + n], heaps[1])
-        if plan is p2:
-            assert np.array_equal(dst_data[base + n:base + 2 * n], heaps[0])
-    # captures: (p1, 0), (p1, 2n), [hit (p1, 0): now the most recent], (p2, 0) evicts (p1, 2n),
-    # (p1, 2n) again evicts (p1, 0)
-    assert eng.graphs_captured == 4
-    assert eng.graphs_cached == 2 and len(fake.execs) == 2 + 1  # p2@0: peer + local lane; p1@2n: one lane
-    assert sum(1 for e in fake.log if e[0] == "capture") == 1 + 1 + 2 + 1
-    eng.close()
-    assert not fake.execs
-
-
 # ---- time division (sync) on the fake GPU: G ranks in one process ---------------------------------------
 class _SyncWorld:
     """``G`` fake ranks sharing one fake GPU: heaps, flag arrays, destination buffers and sync
@@ -330,7 +306,7 @@ class _SyncWorld:
         self.dst_data = [np.zeros(jobs_room * self.stride, dtype=np.uint8) for _ in range(G)]
         self.dsts = [memory.DeviceBuffer(_HostAlloc(d)) for d in self.dst_data]
         L, mode = self.opts["streams"], self.opts["sync"]
-        nwords = time_division.SyncFlags.num_words(mode, G, L)
+        nwords = sync_flags.SyncFlags.num_words(mode, G, L)
         self.words = [np.zeros(nwords, dtype=np.uint64) for _ in range(G)]
         self.flags, self.engines = [], []
         for r in range(G):
@@ -342,10 +318,10 @@ class _SyncWorld:
                 self.signals.append((r, pe))
                 fake.enqueue(stream, ("write", int(self.words[pe].ctypes.data) + off, value, 64))
 
-            f = time_division.SyncFlags(mode=mode, rank=r, group_size=G, num_lanes=L, distribute=self.opts["distribute"],
+            f = sync_flags.SyncFlags(mode=mode, rank=r, group_size=G, num_lanes=L, distribute=self.opts["distribute"],
                                 bits=bits, local_ptr=peers[r], peer_ptrs=peers, sym_ptr=peers[r], remote_signal=signal)
             self.flags.append(f)
-            self.engines.append(executor.CopyExecutor(device=0, rank=r, group_size=G,
+            self.engines.append(time_division.TimeDivisionExecutor(device=0, rank=r, group_size=G,
                                                    src_ptrs=[int(h.ctypes.data) for h in self.heaps], src_nbytes=n,
                                                    flags=f, **self.opts))
         self.signals = []
@@ -584,14 +560,18 @@ def test_sync_submit_checks(fake):
     w = _SyncWorld(fake, 2, {"sync": "slot"})
     with pytest.raises(dc.InvalidArgumentError, match="rank 0 of a group of 2"):
         w.engines[0].submit(w.plan(1, 0), src_base=0, dst=w.dsts[0], dst_base=0)
-    f32 = time_division.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=32,
+    f32 = sync_flags.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=32,
                           local_ptr=1, peer_ptrs=[1, 2])
     assert f32.max_slots == (1 << 16) - 2 and f32.value(1, 5) == (1 << 16) + 5
     assert f32.value(1 << 16, 1) == 1  # wraps modulo 2**32
     with pytest.raises(dc.InvalidArgumentError, match="flags"):
-        executor.CopyExecutor(device=0, rank=0, group_size=2, src_ptrs=[1, 2], src_nbytes=1, sync="slot")
+        time_division.TimeDivisionExecutor(device=0, rank=0, group_size=2, src_ptrs=[1, 2], src_nbytes=1, sync="slot",
+                                           flags=None)
+    with pytest.raises(dc.InvalidArgumentError, match="flags"):  # flags of another engine
+        time_division.TimeDivisionExecutor(device=0, rank=0, group_size=2, src_ptrs=[1, 2], src_nbytes=1,
+                                           sync="source", flags=w.flags[0])
     with pytest.raises(dc.InvalidArgumentError, match="remote_signal"):
-        time_division.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=64,
+        sync_flags.SyncFlags(mode="slot", rank=0, group_size=2, num_lanes=1, distribute="source", bits=64,
                         local_ptr=1, peer_ptrs=[1, None])
     empty = make_plan([], rank=0, group_size=2)
     ev, _ = w.submit(0, 0, empty)
@@ -685,7 +665,7 @@ def test_create_sync_flags_handshake(fake, bits64):
         def alloc(n):
             heaps[comm.rank] = _FakeSymHeap(shared, comm, n)
             return heaps[comm.rank]
-        f = time_division.create_sync_flags(comm, 0, sync="source", streams=2, distribute="source", alloc=alloc, timeout_s=10)
+        f = sync_flags.create_sync_flags(comm, 0, sync="source", streams=2, distribute="source", alloc=alloc, timeout_s=10)
         words = shared["arrays"][comm.rank]
         return f, [int(x) for x in words[:f.nbytes // 8]]
 
@@ -707,7 +687,7 @@ def test_create_sync_flags_failures_raise_on_every_rank(fake):
         def alloc(n):
             heaps[comm.rank] = _FakeSymHeap(shared, comm, n, lost={(1, 0)})
             return heaps[comm.rank]
-        return time_division.create_sync_flags(comm, 0, sync="slot", streams=1, distribute="source", alloc=alloc,
+        return sync_flags.create_sync_flags(comm, 0, sync="slot", streams=1, distribute="source", alloc=alloc,
                                        timeout_s=0.3)
 
     _, errs = _run_threads(2, rank)
@@ -717,12 +697,12 @@ def test_create_sync_flags_failures_raise_on_every_rank(fake):
     assert all(h.closed for h in heaps.values()), "the flags were not freed after the failed handshake"
     assert fake.pending() == 0, "a handshake stream was left waiting"
     # 2. ranks disagree on the options
-    _, errs = _run_threads(2, lambda comm, shared: time_division.create_sync_flags(
+    _, errs = _run_threads(2, lambda comm, shared: sync_flags.create_sync_flags(
         comm, 0, sync="slot", streams=1 + comm.rank, distribute="source", alloc=None))
     assert all(isinstance(e, dc.CollectiveMismatchError) and "streams" in str(e) for e in errs), errs
     # 3. no cuStreamBatchMemOp in the driver
     copies.DriverCopyCalls.instance = _FakeDriverCalls(fake, memops=False)
-    _, errs = _run_threads(2, lambda comm, shared: time_division.create_sync_flags(
+    _, errs = _run_threads(2, lambda comm, shared: sync_flags.create_sync_flags(
         comm, 0, sync="source", streams=1, distribute="source", alloc=None))
     assert all(isinstance(e, dc.InvalidArgumentError) and "cuStreamBatchMemOp" in str(e) and "sync='source'" in str(e)
                for e in errs), errs
@@ -793,23 +773,18 @@ def test_sync_close_raises_the_first_error_and_frees_the_flags_locally(fake):
 
 
 # ---- engine options -----------------------------------------------------------------------------------------
-def test_engine_options_sync_and_graph():
+def test_engine_options_sync():
     p = engine_options.parse_engine_options
     assert p({}, "x") == {"streams": 1, "api": "batch", "distribute": "source", "overlap_hint": False,
-                          "sync": "none", "graph": False}
-    assert p({"graph": True}, "x")["api"] == "memcpy"
+                          "sync": "none"}
     assert p({"sync": "slot", "api": "batch"}, "x")["sync"] == "slot"
     assert p({"sync": "source"}, "x")["sync"] == "source"
-    with pytest.raises(dc.InvalidArgumentError, match="graph.*api='batch'"):
-        p({"graph": True, "api": "batch"}, "cuda_ipc")
-    with pytest.raises(dc.InvalidArgumentError, match="graph.*sync='slot'"):
-        p({"graph": True, "sync": "slot"}, "cuda_ipc")
     with pytest.raises(dc.InvalidArgumentError, match="sync"):
         p({"sync": "barrier"}, "cuda_ipc")
     with pytest.raises(dc.InvalidArgumentError, match="sync"):
         p({"sync": True}, "cuda_ipc")
-    with pytest.raises(dc.InvalidTypeError, match="graph"):
-        p({"graph": "yes"}, "cuda_ipc")
+    with pytest.raises(dc.InvalidArgumentError, match=r"\['graph'\].*was removed.*api='batch'"):
+        p({"graph": True}, "cuda_ipc")  # the engine's own graphs are gone: the error says so
     with pytest.raises(dc.InvalidArgumentError, match="graphs"):
         p({"graphs": True}, "nvshmem")
 
@@ -850,7 +825,7 @@ def test_build_sync_program_source_mode_targets():
     key 2 starts at V(0) (no key-2 copy in slot 0), is never written to rank 2 itself, and waits name
     only readers of the same source."""
     import numpy as np
-    f = time_division.SyncFlags(mode="source", rank=0, group_size=3, num_lanes=1, distribute="source", bits=64,
+    f = sync_flags.SyncFlags(mode="source", rank=0, group_size=3, num_lanes=1, distribute="source", bits=64,
                         local_ptr=1 << 20, peer_ptrs=[1 << 20, 2 << 20, 3 << 20])
     slot, src = np.array([0, 1, 2, 3]), np.array([1, 2, 1, 2])
     prog = time_division.build_sync_program(f, slot, src, np.zeros(4, dtype=np.int64))

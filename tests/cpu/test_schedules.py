@@ -148,7 +148,7 @@ def test_schedule_parsing():
     assert parse_schedule("parallel").engine_options(72)["streams"] == 71
     assert parse_schedule("batch").engine_options(4, {"streams": 2, "api": "memcpy"}) == {"streams": 2, "api": "batch"}
     assert fill_options({"streams": "all"}, 2) == {"streams": 1}
-    assert parse_option("graph=true") == ("graph", True) and parse_option("streams=0x3") == ("streams", 3)
+    assert parse_option("overlap_hint=true") == ("overlap_hint", True) and parse_option("streams=0x3") == ("streams", 3)
     for bad in ("", "fastest", "naive+streams"):
         with pytest.raises(InvalidArgumentError):
             parse_schedule(bad)

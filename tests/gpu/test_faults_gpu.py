@@ -30,7 +30,7 @@ def test_commit_device_copy_failure_raises_on_every_rank(seed):
 
 
 @pytest.mark.parametrize("vmm", [None, False])
-@pytest.mark.parametrize("engine", [{}, {"graph": True}])
+@pytest.mark.parametrize("engine", [{}, {"streams": 2}])
 def test_views_stay_valid_after_close(vmm, engine, seed):
     res = dc.testing.launch(fns.views_after_close, 2, seed, engine, backend="cuda_ipc", options={"vmm": vmm},
                             timeout=TIMEOUT)

@@ -23,7 +23,7 @@ TIMEOUT = float(os.environ.get("DWDP_TEST_TIMEOUT", "300"))
 
 @pytest.mark.parametrize("engine, options", [
     ({}, {}),  # default api='batch' eagerly: the capture must switch to memcpy nodes by itself
-    ({"graph": True, "streams": 2}, {}),  # the engine's own graphs eagerly; the caller's graph's nodes under capture
+    ({"api": "memcpy", "streams": 2}, {}),  # single copies on two lanes eagerly, memcpy nodes under capture
     ({}, {"vmm": False}),  # legacy IPC: every tensor in gather mode (local copies on the local lane)
 ])
 def test_captured_forward_replayed_100_times(engine, options, seed):

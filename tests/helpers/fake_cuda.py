@@ -59,9 +59,9 @@ class FakeGPU:
     flag writes of one rank release waits of another. Thread-safe (ranks may run in threads).
 
     ``log`` is host (enqueue) order: ("wait", stream, event), ("record", event, stream), ("copy",
-    stream, n), ("batch", stream, count), ("memop", stream, op, addr, value), ("launch", stream,
-    exec), ("capture", stream, ncopies). ``done`` is execution order: ("copy", stream, dst, src, n),
-    ("write", stream, addr, value, bits), ("wait", stream, addr, value, bits).
+    stream, n), ("batch", stream, count), ("memop", stream, op, addr, value). ``done`` is execution
+    order: ("copy", stream, dst, src, n), ("write", stream, addr, value, bits), ("wait", stream, addr,
+    value, bits).
     """
 
     class cudaError_t:
@@ -80,7 +80,6 @@ class FakeGPU:
         self.lock = threading.RLock()
         self.log, self.done, self._next, self._mem = [], [], 1000, {}
         self.streams, self.events = {}, {}  # handle -> deque / [recorded, completed]
-        self.capturing, self.graphs, self.execs = {}, {}, {}  # the executor's own graphs (graph=True)
         self.seq, self.in_capture, self.event_capture = {}, {}, {}  # id -> _Capture; stream -> id; event -> (id, frontier)
         self.hang_timeout = hang_timeout
         self.event_time = {}  # event -> host perf_counter when its last record ran (timing events)
@@ -95,7 +94,7 @@ class FakeGPU:
         """Start capturing ``stream`` (cudaStreamBeginCapture, global mode); return the capture id."""
         with self.lock:
             s = int(stream)
-            assert s not in self.in_capture and s not in self.capturing, "stream already capturing"
+            assert s not in self.in_capture, "stream already capturing"
             cid = self._handle()
             self.seq[cid] = _Capture(cid, s)
             self.in_capture[s] = cid
@@ -129,10 +128,6 @@ class FakeGPU:
                 cap.ops.append(op)
                 cap.count[s] += 1
                 return
-            if s in self.capturing:
-                assert op[0] == "copy", f"only copies may be captured, got {op[0]}"
-                self.capturing[s].append(op)
-                return
             self.streams.setdefault(s, collections.deque()).append(op)
             self.progress()
 
@@ -158,9 +153,6 @@ class FakeGPU:
         if kind == "copy":
             ctypes.memmove(op[1], op[2], op[3])
             self.done.append(("copy", s, op[1], op[2], op[3]))
-        elif kind == "graph":
-            for sub in op[1]:
-                self._run(s, sub)
         elif kind == "record":
             import time
             self.events[op[1]][1] = max(self.events[op[1]][1], op[2])
@@ -203,8 +195,6 @@ class FakeGPU:
             cap = self._capture_of_stream(s)
             if cap is not None:
                 return 0, (2 if getattr(cap, "invalid", False) else 1), cap.id, None, None, None, 0
-            if int(s) in self.capturing:
-                return 0, 1, -int(s), None, None, None, 0  # the executor's own capture of one stream
             return 0, 0, 0, None, None, None, 0
 
     def cudaStreamSynchronize(self, s):
@@ -334,46 +324,6 @@ class FakeGPU:
 
     def cudaFree(self, p):
         self._mem.pop(int(p), None)
-        return (0,)
-
-    def cudaStreamBeginCapture(self, s, mode):
-        assert mode == self.cudaStreamCaptureMode.cudaStreamCaptureModeRelaxed
-        with self.lock:
-            if self._capture_of_stream(s) is not None:
-                return (UNSUPPORTED,)  # already part of a capture
-            assert int(s) not in self.capturing
-            self.capturing[int(s)] = []
-        return (0,)
-
-    def cudaStreamEndCapture(self, s):
-        with self.lock:
-            ops = self.capturing.pop(int(s))
-            h = self._handle()
-            self.graphs[h] = ops
-            self.log.append(("capture", int(s), len(ops)))
-            return 0, h
-
-    def cudaGraphInstantiate(self, g, flags):
-        assert flags == 0
-        with self.lock:
-            h = self._handle()
-            self.execs[h] = list(self.graphs[int(g)])
-            return 0, h
-
-    def cudaGraphDestroy(self, g):
-        with self.lock:
-            del self.graphs[int(g)]
-        return (0,)
-
-    def cudaGraphExecDestroy(self, e):
-        with self.lock:
-            del self.execs[int(e)]
-        return (0,)
-
-    def cudaGraphLaunch(self, e, s):
-        with self.lock:
-            self.log.append(("launch", int(s), int(e)))
-            self.enqueue(s, ("graph", list(self.execs[int(e)])))
         return (0,)
 
     # -- driver (cuda.bindings.driver) ------------------------------------------------------------------

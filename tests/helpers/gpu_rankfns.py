@@ -241,7 +241,7 @@ def open_failure(group):
     return None
 
 
-# ---- a full exchange through the copy engine directly (sync / graph / local lane) -----------------
+# ---- a full exchange through the copy engine directly (sync / local lane) --------------------------
 def _block(src_rank: int, seed: int, nbytes: int, device) -> torch.Tensor:
     """Rank ``src_rank``'s heap bytes: a cheap rank- and offset-dependent pattern, built on the GPU."""
     i = torch.arange(nbytes, dtype=torch.int64, device=device)
@@ -293,7 +293,6 @@ def exchange(group, engines: list, nbytes: int, chunk_nbytes: int, jobs: int, se
             out["times_ms"].append(e0.elapsed_time(e1))
             out["delays"].append(delay)
             out["wrong"].append(int((dst.tensor() != want).sum().item()))
-        out["graphs_captured"] = getattr(eng, "graphs_captured", None)
         out["jobs"] = eng.jobs
         eng.close()  # collective with sync
         results.append(out)

@@ -16,7 +16,7 @@ import torch
 import dwdp_comm as dc
 from dwdp_comm.moe import DwdpPipeline
 from dwdp_comm import engine_options
-from dwdp_comm.backends.cuda import copies, driver, executor, memory, streams, time_division
+from dwdp_comm.backends.cuda import copies, driver, executor, memory, streams, sync_flags, time_division
 from dwdp_comm.interop.streams import resolve_stream
 from tests.helpers import fake_cuda
 
@@ -51,16 +51,18 @@ class FakeCudaOverSim:
     def copy_engine(self, heap, **options):
         self._views = [np.frombuffer(m.mm, dtype=np.uint8) for m in heap.peers]  # keep the addresses alive
         opts = engine_options.parse_engine_options(options, self.name)
-        flags = None
-        if opts["sync"] != "none":  # local flag words: enough to build the engine (no job is submitted)
-            G = self.comm.size
-            self._words = np.zeros(time_division.SyncFlags.num_words(opts["sync"], G, opts["streams"]), dtype=np.uint64)
-            flags = time_division.SyncFlags(mode=opts["sync"], rank=self.comm.rank, group_size=G, num_lanes=opts["streams"],
-                                    distribute=opts["distribute"], bits=64, local_ptr=int(self._words.ctypes.data),
-                                    peer_ptrs=[int(self._words.ctypes.data)] * G)
-        return executor.CopyExecutor(device=0, rank=self.comm.rank, group_size=self.comm.size,
-                                  src_ptrs=[int(v.ctypes.data) for v in self._views], src_nbytes=heap.nbytes,
-                                  flags=flags, **opts)
+        sync = opts.pop("sync")
+        where = dict(device=0, rank=self.comm.rank, group_size=self.comm.size,
+                     src_ptrs=[int(v.ctypes.data) for v in self._views], src_nbytes=heap.nbytes)
+        if sync == "none":
+            return executor.CopyExecutor(**where, **opts)
+        # local flag words: enough to build the engine (no job is submitted)
+        G = self.comm.size
+        self._words = np.zeros(sync_flags.SyncFlags.num_words(sync, G, opts["streams"]), dtype=np.uint64)
+        flags = sync_flags.SyncFlags(mode=sync, rank=self.comm.rank, group_size=G, num_lanes=opts["streams"],
+                                     distribute=opts["distribute"], bits=64, local_ptr=int(self._words.ctypes.data),
+                                     peer_ptrs=[int(self._words.ctypes.data)] * G)
+        return time_division.TimeDivisionExecutor(flags=flags, **where, **opts)
 
     def alloc_buffer(self, nbytes, boundaries=()):
         self.slots.append(_HostSlot(nbytes))

@@ -7,7 +7,8 @@
 * :mod:`.fd_passing` - file descriptors between processes (``pidfd_getfd``).
 * :mod:`.peers` - the peer-access check, collective error helpers.
 * :mod:`.copies` - ctypes copy and stream-memory entry points.
-* :mod:`.time_division` - the flag protocol of ``sync`` copy engines.
+* :mod:`.sync_flags` - the flag words of ``sync`` copy engines.
+* :mod:`.time_division` - the time-division executor (``sync``) and its flag program.
 * :mod:`.executor` - the copy executor.
 * :mod:`.backend` - the probe and the base class of both backends.
 
