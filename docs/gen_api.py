@@ -13,7 +13,9 @@ the names of its ``__all__`` it defines, minus what api.md already documents.
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import inspect
 import os
 import pkgutil
@@ -153,12 +155,36 @@ def _defined_in(obj, modname: str) -> bool:
     return True
 
 
+# Optional packages a module may import at its top (such a module is imported only where they exist).
+OPTIONAL_IMPORTS = ("triton", "cupy", "numba", "nvshmem", "cuda")
+
+
+def _needs_optional(modname: str) -> str | None:
+    """The optional package ``modname`` imports at its top level (read from its source, never imported:
+    the document must be the same with or without that package), or None."""
+    spec = importlib.util.find_spec(modname)
+    tree = ast.parse(open(spec.origin).read())
+    for node in tree.body:
+        names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+            [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
+        for n in names:
+            if n.split(".")[0] in OPTIONAL_IMPORTS:
+                return n.split(".")[0]
+    return None
+
+
 def render_internals(public_ids: set[int]) -> str:
     lines = ["# dwdp_comm internals", "",
              "Contributor reference: every library module that `docs/api.md` does not document, generated from "
              "the docstrings by `python3 -m docs.gen_api`; do not edit. Names here may change without notice. "
              "`docs/design.md` has the layers and the map of every file.", ""]
     for modname in internal_modules():
+        needs = _needs_optional(modname)
+        if needs is not None:  # documented from its docstring alone, the same whether or not `needs` is installed
+            doc = ast.get_docstring(ast.parse(open(importlib.util.find_spec(modname).origin).read())) or ""
+            lines += [f"## `{modname}`", "", f"Imports `{needs}` at its top: listed here without its members.", "",
+                      doc.strip(), ""]
+            continue
         mod = importlib.import_module(modname)
         names = [n for n in getattr(mod, "__all__", ()) if _defined_in(getattr(mod, n), modname)]
         sec, _ = _section(modname, names, frozenset(public_ids))
