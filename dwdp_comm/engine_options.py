@@ -11,6 +11,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .errors import bad_arg, bad_type
+from .checks import check_int
 from .lanes import DISTRIBUTIONS
 
 __all__ = ["ENGINE_OPTIONS", "SYNC_MODES", "parse_engine_options"]
@@ -55,10 +56,7 @@ def parse_engine_options(options: Mapping[str, Any] | None, backend: str, *, def
         raise bad_arg("copy engine options", unknown, f"a subset of {list(ENGINE_OPTIONS)} on the {backend} backend",
                       hint)
     streams = options.get("streams", 1)
-    if isinstance(streams, bool) or not isinstance(streams, (int, np.integer)):
-        raise bad_type("streams", streams, "an int")
-    if streams < 1:
-        raise bad_arg("streams", streams, "an int >= 1")
+    streams = check_int("streams", streams, low=1)
     api = options.get("api", default_api)
     if api not in ("memcpy", "batch"):
         raise bad_arg("api", api, "'memcpy' or 'batch'")

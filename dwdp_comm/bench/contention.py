@@ -325,14 +325,6 @@ class _CudaClock:
         torch.cuda.synchronize(self.device)
 
 
-def _agree(group, error: str | None) -> str | None:
-    """Collective: the first rank's error (or None), the same on every rank."""
-    errs = group.comm.all_gather_object(error)
-    bad = [(r, e) for r, e in enumerate(errs) if e]
-    return None if not bad else (bad[0][1] if len({e for _, e in bad}) == 1 else
-                                 "; ".join(f"rank {r}: {e}" for r, e in bad))
-
-
 def run_rank(group, cfg: BenchConfig, on_row: Callable[[dict], None] | None = None,
              on_reference: Callable[[int, float], None] | None = None) -> dict:
     """Collective: run every case on this rank of ``group``; every rank returns the same rows.
@@ -400,7 +392,7 @@ def _engine(group, heap, opts: dict, cfg: BenchConfig, engines: dict):
             err = None
         except (InvalidArgumentError, InvalidTypeError) as exc:
             engines[key], err = str(exc), str(exc)
-        err = _agree(group, err)
+        err = group.comm.agreed_error(err, "dwdp-bench contention: creating a copy engine")
         if err is not None and not isinstance(engines[key], str):
             engines[key].close()
             engines[key] = err

@@ -131,7 +131,7 @@ def driver_version() -> str | None:
 def machine_lines() -> list[str]:
     """Machine, GPUs and topology, one preamble line each (without the leading ``#``)."""
     import torch
-    from .. import __version__
+    from ..version import __version__
     lines = [f"machine: {host()} ({platform.platform()}, {os.cpu_count()} CPUs), "
              f"python {platform.python_version()}, torch {torch.__version__}, dwdp_comm {__version__}"]
     gpus = nvidia_smi("--query-gpu=index,name,memory.total,driver_version", "--format=csv,noheader")

@@ -27,7 +27,8 @@ import re
 import torch
 
 from ..errors import DwdpError, MissingDependencyError, bad_arg, bad_type
-from ..group import Group, describe
+from ..comm import describe
+from ..group import Group
 from ..layout import ExpertLayout
 from .hf_quant import (QuantScheme, check_block_concat, check_checkpoint_dtype, checkpoint_scheme, dequantize_dense,
                        dress_experts, split_key, to_storage, unsupported)
