@@ -264,7 +264,9 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str | None
     Returns
     -------
     torch.Tensor
-        On the weight's device; a copy, never a view. Experts are converted a few at a time, so
+        On the weight's device; a copy, never a view. CUDA: one memory-bound Triton pass where it
+        runs (:func:`dwdp_comm.kernels.triton_quant.dequantize`). Otherwise (the torch code, the
+        CPU reference) experts are converted a few at a time, so
         float32 temporaries stay near 256 MiB. Enqueued on the current stream (no host wait).
     """
     fmt = check_format(weight, scale, fmt, block_size=block_size)
@@ -281,6 +283,8 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str | None
         out.copy_(weight)
         return out[0] if one else out
     bn, bk = check_block_size(block_size)
+    if weight.is_cuda and _gpu_pass(weight, scale, fmt, out, (bn, bk)):
+        return out[0] if one else out
     for a, b in _chunks(e, n * k * 4):
         q = weight[a:b]
         if fmt == "fp8_channel":
@@ -294,6 +298,22 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str | None
             w = (vals.view(b - a, n, k // MXFP4_GROUP, MXFP4_GROUP) * s.unsqueeze(-1)).view(b - a, n, k)
         out[a:b].copy_(w)
     return out[0] if one else out
+
+
+def _gpu_pass(weight, scale, fmt: str, out: torch.Tensor, block_size: tuple) -> bool:
+    """The one-pass Triton kernel on CUDA (:func:`dwdp_comm.kernels.triton_quant.dequantize`); False
+    where it does not run here (no Triton, strides it does not take): the torch code then runs."""
+    from ..errors import BackendUnavailableError
+    from . import triton_quant
+    if triton_quant.unavailable_reason(weight.device, "mxfp4" if fmt == "mxfp4" else "fp8_block"):
+        return False
+    if fmt == "mxfp4":
+        weight, scale = as_bytes(weight), as_bytes(scale)
+    try:
+        triton_quant.dequantize(weight, scale, fmt, out, block_size)
+    except BackendUnavailableError:
+        return False
+    return True
 
 
 def _e2m1_codes(v: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ Two paths per format:
     addresses, so split weights need no host synchronisation either.
 ``dequantize``
     The weights dequantized into one bf16 ``[E, N, K]`` buffer
-    (:func:`dwdp_comm.kernels.quant.dequantize`), then the bf16 torch path: correct everywhere
-    (CPU included), at the cost of the buffer (2 bytes a weight) and its write each call.
+    (:func:`dwdp_comm.kernels.quant.dequantize`: one memory-bound Triton pass on CUDA), then the
+    bf16 torch path: correct everywhere (CPU included), at the cost of the buffer (2 bytes a
+    weight) and its write each call.
 
 :func:`choose_path` is the rule. ``fp8_block``: ``triton`` wherever it runs (Triton importable,
 CUDA sm89+, a power-of-two ``bk`` of at least 32). ``mxfp4``: ``triton`` while the mean rows per
@@ -40,8 +41,11 @@ __all__ = ["choose_path", "native_unavailable_reason", "run", "dequantized_probl
 PATHS = ("triton", "dequantize")
 
 #: mxfp4: mean rows per expert from which the dequantize path runs instead of the Triton kernel.
-#: A first guess (no measurement yet): set it from perf/bench_quant_experts.py's table.
-MXFP4_DEQUANT_MIN_ROWS = 512
+#: Measured (H100, first run, GPT-OSS-120B shapes, old kernel and ~90 ms torch dequantize): the
+#: kernel 3.6 / 7.0 / 22.8 ms at 4 / 32 / 128 rows against bf16's 2.6 / 2.9 / 5.1 ms; the one-pass
+#: dequantize should cost ~3 ms (3.2G weights, 2.5 bytes each), so bf16 + 3 ms wins from about
+#: 64 rows. Re-set it from the bench's ours_triton / ours_dequant columns.
+MXFP4_DEQUANT_MIN_ROWS = 64
 
 
 def native_unavailable_reason(fmt: str, device, block_size=quant.DEFAULT_BLOCK_SIZE) -> str | None:

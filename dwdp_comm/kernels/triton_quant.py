@@ -39,7 +39,7 @@ import torch
 
 from ..errors import BackendUnavailableError, GraphCaptureError
 
-__all__ = ["Config", "CANDIDATES", "choose_config", "unavailable_reason", "tile_ends", "quantize_act",
+__all__ = ["Config", "CANDIDATES", "RULE", "choose_config", "dequantize", "unavailable_reason", "tile_ends", "quantize_act",
            "fp8_block_gemm", "mxfp4_gemm", "expert_table"]
 
 
@@ -61,21 +61,37 @@ class Config:
 
 
 #: Candidates per kernel and regime (``small``: few rows per expert, memory-bound; ``large``:
-#: compute-bound). :func:`choose_config` picks one per call; benchmarks time all of them.
+#: compute-bound), all timed by ``perf/bench_quant_experts.py`` (which prints the winner per size).
 CANDIDATES = {
     "fp8_block": {
-        "small": [Config(16, 128, 128, 4, 4), Config(16, 64, 128, 4, 4), Config(32, 128, 128, 4, 3)],
-        "medium": [Config(64, 128, 128, 4, 3), Config(64, 256, 128, 8, 3)],
-        "large": [Config(128, 128, 128, 8, 3), Config(128, 256, 128, 8, 3), Config(64, 128, 128, 4, 4)],
+        "small": [Config(16, 64, 128, 4, 4), Config(16, 128, 128, 4, 4), Config(32, 128, 128, 4, 3)],
+        "medium": [Config(64, 128, 128, 4, 3), Config(64, 128, 128, 4, 4), Config(64, 256, 128, 8, 3)],
+        "large": [Config(128, 128, 128, 8, 3), Config(128, 128, 128, 8, 4), Config(128, 128, 128, 4, 3),
+                  Config(64, 128, 128, 4, 4, 32), Config(128, 256, 128, 8, 3)],
     },
     "mxfp4": {
         "small": [Config(16, 128, 128, 4, 3), Config(16, 64, 128, 4, 4), Config(32, 128, 64, 4, 3)],
-        "medium": [Config(64, 128, 64, 4, 3), Config(64, 128, 128, 8, 3)],
-        "large": [Config(128, 128, 64, 8, 3), Config(128, 256, 64, 8, 3), Config(128, 128, 128, 8, 2)],
+        "medium": [Config(64, 128, 64, 4, 3), Config(64, 128, 128, 4, 3)],
+        "large": [Config(128, 256, 64, 8, 3), Config(128, 128, 64, 8, 3), Config(128, 128, 128, 8, 3),
+                  Config(128, 256, 64, 8, 4)],
     },
 }
 
-#: Rows per expert at or below which a call is "small", and from which it is "large".
+#: The rule, from measurements (H100, 2026-12-07, perf/results/quant_experts_h100_first.json): per
+#: kernel, ``(max rows per expert, config)`` in increasing order; the first bound >= a call's mean
+#: rows per expert picks. fp8_block (DeepSeek-V3 gate-up, N=4096, K=7168): 4 rows: 16x64x128w4s4
+#: won (16x128 within 1 %); 128 rows: 64x128x128w4s3 won (128x128x128w8s3 +23 %, 128x256 2.8x).
+#: mxfp4 (GPT-OSS gate-up, N=5760, K=2880): 4 rows: 16x128x128w4s3; 128 rows: 128x256x64w8s3
+#: (64x128x64 +41 %). Bounds between measured sizes are guesses: re-measure, then edit here.
+RULE = {
+    "fp8_block": [(16, Config(16, 64, 128, 4, 4)), (48, Config(32, 128, 128, 4, 3)),
+                  (float("inf"), Config(64, 128, 128, 4, 3))],
+    "mxfp4": [(16, Config(16, 128, 128, 4, 3)), (48, Config(64, 128, 64, 4, 3)),
+              (float("inf"), Config(128, 256, 64, 8, 3))],
+}
+
+#: Rows per expert at or below which a call is "small", and from which it is "large" (the
+#: candidate families the benchmark sweeps).
 SMALL_ROWS, LARGE_ROWS = 24, 192
 
 
@@ -87,10 +103,9 @@ def regime(rows_per_expert: float) -> str:
 
 
 def choose_config(kind: str, rows_per_expert: float, n: int, k: int, block_k: int = 128) -> Config:
-    """The tile configuration of a call: the first candidate of its regime, fitted to ``n`` and, for
-    fp8, ``BK = block_k`` (the scale block). Change the rule here after measuring
-    (``perf/bench_quant_experts.py`` prints which candidate won per shape)."""
-    c = CANDIDATES[kind][regime(rows_per_expert)][0]
+    """The tile configuration of a call (:data:`RULE`), fitted to ``n`` and, for fp8, ``BK = block_k``
+    (the scale block). Change :data:`RULE` after measuring (``perf/bench_quant_experts.py``)."""
+    c = next(cfg for bound, cfg in RULE[kind] if rows_per_expert <= bound)
     if n <= 64 and c.BN > 64:
         c = Config(c.BM, 64, c.BK, c.num_warps, c.num_stages, c.GROUP_M)
     if kind == "fp8_block" and c.BK != block_k:
@@ -106,7 +121,7 @@ def _triton():
         from . import triton_quant_kernels as k
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable: {type(exc).__name__}: {exc}"
-    return triton, k.tile_ends_kernel, k.quant_kernel, k.fp8_block_kernel, k.mxfp4_kernel
+    return triton, k.tile_ends_kernel, k.quant_kernel, k.fp8_block_kernel, k.mxfp4_kernel, k
 
 
 #: Set False to make callers take their fallback (benchmarks, bisecting).
@@ -199,12 +214,16 @@ def quantize_act(x: torch.Tensor, group: int, *, rows: torch.Tensor | None = Non
 _TABLES: dict = {}
 
 
-def expert_table(pieces: list, device: torch.device) -> torch.Tensor:
-    """``[E]`` int64 device table of each expert's base address in ``pieces`` (cached per layout).
+def expert_table(pieces: list, device: torch.device) -> torch.Tensor | None:
+    """``[E]`` int64 device table of each expert's offset in elements from the first piece's
+    storage (cached per layout), or None where an offset is not a multiple of 16 elements.
 
-    The host builds it once per set of pieces (addresses, counts, expert strides) and uploads it
-    from pinned memory without a sync; later calls (and CUDA graph captures, which need the eager
-    warm-up call to have built it: GraphCaptureError otherwise) reuse the device table.
+    Offsets, not addresses: the kernels add them to the first piece's pointer with a
+    ``tl.multiple_of(.., 16)`` hint, which keeps their 16-byte vector loads (a pointer built from
+    a loaded address has no known alignment and drops every load to one element: 2-4x slower).
+    The host builds the table once per set of pieces and uploads it from pinned memory without a
+    sync; later calls (and CUDA graph captures, which need the eager warm-up call to have built
+    it: GraphCaptureError otherwise) reuse the device table.
     """
     key = (str(device),) + tuple((t.data_ptr(), int(t.shape[0]), t.stride(0), t.element_size()) for _, t in pieces)
     hit = _TABLES.get(key)
@@ -212,11 +231,15 @@ def expert_table(pieces: list, device: torch.device) -> torch.Tensor:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise GraphCaptureError(
                 "dwdp_comm.kernels.triton_quant: the first call on these weight pieces builds their expert "
-                "address table (pinned host memory), which a CUDA graph capture cannot contain; run the "
+                "offset table (pinned host memory), which a CUDA graph capture cannot contain; run the "
                 "forward once eagerly before capturing (warm-up, as torch.cuda.graph asks)")
-        addrs = [t.data_ptr() + i * t.stride(0) * t.element_size() for _, t in pieces for i in range(t.shape[0])]
-        host = torch.tensor(addrs, dtype=torch.int64, pin_memory=device.type == "cuda")
-        hit = (host, host.to(device, non_blocking=True))
+        base, size = pieces[0][1].data_ptr(), pieces[0][1].element_size()
+        offs = [t.data_ptr() - base + i * t.stride(0) * t.element_size() for _, t in pieces for i in range(t.shape[0])]
+        if any(o % (16 * size) for o in offs):
+            hit = (None, None)
+        else:
+            host = torch.tensor([o // size for o in offs], dtype=torch.int64, pin_memory=device.type == "cuda")
+            hit = (host, host.to(device, non_blocking=True))
         if len(_TABLES) > 256:
             _TABLES.clear()
         _TABLES[key] = hit
@@ -224,14 +247,18 @@ def expert_table(pieces: list, device: torch.device) -> torch.Tensor:
 
 
 def _weights_args(pieces: list, device):
-    """(w base tensor, table or None, expert stride, n stride, k stride) of ``[count, N, K]`` pieces."""
+    """(w base tensor, offset table or None, expert stride) of ``[count, N, K]`` pieces."""
     t0 = pieces[0][1]
     for _, t in pieces[1:]:
         if t.stride()[1:] != t0.stride()[1:]:
             raise BackendUnavailableError("weight pieces with different [N, K] strides cannot share one kernel call")
     if len(pieces) == 1:
         return t0, None, t0.stride(0)
-    return t0, expert_table(pieces, device), 0
+    table = expert_table(pieces, device)
+    if table is None:
+        raise BackendUnavailableError("weight pieces whose experts are not 16-element aligned relative to each "
+                                      "other cannot share one kernel call")
+    return t0, table, 0
 
 
 def _log_e(e: int) -> int:
@@ -273,7 +300,7 @@ def fp8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, pieces: list, scales: tor
     torch.Tensor
         ``[M, N]`` bf16, enqueued on the current stream; the host does not wait.
     """
-    triton, _, _, kern, _ = _kernels()
+    triton, _, _, kern = _kernels()[:4]
     m, k = int(xq.shape[0]), int(xq.shape[1])
     e, n = int(offsets.shape[0]), int(pieces[0][1].shape[1])
     bn, bk = block_size
@@ -317,7 +344,7 @@ def mxfp4_gemm(x: torch.Tensor, pieces: list, scales: torch.Tensor, offsets: tor
     torch.Tensor
         ``[M, N]`` bf16, enqueued on the current stream; the host does not wait.
     """
-    triton, _, _, _, kern = _kernels()
+    triton, kern = _kernels()[0], _kernels()[4]
     m, k = int(x.shape[0]), int(x.shape[1])
     e, n = int(offsets.shape[0]), int(pieces[0][1].shape[1])
     c = config or choose_config("mxfp4", m / max(e, 1), n, k)
@@ -337,4 +364,37 @@ def mxfp4_gemm(x: torch.Tensor, pieces: list, scales: torch.Tensor, offsets: tor
                   n, k, e, max_m, stride_we, w0.stride(1), w0.stride(2), scales.stride(0), scales.stride(1),
                   scales.stride(2), out.stride(0), BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M,
                   LOG_E=_log_e(e), USE_TABLE=table is not None, num_warps=c.num_warps, num_stages=c.num_stages)
+    return out
+
+
+def dequantize(weight: torch.Tensor, scale: torch.Tensor, fmt: str, out: torch.Tensor,
+               block_size: tuple = (128, 128)) -> torch.Tensor:
+    """One memory-bound pass writing ``out`` ``[E, N, K]`` (bf16 / fp16 / float32) from quantized
+    ``weight`` (``fp8_channel`` / ``fp8_block``: float8_e4m3fn ``[E, N, K]``; ``mxfp4``: uint8
+    ``[E, N, K/2]``) and ``scale`` (as :mod:`dwdp_comm.kernels.quant` stores them; checked there).
+    Same values as :func:`dwdp_comm.kernels.quant.dequantize`'s torch code (exact products,
+    rounded once). Enqueued on the current stream; no host wait."""
+    triton, k = _kernels()[0], _kernels()[5]
+    e, n = int(weight.shape[0]), int(weight.shape[1])
+    if e * n == 0 or out.numel() == 0:
+        return out
+    if weight.stride(-1) != 1 or out.stride(-1) != 1 or (fmt == "mxfp4" and scale.stride(-1) != 1):
+        raise BackendUnavailableError("dequantize kernel: the last dims must be contiguous")
+    br = 8
+    if fmt == "mxfp4":
+        kp = int(weight.shape[2])
+        bc = 256
+        k.dequant_mxfp4_kernel[(triton.cdiv(e * n, br), triton.cdiv(kp, bc))](
+            weight, scale, out, e * n, n, kp, weight.stride(0), weight.stride(1), scale.stride(0), scale.stride(1),
+            out.stride(0), out.stride(1), BR=br, BC=bc, num_warps=4)
+        return out
+    kk = int(weight.shape[2])
+    if fmt == "fp8_channel":
+        bn, bk, ss = 1, 1 << 30, (scale.stride(0), scale.stride(1), 0)
+    else:
+        (bn, bk), ss = block_size, (scale.stride(0), scale.stride(1), scale.stride(2))
+    bc = 512
+    k.dequant_fp8_kernel[(triton.cdiv(e * n, br), triton.cdiv(kk, bc))](
+        weight, scale, out, e * n, n, kk, weight.stride(0), weight.stride(1), *ss, out.stride(0), out.stride(1),
+        bn, bk, BR=br, BC=bc, num_warps=4)
     return out

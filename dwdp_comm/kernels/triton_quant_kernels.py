@@ -7,7 +7,8 @@ triton at its top (a JIT function calls others through the module's globals).
 import triton
 import triton.language as tl
 
-__all__ = ["tile_ends_kernel", "quant_kernel", "fp8_block_kernel", "mxfp4_kernel", "find_tile", "e2m1_f32"]
+__all__ = ["tile_ends_kernel", "quant_kernel", "fp8_block_kernel", "mxfp4_kernel", "find_tile", "e2m1_f32",
+           "dequant_mxfp4_kernel", "dequant_fp8_kernel"]
 
 
 @triton.jit
@@ -80,8 +81,8 @@ def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr,
     n = pid_n * BN + tl.arange(0, BN)
     nmask = n < N
     k = tl.arange(0, BK)
-    if USE_TABLE:
-        wb = tl.load(wtab_ptr + e).to(tl.pointer_type(tl.float8e4nv))
+    if USE_TABLE:  # element offsets from w_ptr, multiples of 16 (checked on the host): keeps 16-byte loads
+        wb = w_ptr + tl.multiple_of(tl.load(wtab_ptr + e), 16)
     else:
         wb = w_ptr + e * stride_we
     a_ptrs = a_ptr + rows64[:, None] * K + k[None, :]
@@ -111,12 +112,30 @@ def e2m1_f32(c):
 
 
 @triton.jit
+def e2m1_scaled(p, s, R: tl.constexpr, C: tl.constexpr):
+    """``[R, C]`` float32 values of packed e2m1 bytes ``p`` ``[R, C / 2]`` (element 2j in the low
+    nibble) times e8m0 scales ``s`` ``[R, C / 32]``, built from bits: a code's magnitude bits
+    ``em`` (2-bit exponent e, 1-bit mantissa m) shifted to float32 bits 22..24 plus an exponent
+    bias of 126 give 2^(e - 1) x (1 + m / 2) (codes 2..7); codes 0 and 1 (0 and 0.5) are
+    ``em x (126 << 23)``: one select. The sign goes to bit 31; the scale is one multiply a value
+    (2^(s - 127) built as float32 bits ``s << 23``; s = 0 reads as 0)."""
+    p = p.to(tl.uint32)
+    c = tl.join(p & 15, p >> 4).reshape(R, C)  # element 2j (low nibble), then 2j + 1
+    em = c & 7
+    mag = tl.where(em > 1, (em << 22) + (126 << 23), em * (126 << 23))
+    v = (mag | ((c >> 3) << 31)).to(tl.float32, bitcast=True)  # e2m1 value exactly
+    sc = (tl.minimum(s.to(tl.uint32), 254) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); s = 0 reads as 0
+    v = v.reshape(R, C // 32, 32) * sc[:, :, None]
+    return v.reshape(R, C)
+
+
+@triton.jit
 def mxfp4_kernel(a_ptr, a_stride, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, out_ptr,
                  N, K, E, max_m_tiles, stride_we, stride_wn, stride_wk, ws_se, ws_sn, ws_sk, out_stride,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
                  LOG_E: tl.constexpr, USE_TABLE: tl.constexpr):
-    # Packed byte j of a row holds elements 2j (low nibble) and 2j + 1 (high): the even and the odd
-    # columns of the activations meet the low and the high nibbles in two dots (no interleave).
+    # Packed byte j of a row holds elements 2j (low nibble) and 2j + 1 (high): the two nibbles are
+    # interleaved back in registers (tl.join) so the activations load contiguously, one dot a step.
     n_tiles = tl.cdiv(N, BN)
     e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
                                            BM, GROUP_M, LOG_E)
@@ -127,31 +146,60 @@ def mxfp4_kernel(a_ptr, a_stride, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, o
     nmask = n < N
     n64 = n.to(tl.int64)
     kp = tl.arange(0, BK // 2)
-    if USE_TABLE:
-        wb = tl.load(wtab_ptr + e).to(tl.pointer_type(tl.uint8))
+    if USE_TABLE:  # element offsets from w_ptr, multiples of 16 (checked on the host): keeps 16-byte loads
+        wb = w_ptr + tl.multiple_of(tl.load(wtab_ptr + e), 16)
     else:
         wb = w_ptr + e * stride_we
-    a_ptrs = a_ptr + rows64[:, None] * a_stride + 2 * kp[None, :]
+    ka = tl.arange(0, BK)
+    a_ptrs = a_ptr + rows64[:, None] * a_stride + ka[None, :]
     w_ptrs = wb + n64[:, None] * stride_wn + kp[None, :] * stride_wk
-    s_ptrs = ws_ptr + e * ws_se + n64[:, None] * ws_sn + (kp[None, :] // 16) * ws_sk
+    s_ptrs = ws_ptr + e * ws_se + n64[:, None] * ws_sn + tl.arange(0, BK // 32)[None, :] * ws_sk
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, tl.where(valid, tl.cdiv(K, BK), 0)):
-        kpm = kp < (K - kb * BK) // 2
-        am = rmask[:, None] & kpm[None, :]
-        a_even = tl.load(a_ptrs, mask=am, other=0.0)
-        a_odd = tl.load(a_ptrs + 1, mask=am, other=0.0)
-        wm = nmask[:, None] & kpm[None, :]
-        p = tl.load(w_ptrs, mask=wm, other=0).to(tl.uint32)
-        s = tl.load(s_ptrs, mask=wm, other=127).to(tl.uint32)
-        scale = (s << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); s = 0 reads as 0
-        # exact in bf16 (e2m1 x 2^k); the MMA runs in the activations' dtype (bf16; float32 in
-        # the CPU interpreter tests, whose bf16 arithmetic is not reliable)
-        lo = (e2m1_f32(p & 15) * scale).to(a_ptr.dtype.element_ty)
-        hi = (e2m1_f32(p >> 4) * scale).to(a_ptr.dtype.element_ty)
-        acc = tl.dot(a_even, tl.trans(lo), acc)
-        acc = tl.dot(a_odd, tl.trans(hi), acc)
+        kleft = K - kb * BK
+        a = tl.load(a_ptrs, mask=rmask[:, None] & (ka < kleft)[None, :], other=0.0)
+        p = tl.load(w_ptrs, mask=nmask[:, None] & (kp < kleft // 2)[None, :], other=0)
+        s = tl.load(s_ptrs, mask=nmask[:, None] & (tl.arange(0, BK // 32) < kleft // 32)[None, :], other=127)
+        w = e2m1_scaled(p, s, BN, BK)  # [BN, BK] in bf16 (exact)
+        acc = tl.dot(a, tl.trans(w.to(a_ptr.dtype.element_ty)), acc)
         a_ptrs += BK
         w_ptrs += (BK // 2) * stride_wk
         s_ptrs += (BK // 32) * ws_sk
     o = out_ptr + rows64[:, None] * out_stride + n[None, :]
     tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def dequant_mxfp4_kernel(w_ptr, s_ptr, out_ptr, R, N, KP, sw_e, sw_n, ss_e, ss_n, so_e, so_n,
+                         BR: tl.constexpr, BC: tl.constexpr):
+    """One pass: ``out[e, n, :] = e2m1(w[e, n, :]) * 2^(s - 127)`` for ``BR`` rows x ``2 BC`` columns."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    e = (r // N).to(tl.int64)
+    n = (r % N).to(tl.int64)
+    cp = tl.program_id(1) * BC + tl.arange(0, BC)
+    ok = (r < R)[:, None]
+    m = (cp[None, :] < KP) & ok
+    p = tl.load(w_ptr + e[:, None] * sw_e + n[:, None] * sw_n + cp[None, :], mask=m, other=0)
+    cs = tl.program_id(1) * (BC // 16) + tl.arange(0, BC // 16)
+    sc = tl.load(s_ptr + e[:, None] * ss_e + n[:, None] * ss_n + cs[None, :], mask=(cs[None, :] < KP // 16) & ok, other=127)
+    v = e2m1_scaled(p, sc, BR, 2 * BC)
+    co = tl.program_id(1) * 2 * BC + tl.arange(0, 2 * BC)
+    tl.store(out_ptr + e[:, None] * so_e + n[:, None] * so_n + co[None, :], v.to(out_ptr.dtype.element_ty),
+             mask=(co[None, :] < 2 * KP) & ok)
+
+
+@triton.jit
+def dequant_fp8_kernel(w_ptr, s_ptr, out_ptr, R, N, K, sw_e, sw_n, ss_e, ss_n, ss_k, so_e, so_n, block_n, block_k,
+                       BR: tl.constexpr, BC: tl.constexpr):
+    """One pass: ``out[e, n, k] = w[e, n, k] * s[e, n // block_n, k // block_k]`` (per-channel fp8:
+    ``block_n = 1``, ``ss_k = 0``) for ``BR`` rows x ``BC`` columns."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    e = (r // N).to(tl.int64)
+    n = (r % N).to(tl.int64)
+    k = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (k[None, :] < K) & (r < R)[:, None]
+    q = tl.load(w_ptr + e[:, None] * sw_e + n[:, None] * sw_n + k[None, :], mask=m, other=0.0).to(tl.float32)
+    sc = tl.load(s_ptr + e[:, None] * ss_e + (n // block_n)[:, None] * ss_n + (k // block_k)[None, :] * ss_k,
+                 mask=m, other=0.0)
+    tl.store(out_ptr + e[:, None] * so_e + n[:, None] * so_n + k[None, :], (q * sc).to(out_ptr.dtype.element_ty),
+             mask=m)

@@ -232,3 +232,36 @@ def test_triton_path_through_moe_mlp_and_experts_forward(interpret, fmt, seed):
     info = {}
     out = moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=s1, down_scale=s2, info=info)
     assert info["gemm"] == fmt and "fallback" not in info and torch.isfinite(out).all(), info
+
+
+@needs_triton
+@pytest.mark.parametrize("fmt", ["fp8_channel", "fp8_block", "mxfp4"])
+def test_triton_dequantize_equals_torch_code(interpret, fmt, seed):
+    """The one-pass dequantize kernel (what quant.dequantize runs on CUDA) writes the torch code's
+    values, into a slice of a bigger buffer too (rows not a multiple of its block, K of its tile)."""
+    from dwdp_comm.kernels import triton_quant as TQ
+    g = torch.Generator().manual_seed(seed)
+    wq, s = Q.quantize(torch.randn(3, 37, 320, generator=g) / 10, fmt)
+    want = Q.dequantize(wq, s, fmt, dtype=torch.float32)
+    buf = torch.full((5, 37, 320), float("nan"))
+    TQ.dequantize(Q.as_bytes(wq), Q.as_bytes(s), fmt, buf[1:4])
+    assert torch.equal(buf[1:4], want) and buf[0].isnan().all() and buf[4].isnan().all()
+
+
+@needs_triton
+def test_triton_expert_table_offsets_and_misaligned_pieces(interpret):
+    """Pieces are read through element offsets from the first piece (16-aligned: the kernels keep
+    their vector loads); pieces not 16-element aligned to each other are refused, named."""
+    from dwdp_comm.errors import BackendUnavailableError
+    from dwdp_comm.kernels import triton_quant as TQ
+    wq, s = Q.quantize(torch.randn(4, 64, 256) * 0.05, "fp8_block")
+    other = wq[2:].clone()
+    table = TQ.expert_table([(0, wq[:2]), (2, other)], torch.device("cpu"))
+    size = wq.element_size()
+    assert table.tolist() == [0, 64 * 256, (other.data_ptr() - wq.data_ptr()) // size,
+                              (other.data_ptr() - wq.data_ptr()) // size + 64 * 256]
+    raw = torch.empty(2 * 64 * 256 + 1, dtype=torch.uint8).view(torch.float8_e4m3fn)[1:].view(2, 64, 256)
+    raw.copy_(wq[2:])
+    xq, xs = reference.quantize_groupwise(torch.randn(5, 256), 128)
+    with pytest.raises(BackendUnavailableError, match="aligned"):
+        TQ.fp8_block_gemm(xq, xs.t().contiguous(), [(0, wq[:2]), (2, raw)], s, _groups([1, 1, 1, 2]))
