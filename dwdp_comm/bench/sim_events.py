@@ -20,7 +20,7 @@ from .maxmin import maxmin_rates
 from .sim_program import GroupCopies
 
 if TYPE_CHECKING:
-    from .model import Fabric
+    from .fabric import Fabric
 
 __all__ = ["run_per_stream", "run_issue_fifo", "ports"]
 

@@ -28,7 +28,7 @@ from ..lanes import copy_lanes, hardware_queue, issue_order
 from ..planner import CopyPlan
 
 if TYPE_CHECKING:
-    from .model import Fabric
+    from .fabric import Fabric
 
 __all__ = ["REC", "GroupCopies"]
 

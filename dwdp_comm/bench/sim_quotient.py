@@ -30,7 +30,7 @@ from ..planner import CopyPlan
 from .sim_program import GroupCopies
 
 if TYPE_CHECKING:
-    from .model import Fabric
+    from .fabric import Fabric
 
 __all__ = ["rotation_invariant", "run_quotient"]
 

@@ -23,10 +23,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
 from ..errors import bad_arg, bad_type
+from ..checks import check_int
 from . import quant
 from .quant import DEFAULT_BLOCK_SIZE
 from .token_groups import TokenGroups
@@ -93,8 +93,7 @@ def normalize_weights(weights: Any, name: str = "weights", *, ndim: int = 3,
             if len(item) != 2:
                 raise bad_arg(where, f"a tuple of length {len(item)}", f"(first_expert, tensor{shape})")
             first, t = item
-            if isinstance(first, bool) or not isinstance(first, (int, np.integer)):
-                raise bad_type(f"{where}[0]", first, "an int (first expert of the segment)")
+            first = check_int(f"{where}[0]", first)
             if not isinstance(t, torch.Tensor):
                 raise bad_type(f"{where}[1]", t, "a torch.Tensor")
             if int(first) != nxt:
@@ -281,8 +280,7 @@ def make_problem(x: Any, m_sizes_or_offsets: Any, weights: Any, *, offsets: bool
                 x_rows.device != dev:
             raise bad_arg("x_rows", _shape_of(x_rows), f"an int64 [rows] tensor on {dev} (row r reads "
                           "x[x_rows[r] // x_top_k])")
-        if isinstance(x_top_k, bool) or not isinstance(x_top_k, int) or x_top_k < 1:
-            raise bad_arg("x_top_k", repr(x_top_k), "an int >= 1")
+        x_top_k = check_int("x_top_k", x_top_k, low=1)
         if dt == FP8_DTYPE:
             raise bad_arg("x_rows", "a gather", "None for a pre-quantized fp8 x")
         rows = int(x_rows.shape[0])

@@ -44,8 +44,10 @@ PATHS = ("triton", "dequantize")
 #: Measured (H100, first run, GPT-OSS-120B shapes, old kernel and ~90 ms torch dequantize): the
 #: kernel 3.6 / 7.0 / 22.8 ms at 4 / 32 / 128 rows against bf16's 2.6 / 2.9 / 5.1 ms; the one-pass
 #: dequantize should cost ~3 ms (3.2G weights, 2.5 bytes each), so bf16 + 3 ms wins from about
-#: 64 rows. Re-set it from the bench's ours_triton / ours_dequant columns.
-MXFP4_DEQUANT_MIN_ROWS = 64
+#: 64 rows. Second run (round-2 kernels, one-pass Triton dequantize): at 128 rows the kernel took
+#: 0.88x the dequantize path's time (with a tile 22 % slower than the rule's now), at 512 rows 1.47x
+#: (dequantize + bf16: 16.0 ms; the kernel ~21 ms with the new tile): the switch lies in between.
+MXFP4_DEQUANT_MIN_ROWS = 256
 
 
 def native_unavailable_reason(fmt: str, device, block_size=quant.DEFAULT_BLOCK_SIZE) -> str | None:

@@ -81,13 +81,16 @@ CANDIDATES = {
 #: kernel, ``(max rows per expert, config)`` in increasing order; the first bound >= a call's mean
 #: rows per expert picks. fp8_block (DeepSeek-V3 gate-up, N=4096, K=7168): 4 rows: 16x64x128w4s4
 #: won (16x128 within 1 %); 128 rows: 64x128x128w4s3 won (128x128x128w8s3 +23 %, 128x256 2.8x).
-#: mxfp4 (GPT-OSS gate-up, N=5760, K=2880): 4 rows: 16x128x128w4s3; 128 rows: 128x256x64w8s3
-#: (64x128x64 +41 %). Bounds between measured sizes are guesses: re-measure, then edit here.
+#: Second run (same card, perf/results/quant_experts_h100_r2.json, the round-2 kernels): fp8_block at
+#: 512 rows: 64x128x128w4s3 won again (12.9 ms; 128x128x128w8s4 15.3, 128x256x128w8s3 slower);
+#: mxfp4 (GPT-OSS gate-up, N=5760, K=2880): 4 rows: 16x64x128w4s4 (1.21 ms; 16x128x128w4s3 1.37);
+#: 128 rows: 128x128x64w8s3 (2.86 ms; 128x256x64w8s3 3.67); 512 rows: 128x128x64w8s3 (8.3 ms;
+#: 128x256x64w8s3 10.8). Bounds between measured sizes are guesses: re-measure, then edit here.
 RULE = {
     "fp8_block": [(16, Config(16, 64, 128, 4, 4)), (48, Config(32, 128, 128, 4, 3)),
                   (float("inf"), Config(64, 128, 128, 4, 3))],
-    "mxfp4": [(16, Config(16, 128, 128, 4, 3)), (48, Config(64, 128, 64, 4, 3)),
-              (float("inf"), Config(128, 256, 64, 8, 3))],
+    "mxfp4": [(16, Config(16, 64, 128, 4, 4)), (48, Config(64, 128, 64, 4, 3)),
+              (float("inf"), Config(128, 128, 64, 8, 3))],
 }
 
 #: Rows per expert at or below which a call is "small", and from which it is "large" (the

@@ -18,7 +18,8 @@ PKG = ROOT / "dwdp_comm"
 LAYERS = [
     ("base", ["dwdp_comm.errors", "dwdp_comm.checks", "dwdp_comm.version"]),
     ("foundation", ["dwdp_comm.comm", "dwdp_comm.interop", "dwdp_comm.layout", "dwdp_comm.placement",
-                    "dwdp_comm.planner", "dwdp_comm.engine_options", "dwdp_comm.routing_histogram"]),
+                    "dwdp_comm.planner", "dwdp_comm.engine_options", "dwdp_comm.routing_histogram",
+                    "dwdp_comm.lanes"]),
     ("backend interface", ["dwdp_comm.backends.base"]),
     ("GPU layer", ["dwdp_comm.backends.cuda"]),
     ("backends", ["dwdp_comm.backends"]),
@@ -199,7 +200,7 @@ ROUND_UP = re.compile(r"\(\s*\w+\s*\+\s*\w+\s*-\s*1\s*\)\s*//\s*\w+\s*\*\s*\w+|d
 OWN_DESCRIBE = re.compile(r"^def _?describe\(", re.M)
 # Inline integer checks in files other changes of issue 25 edit; each becomes checks.check_int when merged.
 KNOWN_INLINE_INT_CHECKS = {"kernels/token_groups.py": 1, "kernels/numba_grouped.py": 1,
-                           "kernels/problem.py": 1, "kernels/torch_path.py": 1, "moe/tokens.py": 1}
+                           "kernels/torch_path.py": 1, "moe/tokens.py": 1}
 KNOWN_OWN_DESCRIBE = {"kernels/quant.py"}  # its _describe becomes comm.describe when merged
 
 

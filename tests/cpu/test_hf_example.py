@@ -53,10 +53,9 @@ def test_hf_example_cuda_graph_needs_a_gpu_backend():
 
 
 @pytest.mark.parametrize("fmt", ["fp8-block", "mxfp4"])
-def test_hf_example_quantized_checkpoint(fmt, capsys, tmp_path, monkeypatch):
+def test_hf_example_quantized_checkpoint(fmt, capsys, tmp_path):
     """--make-checkpoint writes a tiny quantized checkpoint (DeepSeek-V3 block-FP8, GPT-OSS MXFP4) and its
     dequantized twin, then --checkpoint runs on it: experts kept quantized, checked against the twin."""
-    monkeypatch.syspath_prepend(os.path.dirname(EXAMPLE))
     ckpt = tmp_path / "q"
     res, printed = _run(capsys, tmp_path, "--make-checkpoint", fmt, str(ckpt), "--layers", "2")
     want = {"fp8-block": "fp8_block", "mxfp4": "mxfp4"}[fmt]

@@ -114,21 +114,12 @@ def results(tmp_path_factory):
     return out, dirs
 
 
-def _expert_bytes(directory):
-    """Bytes of every expert tensor (weights, scales, biases) of a checkpoint, from its files, and how many more
-    the store holds (ue8m0 byte scales of block-FP8 held as float32)."""
-    read = hf_rankfns._checkpoint_reader(directory)
-    keys = [k for k in read.keys if ".experts." in k]
-    widened = sum(3 * read(k).numel() for k in keys if k.endswith("_scale_inv") and read(k).dtype == torch.uint8)
-    return sum(read(k).numel() * read(k).element_size() for k in keys), widened
-
-
 @pytest.mark.parametrize("world_size", sorted(SPECS))
 def test_quantized_load_matches_dequantized_hf(results, world_size):
     res, dirs = results
     per_rank = [r[0] for r in res[world_size]]
     for i, (family, fmt, block, _, kw) in enumerate(SPECS[world_size]):
-        total, widened = _expert_bytes(dirs[world_size][i][0])
+        total, widened = hf_rankfns.expert_bytes(dirs[world_size][i][0])
         assert (widened > 0) == (kw.get("scale_fmt") == "ue8m0"), family
         read = []
         for rank, per in enumerate(per_rank):

@@ -1,20 +1,14 @@
 """perf/quant_memory.py --smoke runs on CPU (sim backend): its streamed FP8 checkpoint loads, and its figures add up."""
 
-import importlib
 import json
-import os
 
 import pytest
 
 pytest.importorskip("transformers")
 
-PERF = os.path.join(os.path.dirname(__file__), "..", "..", "perf")
-
-
-def test_quant_memory_smoke(tmp_path, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(PERF)  # the spawned ranks import the script by name
+def test_quant_memory_smoke(tmp_path, capsys):
+    from perf import quant_memory as script  # a module of the package: the spawned ranks unpickle its rank_main
     out = tmp_path / "q.json"
-    script = importlib.import_module("quant_memory")
     assert script.main(["--smoke", "--world-size", "2", "--forward", "4", "--dir", str(tmp_path / "ckpt"),
                         "--json", str(out)]) == 0
     printed = capsys.readouterr().out

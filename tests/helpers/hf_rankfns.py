@@ -161,6 +161,15 @@ def _checkpoint_reader(directory: str):
     return read
 
 
+def expert_bytes(directory) -> tuple[int, int]:
+    """Bytes of every expert tensor (weights, scales, biases) of a checkpoint, from its files, and how many more
+    the store holds (ue8m0 byte scales of block-FP8 held as float32)."""
+    read = _checkpoint_reader(directory)
+    keys = [k for k in read.keys if ".experts." in k]
+    widened = sum(3 * read(k).numel() for k in keys if k.endswith("_scale_inv") and read(k).dtype == torch.uint8)
+    return sum(read(k).numel() * read(k).element_size() for k in keys), widened
+
+
 def quantized_truth(directory: str, path: str, name: str, num_experts: int) -> torch.Tensor:
     """``[E, ...]`` of a quantized expert tensor or its scales as the store holds it, rebuilt from the checkpoint
     files by the tests' own reading: per-expert FP8 keys (Qwen2-MoE pattern ``...mlp.experts.<e>.gate_proj``, or
