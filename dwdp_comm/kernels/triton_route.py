@@ -1,0 +1,205 @@
+"""A fused route-permute for small batches (CUDA, Triton; optional): one launch instead of about 15.
+
+At small token counts an experts forward is bound by the host: sorting the ``S = T * top_k``
+token copies by expert with torch ops (:func:`dwdp_comm.moe.tokens.sort_by_expert`: masks, a
+cast, a stable sort, a binary search for the offsets, a scatter for the inverse, then the row
+gather and the routing-weight gather) dispatches about 15 ops, each a kernel launch of a few
+microseconds of host time, around a few microseconds of GPU work. :func:`route` does all of it in
+one kernel:
+
+- the end offsets per expert (``torch._grouped_mm``'s ``offs``),
+- every copy's sorted row, as the element offset ``row * out_stride`` the combine reads
+  (:func:`dwdp_comm.kernels.triton_moe.combine`), ``-1`` for sentinel ids,
+- the token rows in sorted order (the grouped GEMM's input) and the routing weight of every
+  sorted row.
+
+The order is the stable one of :func:`~dwdp_comm.moe.tokens.sort_by_expert` (the reference the
+tests compare with): copies of one expert keep their flattened ``(token, slot)`` order. How: the
+copies are cut into chunks of ``CHUNK``; program ``(p, q)`` counts the experts of every chunk
+(a ``CHUNK x E`` comparison summed per expert), which gives each expert's first row and how many of its copies precede chunk
+``p``; the rank of a copy inside its chunk is a ``CHUNK x CHUNK`` comparison. Every program of
+column ``q`` repeats that count (cheap for the sizes this runs at) and copies its share of the
+hidden columns of chunk ``p``'s rows, so the gather is spread over the whole GPU. Work per
+program grows with ``S``: above :data:`MAX_ROWS` copies the torch ops are the cheaper path.
+
+Rows of sentinel copies (ids outside ``[0, num_experts)``) are not written: they sort past
+``offsets[-1]``, where no grouped GEMM, activation or combine reads.
+
+Triton is imported on first use; :func:`unavailable_reason` also honours
+:data:`dwdp_comm.kernels.triton_moe.ENABLED`.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import torch
+
+from . import triton_moe
+
+__all__ = ["Route", "route", "unavailable_reason", "MAX_ROWS", "MAX_EXPERTS", "CHUNK"]
+
+#: Largest ``S = num_tokens * top_k`` :func:`route` takes by default (callers fall back above it).
+#: Each program counts all ``S`` copies against every expert (``S x E`` comparisons): at 4K copies
+#: and 128 experts about 0.5M, a few microseconds, under the torch ops' sort alone.
+MAX_ROWS = 4096
+#: Most experts :func:`route` supports (a ``CHUNK x next_pow2(E)`` comparison per program).
+MAX_EXPERTS = 1024
+CHUNK = 32  # copies per chunk (a power of two): a CHUNK x next_pow2(E) int32 tile per step
+BLOCK_H = 128  # hidden columns per gather step
+_IDS = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
+
+
+class Route(NamedTuple):
+    """What :func:`route` returns (every tensor on ``x``'s device).
+
+    Attributes
+    ----------
+    rows : torch.Tensor
+        ``[S, H]`` token rows in sorted order, ``x``'s dtype; rows ``>= offsets[-1]`` (sentinel
+        copies) are not written.
+    offsets : torch.Tensor
+        ``[E]`` int32 end offsets: expert ``e`` owns sorted rows ``[offsets[e-1], offsets[e])``.
+    src : torch.Tensor
+        ``[T, k]`` int64: ``row * out_stride`` of every (token, slot)'s sorted row, ``-1`` for
+        sentinels (the combine's source offsets).
+    row_weights : torch.Tensor
+        ``[S]`` routing weight of every sorted row (``top_k_weights``' dtype); sentinel rows not written.
+    """
+
+    rows: torch.Tensor
+    offsets: torch.Tensor
+    src: torch.Tensor
+    row_weights: torch.Tensor
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel():
+    try:
+        import triton
+        import triton.language as tl
+    except Exception as exc:  # ImportError, or a broken install
+        return f"triton is not importable: {type(exc).__name__}: {exc}"
+
+    @triton.jit
+    def _route_kernel(ids_ptr, w_ptr, x_ptr, rows_ptr, offs_ptr, src_ptr, rw_ptr,
+                      S, E, K, H, x_stride, out_stride, cols_per, num_chunks,
+                      CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
+        p = tl.program_id(0)
+        q = tl.program_id(1)
+        lanes = tl.arange(0, CHUNK)
+        bins = tl.arange(0, E_PAD)
+        total = tl.zeros([E_PAD], dtype=tl.int32)
+        before = tl.zeros([E_PAD], dtype=tl.int32)
+        for c in range(0, num_chunks):
+            i = c * CHUNK + lanes
+            m = i < S
+            e = tl.load(ids_ptr + i, mask=m, other=-1)
+            e32 = tl.where(m & (e >= 0) & (e < E), e, E_PAD).to(tl.int32)  # invalid: no bin
+            h = tl.sum((e32[:, None] == bins[None, :]).to(tl.int32), axis=0)
+            total += h
+            before += tl.where(c < p, h, 0)
+        ends = tl.cumsum(total, 0)
+        if (p == 0) & (q == 0):
+            tl.store(offs_ptr + bins, ends, mask=bins < E)
+        start = ends - total + before  # per expert: its first sorted row not taken by earlier chunks
+        i = p * CHUNK + lanes
+        m = i < S
+        e = tl.load(ids_ptr + i, mask=m, other=-1)
+        ok = m & (e >= 0) & (e < E)
+        e32 = tl.where(ok, e, E_PAD).to(tl.int32)  # invalid lanes match no bin
+        base = tl.sum(tl.where(e32[:, None] == bins[None, :], start[None, :], 0), axis=1)
+        earlier = (e32[:, None] == e32[None, :]) & (lanes[None, :] < lanes[:, None])
+        rank = (base + tl.sum(earlier.to(tl.int32), axis=1)).to(tl.int64)
+        if q == 0:
+            tl.store(src_ptr + i, tl.where(ok, rank * out_stride, -1), mask=m)
+            wv = tl.load(w_ptr + i, mask=ok, other=0.0)
+            tl.store(rw_ptr + rank, wv, mask=ok)
+        tok = (i // K).to(tl.int64)
+        c0 = q * cols_per
+        c1 = tl.minimum(c0 + cols_per, H)
+        for h0 in range(0, cols_per, BLOCK_H):
+            cols = c0 + h0 + tl.arange(0, BLOCK_H)
+            cm = ok[:, None] & (cols < c1)[None, :]
+            v = tl.load(x_ptr + tok[:, None] * x_stride + cols[None, :], mask=cm)
+            tl.store(rows_ptr + rank[:, None] * H + cols[None, :], v, mask=cm)
+
+    return triton, _route_kernel
+
+
+def unavailable_reason(x: torch.Tensor, num_rows: int, num_experts: int, max_rows: int | None = None) -> str | None:
+    """None when :func:`route` runs for ``x`` with ``num_rows`` copies over ``num_experts``, else why not.
+
+    ``max_rows`` defaults to :data:`MAX_ROWS` (read at call time, so benchmarks may change it).
+    """
+    why = triton_moe.unavailable_reason(x)
+    if why is not None:
+        return why
+    if num_rows > (MAX_ROWS if max_rows is None else max_rows):
+        return f"{num_rows} token copies (the fused route takes at most {MAX_ROWS}; the torch ops are cheaper above)"
+    if not 0 < num_experts <= MAX_EXPERTS:
+        return f"{num_experts} experts (the fused route takes 1 .. {MAX_EXPERTS})"
+    if x.stride(-1) != 1:
+        return f"x strides {x.stride()} (the fused route needs the hidden dim contiguous)"
+    got = _kernel()
+    return got if isinstance(got, str) else None
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(index: int | None) -> int:
+    if index is None or not torch.cuda.is_available():
+        return 8  # TRITON_INTERPRET on CPU: any small grid
+    return int(torch.cuda.get_device_properties(index).multi_processor_count)
+
+
+def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, *,
+          out_stride: int | None = None) -> Route:
+    """Sort the token copies by expert and gather their rows and weights, in one kernel.
+
+    Parameters
+    ----------
+    x : torch.Tensor
+        ``[T, H]`` token rows (bf16, fp16 or float32; hidden dim contiguous, any row stride).
+    top_k_index : torch.Tensor
+        ``[T, k]`` integer expert ids; ids outside ``[0, num_experts)`` are sentinels.
+    top_k_weights : torch.Tensor
+        ``[T, k]`` routing weights (any float dtype).
+    num_experts : int
+    out_stride : int, optional
+        Row stride (elements) of the tensor the combine will read; default ``H``.
+
+    Returns
+    -------
+    Route
+        Enqueued on the current stream of ``x``'s device; no host synchronisation.
+
+    Notes
+    -----
+    The caller checks :func:`unavailable_reason` first (shapes are not re-checked here: this is
+    the hot path of small batches). Same results as :func:`dwdp_comm.moe.tokens.sort_by_expert`
+    followed by the gathers (tested against it on fresh random data).
+    """
+    triton, kern = _kernel()
+    t, hidden = x.shape
+    k = int(top_k_index.shape[1])
+    s = t * k
+    ids = top_k_index if top_k_index.is_contiguous() else top_k_index.contiguous()
+    w = top_k_weights if top_k_weights.is_contiguous() else top_k_weights.contiguous()
+    dev = x.device
+    rows = torch.empty(s, hidden, dtype=x.dtype, device=dev)
+    offsets = torch.empty(num_experts, dtype=torch.int32, device=dev)
+    src = torch.empty(t, k, dtype=torch.int64, device=dev)
+    row_w = torch.empty(s, dtype=w.dtype, device=dev)
+    if s == 0:
+        return Route(rows, offsets.zero_(), src, row_w)
+    chunks = triton.cdiv(s, CHUNK)
+    # Enough programs to spread the row copies over the GPU: split the hidden columns.
+    split = max(1, min(triton.cdiv(hidden, BLOCK_H), triton.cdiv(2 * _num_sms(dev.index), chunks)))
+    cols_per = triton.cdiv(triton.cdiv(hidden, split), BLOCK_H) * BLOCK_H
+    split = triton.cdiv(hidden, cols_per)
+    e_pad = max(32, triton.next_power_of_2(num_experts))
+    kern[(chunks, split)](ids, w, x, rows, offsets, src, row_w, s, num_experts, k, hidden, x.stride(0),
+                          hidden if out_stride is None else out_stride, cols_per, chunks,
+                          CHUNK=CHUNK, E_PAD=e_pad, BLOCK_H=BLOCK_H, num_warps=4)
+    return Route(rows, offsets, src, row_w)
