@@ -12,7 +12,9 @@ slower). This script counts, per call, what the host does:
 - ``capture_checks``: ``torch.cuda.is_current_stream_capturing()`` calls;
 - ``rt_calls``: cuda.bindings runtime calls (events, stream waits: the copy engine; CUDA only);
 - ``host_us``: host time per call (median of ``--calls``; on CUDA with the device idle at each
-  call's start, so it is the host's own time, not a wait for the GPU).
+  call's start, so it is the host's own time, not a wait for the GPU); ``cpu_us``: this thread's
+  CPU time per call (robust on a loaded machine; on CPU torch runs one thread here, and the tiny
+  kernels' own CPU work is included).
 
 CPU emulation of the CUDA path (default on CPU, ``--no-emulate`` to measure the plain CPU path):
 the Triton kernels do not run on CPU, so their wrappers are replaced by torch implementations that
@@ -100,7 +102,7 @@ class Probes:
         self.triton = collections.Counter()
         self.capture_checks = 0
         self.rt_calls = collections.Counter()
-        self.stub_s = 0.0  # host time spent in emulated kernels (taken out of host_us)
+        self.stub_s = self.stub_cpu_s = 0.0  # time spent in emulated kernels (taken out of host_us, cpu_us)
         self.last_counts: dict = {}  # per scope, of the last counted call
 
     def reset(self) -> None:
@@ -128,7 +130,7 @@ class Probes:
             for name in names:
                 patch(mod, name, self._wrap(name, getattr(mod, name), _EMULATED.get(name)))
             if self.emulate and self.device.type != "cuda":
-                patch(mod, "unavailable_reason", lambda t: None if t.dtype in triton_moe._DTYPES else "dtype")
+                patch(mod, "unavailable_reason", _EMULATED_REASONS[mod.__name__.rsplit(".", 1)[1]])
         if self.device.type == "cuda":
             from dwdp_comm.backends.cuda import driver
             driver.load()
@@ -139,21 +141,27 @@ class Probes:
             for obj, name, old in reversed(patches):
                 setattr(obj, name, old)
 
+    @contextlib.contextmanager
+    def paused(self):
+        """Ops inside are not counted and their host time is not timed (emulated GPU work)."""
+        t0, c0 = time.perf_counter(), time.thread_time()
+        c = self.counter
+        if c is not None:
+            c.paused += 1
+        try:
+            yield
+        finally:
+            if c is not None:
+                c.paused -= 1
+            self.stub_cpu_s += time.thread_time() - c0
+            self.stub_s += time.perf_counter() - t0
+
     def _wrap(self, name, real, emulated):
         def run(*a, **kw):
             self.triton[name] += 1
             if not (self.emulate and self.device.type != "cuda"):
                 return real(*a, **kw)
-            t0 = time.perf_counter()
-            c = self.counter
-            if c is not None:
-                c.paused += 1
-            try:
-                return emulated(*a, **kw)
-            finally:
-                if c is not None:
-                    c.paused -= 1
-                self.stub_s += time.perf_counter() - t0
+            return emulated(self, *a, **kw)
         return run
 
 
@@ -188,7 +196,12 @@ def _triton_wrappers():
 
 
 # ---- torch stand-ins of the Triton kernels (CPU emulation of the CUDA path) ------------------------
-def _emu_gated(h, out, *, interleaved=False, limit=None, row_weights=None, bias=None, row_experts=None):
+def _emu_gated(probes, h, out, *, interleaved=False, limit=None, row_weights=None, bias=None, row_experts=None):
+    with probes.paused():
+        return _emu_gated_math(h, out, interleaved, limit, row_weights, bias, row_experts)
+
+
+def _emu_gated_math(h, out, interleaved, limit, row_weights, bias, row_experts):
     rows = h.shape[0] if limit is None else min(int(limit.reshape(-1)[0]), h.shape[0])
     inter = out.shape[1]
     hh = h[:rows].float()
@@ -202,7 +215,12 @@ def _emu_gated(h, out, *, interleaved=False, limit=None, row_weights=None, bias=
     return out
 
 
-def _emu_combine(base, src, out, weights=None, **kw):
+def _emu_combine(probes, base, src, out, weights=None, **kw):
+    with probes.paused():
+        return _emu_combine_math(base, src, out, weights, **kw)
+
+
+def _emu_combine_math(base, src, out, weights=None, **kw):
     stride = kw.get("row_stride") or 1
     flat = base.reshape(-1)
     t, hidden = out.shape
@@ -215,12 +233,31 @@ def _emu_combine(base, src, out, weights=None, **kw):
     return out
 
 
-def _emu_route(*a, **kw):
-    from dwdp_comm.kernels import triton_route
-    return triton_route.route_reference(*a, **kw)
+def _emu_route(probes, x, top_k_index, top_k_weights, num_experts, out_stride=None):
+    """The wrapper's own allocations are counted (as on CUDA), the kernel's work is not."""
+    from dwdp_comm.kernels.triton_route import Route
+    from dwdp_comm.moe import lean
+    t, k = top_k_index.shape
+    got = Route(torch.empty(t * k, x.shape[1], dtype=x.dtype), torch.empty(0, dtype=torch.int32),
+                torch.empty(t, k, dtype=torch.int64), torch.empty(t * k, dtype=top_k_weights.dtype))
+    with probes.paused():
+        ref = lean.route_torch(x, top_k_index, top_k_weights, num_experts)[0]
+    return Route(ref.rows, ref.offsets, ref.src, ref.row_weights) if got else got
+
+
+def _emu_reason_moe(t):
+    return None if t.dtype in (torch.bfloat16, torch.float16, torch.float32) else f"dtype {t.dtype}"
+
+
+def _emu_reason_route(x, num_rows, num_experts, max_rows=None):
+    from dwdp_comm.kernels import triton_route as r
+    ok = num_rows <= (r.MAX_ROWS if max_rows is None else max_rows) and 0 < num_experts <= r.MAX_EXPERTS \
+        and x.stride(-1) == 1
+    return _emu_reason_moe(x) if ok else "size"
 
 
 _EMULATED = {"gated_activation": _emu_gated, "combine": _emu_combine, "route": _emu_route}
+_EMULATED_REASONS = {"triton_moe": _emu_reason_moe, "triton_route": _emu_reason_route}
 
 
 # ---- measuring ----------------------------------------------------------------------------------------
@@ -245,16 +282,19 @@ def measure(fn, probes: Probes, device, calls: int) -> dict:
     res.update(triton=sum(probes.triton.values()), triton_by=dict(probes.triton),
                capture_checks=probes.capture_checks, rt_calls=sum(probes.rt_calls.values()),
                rt_by=dict(probes.rt_calls))
-    times = []
+    times, cpu = [], []
     for _ in range(calls):
         _sync(device)
-        probes.stub_s = 0.0
-        t0 = time.perf_counter()
+        probes.stub_s = probes.stub_cpu_s = 0.0
+        t0, c0 = time.perf_counter(), time.thread_time()
         fn()
-        times.append(time.perf_counter() - t0 - probes.stub_s)
+        c1, t1 = time.thread_time(), time.perf_counter()
+        times.append(t1 - t0 - probes.stub_s)
+        cpu.append(c1 - c0 - probes.stub_cpu_s)
     _sync(device)
     times.sort()
-    res.update(host_us=statistics.median(times) * 1e6, host_us_p10=times[len(times) // 10] * 1e6)
+    res.update(host_us=statistics.median(times) * 1e6, host_us_p10=times[len(times) // 10] * 1e6,
+               cpu_us=statistics.median(cpu) * 1e6)
     return res
 
 
@@ -277,7 +317,7 @@ def part_experts(args, device, probes, rows) -> None:
                 rows.append(r)
                 log(f"experts {family:11s} T={t:5d} {variant:4s} ops={r['ops']:3d} (launch {r['launch']:3d}, "
                     f"view {r['view']:2d}, alloc {r['alloc']:2d}) triton={r['triton']} "
-                    f"capture_checks={r['capture_checks']} host={r['host_us']:8.1f} us (p10 {r['host_us_p10']:.1f})")
+                    f"capture_checks={r['capture_checks']} host={r['host_us']:8.1f} us (p10 {r['host_us_p10']:.1f}, cpu {r['cpu_us']:.1f})")
 
 
 def part_model(args, device, probes, rows) -> None:
@@ -304,7 +344,7 @@ def part_model(args, device, probes, rows) -> None:
                     r.update(part="model", tokens=t, variant=variant, layers=len(dm.sites), **per)
                     rows.append(r)
                     line = (f"model   T={t:5d} {variant:4s} forward: ops={r['ops']:4d} triton={r['triton']:2d} "
-                            f"rt_calls={r['rt_calls']:3d} host={r['host_us']:8.1f} us (p10 {r['host_us_p10']:.1f})")
+                            f"rt_calls={r['rt_calls']:3d} host={r['host_us']:8.1f} us (p10 {r['host_us_p10']:.1f}, cpu {r['cpu_us']:.1f})")
                     if variant == "ours":
                         line += (f" | per layer: experts ops={per['experts_ops']:.0f} {per['experts_us']:.1f} us, "
                                  f"pipeline ops={per['pipeline_ops']:.0f} rt_calls={per['pipeline_rt_calls']:.0f} "
@@ -369,6 +409,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     emulate = device.type != "cuda" and not args.no_emulate
     torch.manual_seed(0)
+    if device.type != "cuda":
+        torch.set_num_threads(1)  # host cost of one thread: thread CPU time is then the call's cost
     info = record.env_info(device)
     log(f"# host_cost {info['date']} device={device} emulate_cuda_path={emulate} torch={info['torch']} "
         f"commit={info['git']['commit'][:12]} dirty={info['git']['dirty']}")

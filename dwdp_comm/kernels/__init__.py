@@ -50,6 +50,7 @@ Modules (this package only re-exports their public names):
 ``reference``              the float64 oracle, ``quantize_rowwise``
 ``numba_grouped``          the Numba CUDA kernel (imported on first use)
 ``triton_moe``             fused Triton activation and row combine
+``triton_route``           fused Triton route-permute of small batches (sort, offsets, gather)
 =========================  ==================================================================
 """
 

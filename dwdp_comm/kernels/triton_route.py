@@ -45,7 +45,7 @@ __all__ = ["Route", "route", "unavailable_reason", "MAX_ROWS", "MAX_EXPERTS", "C
 #: and 128 experts about 0.5M, a few microseconds, under the torch ops' sort alone.
 MAX_ROWS = 4096
 #: Most experts :func:`route` supports (a ``CHUNK x next_pow2(E)`` comparison per program).
-MAX_EXPERTS = 1024
+MAX_EXPERTS = 512
 CHUNK = 32  # copies per chunk (a power of two): a CHUNK x next_pow2(E) int32 tile per step
 BLOCK_H = 128  # hidden columns per gather step
 _IDS = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)

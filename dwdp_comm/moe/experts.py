@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from .. import kernels
 from ..errors import GraphCaptureError, bad_arg, bad_type
 from ..kernels.workers import WorkerStreams
+from . import lean
 from .tokens import combine_rows, gather_tokens, sort_by_expert
 
 __all__ = ["experts_forward", "experts_forward_reference", "GATES", "WEIGHT_LAYOUTS", "SPLIT_PATHS"]
@@ -301,6 +302,14 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
                                          gate_up_bias=gate_up_bias, down_bias=down_bias,
                                          weight_layout=weight_layout, gate=gate, act_fn=act_fn)
     x = hidden_states if hidden_states.dtype == wdt else hidden_states.to(wdt)  # as HF: input cast to the weights'
+    # -- issue 24 hook (smallpath): one tensor per projection takes the lean path (moe/lean.py) --
+    if backend == "auto" and len(p13) == 1 and len(p2) == 1:
+        res = lean.forward(x, top_k_index, top_k_weights, p13[0][1], p2[0][1], gate_up_bias=_whole_bias(gate_up_bias),
+                           down_bias=_whole_bias(down_bias), weight_layout=weight_layout, gate=gate, act_fn=act_fn,
+                           out_dtype=hidden_states.dtype, info=info)
+        if res is not None:
+            return res
+    # -- end of the issue 24 hook --
     order = sort_by_expert(top_k_index, num_experts)
     cuts = sorted({f for f, _ in p13} | {f for f, _ in p2})
     if len(cuts) > 1 and x.is_cuda and torch.cuda.is_current_stream_capturing():
