@@ -80,6 +80,8 @@ class PrefetchHandle:
         self._release_event = None
         self._waited = False
         self._released = False
+        self._complete = False  # fetches every remote expert (set by Prefetcher.prefetch)
+        self._slot_free = False  # nothing to copy and no view reads the slot (set by Prefetcher.prefetch)
 
     # ---- state ---------------------------------------------------------------------------------
     @property
@@ -209,8 +211,8 @@ class PrefetchHandle:
                 f"release() of the prefetch of layer {self.layer} inside a CUDA graph capture, but it was "
                 f"{'issued outside any capture' if self._capture is None else 'recorded in another capture'}; "
                 "release it outside (DwdpPipeline.prepare_capture() releases a pipeline's handles before capturing)")
-        if self._capture is not None and cap is None:
-            self._release_event = None  # abandoned capture: nothing eager to order after
+        if self._slot_free or (self._capture is not None and cap is None):
+            self._release_event = None  # nothing read the slot / abandoned capture: nothing to order after
         else:
             self._release_event = self._pf._backend.record_event(stream=stream)
         self._released = True
@@ -289,6 +291,8 @@ class PrefetchHandle:
             raise DwdpError(f"weights() of layer {self.layer} before wait(): call handle.wait(stream=...) first")
 
     def _check_present(self, experts: Iterable[int] | None) -> None:
+        if experts is None and self._complete:
+            return  # every remote expert fetched (the default): nothing can be absent
         lay = self._pf.store.layout
         if experts is None:
             absent = [e for e in lay.remote_experts if e not in self._fetched_set]
@@ -312,6 +316,22 @@ class PrefetchHandle:
         state = ("released" if self._released else "captured" if self._capture is not None else
                  "done" if self.is_done else "in flight" if self.is_submitted else "waiting for its slot")
         return f"PrefetchHandle(layer={self.layer}, slot={self.slot}, {state})"
+
+
+class _NoCopies:
+    """The ready event of a slot-free handle: nothing was copied, so nothing to wait for."""
+
+    capture = None
+    is_done = True
+
+    def wait(self, *, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_NO_COPIES = _NoCopies()
 
 
 def _capture_of(event: Any) -> int | None:
@@ -386,6 +406,8 @@ class Prefetcher:
         self._backend = store.group.impl
         self._fresh_views = bool(getattr(self._backend, "private_composites", False))
         self._plans = PlanCache()
+        self._remote = tuple(store.layout.remote_experts)
+        self._slot_free: dict[int, bool] = {}  # layer -> every view lies in this rank's heap (nothing to copy)
         self._count = 0
         self.nbytes_prefetched = 0
         self._closed = False
@@ -512,19 +534,31 @@ class Prefetcher:
         self.store.names(layer)  # raises for an unregistered layer
         lay = self.store.layout
         if experts is None:
-            fetched = tuple(lay.remote_experts)
+            fetched = self._remote
         else:
             fetched = tuple(sorted({e for e in _expert_list(experts, lay.num_experts) if not lay.is_local(e)}))
         cap = self.capture_id(stream=stream)
         slot = self._slots[self._count % self.depth]
         if cap is not None:
             self._check_capturable(slot, int(layer), cap)
-        after = [self._backend.record_event(stream=stream)] if stream is not None or cap is not None else []
+        slot_free = self._is_slot_free(int(layer))
+        after = [self._backend.record_event(stream=stream)] if (stream is not None or cap is not None) and \
+            not slot_free else []
         self._count += 1
         handle = PrefetchHandle(self, int(layer), slot, fetched, after, cap)
+        handle._complete, handle._slot_free = fetched == self._remote, slot_free
         slot.queue.append(handle)
         self._pump(slot)
         return handle
+
+    def _is_slot_free(self, layer: int) -> bool:
+        """True when every name of ``layer`` is viewed from this rank's heap alone (all its experts
+        local, composite mode: a group of one): its prefetches copy nothing and never read a slot."""
+        free = self._slot_free.get(layer)
+        if free is None:
+            free = self._slot_free[layer] = all(p.source == "heap" for n in self.store.names(layer)
+                                                for p in self.store.slot_view(layer, n).pieces)
+        return free
 
     def capture_id(self, *, stream: Any = None) -> int | None:
         """The id of the CUDA graph capture ``stream`` (None: the current stream) is part of, or
@@ -584,11 +618,16 @@ class Prefetcher:
         """Drop released handles from the slot's front; submit the new front if it is waiting."""
         while slot.queue and slot.queue[0]._released:
             h = slot.queue.popleft()
-            if h._ready is not None:
+            if h._ready is not None and not h._slot_free:  # a slot-free handle neither wrote nor read it
                 slot.fence = [ev for ev in (h._ready, h._release_event) if ev is not None]
             # A handle released before it was submitted is cancelled: it never writes.
         if slot.queue and slot.queue[0]._ready is None:
             h = slot.queue[0]
+            if h._slot_free:  # no copy job, nothing to wait for; the slot's fence stays as it was
+                if self._fresh_views:
+                    self._drop_views(slot)
+                h._ready = _NO_COPIES
+                return
             fence = slot.fence
             if h._capture is None and any(_capture_of(ev) is not None for ev in fence):
                 # The slot was last used by a captured graph: its events order nothing outside it. Replays
