@@ -141,6 +141,7 @@ def _dwdp_experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, 
 class _SiteRunner:
     def __init__(self, site: ExpertsSite, pipeline: DwdpPipeline):
         self.site, self.pipeline = site, pipeline
+        self.act_fn = getattr(site.module, "act_fn", None)  # looked up once, not per forward
         self.info: dict = {}
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
@@ -148,13 +149,14 @@ class _SiteRunner:
         h = self.pipeline.acquire(s.layer)
         try:
             if s.method == "experts_forward":
-                seg = {n: h.weight_segments(n) for n in s.names}
+                # One [E, ...] tensor per name (a composite view, or the gathered slot): the lean path,
+                # with no pieces to re-join (weight_segments would be the same bytes, cut by owner).
+                w = {n: h.weights(n) for n in s.names}
                 first = s.names[0]
-                out = experts_forward(hidden_states, top_k_index, top_k_weights, seg[first], seg["down_proj"],
-                                      gate_up_bias=seg.get(first + _BIAS_SUFFIX),
-                                      down_bias=seg.get("down_proj" + _BIAS_SUFFIX),
-                                      weight_layout=s.weight_layout, gate=s.gate, act_fn=getattr(s.module, "act_fn", None),
-                                      info=self.info)
+                out = experts_forward(hidden_states, top_k_index, top_k_weights, w[first], w["down_proj"],
+                                      gate_up_bias=w.get(first + _BIAS_SUFFIX),
+                                      down_bias=w.get("down_proj" + _BIAS_SUFFIX),
+                                      weight_layout=s.weight_layout, gate=s.gate, act_fn=self.act_fn, info=self.info)
             else:
                 view = _Prefetched(s.module, {n: h.weights(n) for n in s.names})
                 out = _hf_moe.grouped_mm_experts_forward(view, hidden_states, top_k_index, top_k_weights)
