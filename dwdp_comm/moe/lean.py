@@ -36,7 +36,8 @@ import torch
 from .. import kernels
 from ..kernels import triton_moe, triton_route
 from ..kernels.capabilities import grouped_mm_supported, has_device_kernel, operand_ok
-from ..kernels.moe_mlp import GATES, is_silu
+from ..errors import bad_arg
+from ..kernels.moe_mlp import GATES, apply_gate, is_silu
 from .tokens import TokenOrder, combine_rows, gather_tokens, sort_by_expert
 
 __all__ = ["forward", "route_torch", "route_failures"]
@@ -88,6 +89,52 @@ def _route(x, top_k_index, top_k_weights, num_experts):
     return r, order, "torch"
 
 
+def _bias_ok(b: torch.Tensor | None, e: int, n: int, like: torch.Tensor) -> bool:
+    """None, or an ``[E, N]`` floating-point tensor on ``like``'s device (else the general path reports it)."""
+    return b is None or (isinstance(b, torch.Tensor) and b.is_floating_point() and tuple(b.shape) == (e, n)
+                         and b.device == like.device)
+
+
+def _mlp(r: triton_route.Route, w13k, w2k, b13, b2, gate, act_fn, e: int, inter: int, sub: dict) -> torch.Tensor:
+    """Gate-up GEMM, activation (bias, gate, routing weight), down GEMM over one weight tensor each.
+
+    The math of :func:`dwdp_comm.kernels.moe_mlp` on that case, in the same order: the routing
+    weight folded into the activation when there is no down bias, else applied after it.
+    """
+    rows, dt = r.rows, r.rows.dtype
+    h = torch._grouped_mm(rows, w13k, offs=r.offsets)
+    s = int(h.shape[0])
+    fold = b2 is None
+    row_e = None
+    if b13 is not None or b2 is not None:  # the expert of every sorted row (past the real rows: the last)
+        row_e = torch.searchsorted(r.offsets, torch.arange(s, device=h.device, dtype=torch.int32), right=True)
+        row_e = row_e.clamp_(max=e - 1)
+    if gate in GATES and is_silu(act_fn) and triton_moe.unavailable_reason(h) is None and h.stride(-1) == 1:
+        a = torch.empty(s, inter, dtype=dt, device=h.device)
+        triton_moe.gated_activation(h, a, interleaved=gate == "swiglu_interleaved", limit=r.offsets[e - 1:],
+                                    row_weights=r.row_weights if fold else None,
+                                    bias=None if b13 is None else b13.contiguous(), row_experts=row_e)
+        sub["activation"] = "triton"
+    else:
+        if b13 is not None:
+            h = h + b13[row_e].to(h.dtype)
+        a = apply_gate(h, gate, act_fn)
+        if not isinstance(a, torch.Tensor) or a.dim() != 2 or a.shape[0] != s:
+            raise bad_arg("gate", f"a result of shape {tuple(a.shape) if isinstance(a, torch.Tensor) else a}",
+                          f"[{s}, intermediate] for gate-up rows of shape {tuple(h.shape)}")
+        if fold:
+            w = r.row_weights.unsqueeze(1)
+            a = a * (w.float() if a.dtype == torch.float32 else w.to(a.dtype))
+        if a.dtype != dt:  # a callable gate may promote; the down GEMM takes the rows' dtype
+            a = a.to(dt)
+        sub["activation"] = "torch"
+    y = torch._grouped_mm(a, w2k, offs=r.offsets)
+    if b2 is not None:
+        y.add_(b2[row_e].to(y.dtype))
+        y.mul_(r.row_weights.unsqueeze(1))
+    return y
+
+
 def forward(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, w13: torch.Tensor,
             w2: torch.Tensor, *, gate_up_bias: torch.Tensor | None, down_bias: torch.Tensor | None,
             weight_layout: str, gate: Any, act_fn: Callable | None, out_dtype: torch.dtype,
@@ -131,20 +178,14 @@ def forward(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Ten
     if int(w13k.shape[1]) != hidden or int(w2k.shape[2]) != hidden or int(w2.shape[0]) != e or \
             inter != (n if gate is None else n // 2) or (gate in GATES and n % 2):
         return None  # shapes the general path explains in its error
+    if not (_bias_ok(gate_up_bias, e, n, x) and _bias_ok(down_bias, e, hidden, x)):
+        return None
     r, order, how = _route(x, top_k_index, top_k_weights, e)
     dev, dt = x.device, x.dtype
-    fused = (gate_up_bias is None and down_bias is None and gate in GATES and is_silu(act_fn)
-             and _grouped_ok(dev, dt) and triton_moe.unavailable_reason(x) is None
-             and operand_ok(r.rows) and operand_ok(w13k) and operand_ok(w2k))
     sub: dict = {}
-    if fused:
-        h = torch._grouped_mm(r.rows, w13k, offs=r.offsets)
-        a = torch.empty(h.shape[0], inter, dtype=dt, device=dev)
-        triton_moe.gated_activation(h, a, interleaved=gate == "swiglu_interleaved", limit=r.offsets[e - 1:],
-                                    row_weights=r.row_weights)
-        y = torch._grouped_mm(a, w2k, offs=r.offsets)
-        sub["activation"] = "triton"
-    else:
+    if _grouped_ok(dev, dt) and operand_ok(r.rows) and operand_ok(w13k) and operand_ok(w2k):
+        y = _mlp(r, w13k, w2k, gate_up_bias, down_bias, gate, act_fn, e, inter, sub)
+    else:  # per-expert GEMMs (float32 on CUDA, old GPUs) or strides torch._grouped_mm rejects
         groups = kernels.TokenGroups(r.offsets, offsets=True, validate=dev.type == "cpu")
         y = kernels.moe_mlp(r.rows, groups, w13, w2, w13_bias=gate_up_bias, w2_bias=down_bias,
                             row_weights=r.row_weights, ignore_tail=True, gate=gate, act_fn=act_fn,
