@@ -11,7 +11,8 @@ slower). This script counts, per call, what the host does:
   :mod:`dwdp_comm.kernels.triton_route`, counted at their entry);
 - ``capture_checks``: ``torch.cuda.is_current_stream_capturing()`` calls;
 - ``rt_calls``: cuda.bindings runtime calls (events, stream waits: the copy engine; CUDA only);
-- ``host_us``: host time per call (median of ``--calls``; on CUDA with the device idle at each
+- ``host_us``: host time per call (on CPU, by default, with the grouped GEMMs stubbed by an
+  allocation of their result: their CPU compute is no host cost on CUDA; ``--real-gemm`` keeps it) (median of ``--calls``; on CUDA with the device idle at each
   call's start, so it is the host's own time, not a wait for the GPU); ``cpu_us``: this thread's
   CPU time per call (robust on a loaded machine; on CPU torch runs one thread here, and the tiny
   kernels' own CPU work is included).
@@ -26,8 +27,13 @@ Parts: ``experts`` (per family: ours and HF's ``grouped_mm_experts_forward`` on 
 and routing) and ``model`` (a tiny Qwen3-MoE model converted on a one-rank group: per layer, the
 experts call and the pipeline / prefetch-handle work around it).
 
+On CPU the host times exclude the Triton launches' own host cost (emulated) and, by default, the
+grouped GEMMs' CPU compute: they are a proxy of Python and dispatch overhead; the op counts are exact.
+On CUDA everything is real. The model part runs on ``sim`` on CPU (its host waits on the copy
+thread are sim's own) and on ``cuda_ipc`` on CUDA.
+
 Usage: python3 -m perf.host_cost [--parts experts,model] [--families ...] [--tokens 16,128]
-       [--calls 200] [--no-emulate] [--json FILE]   (default $OUT/host_cost.json when $OUT is set)
+       [--calls 200] [--no-emulate] [--real-gemm] [--json FILE]   (default $OUT/host_cost.json when $OUT is set)
 """
 
 from __future__ import annotations
@@ -266,8 +272,31 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn, probes: Probes, device, calls: int) -> dict:
-    """Counts of one call (after two warm-up calls), then the median host time of ``calls`` calls."""
+@contextlib.contextmanager
+def stubbed_gemms(on: bool):
+    """Grouped GEMMs replaced by an allocation of their result (CPU: their compute is not host cost)."""
+    if not on:
+        yield
+        return
+    import torch.nn.functional as F
+    saved = [(torch, "_grouped_mm", torch._grouped_mm)]
+    if hasattr(F, "grouped_mm"):
+        saved.append((F, "grouped_mm", F.grouped_mm))
+
+    def stub(a, b, offs=None, **kw):
+        return torch.empty(a.shape[0], b.shape[-1], dtype=a.dtype, device=a.device)
+    for mod, name, _ in saved:
+        setattr(mod, name, stub)
+    try:
+        yield
+    finally:
+        for mod, name, real in saved:
+            setattr(mod, name, real)
+
+
+def measure(fn, probes: Probes, device, calls: int, stub_gemm: bool = False, before_timing=None) -> dict:
+    """Counts of one call (after two warm-up calls), then the median host time of ``calls`` calls
+    (with ``stub_gemm``, timed with the grouped GEMMs stubbed; they are counted real)."""
     for _ in range(2):
         fn()
     _sync(device)
@@ -283,6 +312,20 @@ def measure(fn, probes: Probes, device, calls: int) -> dict:
                capture_checks=probes.capture_checks, rt_calls=sum(probes.rt_calls.values()),
                rt_by=dict(probes.rt_calls))
     times, cpu = [], []
+    with stubbed_gemms(stub_gemm):
+        for _ in range(3):
+            fn()
+        if before_timing is not None:
+            before_timing()
+        _timed_calls(fn, probes, device, calls, times, cpu)
+    _sync(device)
+    times.sort()
+    res.update(host_us=statistics.median(times) * 1e6, host_us_p10=times[len(times) // 10] * 1e6,
+               cpu_us=statistics.median(cpu) * 1e6)
+    return res
+
+
+def _timed_calls(fn, probes, device, calls, times, cpu) -> None:
     for _ in range(calls):
         _sync(device)
         probes.stub_s = probes.stub_cpu_s = 0.0
@@ -291,11 +334,6 @@ def measure(fn, probes: Probes, device, calls: int) -> dict:
         c1, t1 = time.thread_time(), time.perf_counter()
         times.append(t1 - t0 - probes.stub_s)
         cpu.append(c1 - c0 - probes.stub_cpu_s)
-    _sync(device)
-    times.sort()
-    res.update(host_us=statistics.median(times) * 1e6, host_us_p10=times[len(times) // 10] * 1e6,
-               cpu_us=statistics.median(cpu) * 1e6)
-    return res
 
 
 def part_experts(args, device, probes, rows) -> None:
@@ -312,7 +350,7 @@ def part_experts(args, device, probes, rows) -> None:
             for variant, fn in (("hf", lambda: hfmoe.grouped_mm_experts_forward(m, x, idx, w)),
                                 ("ours", lambda: ours(x, idx, w))):
                 with torch.no_grad():
-                    r = measure(fn, probes, device, args.calls)
+                    r = measure(fn, probes, device, args.calls, stub_gemm=args.stub_gemm)
                 r.update(part="experts", family=family, tokens=t, variant=variant)
                 rows.append(r)
                 log(f"experts {family:11s} T={t:5d} {variant:4s} ops={r['ops']:3d} (launch {r['launch']:3d}, "
@@ -338,8 +376,8 @@ def part_model(args, device, probes, rows) -> None:
             for t in [int(v) for v in args.model_tokens.split(",")]:
                 ids = torch.randint(0, hf.config.vocab_size, (1, t), device=device)
                 for variant, model in (("hf", hf), ("ours", ours)):
-                    scopes.reset()
-                    r = measure(lambda: model(ids), probes, device, args.calls_model)
+                    r = measure(lambda: model(ids), probes, device, args.calls_model, stub_gemm=args.stub_gemm,
+                                before_timing=scopes.reset)
                     per = scopes.per_layer(len(dm.sites))
                     r.update(part="model", tokens=t, variant=variant, layers=len(dm.sites), **per)
                     rows.append(r)
@@ -404,15 +442,18 @@ def main(argv=None) -> int:
     ap.add_argument("--calls", type=int, default=200)
     ap.add_argument("--calls-model", type=int, default=30)
     ap.add_argument("--no-emulate", action="store_true", help="CPU: measure the plain CPU path (no Triton)")
+    ap.add_argument("--real-gemm", action="store_true", help="CPU: time the grouped GEMMs' CPU compute too")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     emulate = device.type != "cuda" and not args.no_emulate
+    args.stub_gemm = device.type != "cuda" and not args.real_gemm
     torch.manual_seed(0)
     if device.type != "cuda":
         torch.set_num_threads(1)  # host cost of one thread: thread CPU time is then the call's cost
     info = record.env_info(device)
-    log(f"# host_cost {info['date']} device={device} emulate_cuda_path={emulate} torch={info['torch']} "
+    log(f"# host_cost {info['date']} device={device} emulate_cuda_path={emulate} stub_gemm={args.stub_gemm} "
+        f"torch={info['torch']} "
         f"commit={info['git']['commit'][:12]} dirty={info['git']['dirty']}")
     probes = Probes(emulate, device)
     rows: list[dict] = []
