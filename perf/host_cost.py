@@ -11,9 +11,10 @@ slower). This script counts, per call, what the host does:
   :mod:`dwdp_comm.kernels.triton_route`, counted at their entry);
 - ``capture_checks``: ``torch.cuda.is_current_stream_capturing()`` calls;
 - ``rt_calls``: cuda.bindings runtime calls (events, stream waits: the copy engine; CUDA only);
-- ``host_us``: host time per call (on CPU, by default, with the grouped GEMMs stubbed by an
-  allocation of their result: their CPU compute is no host cost on CUDA; ``--real-gemm`` keeps it) (median of ``--calls``; on CUDA with the device idle at each
-  call's start, so it is the host's own time, not a wait for the GPU); ``cpu_us``: this thread's
+- ``host_us``: host time per call, median of ``--calls`` (on CUDA with the device idle at each
+  call's start, so it is the host's own time, not a wait for the GPU; on CPU, by default, with the
+  grouped GEMMs stubbed by an allocation of their result: their CPU compute is no host cost on
+  CUDA, ``--real-gemm`` keeps it); ``cpu_us``: this thread's
   CPU time per call (robust on a loaded machine; on CPU torch runs one thread here, and the tiny
   kernels' own CPU work is included).
 
@@ -51,7 +52,6 @@ import time
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dwdp_comm import moe
 from dwdp_comm.bench import record
 
 FAMILIES = ("qwen3_moe", "olmoe", "mixtral", "deepseek_v3", "gpt_oss")
@@ -119,7 +119,6 @@ class Probes:
 
     @contextlib.contextmanager
     def installed(self):
-        from dwdp_comm.kernels import triton_moe
         patches = []
 
         def patch(obj, name, new):
@@ -257,8 +256,7 @@ def _emu_reason_moe(t):
 
 def _emu_reason_route(x, num_rows, num_experts, max_rows=None):
     from dwdp_comm.kernels import triton_route as r
-    ok = num_rows <= (r.MAX_ROWS if max_rows is None else max_rows) and 0 < num_experts <= r.MAX_EXPERTS \
-        and x.stride(-1) == 1
+    ok = (r.fits(num_rows, num_experts) if max_rows is None else num_rows <= max_rows) and x.stride(-1) == 1
     return _emu_reason_moe(x) if ok else "size"
 
 
@@ -355,7 +353,8 @@ def part_experts(args, device, probes, rows) -> None:
                 rows.append(r)
                 log(f"experts {family:11s} T={t:5d} {variant:4s} ops={r['ops']:3d} (launch {r['launch']:3d}, "
                     f"view {r['view']:2d}, alloc {r['alloc']:2d}) triton={r['triton']} "
-                    f"capture_checks={r['capture_checks']} host={r['host_us']:8.1f} us (p10 {r['host_us_p10']:.1f}, cpu {r['cpu_us']:.1f})")
+                    f"capture_checks={r['capture_checks']} host={r['host_us']:8.1f} us "
+                    f"(p10 {r['host_us_p10']:.1f}, cpu {r['cpu_us']:.1f})")
 
 
 def part_model(args, device, probes, rows) -> None:
@@ -382,7 +381,8 @@ def part_model(args, device, probes, rows) -> None:
                     r.update(part="model", tokens=t, variant=variant, layers=len(dm.sites), **per)
                     rows.append(r)
                     line = (f"model   T={t:5d} {variant:4s} forward: ops={r['ops']:4d} triton={r['triton']:2d} "
-                            f"rt_calls={r['rt_calls']:3d} host={r['host_us']:8.1f} us (p10 {r['host_us_p10']:.1f}, cpu {r['cpu_us']:.1f})")
+                            f"rt_calls={r['rt_calls']:3d} host={r['host_us']:8.1f} us "
+                            f"(p10 {r['host_us_p10']:.1f}, cpu {r['cpu_us']:.1f})")
                     if variant == "ours":
                         line += (f" | per layer: experts ops={per['experts_ops']:.0f} {per['experts_us']:.1f} us, "
                                  f"pipeline ops={per['pipeline_ops']:.0f} rt_calls={per['pipeline_rt_calls']:.0f} "

@@ -16,11 +16,12 @@ one kernel:
 The order is the stable one of :func:`~dwdp_comm.moe.tokens.sort_by_expert` (the reference the
 tests compare with): copies of one expert keep their flattened ``(token, slot)`` order. How: the
 copies are cut into chunks of ``CHUNK``; program ``(p, q)`` counts the experts of every chunk
-(a ``CHUNK x E`` comparison summed per expert), which gives each expert's first row and how many of its copies precede chunk
-``p``; the rank of a copy inside its chunk is a ``CHUNK x CHUNK`` comparison. Every program of
-column ``q`` repeats that count (cheap for the sizes this runs at) and copies its share of the
-hidden columns of chunk ``p``'s rows, so the gather is spread over the whole GPU. Work per
-program grows with ``S``: above :data:`MAX_ROWS` copies the torch ops are the cheaper path.
+(a ``CHUNK x E`` comparison summed per expert), which gives each expert's first row and how many
+of its copies precede chunk ``p``; the rank of a copy inside its chunk is a ``CHUNK x CHUNK``
+comparison. Every program of column ``q`` repeats that count (cheap for the sizes this runs at)
+and copies its share of the hidden columns of chunk ``p``'s rows, so the gather is spread over
+the whole GPU. Work per program grows with ``S x E``: past :data:`MAX_WORK` the torch ops are the
+cheaper path (:func:`fits`).
 
 Rows of sentinel copies (ids outside ``[0, num_experts)``) are not written: they sort past
 ``offsets[-1]``, where no grouped GEMM, activation or combine reads.
@@ -38,12 +39,17 @@ import torch
 
 from . import triton_moe
 
-__all__ = ["Route", "route", "unavailable_reason", "MAX_ROWS", "MAX_EXPERTS", "CHUNK"]
+__all__ = ["Route", "route", "fits", "unavailable_reason", "MAX_WORK", "MAX_ROWS", "MAX_EXPERTS", "CHUNK"]
 
-#: Largest ``S = num_tokens * top_k`` :func:`route` takes by default (callers fall back above it).
-#: Each program counts all ``S`` copies against every expert (``S x E`` comparisons): at 4K copies
-#: and 128 experts about 0.5M, a few microseconds, under the torch ops' sort alone.
-MAX_ROWS = 4096
+#: Most comparisons a program may make counting the copies: ``S * E_pad`` (``E_pad``: the expert
+#: count rounded up to a power of two, at least 32). Every program counts all ``S`` copies against
+#: every expert, so the kernel's time grows with ``S * E``: 2**19 is 4K copies of 128 experts
+#: (Qwen3-MoE at 512 tokens), 2K of 256 (DeepSeek-V3 at 256 tokens), 16K of 8 (Mixtral at 8K tokens),
+#: each a few microseconds, under the torch ops' sort alone. Above it :func:`fits` says no and callers
+#: run the torch ops. Read at call time: benchmarks may change it (``perf/bench_route.py`` measures).
+MAX_WORK = 2**19
+#: Most copies :func:`route` takes whatever the expert count.
+MAX_ROWS = 2**14
 #: Most experts :func:`route` supports (a ``CHUNK x next_pow2(E)`` comparison per program).
 MAX_EXPERTS = 512
 CHUNK = 32  # copies per chunk (a power of two): a CHUNK x next_pow2(E) int32 tile per step
@@ -128,18 +134,29 @@ def _kernel():
     return triton, _route_kernel
 
 
+def _e_pad(num_experts: int) -> int:
+    return max(32, 1 << max(0, int(num_experts) - 1).bit_length())
+
+
+def fits(num_rows: int, num_experts: int) -> bool:
+    """True when ``num_rows`` copies over ``num_experts`` are within :data:`MAX_ROWS`,
+    :data:`MAX_EXPERTS` and :data:`MAX_WORK` (the sizes where the kernel is the cheaper route)."""
+    return 0 < num_experts <= MAX_EXPERTS and num_rows <= MAX_ROWS and num_rows * _e_pad(num_experts) <= MAX_WORK
+
+
 def unavailable_reason(x: torch.Tensor, num_rows: int, num_experts: int, max_rows: int | None = None) -> str | None:
     """None when :func:`route` runs for ``x`` with ``num_rows`` copies over ``num_experts``, else why not.
 
-    ``max_rows`` defaults to :data:`MAX_ROWS` (read at call time, so benchmarks may change it).
+    Sizes: :func:`fits`; ``max_rows`` (tests, benchmarks) replaces that rule by ``num_rows <= max_rows``.
     """
     why = triton_moe.unavailable_reason(x)
     if why is not None:
         return why
-    if num_rows > (MAX_ROWS if max_rows is None else max_rows):
-        return f"{num_rows} token copies (the fused route takes at most {MAX_ROWS}; the torch ops are cheaper above)"
     if not 0 < num_experts <= MAX_EXPERTS:
         return f"{num_experts} experts (the fused route takes 1 .. {MAX_EXPERTS})"
+    if not (fits(num_rows, num_experts) if max_rows is None else num_rows <= max_rows):
+        return (f"{num_rows} token copies over {num_experts} experts (past MAX_WORK / MAX_ROWS: the torch ops are "
+                "the cheaper route there)")
     if x.stride(-1) != 1:
         return f"x strides {x.stride()} (the fused route needs the hidden dim contiguous)"
     got = _kernel()
@@ -198,7 +215,7 @@ def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tenso
     split = max(1, min(triton.cdiv(hidden, BLOCK_H), triton.cdiv(2 * _num_sms(dev.index), chunks)))
     cols_per = triton.cdiv(triton.cdiv(hidden, split), BLOCK_H) * BLOCK_H
     split = triton.cdiv(hidden, cols_per)
-    e_pad = max(32, triton.next_power_of_2(num_experts))
+    e_pad = _e_pad(num_experts)
     kern[(chunks, split)](ids, w, x, rows, offsets, src, row_w, s, num_experts, k, hidden, x.stride(0),
                           hidden if out_stride is None else out_stride, cols_per, chunks,
                           CHUNK=CHUNK, E_PAD=e_pad, BLOCK_H=BLOCK_H, num_warps=4)

@@ -11,8 +11,8 @@ view), after :func:`~dwdp_comm.moe.experts_forward` validated the arguments once
 step                            ops (CUDA, bf16 on sm90+, SwiGLU with SiLU, no biases)
 ==============================  ==========================================================
 route (sort by expert, gather)  one Triton kernel (:mod:`dwdp_comm.kernels.triton_route`)
-                                up to :data:`~dwdp_comm.kernels.triton_route.MAX_ROWS`
-                                copies; above, the torch ops of
+                                where it is the cheaper route
+                                (:func:`~dwdp_comm.kernels.triton_route.fits`); above, the ops of
                                 :func:`~dwdp_comm.moe.tokens.sort_by_expert` (cheaper there)
 gate-up GEMM                    one ``torch._grouped_mm`` on the weights as stored
 activation                      one Triton pass (gate, routing weight folded in)
