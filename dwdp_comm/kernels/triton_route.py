@@ -96,16 +96,20 @@ def _kernel():
         q = tl.program_id(1)
         lanes = tl.arange(0, CHUNK)
         bins = tl.arange(0, E_PAD)
-        total = tl.zeros([E_PAD], dtype=tl.int32)
-        before = tl.zeros([E_PAD], dtype=tl.int32)
-        for c in range(0, num_chunks):
+        # Per (lane, expert) counts, summed over chunks without a reduction per step (elementwise
+        # adds only), reduced once over the lanes: before this program's chunk, then in all. Ids
+        # outside [0, E) match no bin below E (those past E land in padding bins, after every
+        # real expert in the prefix sum), so they need no mask here.
+        acc = tl.zeros([CHUNK, E_PAD], dtype=tl.int32)
+        for c in range(0, p):
+            e = tl.load(ids_ptr + c * CHUNK + lanes)  # chunks before p are full
+            acc += (e[:, None] == bins[None, :]).to(tl.int32)
+        before = tl.sum(acc, axis=0)
+        for c in range(p, num_chunks):
             i = c * CHUNK + lanes
-            m = i < S
-            e = tl.load(ids_ptr + i, mask=m, other=-1)
-            e32 = tl.where(m & (e >= 0) & (e < E), e, E_PAD).to(tl.int32)  # invalid: no bin
-            h = tl.sum((e32[:, None] == bins[None, :]).to(tl.int32), axis=0)
-            total += h
-            before += tl.where(c < p, h, 0)
+            e = tl.load(ids_ptr + i, mask=i < S, other=-1)
+            acc += (e[:, None] == bins[None, :]).to(tl.int32)
+        total = tl.sum(acc, axis=0)
         ends = tl.cumsum(total, 0)
         if (p == 0) & (q == 0):
             tl.store(offs_ptr + bins, ends, mask=bins < E)
