@@ -54,7 +54,6 @@ MAX_ROWS = 2**14
 MAX_EXPERTS = 512
 CHUNK = 32  # copies per chunk (a power of two): a CHUNK x next_pow2(E) int32 tile per step
 BLOCK_H = 128  # hidden columns per gather step
-_IDS = (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8)
 
 
 class Route(NamedTuple):
@@ -183,7 +182,7 @@ def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tenso
     x : torch.Tensor
         ``[T, H]`` token rows (bf16, fp16 or float32; hidden dim contiguous, any row stride).
     top_k_index : torch.Tensor
-        ``[T, k]`` integer expert ids; ids outside ``[0, num_experts)`` are sentinels.
+        ``[T, k]`` int64 or int32 expert ids; ids outside ``[0, num_experts)`` are sentinels.
     top_k_weights : torch.Tensor
         ``[T, k]`` routing weights (any float dtype).
     num_experts : int

@@ -45,6 +45,7 @@ __all__ = ["forward", "route_torch", "route_failures"]
 log = logging.getLogger("dwdp_comm")
 
 _INT_IDS = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_WIDE_IDS = (torch.int64, torch.int32)  # what the fused route reads (its -1 fill is no valid id there)
 _GROUPED: dict = {}  # (device, dtype) -> torch._grouped_mm has its own kernel there
 #: device -> why the fused route kernel failed to build there (the torch ops run there from then on).
 route_failures: dict = {}
@@ -76,7 +77,8 @@ def _route(x, top_k_index, top_k_weights, num_experts):
     """``(Route, TokenOrder or None, how)``: the fused kernel where it runs, else the torch ops."""
     s = int(top_k_index.shape[0]) * int(top_k_index.shape[1])
     dev = x.device
-    if dev not in route_failures and triton_route.unavailable_reason(x, s, num_experts) is None:
+    if dev not in route_failures and top_k_index.dtype in _WIDE_IDS and \
+            triton_route.unavailable_reason(x, s, num_experts) is None:
         try:
             return triton_route.route(x, top_k_index, top_k_weights, num_experts), None, "triton"
         except Exception as exc:  # a Triton build failure on first use: run the torch ops from now on
