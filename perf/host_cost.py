@@ -357,17 +357,37 @@ def part_experts(args, device, probes, rows) -> None:
                     f"(p10 {r['host_us_p10']:.1f}, cpu {r['cpu_us']:.1f})")
 
 
+def small_qwen3(layers: int, device):
+    """A small Qwen3-MoE model whose expert blocks are whole 2 MiB pages (32 experts of 128 KiB / 64 KiB):
+    on one rank every name is served in composite mode on VMM pages, as the real-size model is."""
+    import transformers
+    cfg = transformers.Qwen3MoeConfig(hidden_size=256, moe_intermediate_size=128, num_experts=32, num_experts_per_tok=8,
+                                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                                      head_dim=64, intermediate_size=512, vocab_size=1024, max_position_embeddings=1024,
+                                      decoder_sparse_step=1, mlp_only_layers=[])
+    cfg._experts_implementation = "grouped_mm"
+    cfg._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    model = model.to_empty(device=device).to(torch.bfloat16).eval()
+    with torch.no_grad():
+        for prm in model.parameters():
+            prm.normal_(0, 0.02)
+    return model
+
+
 def part_model(args, device, probes, rows) -> None:
     from dwdp_comm.bench.split_weights import single_rank_group
     from dwdp_comm.integrations import transformers as hfint
-    from perf.bench_sizes import qwen3_model
-    hf = qwen3_model(args.layers, device, smoke=True)
+    hf = small_qwen3(args.layers, device)
     ours = copy.deepcopy(hf)
     backend = "cuda_ipc" if device.type == "cuda" else "sim"
     with single_rank_group(backend) as group, torch.no_grad(), hfint.convert(ours, group, depth=2) as dm:
         scopes = _ScopeTimers(probes)
         real_forward = hfint.experts_forward
         hfint.experts_forward = scopes.wrap("experts", real_forward)
+        modes = sorted({dm.store.slot_mode(s.layer, n) for s in dm.sites for n in s.names})
+        log(f"model: {len(dm.sites)} experts layers on {backend}, one rank; slot modes {modes}")
         runners = [(s.module, s.module.dwdp_run) for s in dm.sites]
         for mod, run in runners:
             mod.dwdp_run = scopes.wrap("layer", run)
@@ -378,7 +398,7 @@ def part_model(args, device, probes, rows) -> None:
                     r = measure(lambda: model(ids), probes, device, args.calls_model, stub_gemm=args.stub_gemm,
                                 before_timing=scopes.reset)
                     per = scopes.per_layer(len(dm.sites))
-                    r.update(part="model", tokens=t, variant=variant, layers=len(dm.sites), **per)
+                    r.update(part="model", tokens=t, variant=variant, layers=len(dm.sites), slot_modes=modes, **per)
                     rows.append(r)
                     line = (f"model   T={t:5d} {variant:4s} forward: ops={r['ops']:4d} triton={r['triton']:2d} "
                             f"rt_calls={r['rt_calls']:3d} host={r['host_us']:8.1f} us "
