@@ -87,7 +87,7 @@ def _kernel():
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable: {type(exc).__name__}: {exc}"
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["S", "num_chunks"])  # batch sizes vary: no recompile per size class
     def _route_kernel(ids_ptr, w_ptr, x_ptr, rows_ptr, offs_ptr, src_ptr, rw_ptr,
                       S, E, K, H, x_stride, out_stride, cols_per, num_chunks,
                       CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
