@@ -172,6 +172,7 @@ def _dwdp_experts_forward(module: torch.nn.Module, hidden_states: torch.Tensor, 
 class _SiteRunner:
     def __init__(self, site: ExpertsSite, pipeline: DwdpPipeline):
         self.site, self.pipeline = site, pipeline
+        self.act_fn = getattr(site.module, "act_fn", None)  # looked up once, not per forward
         self.info: dict = {}
 
     def __call__(self, hidden_states, top_k_index, top_k_weights):
@@ -179,19 +180,21 @@ class _SiteRunner:
         h = self.pipeline.acquire(s.layer, expert_ids=top_k_index)
         try:
             if s.method == "experts_forward":
-                seg = {n: h.weight_segments(n) for n in s.names}
+                # One [E, ...] tensor per name (a composite view, or the gathered slot): the lean path,
+                # with no pieces to re-join (weight_segments would be the same bytes, cut by owner).
+                w = {n: h.weights(n) for n in s.names}
                 first = s.names[0]
                 quant = {}
-                if s.weight_format != "bf16":  # scales travel in the same handle, split as the store serves them
-                    quant = dict(gate_up_scale=seg[s.scales[first]], down_scale=seg[s.scales["down_proj"]],
+                if s.weight_format != "bf16":  # scales travel in the same handle, served like their weights
+                    quant = dict(gate_up_scale=w[s.scales[first]], down_scale=w[s.scales["down_proj"]],
                                  weight_format=s.weight_format)
                     if s.block_size is not None:
                         quant["block_size"] = s.block_size
-                out = experts_forward(hidden_states, top_k_index, top_k_weights, seg[first], seg["down_proj"],
-                                      gate_up_bias=seg.get(first + _BIAS_SUFFIX),
-                                      down_bias=seg.get("down_proj" + _BIAS_SUFFIX),
-                                      weight_layout=s.weight_layout, gate=s.gate, act_fn=getattr(s.module, "act_fn", None),
-                                      info=self.info, **quant)
+                out = experts_forward(hidden_states, top_k_index, top_k_weights, w[first], w["down_proj"],
+                                      gate_up_bias=w.get(first + _BIAS_SUFFIX),
+                                      down_bias=w.get("down_proj" + _BIAS_SUFFIX),
+                                      weight_layout=s.weight_layout, gate=s.gate, act_fn=self.act_fn, info=self.info,
+                                      **quant)
             else:
                 view = _Prefetched(s.module, {n: h.weights(n) for n in s.names})
                 out = _hf_moe.grouped_mm_experts_forward(view, hidden_states, top_k_index, top_k_weights)

@@ -56,6 +56,7 @@ Modules (this package only re-exports their public names):
 ``quant``                  quantized weight formats (``WEIGHT_FORMATS``), checks, ``dequantize``
 ``quant_gemm``             the ``fp8_block`` / ``mxfp4`` GEMM: path rule, Triton or dequantize
 ``triton_quant``           the Triton block-FP8 / MXFP4 grouped GEMMs (imported on first use)
+``triton_route``           fused Triton route-permute of small batches (sort, offsets, gather)
 =========================  ==================================================================
 """
 

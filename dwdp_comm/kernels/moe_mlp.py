@@ -21,7 +21,7 @@ from .quant import DEFAULT_BLOCK_SIZE
 from .token_groups import TokenGroups
 from .torch_path import DIRECT_MIN_ROWS
 
-__all__ = ["moe_mlp", "swiglu", "is_silu", "GATES", "WEIGHT_LAYOUTS"]
+__all__ = ["moe_mlp", "swiglu", "is_silu", "apply_gate", "GATES", "WEIGHT_LAYOUTS"]
 
 
 def swiglu(h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -110,6 +110,12 @@ def _gate_torch(h: torch.Tensor, gate: Any, act_fn: Any) -> torch.Tensor:
     if gate == "swiglu":
         return act(h[:, :i]) * h[:, i:]
     return act(h[:, 0::2]) * h[:, 1::2]
+
+
+def apply_gate(h: torch.Tensor, gate: Any, act_fn: Any) -> torch.Tensor:
+    """The gate of :func:`moe_mlp` in torch ops, on gate-up rows ``h`` ``[R, N]`` -> ``[R, I]`` (no bias,
+    no row weights): the SwiGLU forms with SiLU in float32 rounded to h's dtype, anything else in h's dtype."""
+    return _gate_torch(h, gate, act_fn)
 
 
 class _Activation:

@@ -51,6 +51,7 @@ from .. import kernels
 from ..errors import GraphCaptureError, bad_arg
 from ..kernels import quant, quant_gemm
 from ..kernels.workers import WorkerStreams
+from . import lean
 from .experts_reference import GATES, WEIGHT_LAYOUTS, experts_forward_reference
 from .projections import Projection, bias_table
 from .tokens import TokenOrder, combine_rows, gather_tokens, sort_by_expert
@@ -288,6 +289,17 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
                                          weight_layout=weight_layout, gate=gate, act_fn=act_fn)
     xdt = p13.dtype if p13.fmt == "bf16" else torch.bfloat16  # as HF: the input cast to the GEMMs' dtype
     x = hidden_states if hidden_states.dtype == xdt else hidden_states.to(xdt)
+    if backend == "auto" and p13.fmt == "bf16" and len(p13.pieces) == 1 and len(p2.pieces) == 1:
+        # one bf16 tensor per projection: the lean path (moe/lean.py: fused route, inline MLP, fewest host
+        # steps); None where it does not apply (then the general path below runs)
+        res = lean.forward(x, top_k_index, top_k_weights, p13.pieces[0][1], p2.pieces[0][1],
+                           gate_up_bias=bias_table(gate_up_bias, "gate_up_bias"),
+                           down_bias=bias_table(down_bias, "down_bias"), weight_layout=weight_layout, gate=gate,
+                           act_fn=act_fn, out_dtype=hidden_states.dtype, info=info)
+        if res is not None:
+            if info is not None:
+                info.update(notes)
+            return res
     order = sort_by_expert(top_k_index, num_experts)
     cuts = sorted(p13.cuts | p2.cuts)
     separate = len(cuts) > 1 and not native_split

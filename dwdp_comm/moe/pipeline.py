@@ -193,6 +193,8 @@ class DwdpPipeline:
             self._routing.add(layer, expert_ids)
         if self._capture is not None:
             h.wait()  # recorded once, replayed without the host: nothing to time or count
+        elif self._gpu and h.is_done:
+            h.wait()  # copies complete (or none, a slot-free handle): no stall to time, no timing events
         elif self._gpu:
             before, after = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             before.record()
