@@ -32,319 +32,26 @@ makes the prefetcher ready for a capture; what a replay assumes is in ``docs/des
 
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Iterable
-
-import numpy as np
-import torch
 
 import logging
 
-from .errors import ClosedError, DwdpError, GraphCaptureError, SlotStillHeldError, bad_arg, bad_type
+from .errors import ClosedError, DwdpError, GraphCaptureError, bad_arg, bad_type
 from .checks import check_int
 from .comm import describe
 from .planner import PlanCache, make_plan, policies
+from .prefetch_handle import PrefetchHandle, PrefetchHooks, PrefetchJob, Slot, expert_list
 from .store import WeightStore
 from .telemetry import PrefetchRecorder, Telemetry, empty_telemetry, recording
 
 log = logging.getLogger("dwdp_comm")
 
-__all__ = ["Prefetcher", "PrefetchHandle"]
-
-
-class _Slot:
-    def __init__(self, index: int, buffer):
-        self.index = index
-        self.buffer = buffer
-        self.queue: deque[PrefetchHandle] = deque()  # front = the handle whose data is (being) in the slot
-        self.fence: list = []  # events the next writer waits for: last copy done, last release
-        self.views: dict[tuple[int, str], tuple[torch.Tensor, list]] = {}
-        self.composites: list = []
-
-
-class PrefetchHandle:
-    """One prefetch of one layer into one slot. Made by :meth:`Prefetcher.prefetch`.
-
-    Attributes
-    ----------
-    layer : int
-    slot : int
-        Index of the ring slot it occupies.
-    """
-
-    def __init__(self, pf: "Prefetcher", layer: int, slot: _Slot, fetched: tuple[int, ...], after: list,
-                 capture: int | None = None):
-        self._pf, self.layer, self._slot, self.slot = pf, layer, slot, slot.index
-        self._fetched = fetched
-        self._after = after
-        self._capture = capture
-        self._ready = None  # completion event, set when the copy job is submitted
-        self._release_event = None
-        self._waited = False
-        self._released = False
-        self._rec = None  # its telemetry record (PrefetchRecorder) while the prefetcher records
-
-    # ---- state ---------------------------------------------------------------------------------
-    @property
-    def is_submitted(self) -> bool:
-        """True once its copies were handed to the copy engine (False while the slot is held)."""
-        return self._ready is not None
-
-    @property
-    def is_done(self) -> bool:
-        """True once every copy of this prefetch completed. Never blocks. Refused (GraphCaptureError)
-        for a captured handle, whose copies run only when the graph replays."""
-        if self._capture is not None:
-            raise GraphCaptureError(f"is_done of the prefetch of layer {self.layer}: it was recorded in a CUDA "
-                                    "graph capture and runs only when the graph replays")
-        return self._ready is not None and self._ready.is_done
-
-    @property
-    def capture(self) -> int | None:
-        """The id of the CUDA graph capture this prefetch was recorded in (None: eager)."""
-        return self._capture
-
-    @property
-    def released(self) -> bool:
-        """True after :meth:`release`."""
-        return self._released
-
-    @property
-    def present_experts(self) -> tuple[int, ...]:
-        """Global experts whose weights this handle holds: the local ones and the fetched ones."""
-        lay = self._pf.store.layout
-        return tuple(sorted(set(lay.local_experts) | set(self._fetched)))
-
-    def is_present(self, expert: int) -> bool:
-        """True when ``expert``'s weights are local or were fetched by this handle."""
-        lay = self._pf.store.layout
-        return lay.is_local(expert) or expert in self._fetched_set
-
-    @property
-    def _fetched_set(self) -> frozenset:
-        s = getattr(self, "_fs", None)
-        if s is None:
-            s = self._fs = frozenset(self._fetched)
-        return s
-
-    # ---- synchronisation -----------------------------------------------------------------------
-    def wait(self, *, stream: Any = None) -> None:
-        """Make ``stream`` wait until the prefetched bytes are in the slot.
-
-        On GPU backends the stream waits (the host does not block); on ``sim`` the host blocks
-        until the copy thread finished this prefetch. Call it before :meth:`weights`.
-
-        Parameters
-        ----------
-        stream : optional
-            The consumer stream (a ``torch.cuda.Stream``, a CuPy stream or a raw handle; None:
-            the current stream). Any value is accepted and ignored on ``sim`` (the host is the only stream).
-
-        Raises
-        ------
-        SlotStillHeldError
-            The slot's previous handle (named in the message) was not released, so this prefetch
-            has not started and never would.
-        DwdpError
-            The copy engine failed (the cause is chained), or the handle was released.
-        GraphCaptureError
-            ``stream`` is capturing a CUDA graph and this prefetch was not issued inside that
-            capture (its copies would not be in the graph), or this prefetch was recorded in a
-            capture and ``stream`` is not part of it.
-        """
-        self._check_usable("wait")
-        self._check_same_capture(stream, "wait")
-        if self._ready is None:
-            holder = self._slot.queue[0]
-            raise SlotStillHeldError(
-                f"prefetch of layer {self.layer} cannot start: slot {self.slot} is still held by the handle of "
-                f"layer {holder.layer}; release() that handle first (or use a larger depth)")
-        if self._rec is None:
-            self._ready.wait(stream=stream)
-        else:  # time points on the consumer stream around the wait: the exposed wait
-            tel = self._pf._tel
-            before = tel.mark(stream)
-            self._ready.wait(stream=stream)
-            tel.waited(self._rec, before, tel.mark(stream))
-        self._waited = True
-
-    def synchronize(self) -> None:
-        """Block the host until the copies completed (for tests and benchmarks).
-
-        Unlike :meth:`wait` it does not make :meth:`weights` readable; it raises
-        :class:`~dwdp_comm.errors.SlotStillHeldError` as :meth:`wait` does.
-        """
-        self._check_usable("synchronize")
-        if self._capture is not None:
-            raise GraphCaptureError(f"synchronize() of the prefetch of layer {self.layer}: it was recorded in a CUDA "
-                                    "graph capture; synchronize the stream the graph replays on instead")
-        if self._ready is None:
-            self.wait()  # raises SlotStillHeldError
-        self._ready.synchronize()
-
-    def release(self, *, stream: Any = None) -> None:
-        """Declare the slot free once the work enqueued so far on ``stream`` completes.
-
-        Call it after the kernels that read :meth:`weights` were enqueued on ``stream``. The next
-        prefetch into this slot is submitted now and its copies wait for that point. Never blocks
-        the host. The weights tensors must not be read after it.
-
-        Parameters
-        ----------
-        stream : optional
-            The stream whose enqueued work read the weights (None: the current stream). Must be
-            None on ``sim``, where the host is the only stream and the release is immediate.
-
-        Raises
-        ------
-        DwdpError
-            The handle was already released.
-        ClosedError
-            The prefetcher was closed.
-        GraphCaptureError
-            ``stream`` is capturing a CUDA graph and this prefetch was issued outside it.
-
-        Notes
-        -----
-        A captured handle released outside its capture (a capture that raised half-way) records
-        nothing: the slot's next eager prefetch is ordered after the current stream instead.
-        """
-        self._pf._check_open()
-        if self._released:
-            raise DwdpError(f"handle of layer {self.layer} released twice")
-        cap = self._pf.capture_id(stream=stream)
-        if cap is not None and cap != self._capture:
-            raise GraphCaptureError(
-                f"release() of the prefetch of layer {self.layer} inside a CUDA graph capture, but it was "
-                f"{'issued outside any capture' if self._capture is None else 'recorded in another capture'}; "
-                "release it outside (DwdpPipeline.prepare_capture() releases a pipeline's handles before capturing)")
-        if self._capture is not None and cap is None:
-            self._release_event = None  # abandoned capture: nothing eager to order after
-        else:
-            self._release_event = self._pf._backend.record_event(stream=stream)
-        self._released = True
-        if self._rec is not None:
-            self._pf._tel.released(self._rec, stream)
-        self._pf._pump(self._slot)
-
-    # ---- data ----------------------------------------------------------------------------------
-    def weights(self, name: str, experts: Iterable[int] | None = None) -> torch.Tensor:
-        """``[num_experts, *expert_shape]`` tensor of ``name`` in global expert order, zero copy.
-
-        Parameters
-        ----------
-        name : str
-            A name registered for this layer.
-        experts : iterable of int, optional
-            The experts the caller will read. Default: all of them. Each must be present
-            (local or fetched); asking for an absent one is an error. Rows of absent experts
-            hold unspecified bytes.
-
-        Returns
-        -------
-        torch.Tensor
-            On the group's device, dtype as registered. Read-only by contract (see the module
-            docstring). Its bytes are meaningful until :meth:`release`; the memory stays valid
-            while the tensor is referenced (reading it later never crashes, even past ``close()``).
-
-        Raises
-        ------
-        InvalidArgumentError
-            ``name`` is not registered for this layer, or an asked-for expert is absent
-            (the handle was made with ``experts=`` that left it out).
-        DwdpError
-            Called before :meth:`wait` or after :meth:`release`.
-        """
-        self._check_readable()
-        self._check_present(experts)
-        return self._pf._view(self._slot, self.layer, name)[0]
-
-    def weight_segments(self, name: str) -> list[tuple[int, torch.Tensor]]:
-        """The same weights as contiguous per-owner pieces: ``[(first_expert, tensor), ...]``.
-
-        The pieces cover experts ``0 .. num_experts-1`` in order; each is ``[count, *expert_shape]``
-        of the registered dtype on the group's device (local shard and slot pieces, zero copy).
-        This is the split-weight form a grouped GEMM can consume without a merged tensor. Needs
-        :meth:`wait` first and every expert present; valid until :meth:`release`. In composite mode
-        the pieces are slices of the composite view (read-only by contract, as :meth:`weights`).
-        """
-        self._check_readable()
-        self._check_present(None)
-        return list(self._pf._view(self._slot, self.layer, name)[1])
-
-    # ---- helpers -------------------------------------------------------------------------------
-    def _check_same_capture(self, stream: Any, what: str) -> None:
-        cap = self._pf.capture_id(stream=stream)
-        if cap == self._capture:
-            return
-        if self._capture is None:
-            raise GraphCaptureError(
-                f"{what}() inside a CUDA graph capture on the prefetch of layer {self.layer}, which was issued "
-                "before the capture: its copies are not in the graph, so a replay would read whatever the slot "
-                "holds. Issue the prefetch inside the capture (DwdpPipeline.begin() does, after prepare_capture())")
-        if cap is None:
-            raise GraphCaptureError(
-                f"{what}() outside a CUDA graph capture on the prefetch of layer {self.layer}, which was recorded "
-                "in a capture: its copies run only when the graph replays; wait on it inside the capture")
-        raise GraphCaptureError(f"{what}() on the prefetch of layer {self.layer} inside CUDA graph capture {cap}, "
-                                f"but it was recorded in capture {self._capture}")
-
-    def _check_usable(self, what: str) -> None:
-        self._pf._check_open()
-        if self._released:
-            raise DwdpError(f"{what}() on the handle of layer {self.layer} after release()")
-
-    def _check_readable(self) -> None:
-        self._check_usable("weights")
-        if not self._waited:
-            raise DwdpError(f"weights() of layer {self.layer} before wait(): call handle.wait(stream=...) first")
-
-    def _check_present(self, experts: Iterable[int] | None) -> None:
-        lay = self._pf.store.layout
-        if experts is None:
-            absent = [e for e in lay.remote_experts if e not in self._fetched_set]
-        else:
-            wanted = _expert_list(experts, lay.num_experts)
-            absent = sorted({e for e in wanted if not lay.is_local(e) and e not in self._fetched_set})
-        if absent:
-            shown = absent[:16] + (["..."] if len(absent) > 16 else [])
-            raise bad_arg("experts", f"absent experts {shown}" if experts is not None else "all experts (default)",
-                          "experts this handle fetched",
-                          f"layer {self.layer} was prefetched with experts=...; pass experts= with the ones you read")
-
-    def __enter__(self) -> "PrefetchHandle":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if not self._released and not self._pf.closed:
-            self.release()
-
-    def __repr__(self) -> str:
-        state = ("released" if self._released else "captured" if self._capture is not None else
-                 "done" if self.is_done else "in flight" if self.is_submitted else "waiting for its slot")
-        return f"PrefetchHandle(layer={self.layer}, slot={self.slot}, {state})"
+__all__ = ["Prefetcher", "PrefetchHandle"]  # PrefetchHandle lives in prefetch_handle.py
 
 
 def _capture_of(event: Any) -> int | None:
     """The capture an event was recorded in (backends without graphs have no such attribute)."""
     return getattr(event, "capture", None)
-
-
-def _expert_list(experts: Any, num_experts: int) -> list[int]:
-    if isinstance(experts, (torch.Tensor, np.ndarray)):
-        if experts.ndim != 1 or experts.dtype in (torch.bool, np.bool_) or \
-                (isinstance(experts, torch.Tensor) and experts.is_floating_point()) or \
-                (isinstance(experts, np.ndarray) and experts.dtype.kind not in "iu"):
-            raise bad_arg("experts", f"a {experts.ndim}-D array of {experts.dtype}", "a 1-D array of ints")
-        experts = experts.tolist()
-    try:
-        items = list(experts)
-    except TypeError:
-        raise bad_type("experts", experts, "an iterable of ints") from None
-    out = []
-    for e in items:
-        out.append(check_int("experts", e, low=0, high=num_experts - 1, expected=f"ints in [0, {num_experts})"))
-    return out
 
 
 class Prefetcher:
@@ -398,12 +105,17 @@ class Prefetcher:
         self._tel: PrefetchRecorder | None = None
         self._tel_on = False
         self._engine, self._slots = None, []
+        # What every handle calls back (prefetch_handle.PrefetchHooks): the only way in from a handle.
+        self._hooks = PrefetchHooks(check_open=self._check_open, is_closed=lambda: self._closed,
+                                    capture_id=lambda *, stream=None: self.capture_id(stream=stream),
+                                    record_event=lambda *, stream=None: self._backend.record_event(stream=stream),
+                                    released=self._pump)
         err, cause = None, None
         try:
             self._engine = self._backend.copy_engine(store.heap, **(engine_options or {}))  # agreed inside if collective
             cuts = store.slot_boundaries()
             for i in range(self.depth):
-                self._slots.append(_Slot(i, self._backend.alloc_buffer(store.slot_nbytes, cuts)))
+                self._slots.append(Slot(i, self._backend.alloc_buffer(store.slot_nbytes, cuts), store, self._backend))
         except Exception as exc:
             err, cause = describe(exc), exc
         if self._engine is not None and self._engine.collective:
@@ -429,9 +141,7 @@ class Prefetcher:
         except Exception as exc:
             log.warning("dwdp_comm: releasing the copy engine failed: %r", exc)
         for slot in self._slots:
-            self._drop_views(slot)
-            slot.queue.clear()
-            slot.buffer.close()
+            slot.free()
 
     @property
     def closed(self) -> bool:
@@ -523,19 +233,19 @@ class Prefetcher:
         if experts is None:
             fetched = tuple(lay.remote_experts)
         else:
-            fetched = tuple(sorted({e for e in _expert_list(experts, lay.num_experts) if not lay.is_local(e)}))
+            fetched = tuple(sorted({e for e in expert_list(experts, lay.num_experts) if not lay.is_local(e)}))
         cap = self.capture_id(stream=stream)
         slot = self._slots[self._count % self.depth]
         if cap is not None:
             self._check_capturable(slot, int(layer), cap)
         after = [self._backend.record_event(stream=stream)] if stream is not None or cap is not None else []
         self._count += 1
-        handle = PrefetchHandle(self, int(layer), slot, fetched, after, cap)
+        job = PrefetchJob(int(layer), fetched, after, cap)
         if self._tel_on and cap is None:  # captured prefetches run at replay, without the host: not recorded
-            handle._rec = self._tel.open(self._count - 1, int(layer), slot.index)
-        slot.queue.append(handle)
+            job.recorder, job.record = self._tel, self._tel.open(self._count - 1, int(layer), slot.index)
+        slot.queue.append(job)
         self._pump(slot)
-        return handle
+        return PrefetchHandle(self._hooks, job, slot, lay)
 
     # ---- telemetry --------------------------------------------------------------------------------
     def enable_telemetry(self, *, max_records: int = 100_000) -> None:
@@ -599,12 +309,12 @@ class Prefetcher:
         None (always None on ``sim``). Never blocks."""
         return self._backend.capture_id(stream=stream)
 
-    def _check_capturable(self, slot: _Slot, layer: int, cap: int) -> None:
+    def _check_capturable(self, slot: Slot, layer: int, cap: int) -> None:
         refusal = getattr(self._engine, "capture_refusal", None)
         problem = refusal() if refusal is not None else f"the {self._backend.name} copy engine cannot capture"
         if problem is not None:
             raise GraphCaptureError(f"prefetch({layer}) under CUDA graph capture: {problem}")
-        foreign = [h for h in slot.queue if h._capture != cap]
+        foreign = [job for job in slot.queue if job.capture != cap]
         if foreign:
             raise GraphCaptureError(
                 f"prefetch({layer}) under CUDA graph capture: slot {slot.index} is still held by the prefetch of layer "
@@ -633,7 +343,7 @@ class Prefetcher:
         if self.capture_id() is not None:
             raise GraphCaptureError("Prefetcher.prepare_capture() blocks the host: call it before the capture")
         for slot in self._slots:
-            live = [h for h in slot.queue if not h._released]
+            live = [job for job in slot.queue if not job.released]
             if live:
                 raise DwdpError(f"Prefetcher.prepare_capture(): slot {slot.index} is still held by the prefetch of "
                                 f"layer {live[0].layer}; release every handle first")
@@ -646,69 +356,39 @@ class Prefetcher:
         for slot in self._slots:
             for layer in layers:
                 for name in self.store.names(layer):
-                    self._view(slot, layer, name)
+                    slot.view(layer, name)
 
-    def _pump(self, slot: _Slot) -> None:
-        """Drop released handles from the slot's front; submit the new front if it is waiting."""
-        while slot.queue and slot.queue[0]._released:
-            h = slot.queue.popleft()
-            if h._ready is not None:
-                slot.fence = [ev for ev in (h._ready, h._release_event) if ev is not None]
-            # A handle released before it was submitted is cancelled: it never writes.
-        if slot.queue and slot.queue[0]._ready is None:
-            h = slot.queue[0]
-            fence = slot.fence
-            if h._capture is None and any(_capture_of(ev) is not None for ev in fence):
-                # The slot was last used by a captured graph: its events order nothing outside it. Replays
-                # are stream-ordered work, so order this eager copy after the current stream instead.
-                fence = [ev for ev in fence if _capture_of(ev) is None] + [self._backend.record_event()]
-            elif h._capture is not None:
-                # Events of earlier captures: those graphs' replays are ordered by their stream.
-                fence = [ev for ev in fence if _capture_of(ev) == h._capture]
-            key = (self.store.layer_signature(h.layer), h._fetched, self.schedule, self.chunk_nbytes)
-            plan = self._plans.get(key, lambda: make_plan(
-                self.store.copy_ranges(h.layer, h._fetched), rank=self.store.layout.rank,
-                group_size=self.store.layout.group_size, policy=self.schedule, chunk_nbytes=self.chunk_nbytes))
-            if self._fresh_views:
-                self._drop_views(slot)  # copy-on-write views: the previous handle's writes stay in its views
-            extra = {"capture": h._capture} if h._capture is not None else {}
-            if h._rec is not None:
-                timing = self._tel.submitting(h._rec, plan, getattr(self._engine, "timed", False))
-                if timing is not None:
-                    extra["timing"] = timing
-            h._ready = self._engine.submit(plan, src_base=self.store.layer_base(h.layer), dst=slot.buffer,
-                                           dst_base=0, after=fence + h._after, **extra)
-            if h._rec is not None:
-                self._tel.submitted(h._rec, h._ready)
-            self.nbytes_prefetched += plan.total_nbytes
-
-    def _view(self, slot: _Slot, layer: int, name: str) -> tuple[torch.Tensor, list]:
-        """(full tensor, segments) of ``name`` in ``slot`` for ``layer``; built once, then cached."""
-        key = (layer, name)
-        hit = slot.views.get(key)
-        if hit is not None:
-            return hit
-        view = self.store.slot_view(layer, name)  # the store owns placement: it says which pieces
-        if view.mode == "gather":
-            (piece,) = view.pieces
-            full = view.typed(slot.buffer.tensor(piece.offset, piece.nbytes))
-            segments = [(0, full)]
-        else:
-            buffers = {"slot": slot.buffer, "heap": self.store.heap.local}
-            comp = self._backend.compose([(buffers[p.source], p.offset, p.nbytes) for p in view.pieces])
-            slot.composites.append(comp)
-            full = view.typed(comp.tensor())
-            # Slices of the composite: the local piece is never the heap tensor itself.
-            segments = [(p.first, full[p.first:p.first + p.count]) for p in view.pieces]
-        slot.views[key] = (full, segments)
-        return full, segments
-
-    @staticmethod
-    def _drop_views(slot: _Slot) -> None:
-        for comp in slot.composites:
-            comp.close()  # unmapped when the views handed out so far go
-        slot.composites.clear()
-        slot.views.clear()
+    def _pump(self, slot: Slot) -> None:
+        """Retire released jobs from the slot's front; submit the new front if it is waiting. Also
+        :attr:`PrefetchHooks.released` of every handle: called when one is released."""
+        slot.retire_released()
+        job = slot.next_to_submit()
+        if job is None:
+            return
+        fence = slot.fence
+        if job.capture is None and any(_capture_of(ev) is not None for ev in fence):
+            # The slot was last used by a captured graph: its events order nothing outside it. Replays
+            # are stream-ordered work, so order this eager copy after the current stream instead.
+            fence = [ev for ev in fence if _capture_of(ev) is None] + [self._backend.record_event()]
+        elif job.capture is not None:
+            # Events of earlier captures: those graphs' replays are ordered by their stream.
+            fence = [ev for ev in fence if _capture_of(ev) == job.capture]
+        key = (self.store.layer_signature(job.layer), job.fetched, self.schedule, self.chunk_nbytes)
+        plan = self._plans.get(key, lambda: make_plan(
+            self.store.copy_ranges(job.layer, job.fetched), rank=self.store.layout.rank,
+            group_size=self.store.layout.group_size, policy=self.schedule, chunk_nbytes=self.chunk_nbytes))
+        if self._fresh_views:
+            slot.drop_views()  # copy-on-write views: the previous handle's writes stay in its views
+        extra = {"capture": job.capture} if job.capture is not None else {}
+        if job.record is not None:
+            timing = job.recorder.submitting(job.record, plan, getattr(self._engine, "timed", False))
+            if timing is not None:
+                extra["timing"] = timing
+        job.ready = self._engine.submit(plan, src_base=self.store.layer_base(job.layer), dst=slot.buffer,
+                                        dst_base=0, after=fence + job.after, **extra)
+        if job.record is not None:
+            job.recorder.submitted(job.record, job.ready)
+        self.nbytes_prefetched += plan.total_nbytes
 
     def synchronize(self) -> None:
         """Block the host until every submitted eager copy of this prefetcher completed. Local.
@@ -719,9 +399,9 @@ class Prefetcher:
     def _wait_all(self) -> None:
         """Wait for every eager event (captured ones complete only with their graph's replays)."""
         for slot in self._slots:
-            for h in slot.queue:
-                if h._ready is not None and h._capture is None:
-                    h._ready.synchronize()
+            for job in slot.queue:
+                if job.ready is not None and job.capture is None:
+                    job.ready.synchronize()
             for ev in slot.fence:
                 if _capture_of(ev) is None:
                     ev.synchronize()
@@ -751,9 +431,7 @@ class Prefetcher:
             except Exception as exc:  # free the slots anyway; report the first error
                 errors.append(exc)
         for slot in self._slots:
-            self._drop_views(slot)
-            slot.queue.clear()
-            slot.buffer.close()
+            slot.free()
         if errors:
             raise errors[0]
 
