@@ -49,6 +49,22 @@ log = logging.getLogger("dwdp_comm")
 __all__ = ["Prefetcher", "PrefetchHandle"]  # PrefetchHandle lives in prefetch_handle.py
 
 
+class _NoCopies:
+    """The ready event of a slot-free job: nothing was copied, so nothing to wait for."""
+
+    capture = None
+    is_done = True
+
+    def wait(self, *, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+
+_NO_COPIES = _NoCopies()
+
+
 def _capture_of(event: Any) -> int | None:
     """The capture an event was recorded in (backends without graphs have no such attribute)."""
     return getattr(event, "capture", None)
@@ -99,6 +115,8 @@ class Prefetcher:
         self._backend = store.group.impl
         self._fresh_views = bool(getattr(self._backend, "private_composites", False))
         self._plans = PlanCache()
+        self._remote = tuple(store.layout.remote_experts)
+        self._slot_free: dict[int, bool] = {}  # layer -> every view lies in this rank's heap (nothing to copy)
         self._count = 0
         self.nbytes_prefetched = 0
         self._closed = False
@@ -231,21 +249,34 @@ class Prefetcher:
         self.store.names(layer)  # raises for an unregistered layer
         lay = self.store.layout
         if experts is None:
-            fetched = tuple(lay.remote_experts)
+            fetched = self._remote
         else:
             fetched = tuple(sorted({e for e in expert_list(experts, lay.num_experts) if not lay.is_local(e)}))
         cap = self.capture_id(stream=stream)
         slot = self._slots[self._count % self.depth]
         if cap is not None:
             self._check_capturable(slot, int(layer), cap)
-        after = [self._backend.record_event(stream=stream)] if stream is not None or cap is not None else []
+        # a recorded prefetch keeps its copy job (its telemetry times it), even when it copies nothing
+        slot_free = not (self._tel_on and cap is None) and self._is_slot_free(int(layer))
+        after = [self._backend.record_event(stream=stream)] if (stream is not None or cap is not None) and \
+            not slot_free else []
         self._count += 1
         job = PrefetchJob(int(layer), fetched, after, cap)
+        job.complete, job.slot_free = fetched == self._remote, slot_free
         if self._tel_on and cap is None:  # captured prefetches run at replay, without the host: not recorded
             job.recorder, job.record = self._tel, self._tel.open(self._count - 1, int(layer), slot.index)
         slot.queue.append(job)
         self._pump(slot)
         return PrefetchHandle(self._hooks, job, slot, lay)
+
+    def _is_slot_free(self, layer: int) -> bool:
+        """True when every name of ``layer`` is viewed from this rank's heap alone (all its experts
+        local, composite mode: a group of one): its prefetches copy nothing and never read a slot."""
+        free = self._slot_free.get(layer)
+        if free is None:
+            free = self._slot_free[layer] = all(p.source == "heap" for n in self.store.names(layer)
+                                                for p in self.store.slot_view(layer, n).pieces)
+        return free
 
     # ---- telemetry --------------------------------------------------------------------------------
     def enable_telemetry(self, *, max_records: int = 100_000) -> None:
@@ -364,6 +395,11 @@ class Prefetcher:
         slot.retire_released()
         job = slot.next_to_submit()
         if job is None:
+            return
+        if job.slot_free:  # no copy job, nothing to wait for; the slot's fence stays as it was
+            if self._fresh_views:
+                slot.drop_views()
+            job.ready = _NO_COPIES
             return
         fence = slot.fence
         if job.capture is None and any(_capture_of(ev) is not None for ev in fence):

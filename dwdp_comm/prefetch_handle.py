@@ -55,10 +55,15 @@ class PrefetchJob:
         The consume point recorded at release (None: none recorded).
     recorder, record : PrefetchRecorder and its record, or None
         Its telemetry while the prefetcher records (set by the prefetcher, before submission).
+    complete : bool
+        It fetches every remote expert (the default), so no expert can be absent.
+    slot_free : bool
+        It copies nothing and no view of it reads the slot (every view in this rank's heap: a group
+        of one in composite mode): no copy job, no release event, the slot's fence untouched.
     """
 
     __slots__ = ("layer", "fetched", "after", "capture", "ready", "released", "release_event", "recorder",
-                 "record")
+                 "record", "complete", "slot_free")
 
     def __init__(self, layer: int, fetched: tuple[int, ...], after: list, capture: int | None = None):
         self.layer, self.fetched, self.after, self.capture = layer, fetched, after, capture
@@ -67,6 +72,8 @@ class PrefetchJob:
         self.release_event = None
         self.recorder: PrefetchRecorder | None = None
         self.record = None
+        self.complete = False
+        self.slot_free = False
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ class Slot:
         """Drop released jobs from the front; the last submitted one's events become the fence."""
         while self.queue and self.queue[0].released:
             job = self.queue.popleft()
-            if job.ready is not None:
+            if job.ready is not None and not job.slot_free:  # a slot-free job neither wrote nor read it
                 self.fence = [ev for ev in (job.ready, job.release_event) if ev is not None]
             # A job released before it was submitted is cancelled: it never writes.
 
@@ -316,8 +323,8 @@ class PrefetchHandle:
                 f"release() of the prefetch of layer {self.layer} inside a CUDA graph capture, but it was "
                 f"{'issued outside any capture' if self._job.capture is None else 'recorded in another capture'}; "
                 "release it outside (DwdpPipeline.prepare_capture() releases a pipeline's handles before capturing)")
-        if self._job.capture is not None and cap is None:
-            self._job.release_event = None  # abandoned capture: nothing eager to order after
+        if self._job.slot_free or (self._job.capture is not None and cap is None):
+            self._job.release_event = None  # nothing read the slot / abandoned capture: nothing to order after
         else:
             self._job.release_event = self._hooks.record_event(stream=stream)
         self._job.released = True
@@ -398,6 +405,8 @@ class PrefetchHandle:
             raise DwdpError(f"weights() of layer {self.layer} before wait(): call handle.wait(stream=...) first")
 
     def _check_present(self, experts: Iterable[int] | None) -> None:
+        if experts is None and self._job.complete:
+            return  # every remote expert fetched (the default): nothing can be absent
         lay = self._layout
         if experts is None:
             absent = [e for e in lay.remote_experts if e not in self._fetched_set]
