@@ -15,17 +15,17 @@ box gpu_tests "${T_TESTS:-230}" python3 -m pytest -v -rs --tb=short -p no:cachep
     $T/test_graphs_gpu.py $T/test_experts_gpu.py $T/test_gpu_backends.py $T/test_kernels_gpu.py \
     $T/test_interop_gpu.py $T/test_faults_gpu.py
 grep -E "FAILED|ERROR|passed|failed" "$OUT/gpu_tests.log" | tail -12 | cut -c1-200
-box bench_sizes "${T_SIZES:-160}" python3 -m perf.bench_sizes --rounds 3 --block-ms 30 --json "$OUT/bench_sizes.json"
+box bench_sizes "${T_SIZES:-160}" python3 -m perf.bench_sizes --rounds 3 --block-ms 30 ${SIZES_ARGS:-} --json "$OUT/bench_sizes.json"
 tail -18 "$OUT/bench_sizes.log"
 for g in "" "--cuda-graph"; do
-    box "deepseek${g:+_graph}" 45 python3 examples/deepseek_layer.py --mode dwdp --world-size 1 --layers 1 \
+    box "deepseek${g:+_graph}" "${T_DS:-45}" python3 examples/deepseek_layer.py --mode dwdp --world-size 1 --layers 1 \
         --prompt-mean 4096 --iters 6 $g --json "$OUT/deepseek${g:+_graph}.json"
     tail -4 "$OUT/deepseek${g:+_graph}.log" | cut -c1-200
 done
-box telemetry 45 python3 -m perf.bench_telemetry --world-size 2 --tokens 2048 --rounds 2 --iters 5 \
+box telemetry "${T_TEL:-45}" python3 -m perf.bench_telemetry --world-size 2 --tokens 2048 --rounds 2 --iters 5 \
     --out "$OUT/bench_telemetry.json" --trace "$OUT/trace.json"
 tail -8 "$OUT/telemetry.log" | cut -c1-200
-box advise 30 python3 -m dwdp_comm.bench.cli advise -m deepseek-v3 -g 4 --weights bf16 -t 8192 --cv 0.2 \
+box advise "${T_ADV:-30}" python3 -m dwdp_comm.bench.cli advise -m deepseek-v3 -g 4 --weights bf16 -t 8192 --cv 0.2 \
     --sweep 4096,8192 --measure yes --fabric auto --json "$OUT/advise_fabric_auto.json"
 grep -i "fabric" "$OUT/advise.log" | head -3 | cut -c1-250
 tar czf "$OUT/logs.tgz" -C "$OUT" $(cd "$OUT" && ls *.log) && rm -f "$OUT"/*.log
