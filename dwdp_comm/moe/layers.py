@@ -63,8 +63,13 @@ def expert_weights(cfg: DeepseekConfig, seed: int, layer: int, experts: Sequence
         return {"w13": torch.stack(w13), "w2": torch.stack(w2)}
     out = {}
     for name, ws in (("w13", w13), ("w2", w2)):  # [K, N] -> [N, K] storage, quantized
-        q, scale = quant.quantize(torch.stack([w.float().t() for w in ws]), WEIGHT_FORMAT[fmt])
-        out[name], out[name + "_scale"] = q, scale
+        qs, scales = [], []
+        for j in range(len(ws)):  # one expert at a time: a layer's float32 copy (30 GB at full size) need not fit
+            q, scale = quant.quantize(ws[j].float().t().unsqueeze(0), WEIGHT_FORMAT[fmt])
+            qs.append(q[0])
+            scales.append(scale[0])
+            ws[j] = None
+        out[name], out[name + "_scale"] = torch.stack(qs), torch.stack(scales)
     return out
 
 

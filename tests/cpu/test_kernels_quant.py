@@ -265,3 +265,15 @@ def test_triton_expert_table_offsets_and_misaligned_pieces(interpret):
     xq, xs = reference.quantize_groupwise(torch.randn(5, 256), 128)
     with pytest.raises(BackendUnavailableError, match="aligned"):
         TQ.fp8_block_gemm(xq, xs.t().contiguous(), [(0, wq[:2]), (2, raw)], s, _groups([1, 1, 1, 2]))
+
+
+@pytest.mark.parametrize("fmt", ["fp8_channel", "fp8_block", "mxfp4"])
+def test_quantize_is_per_expert(fmt, seed):
+    """quantize of a stack equals the stack of each expert's quantize (moe.layers.expert_weights quantizes
+    one expert at a time so a full-size layer's float32 copy never has to fit)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 256, 320, generator=g) * 0.05
+    q, s = Q.quantize(w, fmt)
+    parts = [Q.quantize(w[e:e + 1], fmt) for e in range(3)]
+    assert torch.equal(q.view(torch.uint8), torch.cat([p[0] for p in parts]).view(torch.uint8))
+    assert torch.equal(s.view(torch.uint8) if s.dtype == torch.uint8 else s, torch.cat([p[1] for p in parts]))
