@@ -40,8 +40,10 @@ def test_matches_hf_grouped_mm_fp32(seed):
         torch.nn.init.normal_(p, std=0.1)
     x = torch.randn(40, 32)
     idx = torch.randint(0, 8, (40, 3))
-    idx[3, 1] = 8  # a sentinel, as HF's EP path sends them
+    idx[3, 1] = 8  # a sentinel, as HF's EP path sends them ...
     w = torch.rand(40, 3)
+    w[3, 1] = 0.0  # ... with a zero weight (HF's EP router masks it; HF's grouped_mm clamps the id, so a
+    # non-zero weight would add a real expert's output there, which is not the contract either side follows)
     want = hfmoe.grouped_mm_experts_forward(m, x, idx, w)
     got = moe.experts_forward(x, idx, w, m.gate_up_proj.data, m.down_proj.data, act_fn=m.act_fn)
     assert C.rel(got, want) < 1e-5
