@@ -41,6 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, bad_arg
+from ..checks import check_int
 from .problem import Problem
 
 __all__ = ["run", "TileConfig", "CONFIGS", "DEFAULT_CONFIG", "unavailable_reason", "numba_cuda", "build_kernel",
@@ -343,8 +344,7 @@ def run(p: Problem, config: str | TileConfig | None = None, info: dict | None = 
     if cfg is None:
         raise bad_arg("config", config, f"one of {sorted(CONFIGS)} or a TileConfig")
     cfg.check()
-    if isinstance(max_grid_y, bool) or not isinstance(max_grid_y, int) or not 1 <= max_grid_y <= MAX_GRID_Y:
-        raise bad_arg("max_grid_y", repr(max_grid_y), f"an int in [1, {MAX_GRID_Y}]")
+    check_int("max_grid_y", max_grid_y, low=1, high=MAX_GRID_Y)
     if p.is_fp8:
         raise BackendUnavailableError("the numba backend supports bf16 and float32 weights, not fp8; "
                                       "use backend='torch' (torch._scaled_grouped_mm) or 'reference'")

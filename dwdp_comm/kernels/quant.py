@@ -95,7 +95,7 @@ def as_bytes(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def _describe(t: Any) -> str:
+def _tensor_text(t: Any) -> str:
     if isinstance(t, torch.Tensor):
         return f"{t.dtype} {list(t.shape)}"
     return type(t).__name__
@@ -119,7 +119,7 @@ def infer_format(weight: torch.Tensor, scale: torch.Tensor | None, *, name: str 
     wdt, sdt = weight.dtype, None if scale is None else scale.dtype
     if wdt in _FLOAT_DTYPES:
         if scale is not None:
-            raise bad_arg(scale_name, _describe(scale), f"None for {wdt} weights (scales go with fp8 / mxfp4 weights)")
+            raise bad_arg(scale_name, _tensor_text(scale), f"None for {wdt} weights (scales go with fp8 / mxfp4 weights)")
         return "bf16"
     if wdt == FP8_DTYPE:
         if scale is None:
@@ -129,14 +129,14 @@ def infer_format(weight: torch.Tensor, scale: torch.Tensor | None, *, name: str 
             return "fp8_channel"
         if scale.dim() == weight.dim():
             return "fp8_block"
-        raise bad_arg(scale_name, _describe(scale), f"[E, N] or [E, N/bn, K/bk] scales for {name} {_describe(weight)}")
+        raise bad_arg(scale_name, _tensor_text(scale), f"[E, N] or [E, N/bn, K/bk] scales for {name} {_tensor_text(weight)}")
     if wdt in (torch.uint8, getattr(torch, "float4_e2m1fn_x2", None)):
         if sdt in (torch.uint8, getattr(torch, "float8_e8m0fnu", None)):
             return "mxfp4"
         if sdt == FP8_DTYPE:
-            raise _unsupported(f"{name} {_describe(weight)} with {scale_name} {_describe(scale)} "
+            raise _unsupported(f"{name} {_tensor_text(weight)} with {scale_name} {_tensor_text(scale)} "
                                "(NVFP4: fp4 with e4m3 scales)")
-        raise bad_arg(scale_name, _describe(scale), f"uint8 e8m0 scales [E, N, K/32] for the mxfp4 {name}")
+        raise bad_arg(scale_name, _tensor_text(scale), f"uint8 e8m0 scales [E, N, K/32] for the mxfp4 {name}")
     if wdt in (torch.int8, torch.int32, torch.int16, torch.int64):
         raise _unsupported(f"{name} of dtype {wdt} (int4 / int8 group quantization: AWQ, GPTQ, bitsandbytes)")
     if wdt == torch.float8_e5m2:
@@ -198,27 +198,27 @@ def check_format(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str | No
     if not isinstance(weight, torch.Tensor):
         raise bad_type(name, weight, "a torch.Tensor")
     if weight.dtype not in _WEIGHT_DTYPES[fmt]:
-        raise bad_arg(name, _describe(weight), f"{' or '.join(str(d) for d in _WEIGHT_DTYPES[fmt])} weights "
+        raise bad_arg(name, _tensor_text(weight), f"{' or '.join(str(d) for d in _WEIGHT_DTYPES[fmt])} weights "
                       f"for weight_format={fmt!r}")
     if weight.dim() not in (2, 3):
-        raise bad_arg(name, _describe(weight), "[E, N, K] (or one expert [N, K]) in the 'nk' layout")
+        raise bad_arg(name, _tensor_text(weight), "[E, N, K] (or one expert [N, K]) in the 'nk' layout")
     if fmt == "bf16":
         if scale is not None:
-            raise bad_arg(scale_name, _describe(scale), "None for weight_format='bf16'")
+            raise bad_arg(scale_name, _tensor_text(scale), "None for weight_format='bf16'")
         return fmt
     if scale is None or not isinstance(scale, torch.Tensor):
-        raise bad_arg(scale_name, _describe(scale), f"a scale tensor for weight_format={fmt!r}")
+        raise bad_arg(scale_name, _tensor_text(scale), f"a scale tensor for weight_format={fmt!r}")
     if scale.dtype not in _SCALE_DTYPES[fmt]:
-        raise bad_arg(scale_name, _describe(scale), f"{' or '.join(str(d) for d in _SCALE_DTYPES[fmt])} scales for "
+        raise bad_arg(scale_name, _tensor_text(scale), f"{' or '.join(str(d) for d in _SCALE_DTYPES[fmt])} scales for "
                       f"weight_format={fmt!r}")
     bs = check_block_size(block_size)
     n, k = int(weight.shape[-2]), logical_k(fmt, weight)
     if fmt == "mxfp4" and k % MXFP4_GROUP:
-        raise bad_arg(name, _describe(weight), f"K = 2 * {weight.shape[-1]} = {k}: a multiple of {MXFP4_GROUP} "
+        raise bad_arg(name, _tensor_text(weight), f"K = 2 * {weight.shape[-1]} = {k}: a multiple of {MXFP4_GROUP} "
                       "for mxfp4")
     want = tuple(weight.shape[:-2]) + scale_shape(fmt, n, k, bs)
     if tuple(scale.shape) != want:
-        raise bad_arg(scale_name, _describe(scale), f"shape {list(want)} for {name} {_describe(weight)} in "
+        raise bad_arg(scale_name, _tensor_text(scale), f"shape {list(want)} for {name} {_tensor_text(weight)} in "
                       f"weight_format={fmt!r}" + (f", block_size={bs}" if fmt == "fp8_block" else ""))
     if scale.device != weight.device:
         raise bad_arg(scale_name, f"a tensor on {scale.device}", f"the {name}'s device {weight.device}")
@@ -278,7 +278,7 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor | None, fmt: str | None
     if out is None:
         out = torch.empty(e, n, k, dtype=dtype, device=weight.device)
     elif tuple(out.shape) != (e, n, k) or out.dtype != dtype or out.device != weight.device:
-        raise bad_arg("out", _describe(out), f"{dtype} [{e}, {n}, {k}] on {weight.device}")
+        raise bad_arg("out", _tensor_text(out), f"{dtype} [{e}, {n}, {k}] on {weight.device}")
     if fmt == "bf16":
         out.copy_(weight)
         return out[0] if one else out
@@ -334,7 +334,7 @@ def quantize(w: torch.Tensor, fmt: str, *, block_size: Sequence[int] = DEFAULT_B
     """
     fmt = check_format_name(fmt)
     if not isinstance(w, torch.Tensor) or w.dim() != 3 or not w.is_floating_point():
-        raise bad_arg("w", _describe(w), "a floating-point [E, N, K] tensor")
+        raise bad_arg("w", _tensor_text(w), "a floating-point [E, N, K] tensor")
     if fmt == "bf16":
         return w, None
     e, n, k = (int(d) for d in w.shape)
@@ -353,7 +353,7 @@ def quantize(w: torch.Tensor, fmt: str, *, block_size: Sequence[int] = DEFAULT_B
         full = s.repeat_interleave(bn, 1)[:, :n].repeat_interleave(bk, 2)[:, :, :k]
         return (x / full).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), s.contiguous()
     if k % MXFP4_GROUP:
-        raise bad_arg("w", _describe(w), f"K a multiple of {MXFP4_GROUP} for mxfp4")
+        raise bad_arg("w", _tensor_text(w), f"K a multiple of {MXFP4_GROUP} for mxfp4")
     g = x.view(e, n, k // MXFP4_GROUP, MXFP4_GROUP)
     amax = g.abs().amax(dim=-1)
     exp = torch.ceil(torch.log2(amax.clamp_min(2.0 ** -126) / 6.0)).clamp(-127, 127)

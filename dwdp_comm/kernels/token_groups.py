@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..errors import GraphCaptureError, bad_arg, bad_type
+from ..checks import check_int
 
 __all__ = ["TokenGroups", "upload_ints"]
 
@@ -279,7 +280,4 @@ def _host_ints(values: Any, name: str) -> np.ndarray:
     types = set(map(type, values))  # one C-level pass: a list of 256 ints costs microseconds
     if all(t is int or (t is not bool and issubclass(t, np.integer)) for t in types):
         return np.array(values, dtype=np.int64) if len(values) else np.zeros(0, np.int64)
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise bad_arg(name, v, "ints")
-    return np.array([int(v) for v in values], dtype=np.int64)  # int subclasses
+    return np.array([check_int(name, v) for v in values], dtype=np.int64)  # int subclasses, NumPy ints

@@ -79,10 +79,10 @@ probe.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from ..errors import BackendUnavailableError, bad_arg
+from ..checks import check_int
 from .capabilities import (fp8_operand_ok, fp8_unavailable_reason, grouped_mm_supported,
                            grouped_mm_unavailable_reason, has_device_kernel, operand_ok)
 from .problem import Problem
@@ -108,9 +108,8 @@ _SPLIT_METHODS = ("segments", "segments_async", "segments_direct")
 
 def check_direct_min_rows(value) -> int:
     """``value`` as an int >= 0, or InvalidArgumentError naming ``direct_min_rows``."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise bad_arg("direct_min_rows", repr(value), "an int >= 0 (rows from which an expert runs its own torch.mm)")
-    return int(value)
+    return check_int("direct_min_rows", value, low=0,
+                     expected="an int >= 0 (rows from which an expert runs its own torch.mm)")
 
 
 def split_strategy(method: str, device, *, fp8: bool = False) -> str:

@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import bad_arg, bad_type
+from ..checks import check_int
 from ..kernels import triton_moe
 
 __all__ = ["TokenOrder", "sort_by_expert", "gather_tokens", "combine_rows", "permute_tokens", "unpermute_tokens"]
@@ -77,8 +78,7 @@ def _check_ids(topk_ids: Any, num_experts: Any) -> None:
         raise bad_type("topk_ids", topk_ids, "a [num_tokens, top_k] integer torch.Tensor")
     if topk_ids.dim() != 2 or topk_ids.is_floating_point() or topk_ids.is_complex() or topk_ids.dtype == torch.bool:
         raise bad_arg("topk_ids", f"a {topk_ids.dim()}-D {topk_ids.dtype} tensor", "[num_tokens, top_k] integer ids")
-    if isinstance(num_experts, bool) or not isinstance(num_experts, int) or num_experts < 1:
-        raise bad_arg("num_experts", repr(num_experts), "an int >= 1")
+    check_int("num_experts", num_experts, low=1)
 
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int) -> TokenOrder:

@@ -197,9 +197,8 @@ INLINE_INT_CHECK = re.compile(r"isinstance\([\w.]+, bool\) or not (isinstance\([
 ROUND_UP = re.compile(r"\(\s*\w+\s*\+\s*\w+\s*-\s*1\s*\)\s*//\s*\w+\s*\*\s*\w+|def _(align|round_up)\b")
 OWN_DESCRIBE = re.compile(r"^def _?describe\(", re.M)
 # Inline integer checks in files other changes of issue 25 edit; each becomes checks.check_int when merged.
-KNOWN_INLINE_INT_CHECKS = {"kernels/token_groups.py": 1, "kernels/numba_grouped.py": 1,
-                           "kernels/torch_path.py": 1, "moe/tokens.py": 1}
-KNOWN_OWN_DESCRIBE = {"kernels/quant.py"}  # its _describe becomes comm.describe when merged
+KNOWN_INLINE_INT_CHECKS: dict = {}
+KNOWN_OWN_DESCRIBE: set = set()
 
 
 def _library_texts():

@@ -437,12 +437,14 @@ def test_direct_min_rows_is_checked_and_only_an_argument(seed):
     """A bad direct_min_rows names the argument (grouped_gemm, moe_mlp, on any backend); its
     default is documented."""
     x, sizes, w = make_case(seed, 4, 16, 16, 40, torch.float32)
-    for bad in (-1, 1.5, True, "8", None):
-        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+    # out of range: InvalidArgumentError; not an int: InvalidTypeError (dwdp_comm.checks.check_int's one rule)
+    for bad, err in ((-1, InvalidArgumentError), (1.5, InvalidTypeError), (True, InvalidTypeError),
+                     ("8", InvalidTypeError), (None, InvalidTypeError)):
+        with pytest.raises(err, match="direct_min_rows"):
             K.grouped_gemm(x, sizes, [w[:2], w[2:]], direct_min_rows=bad)
-        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+        with pytest.raises(err, match="direct_min_rows"):
             K.grouped_gemm(x, sizes, w, backend="reference", direct_min_rows=bad)
-        with pytest.raises(InvalidArgumentError, match="direct_min_rows"):
+        with pytest.raises(err, match="direct_min_rows"):
             K.moe_mlp(x, sizes, torch.randn(4, 16, 8), torch.randn(4, 4, 16), direct_min_rows=bad)
     assert "direct_min_rows" in K.grouped_gemm.__doc__ and torch_path.DIRECT_MIN_ROWS == 128
 
@@ -670,7 +672,8 @@ def _ok():
     (lambda x, m, w: (x, [4, 0, 5], w), InvalidArgumentError, r"sum to 9.*10 rows"),
     (lambda x, m, w: (x, [4, -1, 7], w), InvalidArgumentError, r"m_sizes\[1\]=-1"),
     (lambda x, m, w: (x, [4, 4, 10], w), InvalidArgumentError, r"offsets=True"),
-    (lambda x, m, w: (x, [4.0, 0, 6], w), InvalidArgumentError, r"m_sizes_or_offsets: got 4.0, expected ints"),
+    (lambda x, m, w: (x, [4.0, 0, 6], w), InvalidTypeError,
+     r"m_sizes_or_offsets: got an object of type float, expected an int"),
     (lambda x, m, w: (x, torch.tensor([4.0, 0, 6]), w), InvalidArgumentError, r"integer tensor"),
     (lambda x, m, w: (x, "4,0,6", w), InvalidTypeError, r"m_sizes_or_offsets"),
     (lambda x, m, w: (x, m, w[:, :, :1].squeeze(2)), InvalidArgumentError, r"weights: .*3-D"),
