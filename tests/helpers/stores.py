@@ -13,6 +13,7 @@ import zlib
 import torch
 
 import dwdp_comm as dc
+from perf.fault_cases import error_fields, error_of  # one home: perf times the fault cases tests check
 
 __all__ = ["SPECS", "expert_tensor", "full_truth", "build_store", "same_bytes", "error_of", "error_fields"]
 
@@ -53,17 +54,3 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and torch.equal(
         a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
 
-
-def error_of(fn) -> tuple[str, str] | None:
-    """``(type name, message)`` of the DwdpError ``fn()`` raises, or None when it returns."""
-    try:
-        fn()
-    except dc.DwdpError as exc:
-        return type(exc).__name__, str(exc)
-    return None
-
-
-def error_fields(exc) -> dict:
-    """What a rank reports about an error it caught: type, message, missing ranks, ranks at fault."""
-    return {"type": type(exc).__name__, "msg": str(exc), "missing": getattr(exc, "missing", None),
-            "ranks": sorted(getattr(exc, "ranks", {}) or {})}
