@@ -36,6 +36,7 @@ from dwdp_comm import moe  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
 from dwdp_comm.bench.split_weights import single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
+from perf.bench_hf_experts import routing  # noqa: E402  (the same random top-k routing)
 
 FAMILIES = ("qwen3_moe", "deepseek_v3", "mixtral", "olmoe", "gpt_oss")
 TOKENS = "16,32,64,128,256,512,1024,2048,4096,8192,16384,32768,65536"
@@ -84,12 +85,6 @@ def experts_module(family: str, device, smoke: bool):
         for p in m.parameters():
             p.normal_(0, 0.02)
     return m, k, rdt
-
-
-def routing(t: int, e: int, k: int, rdt, device, seed: int):
-    g = torch.Generator(device=device).manual_seed(seed)
-    val, idx = torch.randn(t, e, device=device, generator=g).softmax(-1).topk(k, dim=-1)
-    return idx, (val / val.sum(-1, keepdim=True)).to(rdt)
 
 
 def ours_fn(m):
