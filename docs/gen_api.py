@@ -73,6 +73,9 @@ def _entry(name: str, obj) -> list[str]:
     text = repr(obj)
     if " at 0x" in text:  # an address: not the same from one run to the next
         text = f"{type(obj).__name__} of {sorted(obj)}" if isinstance(obj, dict) else f"a {type(obj).__name__}"
+    elif isinstance(obj, str) and os.path.isabs(obj) and os.path.realpath(obj).startswith(os.path.realpath(ROOT)):
+        # a path inside this checkout: the same document wherever the checkout lies (a CI clone, ...)
+        text = "<this checkout>" + obj[len(ROOT):] if obj.startswith(ROOT) else "a path inside this checkout"
     return [f"### constant `{name}`", "", f"`{text if len(text) <= 100 else text[:97] + '...'}`", ""]
 
 
