@@ -48,9 +48,12 @@ def test_contention_trace(tmp_path):
     jobs = [e for evs in tracks.values() for e in evs if e["cat"] == "prefetch"]
     assert len(jobs) == 2 * 3 * 3  # schedules x (warm-up + timed iterations) x ranks
     assert sum("warm-up" in e["name"] for e in jobs) == 2 * 3
-    p = subprocess.run([sys.executable, "-m", "dwdp_comm.bench.cli", "contention", "--backend", "model",
-                        "--trace", str(trace)], capture_output=True, text=True, timeout=240, env=_env(), cwd=ROOT)
-    assert p.returncode == 2 and "--trace: " in p.stderr
+
+
+def test_contention_trace_needs_a_real_backend(tmp_path, capsys):
+    from dwdp_comm.bench import cli
+    rc = cli.main(["contention", "--backend", "model", "--trace", str(tmp_path / "c.json")])
+    assert rc == 2 and "--trace: " in capsys.readouterr().err
 
 
 def test_deepseek_example_trace_and_telemetry(tmp_path):
@@ -61,17 +64,22 @@ def test_deepseek_example_trace_and_telemetry(tmp_path):
     assert p.returncode == 0, p.stdout + p.stderr
     assert sum(line.startswith("# rank ") and " layer " in line for line in p.stdout.splitlines()) == 2 * 2
     _check_run(trace, tel, 2, TOY.top_k)
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "deepseek_layer.py"), "--mode", "dep",
-                        "--trace", str(trace)], capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
-    assert p.returncode != 0 and "need --mode dwdp" in p.stderr
 
 
-def test_hf_example_trace_and_telemetry(tmp_path):
+def test_deepseek_example_trace_needs_dwdp(tmp_path, capsys):
+    from examples import deepseek_layer
+    with pytest.raises(SystemExit) as ei:
+        deepseek_layer.main(["--mode", "dep", "--trace", str(tmp_path / "t.json")])
+    assert ei.value.code != 0 and "need --mode dwdp" in capsys.readouterr().err + str(ei.value.code)
+
+
+def test_hf_example_trace_and_telemetry(tmp_path, capsys):
     pytest.importorskip("transformers")
+    from examples import hf_moe  # in this process (its ranks are spawned as usual): no interpreter start
     trace, tel = tmp_path / "t.json", tmp_path / "tel.json"
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "examples", "hf_moe.py"), "--model", "olmoe", "--layers",
-                        "2", "--world-size", "2", "--trace", str(trace), "--telemetry", str(tel)],
-                       capture_output=True, text=True, timeout=300, env=_env(), cwd=ROOT)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert sum(line.startswith("rank ") and " layer " in line for line in p.stdout.splitlines()) == 2 * 2
+    rc = hf_moe.main(["--model", "olmoe", "--layers", "2", "--world-size", "2", "--trace", str(trace),
+                      "--telemetry", str(tel)])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert sum(line.startswith("rank ") and " layer " in line for line in printed.splitlines()) == 2 * 2
     _check_run(trace, tel, 2, json.loads(tel.read_text())["routing"]["top_k"])
