@@ -37,6 +37,7 @@ from dwdp_comm.bench import record  # noqa: E402
 from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
 from dwdp_comm.kernels import triton_moe  # noqa: E402
+from perf.bench_sizes import experts_module, routing  # noqa: E402  (one home of the experts and routing)
 
 OWNERS = 4
 VARIANTS = ("hf_again", "ours", "ours_vmm", "ours_split", "ours_split_mlp", "ours_notriton", "old")  # the summary's columns
@@ -47,33 +48,11 @@ def log(*a) -> None:
 
 
 def build(family: str, device, smoke: bool):
-    import transformers
+    """HF's experts module of ``family`` (``qwen3``, ``deepseek``) at real size (tiny with ``smoke``),
+    HF's grouped_mm forward and the router's dtype (bf16 for Qwen3, float32 for DeepSeek-V3)."""
     from transformers.integrations import moe as hfmoe
-    if family == "qwen3":
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts as cls
-        cfg = transformers.Qwen3MoeConfig(hidden_size=64 if smoke else 2048, moe_intermediate_size=32 if smoke else 768,
-                                          num_experts=16 if smoke else 128, num_experts_per_tok=8)
-        wdt = torch.bfloat16
-    else:
-        from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3Experts as cls
-        cfg = transformers.DeepseekV3Config(hidden_size=64 if smoke else 7168, moe_intermediate_size=32 if smoke else 2048,
-                                            n_routed_experts=16 if smoke else 256, num_experts_per_tok=8)
-        wdt = torch.float32
-    cfg._experts_implementation = "grouped_mm"
-    with torch.device("meta"):
-        m = cls(cfg)
-    m = m.to_empty(device=device).to(torch.bfloat16)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.02)
-    return m, hfmoe.grouped_mm_experts_forward, wdt
-
-
-def routing(t, e, k, wdt, device, seed):
-    g = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.randn(t, e, device=device, generator=g)
-    val, idx = logits.softmax(-1).topk(k, dim=-1)
-    return idx, (val / val.sum(-1, keepdim=True)).to(wdt)
+    m, _, rdt = experts_module({"qwen3": "qwen3_moe", "deepseek": "deepseek_v3"}[family], device, smoke)
+    return m, hfmoe.grouped_mm_experts_forward, rdt
 
 
 def main(argv=None) -> int:

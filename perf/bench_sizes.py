@@ -36,7 +36,6 @@ from dwdp_comm import moe  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
 from dwdp_comm.bench.split_weights import single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
-from perf.bench_hf_experts import routing  # noqa: E402  (the same random top-k routing)
 
 FAMILIES = ("qwen3_moe", "deepseek_v3", "mixtral", "olmoe", "gpt_oss")
 TOKENS = "16,32,64,128,256,512,1024,2048,4096,8192,16384,32768,65536"
@@ -78,13 +77,25 @@ def experts_module(family: str, device, smoke: bool):
     else:
         raise SystemExit(f"--families: unknown family {family!r}; known: {', '.join(FAMILIES)}")
     cfg._experts_implementation = "grouped_mm"
+    return random_bf16(cls, cfg, device), k, rdt
+
+
+def random_bf16(cls, cfg, device) -> torch.nn.Module:
+    """``cls(cfg)`` built on meta, materialised on ``device`` in bf16, every parameter N(0, 0.02)."""
     with torch.device("meta"):
         m = cls(cfg)
     m = m.to_empty(device=device).to(torch.bfloat16)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02)
-    return m, k, rdt
+    return m
+
+
+def routing(t: int, e: int, k: int, rdt, device, seed: int):
+    """Random top-k routing: ``k`` distinct experts per token, softmax weights renormalised, in ``rdt``."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    val, idx = torch.randn(t, e, device=device, generator=g).softmax(-1).topk(k, dim=-1)
+    return idx, (val / val.sum(-1, keepdim=True)).to(rdt)
 
 
 def ours_fn(m):
@@ -190,13 +201,7 @@ def qwen3_model(layers: int, device, smoke: bool):
         decoder_sparse_step=1, mlp_only_layers=[])
     cfg._experts_implementation = "grouped_mm"
     cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = transformers.Qwen3MoeForCausalLM(cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0, 0.02)
-    return model
+    return random_bf16(transformers.Qwen3MoeForCausalLM, cfg, device).eval()
 
 
 def bench_model(args, device, timer, rows, checks) -> None:
