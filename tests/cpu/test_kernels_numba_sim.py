@@ -27,10 +27,10 @@ MARK = "@@SIM-REPORT@@"
 
 # name: (dtype, (E, K, N, T), weights form, tile config, weight layout)
 CASES = {
-    "fp32_odd_tensor": ("float32", (5, 37, 23, 29), "tensor", "8x8x4", "kn"),
-    "bf16_odd_tensor": ("bfloat16", (5, 37, 23, 29), "tensor", "8x8x4", "kn"),
-    "fp32_per_owner": ("float32", (6, 20, 18, 33), "per_owner", "16x16x4", "kn"),
-    "bf16_segments_transposed": ("bfloat16", (5, 19, 21, 27), "segments", "8x8x4", "nk"),
+    "fp32_odd_tensor": ("float32", (3, 13, 11, 17), "tensor", "8x8x4", "kn"),
+    "bf16_odd_tensor": ("bfloat16", (3, 13, 11, 17), "tensor", "8x8x4", "kn"),
+    "fp32_per_owner": ("float32", (6, 12, 18, 21), "per_owner", "16x16x4", "kn"),
+    "bf16_segments_transposed": ("bfloat16", (5, 11, 13, 17), "segments", "8x8x4", "nk"),
     "fp32_per_expert": ("float32", (4, 12, 10, 20), "per_expert", "8x8x4", "kn"),
     "bf16_separate_allocs": ("bfloat16", (4, 12, 10, 20), "separate_allocs", "8x8x4", "kn"),
     "fp32_single_expert": ("float32", (1, 9, 7, 13), "tensor", "8x8x4", "kn"),
