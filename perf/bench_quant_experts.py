@@ -13,7 +13,8 @@ Variants, per model and token count (128, 1K, 4K, 16K):
               finegrained-fp8 grouped experts forward (needs the hub `kernels` package in recent
               transformers: then it is reported as not running); mxfp4: what HF runs offline, the
               weights dequantized to bf16 and its grouped_mm experts forward on GptOssExperts
-  mxfp4 only: ours_triton / ours_dequant force the Triton kernel / the dequantize path (the rule's data)
+  mxfp4: ours_triton / ours_dequant force the Triton kernel / the dequantize path (the rule's data)
+  fp8_block: ours_triton / ours_cublas force the Triton kernel / the cuBLAS per-expert path (where it runs)
 Correctness first: every variant against the per-expert reference on the dequantized weights
 (relative Frobenius error; fp8 variants quantize activations per 1 x 128, about 2-4 % by itself, so
 their bound is 6e-2, the others' 2e-2) and, at the first size, ours against the reference that
@@ -46,7 +47,7 @@ from dwdp_comm.bench import record  # noqa: E402
 from dwdp_comm.bench.split_weights import SplitWeights, single_rank_group  # noqa: E402
 from dwdp_comm.bench.timing import Timer, rel_err, summarize_times  # noqa: E402
 from dwdp_comm.kernels import quant as Q  # noqa: E402
-from dwdp_comm.kernels import quant_gemm, triton_quant  # noqa: E402
+from dwdp_comm.kernels import cublas_fp8, quant_gemm, triton_quant  # noqa: E402
 
 OWNERS = 4
 MODELS = {"deepseek": dict(E=256, H=7168, I=2048, k=8, fmt="fp8_block"),
@@ -146,13 +147,16 @@ def hf_mxfp4(gu_bf16, dn_bf16, b1, b2, cfg):
 
 
 @contextlib.contextmanager
-def mxfp4_path(path: str):
-    old = quant_gemm.MXFP4_DEQUANT_MIN_ROWS
+def forced_path(path: str):
+    """The rule's thresholds pinned so that ``path`` runs: mxfp4 ``triton`` / ``dequantize``, fp8_block
+    ``triton`` / ``cublas``."""
+    old = quant_gemm.MXFP4_DEQUANT_MIN_ROWS, quant_gemm.FP8_CUBLAS_MIN_ROWS
     quant_gemm.MXFP4_DEQUANT_MIN_ROWS = 0 if path == "dequantize" else float("inf")
+    quant_gemm.FP8_CUBLAS_MIN_ROWS = 0 if path == "cublas" else float("inf")
     try:
         yield
     finally:
-        quant_gemm.MXFP4_DEQUANT_MIN_ROWS = old
+        quant_gemm.MXFP4_DEQUANT_MIN_ROWS, quant_gemm.FP8_CUBLAS_MIN_ROWS = old
 
 
 def time_configs(name, cfg, qw, qs, x, idx, timer, rounds, rows) -> None:
@@ -213,13 +217,15 @@ def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, config
         idx, w = routing(t, E, k, device, args.seed + t)
         fns = {"ours": lambda: moe.experts_forward(x, idx, w, gu, dn, **quant_args),
                "bf16": lambda: moe.experts_forward(x, idx, w, gu_b, dn_b, **extra)}
+        def forced(path):
+            def fn():
+                with forced_path(path):
+                    return moe.experts_forward(x, idx, w, gu, dn, **quant_args)
+            return fn
         if fmt == "mxfp4":
-            def forced(path):
-                def fn():
-                    with mxfp4_path(path):
-                        return moe.experts_forward(x, idx, w, gu, dn, **quant_args)
-                return fn
             fns["ours_triton"], fns["ours_dequant"] = forced("triton"), forced("dequantize")
+        elif cublas_fp8.unavailable_reason(device, 2 * I, H) is None:
+            fns["ours_triton"], fns["ours_cublas"] = forced("triton"), forced("cublas")
         if hf_fn is not None:
             fns["hf"] = lambda: hf_fn(x, idx, w)
         native = quant_gemm.native_unavailable_reason(fmt, device) is None
@@ -254,7 +260,7 @@ def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, config
                 err, info = math.inf, {"error": f"{type(exc).__name__}: {exc}"}
                 log(f"# {name} T={t} {v} FAILED {type(exc).__name__}: {exc}")
                 traceback.print_exc()
-            bound = TOL_FP8 if fmt == "fp8_block" and v in ("ours", "ours_split", "hf") else TOL
+            bound = TOL_FP8 if fmt == "fp8_block" and (v.startswith("ours") or v == "hf") else TOL
             checks.append(dict(model=name, tokens=t, variant=v, rel_err=err, ok=err < bound, bound=bound))
             log(f"check {name:8s} T={t:6d} {v:26s} rel_err={err:.2e} (bound {bound:g}) "
                 f"{'ok' if err < bound else 'WRONG'}" + (f"  [{info.get('gemm')}; {info.get('fallback', '')}]"
@@ -282,10 +288,10 @@ def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, config
 
 
 def table(rows, notes) -> None:
-    cols = ("bf16", "hf", "ours_split", "ours_triton", "ours_dequant")
+    cols = ("bf16", "hf", "ours_split", "ours_triton", "ours_dequant", "ours_cublas")
     log("\n# every column: t_variant / t_ours (median of the per-round ratios; > 1: ours, on local weights, is "
         "faster). bf16 = (a), hf = (b); ours_split: the same quantized path on DWDP's split pieces; "
-        "ours_triton / ours_dequant: mxfp4 forced onto one path (the rule's data)")
+        "ours_triton / ours_dequant / ours_cublas: forced onto one path (the rule's data)")
     log(f"{'model':9s} {'tokens':>7s} {'ours ms':>9s} " + " ".join(f"{c:>13s}" for c in cols))
     for m in MODELS:
         for t in sorted({r["tokens"] for r in rows if r.get("model") == m}):

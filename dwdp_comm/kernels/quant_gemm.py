@@ -1,28 +1,34 @@
 """The quantized grouped GEMMs (``fp8_block``, ``mxfp4``): which path runs, and running it.
 
-Two paths per format:
+The paths:
 
 ``triton``
     The format's own kernel (:mod:`dwdp_comm.kernels.triton_quant`): block-FP8 on Hopper FP8
     tensor cores with the activations quantized per token and per 128 columns, or MXFP4 decoded in
     the kernel for a bf16 MMA. Weight pieces are read in place through a device table of expert
     addresses, so split weights need no host synchronisation either.
+``cublas`` (``fp8_block`` only)
+    One cuBLAS block-scaled ``torch._scaled_mm`` per expert (:mod:`dwdp_comm.kernels.cublas_fp8`):
+    Hopper, 128 x 128 blocks, eager calls with many rows per expert (it reads the row bounds on the
+    host: one host wait a call, one launch per expert). Weight pieces are read in place.
 ``dequantize``
     The weights dequantized into one bf16 ``[E, N, K]`` buffer
     (:func:`dwdp_comm.kernels.quant.dequantize`: one memory-bound Triton pass on CUDA), then the
     bf16 torch path: correct everywhere (CPU included), at the cost of the buffer (2 bytes a
     weight) and its write each call.
 
-:func:`choose_path` is the rule. ``fp8_block``: ``triton`` wherever it runs (Triton importable,
-CUDA sm89+, a power-of-two ``bk`` of at least 32). ``mxfp4``: ``triton`` while the mean rows per
+:func:`choose_path` is the rule. ``fp8_block``: ``cublas`` from :data:`FP8_CUBLAS_MIN_ROWS` mean rows
+per expert where it runs and no CUDA graph capture is running, else ``triton`` wherever it runs
+(Triton importable, CUDA sm89+, a power-of-two ``bk`` of at least 32). ``mxfp4``: ``triton`` while the mean rows per
 expert stay below :data:`MXFP4_DEQUANT_MIN_ROWS` (memory-bound: the kernel reads 4-bit weights,
 the fallback writes and reads 2 bytes a weight), ``dequantize`` from there (compute-bound: the
 bf16 grouped GEMM of torch outruns a Triton kernel that decodes in its inner loop). Change the
 constant after measuring (``perf/bench_quant_experts.py`` times both).
 
-There is no torch op for the block-FP8 recipe: ``torch._scaled_grouped_mm`` /
+There is no grouped torch op for the block-FP8 recipe: ``torch._scaled_grouped_mm`` /
 ``torch.nn.functional.scaled_grouped_mm`` of torch 2.11 take tensor-wise and row-wise fp8 scales
-on sm90 (and MX formats on sm100), not 1 x 128 activation and 128 x 128 weight blocks.
+on sm90 (and MX formats on sm100), not 1 x 128 activation and 128 x 128 weight blocks; the
+single-GEMM ``torch._scaled_mm`` does (cuBLAS 12.9+, sm90), hence the per-expert ``cublas`` path.
 """
 
 from __future__ import annotations
@@ -32,13 +38,21 @@ import dataclasses
 import torch
 
 from ..errors import BackendUnavailableError
-from . import quant, torch_path, triton_quant
+from . import cublas_fp8, quant, torch_path, triton_quant
 from .problem import Problem
 
 __all__ = ["choose_path", "native_unavailable_reason", "run", "dequantized_problem", "PATHS",
-           "MXFP4_DEQUANT_MIN_ROWS"]
+           "MXFP4_DEQUANT_MIN_ROWS", "FP8_CUBLAS_MIN_ROWS"]
 
-PATHS = ("triton", "dequantize")
+PATHS = ("triton", "cublas", "dequantize")
+
+#: fp8_block: mean rows per expert from which the cuBLAS per-expert path runs instead of the Triton
+#: kernel (eager calls on sm90). Not measured yet: set from the Triton kernel's efficiency
+#: (perf/results/quant_experts_h100_r2.json: ~600 TFLOP/s on the gate-up GEMM at 512 rows, well
+#: below what the FP8 tensor cores give) and the host cost of one launch per expert (256 experts:
+#: ~2 ms a projection, hidden behind ~10 ms of GPU work at 512 rows). perf/bench_quant_experts.py
+#: times both (ours_triton / ours_cublas); change it after measuring.
+FP8_CUBLAS_MIN_ROWS = 256
 
 #: mxfp4: mean rows per expert from which the dequantize path runs instead of the Triton kernel.
 #: Measured (H100, first run, GPT-OSS-120B shapes, old kernel and ~90 ms torch dequantize): the
@@ -66,12 +80,23 @@ def native_unavailable_reason(fmt: str, device, block_size=quant.DEFAULT_BLOCK_S
 
 
 def choose_path(fmt: str, device, rows_per_expert: float, block_size=quant.DEFAULT_BLOCK_SIZE,
-                requested: str = "auto") -> tuple[str, str | None]:
+                requested: str = "auto", *, n: int | None = None, k: int | None = None) -> tuple[str, str | None]:
     """``(path, why)``: the path of a ``fmt`` GEMM (:data:`PATHS`) and why it is not the format's
-    own kernel (None when it is). ``requested``: ``"auto"`` (the rule), ``"triton"`` (raises
-    BackendUnavailableError where it cannot run) or ``"dequantize"``."""
+    own kernel (None when it is). ``requested``: ``"auto"`` (the rule), ``"triton"`` or ``"cublas"``
+    (raise BackendUnavailableError where they cannot run) or ``"dequantize"``. ``n``, ``k``: the
+    GEMM's output and reduction sizes (the ``cublas`` path needs them; without them it is not chosen)."""
     if requested == "dequantize":
         return "dequantize", "asked for"
+    if fmt == "fp8_block" and requested in ("auto", "cublas"):
+        why_c = "N and K not given" if n is None or k is None else cublas_fp8.unavailable_reason(device, n, k, block_size)
+        if why_c is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            why_c = "a CUDA graph capture is running (the path reads row bounds on the host)"
+        if requested == "cublas":
+            if why_c:
+                raise BackendUnavailableError(f"fp8_block cuBLAS path: {why_c}")
+            return "cublas", None
+        if why_c is None and rows_per_expert >= FP8_CUBLAS_MIN_ROWS:
+            return "cublas", None
     why = native_unavailable_reason(fmt, device, block_size)
     if requested == "triton":
         if why:
@@ -109,7 +134,8 @@ def run(p: Problem, requested: str = "auto", info: dict | None = None, *, config
     for the Triton kernel (benchmarks). Streams: the current stream; no host wait.
     """
     info = {} if info is None else info
-    path, why = choose_path(p.fmt, p.device, p.num_tokens / max(1, p.num_experts), p.block_size, requested)
+    path, why = choose_path(p.fmt, p.device, p.num_tokens / max(1, p.num_experts), p.block_size, requested,
+                            n=p.N, k=p.K)
     if why and path == "dequantize" and requested == "auto":
         info["fallback"] = why
     if p.num_tokens == 0:  # nothing to compute (e.g. a DEP rank that received no rows)
@@ -122,6 +148,10 @@ def run(p: Problem, requested: str = "auto", info: dict | None = None, *, config
         res = torch_path.run(q, "auto", info, direct_min_rows=direct_min_rows)
         info.update(backend="torch", method="dequantize+" + info.get("method", "?"))
         return res
+    if path == "cublas":  # one host read of the row bounds (a sync where they live on the device)
+        info.update(backend="cublas", method="fp8_block")
+        return cublas_fp8.gemm(p.x, p.groups.ends, p.pieces, _one_scale(p), rows=p.x_rows, top_k=p.x_top_k,
+                               out=p.out)
     info["backend"] = "triton"
     info["method"] = p.fmt
     offs = p.groups.device_offsets(p.device)

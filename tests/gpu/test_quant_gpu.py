@@ -232,3 +232,65 @@ def test_cuda_graph_capture_and_replay(fmt, split, seed):
                                 f"{diff.any(1).nonzero().flatten()[:8].tolist()}; NaN graph/eager "
                                 f"{int(sy.isnan().sum())}/{int(want.isnan().sum())}; max |diff| "
                                 f"{float((sy.float() - want.float()).abs().nan_to_num(float('inf')).max())}")
+
+
+def _need_cublas():
+    from dwdp_comm.kernels import cublas_fp8
+    why = cublas_fp8.unavailable_reason(torch.device("cuda"), 256, 256)
+    if why:
+        pytest.skip(f"cuBLAS block-FP8: {why}")
+
+
+@pytest.mark.parametrize("counts, top_k, split", [([3, 0, 8, 5, 1], None, False), ([13, 0, 130, 7], 2, True),
+                                                  ([4, 8, 4], None, True)])
+def test_cublas_fp8_gemm_matches_oracle(counts, top_k, split):
+    """The cuBLAS per-expert path (real quantizer, real torch._scaled_mm) against the float64 oracle,
+    rows per expert not multiples of 4, a fused gather, weight pieces in separate allocations."""
+    _need_cublas()
+    from dwdp_comm.kernels import cublas_fp8
+    from tests.helpers.cublas_cases import make_case, oracle, ref_scaled_mm
+    x, rows, ends, w, ws = make_case(sum(counts) + len(counts), counts, gather_top_k=top_k)
+    want = oracle(x, rows, top_k or 1, ends, w, ws)
+    x, w, ws = x.cuda(), w.cuda(), ws.cuda()
+    rows = rows.cuda() if rows is not None else None
+    kn = w.transpose(-1, -2)
+    pieces = [(0, kn[:2].clone()), (2, kn[2:])] if split else [(0, kn)]
+    m = ends[-1]
+    out = torch.full((m + 2, w.shape[1]), float("nan"), dtype=torch.bfloat16, device="cuda")
+    got = cublas_fp8.gemm(x, ends, pieces, ws, rows=rows, top_k=top_k or 1, out=out)
+    also = cublas_fp8.gemm(x, ends, pieces, ws, rows=rows, top_k=top_k or 1, quantize=ref_quantize_cuda,
+                           matmul=ref_scaled_mm)
+    torch.cuda.synchronize()
+    assert rel_err(got[:m], want.cuda()) < 1e-2
+    assert rel_err(also[:m], want.cuda()) < 1e-2  # the CPU tests' stand-ins agree on the GPU too
+    assert torch.isnan(got[m:].float()).all()
+
+
+def ref_quantize_cuda(x, group, *, rows, top_k):
+    from tests.helpers.cublas_cases import ref_quantize
+    q, s = ref_quantize(x.cpu(), group, rows=rows.cpu(), top_k=top_k)
+    return q.cuda(), s.cuda()
+
+
+def test_experts_forward_on_the_cublas_path(seed, monkeypatch):
+    """experts_forward with the rule pinned to the cuBLAS path (eager), whole and split weights; under
+    CUDA graph capture the same call takes the Triton kernel (the cuBLAS path reads row bounds on the host)."""
+    _need_cublas()
+    monkeypatch.setattr(quant_gemm, "FP8_CUBLAS_MIN_ROWS", 0)
+    for form in ("whole", "split"):
+        err, info = C.quant_case("cuda", "fp8_block", form=form, seed=seed, E=8, T=301, H=256, I=256, k=4)
+        assert err < 2e-2 and "fallback" not in info, (form, err, info)
+    gu, dn, s1, s2, inputs = _graph_case("fp8_block", seed, False)
+    x, idx, w = inputs(-1)
+    eager = moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=s1, down_scale=s2)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=s1, down_scale=s2)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        sy = moe.experts_forward(x, idx, w, gu, dn, gate_up_scale=s1, down_scale=s2)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(sy, eager.double()) < 2e-2
