@@ -32,9 +32,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 from ..checks import align_up
+from .token_groups import upload_ints
 
 __all__ = ["ALIGN", "Layout", "layout", "segment_scales", "grouped", "gemm", "unavailable_reason", "weight_scales"]
 
@@ -58,6 +60,8 @@ class Layout:
         Real rows (the sorted rows ``0 .. num_rows - 1``).
     dest : torch.Tensor
         int64 ``[num_rows]`` on the device: the padded row of each sorted row.
+    start_t, pad_t : torch.Tensor
+        int64 ``[E]`` on the device: ``starts`` and ``padded``.
     """
 
     starts: list
@@ -66,6 +70,8 @@ class Layout:
     total: int
     num_rows: int
     dest: torch.Tensor
+    start_t: torch.Tensor
+    pad_t: torch.Tensor
 
     @property
     def identity(self) -> bool:
@@ -76,7 +82,7 @@ class Layout:
 def layout(ends, align: int, device) -> Layout:
     """The padded layout of experts with end offsets ``ends`` (host ints, one per expert).
 
-    ``dest`` is built on ``device`` from two small host lists (no host wait)."""
+    The device tensors come from three small host arrays staged through pinned memory: no host wait."""
     ends = [int(v) for v in ends]
     rows = [b - a for a, b in zip([0] + ends[:-1], ends)]
     padded = [align_up(r, align) for r in rows]
@@ -85,10 +91,13 @@ def layout(ends, align: int, device) -> Layout:
         starts.append(acc)
         acc += p
     m = ends[-1] if ends else 0
-    shift = torch.tensor([s - (e - r) for s, e, r in zip(starts, ends, rows)], dtype=torch.int64).to(device)
-    counts = torch.tensor(rows, dtype=torch.int64).to(device)
+    device = torch.device(device)
+    up = upload_ints(np.array([starts, padded, [s - (e - r) for s, e, r in zip(starts, ends, rows)], rows],
+                              dtype=np.int64).reshape(4, -1), device).long()
+    start_t, pad_t, shift, counts = up
     dest = torch.arange(m, device=device) + torch.repeat_interleave(shift, counts, output_size=m)
-    return Layout(starts=starts, rows=rows, padded=padded, total=acc, num_rows=m, dest=dest)
+    return Layout(starts=starts, rows=rows, padded=padded, total=acc, num_rows=m, dest=dest,
+                  start_t=start_t, pad_t=pad_t)
 
 
 def segment_scales(xs: torch.Tensor, lay: Layout) -> torch.Tensor:
@@ -100,8 +109,7 @@ def segment_scales(xs: torch.Tensor, lay: Layout) -> torch.Tensor:
     device and stream."""
     kb, p = int(xs.shape[0]), int(xs.shape[1])
     dev = xs.device
-    pad_t = torch.tensor(lay.padded, dtype=torch.int64).to(dev)
-    start_t = torch.tensor(lay.starts, dtype=torch.int64).to(dev)
+    pad_t, start_t = lay.pad_t, lay.start_t
     length = torch.repeat_interleave(pad_t, pad_t, output_size=p)          # block rows, per padded row
     base = torch.repeat_interleave(start_t * (kb - 1), pad_t, output_size=p)  # start * KB - start
     j = torch.arange(p, device=dev)
