@@ -54,7 +54,8 @@ Modules (this package only re-exports their public names):
 ``numba_grouped``          the Numba CUDA kernel (imported on first use)
 ``triton_moe``             fused Triton activation and row combine
 ``quant``                  quantized weight formats (``WEIGHT_FORMATS``), checks, ``dequantize``
-``quant_gemm``             the ``fp8_block`` / ``mxfp4`` GEMM: path rule, Triton or dequantize
+``quant_gemm``             the ``fp8_block`` / ``mxfp4`` GEMM: path rule, Triton, cuBLAS or dequantize
+``cublas_fp8``             the block-FP8 GEMM as one cuBLAS ``torch._scaled_mm`` per expert (sm90)
 ``triton_quant``           the Triton block-FP8 / MXFP4 grouped GEMMs (imported on first use)
 ``triton_route``           fused Triton route-permute of small batches (sort, offsets, gather)
 =========================  ==================================================================
