@@ -18,7 +18,7 @@ The paths:
     weight) and its write each call.
 
 :func:`choose_path` is the rule. ``fp8_block``: ``cublas`` from :data:`FP8_CUBLAS_MIN_ROWS` mean rows
-per expert where it runs and no CUDA graph capture is running, else ``triton`` wherever it runs
+per expert (off until measured) where it runs and no CUDA graph capture is running, else ``triton`` wherever it runs
 (Triton importable, CUDA sm89+, a power-of-two ``bk`` of at least 32). ``mxfp4``: ``triton`` while the mean rows per
 expert stay below :data:`MXFP4_DEQUANT_MIN_ROWS` (memory-bound: the kernel reads 4-bit weights,
 the fallback writes and reads 2 bytes a weight), ``dequantize`` from there (compute-bound: the
@@ -47,12 +47,14 @@ __all__ = ["choose_path", "native_unavailable_reason", "run", "dequantized_probl
 PATHS = ("triton", "cublas", "dequantize")
 
 #: fp8_block: mean rows per expert from which the cuBLAS per-expert path runs instead of the Triton
-#: kernel (eager calls on sm90). Not measured yet: set from the Triton kernel's efficiency
-#: (perf/results/quant_experts_h100_r2.json: ~600 TFLOP/s on the gate-up GEMM at 512 rows, well
-#: below what the FP8 tensor cores give) and the host cost of one launch per expert (256 experts:
-#: ~2 ms a projection, hidden behind ~10 ms of GPU work at 512 rows). perf/bench_quant_experts.py
-#: times both (ours_triton / ours_cublas); change it after measuring.
-FP8_CUBLAS_MIN_ROWS = 256
+#: kernel (eager calls on sm90). Off (infinite) until measured: this path has not run on a GPU yet
+#: (no device could be started in the session that wrote it). Expected from the Triton kernel's
+#: efficiency (perf/results/quant_experts_h100_r2.json: ~600 TFLOP/s on the gate-up GEMM at 512
+#: rows, well below the FP8 tensor cores) and the host cost of one launch per expert (256 experts:
+#: ~2 ms a projection, hidden behind ~10 ms of GPU work at 512 rows) to win from a few hundred rows.
+#: perf/bench_quant_experts.py times both (ours_triton / ours_cublas) and tests/gpu/test_quant_gpu.py
+#: checks it: set the bound from those numbers.
+FP8_CUBLAS_MIN_ROWS = float("inf")
 
 #: mxfp4: mean rows per expert from which the dequantize path runs instead of the Triton kernel.
 #: Measured (H100, first run, GPT-OSS-120B shapes, old kernel and ~90 ms torch dequantize): the
@@ -87,7 +89,8 @@ def choose_path(fmt: str, device, rows_per_expert: float, block_size=quant.DEFAU
     GEMM's output and reduction sizes (the ``cublas`` path needs them; without them it is not chosen)."""
     if requested == "dequantize":
         return "dequantize", "asked for"
-    if fmt == "fp8_block" and requested in ("auto", "cublas"):
+    wants_cublas = requested == "cublas" or (requested == "auto" and rows_per_expert >= FP8_CUBLAS_MIN_ROWS)
+    if fmt == "fp8_block" and wants_cublas:  # probed only when wanted (the probe waits for the device once)
         why_c = "N and K not given" if n is None or k is None else cublas_fp8.unavailable_reason(device, n, k, block_size)
         if why_c is None and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             why_c = "a CUDA graph capture is running (the path reads row bounds on the host)"
@@ -95,7 +98,7 @@ def choose_path(fmt: str, device, rows_per_expert: float, block_size=quant.DEFAU
             if why_c:
                 raise BackendUnavailableError(f"fp8_block cuBLAS path: {why_c}")
             return "cublas", None
-        if why_c is None and rows_per_expert >= FP8_CUBLAS_MIN_ROWS:
+        if why_c is None:
             return "cublas", None
     why = native_unavailable_reason(fmt, device, block_size)
     if requested == "triton":

@@ -72,7 +72,9 @@ def test_unavailable_reasons_name_what_is_missing():
         assert "multiples of 128" in cublas_fp8.unavailable_reason("cuda", 200, 256)
 
 
-def test_rule_picks_cublas_only_where_it_runs():
+def test_rule_picks_cublas_only_where_it_runs(monkeypatch):
+    assert quant_gemm.choose_path("fp8_block", "cpu", 10_000, n=256, k=256)[0] == "dequantize"
+    monkeypatch.setattr(quant_gemm, "FP8_CUBLAS_MIN_ROWS", 0)
     assert quant_gemm.choose_path("fp8_block", "cpu", 10_000, n=256, k=256)[0] == "dequantize"
     with pytest.raises(BackendUnavailableError, match="cuBLAS path: device cpu"):
         quant_gemm.choose_path("fp8_block", "cpu", 10_000, requested="cublas", n=256, k=256)
