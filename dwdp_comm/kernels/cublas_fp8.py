@@ -239,14 +239,14 @@ def _probe(index: int) -> str | None:
         return _PROBED[index]
     dev = torch.device("cuda", index)
     why = None
-    try:
-        a = torch.ones(4, 128, device=dev).to(torch.float8_e4m3fn)
-        b = torch.ones(128, 128, device=dev).to(torch.float8_e4m3fn).t()   # [K, N] column-major
-        sa = torch.ones(1, 4, device=dev).t()   # [M=4, K/128=1], stride [1, 4]
-        sb = torch.ones(1, 4, device=dev).t()   # [L4=4, N/128=1], stride [1, 4]
+    try:  # K = N = 256: with one 128-block the scale shapes would read as the row-wise recipe
+        a = torch.ones(4, 256, device=dev).to(torch.float8_e4m3fn)
+        b = torch.ones(256, 256, device=dev).to(torch.float8_e4m3fn).t()   # [K, N] column-major
+        sa = torch.ones(2, 4, device=dev).t()   # [M=4, K/128=2], stride [1, 4]
+        sb = torch.ones(2, 4, device=dev).t()   # [L4=4, N/128=2], stride [1, 4]
         got = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
         torch.cuda.synchronize(dev)
-        if not bool((got.float() == 128.0).all()):
+        if not bool((got.float() == 256.0).all()):
             why = "torch._scaled_mm's block-scaled GEMM gave wrong values in the probe"
     except Exception as exc:  # noqa: BLE001 - any failure means the path is not there
         why = f"torch._scaled_mm block-scaled (1x128, 128x128) GEMM failed: {type(exc).__name__}: {str(exc)[:160]}"
@@ -257,16 +257,18 @@ def _probe(index: int) -> str | None:
 def unavailable_reason(device, n: int, k: int, block_size=(128, 128)) -> str | None:
     """None when :func:`gemm` runs on ``device`` for ``[.., K] x [K, N]`` with ``block_size``, else why not.
 
-    Needs: CUDA sm90 (torch's block-scaled ``_scaled_mm`` recipe is Hopper's), 128 x 128 blocks, N
-    and K multiples of 128, and a successful probe GEMM (run once per device: a host wait; under
-    CUDA graph capture, an unprobed device counts as unavailable)."""
+    Needs: 128 x 128 blocks; N and K multiples of 128 and at least 256 (with one block the scales
+    read as row-wise ones); CUDA sm90 (torch's block-scaled ``_scaled_mm`` recipe is Hopper's); a
+    successful probe GEMM (run once per device: a host wait; under CUDA graph capture, an
+    unprobed device counts as unavailable)."""
+    if tuple(block_size) != (128, 128):
+        return f"block_size {tuple(block_size)} (the cuBLAS recipe is 128 x 128)"
+    if n % 128 or k % 128 or n < 256 or k < 256:
+        # one 128-block along K or N gives scale shapes torch reads as the row-wise recipe
+        return f"N={n}, K={k} (the cuBLAS recipe here needs multiples of 128, at least 256)"
     device = torch.device(device)
     if device.type != "cuda":
         return f"device {device} (cuBLAS block-FP8 runs on CUDA)"
-    if tuple(block_size) != (128, 128):
-        return f"block_size {tuple(block_size)} (the cuBLAS recipe is 128 x 128)"
-    if n % 128 or k % 128:
-        return f"N={n}, K={k} (the cuBLAS recipe needs multiples of 128)"
     index = device.index if device.index is not None else torch.cuda.current_device()
     if torch.cuda.get_device_capability(index) != (9, 0):
         return f"compute capability {torch.cuda.get_device_capability(index)} (torch's block-FP8 _scaled_mm is sm90)"

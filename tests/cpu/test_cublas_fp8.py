@@ -67,9 +67,9 @@ def test_weight_scales_pad_k_blocks_to_four_without_copying_when_not_needed():
 
 def test_unavailable_reasons_name_what_is_missing():
     assert "CUDA" in cublas_fp8.unavailable_reason("cpu", 256, 256)
-    if torch.cuda.is_available():
-        assert "128 x 128" in cublas_fp8.unavailable_reason("cuda", 256, 256, (64, 64))
-        assert "multiples of 128" in cublas_fp8.unavailable_reason("cuda", 200, 256)
+    assert "128 x 128" in cublas_fp8.unavailable_reason("cpu", 256, 256, (64, 64))
+    assert "multiples of 128" in cublas_fp8.unavailable_reason("cpu", 200, 256)
+    assert "at least 256" in cublas_fp8.unavailable_reason("cpu", 256, 128)  # would read as row-wise scales
 
 
 def test_rule_picks_cublas_only_where_it_runs(monkeypatch):
