@@ -9,8 +9,9 @@ size and variant:
 - ``host_ms``: the host's time to enqueue them (close to ``wall_ms`` when the host is the bound or
   waits for the GPU inside a forward);
 - ``gpu_ms``: one forward bracketed by CUDA events after a sync (includes the GPU's idle gaps);
-- ``syncs``: CUDA runtime calls per forward that make the host wait (stream/event/device
-  synchronize, device-to-host copies, ``aten::_local_scalar_dense``), from torch.profiler;
+- ``syncs``: CUDA runtime calls per forward that can make the host wait (stream/event/device
+  synchronize, memcpy calls, ``aten::_local_scalar_dense``) and the copies by direction (``Memcpy
+  DtoH`` etc., GPU side), from torch.profiler;
 - ``top``: the ten CUDA kernels with the most GPU time per forward.
 Usage: python3 -m perf.profile_model [--prefill 256,1024,4096] [--calls 20] [--json FILE]
 """
@@ -30,7 +31,8 @@ from dwdp_comm.bench.split_weights import single_rank_group
 from .bench_sizes import qwen3_model
 
 SYNC_NAMES = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize", "cudaMemcpy",
-              "aten::_local_scalar_dense", "aten::item", "cudaStreamWaitEvent", "cuStreamWaitValue32")
+              "aten::_local_scalar_dense", "aten::item", "cudaStreamWaitEvent", "cuStreamWaitValue32",
+              "Memcpy DtoH", "Memcpy HtoD", "Memcpy DtoD")  # the last three: the copies' direction (GPU side)
 
 
 def log(*a) -> None:
