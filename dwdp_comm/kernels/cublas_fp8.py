@@ -3,7 +3,8 @@
 cuBLAS (12.9+) runs the block-FP8 recipe on Hopper: activations scaled per row and 128 columns,
 weights per 128 x 128 block, float32 scales. torch (2.9+) reaches it through ``torch._scaled_mm``
 with the scales' shapes and strides naming the recipe: ``scale_a`` ``[M, K/128]`` column-major
-(stride ``[1, M]``), ``scale_b`` ``[L4, N/128]`` column-major (``L4`` = ``K/128`` rounded up to 4).
+(stride ``[1, M]``), ``scale_b`` ``[K/128, N/128]`` column-major with leading dimension ``L4`` =
+``K/128`` rounded up to 4 (stride ``[1, L4]``).
 There is no grouped form on sm90 (``torch._scaled_grouped_mm`` takes row-wise scales there), so
 this path launches one GEMM per expert with rows. It needs the row bounds on the host: one host
 wait per call (eager only: never under CUDA graph capture, where the Triton kernel runs) and one
@@ -19,8 +20,8 @@ expert (:func:`segment_scales`: one scatter), each expert's GEMM writes its padd
 never read.
 
 Weights are read in place: expert ``e``'s ``[K, N]`` view of its piece (local or prefetched
-slot) is the column-major operand cuBLAS takes, its scales ``[N/128, K/128]`` transposed the
-column-major ``scale_b``.
+slot) is the column-major operand cuBLAS takes, its scales ``[N/128, K/128]`` (padded to ``L4``
+columns) transposed the column-major ``scale_b``.
 
 :func:`gemm` composes the steps; its ``quantize`` and ``matmul`` arguments (default: the Triton
 activation quantizer, ``torch._scaled_mm``) let the CPU tests run the same composition with
@@ -38,7 +39,8 @@ import torch
 from ..checks import align_up
 from .token_groups import upload_ints
 
-__all__ = ["ALIGN", "Layout", "layout", "segment_scales", "grouped", "gemm", "unavailable_reason", "weight_scales"]
+__all__ = ["ALIGN", "Layout", "layout", "segment_scales", "grouped", "gemm", "unavailable_reason", "weight_scales",
+           "probe_operands"]
 
 #: Rows of each expert's block in the padded buffer are a multiple of this: the activation scales'
 #: leading dimension (the block's rows) in 16-byte units of float32 (cuBLAS's alignment).
@@ -121,8 +123,9 @@ def segment_scales(xs: torch.Tensor, lay: Layout) -> torch.Tensor:
 
 def weight_scales(scales: torch.Tensor) -> torch.Tensor:
     """``[E, N/128, K/128]`` float32 block scales as ``[E, N/128, L4]`` with ``L4`` = ``K/128`` rounded
-    up to 4 (zeros past ``K/128``): ``w[e].t()`` is then the column-major ``scale_b`` of expert ``e``.
-    No copy when the scales are already contiguous with ``K/128`` a multiple of 4."""
+    up to 4 (zeros past ``K/128``): ``w[e].t()[:K/128]`` is then the column-major ``scale_b`` of expert
+    ``e`` (shape ``[K/128, N/128]``, stride ``[1, L4]``). No copy when the scales are already
+    contiguous with ``K/128`` a multiple of 4."""
     e, nb, kb = (int(v) for v in scales.shape)
     l4 = align_up(kb, 4)
     if l4 == kb and scales.is_contiguous() and scales.dtype == torch.float32:
@@ -166,7 +169,7 @@ def grouped(xq: torch.Tensor, xs_seg: torch.Tensor, pieces: list, w_scales: torc
         if p == 0:
             continue
         sa = xs_seg[s * kb:(s + p) * kb].view(kb, p).t()
-        mm(xq[s:s + p], _expert_weight(pieces, e), scale_a=sa, scale_b=w_scales[e].t(),
+        mm(xq[s:s + p], _expert_weight(pieces, e), scale_a=sa, scale_b=w_scales[e].t()[:kb],
            out_dtype=out.dtype, out=out[s:s + p])
     return out
 
@@ -233,17 +236,25 @@ def gemm(x: torch.Tensor, ends, pieces: list, scales: torch.Tensor, *, rows: tor
 _PROBED: dict = {}  # device index -> None (runs) or why not
 
 
+def probe_operands(device) -> tuple:
+    """``(a, b, scale_a, scale_b)`` of the availability probe: ``[4, 256] x [256, 256]``, all ones (the
+    product is 256 everywhere); two K blocks, so ``scale_b``'s leading dimension (``L4`` = 4) differs
+    from its rows (``K/128`` = 2), as in real calls where ``K/128`` is not a multiple of 4."""
+    a = torch.ones(4, 256, device=device).to(torch.float8_e4m3fn)
+    b = torch.ones(256, 256, device=device).to(torch.float8_e4m3fn).t()   # [K, N] column-major
+    sa = torch.ones(2, 4, device=device).t()       # [M=4, K/128=2], stride [1, 4]
+    sb = torch.ones(2, 4, device=device).t()[:2]   # [K/128=2, N/128=2], stride [1, L4=4]
+    return a, b, sa, sb
+
+
 def _probe(index: int) -> str | None:
     """Run one tiny block-scaled GEMM on device ``index`` (a host wait, once per device)."""
     if index in _PROBED:
         return _PROBED[index]
     dev = torch.device("cuda", index)
     why = None
-    try:  # K = N = 256: with one 128-block the scale shapes would read as the row-wise recipe
-        a = torch.ones(4, 256, device=dev).to(torch.float8_e4m3fn)
-        b = torch.ones(256, 256, device=dev).to(torch.float8_e4m3fn).t()   # [K, N] column-major
-        sa = torch.ones(2, 4, device=dev).t()   # [M=4, K/128=2], stride [1, 4]
-        sb = torch.ones(2, 4, device=dev).t()   # [L4=4, N/128=2], stride [1, 4]
+    try:
+        a, b, sa, sb = probe_operands(dev)
         got = torch._scaled_mm(a, b, scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16)
         torch.cuda.synchronize(dev)
         if not bool((got.float() == 256.0).all()):
@@ -257,15 +268,13 @@ def _probe(index: int) -> str | None:
 def unavailable_reason(device, n: int, k: int, block_size=(128, 128)) -> str | None:
     """None when :func:`gemm` runs on ``device`` for ``[.., K] x [K, N]`` with ``block_size``, else why not.
 
-    Needs: 128 x 128 blocks; N and K multiples of 128 and at least 256 (with one block the scales
-    read as row-wise ones); CUDA sm90 (torch's block-scaled ``_scaled_mm`` recipe is Hopper's); a
+    Needs: 128 x 128 blocks; N and K multiples of 128; CUDA sm90 (torch's block-scaled ``_scaled_mm`` recipe is Hopper's); a
     successful probe GEMM (run once per device: a host wait; under CUDA graph capture, an
     unprobed device counts as unavailable)."""
     if tuple(block_size) != (128, 128):
         return f"block_size {tuple(block_size)} (the cuBLAS recipe is 128 x 128)"
-    if n % 128 or k % 128 or n < 256 or k < 256:
-        # one 128-block along K or N gives scale shapes torch reads as the row-wise recipe
-        return f"N={n}, K={k} (the cuBLAS recipe here needs multiples of 128, at least 256)"
+    if n % 128 or k % 128:
+        return f"N={n}, K={k} (the cuBLAS recipe needs multiples of 128)"
     device = torch.device(device)
     if device.type != "cuda":
         return f"device {device} (cuBLAS block-FP8 runs on CUDA)"

@@ -12,19 +12,29 @@ import torch
 from dwdp_comm.kernels import cublas_fp8, reference
 
 
+def _meta_like(t):
+    return torch.empty_strided(tuple(t.shape), t.stride(), dtype=t.dtype, device="meta")
+
+
 def ref_scaled_mm(a, b, *, scale_a, scale_b, out_dtype, out):
+    """``torch._scaled_mm``'s block-scaled recipe in float32, after two contract checks: torch's own
+    (its meta kernel, on operands of the same shapes, strides and dtypes: it names the recipe from
+    the scales' shapes) and the layout cuBLAS documents (scale leading dimensions, 4-row blocks)."""
     m, k = a.shape
     n = b.shape[1]
     kb, l4 = k // 128, -(-(k // 128) // 4) * 4
+    got = torch._scaled_mm(_meta_like(a), _meta_like(b), scale_a=_meta_like(scale_a), scale_b=_meta_like(scale_b),
+                           out_dtype=out_dtype)  # raises where torch would refuse the call
+    assert tuple(got.shape) == (m, n) and got.dtype == out_dtype
     assert a.dtype == torch.float8_e4m3fn and a.stride(1) == 1, (a.dtype, a.stride())
     assert b.dtype == torch.float8_e4m3fn and b.shape[0] == k and b.stride(0) == 1, (b.dtype, b.shape, b.stride())
     assert scale_a.dtype == torch.float32 and tuple(scale_a.shape) == (m, kb), scale_a.shape
     assert scale_a.stride(0) == 1 and (scale_a.stride(1) == m or kb == 1), scale_a.stride()
-    assert scale_b.dtype == torch.float32 and tuple(scale_b.shape) == (l4, n // 128), scale_b.shape
+    assert scale_b.dtype == torch.float32 and tuple(scale_b.shape) == (kb, n // 128), scale_b.shape
     assert scale_b.stride(0) == 1 and scale_b.stride(1) == l4, scale_b.stride()
     assert m % cublas_fp8.ALIGN == 0 and out.is_contiguous() and tuple(out.shape) == (m, n)
     sa = scale_a.repeat_interleave(128, 1)
-    sb = scale_b[:kb].repeat_interleave(128, 0).repeat_interleave(128, 1)
+    sb = scale_b.repeat_interleave(128, 0).repeat_interleave(128, 1)
     out.copy_(((a.float() * sa) @ (b.float() * sb)).to(out_dtype))
     return out
 
