@@ -10,6 +10,21 @@ box() { local name="$1" secs="$2"; shift 2; local t0=$(date +%s)
         timeout --kill-after=5 "$secs" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
         echo "=== $name rc=$rc $(( $(date +%s) - t0 ))s"; }
 T=tests/gpu
+# Opt-in diagnosis steps, first (T_DIAG, T_QUANT > 0): issue 24's 1K prefill (host split per layer,
+# profile with copy directions) and issue 23's cuBLAS block-FP8 path (its tests, then its timing).
+if [ "${T_DIAG:-0}" != 0 ]; then
+    box profile_model "$T_DIAG" python3 -m perf.profile_model --prefill 256,1024 --json "$OUT/profile_model.json"
+    grep -sE "^T=|      " "$OUT/profile_model.log" | cut -c1-230
+    box host_cost "$T_DIAG" python3 -m perf.host_cost --parts model --model-tokens 256,1024 --json "$OUT/host_cost.json"
+    grep -s "model " "$OUT/host_cost.log" | cut -c1-250
+fi
+if [ "${T_QUANT:-0}" != 0 ]; then
+    box cublas_tests 120 python3 -m pytest -q -rs --tb=short -p no:cacheprovider $T/test_quant_gpu.py -k cublas
+    tail -6 "$OUT/cublas_tests.log" | cut -c1-250
+    box quant "$T_QUANT" python3 -m perf.bench_quant_experts --models deepseek --tokens 4096,16384 --no-configs \
+        --rounds 2 --json "$OUT/quant_experts.json"
+    grep -sE "^deepseek|WRONG|FAILED" "$OUT/quant.log" | tail -12 | cut -c1-250
+fi
 # T_FILES: the GPU test files (default: every file of tests/gpu, changed areas first); T_TESTS=0 skips them
 T_FILES="${T_FILES:-$T/test_quant_gpu.py $T/test_lean_gpu.py $T/test_slot_free_gpu.py $T/test_hf_gpu.py \
     $T/test_telemetry_gpu.py $T/test_graphs_gpu.py $T/test_experts_gpu.py $T/test_gpu_backends.py \
