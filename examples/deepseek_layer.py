@@ -46,15 +46,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
-from datetime import datetime, timezone
 
 import torch
 
 import dwdp_comm as dc
+from dwdp_comm.bench import record
 from dwdp_comm.moe.runner import Runner, memory_unit, tokens_per_s_per_gpu
 
 
@@ -167,12 +165,8 @@ def main(argv=None) -> int:
         print("# weights, used: device memory, measured on GPUs only (-: not measured on CPU)")
     print(f"# tokens/s/GPU: {summary['tokens_per_s_per_gpu']:.1f}")
     if args.json:
-        commit = os.environ.get("DWDP_GIT_COMMIT") or subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-            cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
         meta = {"machine": platform.node(), "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
-                "torch": torch.__version__, "commit": commit,
-                "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+                "torch": torch.__version__, "commit": record.commit(short=True) or "", "date": record.utc_date()}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "args": vars(args), **summary}, f, indent=1)
     if not ok:

@@ -29,18 +29,16 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 
 os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # before torch is imported
 import torch  # noqa: E402
 
 import dwdp_comm as dc  # noqa: E402
 from dwdp_comm import moe  # noqa: E402
+from dwdp_comm.bench import record  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def parse_args(argv=None):
@@ -160,15 +158,12 @@ def main(argv=None) -> int:
     args.token_list = [int(t) for t in (args.tokens or default_tokens).split(",")]
     if args.smoke:
         args.layers, args.iters, args.warmup = min(args.layers, 2), min(args.iters, 2), 1
-    path = args.out or (os.path.join(os.environ["OUT"], "bench_graphs.json") if os.environ.get("OUT") else None)
+    path = record.result_path(args.out, "bench_graphs.json")
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     print(f"# bench_graphs: backend={backend} world={args.world_size} gpus={gpus} layers={args.layers} "
           f"experts={args.experts if not args.smoke else moe.TOY.num_experts} tokens={args.token_list}", flush=True)
     results = dc.testing.launch(rank_main, args.world_size, vars(args), backend=backend, timeout=3000)
-    commit = os.environ.get("DWDP_GIT_COMMIT") or subprocess.run(
-        ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=HERE).stdout.strip()
-    meta = {"machine": platform.node(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "commit": commit, "torch": torch.__version__, "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
+    meta = {"machine": platform.node(), "date": record.utc_date(), "commit": record.commit() or "", "torch": torch.__version__, "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
             "world_size": args.world_size, "backend": backend,
             "ranks_share_gpus": bool(gpus) and args.world_size > gpus,
             "note": ("ranks share GPUs: iteration times include the other ranks' work on the same GPU; host times "

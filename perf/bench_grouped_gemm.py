@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import os
 import statistics
@@ -648,11 +647,8 @@ def main(argv=None) -> int:
                           "t_raw / t_variant within a round, median over rounds; times are medians"),
                   results=rows, checks=checks, ratios=ratios, host=host, unavailable=unavailable,
                   elapsed_s=round(elapsed, 1))
-    path = args.json or (os.path.join(os.environ["OUT"], "grouped_gemm.json") if os.environ.get("OUT") else None)
+    path = record.write_json(record.result_path(args.json, "grouped_gemm.json"), result)
     if path:
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
         log(f"# wrote {path}")
     return 1 if any(not c["ok"] for c in checks) else 0
 

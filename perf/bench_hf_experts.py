@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import sys
 
@@ -157,10 +156,8 @@ def main(argv=None) -> int:
     result = dict(env=info, args=vars(args), seed=seed, method="dwdp_comm.bench.timing.Timer: sustained blocks, "
                   "random order per round, ratio t_hf / t_variant within a round, median over rounds",
                   results=rows, checks=checks)
-    path = args.json or (os.path.join(os.environ["OUT"], "hf_experts.json") if os.environ.get("OUT") else None)
+    path = record.write_json(record.result_path(args.json, "hf_experts.json"), result)
     if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
         log(f"# wrote {path}")
     stack.close()
     return 1 if any(not c["ok"] for c in checks) else 0

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
-import json
 import math
 import os
 import sys
@@ -356,10 +355,8 @@ def main(argv=None) -> int:
     result = dict(env=info, args=vars(args), method="dwdp_comm.bench.timing.Timer: sustained blocks, random order "
                   "per round, ratio within a round, median over rounds", results=rows, configs=configs,
                   checks=checks, notes=notes, mxfp4_dequant_min_rows=quant_gemm.MXFP4_DEQUANT_MIN_ROWS)
-    path = args.json or (os.path.join(os.environ["OUT"], "quant_experts.json") if os.environ.get("OUT") else None)
+    path = record.write_json(record.result_path(args.json, "quant_experts.json"), result)
     if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
         log(f"# wrote {path}")
     return 1 if bad else 0
 

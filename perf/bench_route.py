@@ -17,8 +17,6 @@ Usage: python3 -m perf.bench_route [--families ...] [--tokens 16,...,2048] [--js
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 
 import torch
@@ -100,10 +98,8 @@ def main(argv=None) -> int:
             del graphs
     result = dict(env=info, args=vars(args), max_work=triton_route.MAX_WORK, max_rows=triton_route.MAX_ROWS,
                   method=__doc__.split("\n\n")[1], results=rows, wrong=bad)
-    path = args.json or (os.path.join(os.environ["OUT"], "bench_route.json") if os.environ.get("OUT") else None)
+    path = record.write_json(record.result_path(args.json, "bench_route.json"), result)
     if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
         log(f"# wrote {path}")
     return 1 if bad else 0
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import sys
 import time
@@ -312,10 +311,8 @@ def main(argv=None) -> int:
                   "calls, random order per round, ratio t_hf / t_ours within a round, median over rounds; graphs: "
                   "replays of captured forwards timed the same way; decode: wall clock of generate, median",
                   results=rows, checks=checks)
-    path = args.json or (os.path.join(os.environ["OUT"], "bench_sizes.json") if os.environ.get("OUT") else None)
+    path = record.write_json(record.result_path(args.json, "bench_sizes.json"), result)
     if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
         log(f"# wrote {path}")
     return 1 if any(not c["ok"] for c in checks) else 0
 

@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         args.layers, args.iters, args.rounds, args.warmup = min(args.layers, 2), min(args.iters, 2), 2, 1
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
     args.world_size = args.world_size or max(2, gpus)
-    out = args.out or (os.path.join(os.environ["OUT"], "bench_telemetry.json") if os.environ.get("OUT") else None)
+    out = record.result_path(args.out, "bench_telemetry.json")
     trace = args.trace or (os.path.join(os.path.dirname(out) or ".", "bench_telemetry_trace.json") if out else None)
     print(f"# bench_telemetry: backend={backend} world={args.world_size} gpus={gpus} layers={args.layers} "
           f"experts={_config(args).num_experts} tokens={args.token_list} iters={args.iters} x {args.rounds} rounds",

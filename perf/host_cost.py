@@ -43,8 +43,6 @@ import argparse
 import collections
 import contextlib
 import copy
-import json
-import os
 import statistics
 import sys
 import time
@@ -483,10 +481,8 @@ def main(argv=None) -> int:
         if "model" in args.parts.split(","):
             part_model(args, device, probes, rows)
     result = dict(env=info, args=vars(args), emulate_cuda_path=emulate, method=__doc__.split("\n\n")[1], results=rows)
-    path = args.json or (os.path.join(os.environ["OUT"], "host_cost.json") if os.environ.get("OUT") else None)
+    path = record.write_json(record.result_path(args.json, "host_cost.json"), result)
     if path:
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1, default=str)
         log(f"# wrote {path}")
     return 0
 

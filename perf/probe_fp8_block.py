@@ -18,8 +18,6 @@ Usage: python3 -m perf.probe_fp8_block [--rows 128,512] [--reps 5] [--json FILE]
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import torch
@@ -135,11 +133,9 @@ def main(argv=None) -> int:
     for rows in [int(v) for v in a.rows.split(",")]:
         probe_gemm("gate_up", 4096, 7168, a.experts, rows, a.reps, dev, out)
         probe_gemm("down", 7168, 2048, a.experts, rows, a.reps, dev, out)
-    path = a.json or (os.path.join(os.environ["OUT"], "probe_fp8_block.json") if os.environ.get("OUT") else None)
-    if path:
-        with open(path, "w") as f:
-            json.dump(dict(env=record.env_info(dev, modules=("triton",)), args=vars(a), method=__doc__.splitlines()[0],
-                           results=out), f, indent=1, default=str)
+    record.write_json(record.result_path(a.json, "probe_fp8_block.json"),
+                      dict(env=record.env_info(dev, modules=("triton",)), args=vars(a),
+                           method=__doc__.splitlines()[0], results=out))
     return 0
 
 

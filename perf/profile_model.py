@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import time
 
 import torch
@@ -108,11 +106,9 @@ def main(argv=None) -> int:
                     f"kernels {r['kernel_ms']:.3f}; syncs/forward {r['syncs']}")
                 for k in r["top"][:6]:
                     log(f"      {k['ms']:.4f} ms x{k['calls']:.0f} {k['name']}")
-    path = a.json or (os.path.join(os.environ["OUT"], "profile_model.json") if os.environ.get("OUT") else None)
-    if path:
-        with open(path, "w") as f:
-            json.dump(dict(env=record.env_info(dev, modules=("transformers", "triton")), args=vars(a),
-                           method=__doc__.splitlines()[0], results=rows), f, indent=1, default=str)
+    record.write_json(record.result_path(a.json, "profile_model.json"),
+                      dict(env=record.env_info(dev, modules=("transformers", "triton")), args=vars(a),
+                           method=__doc__.splitlines()[0], results=rows))
     return 0
 
 

@@ -17,7 +17,7 @@ from datetime import datetime, timezone
 from typing import Iterable
 
 __all__ = ["ENV_COMMIT", "REPO_ROOT", "commit", "is_dirty", "utc_date", "host", "versions", "gpu_properties",
-           "gpu_names", "driver_version", "nvidia_smi", "machine_lines", "env_info"]
+           "gpu_names", "driver_version", "nvidia_smi", "machine_lines", "env_info", "result_path", "write_json"]
 
 #: Set it to the commit measured where the tree has no ``.git`` (the device machine gets a copy).
 ENV_COMMIT = "DWDP_GIT_COMMIT"
@@ -65,6 +65,25 @@ def is_dirty(paths: Iterable[str] = ("dwdp_comm", "perf")) -> bool | None:
         return False
     r = _git("status", "--porcelain", "--", *paths)
     return bool(r.stdout.strip()) if r is not None and r.returncode == 0 else None
+
+
+def result_path(given: str | None, name: str) -> str | None:
+    """Where a script writes its result: ``given`` (its ``--json`` / ``--out``), else ``$OUT/name``
+    (the device machine's output folder) when ``$OUT`` is set, else None (nothing written)."""
+    if given:
+        return given
+    return os.path.join(os.environ["OUT"], name) if os.environ.get("OUT") else None
+
+
+def write_json(path: str | None, obj) -> str | None:
+    """Write ``obj`` as JSON (indent 1; what JSON cannot hold as its ``str``) to ``path``, creating its
+    folder; nothing when ``path`` is None. Returns ``path``."""
+    import json
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(obj, f, indent=1, default=str)
+    return path
 
 
 def utc_date(*, timespec: str = "seconds") -> str:

@@ -57,6 +57,32 @@ def test_commit_of_a_copied_tree_is_never_the_enclosing_repository(tmp_path):
     assert out.stdout.split()[1:] == ["c0ffee", "c0ffee", "False"]
 
 
+def test_only_the_run_record_asks_git_for_the_commit():
+    """A script that runs ``git rev-parse HEAD`` itself records an enclosing repository's commit when
+    its tree is a copy without ``.git`` (what record.commit fixed): every script goes through it."""
+    import pathlib
+    root = pathlib.Path(record.REPO_ROOT)
+    own = root / "dwdp_comm" / "bench" / "record.py"
+    offenders = [str(f.relative_to(root)) for d in ("dwdp_comm", "perf", "examples") for f in (root / d).rglob("*.py")
+                 if f != own and '"rev-parse"' in f.read_text()]
+    assert offenders == [], offenders
+
+
+def test_result_path_and_write_json(tmp_path, monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    assert record.result_path(None, "x.json") is None
+    assert record.result_path(str(tmp_path / "given.json"), "x.json") == str(tmp_path / "given.json")
+    monkeypatch.setenv("OUT", str(tmp_path))
+    path = record.result_path(None, "x.json")
+    assert path == str(tmp_path / "x.json")
+    assert record.write_json(path, {"a": 1, "b": tmp_path}) == path
+    import json
+    assert json.loads(open(path).read()) == {"a": 1, "b": str(tmp_path)}
+    nested = str(tmp_path / "sub" / "dir" / "y.json")
+    assert record.write_json(nested, [1]) == nested and json.loads(open(nested).read()) == [1]
+    assert record.write_json(None, [1]) is None
+
+
 def test_env_info_keeps_the_benchmark_keys(monkeypatch):
     """perf/bench_grouped_gemm.py's committed results have exactly these env keys (CPU run)."""
     monkeypatch.setenv(record.ENV_COMMIT, "deadbeef")
