@@ -192,7 +192,7 @@ def _triton_wrappers():
     out = [(triton_moe, ("gated_activation", "combine"))]
     try:
         from dwdp_comm.kernels import triton_route
-        out.append((triton_route, ("route",)))
+        out.append((triton_route, ("route", "count")))
     except ImportError:  # before the fused route existed
         pass
     return out
@@ -236,16 +236,25 @@ def _emu_combine_math(base, src, out, weights=None, **kw):
     return out
 
 
-def _emu_route(probes, x, top_k_index, top_k_weights, num_experts, out_stride=None):
-    """The wrapper's own allocations are counted (as on CUDA), the kernel's work is not."""
-    from dwdp_comm.kernels.triton_route import Route
+def _emu_count(probes, ids, num_experts):
+    """The two-pass route's first pass: its buffer is allocated (as on CUDA), its values not computed."""
+    from dwdp_comm.kernels import triton_route as tr
+    blocks = -(-ids.numel() // (tr.CHUNK * tr.PER_BLOCK))
+    return torch.zeros(blocks, max(32, 1 << max(0, num_experts - 1).bit_length()), dtype=torch.int32)
+
+
+def _emu_route(probes, x, top_k_index, top_k_weights, num_experts, out_stride=None, passes=None):
+    """The wrapper's own allocations and torch ops are counted (as on CUDA), the kernels' work is not."""
+    from dwdp_comm.kernels import triton_route as tr
     from dwdp_comm.moe import lean
     t, k = top_k_index.shape
-    got = Route(torch.empty(t * k, x.shape[1], dtype=x.dtype), torch.empty(0, dtype=torch.int32),
-                torch.empty(t, k, dtype=torch.int64), torch.empty(t * k, dtype=top_k_weights.dtype))
+    got = tr.Route(torch.empty(t * k, x.shape[1], dtype=x.dtype), torch.empty(0, dtype=torch.int32),
+                   torch.empty(t, k, dtype=torch.int64), torch.empty(t * k, dtype=top_k_weights.dtype))
+    if not (tr.one_pass(t * k, num_experts) if passes is None else passes == 1):
+        torch.cumsum(tr.count(top_k_index, num_experts), 0, dtype=torch.int32)  # count: wrapped, counted
     with probes.paused():
         ref = lean.route_torch(x, top_k_index, top_k_weights, num_experts)[0]
-    return Route(ref.rows, ref.offsets, ref.src, ref.row_weights) if got else got
+    return tr.Route(ref.rows, ref.offsets, ref.src, ref.row_weights) if got else got
 
 
 def _emu_reason_moe(t):
@@ -258,7 +267,7 @@ def _emu_reason_route(x, num_rows, num_experts, max_rows=None):
     return _emu_reason_moe(x) if ok else "size"
 
 
-_EMULATED = {"gated_activation": _emu_gated, "combine": _emu_combine, "route": _emu_route}
+_EMULATED = {"gated_activation": _emu_gated, "combine": _emu_combine, "route": _emu_route, "count": _emu_count}
 _EMULATED_REASONS = {"triton_moe": _emu_reason_moe, "triton_route": _emu_reason_route}
 
 

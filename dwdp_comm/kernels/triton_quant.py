@@ -15,7 +15,8 @@ finds its expert by a binary search in it. The grid is sized from host shapes on
   (``w [E, N, K]`` fp8 with ``[E, ceil(N/bn), ceil(K/bk)]`` float32 scales), bf16 out.
 - :func:`mxfp4_gemm`: bf16 activations times MXFP4 weights (``[E, N, K/2]`` e2m1 pairs,
   ``[E, N, K/32]`` e8m0 scales) decoded to bf16 in registers (exact: e2m1 x 2^k fits bf16), bf16
-  tensor-core MMA, float32 accumulation, bf16 out.
+  tensor-core MMA, float32 accumulation, bf16 out; in the direct order (``x @ w^T``) or swapped
+  (``(w @ x^T)^T``, :attr:`Config.swap`: the decoded weights as the register operand of Hopper's wgmma).
 
 Weights may be one ``[E, N, K]`` tensor (any expert stride) or pieces in separate allocations
 (``[(first_expert, [count, N, K]), ...]``, the DWDP case): pieces go through a device table of
@@ -31,6 +32,7 @@ the kernels also run on CPU tensors (slowly): the CPU tests use that.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 from dataclasses import dataclass
@@ -46,7 +48,12 @@ __all__ = ["Config", "CANDIDATES", "RULE", "choose_config", "dequantize", "unava
 @dataclass(frozen=True)
 class Config:
     """One tile configuration: ``BM x BN`` output tiles, ``BK`` columns a step (fp8: the scale
-    block ``bk``), ``GROUP_M`` M tiles side by side for L2 reuse, Triton's warps and stages."""
+    block ``bk``), ``GROUP_M`` M tiles side by side for L2 reuse, Triton's warps and stages.
+
+    ``swap`` (mxfp4 only): the kernel computes the transposed tile (``w @ x^T``, the weights'
+    ``BN`` rows as the MMA's M side, the tokens' ``BM`` rows as its N side), so the decoded weights
+    are the MMA operand Hopper's wgmma reads from registers (W4A16 kernels do this); ``BN`` should
+    then be a multiple of 64 (one warpgroup's M) and ``BM`` may be as small as 16."""
 
     BM: int
     BN: int
@@ -54,10 +61,11 @@ class Config:
     num_warps: int = 4
     num_stages: int = 3
     GROUP_M: int = 8
+    swap: bool = False
 
     @property
     def name(self) -> str:
-        return f"{self.BM}x{self.BN}x{self.BK}w{self.num_warps}s{self.num_stages}"
+        return f"{self.BM}x{self.BN}x{self.BK}w{self.num_warps}s{self.num_stages}" + ("-swap" if self.swap else "")
 
 
 #: Candidates per kernel and regime (``small``: few rows per expert, memory-bound; ``large``:
@@ -70,10 +78,15 @@ CANDIDATES = {
                   Config(64, 128, 128, 4, 4, 32), Config(128, 256, 128, 8, 3)],
     },
     "mxfp4": {
-        "small": [Config(16, 128, 128, 4, 3), Config(16, 64, 128, 4, 4), Config(32, 128, 64, 4, 3)],
-        "medium": [Config(64, 128, 64, 4, 3), Config(64, 128, 128, 4, 3)],
+        "small": [Config(16, 128, 128, 4, 3), Config(16, 64, 128, 4, 4), Config(32, 128, 64, 4, 3),
+                  Config(16, 64, 128, 4, 4, swap=True), Config(16, 128, 128, 4, 3, swap=True),
+                  Config(32, 128, 128, 8, 3, swap=True)],
+        "medium": [Config(64, 128, 64, 4, 3), Config(64, 128, 128, 4, 3),
+                   Config(64, 128, 64, 4, 3, swap=True), Config(64, 128, 128, 8, 3, swap=True)],
         "large": [Config(128, 256, 64, 8, 3), Config(128, 128, 64, 8, 3), Config(128, 128, 128, 8, 3),
-                  Config(128, 256, 64, 8, 4)],
+                  Config(128, 256, 64, 8, 4), Config(128, 128, 64, 8, 3, swap=True),
+                  Config(256, 128, 64, 8, 3, swap=True), Config(128, 256, 64, 8, 3, swap=True),
+                  Config(128, 128, 128, 8, 4, swap=True)],
     },
 }
 
@@ -110,9 +123,9 @@ def choose_config(kind: str, rows_per_expert: float, n: int, k: int, block_k: in
     (the scale block). Change :data:`RULE` after measuring (``perf/bench_quant_experts.py``)."""
     c = next(cfg for bound, cfg in RULE[kind] if rows_per_expert <= bound)
     if n <= 64 and c.BN > 64:
-        c = Config(c.BM, 64, c.BK, c.num_warps, c.num_stages, c.GROUP_M)
+        c = dataclasses.replace(c, BN=64)
     if kind == "fp8_block" and c.BK != block_k:
-        c = Config(c.BM, c.BN, block_k, c.num_warps, c.num_stages, c.GROUP_M)
+        c = dataclasses.replace(c, BK=block_k)
     return c
 
 
@@ -310,6 +323,8 @@ def fp8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, pieces: list, scales: tor
     c = config or choose_config("fp8_block", m / max(e, 1), n, k, bk)
     if c.BK != bk:
         raise BackendUnavailableError(f"config {c.name}: BK must equal the scale block {bk}")
+    if c.swap:
+        raise BackendUnavailableError(f"config {c.name}: the block-FP8 kernel has no swapped form (mxfp4 only)")
     if info is not None:
         info["config"] = c.name
     if out is None:
@@ -366,7 +381,8 @@ def mxfp4_gemm(x: torch.Tensor, pieces: list, scales: torch.Tensor, offsets: tor
     kern[(grid,)](x, x.stride(0), w0, table if table is not None else offsets, scales, offsets, tend, out,
                   n, k, e, max_m, stride_we, w0.stride(1), w0.stride(2), scales.stride(0), scales.stride(1),
                   scales.stride(2), out.stride(0), BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M,
-                  LOG_E=_log_e(e), USE_TABLE=table is not None, num_warps=c.num_warps, num_stages=c.num_stages)
+                  LOG_E=_log_e(e), USE_TABLE=table is not None, SWAP=c.swap, num_warps=c.num_warps,
+                  num_stages=c.num_stages)
     return out
 
 

@@ -133,9 +133,12 @@ def e2m1_scaled(p, s, R: tl.constexpr, C: tl.constexpr):
 def mxfp4_kernel(a_ptr, a_stride, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, out_ptr,
                  N, K, E, max_m_tiles, stride_we, stride_wn, stride_wk, ws_se, ws_sn, ws_sk, out_stride,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-                 LOG_E: tl.constexpr, USE_TABLE: tl.constexpr):
+                 LOG_E: tl.constexpr, USE_TABLE: tl.constexpr, SWAP: tl.constexpr):
     # Packed byte j of a row holds elements 2j (low nibble) and 2j + 1 (high): the two nibbles are
     # interleaved back in registers (tl.join) so the activations load contiguously, one dot a step.
+    # SWAP: the transposed product (out^T = w @ x^T, a [BN, BM] accumulator), which makes the decoded
+    # weights the MMA's first operand: Hopper's wgmma reads that one from registers, where the decode
+    # leaves it, while a second operand must go through shared memory first (the unswapped order).
     n_tiles = tl.cdiv(N, BN)
     e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
                                            BM, GROUP_M, LOG_E)
@@ -154,19 +157,29 @@ def mxfp4_kernel(a_ptr, a_stride, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, o
     a_ptrs = a_ptr + rows64[:, None] * a_stride + ka[None, :]
     w_ptrs = wb + n64[:, None] * stride_wn + kp[None, :] * stride_wk
     s_ptrs = ws_ptr + e * ws_se + n64[:, None] * ws_sn + tl.arange(0, BK // 32)[None, :] * ws_sk
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros((BN, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
     for kb in range(0, tl.where(valid, tl.cdiv(K, BK), 0)):
         kleft = K - kb * BK
         a = tl.load(a_ptrs, mask=rmask[:, None] & (ka < kleft)[None, :], other=0.0)
         p = tl.load(w_ptrs, mask=nmask[:, None] & (kp < kleft // 2)[None, :], other=0)
         s = tl.load(s_ptrs, mask=nmask[:, None] & (tl.arange(0, BK // 32) < kleft // 32)[None, :], other=127)
-        w = e2m1_scaled(p, s, BN, BK)  # [BN, BK] in bf16 (exact)
-        acc = tl.dot(a, tl.trans(w.to(a_ptr.dtype.element_ty)), acc)
+        w = e2m1_scaled(p, s, BN, BK).to(a_ptr.dtype.element_ty)  # [BN, BK] (exact in bf16)
+        if SWAP:
+            acc = tl.dot(w, tl.trans(a), acc)
+        else:
+            acc = tl.dot(a, tl.trans(w), acc)
         a_ptrs += BK
         w_ptrs += (BK // 2) * stride_wk
         s_ptrs += (BK // 32) * ws_sk
-    o = out_ptr + rows64[:, None] * out_stride + n[None, :]
-    tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
+    if SWAP:
+        o = out_ptr + rows64[None, :] * out_stride + n[:, None]
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=nmask[:, None] & rmask[None, :])
+    else:
+        o = out_ptr + rows64[:, None] * out_stride + n[None, :]
+        tl.store(o, acc.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & nmask[None, :])
 
 
 @triton.jit

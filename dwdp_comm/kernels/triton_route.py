@@ -1,11 +1,10 @@
-"""A fused route-permute for small batches (CUDA, Triton; optional): one launch instead of about 15.
+"""A fused route-permute: one or two Triton launches instead of about 15 torch ops.
 
-At small token counts an experts forward is bound by the host: sorting the ``S = T * top_k``
-token copies by expert with torch ops (:func:`dwdp_comm.moe.tokens.sort_by_expert`: masks, a
-cast, a stable sort, a binary search for the offsets, a scatter for the inverse, then the row
-gather and the routing-weight gather) dispatches about 15 ops, each a kernel launch of a few
-microseconds of host time, around a few microseconds of GPU work. :func:`route` does all of it in
-one kernel:
+An experts forward is bound by the host at small and medium token counts: sorting the
+``S = T * top_k`` token copies by expert with torch ops (:func:`dwdp_comm.moe.tokens.sort_by_expert`:
+masks, a cast, a stable sort, a binary search for the offsets, a scatter for the inverse, then the
+row gather and the routing-weight gather) dispatches about 15 ops, each a kernel launch of a few
+microseconds of host time. :func:`route` does all of it on the GPU and returns:
 
 - the end offsets per expert (``torch._grouped_mm``'s ``offs``),
 - every copy's sorted row, as the element offset ``row * out_stride`` the combine reads
@@ -14,19 +13,27 @@ one kernel:
   sorted row.
 
 The order is the stable one of :func:`~dwdp_comm.moe.tokens.sort_by_expert` (the reference the
-tests compare with): copies of one expert keep their flattened ``(token, slot)`` order. How: the
-copies are cut into chunks of ``CHUNK``; program ``(p, q)`` counts the experts of every chunk
-(a ``CHUNK x E`` comparison summed per expert), which gives each expert's first row and how many
-of its copies precede chunk ``p``; the rank of a copy inside its chunk is a ``CHUNK x CHUNK``
-comparison. Every program of column ``q`` repeats that count (cheap for the sizes this runs at)
-and copies its share of the hidden columns of chunk ``p``'s rows, so the gather is spread over
-the whole GPU. Work per program grows with ``S x E``: past :data:`MAX_WORK` the torch ops are the
-cheaper path (:func:`fits`).
+tests compare with): copies of one expert keep their flattened ``(token, slot)`` order. The copies
+are cut into chunks of ``CHUNK``; placing chunk ``p`` needs, per expert, its copies in chunks
+before ``p`` and in all; then a copy's row is its expert's start, plus the copies of its expert in
+earlier chunks, plus its rank inside its chunk (a ``CHUNK x CHUNK`` comparison). Two forms:
 
-Rows of sentinel copies (ids outside ``[0, num_experts)``) are not written: they sort past
-``offsets[-1]``, where no grouped GEMM, activation or combine reads.
+- **one pass** (one launch, small batches): program ``(p, q)`` counts every chunk's experts itself
+  (a ``CHUNK x E`` comparison a chunk), so its work grows with ``S x E``: used up to
+  :data:`MAX_WORK` (and :data:`ONE_PASS_MAX_ROWS`).
+- **two passes** (larger batches): :func:`count` writes each block's expert counts (a block:
+  :data:`PER_BLOCK` chunks), one ``torch.cumsum`` over the blocks gives the counts before each block
+  and the totals, and a second kernel places every chunk (recounting the chunks of its block before
+  its own): three launches whatever ``S``, work ``~S x E x PER_BLOCK / 2`` spread over the GPU. It
+  replaces the torch ops above :data:`MAX_WORK`, up to :data:`MAX_ROWS` copies (int32 offsets).
 
-Triton is imported on first use; :func:`unavailable_reason` also honours
+Either way program column ``q`` copies its share of the hidden columns of chunk ``p``'s rows, so
+the gather is spread over the whole GPU. Rows of sentinel copies (ids outside
+``[0, num_experts)``) are not written: they sort past ``offsets[-1]``, where no grouped GEMM,
+activation or combine reads.
+
+Triton is imported on first use (the JIT functions live in
+:mod:`dwdp_comm.kernels.triton_route_kernels`); :func:`unavailable_reason` also honours
 :data:`dwdp_comm.kernels.triton_moe.ENABLED`.
 """
 
@@ -39,20 +46,28 @@ import torch
 
 from . import triton_moe
 
-__all__ = ["Route", "route", "fits", "unavailable_reason", "MAX_WORK", "MAX_ROWS", "MAX_EXPERTS", "CHUNK"]
+__all__ = ["Route", "route", "count", "fits", "one_pass", "unavailable_reason", "MAX_WORK", "ONE_PASS_MAX_ROWS",
+           "MAX_ROWS", "MAX_EXPERTS", "CHUNK", "PER_BLOCK"]
 
-#: Most comparisons a program may make counting the copies: ``S * E_pad`` (``E_pad``: the expert
-#: count rounded up to a power of two, at least 32). Every program counts all ``S`` copies against
-#: every expert, so the kernel's time grows with ``S * E``: 2**19 is 4K copies of 128 experts
-#: (Qwen3-MoE at 512 tokens), 2K of 256 (DeepSeek-V3 at 256 tokens), 16K of 8 (Mixtral at 8K tokens),
-#: each a few microseconds, under the torch ops' sort alone. Above it :func:`fits` says no and callers
-#: run the torch ops. Read at call time: benchmarks may change it (``perf/bench_route.py`` measures).
+#: One-pass bound: most comparisons a program of the one-pass kernel may make counting the copies,
+#: ``S * E_pad`` (``E_pad``: the expert count rounded up to a power of two, at least 32). Every
+#: program counts all ``S`` copies against every expert, so its time grows with ``S * E``: 2**19 is
+#: 4K copies of 128 experts (Qwen3-MoE at 512 tokens), 2K of 256 (DeepSeek-V3 at 256 tokens), 16K of
+#: 8 (Mixtral at 8K tokens), each a few microseconds. Above it the two-pass form runs (one launch
+#: less is not worth a count that grows with ``S x E`` a program). Read at call time: benchmarks may
+#: change it (``perf/bench_route.py`` times the torch ops, one pass and two passes side by side).
 MAX_WORK = 2**19
-#: Most copies :func:`route` takes whatever the expert count.
-MAX_ROWS = 2**14
+#: Most copies the one-pass form takes whatever the expert count.
+ONE_PASS_MAX_ROWS = 2**14
+#: Most copies :func:`route` takes (either form): sorted rows are int32 offsets.
+MAX_ROWS = 2**23
 #: Most experts :func:`route` supports (a ``CHUNK x next_pow2(E)`` comparison per program).
 MAX_EXPERTS = 512
 CHUNK = 32  # copies per chunk (a power of two): a CHUNK x next_pow2(E) int32 tile per step
+#: Two-pass form: chunks per counted block. The count buffer holds ``S / (CHUNK * PER_BLOCK)`` rows of
+#: ``E_pad`` int32 (2 MiB for 64K tokens of top-8 over 256 experts, beside the 7 GiB of their rows at
+#: DeepSeek-V3's hidden size); a placing program recounts fewer than PER_BLOCK chunks of its block.
+PER_BLOCK = 8
 BLOCK_H = 128  # hidden columns per gather step
 
 
@@ -80,61 +95,14 @@ class Route(NamedTuple):
 
 
 @functools.lru_cache(maxsize=None)
-def _kernel():
+def _kernels():
+    """``(triton, kernels module)``, or the reason Triton cannot be imported."""
     try:
         import triton
-        import triton.language as tl
+        from . import triton_route_kernels
     except Exception as exc:  # ImportError, or a broken install
         return f"triton is not importable: {type(exc).__name__}: {exc}"
-
-    @triton.jit(do_not_specialize=["S", "num_chunks"])  # batch sizes vary: no recompile per size class
-    def _route_kernel(ids_ptr, w_ptr, x_ptr, rows_ptr, offs_ptr, src_ptr, rw_ptr,
-                      S, E, K, H, x_stride, out_stride, cols_per, num_chunks,
-                      CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
-        p = tl.program_id(0)
-        q = tl.program_id(1)
-        lanes = tl.arange(0, CHUNK)
-        bins = tl.arange(0, E_PAD)
-        # Per (lane, expert) counts, summed over chunks without a reduction per step (elementwise
-        # adds only), reduced once over the lanes: before this program's chunk, then in all. Ids
-        # outside [0, E) match no bin below E (those past E land in padding bins, after every
-        # real expert in the prefix sum), so they need no mask here.
-        acc = tl.zeros([CHUNK, E_PAD], dtype=tl.int32)
-        for c in range(0, p):
-            e = tl.load(ids_ptr + c * CHUNK + lanes)  # chunks before p are full
-            acc += (e[:, None] == bins[None, :]).to(tl.int32)
-        before = tl.sum(acc, axis=0)
-        for c in range(p, num_chunks):
-            i = c * CHUNK + lanes
-            e = tl.load(ids_ptr + i, mask=i < S, other=-1)
-            acc += (e[:, None] == bins[None, :]).to(tl.int32)
-        total = tl.sum(acc, axis=0)
-        ends = tl.cumsum(total, 0)
-        if (p == 0) & (q == 0):
-            tl.store(offs_ptr + bins, ends, mask=bins < E)
-        start = ends - total + before  # per expert: its first sorted row not taken by earlier chunks
-        i = p * CHUNK + lanes
-        m = i < S
-        e = tl.load(ids_ptr + i, mask=m, other=-1)
-        ok = m & (e >= 0) & (e < E)
-        e32 = tl.where(ok, e, E_PAD).to(tl.int32)  # invalid lanes match no bin
-        base = tl.sum(tl.where(e32[:, None] == bins[None, :], start[None, :], 0), axis=1)
-        earlier = (e32[:, None] == e32[None, :]) & (lanes[None, :] < lanes[:, None])
-        rank = (base + tl.sum(earlier.to(tl.int32), axis=1)).to(tl.int64)
-        if q == 0:
-            tl.store(src_ptr + i, tl.where(ok, rank * out_stride, -1), mask=m)
-            wv = tl.load(w_ptr + i, mask=ok, other=0.0)
-            tl.store(rw_ptr + rank, wv, mask=ok)
-        tok = (i // K).to(tl.int64)
-        c0 = q * cols_per
-        c1 = tl.minimum(c0 + cols_per, H)
-        for h0 in range(0, cols_per, BLOCK_H):
-            cols = c0 + h0 + tl.arange(0, BLOCK_H)
-            cm = ok[:, None] & (cols < c1)[None, :]
-            v = tl.load(x_ptr + tok[:, None] * x_stride + cols[None, :], mask=cm)
-            tl.store(rows_ptr + rank[:, None] * H + cols[None, :], v, mask=cm)
-
-    return triton, _route_kernel
+    return triton, triton_route_kernels
 
 
 def _e_pad(num_experts: int) -> int:
@@ -142,9 +110,15 @@ def _e_pad(num_experts: int) -> int:
 
 
 def fits(num_rows: int, num_experts: int) -> bool:
-    """True when ``num_rows`` copies over ``num_experts`` are within :data:`MAX_ROWS`,
-    :data:`MAX_EXPERTS` and :data:`MAX_WORK` (the sizes where the kernel is the cheaper route)."""
-    return 0 < num_experts <= MAX_EXPERTS and num_rows <= MAX_ROWS and num_rows * _e_pad(num_experts) <= MAX_WORK
+    """True when :func:`route` takes ``num_rows`` copies over ``num_experts`` (at most
+    :data:`MAX_ROWS` copies and :data:`MAX_EXPERTS` experts), in one form or the other."""
+    return 0 < num_experts <= MAX_EXPERTS and num_rows <= MAX_ROWS
+
+
+def one_pass(num_rows: int, num_experts: int) -> bool:
+    """True when the one-launch form is the one to run (within :data:`ONE_PASS_MAX_ROWS` and
+    :data:`MAX_WORK`), False for the two-pass form."""
+    return num_rows <= ONE_PASS_MAX_ROWS and num_rows * _e_pad(num_experts) <= MAX_WORK
 
 
 def unavailable_reason(x: torch.Tensor, num_rows: int, num_experts: int, max_rows: int | None = None) -> str | None:
@@ -158,11 +132,10 @@ def unavailable_reason(x: torch.Tensor, num_rows: int, num_experts: int, max_row
     if not 0 < num_experts <= MAX_EXPERTS:
         return f"{num_experts} experts (the fused route takes 1 .. {MAX_EXPERTS})"
     if not (fits(num_rows, num_experts) if max_rows is None else num_rows <= max_rows):
-        return (f"{num_rows} token copies over {num_experts} experts (past MAX_WORK / MAX_ROWS: the torch ops are "
-                "the cheaper route there)")
+        return f"{num_rows} token copies (the fused route takes up to MAX_ROWS = {MAX_ROWS})"
     if x.stride(-1) != 1:
         return f"x strides {x.stride()} (the fused route needs the hidden dim contiguous)"
-    got = _kernel()
+    got = _kernels()
     return got if isinstance(got, str) else None
 
 
@@ -173,9 +146,26 @@ def _num_sms(index: int | None) -> int:
     return int(torch.cuda.get_device_properties(index).multi_processor_count)
 
 
+def count(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``[ceil(S / (CHUNK * PER_BLOCK)), E_pad]`` int32: copies of each expert in each block of
+    ``CHUNK * PER_BLOCK`` copies (the two-pass route's first pass; ``E_pad`` as :data:`MAX_WORK`
+    says). Bins ``>= num_experts`` are not meaningful (ids past it land there, negative ids nowhere).
+
+    ``ids``: ``[T, k]`` contiguous int64 / int32 expert ids. Enqueued on the current stream."""
+    triton, k = _kernels()
+    s = ids.numel()
+    e_pad = _e_pad(num_experts)
+    chunks = triton.cdiv(s, CHUNK)
+    out = torch.empty(triton.cdiv(chunks, PER_BLOCK), e_pad, dtype=torch.int32, device=ids.device)
+    if s:
+        k.count_kernel[(out.shape[0],)](ids, out, s, chunks, CHUNK=CHUNK, E_PAD=e_pad, PER_BLOCK=PER_BLOCK,
+                                        num_warps=4)
+    return out
+
+
 def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int, *,
-          out_stride: int | None = None) -> Route:
-    """Sort the token copies by expert and gather their rows and weights, in one kernel.
+          out_stride: int | None = None, passes: int | None = None) -> Route:
+    """Sort the token copies by expert and gather their rows and weights, in one or two passes.
 
     Parameters
     ----------
@@ -188,19 +178,23 @@ def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tenso
     num_experts : int
     out_stride : int, optional
         Row stride (elements) of the tensor the combine will read; default ``H``.
+    passes : {None, 1, 2}, optional
+        The form: None for :func:`one_pass`'s rule; 1 or 2 to force one (tests, benchmarks; the
+        one-pass form takes at most :data:`ONE_PASS_MAX_ROWS` copies).
 
     Returns
     -------
     Route
-        Enqueued on the current stream of ``x``'s device; no host synchronisation.
+        Enqueued on the current stream of ``x``'s device; no host synchronisation. One launch, or
+        three (count, ``torch.cumsum``, place) and the count's ``[S / CHUNK, E_pad]`` int32 buffer.
 
     Notes
     -----
     The caller checks :func:`unavailable_reason` first (shapes are not re-checked here: this is
     the hot path of small batches). Same results as :func:`dwdp_comm.moe.tokens.sort_by_expert`
-    followed by the gathers (tested against it on fresh random data).
+    followed by the gathers, in either form (tested against it on fresh random data).
     """
-    triton, kern = _kernel()
+    triton, kern = _kernels()
     t, hidden = x.shape
     k = int(top_k_index.shape[1])
     s = t * k
@@ -219,7 +213,14 @@ def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tenso
     cols_per = triton.cdiv(triton.cdiv(hidden, split), BLOCK_H) * BLOCK_H
     split = triton.cdiv(hidden, cols_per)
     e_pad = _e_pad(num_experts)
-    kern[(chunks, split)](ids, w, x, rows, offsets, src, row_w, s, num_experts, k, hidden, x.stride(0),
-                          hidden if out_stride is None else out_stride, cols_per, chunks,
-                          CHUNK=CHUNK, E_PAD=e_pad, BLOCK_H=BLOCK_H, num_warps=4)
+    common = (s, num_experts, k, hidden, x.stride(0), hidden if out_stride is None else out_stride, cols_per, chunks)
+    if (one_pass(s, num_experts) if passes is None else passes == 1):
+        kern.route_kernel[(chunks, split)](ids, w, x, rows, offsets, src, row_w, *common,
+                                           CHUNK=CHUNK, E_PAD=e_pad, BLOCK_H=BLOCK_H, num_warps=4)
+    else:
+        counts = count(ids, num_experts)
+        incl = torch.cumsum(counts, 0, dtype=torch.int32)
+        kern.place_kernel[(chunks, split)](ids, w, x, rows, offsets, src, row_w, counts, incl, *common,
+                                           int(counts.shape[0]), CHUNK=CHUNK, E_PAD=e_pad, BLOCK_H=BLOCK_H,
+                                           PER_BLOCK=PER_BLOCK, num_warps=4)
     return Route(rows, offsets, src, row_w)

@@ -10,10 +10,11 @@ view), after :func:`~dwdp_comm.moe.experts_forward` validated the arguments once
 ==============================  ==========================================================
 step                            ops (CUDA, bf16 on sm90+, SwiGLU with SiLU, no biases)
 ==============================  ==========================================================
-route (sort by expert, gather)  one Triton kernel (:mod:`dwdp_comm.kernels.triton_route`)
-                                where it is the cheaper route
-                                (:func:`~dwdp_comm.kernels.triton_route.fits`); above, the ops of
-                                :func:`~dwdp_comm.moe.tokens.sort_by_expert` (cheaper there)
+route (sort by expert, gather)  one Triton kernel (:mod:`dwdp_comm.kernels.triton_route`) on
+                                small batches, a count, a ``cumsum`` and a placing kernel on
+                                larger ones, up to its size bound
+                                (:func:`~dwdp_comm.kernels.triton_route.fits`); past it, the ops of
+                                :func:`~dwdp_comm.moe.tokens.sort_by_expert`
 gate-up GEMM                    one ``torch._grouped_mm`` on the weights as stored
 activation                      one Triton pass (gate, routing weight folded in)
 down GEMM                       one ``torch._grouped_mm``

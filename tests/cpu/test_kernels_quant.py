@@ -188,14 +188,20 @@ def test_triton_fp8_block_gemm(interpret, split, seed):
 
 @needs_triton
 @pytest.mark.parametrize("split", [False, True])
-def test_triton_mxfp4_gemm(interpret, split, seed):
+@pytest.mark.parametrize("swap", [False, True])
+def test_triton_mxfp4_gemm(interpret, split, swap, seed):
+    """Both orders of the MMA (direct, and swapped: the transposed tile stored back transposed),
+    whole and split weights, groups of every size (empty, under and over one tile, N not a tile
+    multiple): equal to the float64 product of the dequantized weights."""
     from dwdp_comm.kernels import triton_quant as TQ
     g = torch.Generator().manual_seed(seed)
     sizes, N, Kd = [7, 0, 20, 3, 9], 80, 192
     wq, s = Q.quantize(torch.randn(5, N, Kd, generator=g) * 0.05, "mxfp4")
     x = torch.randn(sum(sizes), Kd, generator=g).bfloat16().float()  # float32 MMA: the interpreter's bf16 is not
     pieces = [(0, wq[:3]), (3, wq[3:].clone())] if split else [(0, wq)]
-    out = TQ.mxfp4_gemm(x, pieces, s, _groups(sizes), config=TQ.Config(16, 64, 64))
+    info = {}
+    out = TQ.mxfp4_gemm(x, pieces, s, _groups(sizes), config=TQ.Config(16, 64, 64, swap=swap), info=info)
+    assert info["config"].endswith("-swap") == swap
     wd = Q.dequantize(wq, s, "mxfp4", dtype=torch.float32)
     ref = torch.cat([x[a:b].double() @ wd[e].double().t() for e, (a, b) in
                      enumerate(zip([0] + _groups(sizes).tolist()[:-1], _groups(sizes).tolist()))])

@@ -104,6 +104,47 @@ def test_fused_route_matches_the_torch_route(tokens, top_k, experts, hidden, ids
 
 
 @needs_triton
+@pytest.mark.parametrize("tokens, top_k, experts, hidden", [(1, 1, 1, 4), (53, 3, 8, 200), (40, 8, 256, 64),
+                                                             (300, 8, 64, 130), (700, 4, 5, 16)])
+def test_two_pass_route_matches_the_torch_route(tokens, top_k, experts, hidden, seed):
+    """The two-pass form (count per block, prefix sum, place) gives the torch route's order: blocks
+    of PER_BLOCK chunks cut at every position (one chunk, part of one block, several blocks and a
+    partial last one), sentinels on both sides, a row stride larger than H."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, hidden + 3, generator=g)[:, 1:1 + hidden]
+    idx = torch.randint(-2, experts + 2, (tokens, top_k), generator=g)
+    w = torch.rand(tokens, top_k, generator=g)
+    got = triton_route.route(x, idx, w, experts, passes=2)
+    want, _ = lean.route_torch(x, idx, w, experts)
+    n = int(want.offsets[-1])
+    assert torch.equal(got.offsets, want.offsets) and torch.equal(got.src, want.src)
+    assert torch.equal(got.rows[:n], want.rows[:n]) and torch.equal(got.row_weights[:n], want.row_weights[:n])
+
+
+@needs_triton
+def test_count_is_per_block_expert_counts(seed):
+    g = torch.Generator().manual_seed(seed)
+    per = triton_route.CHUNK * triton_route.PER_BLOCK
+    idx = torch.randint(-1, 9, (per * 2 + 37, 1), generator=g)
+    got = triton_route.count(idx, 9)
+    assert tuple(got.shape) == (3, 32) and got.dtype == torch.int32
+    flat = idx.reshape(-1)
+    for b in range(3):
+        part = flat[b * per:(b + 1) * per]
+        assert torch.equal(got[b, :9], torch.bincount(part[part >= 0], minlength=9).int())
+
+
+def test_route_form_rule():
+    """One pass up to MAX_WORK and ONE_PASS_MAX_ROWS, two passes past them up to MAX_ROWS, then the torch ops."""
+    e = 128
+    assert triton_route.one_pass(triton_route.MAX_WORK // e, e)
+    assert not triton_route.one_pass(triton_route.MAX_WORK // e + 1, e)
+    assert not triton_route.one_pass(triton_route.ONE_PASS_MAX_ROWS + 1, 1)
+    assert triton_route.fits(triton_route.MAX_ROWS, e) and not triton_route.fits(triton_route.MAX_ROWS + 1, e)
+    assert not triton_route.fits(8, triton_route.MAX_EXPERTS + 1)
+
+
+@needs_triton
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 @pytest.mark.parametrize("gate", ["swiglu", "interleaved"])
 @pytest.mark.parametrize("layout", ["nk", "kn"])

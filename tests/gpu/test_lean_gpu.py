@@ -13,18 +13,24 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("tokens, top_k, experts, hidden", [
     (1, 1, 1, 4), (16, 8, 128, 2048), (128, 8, 128, 2048), (64, 8, 256, 7168), (300, 2, 8, 4096),
-    (512, 8, 64, 2048), (77, 4, 384, 96), (20, 8, 512, 64), (5, 3, 7, 33)])
+    (512, 8, 64, 2048), (77, 4, 384, 96), (20, 8, 512, 64), (5, 3, 7, 33), (1024, 8, 128, 2048),
+    (4097, 8, 256, 7168), (16384, 4, 128, 2880), (65536, 8, 128, 256), (3000, 8, 512, 64)])
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
 @pytest.mark.parametrize("x_dtype, w_dtype", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
                                               (torch.float32, torch.float32)])
-def test_fused_route_matches_the_torch_route(tokens, top_k, experts, hidden, ids_dtype, x_dtype, w_dtype, seed):
+@pytest.mark.parametrize("passes", [None, 1, 2])
+def test_fused_route_matches_the_torch_route(tokens, top_k, experts, hidden, ids_dtype, x_dtype, w_dtype, passes,
+                                             seed):
+    """Either form (the rule's, one pass where it takes the size, two passes) equals the torch route."""
+    s = tokens * top_k
+    if passes == 1 and s > triton_route.ONE_PASS_MAX_ROWS:
+        pytest.skip("past the one-pass form's size")
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(tokens, hidden + 8, device="cuda", generator=g).to(x_dtype)[:, 8:]  # row stride > H
     idx = torch.randint(-2, experts + 2, (tokens, top_k), device="cuda", generator=g).to(ids_dtype)
     w = torch.rand(tokens, top_k, device="cuda", generator=g).to(w_dtype)
-    s = tokens * top_k
-    assert triton_route.unavailable_reason(x, s, experts, max_rows=s) is None
-    got = triton_route.route(x, idx, w, experts)
+    assert triton_route.unavailable_reason(x, s, experts) is None
+    got = triton_route.route(x, idx, w, experts, passes=passes)
     want, _ = lean.route_torch(x, idx, w, experts)
     n = int(want.offsets[-1])
     assert torch.equal(got.offsets, want.offsets)
@@ -33,7 +39,7 @@ def test_fused_route_matches_the_torch_route(tokens, top_k, experts, hidden, ids
     assert torch.equal(got.row_weights[:n], want.row_weights[:n])
 
 
-@pytest.mark.parametrize("tokens", [1, 16, 100, 1024, 1025, 2048])  # k=8, 64 experts: fused up to 1024 tokens
+@pytest.mark.parametrize("tokens", [1, 16, 100, 1024, 1025, 2048])  # k=8, 64 experts: one pass up to 1024 tokens
 @pytest.mark.parametrize("gate", ["swiglu", "interleaved", "none", "relu_glu"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("layout", ["nk", "kn"])

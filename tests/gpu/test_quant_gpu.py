@@ -34,9 +34,13 @@ def _sizes(seed, E, T):
 
 
 def _configs(kind):
-    """The rule's choice (None) and one small and one large candidate: the bench times the rest."""
+    """The rule's choice (None), one small and one large candidate, and for mxfp4 the first small
+    and large swapped ones (the other kernel order): the bench times the rest."""
     from dwdp_comm.kernels import triton_quant as TQ
-    return [None, TQ.CANDIDATES[kind]["small"][0], TQ.CANDIDATES[kind]["large"][0]]
+    picks = [None, TQ.CANDIDATES[kind]["small"][0], TQ.CANDIDATES[kind]["large"][0]]
+    for regime in ("small", "large"):
+        picks += [c for c in TQ.CANDIDATES[kind][regime] if c.swap][:1]
+    return picks
 
 
 def _ref_rows(x, sizes, wd):
