@@ -12,6 +12,18 @@ box() { local name="$1" secs="$2"; shift 2; local t0=$(date +%s)
 T=tests/gpu
 # Opt-in diagnosis steps, first (T_DIAG, T_QUANT > 0): issue 24's 1K prefill (host split per layer,
 # profile with copy directions) and issue 23's cuBLAS block-FP8 path (its tests, then its timing).
+# Opt-in first step T_NEW (> 0): the kernels written without a GPU (the two-pass route, the swapped
+# MXFP4 kernel, the cuBLAS block-FP8 path): their GPU tests, then their timings against the paths
+# they would replace (bench_route: torch ops / one pass / two passes; quant: every tile candidate).
+if [ "${T_NEW:-0}" != 0 ]; then
+    box new_tests 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider -n 3 --dist loadfile \
+        $T/test_lean_gpu.py $T/test_quant_gpu.py
+    grep -sE "FAILED|ERROR|passed|failed" "$OUT/new_tests.log" | tail -12 | cut -c1-250
+    box bench_route "$T_NEW" python3 -m perf.bench_route --rounds 3 --json "$OUT/bench_route.json"
+    grep -sE "^[a-z0-9_]+ +T=|WRONG" "$OUT/bench_route.log" | cut -c1-250
+    box quant_mx "$T_NEW" python3 -m perf.bench_quant_experts --models gptoss --json "$OUT/quant_experts_gptoss.json"
+    grep -sE "^gptoss|^configs|WRONG|FAILED" "$OUT/quant_mx.log" | tail -16 | cut -c1-250
+fi
 if [ "${T_DIAG:-0}" != 0 ]; then
     box profile_model "$T_DIAG" python3 -m perf.profile_model --prefill 256,1024 --json "$OUT/profile_model.json"
     grep -sE "^T=|      " "$OUT/profile_model.log" | cut -c1-230

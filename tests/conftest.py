@@ -1,7 +1,39 @@
+import importlib.util
 import os
 import random
 
 import pytest
+
+
+def _import_triton_for_its_interpreter() -> None:
+    """Import triton with ``TRITON_INTERPRET=1`` on a machine without CUDA, then restore the variable.
+
+    Triton decides at import time whether its own library functions (``tl.sum``, ``tl.cumsum``, ...)
+    are interpreted; a process that imported it without the variable (torch or transformers may,
+    in any earlier test) cannot run kernels in the interpreter later ("Cannot call @triton.jit'd
+    outside of the scope of a kernel"). dwdp_comm reads the variable at call time, so the CPU
+    tests that run its kernels in the interpreter set it per test (a fixture) and every other test
+    keeps its CPU paths.
+    """
+    if importlib.util.find_spec("triton") is None:
+        return
+    import torch
+    if torch.cuda.is_available():  # GPU machines run the kernels compiled
+        return
+    old = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except Exception:  # a broken install: the tests that need it fail on their own
+        pass
+    finally:
+        if old is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = old
+
+
+_import_triton_for_its_interpreter()
 
 
 @pytest.fixture

@@ -2,26 +2,31 @@
 against the per-expert reference and the torch route on fresh random data; bad input still reported by
 the general path; the host cost harness (perf/host_cost.py) counts what it should.
 
-The Triton parts run here only where triton imports and ``TRITON_INTERPRET=1`` is set (else they are
-skipped; tests/gpu/test_lean_gpu.py runs them compiled).
+The Triton parts run here in Triton's interpreter (``TRITON_INTERPRET=1``, set per test) where triton
+is installed (CI installs it; else they are skipped); tests/gpu/test_lean_gpu.py runs them compiled.
 """
-import os
+import importlib.util
 
 import pytest
 import torch
 
 import dwdp_comm as dc
 from dwdp_comm import moe
-from dwdp_comm.kernels import triton_moe, triton_route
+from dwdp_comm.kernels import triton_route
 from dwdp_comm.moe import lean
 from tests.helpers import experts_cases as C
 
 
-def _triton_interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" and triton_moe.unavailable_reason(torch.zeros(1)) is None
+@pytest.fixture
+def interpret(monkeypatch):
+    """The Triton kernels on CPU tensors, in Triton's interpreter (read at call time)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
-needs_triton = pytest.mark.skipif(not _triton_interpreted(), reason="needs triton with TRITON_INTERPRET=1 on CPU")
+def needs_triton(fn):
+    """Run ``fn`` in Triton's interpreter; skipped where triton is not installed."""
+    skip = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+    return skip(pytest.mark.usefixtures("interpret")(fn))
 
 
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
