@@ -38,6 +38,7 @@ import torch  # noqa: E402
 import dwdp_comm as dc  # noqa: E402
 from dwdp_comm import moe  # noqa: E402
 from dwdp_comm.bench import record  # noqa: E402
+from perf import dwdp_stack  # noqa: E402
 
 
 
@@ -55,13 +56,6 @@ def parse_args(argv=None):
     ap.add_argument("--smoke", action="store_true", help="CPU run: sim backend, toy sizes, eager only")
     ap.add_argument("--out", default=None, help="JSON file (default $OUT/bench_graphs.json)")
     return ap.parse_args(argv)
-
-
-def _config(args):
-    if args.smoke:
-        return moe.TOY
-    groups = 8 if args.experts % 8 == 0 else 1
-    return moe.DEEPSEEK_V3.scaled(num_experts=args.experts, num_groups=groups, topk_groups=min(4, groups))
 
 
 def _timed(fn, sync, iters: int) -> tuple[list[float], list[float]]:
@@ -86,27 +80,13 @@ def _stats(host, total, layers) -> dict:
 
 def rank_main(group, argd: dict):
     args = argparse.Namespace(**argd)
-    cfg = _config(args)
+    cfg = dwdp_stack.config(args.smoke, args.experts)
     dev = group.device
     gpu = dev.type == "cuda"
     layers = list(range(args.layers))
-    lay = dc.ExpertLayout(cfg.num_experts, group.size, group.rank)
-    st = dc.WeightStore(group, lay)
-    for l in layers:
-        for name, t in moe.expert_weights(cfg, args.seed, l, lay.local_experts, device=dev).items():
-            st.register(l, name, t)
-    st.commit()
-    pf = dc.Prefetcher(st, depth=args.depth, chunk_nbytes=8 << 20)
-    pipe = moe.DwdpPipeline(pf, layers)
-    blocks = [moe.DwdpMoE(cfg, l, moe.router_weights(cfg, args.seed, l, device=dev),
-                          moe.shared_expert_weights(cfg, args.seed, l, device=dev), pipe) for l in layers]
+    stack = dwdp_stack.build(group, cfg, layers, args.seed, args.depth)
+    st, pf, pipe, forward = stack.store, stack.prefetcher, stack.pipe, stack.forward
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-
-    def forward(x):
-        pipe.begin()
-        for b in blocks:
-            x = x + b(x)
-        return x
 
     gen = torch.Generator(device=dev).manual_seed(args.seed + group.rank)
     out = []
@@ -168,8 +148,8 @@ def main(argv=None) -> int:
             "ranks_share_gpus": bool(gpus) and args.world_size > gpus,
             "note": ("ranks share GPUs: iteration times include the other ranks' work on the same GPU; host times "
                      "are per rank") if gpus and args.world_size > gpus else "",
-            "model": {"hidden": _config(args).hidden, "moe_intermediate": _config(args).moe_intermediate,
-                      "num_experts": _config(args).num_experts, "top_k": _config(args).top_k,
+            "model": {"hidden": dwdp_stack.config(args.smoke, args.experts).hidden, "moe_intermediate": dwdp_stack.config(args.smoke, args.experts).moe_intermediate,
+                      "num_experts": dwdp_stack.config(args.smoke, args.experts).num_experts, "top_k": dwdp_stack.config(args.smoke, args.experts).top_k,
                       "layers": args.layers, "depth": args.depth}}
     print(f"{'rank':>4} {'tokens':>7} {'eager host us/layer':>20} {'graph host us/layer':>20} {'eager ms':>9} "
           f"{'graph ms':>9} {'eager/graph':>11} {'max err':>9}")

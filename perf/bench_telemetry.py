@@ -40,8 +40,8 @@ import time
 import torch
 
 import dwdp_comm as dc
-from dwdp_comm import moe
 from dwdp_comm.bench import record
+from perf import dwdp_stack
 from dwdp_comm.telemetry import Telemetry
 from dwdp_comm.trace import write_trace
 
@@ -68,13 +68,6 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
-def _config(args):
-    if args.smoke:
-        return moe.TOY
-    groups = 8 if args.experts % 8 == 0 else 1
-    return moe.DEEPSEEK_V3.scaled(num_experts=args.experts, num_groups=groups, topk_groups=min(4, groups))
-
-
 def _set_mode(pipe, mode: str) -> None:
     if mode == "off":
         pipe.disable_telemetry()
@@ -84,27 +77,13 @@ def _set_mode(pipe, mode: str) -> None:
 
 def rank_main(group, argd: dict):
     args = argparse.Namespace(**argd)
-    cfg = _config(args)
+    cfg = dwdp_stack.config(args.smoke, args.experts)
     dev = group.device
     gpu = dev.type == "cuda"
     layers = list(range(args.layers))
-    lay = dc.ExpertLayout(cfg.num_experts, group.size, group.rank)
-    st = dc.WeightStore(group, lay)
-    for l in layers:
-        for name, t in moe.expert_weights(cfg, args.seed, l, lay.local_experts, device=dev).items():
-            st.register(l, name, t)
-    st.commit()
-    pf = dc.Prefetcher(st, depth=args.depth, chunk_nbytes=8 << 20)
-    pipe = moe.DwdpPipeline(pf, layers)
-    blocks = [moe.DwdpMoE(cfg, l, moe.router_weights(cfg, args.seed, l, device=dev),
-                          moe.shared_expert_weights(cfg, args.seed, l, device=dev), pipe) for l in layers]
+    stack = dwdp_stack.build(group, cfg, layers, args.seed, args.depth)
+    st, pf, pipe, forward = stack.store, stack.prefetcher, stack.pipe, stack.forward
     sync = torch.cuda.synchronize if gpu else (lambda: None)
-
-    def forward(x):
-        pipe.begin()
-        for b in blocks:
-            x = x + b(x)
-        return x
 
     gen = torch.Generator(device=dev).manual_seed(args.seed + group.rank)
     rows = []
@@ -177,7 +156,7 @@ def main(argv=None) -> int:
     out = record.result_path(args.out, "bench_telemetry.json")
     trace = args.trace or (os.path.join(os.path.dirname(out) or ".", "bench_telemetry_trace.json") if out else None)
     print(f"# bench_telemetry: backend={backend} world={args.world_size} gpus={gpus} layers={args.layers} "
-          f"experts={_config(args).num_experts} tokens={args.token_list} iters={args.iters} x {args.rounds} rounds",
+          f"experts={dwdp_stack.config(args.smoke, args.experts).num_experts} tokens={args.token_list} iters={args.iters} x {args.rounds} rounds",
           flush=True)
     results = dc.testing.launch(rank_main, args.world_size, vars(args), backend=backend, timeout=3000)
     tels = [r.pop("telemetry") for r in results]
@@ -196,7 +175,7 @@ def main(argv=None) -> int:
     for t in tels:
         for line in Telemetry.from_dict(t).summary_lines():
             print(f"# {line}")
-    cfg = _config(args)
+    cfg = dwdp_stack.config(args.smoke, args.experts)
     doc = {"record": {"date": record.utc_date(), "commit": record.commit(), "machine": record.machine_lines(),
                       "gpus": record.gpu_names()},
            "args": {k: v for k, v in vars(args).items()}, "world_size": args.world_size, "backend": backend,

@@ -263,12 +263,8 @@ def experts_forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_
     summed in float32: Hugging Face's numerics class, not its bits.
     """
     _check_args(hidden_states, top_k_index, top_k_weights, weight_layout, gate, split_path)
-    p13 = Projection.build(gate_up, gate_up_scale, name="gate_up", scale_name="gate_up_scale", fmt=weight_format,
-                           block_size=block_size, layout=weight_layout)
-    p2 = Projection.build(down, down_scale, name="down", scale_name="down_scale", fmt=p13.fmt,
-                          block_size=block_size, layout=weight_layout)
-    if p2.num_experts != p13.num_experts:
-        raise bad_arg("down", f"{p2.num_experts} experts", f"{p13.num_experts} experts, as gate_up")
+    p13, p2 = Projection.pair(gate_up, gate_up_scale, down, down_scale, fmt=weight_format, block_size=block_size,
+                              layout=weight_layout)
     if backend == "reference":
         if info is not None:
             info.update(method="reference", format=p13.fmt)

@@ -64,12 +64,8 @@ def experts_forward_reference(hidden_states: torch.Tensor, top_k_index: torch.Te
     if weight_layout not in WEIGHT_LAYOUTS:
         raise bad_arg("weight_layout", repr(weight_layout), f"one of {WEIGHT_LAYOUTS}")
     act_fn = F.silu if act_fn is None else act_fn
-    p13 = Projection.build(gate_up, gate_up_scale, name="gate_up", scale_name="gate_up_scale", fmt=weight_format,
-                           block_size=block_size, layout=weight_layout)
-    p2 = Projection.build(down, down_scale, name="down", scale_name="down_scale", fmt=p13.fmt,
-                          block_size=block_size, layout=weight_layout)
-    if p2.num_experts != p13.num_experts:
-        raise bad_arg("down", f"{p2.num_experts} experts", f"{p13.num_experts} experts, as gate_up")
+    p13, p2 = Projection.pair(gate_up, gate_up_scale, down, down_scale, fmt=weight_format, block_size=block_size,
+                              layout=weight_layout)
     fmt0 = p13.fmt
     quantized = fmt0 != "bf16"
     fq = quantize_activations and fmt0 in ("fp8_channel", "fp8_block")

@@ -86,6 +86,19 @@ class Projection:
                               f"{pieces[0][1].device}, like the first piece")
         return cls(name=name, pieces=pieces, scales=out, fmt=fmt, block_size=bs, layout=layout)
 
+    @classmethod
+    def pair(cls, gate_up: Any, gate_up_scale: Any, down: Any, down_scale: Any, *, fmt: str | None,
+             block_size: Sequence[int], layout: str) -> tuple["Projection", "Projection"]:
+        """``(gate_up, down)`` projections of one experts call: the down projection takes the gate-up
+        one's format, and both must cover the same experts (errors name the argument)."""
+        p13 = cls.build(gate_up, gate_up_scale, name="gate_up", scale_name="gate_up_scale", fmt=fmt,
+                        block_size=block_size, layout=layout)
+        p2 = cls.build(down, down_scale, name="down", scale_name="down_scale", fmt=p13.fmt, block_size=block_size,
+                       layout=layout)
+        if p2.num_experts != p13.num_experts:
+            raise bad_arg("down", f"{p2.num_experts} experts", f"{p13.num_experts} experts, as gate_up")
+        return p13, p2
+
     @property
     def num_experts(self) -> int:
         return num_experts_of(self.pieces)
