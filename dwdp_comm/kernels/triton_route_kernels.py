@@ -29,7 +29,7 @@ def place_chunk(p, q, before, total, ids_ptr, w_ptr, x_ptr, rows_ptr, offs_ptr, 
     e = tl.load(ids_ptr + i, mask=m, other=-1)
     ok = m & (e >= 0) & (e < E)
     e32 = tl.where(ok, e, E_PAD).to(tl.int32)  # invalid lanes match no bin
-    base = tl.sum(tl.where(e32[:, None] == bins[None, :], start[None, :], 0), axis=1)
+    base = tl.gather(start, tl.where(ok, e, 0).to(tl.int32), 0)  # invalid lanes: read, never used
     earlier = (e32[:, None] == e32[None, :]) & (lanes[None, :] < lanes[:, None])
     rank = (base + tl.sum(earlier.to(tl.int32), axis=1)).to(tl.int64)
     if q == 0:
@@ -63,16 +63,16 @@ def route_kernel(ids_ptr, w_ptr, x_ptr, rows_ptr, offs_ptr, src_ptr, rw_ptr,
 
 @triton.jit
 def count_chunks(ids_ptr, c0, c1, S, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
-    """``[E_PAD]`` copies of each expert in chunks ``c0 .. c1 - 1`` (ids outside ``[0, E)`` match
-    no bin below ``E``: a caller reads those bins only)."""
+    """``[E_PAD]`` copies of each expert in chunks ``c0 .. c1 - 1`` (``tl.histogram``: ids in
+    ``[E, E_PAD)`` land in padding bins, which callers never read; negative ids and ids past
+    ``E_PAD`` are masked out: a histogram must not see a value outside its bins)."""
     lanes = tl.arange(0, CHUNK)
-    bins = tl.arange(0, E_PAD)
-    acc = tl.zeros([CHUNK, E_PAD], dtype=tl.int32)  # elementwise adds a step, one reduction at the end
+    acc = tl.zeros([E_PAD], dtype=tl.int32)
     for c in range(c0, c1):
         i = c * CHUNK + lanes  # < MAX_ROWS: int32 is enough
         e = tl.load(ids_ptr + i, mask=i < S, other=-1)
-        acc += (e[:, None] == bins[None, :]).to(tl.int32)
-    return tl.sum(acc, axis=0)
+        acc += tl.histogram(e.to(tl.int32), E_PAD, mask=(e >= 0) & (e < E_PAD))
+    return acc
 
 
 @triton.jit(do_not_specialize=["S", "num_chunks"])
