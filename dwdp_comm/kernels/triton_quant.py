@@ -98,11 +98,15 @@ CANDIDATES = {
 #: 512 rows: 64x128x128w4s3 won again (12.9 ms; 128x128x128w8s4 15.3, 128x256x128w8s3 slower);
 #: mxfp4 (GPT-OSS gate-up, N=5760, K=2880): 4 rows: 16x64x128w4s4 (1.21 ms; 16x128x128w4s3 1.37);
 #: 128 rows: 128x128x64w8s3 (2.86 ms; 128x256x64w8s3 3.67); 512 rows: 128x128x64w8s3 (8.3 ms;
-#: 128x256x64w8s3 10.8). Bounds between measured sizes are guesses: re-measure, then edit here.
+#: 128x256x64w8s3 10.8). Third run (same card, perf/results/quant_experts_gptoss_h100_88575a3.json,
+#: the swapped order added): 4 rows: 16x64x128w4s4-swap 1.113 ms (the direct order 1.204); 128 rows:
+#: 128x128x64w8s3 2.833 ms (best swapped 256x128x64w8s3-swap 3.216); 512 rows: 256x128x64w8s3-swap
+#: 7.692 ms (128x128x64w8s3 8.223; the rule runs the dequantize path there, faster still).
+#: Bounds between measured sizes are guesses: re-measure, then edit here.
 RULE = {
     "fp8_block": [(16, Config(16, 64, 128, 4, 4)), (48, Config(32, 128, 128, 4, 3)),
                   (float("inf"), Config(64, 128, 128, 4, 3))],
-    "mxfp4": [(16, Config(16, 64, 128, 4, 4)), (48, Config(64, 128, 64, 4, 3)),
+    "mxfp4": [(16, Config(16, 64, 128, 4, 4, swap=True)), (48, Config(64, 128, 64, 4, 3)),
               (float("inf"), Config(128, 128, 64, 8, 3))],
 }
 

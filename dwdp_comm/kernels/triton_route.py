@@ -49,17 +49,21 @@ from . import triton_moe
 __all__ = ["Route", "route", "count", "fits", "one_pass", "unavailable_reason", "MAX_WORK", "ONE_PASS_MAX_ROWS",
            "MAX_ROWS", "MAX_EXPERTS", "CHUNK", "PER_BLOCK"]
 
-#: One-pass bound: most comparisons a program of the one-pass kernel may make counting the copies,
-#: ``S * E_pad`` (``E_pad``: the expert count rounded up to a power of two, at least 32). Every
-#: program counts all ``S`` copies against every expert, so its time grows with ``S * E``: 2**19 is
-#: 4K copies of 128 experts (Qwen3-MoE at 512 tokens), 2K of 256 (DeepSeek-V3 at 256 tokens), 16K of
-#: 8 (Mixtral at 8K tokens), each a few microseconds. Above it the two-pass form runs (one launch
-#: less is not worth a count that grows with ``S x E`` a program). Read at call time: benchmarks may
-#: change it (``perf/bench_route.py`` times the torch ops, one pass and two passes side by side).
+#: One-pass bound on ``S * E_pad`` (``E_pad``: the expert count rounded up to a power of two, at
+#: least 32), with :data:`ONE_PASS_MAX_ROWS`. Each program of the one-pass kernel counts all ``S``
+#: copies itself, so its GPU time grows with ``S``; its one launch costs the host about half the
+#: two-pass form's three (count, cumsum, place). Measured (H100, perf/results/bench_route_h100_88575a3.json,
+#: eager / GPU time per route): at 2048 copies one pass 43-77 us / 21-50 us against two passes
+#: 84-151 us / 12-24 us (Qwen3-MoE, DeepSeek-V3, Mixtral, OLMoE): one pass, where a forward that small is
+#: bound by the host; at 4096 copies (GPT-OSS, 1K tokens) 66 / 51 us against 109 / 19 us, and from
+#: 8192 copies two passes win both (Qwen3-MoE at 1K tokens: 77 / 29 us against 99 / 100 us; the torch
+#: ops 221 / 98 us). Read at call time (``perf/bench_route.py`` re-measures).
 MAX_WORK = 2**19
-#: Most copies the one-pass form takes whatever the expert count.
-ONE_PASS_MAX_ROWS = 2**14
-#: Most copies :func:`route` takes (either form): sorted rows are int32 offsets.
+#: Most copies the one-pass form takes (see :data:`MAX_WORK`).
+ONE_PASS_MAX_ROWS = 2048
+#: Most copies :func:`route` takes (either form): sorted rows are int32 offsets. Past the one-pass
+#: bound the two-pass form beat the torch ops at every measured size, eager and GPU time (same file:
+#: 1.23-1.52x GPU time at 64K tokens of the five families, 1.4-3.4x from 1K to 16K).
 MAX_ROWS = 2**23
 #: Most experts :func:`route` supports (a ``CHUNK x next_pow2(E)`` comparison per program).
 MAX_EXPERTS = 512
