@@ -53,7 +53,10 @@ PATHS = ("triton", "cublas", "dequantize")
 #: rows, well below the FP8 tensor cores) and the host cost of one launch per expert (256 experts:
 #: ~2 ms a projection, hidden behind ~10 ms of GPU work at 512 rows) to win from a few hundred rows.
 #: perf/bench_quant_experts.py times both (ours_triton / ours_cublas) and tests/gpu/test_quant_gpu.py
-#: checks it: set the bound from those numbers.
+#: checks it: set the bound from those numbers. On the H100 machines' torch 2.11 (cu130) the path does
+#: not run: its probe fails ("Invalid scaling configuration"), and perf/probe_cublas_fp8.py found no
+#: scale layout that torch 2.11's _scaled_mm takes for the 1x128 / 128x128 recipe
+#: (perf/results/probe_cublas_fp8_h100_d135996.log), although torch 2.13's meta kernel accepts this one.
 FP8_CUBLAS_MIN_ROWS = float("inf")
 
 #: mxfp4: mean rows per expert from which the dequantize path runs instead of the Triton kernel.
