@@ -143,14 +143,14 @@ def main(argv=None) -> int:
     print(f"# bench_graphs: backend={backend} world={args.world_size} gpus={gpus} layers={args.layers} "
           f"experts={args.experts if not args.smoke else moe.TOY.num_experts} tokens={args.token_list}", flush=True)
     results = dc.testing.launch(rank_main, args.world_size, vars(args), backend=backend, timeout=3000)
+    cfg = dwdp_stack.config(args.smoke, args.experts)
     meta = {"machine": platform.node(), "date": record.utc_date(), "commit": record.commit() or "", "torch": torch.__version__, "gpus": [torch.cuda.get_device_name(i) for i in range(gpus)],
             "world_size": args.world_size, "backend": backend,
             "ranks_share_gpus": bool(gpus) and args.world_size > gpus,
             "note": ("ranks share GPUs: iteration times include the other ranks' work on the same GPU; host times "
                      "are per rank") if gpus and args.world_size > gpus else "",
-            "model": {"hidden": dwdp_stack.config(args.smoke, args.experts).hidden, "moe_intermediate": dwdp_stack.config(args.smoke, args.experts).moe_intermediate,
-                      "num_experts": dwdp_stack.config(args.smoke, args.experts).num_experts, "top_k": dwdp_stack.config(args.smoke, args.experts).top_k,
-                      "layers": args.layers, "depth": args.depth}}
+            "model": {"hidden": cfg.hidden, "moe_intermediate": cfg.moe_intermediate, "num_experts": cfg.num_experts,
+                      "top_k": cfg.top_k, "layers": args.layers, "depth": args.depth}}
     print(f"{'rank':>4} {'tokens':>7} {'eager host us/layer':>20} {'graph host us/layer':>20} {'eager ms':>9} "
           f"{'graph ms':>9} {'eager/graph':>11} {'max err':>9}")
     for r in results:

@@ -240,7 +240,7 @@ def _emu_count(probes, ids, num_experts):
     """The two-pass route's first pass: its buffer is allocated (as on CUDA), its values not computed."""
     from dwdp_comm.kernels import triton_route as tr
     blocks = -(-ids.numel() // (tr.CHUNK * tr.PER_BLOCK))
-    return torch.zeros(blocks, max(32, 1 << max(0, num_experts - 1).bit_length()), dtype=torch.int32)
+    return torch.zeros(blocks, tr.padded_experts(num_experts), dtype=torch.int32)
 
 
 def _emu_route(probes, x, top_k_index, top_k_weights, num_experts, out_stride=None, passes=None):

@@ -19,13 +19,13 @@ before ``p`` and in all; then a copy's row is its expert's start, plus the copie
 earlier chunks, plus its rank inside its chunk (a ``CHUNK x CHUNK`` comparison). Two forms:
 
 - **one pass** (one launch, small batches): program ``(p, q)`` counts every chunk's experts itself
-  (a ``CHUNK x E`` comparison a chunk), so its work grows with ``S x E``: used up to
-  :data:`MAX_WORK` (and :data:`ONE_PASS_MAX_ROWS`).
+  (a ``tl.histogram`` a chunk), so its work grows with ``S``: used up to :data:`ONE_PASS_MAX_ROWS`
+  (and :data:`MAX_WORK`).
 - **two passes** (larger batches): :func:`count` writes each block's expert counts (a block:
   :data:`PER_BLOCK` chunks), one ``torch.cumsum`` over the blocks gives the counts before each block
   and the totals, and a second kernel places every chunk (recounting the chunks of its block before
-  its own): three launches whatever ``S``, work ``~S x E x PER_BLOCK / 2`` spread over the GPU. It
-  replaces the torch ops above :data:`MAX_WORK`, up to :data:`MAX_ROWS` copies (int32 offsets).
+  its own): three launches whatever ``S``, about ``PER_BLOCK / 2`` histograms a chunk spread over the
+  GPU. It replaces the torch ops past the one-pass bound, up to :data:`MAX_ROWS` copies (int32 offsets).
 
 Either way program column ``q`` copies its share of the hidden columns of chunk ``p``'s rows, so
 the gather is spread over the whole GPU. Rows of sentinel copies (ids outside
@@ -47,7 +47,7 @@ import torch
 from . import triton_moe
 
 __all__ = ["Route", "route", "count", "fits", "one_pass", "unavailable_reason", "MAX_WORK", "ONE_PASS_MAX_ROWS",
-           "MAX_ROWS", "MAX_EXPERTS", "CHUNK", "PER_BLOCK"]
+           "MAX_ROWS", "MAX_EXPERTS", "CHUNK", "PER_BLOCK", "padded_experts"]
 
 #: One-pass bound on ``S * E_pad`` (``E_pad``: the expert count rounded up to a power of two, at
 #: least 32), with :data:`ONE_PASS_MAX_ROWS`. Each program of the one-pass kernel counts all ``S``
@@ -65,9 +65,9 @@ ONE_PASS_MAX_ROWS = 2048
 #: bound the two-pass form beat the torch ops at every measured size, eager and GPU time (same file:
 #: 1.23-1.52x GPU time at 64K tokens of the five families, 1.4-3.4x from 1K to 16K).
 MAX_ROWS = 2**23
-#: Most experts :func:`route` supports (a ``CHUNK x next_pow2(E)`` comparison per program).
+#: Most experts :func:`route` supports (``E_pad``-bin histograms and prefix sums per program).
 MAX_EXPERTS = 512
-CHUNK = 32  # copies per chunk (a power of two): a CHUNK x next_pow2(E) int32 tile per step
+CHUNK = 32  # copies per chunk (a power of two): one histogram a step, a CHUNK x CHUNK rank comparison
 #: Two-pass form: chunks per counted block. The count buffer holds ``S / (CHUNK * PER_BLOCK)`` rows of
 #: ``E_pad`` int32 (2 MiB for 64K tokens of top-8 over 256 experts, beside the 7 GiB of their rows at
 #: DeepSeek-V3's hidden size); a placing program recounts fewer than PER_BLOCK chunks of its block.
@@ -109,7 +109,8 @@ def _kernels():
     return triton, triton_route_kernels
 
 
-def _e_pad(num_experts: int) -> int:
+def padded_experts(num_experts: int) -> int:
+    """The expert bins of the kernels: ``num_experts`` rounded up to a power of two, at least 32."""
     return max(32, 1 << max(0, int(num_experts) - 1).bit_length())
 
 
@@ -122,7 +123,7 @@ def fits(num_rows: int, num_experts: int) -> bool:
 def one_pass(num_rows: int, num_experts: int) -> bool:
     """True when the one-launch form is the one to run (within :data:`ONE_PASS_MAX_ROWS` and
     :data:`MAX_WORK`), False for the two-pass form."""
-    return num_rows <= ONE_PASS_MAX_ROWS and num_rows * _e_pad(num_experts) <= MAX_WORK
+    return num_rows <= ONE_PASS_MAX_ROWS and num_rows * padded_experts(num_experts) <= MAX_WORK
 
 
 def unavailable_reason(x: torch.Tensor, num_rows: int, num_experts: int, max_rows: int | None = None) -> str | None:
@@ -152,13 +153,13 @@ def _num_sms(index: int | None) -> int:
 
 def count(ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """``[ceil(S / (CHUNK * PER_BLOCK)), E_pad]`` int32: copies of each expert in each block of
-    ``CHUNK * PER_BLOCK`` copies (the two-pass route's first pass; ``E_pad`` as :data:`MAX_WORK`
-    says). Bins ``>= num_experts`` are not meaningful (ids past it land there, negative ids nowhere).
+    ``CHUNK * PER_BLOCK`` copies (the two-pass route's first pass; ``E_pad`` from :func:`padded_experts`).
+    Bins ``>= num_experts`` are not meaningful (ids past it land there, negative ids nowhere).
 
     ``ids``: ``[T, k]`` contiguous int64 / int32 expert ids. Enqueued on the current stream."""
     triton, k = _kernels()
     s = ids.numel()
-    e_pad = _e_pad(num_experts)
+    e_pad = padded_experts(num_experts)
     chunks = triton.cdiv(s, CHUNK)
     out = torch.empty(triton.cdiv(chunks, PER_BLOCK), e_pad, dtype=torch.int32, device=ids.device)
     if s:
@@ -190,7 +191,7 @@ def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tenso
     -------
     Route
         Enqueued on the current stream of ``x``'s device; no host synchronisation. One launch, or
-        three (count, ``torch.cumsum``, place) and the count's ``[S / CHUNK, E_pad]`` int32 buffer.
+        three (count, ``torch.cumsum``, place) and :func:`count`'s int32 buffer.
 
     Notes
     -----
@@ -216,7 +217,7 @@ def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tenso
     split = max(1, min(triton.cdiv(hidden, BLOCK_H), triton.cdiv(2 * _num_sms(dev.index), chunks)))
     cols_per = triton.cdiv(triton.cdiv(hidden, split), BLOCK_H) * BLOCK_H
     split = triton.cdiv(hidden, cols_per)
-    e_pad = _e_pad(num_experts)
+    e_pad = padded_experts(num_experts)
     common = (s, num_experts, k, hidden, x.stride(0), hidden if out_stride is None else out_stride, cols_per, chunks)
     if (one_pass(s, num_experts) if passes is None else passes == 1):
         kern.route_kernel[(chunks, split)](ids, w, x, rows, offsets, src, row_w, *common,

@@ -50,11 +50,9 @@ def place_chunk(p, q, before, total, ids_ptr, w_ptr, x_ptr, rows_ptr, offs_ptr, 
 def route_kernel(ids_ptr, w_ptr, x_ptr, rows_ptr, offs_ptr, src_ptr, rw_ptr,
                  S, E, K, H, x_stride, out_stride, cols_per, num_chunks,
                  CHUNK: tl.constexpr, E_PAD: tl.constexpr, BLOCK_H: tl.constexpr):
-    """One launch: every program counts all copies itself (work ``S x E_PAD`` a program), then places its chunk."""
+    """One launch: every program counts all copies itself (a histogram a chunk), then places its chunk."""
     p = tl.program_id(0)
     q = tl.program_id(1)
-    # Ids outside [0, E) match no bin below E (those past E land in padding bins, after every real
-    # expert in the prefix sum), so they need no mask here.
     before = count_chunks(ids_ptr, 0, p, S, CHUNK, E_PAD)
     total = before + count_chunks(ids_ptr, p, num_chunks, S, CHUNK, E_PAD)
     place_chunk(p, q, before, total, ids_ptr, w_ptr, x_ptr, rows_ptr, offs_ptr, src_ptr, rw_ptr,
