@@ -44,6 +44,7 @@ from typing import NamedTuple
 
 import torch
 
+from ..errors import bad_arg
 from . import triton_moe
 
 __all__ = ["Route", "route", "count", "fits", "one_pass", "unavailable_reason", "MAX_WORK", "ONE_PASS_MAX_ROWS",
@@ -199,6 +200,8 @@ def route(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tenso
     the hot path of small batches). Same results as :func:`dwdp_comm.moe.tokens.sort_by_expert`
     followed by the gathers, in either form (tested against it on fresh random data).
     """
+    if passes not in (None, 1, 2):
+        raise bad_arg("passes", passes, "None, 1 or 2")
     triton, kern = _kernels()
     t, hidden = x.shape
     k = int(top_k_index.shape[1])

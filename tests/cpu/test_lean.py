@@ -139,6 +139,12 @@ def test_count_is_per_block_expert_counts(seed):
         assert torch.equal(got[b, :9], torch.bincount(part[part >= 0], minlength=9).int())
 
 
+def test_route_passes_must_be_none_1_or_2():
+    x, idx, w = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.long), torch.rand(4, 2)
+    with pytest.raises(dc.InvalidArgumentError, match=r"passes: got 3, expected None, 1 or 2"):
+        triton_route.route(x, idx, w, 3, passes=3)
+
+
 def test_route_form_rule():
     """One pass up to MAX_WORK and ONE_PASS_MAX_ROWS, two passes past them up to MAX_ROWS, then the torch ops."""
     e = 512
