@@ -12,17 +12,23 @@ box() { local name="$1" secs="$2"; shift 2; local t0=$(date +%s)
 T=tests/gpu
 # Opt-in diagnosis steps, first (T_DIAG, T_QUANT > 0): issue 24's 1K prefill (host split per layer,
 # profile with copy directions) and issue 23's cuBLAS block-FP8 path (its tests, then its timing).
-# Opt-in first step T_NEW (> 0): the kernels written without a GPU (the two-pass route, the swapped
-# MXFP4 kernel, the cuBLAS block-FP8 path): their GPU tests, then their timings against the paths
-# they would replace (bench_route: torch ops / one pass / two passes; quant: every tile candidate).
+# Opt-in first step T_NEW (> 0): the kernels written without a GPU (now: the MXFP4 kernel's PTX
+# decode): their GPU tests, then their timings (quant: every tile candidate, the Triton-ops decode too).
 if [ "${T_NEW:-0}" != 0 ]; then
-    box new_tests 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider -n 3 --dist loadfile \
-        $T/test_lean_gpu.py $T/test_quant_gpu.py
+    box new_tests 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider -n 3 --dist loadfile $T/test_quant_gpu.py
     grep -sE "FAILED|ERROR|passed|failed" "$OUT/new_tests.log" | tail -12 | cut -c1-250
-    box bench_route "$T_NEW" python3 -m perf.bench_route --rounds 3 --json "$OUT/bench_route.json"
-    grep -sE "^[a-z0-9_]+ +T=|WRONG" "$OUT/bench_route.log" | cut -c1-250
     box quant_mx "$T_NEW" python3 -m perf.bench_quant_experts --models gptoss --json "$OUT/quant_experts_gptoss.json"
     grep -sE "^gptoss|^configs|WRONG|FAILED" "$OUT/quant_mx.log" | tail -16 | cut -c1-250
+fi
+# Opt-in T_BIG (> 0): issue 24's last cell (DeepSeek-V3 experts at 64K tokens; the allocator's expandable
+# segments let HF's float32 weighted sum fit on 80 GB) and issue 23's memory per rank at G=2 (cuda_ipc).
+if [ "${T_BIG:-0}" != 0 ]; then
+    box sizes_ds64k "$T_BIG" env PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True python3 -m perf.bench_sizes --parts experts \
+        --families deepseek_v3 --tokens 65536 --rounds 3 --block-ms 30 --graph-max-tokens 16384 \
+        --json "$OUT/bench_sizes_experts_deepseek_v3_64k.json"
+    grep -sE "T= *65536|ratio|WRONG|memory" "$OUT/sizes_ds64k.log" | tail -4 | cut -c1-250
+    box quant_memory 240 python3 perf/quant_memory.py --world-size 2 --json "$OUT/quant_memory_cuda_ipc_g2.json"
+    tail -14 "$OUT/quant_memory.log" | cut -c1-250
 fi
 if [ "${T_DIAG:-0}" != 0 ]; then
     box profile_model "$T_DIAG" python3 -m perf.profile_model --prefill 256,1024 --json "$OUT/profile_model.json"

@@ -53,7 +53,11 @@ class Config:
     ``swap`` (mxfp4 only): the kernel computes the transposed tile (``w @ x^T``, the weights'
     ``BN`` rows as the MMA's M side, the tokens' ``BM`` rows as its N side), so the decoded weights
     are the MMA operand Hopper's wgmma reads from registers (W4A16 kernels do this); ``BN`` should
-    then be a multiple of 64 (one warpgroup's M) and ``BM`` may be as small as 16."""
+    then be a multiple of 64 (one warpgroup's M) and ``BM`` may be as small as 16.
+
+    ``decode`` (mxfp4 only): ``"asm"`` decodes e2m1 with the kernel's PTX (about 3.5 instructions
+    a value, CUDA only), ``"triton"`` with Triton ops (the form the interpreter runs: on CPU every
+    config decodes so)."""
 
     BM: int
     BN: int
@@ -62,10 +66,16 @@ class Config:
     num_stages: int = 3
     GROUP_M: int = 8
     swap: bool = False
+    decode: str = "asm"
+
+    def __post_init__(self):
+        if self.decode not in ("asm", "triton"):
+            raise ValueError(f"Config.decode: got {self.decode!r}, expected 'asm' or 'triton'")
 
     @property
     def name(self) -> str:
-        return f"{self.BM}x{self.BN}x{self.BK}w{self.num_warps}s{self.num_stages}" + ("-swap" if self.swap else "")
+        return (f"{self.BM}x{self.BN}x{self.BK}w{self.num_warps}s{self.num_stages}" + ("-swap" if self.swap else "")
+                + ("-tdec" if self.decode == "triton" else ""))
 
 
 #: Candidates per kernel and regime (``small``: few rows per expert, memory-bound; ``large``:
@@ -80,13 +90,15 @@ CANDIDATES = {
     "mxfp4": {
         "small": [Config(16, 128, 128, 4, 3), Config(16, 64, 128, 4, 4), Config(32, 128, 64, 4, 3),
                   Config(16, 64, 128, 4, 4, swap=True), Config(16, 128, 128, 4, 3, swap=True),
-                  Config(32, 128, 128, 8, 3, swap=True)],
+                  Config(32, 128, 128, 8, 3, swap=True), Config(16, 64, 128, 4, 4, swap=True, decode="triton")],
         "medium": [Config(64, 128, 64, 4, 3), Config(64, 128, 128, 4, 3),
-                   Config(64, 128, 64, 4, 3, swap=True), Config(64, 128, 128, 8, 3, swap=True)],
+                   Config(64, 128, 64, 4, 3, swap=True), Config(64, 128, 128, 8, 3, swap=True),
+                   Config(64, 128, 64, 4, 3, decode="triton")],
         "large": [Config(128, 256, 64, 8, 3), Config(128, 128, 64, 8, 3), Config(128, 128, 128, 8, 3),
                   Config(128, 256, 64, 8, 4), Config(128, 128, 64, 8, 3, swap=True),
                   Config(256, 128, 64, 8, 3, swap=True), Config(128, 256, 64, 8, 3, swap=True),
-                  Config(128, 128, 128, 8, 4, swap=True)],
+                  Config(128, 128, 128, 8, 4, swap=True), Config(128, 128, 64, 8, 3, decode="triton"),
+                  Config(256, 128, 64, 8, 3, swap=True, decode="triton")],
     },
 }
 
@@ -327,8 +339,9 @@ def fp8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, pieces: list, scales: tor
     c = config or choose_config("fp8_block", m / max(e, 1), n, k, bk)
     if c.BK != bk:
         raise BackendUnavailableError(f"config {c.name}: BK must equal the scale block {bk}")
-    if c.swap:
-        raise BackendUnavailableError(f"config {c.name}: the block-FP8 kernel has no swapped form (mxfp4 only)")
+    if c.swap or c.decode != "asm":
+        raise BackendUnavailableError(f"config {c.name}: the block-FP8 kernel has no swapped form or decode "
+                                      "choice (mxfp4 only)")
     if info is not None:
         info["config"] = c.name
     if out is None:
@@ -385,8 +398,8 @@ def mxfp4_gemm(x: torch.Tensor, pieces: list, scales: torch.Tensor, offsets: tor
     kern[(grid,)](x, x.stride(0), w0, table if table is not None else offsets, scales, offsets, tend, out,
                   n, k, e, max_m, stride_we, w0.stride(1), w0.stride(2), scales.stride(0), scales.stride(1),
                   scales.stride(2), out.stride(0), BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M,
-                  LOG_E=_log_e(e), USE_TABLE=table is not None, SWAP=c.swap, num_warps=c.num_warps,
-                  num_stages=c.num_stages)
+                  LOG_E=_log_e(e), USE_TABLE=table is not None, SWAP=c.swap,
+                  ASM=c.decode == "asm" and x.device.type == "cuda" and x.dtype == torch.bfloat16, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 

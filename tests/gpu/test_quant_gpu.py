@@ -35,11 +35,12 @@ def _sizes(seed, E, T):
 
 def _configs(kind):
     """The rule's choice (None), one small and one large candidate, and for mxfp4 the first small
-    and large swapped ones (the other kernel order): the bench times the rest."""
+    and large swapped ones (the other kernel order) and Triton-decode ones: the bench times the rest."""
     from dwdp_comm.kernels import triton_quant as TQ
     picks = [None, TQ.CANDIDATES[kind]["small"][0], TQ.CANDIDATES[kind]["large"][0]]
     for regime in ("small", "large"):
         picks += [c for c in TQ.CANDIDATES[kind][regime] if c.swap][:1]
+        picks += [c for c in TQ.CANDIDATES[kind][regime] if c.decode != "asm"][:1]  # the Triton-ops decode
     return picks
 
 

@@ -41,10 +41,11 @@ def cases():
         out.append(("place", r.place_kernel, route_ptrs, dict(CHUNK=32, E_PAD=e_pad, BLOCK_H=128, PER_BLOCK=8), 4, 3))
     mx = {"a_ptr": "*bf16", "w_ptr": "*u8", "wtab_ptr": "*i64", "ws_ptr": "*u8", "offs_ptr": "*i32",
           "tend_ptr": "*i32", "out_ptr": "*bf16"}
-    for swap, (bm, bn, bk, w, s) in [(False, (128, 128, 64, 8, 3)), (True, (128, 128, 64, 8, 3)),
-                                     (True, (16, 64, 128, 4, 4))]:
-        out.append((f"mxfp4{'-swap' if swap else ''}", q.mxfp4_kernel, mx,
-                    dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, LOG_E=8, USE_TABLE=True, SWAP=swap), w, s))
+    for swap, asm, (bm, bn, bk, w, s) in [(False, True, (128, 128, 64, 8, 3)), (True, True, (128, 128, 64, 8, 3)),
+                                          (True, True, (16, 64, 128, 4, 4)), (False, False, (64, 128, 64, 4, 3)),
+                                          (True, False, (16, 64, 128, 4, 4))]:
+        out.append((f"mxfp4{'-swap' if swap else ''}{'' if asm else '-tdec'}", q.mxfp4_kernel, mx,
+                    dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, LOG_E=8, USE_TABLE=True, SWAP=swap, ASM=asm), w, s))
     fp8 = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "w_ptr": "*fp8e4nv", "wtab_ptr": "*i64", "ws_ptr": "*fp32",
            "offs_ptr": "*i32", "tend_ptr": "*i32", "out_ptr": "*bf16"}
     out.append(("fp8_block", q.fp8_block_kernel, fp8, dict(BM=64, BN=128, BK=128, GROUP_M=8, LOG_E=8, USE_TABLE=False),
