@@ -354,7 +354,8 @@ def fp8_block_gemm(xq: torch.Tensor, xs: torch.Tensor, pieces: list, scales: tor
     kern[(grid,)](xq, xs, w0, table if table is not None else offsets, scales, offsets, tend, out,
                   m, n, k, e, max_m, stride_we, w0.stride(1), w0.stride(2), scales.stride(0), scales.stride(1),
                   scales.stride(2), out.stride(0), bn, BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M,
-                  LOG_E=_log_e(e), USE_TABLE=table is not None, num_warps=c.num_warps, num_stages=c.num_stages)
+                  LOG_E=_log_e(e), USE_TABLE=table is not None, ONE_BS=bn % c.BN == 0, num_warps=c.num_warps,
+                  num_stages=c.num_stages)
     return out
 
 

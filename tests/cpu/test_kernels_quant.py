@@ -172,15 +172,17 @@ def test_triton_quantize_act_matches_reference(interpret, seed):
 
 @needs_triton
 @pytest.mark.parametrize("split", [False, True])
-def test_triton_fp8_block_gemm(interpret, split, seed):
+@pytest.mark.parametrize("bn", [64, 256])  # 64: one weight scale a tile (ONE_BS); 256: a scale a column
+def test_triton_fp8_block_gemm(interpret, split, bn, seed):
+    """N = 300 spans three 128-row scale blocks, each with its own scales (the tile's block index matters)."""
     from dwdp_comm.kernels import triton_quant as TQ
     g = torch.Generator().manual_seed(seed)
-    sizes, N, Kd = [7, 0, 20, 3, 9], 80, 200
+    sizes, N, Kd = [7, 0, 20, 3, 9], 300, 200
     wq, s = Q.quantize(torch.randn(5, N, Kd, generator=g) * 0.05, "fp8_block")
     x = torch.randn(sum(sizes) + 3, Kd, generator=g)  # 3 sentinel rows past the groups
     xq, xs = reference.quantize_groupwise(x, 128)
     pieces = [(0, wq[:2]), (2, wq[2:].clone())] if split else [(0, wq)]
-    out = TQ.fp8_block_gemm(xq, xs.t().contiguous(), pieces, s, _groups(sizes), config=TQ.Config(16, 64, 128))
+    out = TQ.fp8_block_gemm(xq, xs.t().contiguous(), pieces, s, _groups(sizes), config=TQ.Config(16, bn, 128))
     p = K.make_problem(x[:sum(sizes)].bfloat16(), sizes, wq.transpose(1, 2), weight_scales=s)
     p.x = x[:sum(sizes)]  # the float32 rows the quantization above saw
     assert rel_err(out[:sum(sizes)], reference.run(p, out_dtype=torch.float64)) < 1e-2

@@ -48,8 +48,9 @@ def cases():
                     dict(BM=bm, BN=bn, BK=bk, GROUP_M=8, LOG_E=8, USE_TABLE=True, SWAP=swap, ASM=asm), w, s))
     fp8 = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "w_ptr": "*fp8e4nv", "wtab_ptr": "*i64", "ws_ptr": "*fp32",
            "offs_ptr": "*i32", "tend_ptr": "*i32", "out_ptr": "*bf16"}
-    out.append(("fp8_block", q.fp8_block_kernel, fp8, dict(BM=64, BN=128, BK=128, GROUP_M=8, LOG_E=8, USE_TABLE=False),
-                4, 3))
+    for one_bs in (True, False):
+        out.append(("fp8_block", q.fp8_block_kernel, fp8, dict(BM=64, BN=128, BK=128, GROUP_M=8, LOG_E=8, USE_TABLE=False,
+                                                               ONE_BS=one_bs), 4, 3))
     out.append(("quant", q.quant_kernel, {"x_ptr": "*bf16", "rows_ptr": "*i64", "xq_ptr": "*fp8e4nv",
                                           "xs_ptr": "*fp32", "limit_ptr": "*i32"},
                 dict(HAS_ROWS=True, HAS_LIMIT=True, GROUP=128, NG=8), 4, 3))
