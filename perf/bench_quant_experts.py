@@ -190,7 +190,7 @@ def time_configs(name, cfg, qw, qs, x, idx, timer, rounds, rows) -> None:
     rows.extend(dict(r, model=name, tokens=int(x.shape[0]), kind=kind, rule=chosen.name) for r in res)
 
 
-def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, configs, notes) -> None:
+def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, configs, notes, profiles) -> None:
     E, H, I, k, fmt = cfg["E"], cfg["H"], cfg["I"], cfg["k"], cfg["fmt"]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     log(f"\n# {name}: E={E} H={H} I={I} top-{k} {fmt}; building weights ...")
@@ -276,6 +276,8 @@ def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, config
             r["speedup_of_ours"] = 1 / r["ratio"] if r["ratio"] else math.nan  # t_variant / t_ours
         rows.extend(res)
         log(f"{name:8s} T={t:6d} " + "  ".join(f"{r['variant']}={r['ms']:.3f}ms" for r in res))
+        if t in args.profile_tokens:
+            kernel_breakdown(name, t, {v: good[v] for v in ("ours", "bf16") if v in good}, profiles, device)
         if t in args.config_tokens and not args.no_configs and device.type == "cuda":
             try:
                 time_configs(name, cfg, gu, s1, x, idx, timer, args.rounds, configs)
@@ -284,6 +286,30 @@ def run_model(name, cfg, sizes, args, device, timer, group, rows, checks, config
     for s in split or []:
         s.close()
     # the weights (tens of GB) go when this frame does: the caller collects and empties the cache
+
+
+def kernel_breakdown(name, t, fns, profiles, device, calls: int = 3) -> None:
+    """GPU time per call of each kernel of ``fns`` (torch.profiler, ``calls`` calls a variant): where the
+    time goes, the GEMMs against the rest. On CPU (the smoke run): self CPU time per op instead."""
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    for v, fn in fns.items():
+        fn()
+        torch.cuda.synchronize() if cuda else None
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                fn()
+            torch.cuda.synchronize() if cuda else None
+        per = {}
+        for ev in prof.key_averages():
+            us = (getattr(ev, "device_time_total", 0) or getattr(ev, "cuda_time_total", 0)) if cuda else \
+                ev.self_cpu_time_total
+            if us and ev.key and (not cuda or not ev.key.startswith(("ProfilerStep", "aten::", "cuda"))):
+                per[ev.key] = per.get(ev.key, 0.0) + us / 1e3 / calls
+        top = sorted(per.items(), key=lambda kv: -kv[1])[:8]
+        profiles.append(dict(model=name, tokens=t, variant=v, kernels_ms=dict(top), total_ms=sum(per.values())))
+        log(f"profile {name:8s} T={t:6d} {v:5s} total {sum(per.values()):.3f} ms/call: "
+            + "  ".join(f"{k[:48]}={ms:.3f}" for k, ms in top))
 
 
 def table(rows, notes) -> None:
@@ -311,6 +337,7 @@ def main(argv=None) -> int:
     ap.add_argument("--block-ms", type=float, default=25.0)
     ap.add_argument("--config-tokens", default="128,4096,16384", help="sizes whose tile configurations are timed")
     ap.add_argument("--no-configs", action="store_true")
+    ap.add_argument("--profile-tokens", default="", help="sizes whose kernels are listed (torch.profiler): ours, bf16")
     ap.add_argument("--quick", action="store_true", help="1024 tokens only, 2 rounds (a smoke run)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--json", default=None, help="result file (default $OUT/quant_experts.json when $OUT is set)")
@@ -320,9 +347,10 @@ def main(argv=None) -> int:
         args.tokens, args.rounds, args.config_tokens = "1024", 2, "1024"
     smoke = device.type != "cuda"
     if smoke:  # CPU: tiny shapes, to check the script itself
-        args.tokens, args.rounds, args.block_ms, args.no_configs = "24", 1, 2.0, True
+        args.tokens, args.rounds, args.block_ms, args.no_configs, args.profile_tokens = "24", 1, 2.0, True, "24"
     sizes = [int(v) for v in args.tokens.split(",")]
     args.config_tokens = [int(v) for v in str(args.config_tokens).split(",")]
+    args.profile_tokens = [int(v) for v in str(args.profile_tokens).split(",") if v]
     info = record.env_info(device, modules=("transformers", "triton"))
     log(f"# bench_quant_experts {info['date']} gpu={info.get('gpu')} torch={info['torch']} "
         f"transformers={info.get('transformers')} triton={info.get('triton')} commit={info['git']['commit'][:12]}"
@@ -332,7 +360,7 @@ def main(argv=None) -> int:
         log(f"# {fmt} Triton kernel: " + (f"NOT available ({why}): 'ours' runs the dequantize path" if why
                                             else "available"))
     timer = Timer(device, block_ms=args.block_ms, warmup_ms=200.0)
-    rows, checks, configs, notes = [], [], [], []
+    rows, checks, configs, notes, profiles = [], [], [], [], []
     stack = contextlib.ExitStack()
     try:
         group = stack.enter_context(single_rank_group("cuda_ipc" if device.type == "cuda" else "sim"))
@@ -342,7 +370,7 @@ def main(argv=None) -> int:
     try:
         for name in args.models.split(","):
             run_model(name, (SMOKE if smoke else MODELS)[name], sizes, args, device, timer, group, rows, checks,
-                      configs, notes)
+                      configs, notes, profiles)
             gc.collect()  # free one model's weights before the next is built
             torch.cuda.empty_cache() if device.type == "cuda" else None
     finally:
@@ -354,7 +382,7 @@ def main(argv=None) -> int:
             f"relative error {c['rel_err']:.3e} above {c.get('bound', TOL)} (not timed)")
     result = dict(env=info, args=vars(args), method="dwdp_comm.bench.timing.Timer: sustained blocks, random order "
                   "per round, ratio within a round, median over rounds", results=rows, configs=configs,
-                  checks=checks, notes=notes, mxfp4_dequant_min_rows=quant_gemm.MXFP4_DEQUANT_MIN_ROWS)
+                  profiles=profiles, checks=checks, notes=notes, mxfp4_dequant_min_rows=quant_gemm.MXFP4_DEQUANT_MIN_ROWS)
     path = record.write_json(record.result_path(args.json, "quant_experts.json"), result)
     if path:
         log(f"# wrote {path}")

@@ -18,11 +18,12 @@ T=tests/gpu
 if [ "${T_NEW:-0}" != 0 ]; then
     box new_tests 150 python3 -m pytest -q -rs --tb=short -p no:cacheprovider -n 3 --dist loadfile $T/test_quant_gpu.py
     grep -sE "FAILED|ERROR|passed|failed" "$OUT/new_tests.log" | tail -12 | cut -c1-250
-    box quant_mx "$T_NEW" python3 -m perf.bench_quant_experts --models gptoss --json "$OUT/quant_experts_gptoss.json"
-    grep -sE "^gptoss|^configs|WRONG|FAILED" "$OUT/quant_mx.log" | tail -16 | cut -c1-250
+    box quant_mx "$T_NEW" python3 -m perf.bench_quant_experts --models gptoss --config-tokens 1024,4096,16384 \
+        --profile-tokens 4096,16384 --json "$OUT/quant_experts_gptoss.json"
+    grep -sE "^gptoss|^configs|^profile|WRONG|FAILED" "$OUT/quant_mx.log" | tail -20 | cut -c1-400
     box quant_fp8 "$T_NEW" python3 -m perf.bench_quant_experts --models deepseek --tokens 4096,16384 \
-        --config-tokens 16384 --rounds 2 --json "$OUT/quant_experts_deepseek.json"
-    grep -sE "^deepseek|^configs|WRONG|FAILED" "$OUT/quant_fp8.log" | tail -12 | cut -c1-250
+        --config-tokens 4096,16384 --profile-tokens 16384 --rounds 2 --json "$OUT/quant_experts_deepseek.json"
+    grep -sE "^deepseek|^configs|^profile|WRONG|FAILED" "$OUT/quant_fp8.log" | tail -12 | cut -c1-400
 fi
 # Opt-in T_BIG (> 0): issue 24's last cell (DeepSeek-V3 experts at 64K tokens; the allocator's expandable
 # segments let HF's float32 weighted sum fit on 80 GB) and issue 23's memory per rank at G=2 (cuda_ipc).

@@ -114,12 +114,16 @@ CANDIDATES = {
 #: the swapped order added): 4 rows: 16x64x128w4s4-swap 1.113 ms (the direct order 1.204); 128 rows:
 #: 128x128x64w8s3 2.833 ms (best swapped 256x128x64w8s3-swap 3.216); 512 rows: 256x128x64w8s3-swap
 #: 7.692 ms (128x128x64w8s3 8.223; the rule runs the dequantize path there, faster still).
-#: Bounds between measured sizes are guesses: re-measure, then edit here.
+#: Fourth run (same card, perf/results/quant_experts_gptoss_h100_a2087f1.json, the PTX decode): mxfp4
+#: 4 rows: 16x128x128w4s3 0.692 ms (16x64x128w4s4-swap 0.728); 128 rows: 64x128x64w4s3 2.431 ms
+#: (128x128x64w8s3 now 3.484: the even / odd split costs the direct order at 8 warps); 512 rows:
+#: 128x128x64w8s3-swap 7.324 ms. fp8_block at 512 rows (one-scale tiles): 128x128x128w8s4 13.13 ms
+#: (64x128x128w4s3 15.20). Bounds between measured sizes are guesses: re-measure, then edit here.
 RULE = {
     "fp8_block": [(16, Config(16, 64, 128, 4, 4)), (48, Config(32, 128, 128, 4, 3)),
-                  (float("inf"), Config(64, 128, 128, 4, 3))],
-    "mxfp4": [(16, Config(16, 64, 128, 4, 4, swap=True)), (48, Config(64, 128, 64, 4, 3)),
-              (float("inf"), Config(128, 128, 64, 8, 3))],
+                  (192, Config(64, 128, 128, 4, 3)), (float("inf"), Config(128, 128, 128, 8, 4))],
+    "mxfp4": [(16, Config(16, 128, 128, 4, 3)), (256, Config(64, 128, 64, 4, 3)),
+              (float("inf"), Config(128, 128, 64, 8, 3, swap=True))],
 }
 
 #: Rows per expert at or below which a call is "small", and from which it is "large" (the

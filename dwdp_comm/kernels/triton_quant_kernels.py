@@ -74,7 +74,8 @@ def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr,
                       LOG_E: tl.constexpr, USE_TABLE: tl.constexpr, ONE_BS: tl.constexpr):
     # ONE_BS: the tile's BN columns lie in one block_n block (BN divides block_n), so each K step has
     # one weight scale: a row scale a_s * b_s, one FMA an accumulator value (not two multiplies and an
-    # add), and no [BN] scale vector in registers (181 registers against 240 at 64x128x128, sm90).
+    # add), and no [BN] scale vector in registers (194 registers against 240 at 64x128x128, sm90). That
+    # scalar is loaded one step ahead: loaded in its own step, its latency came before the MMA's issue.
     n_tiles = tl.cdiv(N, BN)
     e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
                                             BM, GROUP_M, LOG_E)
@@ -94,13 +95,18 @@ def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr,
     ws_ptrs = ws_ptr + e * ws_se + (n // block_n) * ws_sn
     ws_tile = ws_ptr + e * ws_se + ((pid_n * BN) // block_n) * ws_sn
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for kb in range(0, tl.where(valid, tl.cdiv(K, BK), 0)):
+    n_steps = tl.where(valid, tl.cdiv(K, BK), 0)
+    if ONE_BS:
+        b_s = tl.load(ws_tile)
+    for kb in range(0, n_steps):
         kmask = k < K - kb * BK
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptrs, mask=kmask[:, None] & nmask[None, :], other=0.0)
         a_s = tl.load(as_ptrs + kb * M, mask=rmask, other=0.0)
         if ONE_BS:
-            acc += tl.dot(a, b) * (a_s * tl.load(ws_tile + kb * ws_sk))[:, None]
+            b_next = tl.load(ws_tile + (kb + 1) * ws_sk, mask=kb + 1 < n_steps, other=0.0)
+            acc += tl.dot(a, b) * (a_s * b_s)[:, None]
+            b_s = b_next
         else:
             b_s = tl.load(ws_ptrs + kb * ws_sk, mask=nmask, other=0.0)
             acc += tl.dot(a, b) * a_s[:, None] * b_s[None, :]
