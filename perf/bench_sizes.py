@@ -80,10 +80,18 @@ def experts_module(family: str, device, smoke: bool):
 
 
 def random_bf16(cls, cfg, device) -> torch.nn.Module:
-    """``cls(cfg)`` built on meta, materialised on ``device`` in bf16, every parameter N(0, 0.02)."""
-    with torch.device("meta"):
-        m = cls(cfg)
-    m = m.to_empty(device=device).to(torch.bfloat16)
+    """``cls(cfg)`` built on ``device`` with bf16 parameters (bf16 the default dtype while it is
+    built: no float32 copy of tens of GB), every parameter then N(0, 0.02); buffers (the rotary
+    ``inv_freq``) as the module computes them. (Built on meta and materialised with ``to_empty``, the
+    buffers were uninitialised memory: NaN logits from HF and ours alike for some seeds.)"""
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            m = cls(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    m = m.to(torch.bfloat16)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02)
@@ -181,8 +189,12 @@ def bench_experts(args, device, timer, rows, checks) -> None:
                 log(line)
                 del x, idx, w, ref, fns
             except torch.OutOfMemoryError as exc:
-                rows.append(dict(part="experts", family=family, tokens=t, variant="none", error=f"OOM: {exc}"[:200]))
-                log(f"{family:11s} T={t:6d} out of memory: skipped")
+                mem = {k: round(f() / 2 ** 30, 2) for k, f in (("allocated_gib", torch.cuda.memory_allocated),
+                                                                ("reserved_gib", torch.cuda.memory_reserved),
+                                                                ("peak_allocated_gib", torch.cuda.max_memory_allocated))}
+                rows.append(dict(part="experts", family=family, tokens=t, variant="none", error=f"OOM: {exc}"[:300],
+                                 **mem))
+                log(f"{family:11s} T={t:6d} out of memory: skipped ({mem})")
             if cuda:
                 torch.cuda.empty_cache()
         del m, ours

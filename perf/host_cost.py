@@ -374,13 +374,8 @@ def small_qwen3(layers: int, device):
                                       decoder_sparse_step=1, mlp_only_layers=[])
     cfg._experts_implementation = "grouped_mm"
     cfg._attn_implementation = "sdpa"
-    with torch.device("meta"):
-        model = transformers.Qwen3MoeForCausalLM(cfg)
-    model = model.to_empty(device=device).to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.normal_(0, 0.02)
-    return model
+    from perf.bench_sizes import random_bf16  # its buffers computed, not uninitialised memory
+    return random_bf16(transformers.Qwen3MoeForCausalLM, cfg, device).eval()
 
 
 def part_model(args, device, probes, rows) -> None:

@@ -19,3 +19,15 @@ def test_bench_sizes_smoke(tmp_path):
     assert modes == {"prefill", "decode"}
     assert any(c["part"] == "model_decode" and c["greedy_equal"] for c in res["checks"])
     assert "commit" in res["env"]["git"]
+
+
+def test_random_model_buffers_are_computed_not_left_uninitialised():
+    """The random-weight model's buffers (rotary ``inv_freq``) are the ones the module computes: built
+    on meta and materialised with ``to_empty`` they were uninitialised memory (NaN logits, some seeds)."""
+    import torch
+    import transformers
+    from perf import bench_sizes
+    m = bench_sizes.qwen3_model(1, torch.device("cpu"), True)
+    want = transformers.Qwen3MoeForCausalLM(m.config).model.rotary_emb.inv_freq.to(torch.bfloat16)
+    assert torch.equal(m.model.rotary_emb.inv_freq, want)
+    assert all(torch.isfinite(b).all() for b in m.buffers())
