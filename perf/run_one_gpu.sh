@@ -32,8 +32,10 @@ if [ "${T_BIG:-0}" != 0 ]; then
         --families deepseek_v3 --tokens 65536 --rounds 3 --block-ms 30 --graph-max-tokens 16384 \
         --json "$OUT/bench_sizes_experts_deepseek_v3_64k.json"
     grep -sE "T= *65536|ratio|WRONG|memory" "$OUT/sizes_ds64k.log" | tail -4 | cut -c1-250
-    box quant_memory 240 python3 perf/quant_memory.py --world-size 2 --json "$OUT/quant_memory_cuda_ipc_g2.json"
-    tail -14 "$OUT/quant_memory.log" | cut -c1-250
+    if [ "${T_QMEM:-240}" != 0 ]; then
+        box quant_memory "${T_QMEM:-240}" python3 perf/quant_memory.py --world-size 2 --json "$OUT/quant_memory_cuda_ipc_g2.json"
+        tail -14 "$OUT/quant_memory.log" | cut -c1-250
+    fi
 fi
 if [ "${T_DIAG:-0}" != 0 ]; then
     box profile_model "$T_DIAG" python3 -m perf.profile_model --prefill 256,1024 --json "$OUT/profile_model.json"
