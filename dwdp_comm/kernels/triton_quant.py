@@ -121,7 +121,7 @@ CANDIDATES = {
 #: (64x128x128w4s3 15.20). Bounds between measured sizes are guesses: re-measure, then edit here.
 RULE = {
     "fp8_block": [(16, Config(16, 64, 128, 4, 4)), (48, Config(32, 128, 128, 4, 3)),
-                  (192, Config(64, 128, 128, 4, 3)), (float("inf"), Config(128, 128, 128, 8, 4))],
+                  (float("inf"), Config(128, 128, 128, 8, 4))],
     "mxfp4": [(16, Config(16, 128, 128, 4, 3)), (256, Config(64, 128, 64, 4, 3)),
               (float("inf"), Config(128, 128, 64, 8, 3, swap=True))],
 }
