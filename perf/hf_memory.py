@@ -34,7 +34,7 @@ import tempfile
 import torch
 
 import dwdp_comm as dc
-from dwdp_comm.bench import record
+from dwdp_comm.bench import memory, record
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -120,10 +120,7 @@ def rank_main(group, jobs):
     cuda = dev.type == "cuda"
 
     def alloc():
-        if not cuda:
-            return None
-        torch.cuda.synchronize(dev)
-        return torch.cuda.memory_allocated(dev)
+        return memory.torch_allocated(dev)
 
     out, model = [], None
     for name, path, config, dtype, depth, ckpt in jobs:

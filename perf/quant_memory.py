@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 import dwdp_comm as dc
-from dwdp_comm.bench import record
+from dwdp_comm.bench import memory, record
 
 GIB = 1 << 30
 BLOCK = (128, 128)
@@ -204,16 +204,10 @@ def rank_main(group, checkpoint: str, depth: int, forward_tokens: int):
     cuda = dev.type == "cuda"
 
     def alloc():
-        if not cuda:
-            return None
-        torch.cuda.synchronize(dev)
-        return torch.cuda.memory_allocated(dev)
+        return memory.torch_allocated(dev)
 
     def used():
-        if not cuda:
-            return None
-        free, total = torch.cuda.mem_get_info(dev)
-        return total - free
+        return memory.device_used(dev)
 
     if cuda:
         torch.cuda.reset_peak_memory_stats(dev)

@@ -156,3 +156,9 @@ def test_routed_counts_are_deterministic_top_k_counts(seed):
     assert len(counts) == 64 and sum(counts) == 3000 * 8 == stats["rows"]
     assert max(counts) <= 3000 and routed_counts(3000, 64, 8, seed) == (counts, stats)
     assert stats["max_over_mean"] > 1.2  # uneven, as real routing
+
+
+def test_memory_figures_are_none_on_cpu():
+    """No CUDA device: neither figure is invented (None, not 0, in the result files)."""
+    from dwdp_comm.bench import memory
+    assert memory.torch_allocated("cpu") is None and memory.device_used("cpu") is None
