@@ -81,9 +81,10 @@ def experts_module(family: str, device, smoke: bool):
 
 def random_bf16(cls, cfg, device) -> torch.nn.Module:
     """``cls(cfg)`` built on ``device`` with bf16 parameters (bf16 the default dtype while it is
-    built: no float32 copy of tens of GB), every parameter then N(0, 0.02); buffers (the rotary
-    ``inv_freq``) as the module computes them. (Built on meta and materialised with ``to_empty``, the
-    buffers were uninitialised memory: NaN logits from HF and ours alike for some seeds.)"""
+    built, as a bf16 ``from_pretrained`` builds it: no float32 copy of tens of GB), every parameter
+    then N(0, 0.02); buffers (the rotary ``inv_freq``) as the module computes them, in the dtype it
+    gives them. (Built on meta and materialised with ``to_empty``, the buffers were uninitialised
+    memory: NaN logits from HF and ours alike for some seeds.)"""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -91,7 +92,6 @@ def random_bf16(cls, cfg, device) -> torch.nn.Module:
             m = cls(cfg)
     finally:
         torch.set_default_dtype(old)
-    m = m.to(torch.bfloat16)
     with torch.no_grad():
         for p in m.parameters():
             p.normal_(0, 0.02)

@@ -56,8 +56,8 @@ class Config:
     then be a multiple of 64 (one warpgroup's M) and ``BM`` may be as small as 16.
 
     ``decode`` (mxfp4 only): ``"asm"`` decodes e2m1 with the kernel's PTX (about 3.5 instructions
-    a value, CUDA only), ``"triton"`` with Triton ops (the form the interpreter runs: on CPU every
-    config decodes so)."""
+    a value; CUDA and bf16 activations only), ``"triton"`` with Triton ops (the form the interpreter
+    runs: elsewhere every config decodes so; ``info["decode"]`` says which ran)."""
 
     BM: int
     BN: int
@@ -119,7 +119,9 @@ CANDIDATES = {
 #: 4 rows: 16x128x128w4s3 0.692 ms (16x64x128w4s4-swap 0.728); 128 rows: 64x128x64w4s3 2.431 ms
 #: (128x128x64w8s3 now 3.484: the even / odd split costs the direct order at 8 warps); 512 rows:
 #: 128x128x64w8s3-swap 7.324 ms. fp8_block at 512 rows (one-scale tiles): 128x128x128w8s4 13.13 ms
-#: (64x128x128w4s3 15.20). Bounds between measured sizes are guesses: re-measure, then edit here.
+#: (64x128x128w4s3 15.20). Fifth run (same card, perf/results/quant_experts_deepseek_h100_657ec46.json, the
+#: scale loaded a step ahead): fp8_block 128 rows 128x128x128w8s4 4.196 ms (64x128x128w4s3 5.122), 512 rows
+#: 11.28 (15.20): that tile from 48 rows. Bounds between measured sizes are guesses: re-measure, then edit here.
 RULE = {
     "fp8_block": [(16, Config(16, 64, 128, 4, 4)), (48, Config(32, 128, 128, 4, 3)),
                   (float("inf"), Config(128, 128, 128, 8, 4))],
@@ -398,6 +400,9 @@ def mxfp4_gemm(x: torch.Tensor, pieces: list, scales: torch.Tensor, offsets: tor
     if m == 0:
         return out
     assert x.stride(-1) == 1
+    asm = c.decode == "asm" and x.device.type == "cuda" and x.dtype == torch.bfloat16
+    if info is not None:
+        info["decode"] = "asm" if asm else "triton"
     w0, table, stride_we = _weights_args(pieces, x.device)
     tend = tile_ends(offsets, c.BM)
     max_m, grid = _launch_grid(m, e, n, c)
@@ -405,7 +410,7 @@ def mxfp4_gemm(x: torch.Tensor, pieces: list, scales: torch.Tensor, offsets: tor
                   n, k, e, max_m, stride_we, w0.stride(1), w0.stride(2), scales.stride(0), scales.stride(1),
                   scales.stride(2), out.stride(0), BM=c.BM, BN=c.BN, BK=c.BK, GROUP_M=c.GROUP_M,
                   LOG_E=_log_e(e), USE_TABLE=table is not None, SWAP=c.swap,
-                  ASM=c.decode == "asm" and x.device.type == "cuda" and x.dtype == torch.bfloat16, num_warps=c.num_warps, num_stages=c.num_stages)
+                  ASM=asm, num_warps=c.num_warps, num_stages=c.num_stages)
     return out
 
 

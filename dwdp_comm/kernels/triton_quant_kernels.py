@@ -7,6 +7,8 @@ triton at its top (a JIT function calls others through the module's globals).
 import triton
 import triton.language as tl
 
+from . import e2m1_ptx
+
 __all__ = ["tile_ends_kernel", "quant_kernel", "fp8_block_kernel", "mxfp4_kernel", "find_tile", "e2m1_f32",
            "e2m1_halves", "E2M1_BF16_PTX", "dequant_mxfp4_kernel", "dequant_fp8_kernel"]
 
@@ -97,7 +99,7 @@ def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr,
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     n_steps = tl.where(valid, tl.cdiv(K, BK), 0)
     if ONE_BS:
-        b_s = tl.load(ws_tile)
+        b_s = tl.load(ws_tile, mask=n_steps > 0, other=0.0)
     for kb in range(0, n_steps):
         kmask = k < K - kb * BK
         a = tl.load(a_ptrs, mask=rmask[:, None] & kmask[None, :], other=0.0)
@@ -117,47 +119,29 @@ def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr,
 
 @triton.jit
 def e2m1_f32(c):
-    """float32 values of 4-bit e2m1 codes (uint32 0..15), built from their bits: exponent
-    e - 1 + 127 with one mantissa bit; code 1 (0.5) is 2^-1, code 0 is 0; bit 3 is the sign."""
-    e = (c >> 1) & 3
-    mag = tl.where(e > 0, ((e + 126) << 23) | ((c & 1) << 22), tl.where((c & 1) == 1, 126 << 23, 0))
+    """float32 values of 4-bit e2m1 codes ``c`` (uint32 0..15), built from bits: a code's magnitude
+    bits ``em`` (2-bit exponent e, 1-bit mantissa m) shifted to float32 bits 22..24 plus an exponent
+    bias of 126 give 2^(e - 1) x (1 + m / 2) (codes 2..7); codes 0 and 1 (0 and 0.5) are
+    ``em x (126 << 23)``: one select. Bit 3, the sign, goes to bit 31."""
+    em = c & 7
+    mag = tl.where(em > 1, (em << 22) + (126 << 23), em * (126 << 23))
     return (mag | ((c >> 3) << 31)).to(tl.float32, bitcast=True)
 
 
 @triton.jit
 def e2m1_scaled(p, s, R: tl.constexpr, C: tl.constexpr):
     """``[R, C]`` float32 values of packed e2m1 bytes ``p`` ``[R, C / 2]`` (element 2j in the low
-    nibble) times e8m0 scales ``s`` ``[R, C / 32]``, built from bits: a code's magnitude bits
-    ``em`` (2-bit exponent e, 1-bit mantissa m) shifted to float32 bits 22..24 plus an exponent
-    bias of 126 give 2^(e - 1) x (1 + m / 2) (codes 2..7); codes 0 and 1 (0 and 0.5) are
-    ``em x (126 << 23)``: one select. The sign goes to bit 31; the scale is one multiply a value
-    (2^(s - 127) built as float32 bits ``s << 23``; s = 0 reads as 0)."""
+    nibble) times e8m0 scales ``s`` ``[R, C / 32]`` (2^(s - 127) built as float32 bits ``s << 23``;
+    s = 0 reads as 0; 255 as 254): one multiply a value."""
     p = p.to(tl.uint32)
     c = tl.join(p & 15, p >> 4).reshape(R, C)  # element 2j (low nibble), then 2j + 1
-    em = c & 7
-    mag = tl.where(em > 1, (em << 22) + (126 << 23), em * (126 << 23))
-    v = (mag | ((c >> 3) << 31)).to(tl.float32, bitcast=True)  # e2m1 value exactly
-    sc = (tl.minimum(s.to(tl.uint32), 254) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127); s = 0 reads as 0
-    v = v.reshape(R, C // 32, 32) * sc[:, :, None]
+    sc = (tl.minimum(s.to(tl.uint32), 254) << 23).to(tl.float32, bitcast=True)
+    v = e2m1_f32(c).reshape(R, C // 32, 32) * sc[:, :, None]
     return v.reshape(R, C)
 
 
-#: PTX of :func:`e2m1_halves` (``pack=4``): ``$4`` holds 4 packed e2m1 bytes, ``$5`` their 4 e8m0
-#: scales (one byte each, <= 254); ``$0 $1`` get the bf16 values of the low nibbles (bytes 0-1, 2-3),
-#: ``$2 $3`` those of the high nibbles. Per pair of bytes: ``prmt`` puts them in the two 16-bit lanes;
-#: a nibble's 3 magnitude bits shifted to bits 6-8 and its sign to bit 15 are the bf16 bits of its
-#: value times 2^-126 (0.5 is then a subnormal), so one ``fma`` by 2^126 and one by the scale
-#: 2^(s - 127) (bits ``s << 7``; s = 0 reads as 0) finish it, both exact (adding -0 keeps signs).
-#: ``lop3`` immLut 0xA8 is ``(a | b) & c``. About 3.5 instructions a value (the Triton ops: ~12).
-E2M1_BF16_PTX: tl.constexpr = tl.constexpr("\n".join(
-    ["{", ".reg .b32 t, u, a, b, m, sc, c126, nz;", "mov.b32 c126, 0x7E807E80;", "mov.b32 nz, 0x80008000;"]
-    + [line for lo, hi, sel in (("$0", "$2", "0x4140"), ("$1", "$3", "0x4342")) for line in (
-        f"prmt.b32 t, $4, 0, {sel};", f"prmt.b32 sc, $5, 0, {sel};", "shl.b32 sc, sc, 7;",
-        "shl.b32 a, t, 6;", "shl.b32 b, t, 12;", "lop3.b32 m, a, b, 0x81C081C0, 0xA8;",
-        "fma.rn.bf16x2 m, m, c126, nz;", f"fma.rn.bf16x2 {lo}, m, sc, nz;",
-        "and.b32 u, t, 0x00F000F0;", "shl.b32 a, u, 2;", "shl.b32 b, u, 8;", "lop3.b32 m, a, b, 0x81C081C0, 0xA8;",
-        "fma.rn.bf16x2 m, m, c126, nz;", f"fma.rn.bf16x2 {hi}, m, sc, nz;")]
-    + ["}"]))
+#: :data:`dwdp_comm.kernels.e2m1_ptx.E2M1_BF16_PTX` as a constexpr (a JIT function reads it as a global).
+E2M1_BF16_PTX: tl.constexpr = tl.constexpr(e2m1_ptx.E2M1_BF16_PTX)
 
 
 @triton.jit

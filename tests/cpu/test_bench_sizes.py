@@ -28,6 +28,7 @@ def test_random_model_buffers_are_computed_not_left_uninitialised():
     import transformers
     from perf import bench_sizes
     m = bench_sizes.qwen3_model(1, torch.device("cpu"), True)
-    want = transformers.Qwen3MoeForCausalLM(m.config).model.rotary_emb.inv_freq.to(torch.bfloat16)
+    want = transformers.Qwen3MoeForCausalLM(m.config).model.rotary_emb.inv_freq
     assert torch.equal(m.model.rotary_emb.inv_freq, want)
+    assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     assert all(torch.isfinite(b).all() for b in m.buffers())

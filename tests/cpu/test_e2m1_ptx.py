@@ -1,4 +1,4 @@
-"""The MXFP4 kernel's PTX decode (``triton_quant_kernels.E2M1_BF16_PTX``) run by a small PTX
+"""The MXFP4 kernel's PTX decode (``e2m1_ptx.E2M1_BF16_PTX``) run by a small PTX
 interpreter on CPU, against the torch reference (:func:`dwdp_comm.kernels.quant.dequantize`), for
 every packed byte and a range of scales. Triton's interpreter cannot run inline assembly, so this
 is what checks the PTX text without a GPU; the GPU tests check it compiled."""
@@ -9,9 +9,8 @@ import numpy as np
 import pytest
 import torch
 
+from dwdp_comm.kernels import e2m1_ptx
 from dwdp_comm.kernels import quant as Q
-
-pytest.importorskip("triton")
 
 
 def _bf16_bits_to_f64(bits: np.ndarray) -> np.ndarray:
@@ -93,9 +92,9 @@ def run_ptx(text: str, regs: dict) -> dict:
 
 
 def _ptx() -> str:
-    from dwdp_comm.kernels import triton_quant_kernels as K
-    p = K.E2M1_BF16_PTX
-    return getattr(p, "value", p)
+    # the text module, not triton_quant_kernels: importing that one here, with the interpreter off,
+    # would fix its JIT functions in compiled mode for every later test of this process
+    return e2m1_ptx.E2M1_BF16_PTX
 
 
 def test_ptx_uses_only_emulated_instructions():

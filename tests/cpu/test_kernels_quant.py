@@ -172,8 +172,8 @@ def test_triton_quantize_act_matches_reference(interpret, seed):
 
 @needs_triton
 @pytest.mark.parametrize("split", [False, True])
-@pytest.mark.parametrize("bn", [64, 256])  # 64: one weight scale a tile (ONE_BS); 256: a scale a column
-def test_triton_fp8_block_gemm(interpret, split, bn, seed):
+@pytest.mark.parametrize("tile_n", [64, 256])  # 64: one weight scale a tile (ONE_BS); 256: a scale a column
+def test_triton_fp8_block_gemm(interpret, split, tile_n, seed):
     """N = 300 spans three 128-row scale blocks, each with its own scales (the tile's block index matters)."""
     from dwdp_comm.kernels import triton_quant as TQ
     g = torch.Generator().manual_seed(seed)
@@ -182,7 +182,7 @@ def test_triton_fp8_block_gemm(interpret, split, bn, seed):
     x = torch.randn(sum(sizes) + 3, Kd, generator=g)  # 3 sentinel rows past the groups
     xq, xs = reference.quantize_groupwise(x, 128)
     pieces = [(0, wq[:2]), (2, wq[2:].clone())] if split else [(0, wq)]
-    out = TQ.fp8_block_gemm(xq, xs.t().contiguous(), pieces, s, _groups(sizes), config=TQ.Config(16, bn, 128))
+    out = TQ.fp8_block_gemm(xq, xs.t().contiguous(), pieces, s, _groups(sizes), config=TQ.Config(16, tile_n, 128))
     p = K.make_problem(x[:sum(sizes)].bfloat16(), sizes, wq.transpose(1, 2), weight_scales=s)
     p.x = x[:sum(sizes)]  # the float32 rows the quantization above saw
     assert rel_err(out[:sum(sizes)], reference.run(p, out_dtype=torch.float64)) < 1e-2
@@ -191,19 +191,21 @@ def test_triton_fp8_block_gemm(interpret, split, bn, seed):
 @needs_triton
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("swap", [False, True])
-def test_triton_mxfp4_gemm(interpret, split, swap, seed):
+@pytest.mark.parametrize("Kd, bk", [(192, 64), (224, 128)])  # 224 / 128: a K tail (GPT-OSS: 2880 / 128)
+def test_triton_mxfp4_gemm(interpret, split, swap, Kd, bk, seed):
     """Both orders of the MMA (direct, and swapped: the transposed tile stored back transposed),
     whole and split weights, groups of every size (empty, under and over one tile, N not a tile
-    multiple): equal to the float64 product of the dequantized weights."""
+    multiple), K a multiple of the step or not: equal to the float64 product of the dequantized
+    weights. (The interpreter runs the Triton-ops decode; the PTX one: test_e2m1_ptx.py and the GPU.)"""
     from dwdp_comm.kernels import triton_quant as TQ
     g = torch.Generator().manual_seed(seed)
-    sizes, N, Kd = [7, 0, 20, 3, 9], 80, 192
+    sizes, N = [7, 0, 20, 3, 9], 80
     wq, s = Q.quantize(torch.randn(5, N, Kd, generator=g) * 0.05, "mxfp4")
     x = torch.randn(sum(sizes), Kd, generator=g).bfloat16().float()  # float32 MMA: the interpreter's bf16 is not
     pieces = [(0, wq[:3]), (3, wq[3:].clone())] if split else [(0, wq)]
     info = {}
-    out = TQ.mxfp4_gemm(x, pieces, s, _groups(sizes), config=TQ.Config(16, 64, 64, swap=swap), info=info)
-    assert info["config"].endswith("-swap") == swap
+    out = TQ.mxfp4_gemm(x, pieces, s, _groups(sizes), config=TQ.Config(16, 64, bk, swap=swap), info=info)
+    assert info["config"].endswith("-swap") == swap and info["decode"] == "triton"
     wd = Q.dequantize(wq, s, "mxfp4", dtype=torch.float32)
     ref = torch.cat([x[a:b].double() @ wd[e].double().t() for e, (a, b) in
                      enumerate(zip([0] + _groups(sizes).tolist()[:-1], _groups(sizes).tolist()))])

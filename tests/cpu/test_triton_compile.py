@@ -1,8 +1,8 @@
 """Every Triton kernel of the library compiles for Hopper (sm90) on this CPU machine (Triton's own
 ptxas, no driver), in a fresh process with the interpreter off (tests/helpers/compile_kernels.py):
-compile errors show up here, not first on a lent GPU. Also the reason for the swapped MXFP4 order:
-its MMA reads the decoded weights (its first operand) from registers; the direct order's second
-operand, the decoded weights there, always goes through shared memory."""
+compile errors show up here, not first on a lent GPU. Also that the swapped MXFP4 order's MMA reads
+its first operand, the decoded weights, from registers (its reason: in the direct order the decoded
+weights are wgmma's second operand, which always goes through shared memory)."""
 import importlib.util
 import json
 import os
