@@ -11,7 +11,8 @@ def _import_triton_for_its_interpreter() -> None:
     Triton decides at import time whether its own library functions (``tl.sum``, ``tl.cumsum``, ...)
     are interpreted; a process that imported it without the variable (torch or transformers may,
     in any earlier test) cannot run kernels in the interpreter later ("Cannot call @triton.jit'd
-    outside of the scope of a kernel"). dwdp_comm reads the variable at call time, so the CPU
+    outside of the scope of a kernel"). The library's own JIT functions are defined here too, for the
+    same reason. dwdp_comm reads the variable at call time, so the CPU
     tests that run its kernels in the interpreter set it per test (a fixture) and every other test
     keeps its CPU paths.
     """
@@ -24,6 +25,10 @@ def _import_triton_for_its_interpreter() -> None:
     os.environ["TRITON_INTERPRET"] = "1"
     try:
         import triton.language  # noqa: F401
+        # the library's JIT functions too: each takes its mode when defined, so a test that imports
+        # their module with the variable unset (the PTX test once did) broke every later interpreter test
+        from dwdp_comm.kernels import triton_moe, triton_quant_kernels, triton_route_kernels  # noqa: F401
+        triton_moe._triton()
     except Exception:  # a broken install: the tests that need it fail on their own
         pass
     finally:
