@@ -9,7 +9,7 @@ import triton.language as tl
 
 from . import e2m1_ptx
 
-__all__ = ["tile_ends_kernel", "quant_kernel", "fp8_block_kernel", "mxfp4_kernel", "find_tile", "e2m1_f32",
+__all__ = ["tile_ends_kernel", "quant_kernel", "fp8_block_kernel", "mxfp4_kernel", "find_tile", "tile_of", "e2m1_f32",
            "e2m1_halves", "E2M1_BF16_PTX", "dequant_mxfp4_kernel", "dequant_fp8_kernel"]
 
 
@@ -69,6 +69,24 @@ def find_tile(pid, offs_ptr, tend_ptr, E, max_m_tiles, n_tiles, BM: tl.constexpr
     return e.to(tl.int64), r0, r_end, pid_n, pid_m < total
 
 @triton.jit
+def tile_of(w_ptr, wtab_ptr, offs_ptr, tend_ptr, N, E, max_m_tiles, stride_we, BM: tl.constexpr, BN: tl.constexpr,
+            GROUP_M: tl.constexpr, LOG_E: tl.constexpr, USE_TABLE: tl.constexpr):
+    """This program's output tile in a grouped GEMM: ``(expert, rows (int64), row mask, n tile,
+    columns, column mask, the expert's weight base pointer, valid)``; programs past the last tile
+    (the grid is an upper bound) get ``valid`` False and empty masks."""
+    e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, tl.cdiv(N, BN),
+                                           BM, GROUP_M, LOG_E)
+    rows = r0 + tl.arange(0, BM)
+    rmask = (rows < r_end) & valid
+    n = pid_n * BN + tl.arange(0, BN)
+    if USE_TABLE:  # element offsets from w_ptr, multiples of 16 (checked on the host): keeps 16-byte loads
+        wb = w_ptr + tl.multiple_of(tl.load(wtab_ptr + e), 16)
+    else:
+        wb = w_ptr + e * stride_we
+    return e, rows.to(tl.int64), rmask, pid_n, n, n < N, wb, valid
+
+
+@triton.jit
 def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, out_ptr,
                       M, N, K, E, max_m_tiles, stride_we, stride_wn, stride_wk, ws_se, ws_sn, ws_sk,
                       out_stride, block_n,
@@ -78,19 +96,9 @@ def fp8_block_kernel(a_ptr, as_ptr, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr,
     # one weight scale: a row scale a_s * b_s, one FMA an accumulator value (not two multiplies and an
     # add), and no [BN] scale vector in registers (194 registers against 240 at 64x128x128, sm90). That
     # scalar is loaded one step ahead: loaded in its own step, its latency came before the MMA's issue.
-    n_tiles = tl.cdiv(N, BN)
-    e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
-                                            BM, GROUP_M, LOG_E)
-    rows = r0 + tl.arange(0, BM)
-    rmask = (rows < r_end) & valid  # programs past the last tile (grid upper bound) do no work
-    rows64 = rows.to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    nmask = n < N
+    e, rows64, rmask, pid_n, n, nmask, wb, valid = tile_of(w_ptr, wtab_ptr, offs_ptr, tend_ptr, N, E, max_m_tiles,
+                                                           stride_we, BM, BN, GROUP_M, LOG_E, USE_TABLE)
     k = tl.arange(0, BK)
-    if USE_TABLE:  # element offsets from w_ptr, multiples of 16 (checked on the host): keeps 16-byte loads
-        wb = w_ptr + tl.multiple_of(tl.load(wtab_ptr + e), 16)
-    else:
-        wb = w_ptr + e * stride_we
     a_ptrs = a_ptr + rows64[:, None] * K + k[None, :]
     b_ptrs = wb + n[None, :].to(tl.int64) * stride_wn + k[:, None] * stride_wk
     as_ptrs = as_ptr + rows64
@@ -172,20 +180,10 @@ def mxfp4_kernel(a_ptr, a_stride, w_ptr, wtab_ptr, ws_ptr, offs_ptr, tend_ptr, o
     # SWAP: the transposed product (out^T = w @ x^T, a [BN, BM] accumulator), which makes the decoded
     # weights the MMA's first operand: Hopper's wgmma reads that one from registers, where the decode
     # leaves it, while a second operand must go through shared memory first (the unswapped order).
-    n_tiles = tl.cdiv(N, BN)
-    e, r0, r_end, pid_n, valid = find_tile(tl.program_id(0), offs_ptr, tend_ptr, E, max_m_tiles, n_tiles,
-                                           BM, GROUP_M, LOG_E)
-    rows = r0 + tl.arange(0, BM)
-    rmask = (rows < r_end) & valid  # programs past the last tile (grid upper bound) do no work
-    rows64 = rows.to(tl.int64)
-    n = pid_n * BN + tl.arange(0, BN)
-    nmask = n < N
+    e, rows64, rmask, pid_n, n, nmask, wb, valid = tile_of(w_ptr, wtab_ptr, offs_ptr, tend_ptr, N, E, max_m_tiles,
+                                                           stride_we, BM, BN, GROUP_M, LOG_E, USE_TABLE)
     n64 = n.to(tl.int64)
     kp = tl.arange(0, BK // 2)
-    if USE_TABLE:  # element offsets from w_ptr, multiples of 16 (checked on the host): keeps 16-byte loads
-        wb = w_ptr + tl.multiple_of(tl.load(wtab_ptr + e), 16)
-    else:
-        wb = w_ptr + e * stride_we
     ka = tl.arange(0, BK)
     a_ptrs = a_ptr + rows64[:, None] * a_stride + ka[None, :]
     w_ptrs = wb + n64[:, None] * stride_wn + kp[None, :] * stride_wk
