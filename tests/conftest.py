@@ -27,8 +27,9 @@ def _import_triton_for_its_interpreter() -> None:
         import triton.language  # noqa: F401
         # the library's JIT functions too: each takes its mode when defined, so a test that imports
         # their module with the variable unset (the PTX test once did) broke every later interpreter test
+        import torch
         from dwdp_comm.kernels import triton_moe, triton_quant_kernels, triton_route_kernels  # noqa: F401
-        triton_moe._triton()
+        triton_moe.unavailable_reason(torch.empty(1, dtype=torch.bfloat16))  # defines its kernels
     except Exception:  # a broken install: the tests that need it fail on their own
         pass
     finally:

@@ -287,3 +287,18 @@ def test_quantize_is_per_expert(fmt, seed):
     parts = [Q.quantize(w[e:e + 1], fmt) for e in range(3)]
     assert torch.equal(q.view(torch.uint8), torch.cat([p[0] for p in parts]).view(torch.uint8))
     assert torch.equal(s.view(torch.uint8) if s.dtype == torch.uint8 else s, torch.cat([p[1] for p in parts]))
+
+
+def test_config_decode_is_checked_by_name():
+    """``Config.decode`` names itself, what it got and what it takes; the block-FP8 kernel, which has
+    no decode choice, refuses a non-default one by its config name instead of ignoring it."""
+    from dwdp_comm.errors import BackendUnavailableError
+    from dwdp_comm.kernels import triton_quant as TQ
+    with pytest.raises(ValueError, match=r"Config.decode: got 'ptx', expected 'asm' or 'triton'"):
+        TQ.Config(16, 64, 128, decode="ptx")
+    c = TQ.Config(16, 64, 128, decode="triton")
+    assert c.name.endswith("-tdec")
+    xq = torch.zeros(4, 128, dtype=torch.float8_e4m3fn)
+    with pytest.raises(BackendUnavailableError, match="16x64x128w4s3-tdec"):
+        TQ.fp8_block_gemm(xq, torch.ones(1, 4), [(0, torch.zeros(1, 128, 128, dtype=torch.float8_e4m3fn))],
+                          torch.ones(1, 1, 1), torch.tensor([4], dtype=torch.int32), config=c)

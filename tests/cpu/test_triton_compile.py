@@ -29,3 +29,18 @@ def test_every_triton_kernel_compiles_for_sm90():
             "dequant_fp8"} <= kernels, kernels
     mma = {r["kernel"]: r["mma_a"] for r in rows if r["mma_a"]}
     assert mma["mxfp4-swap"] == "registers" and mma["mxfp4-swap-tdec"] == "registers", mma
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_kernel_sass_report(tmp_path):
+    """perf/kernel_sass.py compiles its cases for sm90 and finds the K loop of the large tiles."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    out = tmp_path / "ks.json"
+    run = subprocess.run([sys.executable, "-m", "perf.kernel_sass", "--json", str(out)], capture_output=True,
+                         text=True, timeout=900, env=env, cwd=ROOT)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert rows and not [r for r in rows if "error" in r], rows
+    big = [r for r in rows if r["tile"].startswith("128x128")]
+    assert big and all(r["loop_instructions"] and r["regs"] for r in big), big
