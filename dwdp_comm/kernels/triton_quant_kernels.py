@@ -10,7 +10,7 @@ import triton.language as tl
 from . import e2m1_ptx
 
 __all__ = ["tile_ends_kernel", "quant_kernel", "fp8_block_kernel", "mxfp4_kernel", "find_tile", "tile_of", "e2m1_f32",
-           "e2m1_halves", "E2M1_BF16_PTX", "dequant_mxfp4_kernel", "dequant_fp8_kernel"]
+           "e8m0_f32", "e2m1_halves", "E2M1_BF16_PTX", "dequant_mxfp4_kernel", "dequant_fp8_kernel"]
 
 
 @triton.jit
@@ -137,14 +137,20 @@ def e2m1_f32(c):
 
 
 @triton.jit
+def e8m0_f32(s):
+    """float32 ``2^(s - 127)`` of e8m0 exponents ``s`` (any integer type), built as float32 bits
+    ``s << 23``: s = 0 reads as 0 and 255 (NaN in the spec) as 254."""
+    return (tl.minimum(s.to(tl.uint32), 254) << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def e2m1_scaled(p, s, R: tl.constexpr, C: tl.constexpr):
     """``[R, C]`` float32 values of packed e2m1 bytes ``p`` ``[R, C / 2]`` (element 2j in the low
     nibble) times e8m0 scales ``s`` ``[R, C / 32]`` (2^(s - 127) built as float32 bits ``s << 23``;
     s = 0 reads as 0; 255 as 254): one multiply a value."""
     p = p.to(tl.uint32)
     c = tl.join(p & 15, p >> 4).reshape(R, C)  # element 2j (low nibble), then 2j + 1
-    sc = (tl.minimum(s.to(tl.uint32), 254) << 23).to(tl.float32, bitcast=True)
-    v = e2m1_f32(c).reshape(R, C // 32, 32) * sc[:, :, None]
+    v = e2m1_f32(c).reshape(R, C // 32, 32) * e8m0_f32(s)[:, :, None]
     return v.reshape(R, C)
 
 
@@ -163,7 +169,7 @@ def e2m1_halves(p, sb, DTYPE: tl.constexpr, ASM: tl.constexpr):
                                            dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
     else:
         pu = p.to(tl.uint32)
-        sc = (sb.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+        sc = e8m0_f32(sb)
         lo = (e2m1_f32(pu & 15) * sc).to(DTYPE)
         hi = (e2m1_f32(pu >> 4) * sc).to(DTYPE)
     return lo, hi
